@@ -1,0 +1,1 @@
+"""MER-R1 in JAX/Flax."""
