@@ -1,0 +1,25 @@
+"""Pure, model-free policy-gradient math for MER-R1 (no model, no I/O).
+
+``rl.dod_advantages``, ``rl.category_logmass`` and ``rl.calibration_gain`` are the public names; the
+submodules group them by concept (advantages, calibration). See docs/method.md for every equation.
+"""
+
+from merr1_jax.rl.advantages import dod_advantages, group_zscore, mode_weights
+from merr1_jax.rl.calibration import (
+    LOGMASS_FLOOR,
+    answer_anchors,
+    calibration_gain,
+    category_logmass,
+    category_logmass_from_hidden,
+)
+
+__all__ = [
+    "LOGMASS_FLOOR",
+    "answer_anchors",
+    "calibration_gain",
+    "category_logmass",
+    "category_logmass_from_hidden",
+    "dod_advantages",
+    "group_zscore",
+    "mode_weights",
+]

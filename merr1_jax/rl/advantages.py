@@ -1,0 +1,111 @@
+"""Group-relative advantages: dual-objective disentanglement (DOD) and the coupled baseline.
+
+docs/method.md, "Dual-objective disentanglement". One advantage per completion, later broadcast to its tokens.
+
+Shape legend:
+  B: completions in the step (P prompts x group_size rows, groups are contiguous blocks)
+  P: groups (prompts)
+  G: group size
+  O: reward objectives (columns; e.g. recall, precision, format, calibration)
+
+Conventions:
+  * z_g(x)_i = (x_i - mean_g x) / (std_g x + eps), statistics over the *valid* rows of the group only.
+  * std uses ``ddof`` (default 1, the unbiased estimator, as R1-Omni and TRL do).
+  * A group whose valid values are all equal (std = 0), or that has fewer than ddof + 1 valid rows, contributes
+    exactly 0: such a group carries no preference between its completions. We test equality (max == min) instead
+    of std == 0 because the float mean of equal numbers can be off by one ulp.
+  * Invalid rows get 0 for that objective's term.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def group_zscore(
+    x_B: Array,
+    valid_B: Array,
+    group_size: int,
+    *,
+    scale: bool = True,
+    eps: float = 1e-4,
+    ddof: int = 1,
+) -> Array:
+  """Normalises ``x`` within contiguous groups of ``group_size`` rows (method.md, z_g).
+
+  Args:
+    x_B: values, float.
+    valid_B: bool mask; invalid rows neither enter the statistics nor receive a value (they get 0).
+    group_size: rows per group; ``B`` must be a multiple of it.
+    scale: divide by (std + eps). ``False`` is the Dr.GRPO form: ``x - mean`` only.
+    eps: added to the std, not to the variance.
+    ddof: delta degrees of freedom of the std.
+
+  Returns:
+    z_B, float32, 0 on invalid rows and on groups without spread.
+  """
+  (b,) = x_B.shape
+  if b % group_size:
+    raise ValueError(f"batch of {b} rows is not a multiple of group_size={group_size}")
+  x_PxG = x_B.astype(jnp.float32).reshape(-1, group_size)
+  m_PxG = valid_B.reshape(-1, group_size).astype(bool)
+  n_P1 = m_PxG.sum(axis=1, keepdims=True)
+  mean_P1 = jnp.where(m_PxG, x_PxG, 0.0).sum(axis=1, keepdims=True) / jnp.maximum(n_P1, 1)
+  dev_PxG = jnp.where(m_PxG, x_PxG - mean_P1, 0.0)
+  hi_P1 = jnp.where(m_PxG, x_PxG, -jnp.inf).max(axis=1, keepdims=True)
+  lo_P1 = jnp.where(m_PxG, x_PxG, jnp.inf).min(axis=1, keepdims=True)
+  has_spread_P1 = (hi_P1 > lo_P1) & (n_P1 > ddof)
+  if scale:
+    var_P1 = (dev_PxG**2).sum(axis=1, keepdims=True) / jnp.maximum(n_P1 - ddof, 1)
+    dev_PxG = dev_PxG / (jnp.sqrt(var_P1) + eps)
+  z_PxG = jnp.where(has_spread_P1 & m_PxG, dev_PxG, 0.0)
+  return z_PxG.reshape(b)
+
+
+def dod_advantages(
+    rewards_BxO: Array,
+    valid_BxO: Array,
+    weights_BxO: Array,
+    group_size: int,
+    *,
+    disentangle: bool = True,
+    scale: bool = True,
+    eps: float = 1e-4,
+    ddof: int = 1,
+) -> Array:
+  """Per-completion advantages from several reward objectives.
+
+  Disentangled (default, method.md DOD):  A_i = sum_o w_io * z_g(r_o)_i, each objective normalised over its own
+  valid rows, so an objective with a small in-group spread is not drowned by one with a large spread.
+
+  Coupled (``disentangle=False``, the R1-Omni / precursor baseline):  R_i = sum_o w_io * r_io over the valid
+  objectives of row i, then A_i = z_g(R)_i over the rows valid in at least one objective.
+
+  Args:
+    rewards_BxO: per-completion rewards.
+    valid_BxO: bool; e.g. the calibration reward is valid only on slow rows, and a group whose ground truth maps
+      to nothing is invalid everywhere.
+    weights_BxO: per-row weights (per-mode weights already gathered by the caller, see ``mode_weights``).
+    group_size: rows per group (contiguous).
+    disentangle, scale, eps, ddof: see the module docstring and ``group_zscore``.
+
+  Returns:
+    adv_B, float32.
+  """
+  rewards_BxO = rewards_BxO.astype(jnp.float32)
+  valid_BxO = valid_BxO.astype(bool)
+  weights_BxO = jnp.broadcast_to(weights_BxO, rewards_BxO.shape).astype(jnp.float32)
+  norm = lambda x, v: group_zscore(x, v, group_size, scale=scale, eps=eps, ddof=ddof)
+  if disentangle:
+    z_OxB = jax.vmap(norm, in_axes=(1, 1))(rewards_BxO, valid_BxO)
+    return (weights_BxO * z_OxB.T).sum(axis=1)
+  total_B = jnp.where(valid_BxO, weights_BxO * rewards_BxO, 0.0).sum(axis=1)
+  return norm(total_B, valid_BxO.any(axis=1))
+
+
+def mode_weights(mode_ids_B: Array, weights_MxO: Array) -> Array:
+  """Gathers per-mode objective weights: row i gets ``weights_MxO[mode_ids_B[i]]`` ([B, O])."""
+  return jnp.asarray(weights_MxO, jnp.float32)[mode_ids_B]
