@@ -75,6 +75,7 @@ class Tokenizer:
     if path.suffix != ".json":
       path.mkdir(parents=True, exist_ok=True)
       path = path / _FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     self.tok.save(str(path), pretty=False)
     return path
 
