@@ -181,9 +181,11 @@ def plan_clip(config: SynthConfig, split: str, index: int) -> ClipPlan:
   for m in ("face", "voice"):
     if rng.random() < min(1.0, 0.4 * config.noise):
       distractors[m] = (wrong[int(rng.integers(len(wrong)))],)
-  if cues["words"] and cues["words"][0] in SARCASM_TARGETS and rng.random() < config.p_sarcasm:
+  # The sarcastic surface emotion must be a wrong one, or the "conflict" would be a true cue.
+  sources = [e for e in SARCASM_SOURCES if e not in emotions]
+  if cues["words"] and cues["words"][0] in SARCASM_TARGETS and sources and rng.random() < config.p_sarcasm:
     sarcastic = cues["words"][0]
-    distractors["words"] = (SARCASM_SOURCES[int(rng.integers(len(SARCASM_SOURCES)))],)
+    distractors["words"] = (sources[int(rng.integers(len(sources)))],)
   return ClipPlan(emotions=emotions, cues={m: _canonical(v) for m, v in cues.items()},
                   distractors=distractors, sarcastic=sarcastic)
 

@@ -1,0 +1,169 @@
+"""MER-Synth: determinism, label validity, evidence spread over modalities, demo quality, scores by construction."""
+
+import collections
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+
+from merr1_jax import prompts
+from merr1_jax.data import schema, synth
+
+CFG = synth.SynthConfig(n_train=300, n_validation=60, n_test=60)
+
+
+@pytest.fixture(scope="module")
+def train():
+  return list(synth.generate_split(CFG, "train"))
+
+
+def _answer_words(demo: str) -> set[str]:
+  # An independent reading of the completion format: the text between the last <answer> and </answer>.
+  m = re.fullmatch(r"(?:<think>[^<]+</think><answer>)?([a-z, ]+)</answer>", demo)
+  assert m, demo
+  return {w.strip() for w in m.group(1).split(",")}
+
+
+def _pr(pairs) -> tuple[float, float]:
+  p = np.mean([len(a & g) / len(a) for a, g in pairs])
+  r = np.mean([len(a & g) / len(g) for a, g in pairs])
+  return float(p), float(r)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(train):
+  again = [schema.to_bytes(r) for r in synth.generate_split(CFG, "train")]
+  assert again == [schema.to_bytes(r) for r in train]
+  other = [schema.to_bytes(r) for r in synth.generate_split(dataclasses.replace(CFG, seed=1), "train")]
+  assert sum(a != b for a, b in zip(again, other)) == len(again)
+
+
+def test_clips_are_random_access_and_independent_of_split_sizes(train):
+  bigger = dataclasses.replace(CFG, n_train=CFG.n_train + 50, n_test=7)
+  for i in (0, 17, CFG.n_train - 1):
+    assert schema.to_bytes(synth.generate_clip(bigger, "train", i)) == schema.to_bytes(train[i])
+  with pytest.raises(IndexError):
+    synth.generate_clip(CFG, "train", CFG.n_train)
+  with pytest.raises(ValueError, match="split"):
+    synth.generate_clip(CFG, "dev", 0)
+
+
+def test_splits_have_their_sizes_and_distinct_content(train):
+  val = list(synth.generate_split(CFG, "validation"))
+  test = list(synth.generate_split(CFG, "test"))
+  assert (len(train), len(val), len(test)) == (300, 60, 60)
+  ids = [r.id for r in train + val + test]
+  assert len(set(ids)) == len(ids)
+  feats = {r.video.tobytes() for r in train}
+  assert not any(r.video.tobytes() in feats for r in val + test)
+
+
+def test_every_label_word_maps_through_the_emotion_wheels():
+  from merr1_jax import emotion
+  wheel = emotion.load("2025")
+  assert 15 <= len(synth.EMOTIONS) <= 20 and len(set(synth.EMOTIONS)) == len(synth.EMOTIONS)
+  for word in synth.EMOTIONS:
+    clusters = [wheel.map_word(word, k) for k in range(1, emotion.NUM_WHEELS + 1)]
+    assert sum(c is not None for c in clusters) >= 2, (word, clusters)
+
+
+def test_records_are_valid_and_sized_for_a_cpu_run(train):
+  from merr1_jax import emotion
+  wheel = emotion.load("2025")
+  maps = lambda w: any(wheel.map_word(w, k) for k in range(1, 6))  # noqa: E731
+  counts = collections.Counter()
+  for rec in train:
+    schema.check(rec, video_dim=CFG.video_dim, audio_dim=CFG.audio_dim, max_subtitle_chars=200, maps_word=maps)
+    assert 1 <= len(rec.openset) <= 3 and set(rec.openset) <= set(synth.EMOTIONS)
+    assert rec.video.dtype == np.float16 and CFG.min_rows <= rec.n_video <= CFG.max_rows
+    assert rec.feature_space == "raw" and rec.onehot in rec.openset
+    assert rec.valence == pytest.approx(np.mean([synth.VALENCE[e] for e in rec.openset]), abs=1e-6)
+    assert 1 <= len(_answer_words(rec.demo_slow)) <= 4 and 1 <= len(_answer_words(rec.demo_fast)) <= 4
+    think = re.match(r"<think>(.*)</think>", rec.demo_slow).group(1)
+    assert len(think.split()) <= 20
+    counts[len(rec.openset)] += 1
+    assert schema.records_equal(schema.from_bytes(schema.to_bytes(rec)), rec)
+  assert all(counts[k] > 0 for k in (1, 2, 3))
+
+
+def test_no_single_modality_suffices_but_together_they_cover_every_label():
+  recall = collections.defaultdict(list)
+  for i in range(CFG.n_train):
+    plan = synth.plan_clip(CFG, "train", i)
+    union = set().union(*(plan.cues[m] for m in synth.MODALITIES))
+    assert union == set(plan.emotions)  # every true emotion has evidence somewhere
+    for m in synth.MODALITIES:
+      recall[m].append(len(set(plan.cues[m])) / len(plan.emotions))
+  for m in synth.MODALITIES:
+    assert 0.2 < np.mean(recall[m]) < 0.7, (m, np.mean(recall[m]))
+
+
+def test_features_carry_the_planned_cues_above_the_distractors():
+  # An independent linear read-out: least-squares coefficients of each row on the prototypes, top-2 rows mean.
+  face, voice = synth._prototypes(CFG)
+  for name, protos, mod in (("video", face, "face"), ("audio", voice, "voice")):
+    pinv = np.linalg.pinv(protos)
+    cue, distractor, absent = [], [], []
+    for i in range(150):
+      rec, plan = synth.generate_clip(CFG, "train", i), synth.plan_clip(CFG, "train", i)
+      coef = np.sort(rec.video.astype(np.float32) @ pinv if name == "video"
+                     else rec.audio.astype(np.float32) @ pinv, axis=0)[-2:].mean(0)
+      for c, e in enumerate(synth.EMOTIONS):
+        (cue if e in plan.cues[mod] else distractor if e in plan.distractors[mod] else absent).append(coef[c])
+    assert np.mean(cue) > 0.8 and np.mean(distractor) < 0.5 and np.mean(absent) < 0.25, name
+    assert np.mean(np.array(cue) > 0.6) > 0.95 and np.mean(np.array(absent) > 0.6) < 0.02, name
+
+
+def test_subtitles_carry_text_cues_and_sarcasm_conflicts():
+  n_sarcastic = 0
+  for i in range(CFG.n_train):
+    plan, rec = synth.plan_clip(CFG, "train", i), synth.generate_clip(CFG, "train", i)
+    if plan.sarcastic:
+      n_sarcastic += 1
+      # The surface phrase belongs to a positive emotion that is NOT a label: a conflicting cue.
+      src = plan.distractors["words"][0]
+      assert rec.subtitle.startswith(synth.SARCASM_PREFIX) and src not in rec.openset
+      assert synth.VALENCE[plan.sarcastic] < 0
+    elif plan.cues["words"]:
+      assert rec.subtitle in synth.PHRASES[plan.cues["words"][0]]
+    else:
+      assert rec.subtitle in synth.FILLERS
+  assert n_sarcastic > 0
+
+
+def test_demos_are_imperfect_in_the_paper_direction(train):
+  slow = [(_answer_words(r.demo_slow), set(r.openset)) for r in train]
+  fast = [(_answer_words(r.demo_fast), set(r.openset)) for r in train]
+  (ps, rs), (pf, rf) = _pr(slow), _pr(fast)
+  assert ps > pf + 0.1  # slow: conservative, higher precision
+  assert rf > rs + 0.05  # fast: broad, higher recall
+  assert rs < 0.9 and pf < 0.9  # neither is perfect: room for RL
+  for rec in train:
+    assert rec.demo_slow.startswith(prompts.THINK_OPEN) and rec.demo_fast.endswith(prompts.ANSWER_CLOSE)
+
+
+def test_noise_parameter_controls_difficulty():
+  def slow_f(noise):
+    cfg = dataclasses.replace(CFG, noise=noise)
+    p, r = _pr([(_answer_words(synth.generate_clip(cfg, "train", i).demo_slow),
+                 set(synth.plan_clip(cfg, "train", i).emotions)) for i in range(200)])
+    return 2 * p * r / (p + r)
+  assert slow_f(0.0) > slow_f(1.0) > slow_f(2.5)
+  clean = dataclasses.replace(CFG, noise=0.0)
+  for i in range(50):  # no noise: no weak distractor expressions in the feature modalities
+    plan = synth.plan_clip(clean, "train", i)
+    assert plan.distractors["face"] == () and plan.distractors["voice"] == ()
+
+
+def test_oracle_scores_one_and_majority_scores_clearly_lower(train):
+  from merr1_jax import metrics
+  gt = [list(r.openset) for r in train]
+  oracle = metrics.ov_score(gt, gt)
+  assert oracle["f"] == pytest.approx(1.0) and oracle["precision"] == pytest.approx(1.0)
+  majority_word = collections.Counter(w for g in gt for w in g).most_common(1)[0][0]
+  assert synth.PRIOR[majority_word] >= 2.5  # one of the prior's heavy labels (happy or sad)
+  majority = metrics.ov_score(gt, [[majority_word]] * len(gt))
+  assert majority["f"] < 0.6 < oracle["f"]
+  # The demos sit in between: informative but imperfect.
+  slow = metrics.ov_score(gt, [sorted(_answer_words(r.demo_slow)) for r in train])
+  assert majority["f"] < slow["f"] < 1.0
