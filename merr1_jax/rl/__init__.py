@@ -1,10 +1,23 @@
 """Pure, model-free policy-gradient math for MER-R1 (no model, no I/O).
 
 ``rl.dod_advantages``, ``rl.category_logmass`` and ``rl.calibration_gain`` are the public names; the
-submodules group them by concept (advantages, calibration). See docs/method.md for every equation.
+submodules group them by concept (advantages, calibration, loss). See docs/method.md for every equation.
 """
 
 from merr1_jax.rl.advantages import dod_advantages, group_zscore, mode_weights
+from merr1_jax.rl.loss import (
+    AGGREGATIONS,
+    LossConfig,
+    advantage_stats,
+    aggregate,
+    beta_at,
+    clipped_objective,
+    finalize_stats,
+    kl_estimate,
+    logprobs_from_logits,
+    policy_loss,
+    token_logprobs,
+)
 from merr1_jax.rl.calibration import (
     LOGMASS_FLOOR,
     answer_anchors,
@@ -14,6 +27,17 @@ from merr1_jax.rl.calibration import (
 )
 
 __all__ = [
+    "AGGREGATIONS",
+    "LossConfig",
+    "advantage_stats",
+    "aggregate",
+    "beta_at",
+    "clipped_objective",
+    "finalize_stats",
+    "kl_estimate",
+    "logprobs_from_logits",
+    "policy_loss",
+    "token_logprobs",
     "LOGMASS_FLOOR",
     "answer_anchors",
     "calibration_gain",
