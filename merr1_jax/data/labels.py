@@ -1,0 +1,320 @@
+"""Readers for the field's label and annotation files (metrics.md §7), into the clip record schema.
+
+Every reader returns a list of `Annotation`s (one per clip, in file order) and never loads a pickle. Several
+official files are pickles in disguise: MERTools saves `label-6way.npz` as a dict inside an object array, which
+`np.load` can only open by unpickling. Those are refused with an error that says how to convert them once,
+offline, into the safe layouts below (metrics.md §7: "convert once, offline").
+
+Safe layouts read here:
+
+  onehot npz     (MER2023/2024 `label-6way.npz`, MELD / IEMOCAP `label.npz`): arrays `name` [N] str and
+                 either `emo` [N] str, or `label` [N] int with the class order of `ONEHOT_CLASSES` (or the
+                 file's own `classes` array); optional `val` [N] float. Several corpora in one file are
+                 prefixed: `{corpus}_name`, `{corpus}_emo`, ... (e.g. `test1_corpus_name`).
+  valence        (CMU-MOSI, CMU-MOSEI, CH-SIMS, SIMS v2): CSV `name,valence` or npz `name`, `val`.
+  openset CSV    (OV-MERD+, MER2025 track 2 `track2_train_*.csv`): columns `name,openset`, where openset is a
+                 list string like "[happy, relieved]", parsed exactly as metrics.md §1 step 1.
+  subtitles CSV  (`subtitle_chieng.csv`): `name` plus one text column per language (`english`, `chinese`).
+  MME-Emotion    JSON list of items with `video_id`, `label` (a word or list string) and `label_set`.
+
+Bad rows follow the `on_bad_record` policy of schema.py: "raise" raises `BadRecordError` naming the file,
+the row and the field; "skip" counts the row in a `BadRecordLog` (which logs it) and leaves it out.
+A file that is missing raises `FileNotFoundError` naming the path, under either policy.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import zipfile
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from merr1_jax.data import schema
+
+# Class orders of the integer label files, as metrics.md §7 lists them.
+ONEHOT_CLASSES = {
+    "mer2023": ("neutral", "angry", "happy", "sad", "worried", "surprise"),
+    "mer2024": ("neutral", "angry", "happy", "sad", "worried", "surprise"),
+    "meld": ("anger", "joy", "sadness", "neutral", "disgust", "fear", "surprise"),
+    "iemocap4": ("happy", "sad", "neutral", "anger"),
+}
+
+BadRecordError = schema.BadRecordError
+
+_CONVERT_HINT = (
+    "It holds pickled Python objects, which this project never loads. Convert it once, offline, with a trusted "
+    "tool: for each corpus save arrays `{corpus}_name` (str), `{corpus}_emo` (str) or `{corpus}_label` (int) "
+    "and optionally `{corpus}_val` (float) with np.savez (see merr1_jax/data/labels.py).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotation:
+  """The labels of one clip, before features are attached."""
+  id: str
+  openset: tuple[str, ...] = ()
+  onehot: str | None = None
+  valence: float | None = None
+  subtitle: str = ""
+
+
+def parse_label_list(value: Any) -> list[str]:
+  """metrics.md §1 steps 1-2: a list string (or list) into lowercased, stripped, non-empty items."""
+  if isinstance(value, (list, tuple, np.ndarray)):
+    items = [str(v) for v in value]
+  elif value is None or (isinstance(value, float) and math.isnan(value)):
+    items = []
+  else:
+    text = str(value)
+    # Only ONE leading '[' and ONE trailing ']' go, so "[happy, sad]." keeps "sad]." (which maps to nothing).
+    if text.startswith("["):
+      text = text[1:]
+    if text.endswith("]"):
+      text = text[:-1]
+    for quote in ("'", '"'):
+      text = text.replace(quote, ",")
+    items = text.split(",")
+  return [w for w in (item.strip().lower() for item in items) if w]
+
+
+class _Rows:
+  """Applies the on_bad_record policy to row-level errors of one file."""
+
+  def __init__(self, path: str, on_bad_record: str, log: schema.BadRecordLog | None):
+    if on_bad_record not in schema.ON_BAD_RECORD:
+      raise ValueError(f"on_bad_record={on_bad_record!r}; expected one of {schema.ON_BAD_RECORD}")
+    if on_bad_record == "skip" and log is None:
+      raise ValueError("on_bad_record='skip' needs a BadRecordLog, so that skips are counted")
+    self.path, self.policy, self.log = path, on_bad_record, log
+    self.out: list[Annotation] = []
+
+  def add(self, row: str | int, make: Callable[[], Annotation]) -> None:
+    try:
+      ann = make()
+    except BadRecordError as err:
+      if self.policy == "raise":
+        raise
+      self.log.add(err)
+      return
+    except (ValueError, TypeError, KeyError) as e:
+      err = BadRecordError(f"{type(e).__name__}: {e}", source=self.path, record=row, field="?")
+      if self.policy == "raise":
+        raise err from e
+      self.log.add(err)
+      return
+    self.out.append(ann)
+
+  def bad(self, row, field: str, why: str) -> BadRecordError:
+    return BadRecordError(why, source=self.path, record=row, field=field)
+
+
+
+def _require(path: str | os.PathLike) -> str:
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"label file not found: {path}")
+  return path
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except ValueError as e:
+    if "allow_pickle" in str(e) or "Object arrays" in str(e):
+      raise BadRecordError(_CONVERT_HINT, source=path, record="<file>", field="<npz>") from e
+    raise BadRecordError(f"not a readable npz ({e})", source=path, record="<file>", field="<npz>") from e
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise BadRecordError(f"not a readable npz ({type(e).__name__}: {e})", source=path, record="<file>",
+                         field="<npz>") from e
+
+
+def _npz_column(arrays: dict[str, np.ndarray], key: str, corpus: str | None, path: str, *, required: bool):
+  full = f"{corpus}_{key}" if corpus else key
+  if full not in arrays:
+    if required:
+      raise BadRecordError(f"missing array {full!r}; arrays present: {sorted(arrays)}", source=path,
+                           record="<file>", field=full)
+    return None
+  col = arrays[full]
+  if col.ndim != 1:
+    raise BadRecordError(f"array {full!r} has shape {col.shape}, expected [N]", source=path, record="<file>",
+                         field=full)
+  return col
+
+
+def _finite_float(value, rows: _Rows, row, field: str) -> float:
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise rows.bad(row, field, f"{value!r} is not a number") from None
+  if not math.isfinite(v):
+    raise rows.bad(row, field, f"non-finite value {v}")
+  return v
+
+
+def read_onehot_npz(path, *, classes: Sequence[str] | None = None, corpus: str | None = None,
+                    on_bad_record: str = "raise", log: schema.BadRecordLog | None = None) -> list[Annotation]:
+  """One-hot label files: MER2023/2024 `label-6way.npz` (`emo`, `val`), MELD/IEMOCAP `label.npz` (`label`)."""
+  path = _require(path)
+  arrays = _load_npz(path)
+  names = _npz_column(arrays, "name", corpus, path, required=True)
+  emo = _npz_column(arrays, "emo", corpus, path, required=False)
+  label = _npz_column(arrays, "label", corpus, path, required=False)
+  val = _npz_column(arrays, "val", corpus, path, required=False)
+  if emo is None and label is None:
+    raise BadRecordError("needs an `emo` (str) or a `label` (int) array", source=path, record="<file>",
+                         field="emo")
+  if label is not None and emo is None:
+    file_classes = _npz_column(arrays, "classes", None, path, required=False)
+    classes = tuple(str(c) for c in file_classes) if file_classes is not None else classes
+    if classes is None:
+      raise BadRecordError("integer labels need a class order (`classes` array or argument)", source=path,
+                           record="<file>", field="label")
+  for col, field in ((emo, "emo"), (label, "label"), (val, "val")):
+    if col is not None and len(col) != len(names):
+      raise BadRecordError(f"{len(col)} entries for {len(names)} names", source=path, record="<file>",
+                           field=field)
+  rows = _Rows(path, on_bad_record, log)
+  for i, name in enumerate(names):
+    name = str(name)
+
+    def make(i=i, name=name):
+      if not name.strip():
+        raise rows.bad(i, "name", "empty clip name")
+      if emo is not None:
+        word = str(emo[i]).strip().lower()
+      else:
+        k = label[i]
+        if not np.issubdtype(label.dtype, np.integer) or not 0 <= int(k) < len(classes):
+          raise rows.bad(name, "label", f"label {k!r} is not a class index in [0, {len(classes)})")
+        word = classes[int(k)]
+      if not word:
+        raise rows.bad(name, "emo", "empty emotion label")
+      valence = None if val is None else _finite_float(val[i], rows, name, "val")
+      return Annotation(id=name, openset=(word,), onehot=word, valence=valence)
+
+    rows.add(i, make)
+  return rows.out
+
+
+def read_valence(path, *, corpus: str | None = None, on_bad_record: str = "raise",
+                 log: schema.BadRecordLog | None = None) -> list[Annotation]:
+  """Sentiment valence (MOSI, MOSEI, SIMS, SIMS v2): CSV `name,valence` (or `val`/`label`) or npz `name`, `val`."""
+  path = _require(path)
+  rows = _Rows(path, on_bad_record, log)
+  if path.endswith(".npz"):
+    arrays = _load_npz(path)
+    names = _npz_column(arrays, "name", corpus, path, required=True)
+    vals = _npz_column(arrays, "val", corpus, path, required=True)
+    if len(vals) != len(names):
+      raise BadRecordError(f"{len(vals)} valences for {len(names)} names", source=path, record="<file>",
+                           field="val")
+    pairs = [(str(n), v) for n, v in zip(names, vals)]
+  else:
+    table = _read_csv(path, required=("name",))
+    column = next((c for c in ("valence", "val", "label") if c in table[0]), None) if table else "valence"
+    if column is None:
+      raise BadRecordError(f"no valence column (valence, val or label); columns: {list(table[0])}", source=path,
+                           record="<file>", field="valence")
+    pairs = [(r["name"], r[column]) for r in table]
+  for i, (name, v) in enumerate(pairs):
+    rows.add(name or i, lambda name=name, v=v, i=i: Annotation(
+        id=_name(name, rows, i), valence=_finite_float(v, rows, name, "valence")))
+  return rows.out
+
+
+def _name(name: str, rows: _Rows, i: int) -> str:
+  if not name or not name.strip():
+    raise rows.bad(i, "name", "empty clip name")
+  return name.strip()
+
+
+def _read_csv(path: str, *, required: Sequence[str]) -> list[dict[str, str]]:
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in required if c not in (reader.fieldnames or ())]
+    if missing:
+      raise BadRecordError(f"missing columns {missing}; header is {reader.fieldnames}", source=path,
+                           record="<header>", field=missing[0])
+    try:
+      return list(reader)
+    except csv.Error as e:
+      raise BadRecordError(f"CSV parse error: {e}", source=path, record=f"line {reader.line_num}",
+                           field="<csv>") from e
+
+
+def read_openset_csv(path, *, on_bad_record: str = "raise",
+                     log: schema.BadRecordLog | None = None) -> list[Annotation]:
+  """Open-vocabulary labels (OV-MERD+, MER2025 track 2): CSV `name,openset`. An empty list is a bad row."""
+  path = _require(path)
+  rows = _Rows(path, on_bad_record, log)
+  for i, r in enumerate(_read_csv(path, required=("name", "openset"))):
+
+    def make(r=r, i=i):
+      name = _name(r["name"], rows, i)
+      words = parse_label_list(r["openset"])
+      if not words:
+        raise rows.bad(name, "openset", f"empty label list {r['openset']!r}")
+      return Annotation(id=name, openset=tuple(words))
+
+    rows.add(r["name"] or i, make)
+  return rows.out
+
+
+def read_subtitles_csv(path, *, column: str = "english") -> dict[str, str]:
+  """`subtitle_chieng.csv`: clip name -> subtitle text in `column`. Empty cells give ""."""
+  path = _require(path)
+  table = _read_csv(path, required=("name", column))
+  out = {}
+  for i, r in enumerate(table):
+    name = (r["name"] or "").strip()
+    if not name:
+      raise BadRecordError("empty clip name", source=path, record=i, field="name")
+    if name in out:
+      raise BadRecordError("duplicate clip name", source=path, record=name, field="name")
+    out[name] = r[column] or ""
+  return out
+
+
+def read_mme_json(path, *, on_bad_record: str = "raise",
+                  log: schema.BadRecordLog | None = None) -> list[Annotation]:
+  """MME-Emotion items: a JSON list of {video_id, label, label_set}; `label` becomes the open set."""
+  path = _require(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      items = json.load(f)
+  except json.JSONDecodeError as e:
+    raise BadRecordError(f"not valid JSON ({e})", source=path, record="<file>", field="<json>") from e
+  if not isinstance(items, list):
+    raise BadRecordError("expected a JSON list of items", source=path, record="<file>", field="<json>")
+  rows = _Rows(path, on_bad_record, log)
+  for i, item in enumerate(items):
+
+    def make(item=item, i=i):
+      if not isinstance(item, dict) or "video_id" not in item or "label" not in item:
+        raise rows.bad(i, "video_id", "item needs `video_id` and `label`")
+      words = parse_label_list(item["label"])
+      if not words:
+        raise rows.bad(item["video_id"], "label", f"empty label {item['label']!r}")
+      return Annotation(id=_name(str(item["video_id"]), rows, i), openset=tuple(words))
+
+    rows.add(i, make)
+  return rows.out
+
+
+def to_record(ann: Annotation, *, dataset: str, video: np.ndarray | None = None, audio: np.ndarray | None = None,
+              feature_space: str = "raw", subtitle: str | None = None) -> schema.ClipRecord:
+  """Attaches features (float16) to an annotation. Missing features give [0, 0] arrays: a label-only record,
+  which the training pipeline's check rejects (it needs audio rows) but label-only tools can use."""
+  empty = np.zeros((0, 0), np.float16)
+  return schema.ClipRecord(
+      id=ann.id, dataset=dataset,
+      video=empty if video is None else np.asarray(video, np.float16),
+      audio=empty if audio is None else np.asarray(audio, np.float16),
+      subtitle=ann.subtitle if subtitle is None else subtitle,
+      openset=ann.openset, feature_space=feature_space, onehot=ann.onehot, valence=ann.valence)

@@ -1,0 +1,244 @@
+"""Grain pipelines: batch layout, exact resume (0 and 2 workers), disjoint shards, the bad-record policy."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+from merr1_jax import prompts
+from merr1_jax.data import pipeline, schema, synth
+
+SYNTH = synth.SynthConfig(n_train=48, n_validation=8, n_test=8)
+
+
+@pytest.fixture(scope="module")
+def records():
+  return list(synth.generate_split(SYNTH, "train"))
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return synth.build_tokenizer(SYNTH, vocab_size=512)
+
+
+def _cfg(**kw):
+  base = dict(kind="rl", batch_size=4, label_vocab=synth.EMOTIONS, video_dim=SYNTH.video_dim,
+              audio_dim=SYNTH.audio_dim, seed=3)
+  return pipeline.PipelineConfig(**(base | kw))
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      if x[k].dtype == object:
+        assert list(x[k]) == list(y[k]), k
+      else:
+        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_rl_batch_layout(records, tok):
+  b = next(iter(pipeline.build(pipeline.BytesSource(records), tok, _cfg())))
+  by_id = {r.id: r for r in records}
+  n_pad = 0
+  for i, rid in enumerate(b["ids"]):
+    rec = by_id[rid]
+    for prefix, mode in (("", "slow"), ("fast_", "fast")):
+      toks, mask, pos = b[f"{prefix}prompt_tokens"][i], b[f"{prefix}prompt_mask"][i], b[f"{prefix}positions"][i]
+      # Left padding: the prompt ends in the last column, and its tokens are the rendered template's.
+      assert mask[-1] and not mask[: len(mask) - mask.sum()].any()
+      want = tok.encode(prompts.render_prompt(rec.subtitle, rec.n_video, rec.n_audio, mode))
+      assert toks[mask].tolist() == want
+      assert (toks[~mask] == tok.pad_id).all()
+      np.testing.assert_array_equal(pos[mask], np.arange(mask.sum()))
+      assert (toks == tok.id_of(prompts.VIDEO_TOKEN)).sum() == b["video_mask"][i].sum() == rec.n_video
+      assert (toks == tok.id_of(prompts.AUDIO_TOKEN)).sum() == b["audio_mask"][i].sum() == rec.n_audio
+      n_pad += (~mask).sum()
+    np.testing.assert_array_equal(b["video"][i, : rec.n_video], rec.video)
+    assert not b["video"][i, rec.n_video:].any()
+    assert b["openset"][i] == rec.openset
+    assert [synth.EMOTIONS[j] for j in np.flatnonzero(b["label_multihot"][i])] == list(rec.openset)
+    assert b["onehot"][i] == rec.onehot and b["valence"][i] == np.float32(rec.valence)
+  assert b["prompt_tokens"].shape[1] in _cfg().prompt_buckets and b["example_mask"].all()
+  assert n_pad > 0  # the batch really exercised padding
+
+
+def test_sft_loss_mask_covers_the_completion_only(records, tok):
+  p = pipeline.build(pipeline.BytesSource(records), tok, _cfg(kind="sft", batch_size=8))
+  assert p.n_examples == 2 * len(records) and p.steps_per_epoch == 2 * len(records) // 8
+  b = next(iter(p))
+  by_id = {r.id: r for r in records}
+  for i in range(8):
+    rec, mode = by_id[b["ids"][i]], b["mode"][i]
+    demo = rec.demo_slow if mode == "slow" else rec.demo_fast
+    seq = b["tokens"][i][b["input_mask"][i]].tolist()
+    prompt = tok.encode(prompts.render_prompt(rec.subtitle, rec.n_video, rec.n_audio, mode))
+    assert seq == prompt + tok.encode(demo) + [tok.eos_id]
+    assert b["tokens"][i][b["loss_mask"][i]].tolist() == tok.encode(demo) + [tok.eos_id]
+    assert b["prompt_len"][i] == len(prompt) and not b["loss_mask"][i][: len(prompt)].any()
+    assert b["input_mask"][i][0]  # right padding
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume(records, tok, workers):
+  if workers:
+    flags.FLAGS.mark_as_parsed()
+  # 48 records / batch 4 = 12 steps an epoch: saving at step 10 and reading 5 more crosses an epoch boundary.
+  cfg = _cfg(worker_count=workers)
+  it = iter(pipeline.build(pipeline.BytesSource(records), tok, cfg))
+  _take(it, 10)
+  state = it.get_state()
+  expected = _take(it, 5)
+  del it
+  # Restore through JSON, the form grain.checkpoint writes, onto a freshly built pipeline.
+  fresh = iter(pipeline.build(pipeline.BytesSource(records), tok, cfg))
+  fresh.set_state(json.loads(json.dumps(state)))
+  _assert_batches_equal(_take(fresh, 5), expected)
+  del fresh
+
+
+def test_seed_determines_order(records, tok):
+  ids = lambda seed: np.concatenate([b["ids"] for b in _take(iter(pipeline.build(  # noqa: E731
+      pipeline.BytesSource(records), tok, _cfg(seed=seed))), 6)]).tolist()
+  assert ids(1) == ids(1)
+  assert ids(1) != ids(2)
+  # Each epoch is a permutation: the first 12 batches hold every record exactly once.
+  first_epoch = np.concatenate([b["ids"] for b in _take(iter(pipeline.build(
+      pipeline.BytesSource(records), tok, _cfg())), 12)])
+  assert sorted(first_epoch) == sorted(r.id for r in records)
+
+
+@pytest.mark.parametrize("kind,n", [("rl", 48), ("eval", 47)])
+def test_shards_are_disjoint_halves(records, tok, kind, n):
+  recs = records[:n]
+  eval_kw = dict(shuffle=False, num_epochs=1, drop_remainder=False) if kind == "eval" else dict(num_epochs=1)
+  seen, steps = [], []
+  for shard in range(2):
+    p = pipeline.build(pipeline.BytesSource(recs), tok, _cfg(kind=kind, shard_index=shard, shard_count=2,
+                                                            **eval_kw))
+    batches = list(p)
+    steps.append(len(batches))
+    assert len(batches) == p.steps_per_epoch
+    seen.append([i for b in batches for i, m in zip(b["ids"], b["example_mask"]) if m])
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(seen[0] + seen[1]) == sorted(r.id for r in recs)
+  assert steps[0] == steps[1]  # equal step counts, so multi-process loops stay in lock step
+
+
+def test_two_processes_read_disjoint_halves(records, tmp_path):
+  src = tmp_path / "recs.bin"
+  src.write_bytes(b"".join(len(b).to_bytes(4, "little") + b for b in map(schema.to_bytes, records)))
+  script = tmp_path / "worker.py"
+  script.write_text(
+      "import json, sys\n"
+      "from merr1_jax.data import pipeline, synth\n"
+      "raw, out = open(sys.argv[1], 'rb').read(), []\n"
+      "i = 0\n"
+      "while i < len(raw):\n"
+      "  n = int.from_bytes(raw[i:i + 4], 'little'); out.append(raw[i + 4:i + 4 + n]); i += 4 + n\n"
+      "cfg = pipeline.PipelineConfig(kind='rl', batch_size=4, num_epochs=1, shard_index=int(sys.argv[2]),\n"
+      "                              shard_count=2, seed=5)\n"
+      "tok = synth.build_tokenizer(synth.SynthConfig(n_train=48, n_validation=8, n_test=8), vocab_size=512)\n"
+      "ids = [i for b in pipeline.build(pipeline.BytesSource(out), tok, cfg) for i in b['ids'].tolist()]\n"
+      "print(json.dumps(ids))\n")
+  env = os.environ | {"PYTHONPATH": os.getcwd()}
+  procs = [subprocess.Popen([sys.executable, str(script), str(src), str(i)], stdout=subprocess.PIPE, env=env,
+                            text=True) for i in range(2)]
+  outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+  assert all(p.returncode == 0 for p in procs)
+  assert len(outs[0]) == len(outs[1]) == len(records) // 2
+  assert not set(outs[0]) & set(outs[1]) and set(outs[0]) | set(outs[1]) == {r.id for r in records}
+
+
+def test_eval_pads_the_last_batch_with_masked_rows(records, tok):
+  p = pipeline.build(pipeline.BytesSource(records[:10]), tok,
+                     _cfg(kind="eval", batch_size=4, shuffle=False, num_epochs=1, drop_remainder=False))
+  batches = list(p)
+  assert [b["example_mask"].sum() for b in batches] == [4, 4, 2]
+  last = batches[-1]
+  assert last["ids"].tolist()[2:] == ["", ""] and not last["prompt_mask"][2:].any()
+  assert [i for b in batches for i in b["ids"] if i] == [r.id for r in records[:10]]
+  assert (last["mode"] == "slow").all()
+
+
+BAD_CASES = {
+    "nan_video": (lambda r: dataclasses.replace(r, video=np.full_like(r.video, np.nan)), "video"),
+    "inf_audio": (lambda r: dataclasses.replace(r, audio=np.full_like(r.audio, np.inf)), "audio"),
+    "video_dim": (lambda r: dataclasses.replace(r, video=np.zeros((3, SYNTH.video_dim + 1), np.float16)), "video"),
+    "empty_labels": (lambda r: dataclasses.replace(r, openset=()), "openset"),
+    "unmapped_labels": (lambda r: dataclasses.replace(r, openset=("sad].",)), "openset"),
+    "long_subtitle": (lambda r: dataclasses.replace(r, subtitle="ha " * 34_000), "subtitle"),
+    "marker_in_subtitle": (lambda r: dataclasses.replace(r, subtitle="look <|VIDEO|> here"), "subtitle"),
+    "not_msgpack": (lambda r: b"\x00garbage", "<bytes>"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_record_raise_names_record_and_field(records, tok, case):
+  corrupt, field = BAD_CASES[case]
+  recs = list(records[:8])
+  recs[5] = corrupt(recs[5])
+  p = pipeline.build(pipeline.BytesSource(recs, name="toy.rec"), tok, _cfg(shuffle=False, num_epochs=1))
+  with pytest.raises(schema.BadRecordError) as e:
+    list(p)
+  assert e.value.field == field and "toy.rec[5]" in str(e.value)
+  assert e.value.record in (records[5].id, 5)
+
+
+def test_bad_record_skip_is_counted_and_logged(records, tok, caplog):
+  recs = list(records[:12])
+  bad_ids = {}
+  for i, case in zip((1, 4, 7, 10), ("nan_video", "empty_labels", "long_subtitle", "not_msgpack")):
+    bad_ids[recs[i].id] = BAD_CASES[case][1]
+    recs[i] = BAD_CASES[case][0](recs[i])
+  with caplog.at_level("WARNING"):
+    p = pipeline.build(pipeline.BytesSource(recs), tok, _cfg(kind="sft", on_bad_record="skip", num_epochs=1,
+                                                             batch_size=2))
+  assert p.bad.count == 4 and sorted(p.bad.by_field.elements()) == sorted(bad_ids.values())
+  assert p.n_examples == 2 * 8  # 8 good records x 2 modes; a bad record is counted once, not per mode
+  assert sum("skipping" in r.message for r in caplog.records) == 4
+  ids = {i for b in p for i in b["ids"]}
+  assert ids == {r.id for j, r in enumerate(records[:12]) if j not in (1, 4, 7, 10)}
+
+
+def test_too_long_for_the_buckets_is_a_bad_record(records, tok):
+  p = pipeline.build(pipeline.BytesSource(records[:4]), tok, _cfg(prompt_buckets=(16, 32), num_epochs=1))
+  with pytest.raises(schema.BadRecordError, match="exceeds the largest bucket 32"):
+    next(iter(p))
+  p = pipeline.build(pipeline.BytesSource(records[:4]), tok, _cfg(feature_buckets=(2,), on_bad_record="skip"))
+  assert p.bad.count == 4 and p.n_examples == 0
+
+
+def test_mrope_positions_continue_as_text_after_precomputed_ids(records, tok):
+  rec = records[0]
+  n = len(tok.encode(prompts.render_prompt(rec.subtitle, rec.n_video, rec.n_audio, "slow")))
+  ids = np.stack([np.arange(n - 3), np.arange(n - 3) // 2, np.arange(n - 3) % 5]).astype(np.int32)
+  recs = [dataclasses.replace(r, position_ids=ids) for r in [rec] * 2]
+  b = next(iter(pipeline.build(pipeline.BytesSource(recs), tok, _cfg(batch_size=2, shuffle=False))))
+  m = b["prompt_mask"][0]
+  got = b["mrope_positions"][:, 0, m]
+  np.testing.assert_array_equal(got[:, : n - 3], ids)
+  top = ids.max()
+  np.testing.assert_array_equal(got[:, n - 3:], np.tile(np.arange(top + 1, top + 4), (3, 1)))
+  assert not b["mrope_positions"][:, 0, ~m].any()
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="kind"):
+    pipeline.PipelineConfig(kind="train").validate()
+  with pytest.raises(ValueError, match="on_bad_record"):
+    pipeline.PipelineConfig(on_bad_record="ignore").validate()
+  with pytest.raises(ValueError, match="shard"):
+    pipeline.PipelineConfig(shard_index=2, shard_count=2).validate()
+  with pytest.raises(ValueError, match="increasing"):
+    pipeline.PipelineConfig(prompt_buckets=(64, 32)).validate()
