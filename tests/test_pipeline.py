@@ -242,3 +242,18 @@ def test_config_validation():
     pipeline.PipelineConfig(shard_index=2, shard_count=2).validate()
   with pytest.raises(ValueError, match="increasing"):
     pipeline.PipelineConfig(prompt_buckets=(64, 32)).validate()
+
+
+def test_data_benchmark_runs_and_reports_rates(capsys):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "bench_data", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "data.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rows = bench.main(["--n_train", "64", "--batch_size", "4", "--batches", "3", "--warmup", "1", "--workers", "0",
+                     "--kinds", "rl,sft"])
+  assert [(r["kind"], r["workers"]) for r in rows] == [("rl", 0), ("sft", 0)]
+  for r in rows:
+    assert r["records_per_s"] == pytest.approx(4 * r["batches_per_s"]) and r["batches_per_s"] > 0
+  out = capsys.readouterr().out
+  assert "records/s" in out and "batches/s" in out and "64 records" in out
