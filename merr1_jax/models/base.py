@@ -1,0 +1,204 @@
+"""The model seam: the `PolicyModel` protocol the RL code depends on, its input/cache structs and helpers.
+
+The RL code (rollout sampler, train step) holds `params` as a pytree and calls pure methods of a
+`PolicyModel`, so `jax.jit`, `jax.grad`, buffer donation and shardings apply to params directly. It never
+touches a model class. To port another model, implement this protocol (docs/porting.md) and pass
+`merr1_jax.models.contract.check_policy_contract`.
+
+Contract (what every adapter guarantees):
+  * `forward(p, x, c) == (hidden(p, x, c)[0] @ unembed_weight(p)` in float32, `hidden(...)[1])`.
+  * Positions are explicit: `[B, L]` int32 (1-D RoPE) or `[3, B, L]` (M-RoPE t/h/w ids). Left-padded rows
+    start at position 0 at their first real token. `mask[b, l]` is False on padding.
+  * Causal attention by sequence (cache-slot) order, restricted to unmasked keys.
+  * The KV cache is a pytree whose every leaf has the batch on axis 0, so
+    `jax.tree.map(lambda a: jnp.repeat(a, G, axis=0), cache)` (== `cache.repeat(G)`) broadcasts a prefilled
+    prompt cache to G rows. A call with a cache writes its L new keys at slots [index, index + L) for all
+    rows (one shared write index), marks them valid per `x.mask`, attends to valid slots <= its own and
+    advances the index by L. The caller keeps index + L <= max_len (this cannot be checked under jit).
+  * Creating params needs no mesh; sharding is applied by the caller from `partition_rules()`.
+
+Shape legend: B batch, L new tokens, S cache slots, D d_model, V vocab, N layers, K kv heads,
+H query heads, Dh head dim, T feature rows (Tv video, Ta audio), F feature width.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Params = Any  # a pytree of arrays (an nnx.State for the bundled adapters)
+PartitionRules = Sequence[tuple[str, tuple[str | None, ...]]]
+
+
+@flax.struct.dataclass
+class ModelInputs:
+  """One batch as the data pipeline hands it over.
+
+  tokens_BxL: int32 ids; video/audio placeholders where features go.
+  positions: int32 `[B, L]` or `[3, B, L]`.
+  mask_BxL: bool, False on padding.
+  video_BxTvxF / audio_BxTaxF: float features or None; *_mask_BxT: bool, True on real feature rows.
+  Convention (shared with the data pipeline): in row b, #video placeholders == sum(video_mask[b]) and the
+  k-th placeholder receives the k-th valid feature row; same for audio.
+  """
+
+  tokens: jax.Array
+  positions: jax.Array
+  mask: jax.Array
+  video: jax.Array | None = None
+  video_mask: jax.Array | None = None
+  audio: jax.Array | None = None
+  audio_mask: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class Embedded:
+  """The decoder's input: x_BxLxD in compute dtype, positions as in ModelInputs, mask_BxL."""
+
+  x: jax.Array
+  positions: jax.Array
+  mask: jax.Array
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Explicit KV cache; every leaf is batch-major so repeat/shard along axis 0 treat them alike.
+
+  k, v: [B, N, S, K, Dh] in compute dtype (one slab for all layers, so a layer scan can carry it).
+  valid: [B, S] bool, True where a slot holds a real (unpadded) token.
+  index: [B] int32, the next write slot. Equal across rows by construction (writes are shared); the model
+    reads index[0]. It is stored per row only so that the cache repeats and shards like the other leaves.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+  def repeat(self, group: int) -> "KVCache":
+    """Each row repeated `group` times consecutively (prompt p -> rows p*G .. p*G+G-1)."""
+    return jax.tree.map(lambda a: jnp.repeat(a, group, axis=0), self)
+
+
+def empty_cache(batch: int, num_layers: int, max_len: int, num_kv_heads: int, head_dim: int,
+                dtype: Any) -> KVCache:
+  shape = (batch, num_layers, max_len, num_kv_heads, head_dim)
+  return KVCache(
+      k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+      valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((batch,), jnp.int32))
+
+
+@runtime_checkable
+class PolicyModel(Protocol):
+  """What the RL code needs from a model. All methods are pure; params are passed in."""
+
+  config: Any  # has at least vocab_size, d_model, num_layers
+
+  def init_params(self, rng: jax.Array) -> Params: ...
+
+  def embed(self, params: Params, inputs: ModelInputs) -> Embedded: ...
+
+  def hidden(self, params: Params, x: Embedded,
+             cache: Any | None = None) -> tuple[jax.Array, Any | None]:
+    """Final-normed hidden states h_BxLxD (compute dtype) and the updated cache (None without one)."""
+    ...
+
+  def forward(self, params: Params, x: Embedded,
+              cache: Any | None = None) -> tuple[jax.Array, Any | None]:
+    """float32 logits_BxLxV == logits_from_hidden(h, unembed_weight(params)), and the updated cache."""
+    ...
+
+  def unembed_weight(self, params: Params) -> jax.Array:
+    """w_DxV, so the RL code can compute log-probs in vocabulary chunks."""
+    ...
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any | None = None) -> Any: ...
+
+  def partition_rules(self) -> PartitionRules:
+    """(regex over '/'-joined param paths, logical axes) pairs; first match wins; covers every param."""
+    ...
+
+
+def logits_from_hidden(h_BxLxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
+  """The unembedding every adapter uses: float32 accumulation and output (log-probs need the range)."""
+  return jnp.einsum("bld,dv->blv", h_BxLxD, w_DxV.astype(h_BxLxD.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'/'-joined names of a jax key path (DictKey / GetAttrKey / SequenceKey / plain strings)."""
+  parts = []
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]  # an nnx.Variable's payload: the variable itself is the parameter
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        k = getattr(k, attr)
+        break
+    parts.append(str(k))
+  return "/".join(parts)
+
+
+def logical_axes(params: Params, rules: PartitionRules) -> Any:
+  """A pytree like `params` whose leaves are logical-axis tuples, from the first matching rule.
+
+  Raises ValueError listing every parameter that no rule covers or whose rank differs from its rule's.
+  """
+  compiled = [(re.compile(pat), axes) for pat, axes in rules]
+  problems: list[str] = []
+
+  def pick(path, leaf):
+    name = path_str(path)
+    for pat, axes in compiled:
+      if pat.search(name):
+        if len(axes) != len(leaf.shape):
+          problems.append(f"{name}: rule {pat.pattern!r} gives {axes} for shape {tuple(leaf.shape)}")
+        return tuple(axes)
+      # keep looking
+    problems.append(f"{name}: no partition rule matches")
+    return None
+
+  out = jax.tree_util.tree_map_with_path(pick, params)
+  if problems:
+    raise ValueError("partition rules do not fit the parameters:\n  " + "\n  ".join(problems))
+  return out
+
+
+def logical_to_mesh_spec(axes: Sequence[str | None],
+                         axis_rules: Mapping[str, str | tuple[str, ...] | None]) -> jax.sharding.PartitionSpec:
+  """Maps logical names to mesh axes with a rules table from the config (e.g. {'embed': 'fsdp',
+  'mlp': 'tensor', 'vocab': 'tensor'}); unknown or None names are replicated. A mesh axis is used at most
+  once per array (the later dim stays replicated), as PartitionSpec requires."""
+  used: set[str] = set()
+  spec = []
+  for name in axes:
+    mesh_axes = axis_rules.get(name) if name is not None else None
+    if mesh_axes is None:
+      spec.append(None)
+      continue
+    tup = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    if used & set(tup):
+      spec.append(None)
+      continue
+    used |= set(tup)
+    spec.append(tup[0] if len(tup) == 1 else tup)
+  return jax.sharding.PartitionSpec(*spec)
+
+
+def param_partition_specs(params: Params, rules: PartitionRules,
+                          axis_rules: Mapping[str, str | tuple[str, ...] | None]) -> Any:
+  """PartitionSpec pytree for `params`: partition_rules (path -> logical) then axis_rules (logical -> mesh)."""
+  axes = logical_axes(params, rules)
+  return jax.tree.map(lambda a: logical_to_mesh_spec(a, axis_rules), axes,
+                      is_leaf=lambda a: isinstance(a, tuple))

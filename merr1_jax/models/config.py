@@ -1,0 +1,129 @@
+"""The model configuration: one frozen dataclass shared by the decoder, the multimodal wrapper and HF I/O.
+
+Everything a model needs to build its parameters and run is here, so a config is data (it can be logged,
+compared with a checkpoint's config.json and hashed for jit caches). `validate` runs before anything is
+built and names the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+ProjectorKind = Literal["mlp", "identity"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Qwen2-family decoder plus per-modality feature projectors.
+
+  Attributes:
+    vocab_size: rows of the token embedding (and columns of the unembedding).
+    d_model: residual width D.
+    num_layers: decoder blocks.
+    num_heads: query heads H.
+    num_kv_heads: key/value heads K (GQA: H % K == 0).
+    head_dim: per-head width Dh (Qwen2 uses d_model // num_heads, but it is explicit here).
+    mlp_dim: SwiGLU hidden width F.
+    rope_theta: RoPE base.
+    rms_eps: RMSNorm epsilon.
+    tie_embeddings: unembed with the token embedding's transpose (no separate lm_head).
+    qkv_bias: biases on the q/k/v projections (Qwen2: True).
+    mrope_section: None for 1-D RoPE; otherwise the number of rotary frequencies given to the temporal,
+      height and width position ids (Qwen2.5-Omni: (16, 24, 24); the sum is head_dim // 2).
+    param_dtype: storage dtype of parameters ('float32' | 'bfloat16').
+    compute_dtype: matmul dtype ('bfloat16' on accelerators). Norms, softmax and logits stay float32.
+    scan_layers: apply the stacked blocks with lax.scan (small HLO, fast compile for deep models) instead
+      of a Python-unrolled loop. The parameter tree is the same either way.
+    remat: rematerialisation policy per block: 'none', 'full', 'dots' (save matmul outputs),
+      'dots_no_batch' (save matmuls without batch dims).
+    video_dim / audio_dim: feature widths Dv / Da of the preprocessed frame / audio features; 0 means the
+      modality is absent (no projector is built).
+    projector: 'mlp' (Linear-GELU-Linear into d_model) or 'identity' (features are already tower outputs in
+      the model's embedding space, as with Qwen2.5-Omni; needs Dv == Da == d_model).
+    video_token_id / audio_token_id: placeholder token ids replaced by projected features.
+    max_seq_len: default cache length and a documentation bound for positions.
+    init_std: stddev of the normal initialiser (HF's initializer_range).
+  """
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 1_000_000.0
+  rms_eps: float = 1e-6
+  tie_embeddings: bool = True
+  qkv_bias: bool = True
+  mrope_section: tuple[int, ...] | None = None
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  scan_layers: bool = False
+  remat: RematPolicy = "none"
+  video_dim: int = 0
+  audio_dim: int = 0
+  projector: ProjectorKind = "mlp"
+  video_token_id: int = 151656
+  audio_token_id: int = 151646
+  max_seq_len: int = 32768
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    # Lists from config files/CLI overrides would make the dataclass unhashable; normalise to tuples.
+    if self.mrope_section is not None and not isinstance(self.mrope_section, tuple):
+      object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+    validate(self)
+
+  @property
+  def jnp_param_dtype(self) -> Any:
+    return _DTYPES[self.param_dtype]
+
+  @property
+  def jnp_compute_dtype(self) -> Any:
+    return _DTYPES[self.compute_dtype]
+
+  def replace(self, **overrides) -> "ModelConfig":
+    return dataclasses.replace(self, **overrides)
+
+
+def validate(cfg: ModelConfig) -> None:
+  """Raises ValueError naming the first inconsistent field."""
+
+  def fail(field: str, msg: str):
+    raise ValueError(f"ModelConfig.{field}: {msg}")
+
+  for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+    if not isinstance(getattr(cfg, f), int) or getattr(cfg, f) <= 0:
+      fail(f, f"must be a positive int, got {getattr(cfg, f)!r}")
+  if cfg.num_heads % cfg.num_kv_heads:
+    fail("num_kv_heads", f"num_heads={cfg.num_heads} is not a multiple of num_kv_heads={cfg.num_kv_heads}")
+  if cfg.head_dim % 2:
+    fail("head_dim", f"rotary embeddings need an even head_dim, got {cfg.head_dim}")
+  if cfg.mrope_section is not None:
+    if len(cfg.mrope_section) != 3 or sum(cfg.mrope_section) != cfg.head_dim // 2:
+      fail("mrope_section", f"needs 3 entries summing to head_dim//2={cfg.head_dim // 2}, got {cfg.mrope_section}")
+  for f in ("param_dtype", "compute_dtype"):
+    if getattr(cfg, f) not in _DTYPES:
+      fail(f, f"must be one of {sorted(_DTYPES)}, got {getattr(cfg, f)!r}")
+  if cfg.remat not in ("none", "full", "dots", "dots_no_batch"):
+    fail("remat", f"must be 'none'|'full'|'dots'|'dots_no_batch', got {cfg.remat!r}")
+  if cfg.projector not in ("mlp", "identity"):
+    fail("projector", f"must be 'mlp' or 'identity', got {cfg.projector!r}")
+  for f in ("video_dim", "audio_dim"):
+    dim = getattr(cfg, f)
+    if dim < 0:
+      fail(f, f"must be >= 0, got {dim}")
+    if cfg.projector == "identity" and dim not in (0, cfg.d_model):
+      fail(f, f"projector='identity' needs features already in the embedding space ({cfg.d_model}), got {dim}")
+  for f in ("video_token_id", "audio_token_id"):
+    if not 0 <= getattr(cfg, f) < cfg.vocab_size and getattr(cfg, f.replace("token_id", "dim")) > 0:
+      fail(f, f"placeholder id {getattr(cfg, f)} is outside the vocabulary (vocab_size={cfg.vocab_size})")
+  if cfg.video_dim > 0 and cfg.audio_dim > 0 and cfg.video_token_id == cfg.audio_token_id:
+    fail("audio_token_id", "video and audio placeholders must be different tokens")

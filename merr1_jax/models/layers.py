@@ -1,0 +1,158 @@
+"""Qwen2 building blocks in Flax NNX: RMSNorm, (M-)RoPE, GQA attention math, SwiGLU, one decoder block.
+
+Every parameter carries logical axis names (`out_sharding` metadata, eager sharding off so no mesh is
+needed to create it). Blocks are built `stacked`: each parameter has a leading 'layers' axis of size N,
+so the decoder can scan over them or unroll them with the same parameter tree.
+
+Precision: parameters are stored in `param_dtype` and cast to `compute_dtype` at use; norms, rotary
+angles, attention scores and softmax run in float32 (bf16 softmax loses the tail mass log-probs need).
+
+Shape legend: B batch, L query tokens, S key slots, D d_model, H query heads, K kv heads, G = H // K,
+Dh head dim, F mlp width, N layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from merr1_jax.models.config import ModelConfig
+
+_NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "minus infinity": a fully masked row stays NaN-free
+
+
+def make_param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype: Any,
+               init: str = "normal", std: float = 0.02, stack: int | None = None) -> nnx.Param:
+  """A parameter with logical axes; `stack` prepends a 'layers' axis."""
+  if stack is not None:
+    shape, axes = (stack, *shape), ("layers", *axes)
+  if init == "normal":
+    value = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+  elif init == "zeros":
+    value = jnp.zeros(tuple(shape), jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(tuple(shape), jnp.float32)
+  else:
+    raise ValueError(f"unknown init {init!r}")
+  return nnx.Param(value.astype(dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, dtype: Any, stack: int | None = None):
+    self.scale = make_param(None, (dim,), ("norm",), dtype, init="ones", stack=stack)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+# ------------------------------------------------------------------------------------------------ rotary
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
+                 mrope_section: Sequence[int] | None) -> tuple[jax.Array, jax.Array]:
+  """float32 cos/sin [B, L, Dh] in the rotate-half layout (frequencies repeated over both halves).
+
+  positions: [B, L] or, with M-RoPE, [3, B, L] temporal/height/width ids. M-RoPE gives the first
+  section[0] frequencies to the temporal ids, the next section[1] to height and the last to width; a
+  [B, L] input under M-RoPE means text, where the three ids coincide.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
+  if mrope_section is None:
+    if positions.ndim != 2:
+      raise ValueError(f"1-D RoPE model got positions of shape {positions.shape}; expected [B, L]")
+    ang_BxLxR = positions.astype(jnp.float32)[..., None] * inv_freq
+  else:
+    if positions.ndim == 2:
+      positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
+    if positions.ndim != 3 or positions.shape[0] != 3:
+      raise ValueError(f"M-RoPE model got positions of shape {positions.shape}; expected [3, B, L]")
+    ang_3xBxLxR = positions.astype(jnp.float32)[..., None] * inv_freq
+    # One-hot choice of the position axis per frequency: exact in float32 (x*1 + y*0 + z*0).
+    axis_of_freq = np.repeat(np.arange(3), np.asarray(mrope_section))
+    onehot_3xR = jnp.asarray(axis_of_freq[None, :] == np.arange(3)[:, None], jnp.float32)
+    ang_BxLxR = jnp.einsum("ablr,ar->blr", ang_3xBxLxR, onehot_3xR)
+  ang_BxLxDh = jnp.concatenate([ang_BxLxR, ang_BxLxR], axis=-1)
+  return jnp.cos(ang_BxLxDh), jnp.sin(ang_BxLxDh)
+
+
+def apply_rope(x_BxLxHxDh: jax.Array, cos_BxLxDh: jax.Array, sin_BxLxDh: jax.Array) -> jax.Array:
+  x = x_BxLxHxDh.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_BxLxDh[:, :, None, :] + rotated * sin_BxLxDh[:, :, None, :]
+  return out.astype(x_BxLxHxDh.dtype)
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+
+def attend(q_BxLxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array,
+           mask_BxLxS: jax.Array) -> jax.Array:
+  """Grouped-query softmax attention; scores and softmax in float32."""
+  b, l, h, dh = q_BxLxHxDh.shape
+  kh = k_BxSxKxDh.shape[2]
+  q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kh, h // kh, dh)
+  s_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
+                           preferred_element_type=jnp.float32) * (dh ** -0.5)
+  s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, _NEG)
+  p_BxKxGxLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1)
+  o = jnp.einsum("bkgls,bskd->blkgd", p_BxKxGxLxS.astype(v_BxSxKxDh.dtype), v_BxSxKxDh,
+                 preferred_element_type=jnp.float32)
+  return o.reshape(b, l, h, dh).astype(q_BxLxHxDh.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + o(attn(norm(x))), then x + down(silu(gate(h)) * up(h)), h = norm(x).
+
+  Split in two halves (`qkv`, `finish`) so the decoder owns the cache writes between them.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+    d, h, kh, dh, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    pdt, std = cfg.jnp_param_dtype, cfg.init_std
+    p = lambda shape, axes, init="normal": make_param(rngs, shape, axes, pdt, init, std, stack)
+    self.input_norm = RMSNorm(d, cfg.rms_eps, pdt, stack)
+    self.q_kernel = p((d, h, dh), ("embed", "q_heads", "head_dim"))
+    self.k_kernel = p((d, kh, dh), ("embed", "kv_heads", "head_dim"))
+    self.v_kernel = p((d, kh, dh), ("embed", "kv_heads", "head_dim"))
+    if cfg.qkv_bias:
+      self.q_bias = p((h, dh), ("q_heads", "head_dim"), "zeros")
+      self.k_bias = p((kh, dh), ("kv_heads", "head_dim"), "zeros")
+      self.v_bias = p((kh, dh), ("kv_heads", "head_dim"), "zeros")
+    self.o_kernel = p((h, dh, d), ("q_heads", "head_dim", "embed"))
+    self.post_norm = RMSNorm(d, cfg.rms_eps, pdt, stack)
+    self.gate_kernel = p((d, f), ("embed", "mlp"))
+    self.up_kernel = p((d, f), ("embed", "mlp"))
+    self.down_kernel = p((f, d), ("mlp", "embed"))
+    self.qkv_bias = cfg.qkv_bias
+    self.cdt = cfg.jnp_compute_dtype
+
+  def _w(self, param: nnx.Param) -> jax.Array:
+    return param[...].astype(self.cdt)
+
+  def qkv(self, x_BxLxD, cos_BxLxDh, sin_BxLxDh):
+    h = self.input_norm(x_BxLxD)
+    q = jnp.einsum("bld,dhk->blhk", h, self._w(self.q_kernel))
+    k = jnp.einsum("bld,dhk->blhk", h, self._w(self.k_kernel))
+    v = jnp.einsum("bld,dhk->blhk", h, self._w(self.v_kernel))
+    if self.qkv_bias:
+      q, k, v = q + self._w(self.q_bias), k + self._w(self.k_bias), v + self._w(self.v_bias)
+    return apply_rope(q, cos_BxLxDh, sin_BxLxDh), apply_rope(k, cos_BxLxDh, sin_BxLxDh), v
+
+  def finish(self, x_BxLxD, attn_BxLxHxDh):
+    x = x_BxLxD + jnp.einsum("blhk,hkd->bld", attn_BxLxHxDh, self._w(self.o_kernel))
+    h = self.post_norm(x)
+    gate = jax.nn.silu(h @ self._w(self.gate_kernel))
+    return x + (gate * (h @ self._w(self.up_kernel))) @ self._w(self.down_kernel)
