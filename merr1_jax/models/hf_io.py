@@ -275,6 +275,7 @@ def load_hf(path: str, model: Any, *, shardings: Any = None, strict: bool = True
   report = LoadReport()
   plan: dict[str, list[tuple[str, _Target]]] = {}
   seen: dict[tuple[str, int | None], str] = {}
+  mismatched: set[tuple[str, int | None]] = set()  # reported once, as a mismatch, not also as missing
   dtype_errors = []
   for file in files:
     header, _ = safetensors_io.read_header(file)
@@ -293,6 +294,7 @@ def load_hf(path: str, model: Any, *, shardings: Any = None, strict: bool = True
       hf_want = tgt.inverse(np.empty(want, np.bool_)).shape
       if tuple(info["shape"]) != hf_want:
         report.shape_mismatch.append(f"{key}: checkpoint {tuple(info['shape'])}, model expects {hf_want}")
+        mismatched.add((tgt.param, tgt.layer))
         continue
       if (tgt.param, tgt.layer) in seen:
         report.unexpected.append(f"{key} (duplicate of {seen[(tgt.param, tgt.layer)]})")
@@ -304,7 +306,7 @@ def load_hf(path: str, model: Any, *, shardings: Any = None, strict: bool = True
 
   all_targets = {(t.param, t.layer): k for k, t in
                  ((k, _classify(k, cfg, layer_map)) for k in _expected_keys(cfg))}
-  report.missing = [k for tgt, k in all_targets.items() if tgt not in seen]
+  report.missing = [k for tgt, k in all_targets.items() if tgt not in seen and tgt not in mismatched]
   if strict and not report.clean:
     raise ValueError(_problems(path, report))
 
@@ -328,7 +330,7 @@ def load_hf(path: str, model: Any, *, shardings: Any = None, strict: bool = True
       report.loaded += 1
 
   # Parameters the checkpoint does not provide: projectors always, missing keys with strict=False.
-  missing_slots = {(t.param, t.layer) for t in (_classify(k, cfg, layer_map) for k in report.missing)}
+  missing_slots = {slot for slot in all_targets if slot not in seen}
   needed = sorted({n for n in shapes if n not in values} | {n for n, _ in missing_slots})
   if needed:
     def fresh_fn(r):  # jit prunes the initialisers of everything not returned
