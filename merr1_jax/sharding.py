@@ -1,0 +1,173 @@
+"""Meshes, shardings and multi-host set-up. Sharding is data: logical-axis rules come from the config.
+
+The mesh always has the three axes ``('data', 'fsdp', 'tensor')``:
+  * data:   pure data parallelism (parameters replicated);
+  * fsdp:   data parallelism with parameters and optimizer state sharded along their 'embed' dimension;
+  * tensor: Megatron-style model parallelism over heads, MLP width and vocabulary.
+The batch is split over ('data', 'fsdp'). Which parameter dimension goes to which mesh axis is decided in two
+steps, both data: the model's ``partition_rules()`` (parameter path regex -> logical axis names) and the
+config's ``axis_rules`` (logical name -> mesh axes).
+
+Shape legend: B batch rows, L sequence positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from merr1_jax.models import base
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axes. 'embed' on fsdp shards every matrix once (ZeRO-3 style); heads, MLP width and
+# vocabulary go to tensor. Names not listed are replicated.
+DEFAULT_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "mlp": "tensor",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "heads": "tensor",
+}
+
+
+def mesh_shape_for(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+  """Resolves one -1 entry of a (data, fsdp, tensor) shape and checks the product against the devices."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != 3:
+    raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh shape {shape}: entries must be positive, with at most one -1")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh shape {shape} does not divide the {num_devices} devices")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if int(np.prod(shape)) != num_devices:
+    raise ValueError(
+        f"mesh shape {shape} needs {int(np.prod(shape))} devices but {num_devices} are available "
+        f"({jax.devices()[0].platform}); set mesh.shape to match, e.g. (-1, 1, 1)")
+  return shape  # type: ignore[return-value]
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh.
+
+  Built with ``jax.sharding.Mesh`` rather than ``jax.make_mesh``: in jax 0.10 the latter defaults to Explicit
+  axis types, under which gathers fail with ShardingTypeError (ecosystem.md pitfall 1).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape_for(shape, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def param_shardings(model: base.PolicyModel, params: Any, mesh: Mesh,
+                    axis_rules: Mapping[str, Any] = DEFAULT_AXIS_RULES) -> Any:
+  """NamedSharding pytree for ``params`` (arrays or ShapeDtypeStructs)."""
+  specs = base.param_partition_specs(params, model.partition_rules(), axis_rules)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def state_shardings(abstract_state: Any, params_sharding: Any, mesh: Mesh) -> Any:
+  """Shardings for a whole train state (params, optimizer state, reference copy, counters).
+
+  Optimizer moments and reference leaves are sharded like the parameter whose path they end with (optax nests
+  parameter-shaped trees under its own keys, so the parameter path is a suffix of the leaf path); everything
+  else (step counters, scalars) is replicated.
+  """
+  by_path = {base.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]}
+  shapes = {base.path_str(p): np.shape(x) for p, x in
+            jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
+  rep = replicated(mesh)
+
+  def pick(path, leaf):
+    name = base.path_str(path)
+    for pname, sh in by_path.items():
+      if (name == pname or name.endswith("/" + pname)) and np.shape(leaf) == shapes[pname]:
+        return sh
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def batch_spec(leaf: Any, *, batch_axis: int = 0) -> P:
+  """Rows over ('data', 'fsdp'), every other dimension replicated."""
+  spec: list[Any] = [None] * np.ndim(leaf)
+  spec[batch_axis] = BATCH_AXES
+  return P(*spec)
+
+
+def batch_shardings(batch: Any, mesh: Mesh) -> Any:
+  """Shardings for a batch pytree: axis 0 is the batch, except M-RoPE positions [3, B, L] (axis 1)."""
+
+  def one(path, leaf):
+    name = base.path_str(path)
+    axis = 1 if name.endswith("positions") and np.ndim(leaf) == 3 else 0
+    return NamedSharding(mesh, batch_spec(leaf, batch_axis=axis))
+
+  return jax.tree_util.tree_map_with_path(one, batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divisible(global_batch: int, mesh: Mesh, group_size: int | None = None) -> None:
+  """Clear error, before compilation, when the batch cannot be split over the mesh (or into groups)."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % shards:
+    raise ValueError(
+        f"global batch of {global_batch} rows is not divisible by the {shards} batch shards of the mesh "
+        f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+  if group_size and global_batch % group_size:
+    raise ValueError(f"global batch of {global_batch} rows is not divisible by the group size {group_size}")
+
+
+def to_global(local_batch: Any, shardings: Any) -> Any:
+  """Assembles per-process host batches into global jax.Arrays (each process passes its own rows).
+
+  On one process this is a device_put with the given shardings.
+  """
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, shardings)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-host
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> bool:
+  """Starts jax.distributed when running on several hosts. Returns True when it did.
+
+  Order of precedence: explicit arguments, then the environment (``MERR1_COORDINATOR``,
+  ``MERR1_NUM_PROCESSES``, ``MERR1_PROCESS_ID``), then JAX's own cluster auto-detection (TPU pods, SLURM,
+  Open MPI, ...). A single machine with none of these is left alone.
+  """
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("MERR1_COORDINATOR")
+  if num_processes is None and "MERR1_NUM_PROCESSES" in env:
+    num_processes = int(env["MERR1_NUM_PROCESSES"])
+  if process_id is None and "MERR1_PROCESS_ID" in env:
+    process_id = int(env["MERR1_PROCESS_ID"])
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError("an explicit coordinator needs num_processes and process_id (flags or MERR1_* env)")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    return True
+  auto = any(k in env for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                                "OMPI_COMM_WORLD_SIZE"))
+  if auto and int(env.get("SLURM_NTASKS", env.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1:
+    jax.distributed.initialize()  # JAX's cluster detection fills in the coordinator and ranks
+    return True
+  logging.info("single process: jax.distributed not initialised")
+  return False
