@@ -343,8 +343,12 @@ def _emit(spec: DecodeSpec, s: DecodeState, logits_BxV) -> DecodeState:
   keys_B = jax.vmap(jax.random.fold_in, (0, None))(s.row_keys, s.t)
   smp = jax.vmap(lambda l_V, k: spec.method(l_V[None], k))(chosen_BxV, keys_B)
   tok_B, logp_sampled_B = smp.token_B[:, 0], smp.logp_sampled_B[:, 0]
-  # Behaviour log-prob under the plain softmax of the raw logits: what the policy being trained assigns.
-  logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, -1), tok_B[:, None], -1)[:, 0]
+  # Behaviour log-prob under the plain softmax of the raw logits: what the policy being trained assigns. The
+  # method already computed it from the logits it was given, unless those had banned tokens.
+  if spec.ban_ids:
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, -1), tok_B[:, None], -1)[:, 0]
+  else:
+    logp_B = smp.logp_B[:, 0]
   live = ~s.done
   tok_B = jnp.where(live, tok_B, spec.pad_id)
   put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None].astype(buf.dtype), s.t, axis=1)

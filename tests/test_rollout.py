@@ -5,6 +5,8 @@ Every reference is computed here independently: the adapter's own uncached forwa
 (no cache, no bucketing, no vocabulary chunking), numpy log-softmax, or a hand-built position script.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from merr1_jax import prompts, rewards, rollout, sampling
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, mllm
 
+REF_LEN = 64
 STD = 0.3  # a wider init than the default so a random model's greedy path varies (0.02 repeats one token)
 
 
@@ -87,10 +90,19 @@ def _ref_logits(model, params, inputs, p, completion):
   feats = {}
   if inputs.video is not None:
     feats = dict(video=jnp.asarray(inputs.video[p:p + 1]), video_mask=jnp.asarray(inputs.video_mask[p:p + 1]))
+  # Right-padded to a fixed width so one compiled forward serves every row: causal attention keeps the trailing
+  # filler from touching the real positions.
+  n = len(toks)
+  toks, pos = np.pad(toks, (0, REF_LEN - n)), np.pad(pos, [(0, 0)] * (pos.ndim - 1) + [(0, REF_LEN - n)])
   x = base.ModelInputs(tokens=jnp.asarray(toks[None]), positions=jnp.asarray(pos[..., None, :]),
-                       mask=jnp.ones((1, len(toks)), bool), **feats)
-  logits = model.forward(params, model.embed(params, x), None)[0][0]
-  return np.asarray(logits)[m.sum() - 1:]  # row j predicts completion[j]
+                       mask=jnp.ones((1, REF_LEN), bool), **feats)
+  logits = _full_forward(model, params, x)[0]
+  return np.asarray(logits)[m.sum() - 1:n]  # row j predicts completion[j]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_forward(model, params, x):
+  return model.forward(params, model.embed(params, x), None)[0]
 
 
 def _log_softmax(x):
