@@ -7,6 +7,7 @@ submodules group them by concept (advantages, calibration, loss). See docs/metho
 from merr1_jax.rl.advantages import dod_advantages, group_zscore, mode_weights
 from merr1_jax.rl.loss import (
     AGGREGATIONS,
+    KL_ESTIMATORS,
     LossConfig,
     advantage_stats,
     aggregate,
@@ -28,6 +29,7 @@ from merr1_jax.rl.calibration import (
 
 __all__ = [
     "AGGREGATIONS",
+    "KL_ESTIMATORS",
     "LossConfig",
     "advantage_stats",
     "aggregate",

@@ -1,0 +1,210 @@
+"""Builds everything a training run needs from the config, so that train.py can stay the loop only.
+
+`setup(config, workdir)` validates the config (before anything is built), starts jax.distributed when several
+hosts run, builds or loads the tokenizer, prepares the dataset, builds the model, the mesh and the shardings,
+and returns a `Run` holding them with small helpers (pipelines, device placement, checkpointers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from merr1_jax import checkpoint, evaluation, experience, observe, rewards, rollout, sampling, sharding
+from merr1_jax import config as cfglib
+from merr1_jax import optim, prompts
+from merr1_jax import train_step as ts
+from merr1_jax.data import pipeline, synth, tfds_builders
+from merr1_jax.data import tokenizer as toklib
+from merr1_jax.models import base, hf_io, mllm
+
+_log = logging.getLogger("merr1_jax.run")
+
+
+@dataclasses.dataclass
+class Run:
+  config: Any
+  workdir: pathlib.Path
+  tokenizer: Any
+  model: mllm.MultimodalPolicy
+  mesh: jax.sharding.Mesh
+  axis_rules: dict
+  sources: dict  # split -> pipeline.RecordSource
+  writer: observe.MetricsWriter
+  ctx: experience.Context
+  eval_settings: Any
+  eval_dataset_name: str
+
+  # -------------------------------------------------------------------------------------- placement
+  def param_shardings(self, params):
+    return sharding.param_shardings(self.model, params, self.mesh, self.axis_rules)
+
+  def state_shardings(self, state):
+    return sharding.state_shardings(state, self.param_shardings(state.params), self.mesh)
+
+  def place(self, tree):
+    """Puts a train state onto its shardings (parameters by the rules, the rest replicated)."""
+    return jax.device_put(tree, self.state_shardings(tree))
+
+  def to_device(self, batch):
+    """A host batch (every process holds its own rows) -> global arrays sharded over the batch axes."""
+    batch = jax.tree.map(np.asarray, batch)
+    return sharding.to_global(batch, sharding.batch_shardings(batch, self.mesh))
+
+  # ------------------------------------------------------------------------------------------- data
+  def pipeline(self, kind: str, split: str = "train", **overrides) -> pipeline.Pipeline:
+    c = self.config
+    batch = {"sft": c.sft.batch_size, "rl": c.rl.prompts_per_step, "eval": c.eval.batch_size}[kind]
+    shards = jax.process_count()
+    pcfg = pipeline.PipelineConfig(
+        kind=kind, batch_size=batch // shards if kind != "eval" else batch, seed=c.seed, shuffle=kind != "eval",
+        num_epochs=1 if kind == "eval" else None, shard_index=jax.process_index(), shard_count=shards,
+        drop_remainder=kind != "eval", video_dim=self.model.config.video_dim or None,
+        audio_dim=self.model.config.audio_dim or None, on_bad_record=c.data.on_bad_record,
+        worker_count=c.data.worker_count,
+        label_vocab=synth.EMOTIONS if c.data.name == "mer_synth" else None,
+        prompt_buckets=tuple(c.data.prompt_buckets), **overrides)
+    return pipeline.build(self.sources[split], self.tokenizer, pcfg)
+
+  @staticmethod
+  def sft_batch(b) -> ts.SFTBatch:
+    return ts.SFTBatch(inputs=base.ModelInputs(tokens=b["tokens"], positions=b["positions"], mask=b["input_mask"],
+                                               video=b["video"], video_mask=b["video_mask"], audio=b["audio"],
+                                               audio_mask=b["audio_mask"]),
+                       loss_mask=b["loss_mask"])
+
+  def eval_datasets(self) -> dict:
+    p = self.pipeline("eval", self.config.data.eval_split)
+    return {self.eval_dataset_name: (p, "ov")}
+
+  def rl_settings(self) -> experience.RLSettings:
+    r = self.config.rl
+    method = (sampling.TopP(r.temperature, p=r.top_p) if r.top_p < 1 else sampling.Temperature(r.temperature))
+    weights = {"slow": {"recall": r.w_rec_slow, "precision": r.w_prec_slow, "format": r.w_fmt,
+                        "calibration": r.w_cal},
+               "fast": {"recall": r.w_rec_fast, "precision": r.w_prec_fast, "format": r.w_fmt,
+                        "calibration": 0.0}}
+    return experience.RLSettings(
+        n_slow=r.n_slow, n_fast=r.n_fast, max_new_tokens={"slow": r.max_new_tokens_slow,
+                                                          "fast": r.max_new_tokens_fast},
+        method=method, disentangle=r.disentangle, scale=r.scale, adv_eps=r.adv_eps, adv_ddof=r.adv_ddof,
+        group=r.group, weights=weights, calibration=r.calibration, cal_tau=r.cal_tau, num_anchors=r.num_anchors,
+        with_reference=r.beta > 0, prompt_buckets=tuple(self.config.data.prompt_buckets))
+
+  # ------------------------------------------------------------------------------------ checkpoints
+  def checkpointer(self, stage: str) -> checkpoint.Checkpointer:
+    c = self.config.checkpoint
+    return checkpoint.Checkpointer(self.workdir / "checkpoints" / stage, save_every=c.every, keep=c.keep,
+                                   async_save=c.async_save, config_json=cfglib.to_json(self.config),
+                                   force=self.config.resume == "force")
+
+  def stage_done(self, stage: str) -> bool:
+    """A stage is done when its final checkpoint and its evaluation exist."""
+    if not (self.workdir / f"eval_{stage}.json").exists():
+      return False
+    ckpt = self.checkpointer(stage)
+    latest = ckpt.latest_step()
+    ckpt.close()
+    return latest == getattr(self.config, stage).steps
+
+  def final_params(self, stage: str, template):
+    """The parameters at the end of a finished stage (restored from its last checkpoint)."""
+    c = self.config
+    tx = optim.make_optimizer(cfglib.optim_config(c, stage), template,
+                              freeze=tuple(c.rl.freeze) if stage == "rl" else ())
+    state = jax.eval_shape(lambda p: ts.init_state(
+        p, tx, with_reference=stage == "rl" and c.rl.beta > 0, freeze=tuple(c.rl.freeze) if stage == "rl" else (),
+        ref_dtype=self.model.config.jnp_compute_dtype), template)
+    ckpt = self.checkpointer(stage)
+    restored, _, _ = ckpt.restore(ckpt.latest_step(), checkpoint.abstract_with_shardings(
+        state, self.state_shardings(state)))
+    ckpt.close()
+    return restored.params
+
+  def initial_params(self):
+    """Random init (the embedded default) or an HF checkpoint, placed on the parameter shardings."""
+    path = self.config.model.hf_checkpoint
+    if path:
+      abstract = self.model.abstract_params()
+      params, report = hf_io.load_hf(path, self.model, shardings=self.param_shardings(abstract))
+      _log.info("loaded %s: %s", path, report)
+      return params
+    key = jax.random.key(self.config.seed)
+    abstract = self.model.abstract_params()
+    return jax.jit(self.model.init_params, out_shardings=self.param_shardings(abstract))(key)
+
+  def close(self):
+    self.writer.close()
+
+
+def _tokenizer(config, workdir: pathlib.Path, synth_cfg: synth.SynthConfig):
+  if config.data.tokenizer_dir:
+    return toklib.load_hf(config.data.tokenizer_dir)
+  path = workdir / "tokenizer.json"
+  if path.exists():
+    return toklib.load(path)
+  tok = synth.build_tokenizer(synth_cfg)
+  if jax.process_index() == 0:
+    tok.save(path)
+  return tok
+
+
+def _sources(config, workdir: pathlib.Path, synth_cfg: synth.SynthConfig) -> dict:
+  data_dir = config.data.data_dir or str(workdir / "data")
+  if config.data.name == "mer_synth":
+    # TFDS reuses prepared data by config name: name it after the generator settings.
+    name = "s{}_n{}_{}_{}_noise{}".format(synth_cfg.seed, synth_cfg.n_train, synth_cfg.n_validation,
+                                         synth_cfg.n_test, str(synth_cfg.noise).replace(".", "p"))
+    builder = tfds_builders.MerSynth(config=tfds_builders.MerSynthConfig(name=name, synth=synth_cfg),
+                                     data_dir=data_dir)
+  else:
+    builder = tfds_builders.MerFeatures(records_dir=config.data.records_dir, data_dir=data_dir)
+  if jax.process_index() == 0:
+    tfds_builders.prepare(builder)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices("dataset prepared")
+  return {split: tfds_builders.TfdsSource(builder, split) for split in builder.info.splits}
+
+
+def setup(config, workdir) -> Run:
+  """Validates, then builds the run. Raises ConfigError before anything heavy happens."""
+  sharding.init_distributed(config.mesh.coordinator or None)
+  cfglib.validate(config, jax.device_count())
+  workdir = pathlib.Path(workdir)
+  if config.resume == "never" and (workdir / "checkpoints").exists():
+    raise cfglib.ConfigError(f"config.resume='never' but {workdir}/checkpoints exists; use another workdir")
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
+  synth_cfg = synth.SynthConfig(n_train=config.data.synth_train, n_validation=config.data.synth_validation,
+                                n_test=config.data.synth_test, noise=config.data.synth_noise)
+  tok = _tokenizer(config, workdir, synth_cfg)
+  model = mllm.build(cfglib.model_config(config, vocab_size=tok.vocab_size,
+                                         video_token_id=tok.id_of(prompts.VIDEO_TOKEN),
+                                         audio_token_id=tok.id_of(prompts.AUDIO_TOKEN)))
+  mesh = sharding.make_mesh(config.mesh.shape)
+  axis_rules = dict(config.mesh.axis_rules)
+  if config.data.name == "mer_synth":
+    space = rewards.LabelSpace.emotion_wheel(config.eval.format_version)
+  else:
+    space = rewards.LabelSpace.emotion_wheel(config.eval.format_version)
+  token_sets = rewards.category_token_sets(space, tok.encode, model.config.vocab_size)
+  ctx = experience.Context(model=model, tokenizer=tok, ids=rollout.SpecialIds.from_tokenizer(tok), space=space,
+                           token_sets=jnp.asarray(token_sets), cluster_mask=jnp.asarray(space.cluster_mask()),
+                           mesh=mesh, axis_rules=axis_rules)
+  eval_settings = evaluation.EvalSettings(
+      max_new_tokens={"slow": config.eval.max_new_tokens_slow, "fast": config.eval.max_new_tokens_fast},
+      format_version=config.eval.format_version, seed=config.seed)
+  return Run(config=config, workdir=workdir, tokenizer=tok, model=model, mesh=mesh, axis_rules=axis_rules,
+             sources=_sources(config, workdir, synth_cfg), writer=observe.MetricsWriter(
+                 workdir, tensorboard=config.log.tensorboard), ctx=ctx, eval_settings=eval_settings,
+             eval_dataset_name=config.data.name)

@@ -1,0 +1,206 @@
+"""The MER-R1 trainer: `python -m merr1_jax.train --config configs/base.py --workdir W`.
+
+The loop only: stages `sft` then `rl`, each resumable from WORKDIR/checkpoints/<stage>. Each RL step runs
+rollouts in both modes, rewards, the calibration passes, advantages (merr1_jax/experience.py), then the sharded
+jitted update (merr1_jax/train_step.py). Evaluation in both modes runs after each stage (and every
+`eval.every` RL steps) through merr1_jax/evaluation.py, the same code as `python -m merr1_jax.evaluate`.
+
+Outputs in WORKDIR: metrics.jsonl, tb/ (TensorBoard), checkpoints/, eval_<stage>.json, plots/*.png,
+results.md, results.json ({"sft": {"fast": {"precision", "recall", "f"}, "slow": ...}, "rl": ...}) and export/
+(the final policy as HF safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from merr1_jax import checkpoint, evaluation, experience, observe, optim
+from merr1_jax import config as cfglib
+from merr1_jax import train_step as ts
+from merr1_jax.run_setup import Run, setup
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/base.py[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+_log = logging.getLogger("merr1_jax.train")
+
+
+def _eval(run: Run, params, stage: str, step: int) -> dict:
+  """Both modes on the eval split; summary saved as WORKDIR/eval_<stage>.json (and reused on resume)."""
+  result = evaluation.evaluate(run.model, params, run.tokenizer, run.eval_datasets(), settings=run.eval_settings,
+                               token_sets=run.ctx.token_sets, mesh=run.mesh, progress=run.config.log.progress)
+  summary = {name: r.summary for name, r in result.items()}
+  flat = {f"eval/{d}/{m}/{k}": v for d, s in summary.items() for m, vals in s.items() for k, v in vals.items()
+          if isinstance(v, (int, float))}
+  run.writer.write(f"eval_{stage}", step, flat)
+  if jax.process_index() == 0:
+    tmp = run.workdir / f"eval_{stage}.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "summary": summary}, indent=1, default=float))
+    os.replace(tmp, run.workdir / f"eval_{stage}.json")
+  return summary
+
+
+def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt, guard) -> tuple[object, bool]:
+  """Runs `step_fn(state, batch, step) -> (state, metrics)` until `steps`; returns (state, preempted)."""
+  start = int(state.step)
+  bar = observe.progress(steps, start, stage, run.config.log.progress)
+  t_data = time.perf_counter()
+  for step in range(start + 1, steps + 1):
+    batch = next(batches)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch, step)
+    metrics["time/data"] = t0 - t_data
+    metrics["time/step"] = time.perf_counter() - t0
+    ts.check_nonfinite(metrics, run.config.rl.max_nonfinite_steps, where=f" in {stage} step {step}")
+    if step % run.config.log.every == 0 or step == steps:
+      run.writer.write(stage, step, metrics)
+    bar.update(1)
+    bar.set_postfix({k: f"{float(metrics[k]):.3f}" for k in ("loss", "reward/slow/f1") if k in metrics})
+    if ckpt.should_save(step) or step == steps or guard.requested:
+      ckpt.save(step, state, data_iter=batches, extra={"stage": stage}, force=True)
+    if stage == "rl" and run.config.eval.every and step % run.config.eval.every == 0 and step < steps:
+      _eval(run, state.params, f"rl_step{step}", step)
+    if guard.requested:
+      bar.close()
+      return state, True
+    t_data = time.perf_counter()
+  bar.close()
+  return state, False
+
+
+def _restore(run: Run, ckpt, state, batches, stage: str):
+  latest = ckpt.latest_step()
+  if latest is None:
+    return state
+  abstract = checkpoint.abstract_with_shardings(state, run.state_shardings(state))
+  state, _, _ = ckpt.restore(latest, abstract, data_iter=batches)
+  run.writer.truncate_after(stage, latest)
+  _log.info("%s: resumed from step %d", stage, latest)
+  return state
+
+
+def run_sft(run: Run, params, guard):
+  cfg = run.config
+  tx = optim.make_optimizer(cfglib.optim_config(cfg, "sft"), params)
+  state = run.place(ts.init_state(params, tx, with_reference=False))
+  step = ts.make_sft_step(run.model, tx, cfglib.step_config(cfg, "sft"), state_shardings=run.state_shardings(state))
+  batches = iter(run.pipeline("sft"))
+  ckpt = run.checkpointer("sft")
+  state = _restore(run, ckpt, state, batches, "sft")
+
+  def sft_step(state, batch, i):
+    state, metrics = step(state, run.to_device(run.sft_batch(batch)))
+    return state, {k: float(v) for k, v in metrics.items()}
+
+  state, preempted = _stage_loop(run, "sft", state, cfg.sft.steps, sft_step, batches, ckpt, guard)
+  ckpt.close()
+  return state.params, preempted
+
+
+def run_rl(run: Run, params, guard):
+  cfg = run.config
+  tx = optim.make_optimizer(cfglib.optim_config(cfg, "rl"), params, freeze=tuple(cfg.rl.freeze))
+  with_ref = cfg.rl.beta > 0
+  state = run.place(ts.init_state(params, tx, with_reference=with_ref, freeze=tuple(cfg.rl.freeze),
+                                  ref_dtype=run.model.config.jnp_compute_dtype))
+  step = ts.make_rl_step(run.model, tx, cfglib.step_config(cfg, "rl"), state_shardings=run.state_shardings(state))
+  batches = iter(run.pipeline("rl"))
+  ckpt = run.checkpointer("rl")
+  state = _restore(run, ckpt, state, batches, "rl")
+  settings = run.rl_settings()
+  base_key = jax.random.key(cfg.seed + 1)
+
+  def rl_step(state, batch, i):
+    t0 = time.perf_counter()
+    ref = ts.reference_params(state) if with_ref else None
+    # The step key depends only on (seed, step): a resumed run draws the same rollouts.
+    rl_batch, metrics, _ = experience.collect(run.ctx, settings, state.params, ref, batch,
+                                              jax.random.fold_in(base_key, i))
+    t1 = time.perf_counter()
+    state, update = step(state, run.to_device(rl_batch))
+    update = {k: float(v) for k, v in update.items()}  # waits for the device
+    t2 = time.perf_counter()
+    tokens = float(np.asarray(rl_batch.completion_mask).sum())
+    metrics.update(update)
+    metrics.update({"time/rollout_and_scoring": t1 - t0, "time/update": t2 - t1,
+                    "time/tokens_per_s": tokens / max(t2 - t0, 1e-9)})
+    return state, metrics
+
+  state, preempted = _stage_loop(run, "rl", state, cfg.rl.steps, rl_step, batches, ckpt, guard)
+  ckpt.close()
+  return state.params, preempted
+
+
+def _results_table(results: dict) -> str:
+  lines = ["| checkpoint | mode | precision | recall | F |", "|---|---|---|---|---|"]
+  for stage in ("sft", "rl"):
+    for mode in ("fast", "slow"):
+      r = results.get(stage, {}).get(mode)
+      if r:
+        lines.append(f"| {stage} | {mode} | {100 * r['precision']:.2f} | {100 * r['recall']:.2f} | "
+                     f"{100 * r['f']:.2f} |")
+  return "\n".join(lines)
+
+
+def _write_results(run: Run, summaries: dict[str, dict]) -> dict:
+  data = run.eval_dataset_name
+  results = {stage: {mode: {k: float(v[k]) for k in ("precision", "recall", "f")}
+                     for mode, v in s[data].items()} for stage, s in summaries.items()}
+  if jax.process_index() == 0:
+    (run.workdir / "results.json").write_text(json.dumps(results, indent=1))
+    md = (f"# MER-R1 results ({data}, {run.config.data.eval_split} split, OV emotion-wheel level 1, "
+          f"fractions x 100)\n\n{_results_table(results)}\n")
+    (run.workdir / "results.md").write_text(md)
+    print("\n" + md)
+  return results
+
+
+def train(config, workdir: str) -> dict:
+  """Runs the configured stages in `workdir` and returns results.json's content (empty if preempted)."""
+  run = setup(config, workdir)
+  params = run.initial_params()
+  summaries: dict[str, dict] = {}
+  with checkpoint.PreemptionGuard() as guard:
+    for stage in config.stages:
+      done = run.stage_done(stage)
+      if not done:
+        params, preempted = (run_sft if stage == "sft" else run_rl)(run, params, guard)
+        if preempted:
+          _log.warning("preempted (SIGTERM): checkpoint saved; rerun the same command to continue")
+          run.close()
+          return {}
+        summaries[stage] = _eval(run, params, stage, getattr(config, stage).steps)
+      else:
+        params = run.final_params(stage, params)
+        summaries[stage] = json.loads((run.workdir / f"eval_{stage}.json").read_text())["summary"]
+  results = _write_results(run, summaries)
+  if config.log.plots and jax.process_index() == 0:
+    observe.plot_curves(run.workdir)
+  if config.checkpoint.export_hf:
+    checkpoint.export_hf(params, run.model.config, run.workdir / "export")
+  run.close()
+  return results
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or config.workdir
+  if not workdir:
+    raise app.UsageError("--workdir is required (or set --config.workdir)")
+  # Library chatter (orbax, absl, TFDS) at WARNING; the trainer's own progress at INFO.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("merr1_jax").setLevel(logging.INFO)
+  train(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
