@@ -1,0 +1,381 @@
+"""Evaluation core: generate answers per mode, parse them, score them with metrics.py (the trainer calls this too).
+
+`evaluate_dataset` runs, for every eval batch (data/pipeline.py, kind='eval', slow-mode prompts) and every mode
+in `EvalSettings.modes`: rollout.sample (greedy for num_samples=1, else temperature sampling) -> text ->
+answer words (the extractor) -> the dataset metric, plus per-mode statistics and per-sample records:
+
+  metric 'ov'   open-vocabulary sets (MER-Synth, OV-MERD+): metrics.ov_score, level 1 -> f, precision, recall
+  metric 'hit'  basic-emotion sets (MER2023/2024, MELD, IEMOCAP): metrics.hit_rate on the one-hot label
+  metric 'waf'  sentiment sets (MOSI, MOSEI, SIMS): metrics.waf on the valence -> waf, acc
+
+Dataset numbers are computed by metrics.py on the parsed words, never re-implemented here, so they equal
+`python -m merr1_jax.metrics` on the same predictions. Per sample, precision/recall are the level-1 set scores
+averaged over the wheels whose GT maps somewhere (metrics.md §2 per sample; None when no wheel does).
+
+Confidence (needs `token_sets`, rewards.category_token_sets over LabelSpace.emotion_wheel(format_version)):
+rollout.score reads the category log-mass S(c) at the first answer anchor (the state that predicts the first
+answer word). Per wheel with a non-empty GT: mass on the predicted clusters sum_{c in P} exp S(c); `confidence`
+is its mean over those wheels and `correct` is the per-sample precision on the same wheels, so a calibrated model
+has mean confidence ~ mean correctness in every confidence bin. `gt_mass` is the same mass on the GT clusters.
+
+With num_samples N > 1, every record keeps its sample index and the summary adds `best_of_n`: the dataset metric
+on the per-prompt best sample (the highest per-sample F1 / hit / sentiment match), a pass@N-style upper bound.
+
+Shape legend: B = P*N rows (P prompts, N samples), T completion tokens, K wheels, C clusters, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from merr1_jax import emotion, metrics, prompts, rewards, rollout, sampling
+
+METRICS = ("ov", "hit", "waf")
+HEADLINE = {"ov": "f", "hit": "hit", "waf": "waf"}  # the one number a benchmark table shows per dataset
+_REQUIRED_KEYS = ("ids", "example_mask", "prompt_tokens", "prompt_mask", "positions")
+
+
+@dataclasses.dataclass
+class EvalSettings:
+  modes: tuple[str, ...] = ("fast", "slow")
+  num_samples: int = 1  # 1 = greedy; N > 1 samples at `temperature` (pass@N-style stats)
+  temperature: float = 1.0
+  max_new_tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"slow": 48, "fast": 16})
+  format_version: str = "2025"  # emotion-wheel tables for OV/HIT
+  # 'answer' = rewards.parse_answer(assistant_text(...)); or a callable: assistant turn text -> words (the
+  # official LLM-extraction protocol plugs in here).
+  extractor: str | Callable[[str], Sequence[str]] = "answer"
+  sentiment_mapper: Callable[[Sequence[str]], int] | None = None  # None = metrics' VADER default
+  seed: int = 0
+  chunk_size: int = 8192  # vocabulary chunk of the confidence pass (rollout.score)
+
+  def validate(self) -> None:
+    modes = tuple(self.modes)
+    if not modes or any(m not in prompts.MODES for m in modes) or len(set(modes)) != len(modes):
+      raise ValueError(f"settings.modes={self.modes!r}: expected distinct modes from {prompts.MODES}")
+    n = self.num_samples
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+      raise ValueError(f"settings.num_samples must be a positive int, got {n!r}")
+    if n > 1 and not self.temperature > 0:
+      raise ValueError(f"settings.temperature must be > 0 for num_samples > 1, got {self.temperature!r}")
+    for m in modes:
+      t = self.max_new_tokens.get(m) if isinstance(self.max_new_tokens, Mapping) else None
+      if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t < 1:
+        raise ValueError(f"settings.max_new_tokens[{m!r}] must be a positive int, got {t!r}")
+    if self.format_version not in emotion.FORMAT_VERSIONS:
+      raise ValueError(f"settings.format_version={self.format_version!r}; expected one of {emotion.FORMAT_VERSIONS}")
+    if isinstance(self.extractor, str) and self.extractor != "answer":
+      raise ValueError(f"settings.extractor={self.extractor!r}: 'answer' or a callable text -> words")
+    if not isinstance(self.extractor, str) and not callable(self.extractor):
+      raise ValueError(f"settings.extractor must be 'answer' or callable, got {self.extractor!r}")
+
+  @property
+  def extractor_name(self) -> str:
+    if isinstance(self.extractor, str):
+      return "answer: the <answer> tag, rewards.parse_answer"
+    return f"custom: {_callable_name(self.extractor)}"
+
+  @property
+  def sentiment_mapper_name(self) -> str:
+    if self.sentiment_mapper is None:
+      return "VaderSentimentMapper (offline VADER, a documented deviation from the official LLM)"
+    return _callable_name(self.sentiment_mapper)
+
+  def describe(self) -> dict:
+    """A JSON-safe echo of the settings (callables by name)."""
+    return {"modes": list(self.modes), "num_samples": int(self.num_samples), "temperature": float(self.temperature),
+            "decoding": "greedy" if self.num_samples == 1 else f"temperature {self.temperature}",
+            "max_new_tokens": {m: int(self.max_new_tokens[m]) for m in self.modes},
+            "format_version": self.format_version, "extractor": self.extractor_name,
+            "sentiment_mapper": self.sentiment_mapper_name, "seed": int(self.seed)}
+
+
+def _callable_name(fn) -> str:
+  name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+  return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{name}"
+
+
+@dataclasses.dataclass
+class DatasetResult:
+  dataset: str
+  metric: str
+  summary: dict  # mode -> {metric numbers, statistics}
+  samples: list  # one dict per (example, mode, sample)
+  settings: dict  # EvalSettings.describe()
+  n_examples: int
+
+
+# ------------------------------------------------------------------------------------------- host helpers
+
+_SPECIAL_IDS: "weakref.WeakKeyDictionary[Any, rollout.SpecialIds]" = weakref.WeakKeyDictionary()
+
+
+def special_ids(tokenizer) -> rollout.SpecialIds:
+  """SpecialIds.from_tokenizer decodes the whole vocabulary once; keep it per tokenizer object."""
+  try:
+    return _SPECIAL_IDS[tokenizer]
+  except (KeyError, TypeError):
+    ids = rollout.SpecialIds.from_tokenizer(tokenizer)
+    try:
+      _SPECIAL_IDS[tokenizer] = ids
+    except TypeError:  # not weak-referenceable: just do not cache
+      pass
+    return ids
+
+
+def segment_lengths(tokens: Sequence[int], mode: str, ids: rollout.SpecialIds) -> tuple[int | None, int | None]:
+  """(think, answer) lengths in tokens of one completion (fast mode: the prefilled prefix counted in), each None
+  when its tags are missing. The answer is the span inside the last <answer> that a </answer> follows."""
+  seq = (list(ids.fast_prefix) if mode == "fast" else []) + [int(t) for t in tokens]
+  think = None
+  if ids.think[0] in seq and ids.think[1] in seq[seq.index(ids.think[0]):]:
+    start = seq.index(ids.think[0])
+    think = seq.index(ids.think[1], start) - start - 1
+  answer = None
+  closes = [i for i, t in enumerate(seq) if t == ids.answer_close]
+  if closes:
+    opens = [i for i, t in enumerate(seq[:closes[-1]]) if t == ids.answer_open]
+    if opens:
+      end = next(i for i in closes if i > opens[-1])
+      answer = end - opens[-1] - 1
+  return think, answer
+
+
+def sample_pr(ew: emotion.EmotionWheel, gt: Sequence[str], pred: Sequence[str]) -> tuple[float | None, float | None]:
+  """Per-sample level-1 precision and recall, averaged over the wheels whose GT maps somewhere (None if none)."""
+  precision, recall = [], []
+  for k in metrics.WHEELS:
+    g = ew.map_words(gt, k)
+    if not g:
+      continue
+    p = ew.map_words(pred, k)
+    precision.append(len(g & p) / len(p) if p else 0.0)
+    recall.append(len(g & p) / len(g))
+  if not precision:
+    return None, None
+  return sum(precision) / len(precision), sum(recall) / len(recall)
+
+
+def _masses(space: rewards.LabelSpace, logmass_KxC: np.ndarray, gt, pred) -> tuple[float | None, float | None]:
+  """(confidence, gt_mass) of one sample at its first anchor; see the module docstring."""
+  gt_KxC, _ = space.encode(gt)
+  pred_KxC, _ = space.encode(pred)
+  wheels = gt_KxC.any(-1)
+  if not wheels.any():
+    return None, None
+  p_KxC = np.exp(logmass_KxC.astype(np.float64))
+  conf = (p_KxC * pred_KxC).sum(-1)[wheels].mean()
+  gt_mass = (p_KxC * gt_KxC).sum(-1)[wheels].mean()
+  return float(conf), float(gt_mass)
+
+
+def _dist(xs: Sequence[float | None]) -> dict:
+  vals = np.asarray([x for x in xs if x is not None], np.float64)
+  if not vals.size:
+    return {"mean": None, "median": None, "p90": None, "n": 0}
+  return {"mean": float(vals.mean()), "median": float(np.median(vals)), "p90": float(np.percentile(vals, 90)),
+          "n": int(vals.size)}
+
+
+def calibration_bins(confidence: Sequence[float], correct: Sequence[float], n_bins: int = 10) -> dict:
+  """Equal-width confidence bins on [0, 1]: per bin the count, mean confidence and mean correctness, and the
+  expected calibration error sum_b n_b/n |conf_b - acc_b| (None without samples)."""
+  conf, corr = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
+  idx = np.clip((conf * n_bins).astype(int), 0, n_bins - 1)
+  bins, ece = [], 0.0
+  for b in range(n_bins):
+    sel = idx == b
+    n = int(sel.sum())
+    bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": n,
+                 "confidence": float(conf[sel].mean()) if n else None,
+                 "correct": float(corr[sel].mean()) if n else None})
+    if n:
+      ece += n / conf.size * abs(conf[sel].mean() - corr[sel].mean())
+  return {"bins": bins, "ece": float(ece) if conf.size else None, "n": int(conf.size)}
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+
+def _gt(metric: str, batch: Mapping[str, np.ndarray], row: int):
+  """The dataset metric's ground truth of one row, and the words the per-sample P/R use."""
+  openset = list(batch["openset"][row]) if "openset" in batch else []
+  if metric == "ov":
+    return openset, openset
+  if metric == "hit":
+    onehot = str(batch["onehot"][row]) if "onehot" in batch else ""
+    words = [onehot] if onehot else openset
+    return words, words
+  valence = float(batch["valence"][row]) if "valence" in batch else math.nan
+  return valence, openset
+
+
+def dataset_metric(metric: str, records: Sequence[dict], settings: EvalSettings) -> dict:
+  """The dataset metric over `records` (their `gt` and `words`), by metrics.py."""
+  gt, pred = [r["gt"] for r in records], [list(r["words"]) for r in records]
+  if metric == "ov":
+    out = metrics.ov_score(gt, pred, level=1, format_version=settings.format_version)
+    return {k: out[k] for k in ("f", "precision", "recall", "per_wheel", "pred_words_dropped")}
+  if metric == "hit":
+    out = metrics.hit_rate(gt, pred, format_version=settings.format_version)
+    return {k: out[k] for k in ("hit", "per_wheel", "pred_words_dropped")}
+  keep = [i for i, g in enumerate(gt) if not math.isnan(g)]
+  mapper = settings.sentiment_mapper or _vader(settings.format_version)
+  out = metrics.waf([gt[i] for i in keep], [pred[i] for i in keep], mapper=mapper)
+  return out | {"n_no_valence": len(gt) - len(keep)}
+
+
+def _sample_score(metric: str, r: dict) -> float:
+  """What best-of-N maximises per sample."""
+  if metric == "waf":
+    return float(r.get("sentiment_correct") or 0.0)
+  p, rec = r["precision"] or 0.0, r["recall"] or 0.0
+  if metric == "hit":
+    return rec  # one-hot GT: recall is the wheel-averaged hit
+  return 2 * p * rec / (p + rec) if p + rec else 0.0
+
+
+def summarize(metric: str, records: Sequence[dict], settings: EvalSettings) -> dict:
+  """One mode's summary from its per-sample records (so a report can always be recomputed from samples.jsonl)."""
+  out = dataset_metric(metric, records, settings)
+  out["n_samples"] = len(records)
+  out["n_prompts"] = len({r["id"] for r in records})
+  out["mean_num_emotions"] = float(np.mean([len(r["words"]) for r in records]))
+  out["format_failure_rate"] = float(np.mean([not r["format_ok"] for r in records]))
+  out["truncated_rate"] = float(np.mean([r["stop_reason"] == "length" for r in records]))
+  out["answer_tokens"] = _dist([r["answer_tokens"] for r in records])
+  out["think_tokens"] = _dist([r["think_tokens"] for r in records])
+  conf = [(r["confidence"], r["correct"]) for r in records if r["confidence"] is not None]
+  out["confidence_mean"] = float(np.mean([c for c, _ in conf])) if conf else None
+  gt_mass = [r["gt_mass"] for r in records if r["gt_mass"] is not None]
+  out["gt_mass_mean"] = float(np.mean(gt_mass)) if gt_mass else None
+  cal = calibration_bins([c for c, _ in conf], [k for _, k in conf])
+  out["ece"], out["calibration"] = cal["ece"], cal["bins"]
+  if settings.num_samples > 1:
+    best: dict[str, dict] = {}
+    for r in records:  # first sample wins ties: deterministic
+      if r["id"] not in best or _sample_score(metric, r) > _sample_score(metric, best[r["id"]]):
+        best[r["id"]] = r
+    out["best_of_n"] = dataset_metric(metric, list(best.values()), settings)
+  return out
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def _check_batch(batch: Mapping[str, np.ndarray], dataset: str, index: int) -> None:
+  missing = [k for k in _REQUIRED_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"dataset {dataset!r}, batch {index}: missing keys {missing} (an eval pipeline batch, "
+                     "data/pipeline.py kind='eval', is expected)")
+  if "mode" in batch and np.any(np.asarray(batch["mode"]) == "fast"):
+    raise ValueError(f"dataset {dataset!r}, batch {index}: prompts rendered in fast mode; build the eval pipeline "
+                     "with mode='slow' (fast mode appends the prefix to slow prompts itself)")
+
+
+def _method(settings: EvalSettings):
+  return sampling.Greedy() if settings.num_samples == 1 else sampling.Temperature(float(settings.temperature))
+
+
+def evaluate_dataset(model, params, tokenizer, batches: Iterable[Mapping[str, np.ndarray]], *, dataset: str,
+                     metric: str, settings: EvalSettings, token_sets: np.ndarray | None = None, mesh=None,
+                     progress: bool = True) -> DatasetResult:
+  """Generates, parses and scores one dataset in every mode of `settings` (see the module docstring).
+
+  Raises ValueError naming the dataset on a bad metric/settings/batch, or when the split has no examples.
+  """
+  if metric not in METRICS:
+    raise ValueError(f"dataset {dataset!r}: unknown metric {metric!r}; expected one of {METRICS}")
+  settings.validate()
+  ids = special_ids(tokenizer)
+  ew = emotion.load(settings.format_version)
+  space = sets = None
+  if token_sets is not None:
+    space = rewards.LabelSpace.emotion_wheel(settings.format_version)
+    want = (space.num_wheels, space.num_clusters, model.config.vocab_size)
+    if tuple(np.shape(token_sets)) != want:
+      raise ValueError(f"token_sets shape {tuple(np.shape(token_sets))} != {want}: build them with "
+                       f"rewards.category_token_sets(LabelSpace.emotion_wheel({settings.format_version!r}), ...)")
+    sets = jnp.asarray(token_sets, jnp.float32)
+  extract = ((lambda text: rewards.parse_answer(text)) if isinstance(settings.extractor, str)
+             else settings.extractor)
+  method, key = _method(settings), jax.random.key(settings.seed)
+  records: dict[str, list[dict]] = {m: [] for m in settings.modes}
+  n_examples = 0
+  for b, batch in enumerate(tqdm.tqdm(batches, desc=f"eval {dataset}", unit="batch", disable=not progress)):
+    _check_batch(batch, dataset, b)
+    real = np.asarray(batch["example_mask"], bool)
+    if not real.any():
+      continue
+    n_examples += int(real.sum())
+    inputs = rollout.batch_inputs(batch, "slow")
+    for mode in settings.modes:
+      # The key depends on the batch and on the mode's name, not on the order of settings.modes.
+      rng = jax.random.fold_in(jax.random.fold_in(key, b), prompts.MODES.index(mode))
+      roll = rollout.sample(model, params, inputs, mode=mode, num_samples=int(settings.num_samples),
+                            max_new_tokens=int(settings.max_new_tokens[mode]), method=method, rng=rng, mesh=mesh,
+                            **ids.sample_kwargs(mode))
+      texts = rollout.completion_texts(tokenizer, roll)
+      logmass = anchor_ok = None
+      if sets is not None:
+        sc = rollout.score(model, params, roll, token_sets=sets, anchors=ids.anchors(1), mesh=mesh,
+                           chunk_size=settings.chunk_size)
+        logmass, anchor_ok = np.asarray(sc.logmass)[:, 0], np.asarray(sc.anchor_mask)[:, 0]
+      toks, lengths = np.asarray(roll.completion), np.asarray(roll.length)
+      reasons = np.asarray(roll.stop_reason)
+      for row, text in enumerate(texts):
+        p = row // roll.num_samples
+        if not real[p]:
+          continue
+        full = rewards.assistant_text(text, mode)
+        words = [str(w).strip().lower() for w in extract(full)]
+        words = [w for w in dict.fromkeys(words) if w]
+        gt, gt_words = _gt(metric, batch, p)
+        precision, recall = sample_pr(ew, gt_words, words)
+        think, answer = segment_lengths(toks[row, :lengths[row]], mode, ids)
+        rec = {"dataset": dataset, "id": str(batch["ids"][p]), "mode": mode, "sample": row % roll.num_samples,
+               "completion": text, "words": words, "format_ok": rewards.format_ok(text, mode),
+               "precision": precision, "recall": recall, "gt": gt, "think_tokens": think, "answer_tokens": answer,
+               "stop_reason": rollout.StopReason(int(reasons[row])).name.lower(),
+               "confidence": None, "gt_mass": None, "correct": None}
+        if logmass is not None and anchor_ok[row]:
+          rec["confidence"], rec["gt_mass"] = _masses(space, logmass[row], gt_words, words)
+          rec["correct"] = precision if rec["confidence"] is not None else None
+        if metric == "waf" and not math.isnan(gt):
+          s = (settings.sentiment_mapper or _vader(settings.format_version))(words)
+          rec["sentiment"], rec["sentiment_correct"] = int(s), bool((gt > 0) == (s > 0))
+        records[mode].append(rec)
+  if not n_examples:
+    raise ValueError(f"dataset {dataset!r}: the eval split has no examples (every batch was empty or padding)")
+  summary = {m: summarize(metric, records[m], settings) for m in settings.modes}
+  return DatasetResult(dataset=dataset, metric=metric, summary=summary,
+                       samples=[r for m in settings.modes for r in records[m]], settings=settings.describe(),
+                       n_examples=n_examples)
+
+
+_VADER: dict[str, emotion.VaderSentimentMapper] = {}
+
+
+def _vader(format_version: str) -> emotion.VaderSentimentMapper:
+  if format_version not in _VADER:
+    _VADER[format_version] = emotion.VaderSentimentMapper(format_version)
+  return _VADER[format_version]
+
+
+def evaluate(model, params, tokenizer, datasets: Mapping[str, tuple[Iterable[Mapping[str, np.ndarray]], str]], *,
+             settings: EvalSettings, token_sets: np.ndarray | None = None, mesh=None,
+             progress: bool = True) -> dict[str, DatasetResult]:
+  """`evaluate_dataset` over `datasets`: name -> (batches, metric), in order."""
+  if not datasets:
+    raise ValueError("evaluate needs at least one dataset")
+  return {name: evaluate_dataset(model, params, tokenizer, batches, dataset=name, metric=metric, settings=settings,
+                                 token_sets=token_sets, mesh=mesh, progress=progress)
+          for name, (batches, metric) in datasets.items()}

@@ -1,0 +1,281 @@
+"""Evaluation reports: JSON, markdown, JSONL and PNG files from `evaluation.DatasetResult`s; MME-Emotion scoring.
+
+`write_reports(results, out_dir, meta=...)` writes, into `out_dir` (the CLI uses WORKDIR/eval/):
+
+  report.json     every summary number per dataset and mode, the MER-UniBench-style mean, and `meta` (checkpoint,
+                  extractor, sentiment mapper, settings);
+  report.md       the headline table in the MER-UniBench layout (one column per dataset plus Mean, one row per
+                  mode) and a per-mode statistics table; it names the extractor and the sentiment mapper;
+  samples.jsonl   one line per sample (dataset, id, mode, sample, completion, words, P/R, confidence, ...);
+  pr_<dataset>.png       per-sample precision vs recall, fast and slow side by side;
+  set_sizes.png          distribution of the number of predicted emotions per mode;
+  calibration_<mode>.png binned confidence vs correctness (the reliability diagram) per mode.
+
+The directory is written atomically: everything goes into a sibling temp directory that replaces `out_dir` at
+the end, so an interrupted run leaves the previous report (or none), never a half-written one that looks done.
+`out_dir` belongs to the report: other files in it are replaced with it.
+
+Plots use matplotlib's Agg canvas through the object API (no pyplot, no display, no global backend switch).
+
+`mme_report(path)` turns an LLM judge's per-step scores (JSONL, docs/evaluation.md) into Rec-S / Rea-S / CoT-S per
+task and overall (metrics.mme_emotion_scores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from merr1_jax import evaluation, metrics
+
+_COLORS = {"fast": "tab:orange", "slow": "tab:blue"}
+
+
+def json_safe(x: Any) -> Any:
+  """NaN/inf -> None, numpy scalars -> Python, tuples -> lists: strict JSON (allow_nan=False) holds."""
+  if isinstance(x, Mapping):
+    return {str(k): json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_safe(v) for v in x]
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+def headline(result: evaluation.DatasetResult, mode: str) -> float | None:
+  v = result.summary[mode].get(evaluation.HEADLINE[result.metric])
+  return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def benchmark_means(results: Mapping[str, evaluation.DatasetResult]) -> dict[str, float | None]:
+  """Per mode: the plain mean of the headline scores over the datasets that ran that mode (metrics.md §5)."""
+  modes = dict.fromkeys(m for r in results.values() for m in r.summary)
+  out = {}
+  for mode in modes:
+    vals = [headline(r, mode) for r in results.values() if mode in r.summary]
+    out[mode] = None if not vals or any(v is None for v in vals) else float(np.mean(vals))
+  return out
+
+
+# -------------------------------------------------------------------------------------------- writers
+
+
+def _report_json(results, meta: dict) -> dict:
+  datasets = {name: {"metric": r.metric, "headline": evaluation.HEADLINE[r.metric], "n_examples": r.n_examples,
+                     "settings": r.settings, "summary": r.summary} for name, r in results.items()}
+  return json_safe({"meta": meta, "datasets": datasets, "mean": benchmark_means(results)})
+
+
+def _pct(v) -> str:
+  return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _num(v, fmt="{:.2f}") -> str:
+  return "n/a" if v is None else fmt.format(v)
+
+
+def _report_md(results, meta: dict) -> str:
+  names = list(results)
+  modes = list(dict.fromkeys(m for r in results.values() for m in r.summary))
+  means = benchmark_means(results)
+  lines = ["# Evaluation report", ""]
+  for key in ("checkpoint", "extractor", "sentiment_mapper", "decoding"):
+    if key in meta:
+      lines.append(f"- **{key.replace('_', ' ')}**: {meta[key]}")
+  lines += ["", "Scores in % (OV: EW F level 1; HIT: hit rate; WAF: weighted F1). Mean: plain mean over the "
+            "columns (MER-UniBench).", ""]
+  lines.append("| mode | " + " | ".join(f"{n} ({results[n].metric.upper()})" for n in names) + " | Mean |")
+  lines.append("|---" * (len(names) + 2) + "|")
+  for mode in modes:
+    cells = [_pct(headline(results[n], mode)) if mode in results[n].summary else "-" for n in names]
+    lines.append(f"| {mode} | " + " | ".join(cells) + f" | {_pct(means.get(mode))} |")
+  lines += ["", "## Per-mode statistics", "",
+            "| dataset | mode | samples | format fail % | truncated % | mean #emotions | answer tok mean/med/p90 "
+            "| think tok mean/med/p90 | confidence | ECE |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+  for n in names:
+    for mode, s in results[n].summary.items():
+      dist = lambda d: "/".join(_num(d[k], "{:.1f}") for k in ("mean", "median", "p90"))
+      lines.append(f"| {n} | {mode} | {s['n_samples']} | {_pct(s['format_failure_rate'])} | "
+                   f"{_pct(s['truncated_rate'])} | {_num(s['mean_num_emotions'])} | {dist(s['answer_tokens'])} | "
+                   f"{dist(s['think_tokens'])} | {_num(s['confidence_mean'], '{:.3f}')} | "
+                   f"{_num(s['ece'], '{:.3f}')} |")
+  return "\n".join(lines) + "\n"
+
+
+def _save(fig: Figure, path: pathlib.Path) -> None:
+  FigureCanvasAgg(fig)
+  fig.savefig(path, format="png", dpi=100)
+
+
+def _pr_plot(result: evaluation.DatasetResult, path: pathlib.Path) -> None:
+  modes = list(result.summary)
+  fig = Figure(figsize=(4.2 * len(modes), 4))
+  rng = np.random.default_rng(0)  # a little jitter: many samples share exact P/R values
+  for i, mode in enumerate(modes):
+    ax = fig.add_subplot(1, len(modes), i + 1)
+    pts = np.asarray([(s["recall"], s["precision"]) for s in result.samples
+                      if s["mode"] == mode and s["precision"] is not None], np.float64).reshape(-1, 2)
+    jit = rng.uniform(-0.01, 0.01, pts.shape)
+    ax.scatter(pts[:, 0] + jit[:, 0], pts[:, 1] + jit[:, 1], s=10, alpha=0.4, color=_COLORS.get(mode))
+    if len(pts):
+      ax.scatter([pts[:, 0].mean()], [pts[:, 1].mean()], marker="x", s=80, color="black", label="mean")
+      ax.legend(loc="lower left")
+    ax.set(xlim=(-0.05, 1.05), ylim=(-0.05, 1.05), xlabel="recall", ylabel="precision",
+           title=f"{result.dataset}: {mode}")
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _sizes_plot(results, path: pathlib.Path) -> None:
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.add_subplot(1, 1, 1)
+  by_mode: dict[str, list[int]] = {}
+  for r in results.values():
+    for s in r.samples:
+      by_mode.setdefault(s["mode"], []).append(len(s["words"]))
+  top = max([max(v) for v in by_mode.values() if v] + [1])
+  edges = np.arange(top + 2) - 0.5
+  width = 0.8 / max(len(by_mode), 1)
+  for i, (mode, sizes) in enumerate(by_mode.items()):
+    counts, _ = np.histogram(sizes, bins=edges)
+    ax.bar(np.arange(top + 1) + (i - (len(by_mode) - 1) / 2) * width, counts / max(len(sizes), 1), width=width,
+           label=mode, color=_COLORS.get(mode))
+  ax.set(xlabel="predicted emotions per answer", ylabel="fraction of samples", title="answer set sizes")
+  ax.legend()
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _calibration_plot(results, mode: str, path: pathlib.Path) -> None:
+  conf = [(s["confidence"], s["correct"]) for r in results.values() for s in r.samples
+          if s["mode"] == mode and s["confidence"] is not None]
+  cal = evaluation.calibration_bins([c for c, _ in conf], [k for _, k in conf])
+  fig = Figure(figsize=(4.5, 4.5))
+  ax = fig.add_subplot(1, 1, 1)
+  ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+  full = [b for b in cal["bins"] if b["n"]]
+  if full:
+    ax.plot([b["confidence"] for b in full], [b["correct"] for b in full], "o-", color=_COLORS.get(mode),
+            label=f"{mode} (ECE {cal['ece']:.3f}, n={cal['n']})")
+  else:
+    ax.text(0.5, 0.5, "no confidence values\n(token_sets not given)", ha="center", va="center")
+  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence at the first answer anchor",
+         ylabel="precision of the answer", title=f"calibration: {mode}")
+  ax.legend(loc="upper left")
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _safe_name(name: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str | os.PathLike, *,
+                  meta: Mapping[str, Any]) -> dict[str, pathlib.Path]:
+  """Writes every report file atomically into `out_dir` (see the module docstring); returns name -> final path.
+
+  `meta` is stored in report.json; the extractor, sentiment mapper and decoding of the first result are added
+  when absent, so a report always says how its words were obtained.
+  """
+  if not results:
+    raise ValueError("write_reports needs at least one DatasetResult")
+  first = next(iter(results.values())).settings
+  meta = {"extractor": first.get("extractor"), "sentiment_mapper": first.get("sentiment_mapper"),
+          "decoding": first.get("decoding"), "settings": first} | dict(meta)
+  out = pathlib.Path(out_dir).absolute()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    files = {}
+
+    def put(name: str, text: str) -> None:
+      (tmp / name).write_text(text, encoding="utf-8")
+      files[name] = out / name
+
+    put("report.json", json.dumps(_report_json(results, meta), indent=1, allow_nan=False) + "\n")
+    put("report.md", _report_md(results, meta))
+    put("samples.jsonl", "".join(json.dumps(json_safe(s), allow_nan=False, ensure_ascii=False) + "\n"
+                                 for r in results.values() for s in r.samples))
+    for name, r in results.items():
+      png = f"pr_{_safe_name(name)}.png"
+      _pr_plot(r, tmp / png)
+      files[png] = out / png
+    _sizes_plot(results, tmp / "set_sizes.png")
+    files["set_sizes.png"] = out / "set_sizes.png"
+    for mode in dict.fromkeys(m for r in results.values() for m in r.summary):
+      png = f"calibration_{mode}.png"
+      _calibration_plot(results, mode, tmp / png)
+      files[png] = out / png
+    _swap(tmp, out)
+  except BaseException:  # Ctrl-C included: never leave the temp directory behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return files
+
+
+def _swap(tmp: pathlib.Path, out: pathlib.Path) -> None:
+  """Replaces `out` by `tmp`: a directory rename cannot overwrite a non-empty directory, so the old one is moved
+  aside first; at every instant `out` is either the complete old report, absent, or the complete new one."""
+  if out.exists():
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / "report")
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------------------------------------- MME-Emotion
+
+
+def mme_report(judge_jsonl_path: str | os.PathLike) -> dict:
+  """Rec-S / Rea-S / CoT-S per task and overall from a judge's per-step scores.
+
+  Each non-blank line is a JSON object {"id": str, "task": str, "step_scores": [0/1, ..., answer_score]} (the
+  last score is the answer's). Raises ValueError naming the file and line on unreadable JSON, a missing or bad
+  field, or a duplicate id; FileNotFoundError when the file is missing.
+  """
+  path = os.fspath(judge_jsonl_path)
+  items, seen = [], {}
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}, line {n}"
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+      for key in ("id", "task", "step_scores"):
+        if key not in obj:
+          raise ValueError(f"{where}: missing field {key!r} (have {sorted(obj)})")
+      if not isinstance(obj["task"], str) or not obj["task"]:
+        raise ValueError(f"{where}: field 'task' must be a non-empty string, got {obj['task']!r}")
+      scores = obj["step_scores"]
+      if not isinstance(scores, list) or not scores:
+        raise ValueError(f"{where}: field 'step_scores' must be a non-empty list (the last entry is the answer), "
+                         f"got {scores!r}")
+      if any(isinstance(s, bool) or s not in (0, 1) for s in scores):
+        raise ValueError(f"{where}: field 'step_scores' must hold only 0 and 1, got {scores!r}")
+      key = str(obj["id"])
+      if key in seen:
+        raise ValueError(f"{where}: duplicate id {key!r} (first on line {seen[key]})")
+      seen[key] = n
+      items.append({"task": obj["task"], "scores": scores})
+  if not items:
+    raise ValueError(f"{path}: no judge lines")
+  return metrics.mme_emotion_scores(items) | {"n_items": len(items), "path": path}

@@ -1,0 +1,407 @@
+"""evaluation + reports: both modes on MER-Synth records, summaries that equal a recomputation from the samples and
+metrics.py / the metrics CLI, determinism, N samples, padding rows, confidence by hand, reports, MME-Emotion.
+
+The policy is the tiny random model plus a token-bigram grammar (`Grammar`): the grammar makes every completion
+a plausible answer (<think>..</think><answer>w, w</answer>) and the random model, which sees the prompt, breaks
+the grammar's ties, so answers differ between clips and some run out of tokens (format failures).
+"""
+
+import contextlib
+import io
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from merr1_jax import evaluation, metrics, prompts, reports, rewards
+from merr1_jax.data import pipeline, synth
+from merr1_jax.models import base, mllm
+
+N_TEST = 6  # with batch 4: two batches, the second with two padding rows
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return synth.build_tokenizer()
+
+
+class Grammar:
+  """PolicyModel: logits = 0.5 * tiny-model logits + `bias` * G[previous token], G a 0/1 bigram table.
+
+  embed() appends one_hot(token) to the embedding; hidden() runs the inner decoder on the first D columns and
+  carries the one-hot along, so forward == hidden @ unembed_weight holds and rollout.score sees the same policy.
+  """
+
+  def __init__(self, inner, grammar_VxV, bias=30.0):
+    self.inner, self.config = inner, inner.config
+    self.g = jnp.asarray(grammar_VxV, jnp.float32) * bias
+    self.d = inner.config.d_model
+
+  def __getattr__(self, name):  # init_cache, init_params, partition_rules
+    return getattr(self.inner, name)
+
+  def embed(self, params, inputs):
+    e = self.inner.embed(params, inputs)
+    hot = jax.nn.one_hot(inputs.tokens, self.config.vocab_size, dtype=e.x.dtype)
+    return e.replace(x=jnp.concatenate([e.x, hot], -1))
+
+  def hidden(self, params, x, cache=None):
+    h, cache = self.inner.hidden(params, x.replace(x=x.x[..., :self.d]), cache)
+    return jnp.concatenate([h, x.x[..., self.d:].astype(h.dtype)], -1), cache
+
+  def unembed_weight(self, params):
+    return jnp.concatenate([0.5 * self.inner.unembed_weight(params), self.g], 0)
+
+  def forward(self, params, x, cache=None):
+    h, cache = self.hidden(params, x, cache)
+    return base.logits_from_hidden(h, self.unembed_weight(params)), cache
+
+
+def _grammar(tok, last_prompt_token: int) -> np.ndarray:
+  v = tok.vocab_size
+  g = np.zeros((v, v), np.float32)
+  one = lambda text: tok.encode(text)[0]  # noqa: E731
+  think_o, think_c = tok.id_of(prompts.THINK_OPEN), tok.id_of(prompts.THINK_CLOSE)
+  ans_o, ans_c, comma = tok.id_of(prompts.ANSWER_OPEN), tok.id_of(prompts.ANSWER_CLOSE), one(",")
+  words = ["happy", "sad", "angry", "worried", "calm", "surprised"]
+  bare, spaced = [one(w) for w in words], [one(" " + w) for w in words]
+  g[last_prompt_token, think_o] = 1
+  g[think_o, one("face")] = 1
+  g[one("face"), think_c] = 1
+  g[think_c, ans_o] = 1
+  g[ans_o, bare] = 1
+  g[np.ix_(bare + spaced, [comma, ans_c])] = 1
+  g[comma, spaced] = 1
+  g[ans_c, tok.eos_id] = 1
+  return g
+
+
+def _batches(tok, records, batch_size=4, mode="slow"):
+  pcfg = pipeline.PipelineConfig(kind="eval", mode=mode, batch_size=batch_size, shuffle=False, num_epochs=1,
+                                 drop_remainder=False, video_dim=32, audio_dim=32, feature_dtype="float32")
+  return list(pipeline.build(pipeline.BytesSource(records), tok, pcfg))
+
+
+@pytest.fixture(scope="module")
+def records():
+  return list(synth.generate_split(synth.SynthConfig(n_train=1, n_validation=1, n_test=N_TEST), "test"))
+
+
+@pytest.fixture(scope="module")
+def batches(tok, records):
+  return _batches(tok, records)
+
+
+@pytest.fixture(scope="module")
+def policy(tok, batches):
+  inner = mllm.build("tiny", vocab_size=tok.vocab_size, video_dim=32, audio_dim=32, d_model=64, num_heads=2,
+                     num_kv_heads=1, head_dim=32, mlp_dim=128, init_std=0.3, max_seq_len=512,
+                     video_token_id=tok.id_of(prompts.VIDEO_TOKEN), audio_token_id=tok.id_of(prompts.AUDIO_TOKEN))
+  last = int(batches[0]["prompt_tokens"][0, -1])
+  return Grammar(inner, _grammar(tok, last)), inner.init_params(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def token_sets(tok):
+  return rewards.category_token_sets(rewards.LabelSpace.emotion_wheel("2025"), tok.encode, tok.vocab_size)
+
+
+SETTINGS = dict(max_new_tokens={"slow": 12, "fast": 5})
+
+
+@pytest.fixture(scope="module")
+def result(tok, policy, batches, token_sets):
+  model, params = policy
+  return evaluation.evaluate_dataset(model, params, tok, batches, dataset="mer_synth", metric="ov",
+                                     settings=evaluation.EvalSettings(**SETTINGS), token_sets=token_sets,
+                                     progress=False)
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+def test_both_modes_and_padding_rows_skipped(result, records):
+  assert set(result.summary) == {"fast", "slow"} and result.n_examples == N_TEST
+  for mode in ("fast", "slow"):
+    rows = [s for s in result.samples if s["mode"] == mode]
+    assert sorted(s["id"] for s in rows) == sorted(r.id for r in records)  # no padding row, none missing
+    by_id = {r.id: list(r.openset) for r in records}
+    assert all(s["gt"] == by_id[s["id"]] for s in rows)
+  # The grammar makes the test meaningful: some answers are well formed and score, some run out of tokens.
+  ok = [s for s in result.samples if s["format_ok"]]
+  assert ok and len(ok) < len(result.samples)
+  assert any(s["precision"] > 0 for s in ok)
+  assert any(s["think_tokens"] == 1 for s in result.samples if s["mode"] == "slow")  # <think>face</think>
+
+
+def test_summary_equals_recomputation_from_samples(result):
+  space = rewards.LabelSpace.emotion_wheel("2025")
+  for mode, s in result.summary.items():
+    rows = [r for r in result.samples if r["mode"] == mode]
+    ov = metrics.ov_score([r["gt"] for r in rows], [r["words"] for r in rows])
+    for k in ("f", "precision", "recall"):
+      assert s[k] == pytest.approx(ov[k], abs=1e-12)
+    # Format failures by rewards.format_ok on the raw completion, words by parse_answer on the assistant turn.
+    assert s["format_failure_rate"] == pytest.approx(np.mean([not rewards.format_ok(r["completion"], mode)
+                                                              for r in rows]))
+    for r in rows:
+      assert r["words"] == list(rewards.parse_answer(rewards.assistant_text(r["completion"], mode)))
+    assert s["mean_num_emotions"] == pytest.approx(np.mean([len(r["words"]) for r in rows]))
+    lens = [r["answer_tokens"] for r in rows if r["answer_tokens"] is not None]
+    if lens:
+      assert s["answer_tokens"]["mean"] == pytest.approx(np.mean(lens))
+      assert s["answer_tokens"]["p90"] == pytest.approx(np.percentile(lens, 90))
+    conf = [r["confidence"] for r in rows if r["confidence"] is not None]
+    assert conf and s["confidence_mean"] == pytest.approx(np.mean(conf))
+    # Per-sample P/R against an independent implementation: rewards.set_rewards on multi-hot cluster arrays.
+    pred, _ = space.encode_batch([r["words"] for r in rows])
+    gt, _ = space.encode_batch([r["gt"] for r in rows])
+    rec, prec, _ = (np.asarray(x) for x in rewards.set_rewards(jnp.asarray(pred), jnp.asarray(gt)))
+    np.testing.assert_allclose([r["precision"] for r in rows], prec, atol=1e-6)
+    np.testing.assert_allclose([r["recall"] for r in rows], rec, atol=1e-6)
+
+
+def test_answer_lengths_by_hand(tok, result):
+  for r in result.samples:
+    if r["format_ok"]:  # "<answer>w, w</answer>": the tokens between the tags
+      body = rewards.extract_answer(rewards.assistant_text(r["completion"], r["mode"]))
+      assert r["answer_tokens"] == len(tok.encode(body))
+
+
+def test_confidence_by_hand(tok, policy, batches, token_sets, result):
+  """Fast row: the first anchor is the prompt's <answer>; recompute its next-token softmax with one uncached
+  forward pass over the unpadded prompt and sum the probabilities of the predicted clusters' token sets."""
+  model, params = policy
+  b = batches[0]
+  row = next(r for r in result.samples if r["mode"] == "fast" and r["id"] == b["ids"][0] and r["words"])
+  m = b["prompt_mask"][0]
+  ids = evaluation.special_ids(tok)
+  toks = np.concatenate([b["prompt_tokens"][0][m], ids.fast_prefix]).astype(np.int32)
+  pos = np.arange(len(toks), dtype=np.int32)
+  n_v, n_a = int(b["video_mask"][0].sum()), int(b["audio_mask"][0].sum())
+  x = base.ModelInputs(tokens=jnp.asarray(toks[None]), positions=jnp.asarray(pos[None]),
+                       mask=jnp.ones((1, len(toks)), bool), video=jnp.asarray(b["video"][:1, :n_v]),
+                       video_mask=jnp.ones((1, n_v), bool), audio=jnp.asarray(b["audio"][:1, :n_a]),
+                       audio_mask=jnp.ones((1, n_a), bool))
+  fwd = jax.jit(lambda p, x: model.forward(p, model.embed(p, x))[0])
+  logits = np.asarray(fwd(params, x))[0, -1].astype(np.float64)
+  p_V = np.exp(logits - logits.max())
+  p_V /= p_V.sum()
+  space = rewards.LabelSpace.emotion_wheel("2025")
+  pred, _ = space.encode(row["words"])
+  gt, _ = space.encode(row["gt"])
+  wheels = gt.any(-1)
+  mass_KxC = np.einsum("kcv,v->kc", token_sets.astype(np.float64), p_V)
+  assert row["confidence"] == pytest.approx((mass_KxC * pred).sum(-1)[wheels].mean(), abs=1e-4)
+  assert row["gt_mass"] == pytest.approx((mass_KxC * gt).sum(-1)[wheels].mean(), abs=1e-4)
+  assert row["correct"] == row["precision"]
+
+
+def test_ov_equals_metrics_cli(tmp_path, result):
+  for mode in ("fast", "slow"):
+    rows = [r for r in result.samples if r["mode"] == mode]
+    gt_csv, pred_csv = tmp_path / f"gt_{mode}.csv", tmp_path / f"pred_{mode}.csv"
+    gt_csv.write_text("name,openset\n" + "".join(f'{r["id"]},"[{", ".join(r["gt"])}]"\n' for r in rows))
+    pred_csv.write_text("name,openset\n" + "".join(f'{r["id"]},"[{", ".join(r["words"])}]"\n' for r in rows))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      assert metrics.main(["ov", "--gt", str(gt_csv), "--pred", str(pred_csv), "--json"]) == 0
+    cli = json.loads(out.getvalue())
+    for k in ("f", "precision", "recall"):
+      assert result.summary[mode][k] == pytest.approx(cli[k], abs=1e-12)
+
+
+def test_greedy_is_deterministic_and_n_samples(tok, policy, batches, result):
+  model, params = policy
+  again = evaluation.evaluate_dataset(model, params, tok, batches, dataset="mer_synth", metric="ov",
+                                      settings=evaluation.EvalSettings(**SETTINGS), progress=False)
+  assert [r["completion"] for r in again.samples] == [r["completion"] for r in result.samples]
+  assert all(r["confidence"] is None for r in again.samples)  # no token_sets, no confidence
+  n = 3
+  multi = evaluation.evaluate_dataset(model, params, tok, batches[:1], dataset="mer_synth", metric="ov",
+                                      settings=evaluation.EvalSettings(modes=("fast",), num_samples=n,
+                                                                       temperature=2.0, **SETTINGS),
+                                      progress=False)
+  ids = [i for i in batches[0]["ids"] if i]
+  for i in ids:
+    rows = [r for r in multi.samples if r["id"] == i]
+    assert sorted(r["sample"] for r in rows) == list(range(n))
+  assert len({r["completion"] for r in multi.samples}) > len(ids)  # real samples, not N copies
+  s = multi.summary["fast"]
+  assert s["n_samples"] == n * len(ids) and s["n_prompts"] == len(ids)
+  # best_of_n by hand: per prompt the sample with the highest per-sample F1 (first on ties), then ov_score.
+  best = []
+  for i in ids:
+    rows = [r for r in multi.samples if r["id"] == i]
+    f1 = [2 * r["precision"] * r["recall"] / (r["precision"] + r["recall"]) if r["precision"] + r["recall"] else 0
+          for r in rows]
+    best.append(rows[int(np.argmax(f1))])
+  ov = metrics.ov_score([r["gt"] for r in best], [r["words"] for r in best])
+  assert s["best_of_n"]["f"] == pytest.approx(ov["f"]) and s["best_of_n"]["f"] >= s["f"] - 1e-12
+
+
+def test_custom_extractor_is_used_and_named(tmp_path, tok, policy, batches):
+  model, params = policy
+  seen = []
+
+  def always_calm(text):
+    seen.append(text)
+    return ["Calm", "calm", " happy "]
+
+  r = evaluation.evaluate_dataset(model, params, tok, batches[:1], dataset="mer_synth", metric="ov",
+                                  settings=evaluation.EvalSettings(modes=("fast",), extractor=always_calm,
+                                                                   **SETTINGS), progress=False)
+  assert all(s["words"] == ["calm", "happy"] for s in r.samples)  # lowercased, stripped, de-duplicated
+  assert seen and all(t.startswith(prompts.FAST_PREFIX) for t in seen)  # it gets the whole assistant turn
+  reports.write_reports({"mer_synth": r}, tmp_path / "eval", meta={"checkpoint": "test"})
+  rep = json.loads((tmp_path / "eval" / "report.json").read_text())
+  assert "always_calm" in rep["meta"]["extractor"]
+  assert "always_calm" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_hit_and_waf_datasets(tok, policy, records):
+  model, params = policy
+  # A basic-emotion set (one-hot labels) and a sentiment set (valence), from the same clips.
+  batches = _batches(tok, records[:4])
+  settings = evaluation.EvalSettings(modes=("fast",), **SETTINGS)
+  hit = evaluation.evaluate_dataset(model, params, tok, batches, dataset="basic", metric="hit", settings=settings,
+                                    progress=False)
+  rows = hit.samples
+  assert [r["gt"] for r in rows] == [[rec.onehot] for rec in records[:4]]
+  assert hit.summary["fast"]["hit"] == pytest.approx(
+      metrics.hit_rate([r["gt"] for r in rows], [r["words"] for r in rows])["hit"])
+
+  def sign_of_happy(words):
+    return 1 if "happy" in words else -1
+
+  waf = evaluation.evaluate_dataset(model, params, tok, batches, dataset="senti", metric="waf",
+                                    settings=evaluation.EvalSettings(modes=("fast",), sentiment_mapper=sign_of_happy,
+                                                                     **SETTINGS), progress=False)
+  rows = waf.samples
+  y = [r["gt"] > 0 for r in rows]
+  yhat = [sign_of_happy(r["words"]) > 0 for r in rows]
+  assert waf.summary["fast"]["acc"] == pytest.approx(np.mean([a == b for a, b in zip(y, yhat)]))
+  assert waf.summary["fast"]["waf"] == pytest.approx(metrics.weighted_f1(y, yhat))
+  assert [r["sentiment_correct"] for r in rows] == [a == b for a, b in zip(y, yhat)]
+
+
+def test_bad_input(tok, policy, records, batches):
+  model, params = policy
+  s = evaluation.EvalSettings(modes=("fast",), **SETTINGS)
+  with pytest.raises(ValueError, match="unknown metric 'f1'"):
+    evaluation.evaluate_dataset(model, params, tok, batches, dataset="x", metric="f1", settings=s)
+  with pytest.raises(ValueError, match="'x'.*no examples"):
+    evaluation.evaluate_dataset(model, params, tok, [], dataset="x", metric="ov", settings=s, progress=False)
+  with pytest.raises(ValueError, match="fast mode"):
+    evaluation.evaluate_dataset(model, params, tok, _batches(tok, records[:2], mode="fast"), dataset="x",
+                                metric="ov", settings=s, progress=False)
+  with pytest.raises(ValueError, match="max_new_tokens\\['slow'\\]"):
+    evaluation.EvalSettings(max_new_tokens={"fast": 4}).validate()
+  with pytest.raises(ValueError, match="token_sets shape"):
+    evaluation.evaluate_dataset(model, params, tok, batches, dataset="x", metric="ov", settings=s,
+                                token_sets=np.zeros((5, 3, 7), bool))
+
+
+def test_segment_lengths_and_calibration_bins_by_hand(tok):
+  ids = evaluation.special_ids(tok)
+  t = lambda text: tok.encode(text)  # noqa: E731
+  slow = t("<think>face sad</think><answer>sad, calm</answer>")
+  think, answer = evaluation.segment_lengths(slow, "slow", ids)
+  assert think == len(t("face sad")) and answer == len(t("sad, calm"))
+  assert evaluation.segment_lengths(t("sad, calm</answer>"), "fast", ids) == (0, len(t("sad, calm")))
+  assert evaluation.segment_lengths(t("<think>face"), "slow", ids) == (None, None)
+  cal = evaluation.calibration_bins([0.05, 0.15, 0.95, 1.0], [0.0, 1.0, 1.0, 0.5], n_bins=10)
+  # bins 0, 1, 9: |0.05-0| * 1/4 + |0.15-1| * 1/4 + |0.975-0.75| * 2/4
+  assert cal["ece"] == pytest.approx(0.05 / 4 + 0.85 / 4 + 0.225 / 2)
+  assert [b["n"] for b in cal["bins"]] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 2]
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_reports_files(tmp_path, result):
+  other = evaluation.DatasetResult(dataset="ovmerd", metric="ov", summary=result.summary, samples=result.samples,
+                                   settings=result.settings, n_examples=result.n_examples)
+  files = reports.write_reports({"mer_synth": result, "ovmerd": other}, tmp_path / "eval",
+                                meta={"checkpoint": "ckpt/7"})
+  out = tmp_path / "eval"
+  assert sorted(p.name for p in out.iterdir()) == sorted(files) and all(p.exists() for p in files.values())
+  rep = json.loads((out / "report.json").read_text())
+  assert rep["meta"]["checkpoint"] == "ckpt/7" and "parse_answer" in rep["meta"]["extractor"]
+  assert "VADER" in rep["meta"]["sentiment_mapper"]
+  assert rep["datasets"]["mer_synth"]["summary"]["slow"]["f"] == pytest.approx(result.summary["slow"]["f"])
+  assert rep["mean"]["fast"] == pytest.approx(result.summary["fast"]["f"])  # both columns hold the same run
+  md = (out / "report.md").read_text()
+  header = next(line for line in md.splitlines() if line.startswith("| mode |"))
+  assert "mer_synth (OV)" in header and "ovmerd (OV)" in header and header.rstrip().endswith("Mean |")
+  fast_row = next(line for line in md.splitlines() if line.startswith("| fast |"))
+  assert f"{100 * result.summary['fast']['f']:.2f}" in fast_row
+  lines = (out / "samples.jsonl").read_text().splitlines()
+  assert len(lines) == 2 * len(result.samples)
+  first = json.loads(lines[0])
+  assert {"id", "mode", "completion", "words", "precision", "recall"} <= set(first)
+  for name in ("pr_mer_synth.png", "pr_ovmerd.png", "set_sizes.png", "calibration_fast.png",
+               "calibration_slow.png"):
+    data = (out / name).read_bytes()
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert w > 100 and h > 100
+
+
+def test_reports_are_atomic(tmp_path, result, monkeypatch):
+  out = tmp_path / "eval"
+
+  def boom(*a, **k):
+    raise KeyboardInterrupt("Ctrl-C while plotting")
+
+  monkeypatch.setattr(reports, "_sizes_plot", boom)
+  with pytest.raises(KeyboardInterrupt):
+    reports.write_reports({"mer_synth": result}, out, meta={})
+  assert not (out / "report.json").exists() and list(tmp_path.iterdir()) == []  # no temp dir left either
+  monkeypatch.undo()
+  reports.write_reports({"mer_synth": result}, out, meta={"checkpoint": "first"})
+  monkeypatch.setattr(reports, "_calibration_plot", boom)
+  with pytest.raises(KeyboardInterrupt):
+    reports.write_reports({"mer_synth": result}, out, meta={"checkpoint": "second"})
+  # The complete earlier report is still there, untouched.
+  assert json.loads((out / "report.json").read_text())["meta"]["checkpoint"] == "first"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+
+
+def test_mme_report_by_hand(tmp_path):
+  path = tmp_path / "judge.jsonl"
+  lines = [{"id": "a", "task": "ER-Lab", "step_scores": [1, 0, 1]},  # rea 0.5, rec 1
+           {"id": "b", "task": "ER-Lab", "step_scores": [0]},  # rea 0 (no steps), rec 0
+           {"id": "c", "task": "SA", "step_scores": [1, 1, 1, 0]}]  # rea 1, rec 0
+  path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+  out = reports.mme_report(path)
+  lab = out["per_task"]["ER-Lab"]
+  assert lab["rec_s"] == pytest.approx(50.0) and lab["rea_s"] == pytest.approx(25.0)
+  assert lab["cot_s"] == pytest.approx(37.5)
+  assert out["per_task"]["SA"]["rec_s"] == 0 and out["per_task"]["SA"]["rea_s"] == pytest.approx(100.0)
+  assert out["overall"]["rec_s"] == pytest.approx(100 / 3) and out["overall"]["rea_s"] == pytest.approx(50.0)
+  assert out["overall"]["cot_s"] == pytest.approx((100 / 3 + 50) / 2) and out["n_items"] == 3
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", "line 2: not JSON"),
+    ('{"id": "x", "task": "SA"}', "line 2: missing field 'step_scores'"),
+    ('{"id": "x", "task": "SA", "step_scores": [1, 2]}', "line 2: .*only 0 and 1"),
+    ('{"id": "x", "task": "SA", "step_scores": []}', "line 2: .*non-empty list"),
+    ('{"id": "a", "task": "SA", "step_scores": [1]}', "line 2: duplicate id 'a' \\(first on line 1\\)"),
+])
+def test_mme_report_bad_line(tmp_path, line, match):
+  path = tmp_path / "judge.jsonl"
+  path.write_text('{"id": "a", "task": "SA", "step_scores": [1]}\n' + line + "\n")
+  with pytest.raises(ValueError, match=f"judge.jsonl, {match}"):
+    reports.mme_report(path)
+
+
+def test_json_safe():
+  assert reports.json_safe({"a": float("nan"), "b": (np.float32(0.5), math.inf)}) == {"a": None, "b": [0.5, None]}
