@@ -1,0 +1,295 @@
+"""Checkpoints: bit-identical round trip, restore onto mesh shardings, exact data resume, retention, config
+compatibility, a crash before finalisation, preemption signals, and HF export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, SingleDeviceSharding
+
+from merr1_jax import checkpoint, optim, sharding
+from merr1_jax import train_step as ts
+from merr1_jax.data import pipeline, synth
+from merr1_jax.models import base, hf_io, mllm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return mllm.build("tiny", vocab_size=64, video_dim=0, audio_dim=0, d_model=64, mlp_dim=128, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def state(model):
+  """A state with every part non-trivial: moments after one update, a bf16 reference, counters != 0."""
+
+  def make():  # one jit: eager init and update would compile dozens of tiny ops one by one
+    params = model.init_params(jax.random.key(0))
+    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), params)
+    st = ts.init_state(params, tx, with_reference=True, ref_dtype=jnp.bfloat16)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    grads = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    updates, opt_state = tx.update(grads, st.opt_state, params)
+    return st.replace(step=jnp.int32(7), params=jax.tree.map(jnp.add, params, updates), opt_state=opt_state,
+                      nonfinite=jnp.int32(1))
+
+  return jax.jit(make)()
+
+
+def _host(tree):
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _assert_identical(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    assert a.dtype == b.dtype, base.path_str(path)
+    # Bit equality (also for NaN payloads and -0.0): compare the raw bytes.
+    np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8),
+                                  err_msg=base.path_str(path))
+
+
+def _single_device_target(state):
+  return checkpoint.abstract_with_shardings(jax.eval_shape(lambda: state), SingleDeviceSharding(jax.devices()[0]))
+
+
+def test_round_trip_is_bit_identical_even_when_the_state_is_donated_after_save(state, tmp_path):
+  want = _host(state)
+  live = jax.tree.map(jnp.copy, state)
+  rng = jax.random.split(jax.random.key(42))[1]
+  extra = {"stage": "rl", "reward": np.float32(0.5), "hist": jnp.arange(3)}
+  ck = checkpoint.Checkpointer(tmp_path, save_every=100, keep=2)
+  assert ck.save(7, live, rng=rng, extra=extra, force=True)
+  # The trainer donates the state to the next step right after save() returns (the save is still in flight).
+  bump = jax.jit(lambda s: jax.tree.map(lambda x: x + jnp.ones((), x.dtype), s), donate_argnums=0)
+  live = bump(live)
+  ck.wait()
+  got, got_rng, got_extra = ck.restore(None, _single_device_target(state))
+  assert isinstance(got, ts.TrainState) and isinstance(got.params, nnx.State)
+  _assert_identical(got, want)
+  assert got_rng.dtype == rng.dtype
+  np.testing.assert_array_equal(jax.random.key_data(got_rng), jax.random.key_data(rng))
+  assert got_extra == {"stage": "rl", "reward": 0.5, "hist": [0, 1, 2]}
+  assert not np.array_equal(np.asarray(live.params["decoder"]["final_norm"]["scale"]),
+                            want.params["decoder"]["final_norm"]["scale"])  # the donation really changed it
+  ck.close()
+
+
+def test_restore_names_mismatched_leaves(state, tmp_path):
+  ck = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, async_save=False)
+  ck.save(1, state)
+  no_ref = state.replace(ref=None)
+  with pytest.raises(ValueError, match="not in target: ref/decoder/embed/embedding"):
+    ck.restore(1, _single_device_target(no_ref))
+  bad = jax.eval_shape(lambda: state)
+  with pytest.raises(ValueError, match="carries no sharding"):
+    ck.restore(1, bad)  # eval_shape leaves carry no sharding
+  wide = state.replace(step=jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match=r"step: checkpoint \(\) int32, target \(2,\) int32"):
+    ck.restore(1, _single_device_target(wide))
+  with pytest.raises(FileNotFoundError, match="step 5"):
+    ck.restore(5, _single_device_target(state))
+
+
+def test_restore_onto_mesh_shardings(model, state, tmp_path):
+  mesh = sharding.make_mesh((2, 2, 2))
+  abstract = jax.eval_shape(lambda: state)
+  shardings = sharding.state_shardings(abstract, sharding.param_shardings(model, abstract.params, mesh), mesh)
+  target = checkpoint.abstract_with_shardings(abstract, shardings)
+  ck = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1)
+  ck.save(7, state)  # saved from one device, restored across eight
+  got, rng, extra = ck.restore(7, target)
+  assert rng is None and extra == {}
+  _assert_identical(got, _host(state))
+  split = 0
+  for (path, leaf), want in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(shardings)):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), base.path_str(path)
+    split += isinstance(want, NamedSharding) and any(want.spec)
+  assert split > 10  # parameters, moments and reference leaves really were spread over the mesh
+  ck.close()
+
+
+def _batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      if x[k].dtype == object:
+        assert list(x[k]) == list(y[k]), k
+      else:
+        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_data_iterator_resumes_exactly(tmp_path):
+  cfg = synth.SynthConfig(n_train=16, n_validation=4, n_test=4)
+  records = list(synth.generate_split(cfg, "train"))
+  tok = synth.build_tokenizer(cfg, vocab_size=512)
+  pcfg = pipeline.PipelineConfig(kind="rl", batch_size=4, label_vocab=synth.EMOTIONS, video_dim=cfg.video_dim,
+                                 audio_dim=cfg.audio_dim, seed=5)
+  make = lambda: iter(pipeline.build(pipeline.BytesSource(records), tok, pcfg))  # noqa: E731
+  it = make()
+  for _ in range(3):  # 4 batches an epoch: the 6 read after the save cross an epoch boundary
+    next(it)
+  small = {"w": jnp.arange(4.0)}
+  ck = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1)
+  ck.save(3, small, data_iter=it)
+  expected = [next(it) for _ in range(6)]  # read while the save may still be in flight
+  ck.wait()
+  fresh = make()
+  got, _, _ = ck.restore(3, _single_device_target(small), data_iter=fresh)
+  _batches_equal([next(fresh) for _ in range(6)], expected)
+  np.testing.assert_array_equal(got["w"], np.arange(4.0))
+  # A checkpoint without a data position says so instead of silently starting the stream over.
+  ck.save(4, small)
+  with pytest.raises(ValueError, match="no data-iterator position"):
+    ck.restore(4, _single_device_target(small), data_iter=make())
+  ck.close()
+
+
+def test_save_every_keep_and_latest_step(tmp_path):
+  ck = checkpoint.Checkpointer(tmp_path, save_every=2, keep=2)
+  assert ck.latest_step() is None
+  with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+    ck.restore(None, {"w": jax.ShapeDtypeStruct((), jnp.float32, sharding=SingleDeviceSharding(jax.devices()[0]))})
+  saved = [s for s in range(1, 10) if ck.save(s, {"w": jnp.float32(s)})]
+  assert saved == [2, 4, 6, 8] and [s for s in range(10) if ck.should_save(s)] == [0, 2, 4, 6, 8]
+  ck.wait()
+  assert ck.all_steps() == [6, 8] and ck.latest_step() == 8
+  assert ck.save(9, {"w": jnp.float32(9)}, force=True)  # e.g. the preemption save
+  assert not ck.save(9, {"w": jnp.float32(-1)}, force=True)  # already on disk: not rewritten
+  ck.close()
+  reopened = checkpoint.Checkpointer(tmp_path, save_every=2, keep=2)
+  assert reopened.all_steps() == [8, 9]
+  target = {"w": jax.ShapeDtypeStruct((), jnp.float32, sharding=SingleDeviceSharding(jax.devices()[0]))}
+  assert float(reopened.restore(None, target)[0]["w"]) == 9.0
+  assert float(reopened.restore(8, target)[0]["w"]) == 8.0
+  with pytest.raises(ValueError, match="save_every"):
+    checkpoint.Checkpointer(tmp_path / "x", save_every=0, keep=1)
+
+
+def test_incompatible_config_names_the_field(tmp_path):
+  stored = {"model": {"d_model": 64, "heads": [4, 2]}, "rl": {"beta": 0.04}, "workdir": "/a", "log_every": 10}
+  ck = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config_json=json.dumps(stored))
+  ck.save(1, {"w": jnp.zeros(2)})
+  ck.close()
+  now = {"model": {"d_model": 64, "heads": [4, 1]}, "rl": {"beta": 0.1, "clip": 0.2}, "workdir": "/b",
+         "log_every": 5}
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"rl\.beta: stored 0\.04, now 0\.1") as e:
+    checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config_json=json.dumps(now))
+  # workdir and log_every are ignored by default; a new key shows as absent on the stored side.
+  assert e.value.differences == [("model.heads", [4, 2], [4, 1]), ("rl.beta", 0.04, 0.1),
+                                 ("rl.clip", "<absent>", 0.2)]
+  forced = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config_json=json.dumps(now), force=True)
+  assert forced.stored_config() == stored
+  forced.save(2, {"w": jnp.ones(2)})
+  forced.close()
+  # The latest checkpoint now carries the new config: reopening with it is clean.
+  checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config_json=json.dumps(now)).close()
+  assert checkpoint.config_differences(stored, now, ignore_keys=("model", "rl.*", "workdir", "log_every")) == []
+  # Explicit ignore_keys replace the defaults; a bare name matches that component at any depth.
+  keys = [k for k, _, _ in checkpoint.config_differences(stored, now, ignore_keys=("heads",))]
+  assert keys == ["log_every", "rl.beta", "rl.clip", "workdir"]
+  with pytest.raises(ValueError, match="not valid JSON"):
+    checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config_json="{beta: 1")
+
+
+_CRASH = r"""
+import os, sys
+import jax.numpy as jnp
+from orbax.checkpoint._src.path import atomicity
+from merr1_jax import checkpoint
+
+ck = checkpoint.Checkpointer(sys.argv[1], save_every=1, keep=5)
+ck.save(1, {"w": jnp.full((4,), 1.0)})
+ck.wait()
+real = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self, *a, **k):
+  if self._final_path.name == "2":  # every item of step 2 is written; die just before the step's rename
+    os._exit(17)
+  return await real(self, *a, **k)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+ck.save(2, {"w": jnp.full((4,), 2.0)})
+ck.wait()
+os._exit(0)
+"""
+
+
+def test_crash_before_finalisation_leaves_no_complete_looking_checkpoint(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", _CRASH, str(tmp_path)], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 17, proc.stderr[-2000:]
+  tmp_dirs = [n for n in os.listdir(tmp_path) if n.startswith("2") and "tmp" in n]
+  assert tmp_dirs and "2" not in os.listdir(tmp_path)
+  assert os.path.isdir(tmp_path / tmp_dirs[0] / "state")  # the data was there, only the rename was missing
+  ck = checkpoint.Checkpointer(tmp_path, save_every=1, keep=5)
+  assert ck.latest_step() == 1 and ck.all_steps() == [1]
+  target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=SingleDeviceSharding(jax.devices()[0]))}
+  np.testing.assert_array_equal(ck.restore(None, target)[0]["w"], np.full(4, 1.0, np.float32))
+  # The resumed run reaches step 2 again: the save goes through and the leftover is gone (orbax cleans tmp
+  # directories in the background when the manager opens and waits for that before its first save).
+  assert ck.save(2, {"w": jnp.full((4,), 3.0)})
+  ck.wait()
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+  np.testing.assert_array_equal(ck.restore(2, target)[0]["w"], np.full(4, 3.0, np.float32))
+  ck.close()
+
+
+def _wait_for(pred, timeout=2.0):
+  end = time.monotonic() + timeout
+  while not pred() and time.monotonic() < end:
+    time.sleep(0.01)
+  return pred()
+
+
+def test_preemption_guard_sets_the_flag_and_restores_handlers():
+  calls = []
+  sentinel = lambda signum, frame: calls.append(signum)  # noqa: E731
+  prev_term, prev_int = signal.signal(signal.SIGTERM, sentinel), signal.getsignal(signal.SIGINT)
+  try:
+    with checkpoint.PreemptionGuard() as guard:
+      assert not guard.requested
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert _wait_for(lambda: guard.requested)  # still alive: the signal only set the flag
+      assert guard.signal == signal.SIGTERM and guard.any_process_requested()
+      assert signal.getsignal(signal.SIGINT) is prev_int  # SIGINT untouched unless asked for
+    assert signal.getsignal(signal.SIGTERM) is sentinel and not calls
+    os.kill(os.getpid(), signal.SIGTERM)  # the previous handler is live again
+    assert _wait_for(lambda: calls == [signal.SIGTERM])
+    with checkpoint.PreemptionGuard(sigint=True) as guard:
+      os.kill(os.getpid(), signal.SIGINT)
+      assert _wait_for(lambda: guard.requested) and guard.signal == signal.SIGINT
+      with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C is the way out of a stuck save
+        os.kill(os.getpid(), signal.SIGINT)
+        _wait_for(lambda: False, timeout=1.0)
+    assert signal.getsignal(signal.SIGINT) is prev_int
+  finally:
+    signal.signal(signal.SIGTERM, prev_term)
+
+
+def test_export_hf_round_trips_through_load_hf(model, state, tmp_path):
+  out = tmp_path / "hf"
+  files = checkpoint.export_hf(state.params, model.config, out, dtype="float32")
+  assert "config.json" in os.listdir(out) and any(f.endswith(".safetensors") for f in os.listdir(out))
+  assert set(files) <= set(os.listdir(out))
+  loaded, report = hf_io.load_hf(str(out), model)
+  assert report.clean and report.loaded > 0
+  _assert_identical(loaded, _host(state.params))
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    checkpoint.export_hf(state.params, model.config, out, dtype="float32")
+  doubled = jax.tree.map(lambda x: 2 * x, state.params)
+  checkpoint.export_hf(doubled, model.config, out, dtype="float32", overwrite=True)
+  _assert_identical(hf_io.load_hf(str(out), model)[0], _host(doubled))
+  assert sorted(os.listdir(tmp_path)) == ["hf"]  # no tmp / old directories left behind
