@@ -18,6 +18,7 @@ runs after one warm-up run (compilation excluded). Decode runs with no stop id, 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -28,6 +29,14 @@ import numpy as np
 
 from merr1_jax import rollout, sampling
 from merr1_jax.models import base, mllm
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
 
 
 def _prompts(vocab: int, p: int, length: int, seed: int) -> base.ModelInputs:
@@ -115,8 +124,8 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=3)
   args = ap.parse_args(argv)
-  print(f"# {platform.processor() or platform.machine()}, {jax.device_count()} {jax.default_backend()} device(s), "
-        f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+  print(f"# {_cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
+        f"{jax.device_count()} {jax.default_backend()} device(s), jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
   rows = []
   for name in args.presets.split(","):
     model = mllm.build(name)

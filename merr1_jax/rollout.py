@@ -174,12 +174,13 @@ def prepare_prompts(inputs: base.ModelInputs, *, mode: str, vocab_size: int,
   if fast_prefix_ids:
     _check_ids(fast_prefix_ids, vocab_size, "fast_prefix_ids")
     has = _ends_with(tokens, fast_prefix_ids) & mask[:, -1]
+    real = mask.any(1)  # empty rows (eval batch padding) follow the others
     if mode == "slow" and has.any():
       raise ValueError(f"mode='slow' but prompt rows {np.nonzero(has)[0][:8].tolist()} end with the fast prefix")
     if mode == "fast":
-      if has.any() and not has.all():
+      if has.any() and not has[real].all():
         raise ValueError(f"mode='fast': rows {np.nonzero(has)[0][:8].tolist()} already end with the fast prefix and "
-                         f"rows {np.nonzero(~has)[0][:8].tolist()} do not; render the batch in one mode")
+                         f"rows {np.nonzero(real & ~has)[0][:8].tolist()} do not; render the batch in one mode")
       if not has.any():
         inputs = append_fast_prefix(inputs, fast_prefix_ids)
   elif mode == "fast":
@@ -445,7 +446,11 @@ def sample(model, params, inputs: base.ModelInputs, *, mode: str, num_samples: i
     stop_ids = tuple(dict.fromkeys(stop_ids + (eos_id,)))
   if set(stop_ids) & set(ban_ids):
     raise ValueError(f"ids {sorted(set(stop_ids) & set(ban_ids))} are both stop and banned ids")
-  hash(method)  # a static argument: must be a frozen dataclass
+  try:
+    hash(method)
+  except TypeError as e:
+    raise ValueError(f"method {method!r} must be hashable (a frozen sampling.* dataclass): it is a static "
+                     "argument of the compiled loop") from e
   prompt = prepare_prompts(inputs, mode=mode, vocab_size=vocab, fast_prefix_ids=fast_prefix_ids,
                            pad_id=pad_id, buckets=buckets)
   length = prompt.tokens.shape[1]
