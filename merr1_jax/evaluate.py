@@ -88,7 +88,8 @@ def _synth_config(config) -> synth.SynthConfig:
 def load_tokenizer(config, workdir: str | os.PathLike, hf_dir: str | None = None):
   if config.data.tokenizer_dir:
     return toklib.load_hf(config.data.tokenizer_dir)
-  candidates = ([pathlib.Path(hf_dir) / "tokenizer.json"] if hf_dir else []) + [pathlib.Path(workdir) / "tokenizer.json"]
+  dirs = ([pathlib.Path(hf_dir)] if hf_dir else []) + [pathlib.Path(workdir)]
+  candidates = [d / "tokenizer.json" for d in dirs]
   for path in candidates:
     if path.is_file():
       return toklib.load(path)
