@@ -193,10 +193,16 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
 
 
 def _rng_to_json(rng: jax.Array) -> dict[str, Any]:
+  """Exact: the key's uint32 words as JSON integers, plus the impl name to re-wrap them."""
+  rng = jnp.asarray(rng)
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     impl, data = str(jax.random.key_impl(rng)), jax.random.key_data(rng)
   else:  # a raw uint32 key (the legacy jax.random.PRNGKey form)
     impl, data = None, rng
+  if not data.is_fully_addressable:  # a key replicated over hosts: every process holds the whole value
+    if not data.is_fully_replicated:
+      raise ValueError("the rng key to checkpoint is sharded over processes; pass a replicated key")
+    data = data.addressable_data(0)
   data = np.asarray(jax.device_get(data))
   return {"impl": impl, "dtype": data.dtype.name, "data": data.tolist()}
 

@@ -4,6 +4,7 @@ compatibility, a crash before finalisation, preemption signals, and HF export.""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,13 +166,16 @@ def test_save_every_keep_and_latest_step(tmp_path):
   assert saved == [2, 4, 6, 8] and [s for s in range(10) if ck.should_save(s)] == [0, 2, 4, 6, 8]
   ck.wait()
   assert ck.all_steps() == [6, 8] and ck.latest_step() == 8
-  assert ck.save(9, {"w": jnp.float32(9)}, force=True)  # e.g. the preemption save
+  legacy_rng = jax.random.PRNGKey(3)  # raw uint32 key words, no key dtype
+  assert ck.save(9, {"w": jnp.float32(9)}, rng=legacy_rng, force=True)  # e.g. the preemption save
   assert not ck.save(9, {"w": jnp.float32(-1)}, force=True)  # already on disk: not rewritten
   ck.close()
   reopened = checkpoint.Checkpointer(tmp_path, save_every=2, keep=2)
   assert reopened.all_steps() == [8, 9]
   target = {"w": jax.ShapeDtypeStruct((), jnp.float32, sharding=SingleDeviceSharding(jax.devices()[0]))}
-  assert float(reopened.restore(None, target)[0]["w"]) == 9.0
+  state9, rng9, _ = reopened.restore(None, target)
+  assert float(state9["w"]) == 9.0 and rng9.dtype == jnp.uint32
+  np.testing.assert_array_equal(rng9, legacy_rng)
   assert float(reopened.restore(8, target)[0]["w"]) == 8.0
   with pytest.raises(ValueError, match="save_every"):
     checkpoint.Checkpointer(tmp_path / "x", save_every=0, keep=1)
@@ -293,3 +297,69 @@ def test_export_hf_round_trips_through_load_hf(model, state, tmp_path):
   checkpoint.export_hf(doubled, model.config, out, dtype="float32", overwrite=True)
   _assert_identical(hf_io.load_hf(str(out), model)[0], _host(doubled))
   assert sorted(os.listdir(tmp_path)) == ["hf"]  # no tmp / old directories left behind
+
+
+_TWO_PROCESSES = r"""
+import os, signal, sys
+import grain
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+directory, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from merr1_jax import checkpoint
+
+mesh = Mesh(np.asarray(jax.devices()), ("x",))
+host_w = np.arange(24, dtype=np.float32).reshape(8, 3)
+make = lambda x, spec: jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+state = {"w": make(host_w, P("x")), "step": make(np.asarray(5, np.int32), P())}
+data = lambda: iter(grain.MapDataset.range(100 * pid, 100 * pid + 48).shuffle(seed=1).batch(4).to_iter_dataset())
+it = data()
+for _ in range(3):
+  next(it)
+ck = checkpoint.Checkpointer(directory, save_every=5, keep=1)
+assert ck.save(5, state, data_iter=it, rng=jax.random.key(9), extra={"stage": "rl"})
+expected = [next(it) for _ in range(8)]
+ck.wait()
+target = checkpoint.abstract_with_shardings(jax.eval_shape(lambda: state),
+                                            {"w": state["w"].sharding, "step": state["step"].sharding})
+fresh = data()
+got, rng, extra = ck.restore(None, target, data_iter=fresh)
+for shard in got["w"].addressable_shards:  # each process holds (and checks) its own rows
+  np.testing.assert_array_equal(shard.data, host_w[shard.index])
+assert got["w"].sharding == state["w"].sharding and int(got["step"].addressable_data(0)) == 5
+assert extra == {"stage": "rl"} and (jax.random.key_data(rng) == jax.random.key_data(jax.random.key(9))).all()
+for a, b in zip([next(fresh) for _ in range(8)], expected):  # the position of this process's own stream
+  np.testing.assert_array_equal(a, b)
+assert expected[0].min() >= 100 * pid
+ck.close()
+with checkpoint.PreemptionGuard() as guard:
+  if pid == 1:  # only one process is told to stop; both must see it
+    os.kill(os.getpid(), signal.SIGTERM)
+    while not guard.requested:
+      pass
+  assert guard.any_process_requested()
+  assert guard.requested == (pid == 1)
+print("ok", pid)
+"""
+
+
+def test_two_processes_save_and_restore_their_shards_and_streams(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=ROOT)
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(tmp_path / "ck"), str(port), str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+  finally:
+    for p in procs:  # one failing process leaves the other waiting at a barrier
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0 and f"ok {i}" in out, out[-3000:]
+  # One data-position file per process, under the same step.
+  files = [n for n in os.listdir(tmp_path / "ck" / "5" / "data") if n.endswith(".json")]
+  assert sorted(files) == ["process_0-of-2.json", "process_1-of-2.json"]
