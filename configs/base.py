@@ -152,6 +152,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2
   c.checkpoint.async_save = True
   c.checkpoint.export_hf = True  # write the final policy as HF safetensors to WORKDIR/export
+  c.checkpoint.export_dtype = "bfloat16"  # 'bfloat16' (serving) | 'float32' (bit-exact copies)
 
   # ------------------------------------------------------------------------------------------- logging
   c.log = ml_collections.ConfigDict()

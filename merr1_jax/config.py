@@ -98,7 +98,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   need(config.data.on_bad_record in ("raise", "skip"), "data.on_bad_record", "expected 'raise' or 'skip'")
   need(config.data.eval_split in ("train", "validation", "test"), "data.eval_split", "train|validation|test")
   if config.data.name == "mer_features":
-    need(pathlib.Path(config.data.records_dir).is_dir(), "data.records_dir",
+    need(bool(config.data.records_dir) and pathlib.Path(config.data.records_dir).is_dir(), "data.records_dir",
          f"{config.data.records_dir!r} is not a directory of preprocessed records")
   r = config.rl
   for f in ("steps", "prompts_per_step", "max_new_tokens_slow", "max_new_tokens_fast", "micro_batches",

@@ -102,9 +102,15 @@ class Run:
   # ------------------------------------------------------------------------------------ checkpoints
   def checkpointer(self, stage: str) -> checkpoint.Checkpointer:
     c = self.config.checkpoint
+    # Fields that do not change what a stage's checkpoint means: where/how output is written, evaluation, the
+    # resume policy itself, and (for SFT) everything about the later RL stage.
+    ignore = set(checkpoint.DEFAULT_IGNORE_KEYS) | {"workdir", "resume", "log", "eval", "checkpoint",
+                                                    "data.worker_count", "data.data_dir", "mesh.coordinator"}
+    if stage == "sft":
+      ignore |= {"rl", "stages"}
     return checkpoint.Checkpointer(self.workdir / "checkpoints" / stage, save_every=c.every, keep=c.keep,
                                    async_save=c.async_save, config_json=cfglib.to_json(self.config),
-                                   force=self.config.resume == "force")
+                                   force=self.config.resume == "force", ignore_keys=frozenset(ignore))
 
   def stage_done(self, stage: str) -> bool:
     """A stage is done when its final checkpoint and its evaluation exist."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 
 import jax
@@ -48,6 +49,14 @@ def _eval(run: Run, params, stage: str, step: int) -> dict:
   return summary
 
 
+def _fault_injection(ckpt, stage: str, step: int) -> None:
+  """Test hook (docs/reliability.md): MERR1_SIGKILL_AT=<stage>:<step> kills the process with SIGKILL right
+  after that step's checkpoint is on disk, as a crash or a hard preemption would."""
+  if os.environ.get("MERR1_SIGKILL_AT") == f"{stage}:{step}":
+    ckpt.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt, guard) -> tuple[object, bool]:
   """Runs `step_fn(state, batch, step) -> (state, metrics)` until `steps`; returns (state, preempted)."""
   start = int(state.step)
@@ -66,6 +75,7 @@ def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt,
     bar.set_postfix({k: f"{float(metrics[k]):.3f}" for k in ("loss", "reward/slow/f1") if k in metrics})
     if ckpt.should_save(step) or step == steps or guard.requested:
       ckpt.save(step, state, data_iter=batches, extra={"stage": stage}, force=True)
+      _fault_injection(ckpt, stage, step)
     if stage == "rl" and run.config.eval.every and step % run.config.eval.every == 0 and step < steps:
       _eval(run, state.params, f"rl_step{step}", step)
     if guard.requested:
@@ -185,7 +195,8 @@ def train(config, workdir: str) -> dict:
   if config.log.plots and jax.process_index() == 0:
     observe.plot_curves(run.workdir)
   if config.checkpoint.export_hf:
-    checkpoint.export_hf(params, run.model.config, run.workdir / "export")
+    checkpoint.export_hf(params, run.model.config, run.workdir / "export", overwrite=True,
+                         dtype=config.checkpoint.export_dtype)
   run.close()
   return results
 
