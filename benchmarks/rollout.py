@@ -7,8 +7,9 @@
       most favourable case for the Python loop) and once with the per-step `all(done)` check that an
       early-stopping Python loop needs.
 
-Random weights, random prompt tokens, float32, one CPU device. Every figure is the median over --repeats timed
-runs after one warm-up run (compilation excluded). Decode runs with no stop id, so every row generates exactly
+Random weights, random prompt tokens, float32, one CPU device. Every time is the median over --repeats timed
+runs after one warm-up run (compilation excluded); the variants run interleaved and each ratio is the median of
+the per-repeat ratios, so load from other processes on a shared machine moves both sides of a ratio alike. Decode runs with no stop id, so every row generates exactly
 --new_tokens tokens and both loops do the same work.
 
   python benchmarks/rollout.py [--presets tiny,small_20m] [--prompt_len 512] [--group 8] [--prompts 2]
@@ -45,29 +46,36 @@ def _prompts(vocab: int, p: int, length: int, seed: int) -> base.ModelInputs:
   return base.ModelInputs(tokens=jnp.asarray(toks), positions=jnp.asarray(pos), mask=jnp.ones((p, length), bool))
 
 
-def _median_time(fn, repeats: int, setup=lambda: ()) -> float:
-  """Median wall time of fn(*setup()) over `repeats` runs after one warm-up; setup is not timed."""
-  jax.block_until_ready(fn(*setup()))
-  times = []
+def _paired_times(fns: dict, repeats: int, setup=lambda: ()) -> dict:
+  """Median wall time of each fn(*setup()) after one warm-up each (setup untimed), and the median of the
+  per-repeat ratios to the first fn. The fns run interleaved in every repeat, so a load change on a shared
+  machine hits them alike and the ratios stay meaningful even when the absolute times drift."""
+  for fn in fns.values():
+    jax.block_until_ready(fn(*setup()))
+  times = {k: [] for k in fns}
   for _ in range(repeats):
-    args = jax.block_until_ready(setup())
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for k, fn in fns.items():
+      args = jax.block_until_ready(setup())
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[k].append(time.perf_counter() - t)
+  first = next(iter(fns))
+  return {k: dict(s=statistics.median(v), ratio=statistics.median(a / b for a, b in zip(v, times[first])))
+          for k, v in times.items()}
 
 
 def bench_prefill(model, params, *, p: int, length: int, group: int, new_tokens: int, repeats: int) -> dict:
   prompt = _prompts(model.config.vocab_size, p, length, seed=0)
   repeated = jax.tree.map(lambda a: jnp.repeat(a, group, axis=0), prompt)
   s = length + new_tokens
-  shared_t = _median_time(lambda: rollout.prefill(model, group, s, None, params, prompt), repeats)
-  repeated_t = _median_time(lambda: rollout.prefill(model, 1, s, None, params, repeated), repeats)
+  t = _paired_times({"shared": lambda: rollout.prefill(model, group, s, None, params, prompt),
+                      "repeated": lambda: rollout.prefill(model, 1, s, None, params, repeated)}, repeats)
+  shared_t, repeated_t = t["shared"]["s"], t["repeated"]["s"]
   # Sanity: both give the G rows the same next-token logits.
   a = rollout.prefill(model, group, s, None, params, prompt)[1]
   b = rollout.prefill(model, 1, s, None, params, repeated)[1]
   err = float(jnp.max(jnp.abs(a - b)))
-  return dict(shared_s=shared_t, repeated_s=repeated_t, speedup=repeated_t / shared_t, max_logit_diff=err,
+  return dict(shared_s=shared_t, repeated_s=repeated_t, speedup=t["repeated"]["ratio"], max_logit_diff=err,
               shared_tok_s=p * length / shared_t, repeated_tok_s=p * group * length / repeated_t)
 
 
@@ -104,13 +112,12 @@ def bench_decode(model, params, *, p: int, group: int, length: int, new_tokens: 
     return s.tokens
 
   same = bool(jnp.all(whole(*fresh()) == python_loop(*fresh())))
-  whole_t = _median_time(whole, repeats, fresh)
-  loop_t = _median_time(python_loop, repeats, fresh)
-  sync_t = _median_time(python_loop_early_stop, repeats, fresh)
+  t = _paired_times({"whole": whole, "loop": python_loop, "sync": python_loop_early_stop}, repeats, fresh)
   b = p * group
-  return dict(rows=b, whole_s=whole_t, loop_s=loop_t, sync_s=sync_t, speedup=loop_t / whole_t,
-              speedup_sync=sync_t / whole_t, same_tokens=same, whole_tok_s=b * new_tokens / whole_t,
-              loop_tok_s=b * new_tokens / loop_t, sync_tok_s=b * new_tokens / sync_t)
+  tok_s = {k: b * new_tokens / v["s"] for k, v in t.items()}
+  return dict(rows=b, whole_s=t["whole"]["s"], loop_s=t["loop"]["s"], sync_s=t["sync"]["s"],
+              speedup=t["loop"]["ratio"], speedup_sync=t["sync"]["ratio"], same_tokens=same,
+              whole_tok_s=tok_s["whole"], loop_tok_s=tok_s["loop"], sync_tok_s=tok_s["sync"])
 
 
 def main(argv=None) -> list[dict]:
@@ -122,7 +129,7 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--decode_prompts", type=int, default=2)
   ap.add_argument("--decode_prompt_len", type=int, default=64)
   ap.add_argument("--new_tokens", type=int, default=64)
-  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--repeats", type=int, default=5)
   args = ap.parse_args(argv)
   print(f"# {_cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
         f"{jax.device_count()} {jax.default_backend()} device(s), jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")

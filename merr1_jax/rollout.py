@@ -251,13 +251,16 @@ class Layout:
     return base.ModelInputs(**{f.name: put(f.name, getattr(inputs, f.name)) for f in dataclasses.fields(inputs)})
 
   def constrain(self, tree):
-    """Batch-major leaves sharded on axis 0; a KVCache's k/v also over kv heads (axis 3)."""
-    if isinstance(tree, base.KVCache):
-      kv = lambda a: jax.lax.with_sharding_constraint(a, self.sharding(a.ndim, 0, 3))
-      return tree.replace(k=kv(tree.k), v=kv(tree.v), valid=self.constrain(tree.valid),
-                          index=self.constrain(tree.index))
-    # Scalars (the loop counter) stay replicated.
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self.sharding(a.ndim)) if a.ndim else a, tree)
+    """Batch-major leaves sharded on axis 0, a KVCache's k/v also over kv heads (axis 3); scalars replicated."""
+    batch = lambda a: jax.lax.with_sharding_constraint(a, self.sharding(a.ndim)) if a.ndim else a  # noqa: E731
+
+    def one(x):
+      if isinstance(x, base.KVCache):
+        kv = lambda a: jax.lax.with_sharding_constraint(a, self.sharding(a.ndim, 0, 3))  # noqa: E731
+        return x.replace(k=kv(x.k), v=kv(x.v), valid=batch(x.valid), index=batch(x.index))
+      return batch(x)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, base.KVCache))
 
 
 def _constrain(layout: Layout | None, tree):

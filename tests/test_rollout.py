@@ -413,6 +413,10 @@ def test_sharded_equals_unsharded(tok, text_model):
   got = _sample(model, sharded, inputs, mesh=mesh, axis_rules=rules, **kw)
   np.testing.assert_array_equal(got.completion, ref.completion)
   np.testing.assert_allclose(got.logp, ref.logp, atol=1e-4)  # sharded reductions sum in another order
-  assert tuple(got.completion.sharding.spec)[0] == ("data", "fsdp")  # batch stayed split, nothing went to one device
+  spec = lambda a: tuple(a.sharding.spec) + (None,) * (a.ndim - len(a.sharding.spec))  # noqa: E731
+  assert spec(got.completion)[0] == ("data", "fsdp")  # the batch stayed split, nothing went to one device
+  layout = rollout.Layout.make(mesh, rules)
+  cache, logits, _ = rollout.prefill(model, 2, 40, layout, sharded, got.prompt)
+  assert spec(cache.k) == (("data", "fsdp"), None, None, "tensor", None) and spec(logits)[0] == ("data", "fsdp")
   s_ref, s_got = rollout.score(model, params, ref), rollout.score(model, sharded, got, mesh=mesh, axis_rules=rules)
   np.testing.assert_allclose(s_got.logp, s_ref.logp, atol=1e-4)
