@@ -51,7 +51,7 @@ def _model(preset: str) -> ml_collections.ConfigDict:
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 96, 2, 4, 2, 24, 256
     m.video_dim = m.audio_dim = 32  # MER-Synth feature widths
     m.max_seq_len = 256
-  m.hf_checkpoint = ""  # a local HF directory (safetensors) to start from; "" = random init (embedded default)
+  m.hf_path = ""  # a local HF directory (safetensors) to start from; "" = random init (embedded default)
   return m
 
 
@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.workdir = ""  # set with --workdir; checkpoints, logs, plots and results go here
   c.resume = "auto"  # 'auto': continue from the workdir's latest checkpoint; 'force': even if the config
   #                    differs; 'never': refuse a workdir that holds checkpoints
-  c.stages = ("sft", "rl")  # the recipe (method.md "Training recipe"); ("rl",) starts RL from hf_checkpoint
+  c.stages = ("sft", "rl")  # the recipe (method.md "Training recipe"); ("rl",) starts RL from hf_path
 
   c.model = _model(choice["model"])
 

@@ -45,7 +45,7 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
                  video_token_id: int | None = None, audio_token_id: int | None = None) -> ModelConfig:
   """The ModelConfig of `config.model`, with the tokenizer-derived fields (-1 in the config) filled in."""
   m = config.model
-  fields = {k: v for k, v in m.to_dict().items() if k not in ("preset", "hf_checkpoint")}
+  fields = {k: v for k, v in m.to_dict().items() if k not in ("preset", "hf_path")}
   fields["mrope_section"] = tuple(fields["mrope_section"]) or None
   for key, value in (("vocab_size", vocab_size), ("video_token_id", video_token_id),
                      ("audio_token_id", audio_token_id)):

@@ -153,7 +153,7 @@ def _model_differences(stored: dict | None, config) -> list[str]:
   old = stored["model"]
   norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON turns tuples into lists)
   return [f"model.{k}: checkpoint {old.get(k, '<absent>')!r}, config {now.get(k, '<absent>')!r}"
-          for k in sorted(set(old) | set(now)) if k != "hf_checkpoint" and norm(old.get(k)) != norm(now.get(k))]
+          for k in sorted(set(old) | set(now)) if k != "hf_path" and norm(old.get(k)) != norm(now.get(k))]
 
 
 def load_policy(config, workdir, checkpoint: str | None):

@@ -137,7 +137,7 @@ class Run:
 
   def initial_params(self):
     """Random init (the embedded default) or an HF checkpoint, placed on the parameter shardings."""
-    path = self.config.model.hf_checkpoint
+    path = self.config.model.hf_path
     if path:
       abstract = self.model.abstract_params()
       params, report = hf_io.load_hf(path, self.model, shardings=self.param_shardings(abstract))
