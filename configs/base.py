@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ------------------------------------------------------------------------------------------------ rl
   c.rl = ml_collections.ConfigDict()
-  c.rl.steps = 60
+  c.rl.steps = 120  # 960 prompts x 8 rollouts; fits the 10-minute CPU budget with SFT and two evaluations
   c.rl.prompts_per_step = 8  # P; the batch is P * (n_slow + n_fast) completions
   c.rl.n_slow = 4  # slow samples per prompt (method.md defaults 4 + 4)
   c.rl.n_fast = 4  # fast samples per prompt
@@ -110,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.dual_clip = 0.0  # > 1 enables dual-clip PPO; 0 = off
   c.rl.aggregation = "token_mean"  # 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum_norm'
   c.rl.entropy_coef = 0.0
-  c.rl.learning_rate = 1e-3
+  c.rl.learning_rate = 3e-4  # tiny model; 1e-3 made the KL spike past 2 (docs/benchmarks.md, tuning)
   c.rl.warmup_steps = 0
   c.rl.micro_batches = 1
   c.rl.disentangle = True  # DOD (method.md E2); False = the coupled R1-Omni baseline
