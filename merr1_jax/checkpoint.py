@@ -408,8 +408,10 @@ class PreemptionGuard:
 def export_hf(params: Any, model_config: Any, out_dir: str | os.PathLike, *, overwrite: bool = False,
               **kw: Any) -> list[str]:
   """Writes the policy as a HF checkpoint (``models.hf_io.save_hf``; kw: dtype, layout, hf_config,
-  max_shard_bytes). Every process calls it: arrays sharded over hosts are gathered, process 0 writes into a
-  tmp directory renamed to `out_dir` at the end (a crash never leaves a half export under the final name).
+  max_shard_bytes, copy_from; ``hf_io.export_kwargs(config.model.hf_path)`` gives layout and copy_from for a
+  run that started from an Omni checkpoint, so that the export carries its towers). Every process calls it:
+  arrays sharded over hosts are gathered, process 0 writes into a tmp directory renamed to `out_dir` at the
+  end (a crash never leaves a half export under the final name).
   Returns the file names (empty on other processes)."""
   from merr1_jax.models import hf_io
   out_dir = os.path.abspath(os.fspath(out_dir))

@@ -13,7 +13,11 @@ Import (`load_hf`):
   * Then shard by shard, tensor by tensor: memmap view -> transpose/reshape -> cast to param dtype ->
     straight onto its target sharding (per-device slices via make_array_from_callback). Per-layer tensors
     go into their stacked parameter with a donated in-place update, so host memory holds one tensor.
-Export (`save_hf`): safetensors shards + index + config.json that transformers / vLLM load.
+Export (`save_hf`): safetensors shards + index + config.json that transformers / vLLM load. With
+  `copy_from=SRC` (layout 'omni_thinker') every SRC tensor that is not a thinker-LM weight (audio/vision towers,
+  talker, token2wav) is streamed through byte for byte, SRC's config / tokenizer / preprocessor files are
+  copied, and our LM weights go under SRC's own thinker prefix: the result is a complete Qwen2.5-Omni
+  (thinker) checkpoint. `export_kwargs(hf_path)` picks the layout a run that started from `hf_path` exports in.
 
 HF layout (per layer i): q_proj.weight [H*Dh, D], o_proj.weight [D, H*Dh], gate/up [F, D], down [D, F].
 """
@@ -23,8 +27,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -40,6 +46,7 @@ _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _LM_PREFIXES = ("thinker.model.", "model.", "")
 _HEAD_KEYS = ("thinker.lm_head.weight", "lm_head.weight")
 P = "decoder/"
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -379,21 +386,34 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
 
 def save_hf(params: Any, cfg: ModelConfig, out_dir: str, *, dtype: str = "bfloat16",
             layout: str = "qwen2", hf_config: dict[str, Any] | None = None,
-            max_shard_bytes: int = 4 * 1024 ** 3) -> list[str]:
+            max_shard_bytes: int = 4 * 1024 ** 3, copy_from: str | None = None) -> list[str]:
   """Writes the decoder as HF safetensors (+ index when sharded) and config.json; returns the file names.
 
   layout 'qwen2': `model.` / `lm_head.` keys and a Qwen2ForCausalLM config (transformers, vLLM).
   layout 'omni_thinker': `thinker.model.` / `thinker.lm_head.` keys, to drop into a Qwen2.5-Omni checkpoint
   in place of its thinker LM; `hf_config` (that checkpoint's config.json) is written as config.json.
+  copy_from (layout 'omni_thinker' only): a local Qwen2.5-Omni or Omni-thinker checkpoint directory (usually
+  the run's model.hf_path). Its non-LM tensors are copied unchanged (dtype and bytes), its LM tensors are
+  replaced by ours under the same prefix (`thinker.model.` in a full Omni checkpoint, `model.` in a
+  thinker-only one), and its other top-level files (config.json unless `hf_config` is given, tokenizer,
+  preprocessor and generation configs) are copied. Pickled files there are not copied (logged).
   Projector weights are not exported (HF models have their own towers and mergers). Arrays must be
   addressable from this process (call from process 0 after gathering in multi-host runs).
   """
   if layout not in ("qwen2", "omni_thinker"):
     raise ValueError(f"layout must be 'qwen2' or 'omni_thinker', got {layout!r}")
-  if layout == "omni_thinker" and hf_config is None:
-    raise ValueError("layout='omni_thinker' needs hf_config (the Omni checkpoint's config.json dict)")
-  np_dtype = np.dtype(safetensors_io.DTYPES[{"bfloat16": "BF16", "float32": "F32", "float16": "F16"}[dtype]])
-  prefix = "model." if layout == "qwen2" else "thinker.model."
+  if copy_from is not None and layout != "omni_thinker":
+    raise ValueError(f"copy_from needs layout='omni_thinker' (got {layout!r}): a Qwen2ForCausalLM export has "
+                     "no place for the towers")
+  if layout == "omni_thinker" and hf_config is None and copy_from is None:
+    raise ValueError("layout='omni_thinker' needs hf_config (the Omni checkpoint's config.json dict) or copy_from")
+  if dtype not in _EXPORT_DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(_EXPORT_DTYPES)}, got {dtype!r}")
+  np_dtype = np.dtype(safetensors_io.DTYPES[_EXPORT_DTYPES[dtype]])
+  if copy_from is not None and os.path.realpath(copy_from) == os.path.realpath(out_dir):
+    raise ValueError(f"copy_from and out_dir are the same directory ({out_dir}); export elsewhere")
+  source = _CopySource.open(copy_from, cfg) if copy_from is not None else None
+  prefix = "model." if layout == "qwen2" else (source.prefix + "model." if source else "thinker.model.")
   flat = {base.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   layer_map = _layer_map(cfg)
 
@@ -408,10 +428,12 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str, *, dtype: str = "bfloat
       thunk = lambda arr=arr, tgt=tgt: tgt.inverse(np.asarray(jax.device_get(arr[tgt.layer]), np.float32))
       shape = tgt.inverse(np.empty(arr.shape[1:], np.bool_)).shape
     tensors.append((key, shape, np_dtype, thunk))
+  if source is not None:
+    tensors += source.tensors
 
   shards, size = [[]], 0
   for t in tensors:
-    nbytes = int(np.prod(t[1])) * np_dtype.itemsize
+    nbytes = int(np.prod(t[1])) * np.dtype(t[2]).itemsize
     if shards[-1] and size + nbytes > max_shard_bytes:
       shards.append([])
       size = 0
@@ -424,12 +446,104 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str, *, dtype: str = "bfloat
     safetensors_io.write(os.path.join(out_dir, name), shard, metadata={"format": "pt"})
   written = list(names)
   if len(shards) > 1:
-    index = {"metadata": {"total_size": sum(int(np.prod(t[1])) * np_dtype.itemsize for t in tensors)},
+    index = {"metadata": {"total_size": sum(int(np.prod(t[1])) * np.dtype(t[2]).itemsize for t in tensors)},
              "weight_map": {t[0]: n for n, shard in zip(names, shards) for t in shard}}
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
       json.dump(index, f, indent=2)
     written.append("model.safetensors.index.json")
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config if layout == "omni_thinker" else hf_config_dict(cfg, dtype), f, indent=2)
-  written.append("config.json")
+  if source is not None:
+    written += source.copy_files(out_dir, skip=set(written) | ({"config.json"} if hf_config is not None else set()))
+  if source is None or hf_config is not None:
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      json.dump(hf_config if layout == "omni_thinker" else hf_config_dict(cfg, dtype), f, indent=2)
+    written.append("config.json")
   return written
+
+
+_EXPORT_DTYPES = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}
+# Non-tensor files of a HF checkpoint that an export does not copy: weights are written anew.
+_WEIGHT_FILE = re.compile(r"\.safetensors$|\.safetensors\.index\.json$")
+
+
+@dataclasses.dataclass
+class _CopySource:
+  """The pass-through part of a `copy_from` checkpoint: its non-LM tensors (as streaming thunks over memmap
+  views, so that host memory holds one tensor at a time), its LM prefix and its other files."""
+
+  root: str
+  prefix: str  # '' (thinker-only checkpoint) or 'thinker.' (full Omni checkpoint)
+  tensors: list[tuple[str, tuple[int, ...], Any, Callable[[], np.ndarray]]]
+
+  @classmethod
+  def open(cls, path: str, cfg: ModelConfig) -> "_CopySource":
+    if not os.path.isdir(path):
+      raise ValueError(f"copy_from={path!r}: expected a local HF checkpoint directory")
+    files, config_json = _resolve_files(path)
+    if config_json is None:
+      raise ValueError(f"copy_from={path!r}: no config.json (needed to check the model and to copy it)")
+    with open(config_json) as f:
+      check_config(cfg, json.load(f), config_json)
+    layer_map = _layer_map(cfg)
+    lm_keys, lm_unknown, tensors = [], [], []
+    for file in files:
+      header, get = safetensors_io.open_tensors(file)
+      for key, info in header.items():
+        tgt = _classify(key, cfg, layer_map)
+        if isinstance(tgt, _Target):
+          lm_keys.append(key)  # replaced by ours
+        elif tgt is None and _looks_like_lm(key):
+          if not key.endswith("rotary_emb.inv_freq"):  # a recomputed buffer some old checkpoints carry
+            lm_unknown.append(f"{key} ({os.path.basename(file)})")
+        else:
+          dtype = np.dtype(safetensors_io.DTYPES[info["dtype"]])
+          tensors.append((key, tuple(info["shape"]), dtype, functools.partial(get, key)))
+    if lm_unknown:
+      # Copying them would mix the source's LM with ours (e.g. biases our model does not have).
+      raise ValueError(f"copy_from={path!r}: LM tensors the model does not map: {', '.join(lm_unknown[:20])}")
+    prefixes = {"thinker." if k.startswith("thinker.") else "" for k in lm_keys}
+    if len(prefixes) > 1:
+      raise ValueError(f"copy_from={path!r}: LM weights under both 'thinker.' and bare prefixes")
+    if prefixes:
+      prefix = prefixes.pop()
+    else:  # a towers-only directory: follow the config's kind
+      with open(config_json) as f:
+        prefix = "thinker." if "thinker_config" in json.load(f) else ""
+    return cls(root=path, prefix=prefix, tensors=tensors)
+
+  def copy_files(self, out_dir: str, skip: set[str]) -> list[str]:
+    copied, refused = [], []
+    for name in sorted(os.listdir(self.root)):
+      src = os.path.join(self.root, name)
+      if not os.path.isfile(src) or name in skip or _WEIGHT_FILE.search(name):
+        continue
+      if name.endswith(_PICKLE_SUFFIXES):
+        refused.append(name)
+        continue
+      shutil.copyfile(src, os.path.join(out_dir, name))
+      copied.append(name)
+    if refused:
+      _log.warning("copy_from %s: pickled files not copied: %s (copy them yourself if you need them)",
+                   self.root, ", ".join(refused))
+    return copied
+
+
+def _looks_like_lm(key: str) -> bool:
+  bare = key[len("thinker."):] if key.startswith("thinker.") else key
+  return bare.startswith(("model.", "lm_head."))
+
+
+def export_kwargs(hf_path: str) -> dict[str, Any]:
+  """save_hf / checkpoint.export_hf keyword arguments for a run that started from `hf_path`.
+
+  A Qwen2.5-Omni (or Omni-thinker) checkpoint exports back to its own layout with its towers copied through
+  (layout='omni_thinker', copy_from=hf_path); anything else (no hf_path, a Qwen2 causal LM) as Qwen2ForCausalLM.
+  """
+  if not hf_path:
+    return {}
+  _, config_json = _resolve_files(hf_path)
+  if config_json is None:
+    return {}
+  with open(config_json) as f:
+    hf = json.load(f)
+  omni = str(hf.get("model_type", "")).startswith("qwen2_5_omni") or "thinker_config" in hf
+  return {"layout": "omni_thinker", "copy_from": os.path.dirname(config_json)} if omni else {}
