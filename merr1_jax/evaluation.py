@@ -111,6 +111,37 @@ class DatasetResult:
   samples: list  # one dict per (example, mode, sample)
   settings: dict  # EvalSettings.describe()
   n_examples: int
+  analysis: dict = dataclasses.field(default_factory=dict)  # fast_vs_slow(...) when both modes ran
+
+
+def fast_vs_slow(samples: Sequence[dict]) -> dict:
+  """The paper's starting analysis: slow minus fast per-sample precision and recall, paired by example.
+
+  Per example, each mode's scores are averaged over its samples; the difference d_i = slow_i - fast_i is then
+  summarised by its mean, standard error, a normal 95% interval and the paired effect size d_z = mean / sd.
+  Positive precision and negative recall differences are the "slow is more precise, fast recalls more" pattern.
+  Examples with an undefined score (no GT cluster) are left out and counted.
+  """
+  per: dict[str, dict[str, list]] = {}
+  for r in samples:
+    per.setdefault(r["id"], {}).setdefault(r["mode"], []).append(r)
+  out = {}
+  for key in ("precision", "recall"):
+    diffs, skipped = [], 0
+    for modes in per.values():
+      vals = {m: [x[key] for x in modes.get(m, []) if x[key] is not None] for m in ("slow", "fast")}
+      if not vals["slow"] or not vals["fast"]:
+        skipped += 1
+        continue
+      diffs.append(float(np.mean(vals["slow"]) - np.mean(vals["fast"])))
+    n = len(diffs)
+    mean = float(np.mean(diffs)) if n else None
+    sd = float(np.std(diffs, ddof=1)) if n > 1 else None
+    se = sd / math.sqrt(n) if sd is not None else None
+    out[key] = {"slow_minus_fast": mean, "stderr": se, "n": n, "n_skipped": skipped,
+                "ci95": None if se is None else [mean - 1.96 * se, mean + 1.96 * se],
+                "effect_size_dz": None if not sd else mean / sd}
+  return out
 
 
 # ------------------------------------------------------------------------------------------- host helpers
@@ -356,9 +387,10 @@ def evaluate_dataset(model, params, tokenizer, batches: Iterable[Mapping[str, np
   if not n_examples:
     raise ValueError(f"dataset {dataset!r}: the eval split has no examples (every batch was empty or padding)")
   summary = {m: summarize(metric, records[m], settings) for m in settings.modes}
-  return DatasetResult(dataset=dataset, metric=metric, summary=summary,
-                       samples=[r for m in settings.modes for r in records[m]], settings=settings.describe(),
-                       n_examples=n_examples)
+  samples = [r for m in settings.modes for r in records[m]]
+  analysis = {"fast_vs_slow": fast_vs_slow(samples)} if set(settings.modes) >= {"fast", "slow"} else {}
+  return DatasetResult(dataset=dataset, metric=metric, summary=summary, samples=samples,
+                       settings=settings.describe(), n_examples=n_examples, analysis=analysis)
 
 
 _VADER: dict[str, emotion.VaderSentimentMapper] = {}

@@ -18,6 +18,7 @@ the longer mode), K wheels, C clusters, A anchors.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Mapping
 
 import jax
@@ -203,19 +204,25 @@ def collect(ctx: Context, settings: RLSettings, params, ref_params, batch: Mappi
   mode_of_row = np.empty(b, object)
   texts = np.empty(b, object)
   parts, ros = {}, {}
+  t_roll = t_score = 0.0
   for i, mode in enumerate(settings.modes):
+    t0 = time.perf_counter()
     ro = rollout.sample(ctx.model, params, inputs, mode=mode, num_samples=settings.n(mode),
                         max_new_tokens=settings.max_new_tokens[mode], method=settings.method,
                         rng=jax.random.fold_in(rng, i), mesh=ctx.mesh, axis_rules=ctx.axis_rules,
                         buckets=settings.prompt_buckets,
                         **ctx.ids.sample_kwargs(mode))
     ros[mode] = ro
+    texts[order[mode]] = rollout.completion_texts(ctx.tokenizer, ro)  # waits for the decode loop
+    t1 = time.perf_counter()
+    t_roll += t1 - t0
     ref = None
     if settings.with_reference:
       ref = rollout.score(ctx.model, ref_params, ro, mesh=ctx.mesh, axis_rules=ctx.axis_rules).logp
     parts[mode] = _full_sequences(ro, None if ref is None else np.asarray(ref))
-    texts[order[mode]] = rollout.completion_texts(ctx.tokenizer, ro)
     mode_of_row[order[mode]] = mode
+    t_score += time.perf_counter() - t1
+  t1 = time.perf_counter()
   prompt_of_row = np.arange(b) // (settings.n_slow + settings.n_fast)
   gts = [gt_words[p] for p in prompt_of_row]
   scored = rewards.score_completions(list(texts), list(mode_of_row), gts, ctx.space)
@@ -243,6 +250,8 @@ def collect(ctx: Context, settings: RLSettings, params, ref_params, batch: Mappi
       ref_logp=seq.get("ref_logp"),
   )
   metrics = _metrics(settings, ros, rewards_BxO, scored, mode_of_row, adv, order)
+  metrics["time/rollout"] = t_roll
+  metrics["time/scoring"] = t_score + time.perf_counter() - t1  # reference, rewards, calibration, advantages
   return rl_batch, metrics, {"text": list(texts), "mode": list(mode_of_row), "reward": rewards_BxO.tolist()}
 
 

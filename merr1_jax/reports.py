@@ -73,7 +73,8 @@ def benchmark_means(results: Mapping[str, evaluation.DatasetResult]) -> dict[str
 
 def _report_json(results, meta: dict) -> dict:
   datasets = {name: {"metric": r.metric, "headline": evaluation.HEADLINE[r.metric], "n_examples": r.n_examples,
-                     "settings": r.settings, "summary": r.summary} for name, r in results.items()}
+                     "settings": r.settings, "summary": r.summary, "analysis": r.analysis}
+              for name, r in results.items()}
   return json_safe({"meta": meta, "datasets": datasets, "mean": benchmark_means(results)})
 
 
@@ -111,6 +112,16 @@ def _report_md(results, meta: dict) -> str:
                    f"{_pct(s['truncated_rate'])} | {_num(s['mean_num_emotions'])} | {dist(s['answer_tokens'])} | "
                    f"{dist(s['think_tokens'])} | {_num(s['confidence_mean'], '{:.3f}')} | "
                    f"{_num(s['ece'], '{:.3f}')} |")
+  gaps = [(n, results[n].analysis["fast_vs_slow"]) for n in names if "fast_vs_slow" in results[n].analysis]
+  if gaps:
+    lines += ["", "## Fast vs slow (slow minus fast, paired per example, points)", "",
+              "| dataset | precision diff [95% CI] | d_z | recall diff [95% CI] | d_z | n |", "|---|---|---|---|---|---|"]
+    for n, g in gaps:
+      cell = lambda d: ("n/a" if d["slow_minus_fast"] is None else
+                        f"{100 * d['slow_minus_fast']:+.2f}" + ("" if d["ci95"] is None else
+                        f" [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"))
+      lines.append(f"| {n} | {cell(g['precision'])} | {_num(g['precision']['effect_size_dz'])} | "
+                   f"{cell(g['recall'])} | {_num(g['recall']['effect_size_dz'])} | {g['precision']['n']} |")
   return "\n".join(lines) + "\n"
 
 
