@@ -1,0 +1,392 @@
+"""Offline preprocessing: labelled clips -> feature records (`{output_dir}/{split}/{name}.rec`) -> TFDS.
+
+    python -m merr1_jax.data.preprocess --config configs/preprocess.py --config.checkpoint_dir=... \
+        --config.label_csv=... --config.video_dir=... --config.output_dir=... --num_shards=4 --shard_index=0
+
+Per clip: decode (media.py: sampled, resized frames; 16 kHz audio from a wav or the video's track) -> encode
+(encoders.py: tower features in the LM space, the placeholder layout) -> render the slow-mode prompt with that
+layout and tokenise it -> the encoder's 3-D position ids for exactly those tokens -> one `schema.ClipRecord`
+(feature_space 'lm_embed', position_ids [3, L]) written atomically, plus `{name}.layout.json` holding the
+placeholder runs (e.g. "V8A50V8A50") and the prompt ids, so a consumer can rebuild the exact token layout.
+
+Prompt: `prompts.render_prompt`'s chat turn, whose media block is replaced by the encoder's layout. With
+layout 'separate' the result is byte-identical to render_prompt (checked per clip), so the training pipeline
+reproduces these tokens and the recorded position ids line up; 'interleaved' (Omni's use_audio_in_video
+layout) differs from render_prompt and needs the consumer to use the recorded layout (docs/preprocessing.md).
+
+Scaling and resume: clips (sorted by name) are dealt round-robin to `num_shards` processes. A clip whose
+record exists is skipped; a shard whose summary file exists is skipped whole (resume=True).
+Bad input: any per-clip problem (unreadable/corrupt media, no audio track, zero-length clip, missing
+subtitle, missing video file, a label row that fails to parse) becomes a `ClipError` naming the clip, the
+field and the file. on_error='skip' counts it, appends it to `_failures.shard-*.jsonl` and goes on;
+'raise' stops the job with it. Each shard writes `_summary.shard-*.json` with the counts.
+
+Shape legend: Nv/Na video/audio feature rows, D the LM width, L prompt tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Sequence
+
+import ml_dtypes
+import numpy as np
+
+from merr1_jax import prompts
+from merr1_jax.data import encoders, labels, media, schema
+
+_log = logging.getLogger(__name__)
+ON_ERROR = ("skip", "raise")
+_FEATURE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                   "float32": np.dtype(np.float32)}
+_DEFAULT_BLOCK = (prompts.VISION_BOS + prompts.VIDEO_TOKEN + prompts.VISION_EOS + prompts.AUDIO_BOS +
+                  prompts.AUDIO_TOKEN + prompts.AUDIO_EOS)
+
+
+class ClipError(ValueError):
+  """One clip cannot be preprocessed: names the clip, the field and the file."""
+
+  def __init__(self, reason: str, *, clip: str, field: str, path: str = ""):
+    self.reason, self.clip, self.field, self.path = reason, clip, field, path
+    super().__init__(f"clip {clip!r} (field {field}{', file ' + path if path else ''}): {reason}")
+
+  def as_dict(self) -> dict:
+    return {"id": self.clip, "field": self.field, "path": self.path, "reason": self.reason}
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+  id: str
+  openset: tuple[str, ...]
+  subtitle: str | None  # None: not in the subtitle CSV
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def media_block(runs: Sequence[tuple[str, int]], layout: str) -> str:
+  """The prompt's media markers for placeholder runs [('V', n), ('A', m), ...] in the given layout."""
+  body = "".join((prompts.VIDEO_TOKEN if k == "V" else prompts.AUDIO_TOKEN) * n for k, n in runs)
+  if layout == "interleaved":  # Omni (use_audio_in_video): both start markers, the chunks, both end markers
+    return prompts.VISION_BOS + prompts.AUDIO_BOS + body + prompts.AUDIO_EOS + prompts.VISION_EOS
+  if layout == "separate":
+    kinds = [k for k, n in runs if n]
+    if kinds != ["V", "A"]:
+      raise ValueError(f"separate layout needs one video run then one audio run, got {runs}")
+    n_v, n_a = (n for _, n in runs if n)
+    return (prompts.VISION_BOS + prompts.VIDEO_TOKEN * n_v + prompts.VISION_EOS + prompts.AUDIO_BOS +
+            prompts.AUDIO_TOKEN * n_a + prompts.AUDIO_EOS)
+  raise ValueError(f"layout={layout!r}; expected one of {encoders.LAYOUTS}")
+
+
+def render_prompt(subtitle: str, runs: Sequence[tuple[str, int]], layout: str, mode: str = "slow", *,
+                  question: str = prompts.DEFAULT_QUESTION) -> str:
+  """prompts.render_prompt's chat turn with the media block laid out as `runs` / `layout` say."""
+  base = prompts.render_prompt(subtitle, 1, 1, mode, question=question)
+  if base.count(_DEFAULT_BLOCK) != 1:
+    raise AssertionError("prompts.render_prompt no longer writes one video+audio block; update preprocess")
+  text = base.replace(_DEFAULT_BLOCK, media_block(runs, layout))
+  if layout == "separate":  # the pipeline re-renders with prompts.render_prompt: it must be the same text
+    n_v = sum(n for k, n in runs if k == "V")
+    n_a = sum(n for k, n in runs if k == "A")
+    if text != prompts.render_prompt(subtitle, n_v, n_a, mode, question=question):
+      raise AssertionError("separate layout differs from prompts.render_prompt")
+  return text
+
+
+def prompt_ids(tokenizer, subtitle: str, runs, layout: str, mode: str = "slow", *,
+               question: str = prompts.DEFAULT_QUESTION) -> np.ndarray:
+  """The tokenised prompt [L] int32 (what the JAX policy reads, and what the position ids describe)."""
+  return np.asarray(tokenizer.encode(render_prompt(subtitle, runs, layout, mode, question=question)), np.int32)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+class _LabelLog(schema.BadRecordLog):
+  """Counts bad label rows like BadRecordLog and keeps each one as a ClipError for the failures file."""
+
+  def __init__(self):
+    super().__init__()
+    self.errors: list[ClipError] = []
+
+  def add(self, err: schema.BadRecordError) -> None:
+    super().add(err)
+    self.errors.append(ClipError(err.reason, clip=str(err.record), field=err.field, path=err.source))
+
+
+def read_clips(cfg, failures: list[ClipError]) -> list[Clip]:
+  """Label rows joined with subtitles, sorted by name. Bad label rows go to `failures` (or raise)."""
+  log = _LabelLog()
+  anns = labels.read_openset_csv(cfg.label_csv, on_bad_record=cfg.on_error, log=log)
+  failures += log.errors
+  subs = (labels.read_subtitles_csv(cfg.subtitle_csv, column=cfg.subtitle_column) if cfg.subtitle_csv else {})
+  return sorted((Clip(id=a.id, openset=a.openset, subtitle=subs.get(a.id)) for a in anns), key=lambda c: c.id)
+
+
+def shard(clips: Sequence[Clip], num_shards: int, shard_index: int) -> list[Clip]:
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index={shard_index} is not in [0, num_shards={num_shards})")
+  return list(clips[shard_index::num_shards])
+
+
+def _video_path(cfg, clip: Clip) -> str:
+  for ext in cfg.video_exts:
+    p = os.path.join(cfg.video_dir, f"{clip.id}.{ext}")
+    if os.path.isfile(p):
+      return p
+  raise ClipError(f"no video file {clip.id}.{{{','.join(cfg.video_exts)}}} in {cfg.video_dir}", clip=clip.id,
+                  field="video", path=os.path.join(cfg.video_dir, clip.id))
+
+
+def _video_spec(cfg) -> media.VideoSpec:
+  v = cfg.video
+  return media.VideoSpec(fps=v.fps, min_frames=v.min_frames, max_frames=v.max_frames, min_pixels=v.min_pixels,
+                         max_pixels=v.max_pixels, total_pixels=v.total_pixels)
+
+
+# ------------------------------------------------------------------------------------------------ one clip
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+  subtitle: str
+  video: media.Video
+  audio: np.ndarray  # [N] float32 at 16 kHz
+  video_path: str
+
+
+def decode_clip(cfg, clip: Clip) -> Decoded:
+  """Checks the clip's name and subtitle and decodes its media. Raises ClipError."""
+  if not clip.id or clip.id.startswith(".") or "/" in clip.id or os.sep in clip.id:
+    raise ClipError("clip name cannot be a file name", clip=clip.id, field="name", path=cfg.label_csv)
+  if clip.subtitle is None and cfg.require_subtitle:
+    raise ClipError("no subtitle for this clip", clip=clip.id, field="subtitle", path=cfg.subtitle_csv)
+  video_path = _video_path(cfg, clip)
+  audio_path = os.path.join(cfg.audio_dir, f"{clip.id}.wav") if cfg.audio_dir else video_path
+  try:
+    video = media.read_video(video_path, _video_spec(cfg))
+    audio = media.read_audio(audio_path)
+  except media.MediaError as e:
+    raise ClipError(e.reason, clip=clip.id, field=e.stream, path=e.path) from e
+  return Decoded(subtitle=clip.subtitle or "", video=video, audio=audio, video_path=video_path)
+
+
+def process_clip(cfg, clip: Clip, encoder: encoders.Encoder, tokenizer) -> tuple[schema.ClipRecord, dict]:
+  """One clip -> (record, layout dict). Raises ClipError."""
+  return encode_clip(cfg, clip, decode_clip(cfg, clip), encoder, tokenizer)
+
+
+def encode_clip(cfg, clip: Clip, decoded: Decoded, encoder: encoders.Encoder,
+                tokenizer) -> tuple[schema.ClipRecord, dict]:
+  """Features, layout, prompt ids and position ids of a decoded clip -> (record, layout dict)."""
+  subtitle, video_path = decoded.subtitle, decoded.video_path
+  enc = encoder.encode(decoded.video, decoded.audio)
+  runs = encoder.placeholder_runs(enc, cfg.layout)
+  question = cfg.question or prompts.DEFAULT_QUESTION
+  try:
+    ids = prompt_ids(tokenizer, subtitle, runs, cfg.layout, question=question)
+  except ValueError as e:  # e.g. a template marker inside the subtitle
+    raise ClipError(str(e), clip=clip.id, field="subtitle", path=cfg.subtitle_csv) from e
+  # One id per feature row is the merge contract: check it on the ids actually written.
+  for name, marker, rows in (("video", prompts.VIDEO_TOKEN, enc.video), ("audio", prompts.AUDIO_TOKEN, enc.audio)):
+    if int((ids == tokenizer.id_of(marker)).sum()) != len(rows):
+      raise ClipError(f"{int((ids == tokenizer.id_of(marker)).sum())} {marker} ids in the prompt for {len(rows)} "
+                      "feature rows", clip=clip.id, field=name, path=video_path)
+  pos = encoder.position_ids(ids, enc, cfg.layout)
+  dtype = _FEATURE_DTYPES[cfg.feature_dtype]
+  rec = schema.ClipRecord(id=clip.id, dataset=cfg.dataset, video=enc.video.astype(dtype),
+                          audio=enc.audio.astype(dtype), subtitle=subtitle, openset=clip.openset,
+                          feature_space=encoder.feature_space, position_ids=pos)
+  try:
+    schema.check(rec, video_dim=encoder.feature_dim, audio_dim=encoder.feature_dim, source=video_path)
+  except schema.BadRecordError as e:
+    raise ClipError(e.reason, clip=clip.id, field=e.field, path=video_path) from e
+  layout = {"id": clip.id, "layout": cfg.layout, "runs": encoders.runs_to_string(runs),
+            "video_grid_thw": list(enc.video_grid_thw), "second_per_grid": enc.second_per_grid,
+            "audio_feature_len": enc.audio_feature_len, "prompt_ids": ids.tolist()}
+  return rec, layout
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- the job
+
+
+def _shard_tag(cfg) -> str:
+  return f"shard-{cfg.shard_index:05d}-of-{cfg.num_shards:05d}"
+
+
+def summary_path(cfg) -> str:
+  return os.path.join(cfg.output_dir, cfg.split, f"_summary.{_shard_tag(cfg)}.json")
+
+
+def failures_path(cfg) -> str:
+  return os.path.join(cfg.output_dir, cfg.split, f"_failures.{_shard_tag(cfg)}.jsonl")
+
+
+def validate(cfg) -> None:
+  problems = []
+  if cfg.on_error not in ON_ERROR:
+    problems.append(f"on_error={cfg.on_error!r}; expected one of {ON_ERROR}")
+  if cfg.layout not in encoders.LAYOUTS:
+    problems.append(f"layout={cfg.layout!r}; expected one of {encoders.LAYOUTS}")
+  if cfg.feature_dtype not in _FEATURE_DTYPES:
+    problems.append(f"feature_dtype={cfg.feature_dtype!r}; expected float16 | bfloat16 | float32")
+  for name in ("label_csv", "video_dir", "output_dir"):
+    if not cfg[name]:
+      problems.append(f"{name} is required")
+  if cfg.encoder == "omni_towers" and not cfg.checkpoint_dir:
+    problems.append("checkpoint_dir is required for encoder 'omni_towers'")
+  if not 0 <= cfg.shard_index < cfg.num_shards:
+    problems.append(f"shard_index={cfg.shard_index} is not in [0, num_shards={cfg.num_shards})")
+  if not cfg.split or "/" in cfg.split or cfg.split.startswith("."):
+    problems.append(f"split={cfg.split!r} must be a plain folder name")
+  if problems:
+    raise ValueError("bad preprocess config:\n  " + "\n  ".join(problems))
+
+
+def make_encoder(cfg) -> encoders.Encoder:
+  if cfg.encoder == "omni_towers":
+    return encoders.OmniTowerEncoder(cfg.checkpoint_dir, dtype=cfg.torch_dtype, device=cfg.device)
+  raise ValueError(f"encoder={cfg.encoder!r}; the bundled encoder is 'omni_towers'")
+
+
+def load_tokenizer(cfg, encoder):
+  from merr1_jax.data import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.load_hf(cfg.tokenizer_dir or cfg.checkpoint_dir)
+  marker_ids = getattr(encoder, "marker_ids", dict)()
+  wrong = {m: (tok.id_of(m), want) for m, want in marker_ids.items() if tok.id_of(m) != want}
+  if wrong:
+    raise ValueError(f"tokenizer and checkpoint disagree on marker ids (tokenizer, model): {wrong}")
+  return tok
+
+
+def run(cfg, *, encoder: encoders.Encoder | None = None, tokenizer=None) -> dict:
+  """Processes this process's shard; returns the summary dict (also written to summary_path(cfg))."""
+  validate(cfg)
+  out_dir = os.path.join(cfg.output_dir, cfg.split)
+  os.makedirs(out_dir, exist_ok=True)
+  if cfg.resume and os.path.isfile(summary_path(cfg)):
+    with open(summary_path(cfg)) as f:
+      done = json.load(f)
+    _log.info("shard %s already finished (%s); skipping", _shard_tag(cfg), summary_path(cfg))
+    return {**done, "resumed_finished_shard": True}
+  t0 = time.time()
+  failures: list[ClipError] = []
+  clips = shard(read_clips(cfg, failures), cfg.num_shards, cfg.shard_index)
+  if failures and cfg.on_error == "raise":
+    raise failures[0]
+  todo = [c for c in clips if not (cfg.resume and os.path.isfile(os.path.join(out_dir, f"{c.id}.rec")))]
+  counts = collections.Counter(clips=len(clips), existing=len(clips) - len(todo))
+  for clip in todo:
+    try:
+      decoded = decode_clip(cfg, clip)
+      if encoder is None:  # loaded on the first clip that decodes: a job whose clips all fail early needs none
+        encoder = make_encoder(cfg)
+      if tokenizer is None:
+        tokenizer = load_tokenizer(cfg, encoder)
+      rec, layout = encode_clip(cfg, clip, decoded, encoder, tokenizer)
+    except ClipError as e:
+      _log.warning("%s", e)
+      failures.append(e)
+      if cfg.on_error == "raise":
+        _write_failures(cfg, failures)
+        raise
+      continue
+    # The layout first, the record last: a record on disk always has its layout beside it.
+    _write_atomic(os.path.join(out_dir, f"{clip.id}.layout.json"), json.dumps(layout).encode())
+    _write_atomic(os.path.join(out_dir, f"{clip.id}.rec"), schema.to_bytes(rec))
+    counts["written"] += 1
+  _write_failures(cfg, failures)
+  summary = {"shard": _shard_tag(cfg), "split": cfg.split, "layout": cfg.layout, "clips": counts["clips"],
+             "written": counts["written"], "existing": counts["existing"], "failed": len(failures),
+             "failed_by_field": dict(collections.Counter(e.field for e in failures)),
+             "failures_file": failures_path(cfg), "seconds": round(time.time() - t0, 2)}
+  _write_atomic(summary_path(cfg), json.dumps(summary, indent=2).encode())
+  _log.info("preprocess %s: %s", _shard_tag(cfg), summary)
+  return summary
+
+
+def _write_failures(cfg, failures: list[ClipError]) -> None:
+  data = "".join(json.dumps(e.as_dict()) + "\n" for e in failures)
+  _write_atomic(failures_path(cfg), data.encode())
+
+
+def all_shards_finished(cfg) -> bool:
+  return all(os.path.isfile(summary_path(_with_shard(cfg, i))) for i in range(cfg.num_shards))
+
+
+def _with_shard(cfg, index: int):
+  c = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else dataclasses.replace(cfg)
+  c.shard_index = index
+  return c
+
+
+def build_tfds(cfg):
+  """The mer_features TFDS dataset over {output_dir} (every split folder) in cfg.tfds_data_dir."""
+  from merr1_jax.data import tfds_builders
+  builder = tfds_builders.MerFeatures(records_dir=cfg.output_dir, data_dir=cfg.tfds_data_dir,
+                                      on_bad_record="raise")
+  tfds_builders.prepare(builder)
+  return builder
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  if "shard_index" not in flags.FLAGS:  # defined once per process, even if main() runs twice
+    config_flags.DEFINE_config_file("config", None, "configs/preprocess.py (with --config.x=y overrides)")
+    flags.DEFINE_integer("num_shards", None, "overrides config.num_shards")
+    flags.DEFINE_integer("shard_index", None, "overrides config.shard_index")
+    flags.DEFINE_enum("on_error", None, list(ON_ERROR), "overrides config.on_error")
+  FLAGS = flags.FLAGS
+  result = {}
+
+  def _main(_):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = FLAGS.config
+    if cfg is None:
+      raise app.UsageError("--config is required (e.g. --config configs/preprocess.py)")
+    for name in ("num_shards", "shard_index", "on_error"):
+      if FLAGS[name].value is not None:
+        cfg[name] = FLAGS[name].value
+    try:
+      summary = run(cfg)
+    except (ClipError, ValueError, FileNotFoundError) as e:
+      print(f"preprocess: {e}", file=sys.stderr)
+      result["rc"] = 2
+      return
+    print(json.dumps(summary))
+    if cfg.tfds_data_dir:
+      if all_shards_finished(cfg):
+        build_tfds(cfg)
+      else:
+        print("preprocess: not every shard has finished; TFDS build left to the last one", file=sys.stderr)
+    result["rc"] = 0
+
+  try:
+    app.run(_main, argv=list(argv) if argv is not None else None)
+  except SystemExit as e:  # app.run exits; keep our own return code
+    if e.code not in (None, 0):
+      return int(e.code) if isinstance(e.code, int) else 1
+  return result.get("rc", 1)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
