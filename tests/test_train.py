@@ -170,3 +170,32 @@ def test_config_typos_fail_loudly(tmp_path):
 def test_default_config_validates():
   cfglib.validate(cfglib.load(str(ROOT / "configs" / "base.py")), num_devices=1)
   cfglib.validate(cfglib.load(str(ROOT / "configs" / "base.py") + ":model=qwen2_5_omni_7b_thinker"), 8)
+
+
+def test_evaluate_cli_reproduces_the_trainers_final_table(reference_run, tmp_path):
+  """`python -m merr1_jax.evaluate` on the final checkpoint gives exactly the trainer's final eval numbers, and
+  the report's fast-vs-slow analysis is consistent with its per-sample JSONL."""
+  w = reference_run / "w"
+  out_dir = tmp_path / "eval"
+  proc = subprocess.run([sys.executable, "-m", "merr1_jax.evaluate", "--config", SMOKE, "--workdir", str(w),
+                         "--out", str(out_dir), "--no_progress"], cwd=ROOT, env=_env(tmp_path),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads((out_dir / "report.json").read_text())["datasets"]["mer_synth"]
+  trainer = json.loads((w / "eval_rl.json").read_text())["summary"]["mer_synth"]
+  for mode in ("fast", "slow"):
+    for key in ("precision", "recall", "f", "format_failure_rate", "mean_num_emotions"):
+      assert report["summary"][mode][key] == trainer[mode][key], (mode, key)
+  # Recompute the paired slow-minus-fast differences from samples.jsonl.
+  samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+  by_id = {}
+  for s in samples:
+    by_id.setdefault(s["id"], {})[s["mode"]] = s
+  for key in ("precision", "recall"):
+    diffs = [m["slow"][key] - m["fast"][key] for m in by_id.values()
+             if m["slow"][key] is not None and m["fast"][key] is not None]
+    got = report["analysis"]["fast_vs_slow"][key]
+    assert got["n"] == len(diffs) > 0
+    assert got["slow_minus_fast"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-12)
+  results_md = (w / "results.md").read_text()
+  assert "slow - fast precision" in results_md
