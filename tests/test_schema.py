@@ -159,3 +159,11 @@ def test_read_record_rejects_bad_policies():
     schema.read_record(data, source="f", index=0, on_bad_record="ignore")
   with pytest.raises(ValueError, match="BadRecordLog"):
     schema.read_record(data, source="f", index=0, on_bad_record="skip")
+
+
+def test_sentiment_and_one_hot_records_need_no_open_set():
+  """MOSI/MOSEI/SIMS records carry only a valence, MER2023-style ones may carry only a one-hot label."""
+  schema.check(_record(openset=(), valence=-0.5), video_dim=8, audio_dim=4)
+  schema.check(_record(openset=(), onehot="happy"), video_dim=8, audio_dim=4)
+  with pytest.raises(schema.BadRecordError, match="empty label list"):
+    schema.check(_record(openset=()), video_dim=8, audio_dim=4)

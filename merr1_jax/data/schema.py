@@ -209,9 +209,10 @@ def check(rec: ClipRecord, *, video_dim: int | None, audio_dim: int | None,
   if len(rec.subtitle) > max_subtitle_chars:
     raise bad("subtitle", f"{len(rec.subtitle)} characters exceeds max_subtitle_chars={max_subtitle_chars}")
   words = [w.strip() for w in rec.openset if w.strip()]
-  if not words:
-    raise bad("openset", "empty label list")
-  if maps_word is not None and not any(maps_word(w) for w in words):
+  # Sentiment sets (MOSI, MOSEI, SIMS) carry only a valence, basic-emotion sets may carry only a one-hot label.
+  if not words and rec.valence is None and not rec.onehot:
+    raise bad("openset", "empty label list (and no one-hot label or valence)")
+  if words and maps_word is not None and not any(maps_word(w) for w in words):
     raise bad("openset", f"no label word maps to an emotion cluster: {list(rec.openset)}")
   if rec.valence is not None and not np.isfinite(rec.valence):
     raise bad("valence", f"non-finite valence {rec.valence}")
