@@ -130,7 +130,10 @@ def read_video(path: str, spec: VideoSpec = VideoSpec()) -> Video:
   # only the sampled ones, so memory holds T frames, not the whole clip.
   with _open(path, "video") as c:
     if not c.streams.video:
-      raise MediaError("no video stream", path=path, stream="video")
+      # An mp4 whose video track holds no samples shows no video stream at all: name that case.
+      empty = not c.duration
+      raise MediaError("zero-length clip (empty container, no video samples)" if empty else "no video stream",
+                       path=path, stream="video")
     s = c.streams.video[0]
     rate = s.average_rate or s.guessed_rate
     try:
