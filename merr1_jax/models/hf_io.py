@@ -167,6 +167,10 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
       tie_embeddings=bool(c.get("tie_word_embeddings", find("tie_word_embeddings", default_tie))),
       mrope_section=tuple(rope["mrope_section"]) if rope.get("mrope_section") else None,
       video_dim=0, audio_dim=0)
+  if len(outer) > 1 and find("video_token_index") is not None:
+    # A Qwen2.5-Omni (thinker) config: its towers end in a merger into the LM width, so preprocessing writes
+    # features already in the embedding space (projector 'identity').
+    kw.update(projector="identity", video_dim=kw["d_model"], audio_dim=kw["d_model"])
   for ours, theirs in (("video_token_id", "video_token_index"), ("audio_token_id", "audio_token_index")):
     if find(theirs) is not None:
       kw[ours] = find(theirs)
