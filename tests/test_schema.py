@@ -31,11 +31,12 @@ _FEATURE = st.sampled_from([(np.uint16, np.float16), (np.uint16, ml_dtypes.bfloa
 @hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(video=_FEATURE, audio=_FEATURE, subtitle=st.text(max_size=40),
                   openset=st.lists(st.text(max_size=8), max_size=4), onehot=st.none() | st.text(max_size=6),
-                  valence=st.none() | st.floats(allow_nan=False), with_pos=st.booleans())
-def test_round_trip_is_exact(video, audio, subtitle, openset, onehot, valence, with_pos):
+                  valence=st.none() | st.floats(allow_nan=False), with_pos=st.booleans(),
+                  media_layout=st.none() | st.text(max_size=12))
+def test_round_trip_is_exact(video, audio, subtitle, openset, onehot, valence, with_pos, media_layout):
   pos = np.arange(3 * 5, dtype=np.int32).reshape(3, 5) if with_pos else None
   rec = _record(video=video, audio=audio, subtitle=subtitle, openset=openset, onehot=onehot, valence=valence,
-                position_ids=pos, demo_slow="<think>x</think><answer>sad</answer>")
+                position_ids=pos, demo_slow="<think>x</think><answer>sad</answer>", media_layout=media_layout)
   data = schema.to_bytes(rec)
   back = schema.from_bytes(data, source="mem")
   assert schema.records_equal(rec, back)
@@ -81,6 +82,7 @@ def _tamper(rec, **changes):
     (lambda r: _tamper(r, audio={"dtype": "float16", "shape": [3, 4], "data": b"\0" * 5}), "audio",
      "5 data bytes"),
     (lambda r: _tamper(r, audio=None), "audio", "missing"),
+    (lambda r: _tamper(r, media_layout=58), "media_layout", "string or nil"),
 ])
 def test_corrupt_bytes_name_source_record_and_field(make_bytes, field, fragment):
   with pytest.raises(schema.BadRecordError) as info:
@@ -116,6 +118,16 @@ def test_good_record_passes_check():
     (_record(feature_space="pixels"), "feature_space", "not one of"),
     (_record(position_ids=np.zeros((2, 5), np.int32)), "position_ids", "[3, L] int32"),
     (_record(valence=float("nan")), "valence", "non-finite"),
+    # media_layout: the record has 5 video and 3 audio rows.
+    (_record(media_layout=""), "media_layout", "not a placeholder runs string"),
+    (_record(media_layout="V5A3\n"), "media_layout", "not a placeholder runs string"),
+    (_record(media_layout="V5 A3"), "media_layout", "not a placeholder runs string"),
+    (_record(media_layout="v5a3"), "media_layout", "not a placeholder runs string"),
+    (_record(media_layout="V5X3"), "media_layout", "not a placeholder runs string"),
+    (_record(media_layout="VA3"), "media_layout", "not a placeholder runs string"),
+    (_record(media_layout="V2A1V2A2"), "media_layout", "4 video and 3 audio placeholders"),
+    (_record(media_layout="V5A2"), "media_layout", "5 video and 2 audio placeholders"),
+    (_record(media_layout="A3V5A1"), "media_layout", "5 video and 4 audio placeholders"),
 ])
 def test_check_rejects_bad_content(rec, field, fragment):
   with pytest.raises(schema.BadRecordError) as info:
@@ -167,3 +179,25 @@ def test_sentiment_and_one_hot_records_need_no_open_set():
   schema.check(_record(openset=(), onehot="happy"), video_dim=8, audio_dim=4)
   with pytest.raises(schema.BadRecordError, match="empty label list"):
     schema.check(_record(openset=()), video_dim=8, audio_dim=4)
+
+
+def test_media_layout_is_optional_on_disk_and_round_trips():
+  """Records without a layout keep the version-1 bytes (no key); with one, it is a plain msgpack string."""
+  plain = msgpack.unpackb(schema.to_bytes(_record()), raw=False)
+  assert "media_layout" not in plain
+  assert schema.from_bytes(schema.to_bytes(_record())).media_layout is None
+  assert schema.from_bytes(_tamper(_record(), media_layout=None)).media_layout is None  # an explicit nil loads
+  rec = _record(media_layout="V2A1V3A2")
+  obj = msgpack.unpackb(schema.to_bytes(rec), raw=False)
+  assert obj["media_layout"] == "V2A1V3A2" and obj["v"] == schema.SCHEMA_VERSION
+  del obj["media_layout"]  # the rest is exactly the layout-free record's map
+  assert obj == plain
+  back = schema.from_bytes(schema.to_bytes(rec))
+  assert back.media_layout == "V2A1V3A2" and schema.records_equal(back, rec)
+  assert not schema.records_equal(back, _record())
+
+
+def test_check_accepts_layouts_that_place_every_row_once():
+  for runs in ("V5A3", "A3V5", "V2A1V3A2", "V1V4A3", "V0V5A3"):  # 5 video and 3 audio rows, in any order
+    _check(_record(media_layout=runs))
+  _check(_record(video=np.zeros((0, 8), np.float16), media_layout="A3"))  # audio only

@@ -9,6 +9,12 @@ Shape legend:
   Ta: audio feature rows                                       Da: audio feature width
   L:  prompt length in tokens (only for precomputed M-RoPE position ids, `[3, L]`)
 
+`media_layout` (optional) is the placeholder runs string of an interleaved media block (Qwen2.5-Omni's
+`use_audio_in_video` layout), e.g. "V8A50V8A50": the prompt's VIDEO/AUDIO placeholders in that order, written
+by preprocess.py and rendered by `prompts.render_prompt(media_runs=...)`. None means the separate block
+(all video rows, then all audio rows). It is written only when set, so records without it keep their bytes
+and readers that predate it still load them.
+
 Bad input never vanishes silently. `from_bytes` and `check` raise `BadRecordError`, whose message names the
 source file, the record (id or index) and the field. `read_record` applies the `on_bad_record` policy:
 "raise" re-raises, "skip" returns None and counts the skip in a `BadRecordLog`, which also logs it.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import re
 from typing import Callable
 
 import ml_dtypes
@@ -65,6 +72,7 @@ class ClipRecord:
   valence: float | None = None
   demo_slow: str | None = None  # SFT assistant texts (MER-Synth has them)
   demo_fast: str | None = None
+  media_layout: str | None = None  # interleaved placeholder runs, e.g. "V8A50V8A50"; None: separate block
 
   def __post_init__(self):
     # Accept a list for convenience but store a tuple, so the record stays immutable.
@@ -82,8 +90,10 @@ class ClipRecord:
 
 _ARRAY_FIELDS = ("video", "audio", "position_ids")
 _STR_FIELDS = ("id", "dataset", "subtitle", "feature_space")
-_OPT_STR_FIELDS = ("onehot", "demo_slow", "demo_fast")
+_OPT_STR_FIELDS = ("onehot", "demo_slow", "demo_fast", "media_layout")
+_OMIT_IF_NONE = ("media_layout",)  # added after version 1: absent when unset, so older bytes stay the same
 _FIELDS = tuple(f.name for f in dataclasses.fields(ClipRecord))
+_RUNS_RE = re.compile(r"([VA]\d+)+")
 
 
 def _pack_array(x: np.ndarray) -> dict:
@@ -119,6 +129,8 @@ def to_bytes(rec: ClipRecord) -> bytes:
   out = {"v": SCHEMA_VERSION}
   for name in _FIELDS:
     value = getattr(rec, name)
+    if name in _OMIT_IF_NONE and value is None:
+      continue
     if name in _ARRAY_FIELDS and value is not None:
       value = _pack_array(np.asarray(value))
     elif name == "openset":
@@ -202,6 +214,17 @@ def check(rec: ClipRecord, *, video_dim: int | None, audio_dim: int | None,
       raise bad(name, f"{int((~finite).sum())} non-finite values (NaN/Inf), first in row {row}")
   if rec.n_audio == 0:
     raise bad("audio", "no audio rows")
+  if rec.media_layout is not None:
+    runs = rec.media_layout
+    if not isinstance(runs, str) or not _RUNS_RE.fullmatch(runs):
+      raise bad("media_layout", f"{runs!r} is not a placeholder runs string like 'V8A50V8A50'")
+    totals = {k: 0 for k in "VA"}
+    for k, n in re.findall(r"([VA])(\d+)", runs):
+      totals[k] += int(n)
+    # The layout must place every feature row exactly once, or the merge would shift rows between modalities.
+    if (totals["V"], totals["A"]) != (rec.n_video, rec.n_audio):
+      raise bad("media_layout", f"{runs!r} holds {totals['V']} video and {totals['A']} audio placeholders; "
+                                f"the record has {rec.n_video} video and {rec.n_audio} audio rows")
   if rec.position_ids is not None:
     p = rec.position_ids
     if p.ndim != 2 or p.shape[0] != 3 or p.dtype != np.int32:
