@@ -7,8 +7,14 @@ A prompt is one Qwen-style chat turn (method.md "Output format and the two modes
   Subtitle: {subtitle}\\n{question}<|im_end|>\\n
   <|im_start|>assistant\\n                       (+ FAST_PREFIX in fast mode)
 
+With `media_runs` (an interleaved record's placeholder runs, e.g. "V8A50V8A50": Qwen2.5-Omni's
+`use_audio_in_video` layout, 2 s chunks of video rows then audio rows) the media block is instead
+
+  <|vision_bos|><|audio_bos|>{<|VIDEO|> x 8}{<|AUDIO|> x 50}{<|VIDEO|> x 8}{<|AUDIO|> x 50}<|audio_eos|><|vision_eos|>
+
 Placeholder convention, shared with the model's feature merge: the prompt holds exactly n_video `<|VIDEO|>` and
-n_audio `<|AUDIO|>` tokens, one per feature row, and a tokenizer must map each to a single id. The free text
+n_audio `<|AUDIO|>` tokens, one per feature row, and a tokenizer must map each to a single id. The k-th `<|VIDEO|>` takes the k-th video row
+whatever the layout, so an interleaved block needs no reordering of the features. The free text
 (subtitle, question, reasoning, answer words) may not contain any template marker: a subtitle holding
 "<|VIDEO|>" would silently shift every feature row, so it is rejected instead.
 
@@ -18,6 +24,7 @@ a token the pipeline appends, not part of these strings.
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
@@ -38,6 +45,7 @@ TAG_TOKENS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, VIDEO_TOKEN, AUDIO_TOKEN, VISION_BOS, VISION_EOS, AUDIO_BOS,
                   AUDIO_EOS)
 _MARKERS = TAG_TOKENS + SPECIAL_TOKENS
+_RUNS_RE = re.compile(r"([VA]\d+)+")  # the schema's ClipRecord.media_layout format
 
 
 def _check_free_text(text: str, what: str) -> None:
@@ -53,9 +61,26 @@ def _check_mode(mode: str) -> None:
     raise ValueError(f"mode={mode!r}; expected one of {MODES}")
 
 
+def parse_media_runs(media_runs: str) -> list[tuple[str, int]]:
+  """"V8A50V4A25" -> [('V', 8), ('A', 50), ('V', 4), ('A', 25)]. Raises ValueError on anything else."""
+  if not isinstance(media_runs, str) or not _RUNS_RE.fullmatch(media_runs):
+    raise ValueError(f"media_runs={media_runs!r} is not a placeholder runs string like 'V8A50V8A50'")
+  return [(k, int(n)) for k, n in re.findall(r"([VA])(\d+)", media_runs)]
+
+
+def interleaved_media_block(media_runs: str) -> str:
+  """Omni's use_audio_in_video block: both start markers, the runs expanded in order, both end markers."""
+  body = "".join((VIDEO_TOKEN if k == "V" else AUDIO_TOKEN) * n for k, n in parse_media_runs(media_runs))
+  return VISION_BOS + AUDIO_BOS + body + AUDIO_EOS + VISION_EOS
+
+
 def render_prompt(subtitle: str, n_video: int, n_audio: int, mode: str, *, question: str = DEFAULT_QUESTION,
-                  system: str = DEFAULT_SYSTEM) -> str:
-  """The chat prompt up to the assistant's first generated token (FAST_PREFIX included in fast mode)."""
+                  system: str = DEFAULT_SYSTEM, media_runs: str | None = None) -> str:
+  """The chat prompt up to the assistant's first generated token (FAST_PREFIX included in fast mode).
+
+  media_runs: None lays the media block out separately (video rows, then audio rows); a runs string such as
+    "V8A50V8A50" gives the interleaved block, and must hold exactly n_video V and n_audio A placeholders.
+  """
   _check_mode(mode)
   for name, n in (("n_video", n_video), ("n_audio", n_audio)):
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -64,10 +89,18 @@ def render_prompt(subtitle: str, n_video: int, n_audio: int, mode: str, *, quest
   _check_free_text(question, "question")
   _check_free_text(system, "system")
   media = ""
-  if n_video:
-    media += VISION_BOS + VIDEO_TOKEN * n_video + VISION_EOS
-  if n_audio:
-    media += AUDIO_BOS + AUDIO_TOKEN * n_audio + AUDIO_EOS
+  if media_runs is not None:
+    runs = parse_media_runs(media_runs)
+    totals = (sum(n for k, n in runs if k == "V"), sum(n for k, n in runs if k == "A"))
+    if totals != (n_video, n_audio):  # a mismatch would shift feature rows in the merge
+      raise ValueError(f"media_runs={media_runs!r} holds {totals[0]} video and {totals[1]} audio placeholders, "
+                       f"expected n_video={n_video} and n_audio={n_audio}")
+    media = interleaved_media_block(media_runs)
+  else:
+    if n_video:
+      media += VISION_BOS + VIDEO_TOKEN * n_video + VISION_EOS
+    if n_audio:
+      media += AUDIO_BOS + AUDIO_TOKEN * n_audio + AUDIO_EOS
   # Newlines inside the subtitle would let it masquerade as template lines; flatten them.
   subtitle = " ".join(subtitle.split())
   user = f"{media}\nSubtitle: {subtitle}\n{question}"
