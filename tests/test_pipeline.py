@@ -12,6 +12,7 @@ from absl import flags
 
 from merr1_jax import prompts
 from merr1_jax.data import pipeline, schema, synth
+from merr1_jax.models import mllm
 
 SYNTH = synth.SynthConfig(n_train=48, n_validation=8, n_test=8)
 
@@ -175,11 +176,14 @@ BAD_CASES = {
     "nan_video": (lambda r: dataclasses.replace(r, video=np.full_like(r.video, np.nan)), "video"),
     "inf_audio": (lambda r: dataclasses.replace(r, audio=np.full_like(r.audio, np.inf)), "audio"),
     "video_dim": (lambda r: dataclasses.replace(r, video=np.zeros((3, SYNTH.video_dim + 1), np.float16)), "video"),
-    "empty_labels": (lambda r: dataclasses.replace(r, openset=()), "openset"),
+    # No label at all: open-set, one-hot and valence all empty (any one of them makes a record usable).
+    "empty_labels": (lambda r: dataclasses.replace(r, openset=(), onehot=None, valence=None), "openset"),
     "unmapped_labels": (lambda r: dataclasses.replace(r, openset=("sad].",)), "openset"),
     "long_subtitle": (lambda r: dataclasses.replace(r, subtitle="ha " * 34_000), "subtitle"),
     "marker_in_subtitle": (lambda r: dataclasses.replace(r, subtitle="look <|VIDEO|> here"), "subtitle"),
     "not_msgpack": (lambda r: b"\x00garbage", "<bytes>"),
+    "layout_miscounts": (lambda r: dataclasses.replace(r, media_layout=f"V{r.n_video + 1}A{r.n_audio}"),
+                         "media_layout"),
 }
 
 
@@ -257,3 +261,73 @@ def test_data_benchmark_runs_and_reports_rates(capsys):
     assert r["records_per_s"] == pytest.approx(4 * r["batches_per_s"]) and r["batches_per_s"] > 0
   out = capsys.readouterr().out
   assert "records/s" in out and "batches/s" in out and "64 records" in out
+
+
+# ------------------------------------------------------------------------- interleaved (Omni) media layout
+
+
+def _chunked_runs(n_video, n_audio, chunks):
+  """Test helper: both modalities cut into `chunks` near-equal parts, each chunk's video then its audio."""
+  cut = lambda n: [len(part) for part in np.array_split(np.arange(n), chunks)]  # noqa: E731
+  return [run for nv, na in zip(cut(n_video), cut(n_audio)) for run in (("V", nv), ("A", na)) if run[1]]
+
+
+def _hand_prompt(rec, runs, mode):
+  """The expected text, built from the markers: the separate block swapped for the interleaved one."""
+  separate = (prompts.VISION_BOS + prompts.VIDEO_TOKEN * rec.n_video + prompts.VISION_EOS + prompts.AUDIO_BOS +
+              prompts.AUDIO_TOKEN * rec.n_audio + prompts.AUDIO_EOS)
+  body = "".join({"V": prompts.VIDEO_TOKEN, "A": prompts.AUDIO_TOKEN}[k] * n for k, n in runs)
+  inter = prompts.VISION_BOS + prompts.AUDIO_BOS + body + prompts.AUDIO_EOS + prompts.VISION_EOS
+  text = prompts.render_prompt(rec.subtitle, rec.n_video, rec.n_audio, mode)
+  assert text.count(separate) == 1
+  return text.replace(separate, inter)
+
+
+@pytest.mark.parametrize("kind", pipeline.KINDS)
+def test_interleaved_records_render_their_layout_and_merge_rows_in_time_order(records, tok, kind):
+  recs, runs_of = [], {}
+  for rec in records[:4]:
+    runs = _chunked_runs(rec.n_video, rec.n_audio, chunks=3)
+    assert len(runs) >= 4  # really interleaved: V A V A ...
+    runs_of[rec.id] = runs
+    recs.append(dataclasses.replace(rec, media_layout="".join(f"{k}{n}" for k, n in runs)))
+  b = next(iter(pipeline.build(pipeline.BytesSource(recs), tok, _cfg(kind=kind, batch_size=4, shuffle=False))))
+  by_id = {r.id: r for r in recs}
+  vid, aid = tok.id_of(prompts.VIDEO_TOKEN), tok.id_of(prompts.AUDIO_TOKEN)
+  if kind == "sft":
+    views = [("", b["tokens"], b["input_mask"], b["mode"])]
+  else:
+    modes = np.asarray(["slow"] * 4) if kind == "rl" else b["mode"]
+    views = [("", b["prompt_tokens"], b["prompt_mask"], modes)]
+    if kind == "rl":
+      views.append(("fast_", b["fast_prompt_tokens"], b["fast_prompt_mask"], np.asarray(["fast"] * 4)))
+  for _, tokens, mask, modes in views:
+    # The model's own merge (mllm.merge_placeholders), on every row of the batch at once.
+    merged_v = np.asarray(mllm.merge_placeholders(np.zeros(tokens.shape + (SYNTH.video_dim,), np.float32), tokens,
+                                                  vid, b["video"], b["video_mask"]))
+    merged_a = np.asarray(mllm.merge_placeholders(np.zeros(tokens.shape + (SYNTH.audio_dim,), np.float32), tokens,
+                                                  aid, b["audio"], b["audio_mask"]))
+    for i, rid in enumerate(b["ids"]):
+      rec, runs = by_id[rid], runs_of[rid]
+      real = tokens[i][mask[i]]
+      want = tok.encode(_hand_prompt(rec, runs, str(modes[i])))
+      assert real[:len(want)].tolist() == want  # sft rows continue with the completion
+      # Walk the runs: the j-th media placeholder is the next row of its run's modality, in time order.
+      expected = [(k, r) for k, rows in _walk(runs) for r in rows]
+      cols = np.flatnonzero(mask[i] & ((tokens[i] == vid) | (tokens[i] == aid)))
+      assert len(cols) == len(expected) == rec.n_video + rec.n_audio
+      for col, (k, r) in zip(cols, expected):
+        assert tokens[i, col] == (vid if k == "V" else aid)
+        got, feats = (merged_v, rec.video) if k == "V" else (merged_a, rec.audio)
+        np.testing.assert_array_equal(got[i, col], feats[r].astype(np.float32))
+
+
+def _walk(runs):
+  """[('V', 2), ('A', 3), ('V', 1)] -> [('V', [0, 1]), ('A', [0, 1, 2]), ('V', [2])]: row indices per run."""
+  seen = {"V": 0, "A": 0}
+  out = []
+  for k, n in runs:
+    out.append((k, list(range(seen[k], seen[k] + n))))
+    seen[k] += n
+  return out
+

@@ -27,6 +27,10 @@ Batch keys (numpy; B = batch_size; Lp, L, Tv, Ta are bucket lengths; C = len(lab
                 padding carry no loss.
               prompt_len [B] int32   mode [B] str ('slow' | 'fast'): each record gives one example per mode.
 
+Prompts: `prompts.render_prompt` with the record's `media_layout` (None: video block then audio block; a runs
+string such as "V8A50V8A50": Omni's interleaved block). Either way the k-th VIDEO/AUDIO placeholder of a row
+takes its k-th feature row in the model's merge, so `video`/`audio` are never reordered.
+
 Bad records: `on_bad_record="raise"` fails on the first bad record with a `BadRecordError` naming the file and
 record. `"skip"` validates every record once, up front, in this process (the same decode/check/render/tokenise
 that the workers run), leaves the bad ones out of the index list and counts them in `Pipeline.bad` (a
@@ -154,9 +158,13 @@ class MakeExample:
 
   def _prompt(self, rec: schema.ClipRecord, mode: str, where: str) -> np.ndarray:
     try:
-      text = prompts.render_prompt(rec.subtitle, rec.n_video, rec.n_audio, mode, question=self.cfg.question)
-    except ValueError as e:  # e.g. a template marker inside the subtitle
-      raise schema.BadRecordError(str(e), source=where, record=rec.id, field="subtitle") from e
+      # An interleaved record (Omni's use_audio_in_video) carries its placeholder runs: its prompt, and thus its
+      # precomputed position ids, only line up with the features when rendered in that order.
+      text = prompts.render_prompt(rec.subtitle, rec.n_video, rec.n_audio, mode, question=self.cfg.question,
+                                   media_runs=rec.media_layout)
+    except ValueError as e:  # e.g. a template marker inside the subtitle, or runs that miscount the rows
+      field = "media_layout" if "media_runs" in str(e) else "subtitle"
+      raise schema.BadRecordError(str(e), source=where, record=rec.id, field=field) from e
     ids = np.asarray(self.tok.encode(text), np.int32)
     # One id per feature row is the contract with the model's feature merge; check it, do not assume it.
     if (ids == self.video_id).sum() != rec.n_video or (ids == self.audio_id).sum() != rec.n_audio:
