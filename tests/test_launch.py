@@ -28,7 +28,11 @@ with open(os.path.join(os.environ["FAKE_OUT"], "p" + pid + ".json"), "w") as f:
 mode = os.environ.get("FAKE_MODE", "ok")
 if mode.startswith("fail:"):
   _, bad, rc = mode.split(":")
-  if pid == bad:
+  if pid == bad:  # fail once every peer has started (and recorded itself)
+    peers = [os.path.join(os.environ["FAKE_OUT"], "p%d.json" % i) for i in range(int(os.environ["MERR1_NUM_PROCESSES"]))]
+    deadline = time.time() + 20
+    while not all(map(os.path.exists, peers)) and time.time() < deadline:
+      time.sleep(0.05)
     sys.exit(int(rc))
   time.sleep(60)
   open(os.path.join(os.environ["FAKE_OUT"], "p" + pid + ".finished"), "w").close()
