@@ -29,7 +29,8 @@ mode = os.environ.get("FAKE_MODE", "ok")
 if mode.startswith("fail:"):
   _, bad, rc = mode.split(":")
   if pid == bad:  # fail once every peer has started (and recorded itself)
-    peers = [os.path.join(os.environ["FAKE_OUT"], "p%d.json" % i) for i in range(int(os.environ["MERR1_NUM_PROCESSES"]))]
+    n = int(os.environ["MERR1_NUM_PROCESSES"])
+    peers = [os.path.join(os.environ["FAKE_OUT"], "p%d.json" % i) for i in range(n)]
     deadline = time.time() + 20
     while not all(map(os.path.exists, peers)) and time.time() < deadline:
       time.sleep(0.05)
