@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from merr1_jax import checkpoint, evaluation, experience, observe, optim
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
+from merr1_jax.models import hf_io
 from merr1_jax.run_setup import Run, setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/base.py[:arg].")
@@ -209,8 +210,9 @@ def train(config, workdir: str) -> dict:
   if config.log.plots and jax.process_index() == 0:
     observe.plot_curves(run.workdir)
   if config.checkpoint.export_hf:
+    # An Omni starting checkpoint is exported in its own layout, towers copied through unchanged.
     checkpoint.export_hf(params, run.model.config, run.workdir / "export", overwrite=True,
-                         dtype=config.checkpoint.export_dtype)
+                         dtype=config.checkpoint.export_dtype, **hf_io.export_kwargs(config.model.hf_path))
   run.close()
   return results
 
