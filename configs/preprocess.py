@@ -32,11 +32,12 @@ def get_config(arg=None):
   c.tokenizer_dir = ""  # tokenizer.json / HF tokenizer files; "" = checkpoint_dir
   c.torch_dtype = "bfloat16"  # tower compute dtype: float32 | bfloat16 | float16
   c.device = "cpu"  # torch device for the towers, e.g. "cuda:0"
-  # Placeholder layout in the prompt. "separate": <vision_bos>V..<vision_eos><audio_bos>A..<audio_eos>, the
-  # layout prompts.render_prompt writes, which the training pipeline consumes today. "interleaved": Omni's
-  # use_audio_in_video layout (2 s chunks, video rows then audio rows, TMRoPE time-aligned); the pipeline needs
-  # the recorded layout (see docs/preprocessing.md) before it can train on such records.
-  c.layout = "separate"
+  # Placeholder layout in the prompt. "interleaved" (default, the Omni reference): use_audio_in_video, i.e.
+  # <vision_bos><audio_bos> then 2 s chunks of video rows followed by audio rows, TMRoPE time-aligned; the runs
+  # (e.g. "V8A50V8A50") are stored in ClipRecord.media_layout and the training pipeline renders them.
+  # "separate": <vision_bos>V..<vision_eos><audio_bos>A..<audio_eos> (Omni with audio as its own input);
+  # media_layout stays None. Both are consumed by the training pipeline (docs/preprocessing.md).
+  c.layout = "interleaved"
   c.feature_dtype = "float16"  # record feature dtype: float16 | bfloat16 | float32
   c.question = ""  # the prompt question; "" = prompts.DEFAULT_QUESTION (must match the pipeline's)
 

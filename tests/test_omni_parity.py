@@ -3,7 +3,9 @@ LM into JAX, and match the HF thinker's full multimodal forward on the same clip
 
 Everything is built offline here: the thinker (transformers, random weights, saved as safetensors), a
 byte-level tokenizer with the Omni marker ids, and mp4 clips written with PyAV. Matching logits means the
-placeholder layout, the recorded TMRoPE ids and the embedding merge equal transformers' own.
+placeholder layout, the recorded TMRoPE ids and the embedding merge equal transformers' own. The records then go
+through the training pipeline (an eval batch, which re-renders each prompt from the record and its
+media_layout): the batch holds the recorded prompt ids and, fed to the JAX policy, gives the same logits again.
 """
 
 import json
@@ -17,7 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 av = pytest.importorskip("av")
 
-from merr1_jax.data import media, preprocess, schema  # noqa: E402
+from merr1_jax.data import media, pipeline, preprocess, schema  # noqa: E402
+from merr1_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from merr1_jax.models import base, hf_io, mllm  # noqa: E402
 
 D, VOCAB = 64, 151_680  # the vocabulary must reach past the Omni marker ids (ecosystem.md pitfall 9)
@@ -163,6 +166,7 @@ def test_jax_policy_on_records_matches_hf_thinker(omni, layout):
   assert (summary["written"], summary["failed"]) == (2, 0)
   model, params = omni["model"], omni["params"]
   forward = jax.jit(lambda p, inp: model.forward(p, model.embed(p, inp))[0])
+  refs, layouts = {}, {}
   for name in CLIPS:
     folder = os.path.join(cfg.output_dir, cfg.split)
     with open(os.path.join(folder, f"{name}.rec"), "rb") as f:
@@ -175,8 +179,11 @@ def test_jax_policy_on_records_matches_hf_thinker(omni, layout):
                                                  rec.n_audio, layout)
     if layout == "interleaved" and name == "long":  # the long clip really is interleaved: V A V A V A
       assert layout_info["runs"].count("V") == 3 and layout_info["runs"].count("A") == 3
+    # The record carries the runs only when they are not render_prompt's separate block.
+    assert rec.media_layout == (layout_info["runs"] if layout == "interleaved" else None)
 
-    ref = _hf_logits(omni, cfg, name, ids, layout)
+    ref = refs[name] = _hf_logits(omni, cfg, name, ids, layout)
+    layouts[name] = layout_info
     mm = dict(video=jnp.asarray(rec.video[None]), video_mask=jnp.ones((1, rec.n_video), bool),
               audio=jnp.asarray(rec.audio[None]), audio_mask=jnp.ones((1, rec.n_audio), bool))
     inputs = base.ModelInputs(tokens=jnp.asarray(ids[None]), positions=jnp.asarray(rec.position_ids[:, None]),
@@ -190,3 +197,24 @@ def test_jax_policy_on_records_matches_hf_thinker(omni, layout):
     flat = jnp.broadcast_to(jnp.arange(len(ids), dtype=jnp.int32), (3, 1, len(ids)))
     wrong = np.asarray(forward(params, inputs.replace(positions=flat)))[0]
     assert np.abs(wrong - ref).max() > 1e-2
+
+  # End to end through the training pipeline: records -> eval batch (left-padded, both clips in one batch).
+  folder = os.path.join(cfg.output_dir, cfg.split)
+  source = pipeline.BytesSource([open(os.path.join(folder, f"{n}.rec"), "rb").read() for n in CLIPS], name=folder)
+  pcfg = pipeline.PipelineConfig(kind="eval", batch_size=len(CLIPS), shuffle=False, num_epochs=1,
+                                 drop_remainder=False, video_dim=D, audio_dim=D, feature_dtype="float32")
+  batch = next(iter(pipeline.build(source, tokenizer_lib.load_hf(str(omni["ckpt"])), pcfg)))
+  assert list(batch["ids"]) == list(CLIPS)
+  inputs = base.ModelInputs(
+      tokens=jnp.asarray(batch["prompt_tokens"]), positions=jnp.asarray(batch["mrope_positions"]),
+      mask=jnp.asarray(batch["prompt_mask"]), video=jnp.asarray(batch["video"]),
+      video_mask=jnp.asarray(batch["video_mask"]), audio=jnp.asarray(batch["audio"]),
+      audio_mask=jnp.asarray(batch["audio_mask"]))
+  mllm.validate_placeholders(model.config, inputs)
+  logits = np.asarray(forward(params, inputs))
+  for row, name in enumerate(CLIPS):
+    m = batch["prompt_mask"][row]
+    np.testing.assert_array_equal(batch["prompt_tokens"][row][m], layouts[name]["prompt_ids"])
+    got = logits[row][m]
+    assert got.shape == refs[name].shape
+    assert np.abs(got - refs[name]).max() <= 1e-4, (name, layout, "pipeline", np.abs(got - refs[name]).max())

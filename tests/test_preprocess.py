@@ -151,7 +151,15 @@ class MeanColourEncoder:
                             audio_feature_len=len(a) * 4)
 
   def placeholder_runs(self, enc, layout):
-    return [("V", len(enc.video)), ("A", len(enc.audio))]
+    nv, na = len(enc.video), len(enc.audio)
+    if layout == "separate":
+      return [("V", nv), ("A", na)]
+    # Omni-like 2 s chunks, each chunk's video rows then its audio rows: one video row per second
+    # (second_per_grid=1) and 25 audio rows per second.
+    runs = []
+    for j in range(max(-(-nv // 2), -(-na // 50))):
+      runs += [("V", len(range(nv)[2 * j:2 * j + 2])), ("A", len(range(na)[50 * j:50 * j + 50]))]
+    return [r for r in runs if r[1]]
 
   def position_ids(self, prompt_ids, enc, layout):
     p = np.arange(len(prompt_ids), dtype=np.int32)
@@ -243,9 +251,11 @@ def test_shards_are_disjoint_and_the_job_resumes(tmp_path, tok):
   assert (out / "clip2.rec").exists() and (out / "clip0.rec").read_bytes() == before
 
 
-def test_records_feed_tfds_and_the_pipeline_with_their_position_ids(tmp_path, tok):
-  _inputs(tmp_path, {"x1": {"n_frames": 8}, "x2": {"n_frames": 4, "audio_s": 1.6}})
-  cfg = _cfg(tmp_path, tfds_data_dir=str(tmp_path / "tfds"))
+@pytest.mark.parametrize("layout", encoders.LAYOUTS)
+def test_records_feed_tfds_and_the_pipeline_with_their_position_ids(tmp_path, tok, layout):
+  # x1: 6 s of video (6 frame pairs at 2 fps) and 5 s of audio (125 rows), three 2 s chunks when interleaved.
+  _inputs(tmp_path, {"x1": {"n_frames": 24, "fps": 4, "audio_s": 5.0}, "x2": {"n_frames": 4, "audio_s": 1.6}})
+  cfg = _cfg(tmp_path, tfds_data_dir=str(tmp_path / "tfds"), layout=layout)
   preprocess.run(cfg, encoder=MeanColourEncoder(), tokenizer=tok)
   builder = preprocess.build_tfds(cfg)
   source = tfds_builders.TfdsSource(builder, "train")
@@ -259,10 +269,17 @@ def test_records_feed_tfds_and_the_pipeline_with_their_position_ids(tmp_path, to
   batch = next(iter(pipeline.build(source, tok, pcfg)))
   for row, rec in enumerate(recs):
     assert batch["ids"][row] == rec.id
-    layout = json.loads((out / f"{rec.id}.layout.json").read_text())
+    info = json.loads((out / f"{rec.id}.layout.json").read_text())
+    assert info["layout"] == layout
+    if layout == "interleaved":  # the record carries its runs; the long clip really alternates V A V A V A
+      assert rec.media_layout == info["runs"]
+      if rec.id == "x1":
+        assert rec.media_layout == "V2A50V2A50V2A" + str(rec.n_audio - 100) and rec.n_video == 6
+    else:
+      assert rec.media_layout is None and info["runs"] == f"V{rec.n_video}A{rec.n_audio}"
     mask = batch["prompt_mask"][row]
     # The pipeline re-renders the prompt: same tokens as recorded, and the recorded position ids on them.
-    np.testing.assert_array_equal(batch["prompt_tokens"][row][mask], layout["prompt_ids"])
+    np.testing.assert_array_equal(batch["prompt_tokens"][row][mask], info["prompt_ids"])
     np.testing.assert_array_equal(batch["mrope_positions"][:, row][:, mask], rec.position_ids)
     assert rec.n_video == len(np.asarray(batch["video_mask"][row]).nonzero()[0])
     assert rec.subtitle == f"Hello there {rec.id}" and rec.openset == ("happy",)
@@ -278,6 +295,11 @@ def test_prompt_layouts():
       prompts.VISION_BOS + v + prompts.VISION_EOS + prompts.AUDIO_BOS + a + prompts.AUDIO_EOS, block)
   with pytest.raises(ValueError, match="one video run then one audio run"):
     preprocess.render_prompt("hi", [("V", 2), ("A", 1), ("V", 1)], "separate")
+  # What a record stores, and the prompt the pipeline renders from it, are the same text.
+  assert preprocess.media_layout([("V", 2), ("A", 1), ("V", 1), ("A", 2)], "interleaved") == "V2A1V1A2"
+  assert preprocess.media_layout(runs, "separate") is None
+  assert inter == prompts.render_prompt("hi", 3, 3, "fast", media_runs="V2A1V1A2")
+  assert inter.count(preprocess.media_block([("V", 2), ("A", 1), ("V", 1), ("A", 2)], "interleaved")) == 1
   assert encoders.string_to_runs("V8A50V4A12") == [("V", 8), ("A", 50), ("V", 4), ("A", 12)]
   with pytest.raises(ValueError, match="bad placeholder layout"):
     encoders.string_to_runs("V8X3")

@@ -6,13 +6,14 @@
 Per clip: decode (media.py: sampled, resized frames; 16 kHz audio from a wav or the video's track) -> encode
 (encoders.py: tower features in the LM space, the placeholder layout) -> render the slow-mode prompt with that
 layout and tokenise it -> the encoder's 3-D position ids for exactly those tokens -> one `schema.ClipRecord`
-(feature_space 'lm_embed', position_ids [3, L]) written atomically, plus `{name}.layout.json` holding the
-placeholder runs (e.g. "V8A50V8A50") and the prompt ids, so a consumer can rebuild the exact token layout.
+(feature_space 'lm_embed', position_ids [3, L], and for 'interleaved' the placeholder runs in media_layout)
+written atomically, plus `{name}.layout.json` holding the placeholder runs (e.g. "V8A50V8A50") and the prompt
+ids.
 
-Prompt: `prompts.render_prompt`'s chat turn, whose media block is replaced by the encoder's layout. With
-layout 'separate' the result is byte-identical to render_prompt (checked per clip), so the training pipeline
-reproduces these tokens and the recorded position ids line up; 'interleaved' (Omni's use_audio_in_video
-layout) differs from render_prompt and needs the consumer to use the recorded layout (docs/preprocessing.md).
+Prompt: `prompts.render_prompt`'s chat turn, the one implementation of both layouts. 'interleaved' (Omni's
+use_audio_in_video layout, the default) passes the runs as `media_runs` and stores them in
+`ClipRecord.media_layout`; 'separate' is render_prompt's default block and leaves media_layout None. Either
+way the training pipeline re-renders exactly these tokens from the record, so the recorded position ids line up.
 
 Scaling and resume: clips (sorted by name) are dealt round-robin to `num_shards` processes. A clip whose
 record exists is skipped; a shard whose summary file exists is skipped whole (resume=True).
@@ -45,8 +46,6 @@ _log = logging.getLogger(__name__)
 ON_ERROR = ("skip", "raise")
 _FEATURE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                    "float32": np.dtype(np.float32)}
-_DEFAULT_BLOCK = (prompts.VISION_BOS + prompts.VIDEO_TOKEN + prompts.VISION_EOS + prompts.AUDIO_BOS +
-                  prompts.AUDIO_TOKEN + prompts.AUDIO_EOS)
 
 
 class ClipError(ValueError):
@@ -70,11 +69,19 @@ class Clip:
 # ------------------------------------------------------------------------------------------------ prompts
 
 
+def media_layout(runs: Sequence[tuple[str, int]], layout: str) -> str | None:
+  """ClipRecord.media_layout for these runs: the runs string when interleaved, None for the separate block."""
+  if layout == "interleaved":
+    return encoders.runs_to_string(list(runs))
+  if layout == "separate":
+    return None
+  raise ValueError(f"layout={layout!r}; expected one of {encoders.LAYOUTS}")
+
+
 def media_block(runs: Sequence[tuple[str, int]], layout: str) -> str:
   """The prompt's media markers for placeholder runs [('V', n), ('A', m), ...] in the given layout."""
-  body = "".join((prompts.VIDEO_TOKEN if k == "V" else prompts.AUDIO_TOKEN) * n for k, n in runs)
   if layout == "interleaved":  # Omni (use_audio_in_video): both start markers, the chunks, both end markers
-    return prompts.VISION_BOS + prompts.AUDIO_BOS + body + prompts.AUDIO_EOS + prompts.VISION_EOS
+    return prompts.interleaved_media_block(media_layout(runs, layout))
   if layout == "separate":
     kinds = [k for k, n in runs if n]
     if kinds != ["V", "A"]:
@@ -87,16 +94,16 @@ def media_block(runs: Sequence[tuple[str, int]], layout: str) -> str:
 
 def render_prompt(subtitle: str, runs: Sequence[tuple[str, int]], layout: str, mode: str = "slow", *,
                   question: str = prompts.DEFAULT_QUESTION) -> str:
-  """prompts.render_prompt's chat turn with the media block laid out as `runs` / `layout` say."""
-  base = prompts.render_prompt(subtitle, 1, 1, mode, question=question)
-  if base.count(_DEFAULT_BLOCK) != 1:
-    raise AssertionError("prompts.render_prompt no longer writes one video+audio block; update preprocess")
-  text = base.replace(_DEFAULT_BLOCK, media_block(runs, layout))
-  if layout == "separate":  # the pipeline re-renders with prompts.render_prompt: it must be the same text
-    n_v = sum(n for k, n in runs if k == "V")
-    n_a = sum(n for k, n in runs if k == "A")
-    if text != prompts.render_prompt(subtitle, n_v, n_a, mode, question=question):
-      raise AssertionError("separate layout differs from prompts.render_prompt")
+  """prompts.render_prompt's chat turn with the media block laid out as `runs` / `layout` say.
+
+  This is the text the pipeline renders for the record (`media_runs=media_layout(runs, layout)`), by design.
+  """
+  block = media_block(runs, layout)  # validates the runs for the layout
+  n_v = sum(n for k, n in runs if k == "V")
+  n_a = sum(n for k, n in runs if k == "A")
+  text = prompts.render_prompt(subtitle, n_v, n_a, mode, question=question, media_runs=media_layout(runs, layout))
+  if text.count(block) != 1:  # e.g. render_prompt's separate block and media_block drifting apart
+    raise AssertionError(f"the {layout} media block is not in prompts.render_prompt's text once")
   return text
 
 
@@ -203,7 +210,8 @@ def encode_clip(cfg, clip: Clip, decoded: Decoded, encoder: encoders.Encoder,
   dtype = _FEATURE_DTYPES[cfg.feature_dtype]
   rec = schema.ClipRecord(id=clip.id, dataset=cfg.dataset, video=enc.video.astype(dtype),
                           audio=enc.audio.astype(dtype), subtitle=subtitle, openset=clip.openset,
-                          feature_space=encoder.feature_space, position_ids=pos)
+                          feature_space=encoder.feature_space, position_ids=pos,
+                          media_layout=media_layout(runs, cfg.layout))
   try:
     schema.check(rec, video_dim=encoder.feature_dim, audio_dim=encoder.feature_dim, source=video_path)
   except schema.BadRecordError as e:
