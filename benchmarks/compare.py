@@ -1,0 +1,242 @@
+"""Side-by-side GRPO step times: merr1_jax against TRL and Tunix on the same work (benchmarks/peers/spec.py).
+
+  bash benchmarks/peers/setup.sh            # once: the peers' own virtualenvs under benchmarks/peers/.venvs/
+  python benchmarks/compare.py [--rounds 3] [--warmup 1] [--steps 2] [--impls ours,trl,tunix] [--no_docs]
+
+Prepares the shared checkpoint, tokenizer and prompts (peers/prepare.py), then runs the implementations in turn,
+alternating A B C A B C ... for --rounds rounds, each run a fresh process (warm-up steps dropped inside it). For
+every figure (end-to-end step, generation, scoring = reference log-probs + rewards + advantages, update,
+generated tokens/s) it prints the median over rounds of each run's median and the min-max over rounds, our
+speed-up against each peer (median of the per-round ratios of step times, so load drift on a shared machine
+moves both sides alike), and each process's peak resident memory (wait4's ru_maxrss). With docs on, the table,
+the machine, the date and the exact commands replace the '## Peers' section of docs/benchmarks.md (appended if
+absent). A peer that fails is reported with the tail of its log; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(ROOT, "benchmarks", "peers")
+sys.path.insert(0, PEERS)
+import spec  # noqa: E402
+
+FIGURES = (("step_s", "step"), ("gen_s", "generate"), ("score_s", "ref + reward"), ("update_s", "update"))
+NAMES = {"ours": "merr1_jax (ours)", "trl": "TRL", "tunix": "Tunix"}
+
+
+def python_for(impl: str) -> str:
+  if impl == "ours":
+    return sys.executable
+  py = os.path.join(PEERS, ".venvs", impl, "bin", "python")
+  if not os.path.exists(py):
+    raise FileNotFoundError(f"{py} is missing: run `bash benchmarks/peers/setup.sh {impl}` first")
+  return py
+
+
+def command(impl: str, warmup: int, steps: int, out: str) -> list[str]:
+  script = os.path.join(PEERS, f"{impl}_grpo.py")
+  return [python_for(impl), script, "--warmup", str(warmup), "--steps", str(steps), "--out", out]
+
+
+def run_one(cmd: list[str], log_path: str, timeout_s: float) -> tuple[int, float]:
+  """Runs cmd with output to log_path; returns (exit status, peak RSS in MiB of that process).
+
+  wait4 reaps the child and returns its own rusage; under `timeout` that rusage covers the benchmark process too
+  (a reaped descendant's peak counts towards its parent's ru_maxrss)."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)  # the test suite's fake CPU devices must not leak into a benchmark
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(["timeout", str(int(timeout_s))] + cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env=env)
+    try:
+      _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+      proc.kill()
+      raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+  return proc.returncode, usage.ru_maxrss / 1024.0
+
+
+def tail(path: str, n: int = 6) -> str:
+  with open(path, errors="replace") as f:
+    lines = [l.rstrip() for l in f if l.strip() and "Warning" not in l]
+  return "\n".join(lines[-n:])
+
+
+def aggregate(results: dict[str, list[dict]]) -> dict:
+  """Per impl and figure: median and min-max over rounds of each run's median; tokens/s likewise."""
+  out = {}
+  for impl, runs in results.items():
+    ok = [r for r in runs if "median" in r]
+    if not ok:
+      continue
+    fig = {}
+    for key, _ in FIGURES:
+      vals = [r["median"][key] for r in ok]
+      fig[key] = (statistics.median(vals), min(vals), max(vals))
+    tps = [r["median"]["gen_tokens"] / r["median"]["gen_s"] for r in ok]
+    fig["gen_tok_s"] = (statistics.median(tps), min(tps), max(tps))
+    rss = [r["peak_rss_mib"] for r in ok]
+    fig["rss_mib"] = (statistics.median(rss), min(rss), max(rss))
+    fig["gen_tokens"] = ok[0]["median"]["gen_tokens"]
+    out[impl] = dict(fig=fig, runs=len(ok), versions=ok[0].get("versions", {}))
+  return out
+
+
+def speedups(results: dict[str, list[dict]], key: str = "step_s") -> dict[str, tuple[float, float, float]]:
+  """ours vs each peer: per-round ratio peer / ours of `key`, median and min-max."""
+  ours = results.get("ours", [])
+  out = {}
+  for impl, runs in results.items():
+    if impl == "ours":
+      continue
+    ratios = [p["median"][key] / o["median"][key] for o, p in zip(ours, runs) if "median" in o and "median" in p]
+    if ratios:
+      out[impl] = (statistics.median(ratios), min(ratios), max(ratios))
+  return out
+
+
+def _cpu() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
+def _mm(t, scale=1.0, fmt="{:.1f}") -> str:
+  med, lo, hi = (x * scale for x in t)
+  return f"{fmt.format(med)} ({fmt.format(lo)}-{fmt.format(hi)})"
+
+
+def markdown(agg: dict, sp: dict, sp_parts: dict, errors: dict, meta: dict) -> str:
+  lines = ["## Peers", "",
+           f"One GRPO step on the same work in merr1_jax, TRL and Tunix (benchmarks/peers/spec.py): a Qwen2-style "
+           f"decoder of {meta['model']['params'] / 1e6:.1f}M parameters (vocab {meta['model']['vocab']}, d_model "
+           f"{meta['model']['d_model']}, {meta['model']['layers']} layers, {meta['model']['heads']} heads, "
+           f"{meta['model']['kv_heads']} KV heads, MLP {meta['model']['mlp']}), the same random-init weights "
+           f"(exported once as a HF checkpoint) and tokenizer; {spec.NUM_PROMPTS} prompts of {spec.PROMPT_LEN} "
+           f"tokens, G = {spec.GROUP}, exactly {spec.NEW_TOKENS} new tokens per row (EOS ignored) at temperature "
+           f"{spec.TEMPERATURE}, beta {spec.BETA} with a reference model (k3 KL), one update per batch, AdamW, "
+           f"float32 on the CPU. Text only on our side.", "",
+           f"Machine: {meta['cpu']}, {meta['cores']} cores (shared), load average {meta['load']:.1f} at start; "
+           f"{meta['date']}. {meta['rounds']} rounds, implementations alternated in each round, each run a fresh "
+           f"process with {meta['warmup']} warm-up step(s) dropped and {meta['steps']} timed; a cell is the median "
+           f"over rounds of each run's median step, with the min-max over rounds in brackets.", "",
+           "| implementation | step s | generate s | ref + reward s | update s | generated tok/s | peak RSS MiB |",
+           "|---|---|---|---|---|---|---|"]
+  for impl in meta["impls"]:
+    if impl not in agg:
+      lines.append(f"| {NAMES[impl]} | failed: see below | | | | | |")
+      continue
+    f = agg[impl]["fig"]
+    lines.append(f"| {NAMES[impl]} | {_mm(f['step_s'])} | {_mm(f['gen_s'])} | {_mm(f['score_s'])} | "
+                 f"{_mm(f['update_s'])} | {_mm(f['gen_tok_s'], fmt='{:.0f}')} | {_mm(f['rss_mib'], fmt='{:.0f}')} |")
+  lines.append("")
+  for impl, t in sp.items():
+    parts = ", ".join(f"{label} {sp_parts[impl][k][0]:.2f}x" for k, label in FIGURES[1:] if k in sp_parts.get(impl, {}))
+    lines.append(f"- Speed-up of the end-to-end step against {NAMES[impl]}: **{t[0]:.2f}x** (rounds "
+                 f"{t[1]:.2f}-{t[2]:.2f}x); by phase: {parts}.")
+  versions = "; ".join(f"{NAMES[i]}: " + ", ".join(f"{k} {v}" for k, v in a["versions"].items())
+                       for i, a in agg.items())
+  lines += ["", f"Versions: {versions}.", "", "Commands:", "", "```bash"] + meta["commands"] + ["```"]
+  for impl, err in errors.items():
+    lines += ["", f"{NAMES[impl]} failed ({err['runs']} of {meta['rounds']} runs):", "", "```", err["tail"], "```"]
+  return "\n".join(lines) + "\n"
+
+
+def write_section(path: str, heading: str, body: str) -> None:
+  """Replaces the `heading` section of the markdown file (up to the next '## ') or appends it."""
+  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+  pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+  if pattern.search(text):
+    text = pattern.sub(lambda _: body + "\n", text, count=1)
+  else:
+    text = text.rstrip("\n") + "\n\n" + body
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--warmup", type=int, default=spec.WARMUP_STEPS)
+  ap.add_argument("--steps", type=int, default=2, help="timed steps per run")
+  ap.add_argument("--impls", default="ours,trl,tunix")
+  ap.add_argument("--timeout_s", type=float, default=3600)
+  ap.add_argument("--docs", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+  ap.add_argument("--no_docs", action="store_true")
+  ap.add_argument("--skip_prepare", action="store_true", help="reuse benchmarks/peers/.work")
+  ap.add_argument("--json", default=None, help="also write every run's result here")
+  args = ap.parse_args(argv)
+  impls = args.impls.split(",")
+  for impl in impls:
+    if impl not in NAMES:
+      raise ValueError(f"--impls: unknown {impl!r}; expected some of {','.join(NAMES)}")
+    python_for(impl)
+  load = os.getloadavg()[0]
+  logs = os.path.join(spec.WORK_DIR, "logs")
+  os.makedirs(logs, exist_ok=True)
+  prep_cmd = [sys.executable, os.path.join(PEERS, "prepare.py")]
+  if not args.skip_prepare:
+    subprocess.run(prep_cmd, check=True, cwd=ROOT)
+  with open(os.path.join(spec.WORK_DIR, "model_info.json")) as f:
+    model_info = json.load(f)
+  results = {i: [] for i in impls}
+  errors = {}
+  for rnd in range(args.rounds):
+    for impl in impls:
+      out = os.path.join(logs, f"{impl}_{rnd}.json")
+      log = os.path.join(logs, f"{impl}_{rnd}.log")
+      if os.path.exists(out):
+        os.remove(out)
+      rc, rss = run_one(command(impl, args.warmup, args.steps, out), log, args.timeout_s)
+      if rc == 0 and os.path.exists(out):
+        with open(out) as f:
+          res = json.load(f)
+        res["peak_rss_mib"] = rss  # from wait4: the whole process, as the OS saw it
+        results[impl].append(res)
+        print(f"round {rnd} {impl}: step {res['median']['step_s']:.2f}s gen {res['median']['gen_s']:.2f}s "
+              f"score {res['median']['score_s']:.2f}s update {res['median']['update_s']:.2f}s rss {rss:.0f}MiB",
+              flush=True)
+      else:
+        results[impl].append({"error": rc})
+        err = errors.setdefault(impl, {"runs": 0})
+        err["runs"] += 1
+        err["tail"] = tail(log)
+        print(f"round {rnd} {impl}: FAILED (exit {rc}), log {log}:\n{err['tail']}", flush=True)
+  agg = aggregate(results)
+  sp = speedups(results)
+  sp_parts = {i: {k: speedups(results, k)[i] for k, _ in FIGURES if i in speedups(results, k)} for i in sp}
+  rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+  cmds = [f"bash {rel(os.path.join(PEERS, 'setup.sh'))}",
+          f"python {rel(os.path.abspath(__file__))} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+          "# which runs, per round and implementation:"]
+  cmds += [" ".join(rel(c) if c.startswith(ROOT) else c for c in command(i, args.warmup, args.steps, "X.json"))
+           for i in impls]
+  cmds = [c.replace(rel(sys.executable), "python") for c in cmds]
+  meta = dict(cpu=_cpu(), cores=os.cpu_count(), load=load, date=datetime.date.today().isoformat(),
+              rounds=args.rounds, warmup=args.warmup, steps=args.steps, impls=impls, commands=cmds, model=model_info)
+  md = markdown(agg, sp, sp_parts, errors, meta)
+  print("\n" + md)
+  if not args.no_docs:
+    write_section(args.docs, "## Peers", md)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(results=results, meta=meta), f, indent=1)
+  return dict(results=results, aggregate=agg, speedups=sp, markdown=md)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,106 @@
+"""TRL's side of the peer comparison: the spec.py GRPO configuration with trl.GRPOTrainer (CPU, float32).
+
+Runs in benchmarks/peers/.venvs/trl (setup.sh): trl 1.16.0, torch 2.13.0 CPU. Loads the prepare.py checkpoint
+with transformers (Qwen2ForCausalLM, SDPA attention) for both the policy and the reference model, and the same
+tokenizer.json. GRPOConfig: 32 completions per step = 4 prompts x num_generations 8, gradient accumulation 1,
+steps_per_generation 1 and num_iterations 1 (so TRL skips the old-log-prob pass, as we do), beta 0.04 (TRL's KL
+is k3), loss_type 'dapo' (token mean over the batch, our token_mean), scale_rewards 'group', max_grad_norm 1.0,
+AdamW lr 1e-6, max_completion_length 64 with generation_kwargs min_new_tokens 64, so EOS cannot end a row early.
+
+Timing: the trainer's own loop runs warm-up + timed steps; a callback times each optimizer step (on_step_begin
+-> on_step_end), and the instance's `_generate_and_score_completions` (generation + reference log-probs +
+rewards + advantages) and `_generate_single_turn` (transformers generate) are wrapped with timers. Update =
+step - generate-and-score (the forward/backward and the optimizer step).
+
+  .venvs/trl/bin/python benchmarks/peers/trl_grpo.py [--warmup 1] [--steps 3] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import spec  # noqa: E402
+
+
+def _timed(clock: spec.StepClock, name: str, fn):
+  @functools.wraps(fn)
+  def wrapper(*a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    clock.add(name, time.perf_counter() - t)
+    return out
+  return wrapper
+
+
+def main(argv=None) -> dict:
+  args = spec.arg_parser(__doc__).parse_args(argv)
+  import datasets
+  import torch
+  import transformers
+  import trl
+
+  prompts = spec.load_prompts(args.prompts)
+  tok = transformers.AutoTokenizer.from_pretrained(args.ckpt, local_files_only=True)
+  spec.check_prompt_ids(tok(prompts["texts"], add_special_tokens=False)["input_ids"], prompts, "trl")
+  n_steps = args.warmup + args.steps
+  # One row per prompt and step: TRL's sampler draws 4 distinct prompts per step and repeats each G times.
+  data = datasets.Dataset.from_dict({"prompt": prompts["texts"] * n_steps})
+
+  clock = spec.StepClock()
+  tokens = []
+
+  def reward(completions, **_):
+    return [spec.reward(c) for c in completions]
+
+  class Clock(transformers.TrainerCallback):
+    def on_step_begin(self, *_, **__):
+      clock.start()
+
+    def on_step_end(self, *_, **__):
+      clock.lap(gen_tokens=tokens[-1] if tokens else float("nan"))
+
+  torch.manual_seed(spec.SEED)
+  with tempfile.TemporaryDirectory() as out_dir:
+    cfg = trl.GRPOConfig(
+        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, seed=spec.SEED,
+        per_device_train_batch_size=spec.NUM_PROMPTS * spec.GROUP, num_generations=spec.GROUP,
+        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
+        max_completion_length=spec.NEW_TOKENS, generation_kwargs={"min_new_tokens": spec.NEW_TOKENS},
+        temperature=spec.TEMPERATURE, top_p=1.0, top_k=0, beta=spec.BETA, epsilon=spec.EPSILON,
+        loss_type="dapo", scale_rewards="group", learning_rate=spec.LEARNING_RATE, max_grad_norm=1.0,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=n_steps, logging_steps=10_000,
+        save_strategy="no", report_to="none", disable_dropout=True, shuffle_dataset=False,
+        dataloader_num_workers=0, model_init_kwargs={"dtype": torch.float32})
+    trainer = trl.GRPOTrainer(model=args.ckpt, reward_funcs=reward, args=cfg, train_dataset=data,
+                              processing_class=tok, callbacks=[Clock()])
+    trainer._generate_and_score_completions = _timed(clock, "score_total_s", trainer._generate_and_score_completions)
+    gen = trainer._generate_single_turn
+
+    def generate(prompt_ids, *a, **kw):
+      lens = sorted({len(p) for p in prompt_ids})
+      if lens != [spec.PROMPT_LEN]:
+        raise ValueError(f"trl: generating from prompts of {lens} tokens, expected {spec.PROMPT_LEN}")
+      t = time.perf_counter()
+      completion_ids, logprobs = gen(prompt_ids, *a, **kw)
+      clock.add("gen_s", time.perf_counter() - t)
+      tokens.append(float(sum(len(c) for c in completion_ids)))  # after TRL's cut at the first EOS
+      return completion_ids, logprobs
+
+    trainer._generate_single_turn = generate
+    trainer.train()
+  for s in clock.steps:
+    s["score_s"] = s.pop("score_total_s") - s["gen_s"]
+    s["update_s"] = s["step_s"] - s["gen_s"] - s["score_s"]
+  return spec.emit("trl", clock.steps, args.warmup, args.out, device="cpu", threads=torch.get_num_threads(),
+                   versions={"trl": trl.__version__, "torch": torch.__version__,
+                             "transformers": transformers.__version__},
+                   attn=trainer.model.config._attn_implementation)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,136 @@
+"""Tunix's side of the peer comparison: the spec.py GRPO configuration with tunix 0.1.7 GRPOLearner (CPU, float32).
+
+Runs in benchmarks/peers/.venvs/tunix (setup.sh): google-tunix 0.1.7 and the jax/flax it resolves to. Policy and
+reference are tunix.models.qwen2 models loaded from the prepare.py safetensors (params.create_model_from_safe_tensors)
+on a 1x1 (fsdp, tp) mesh; the tokenizer is the same tokenizer.json through transformers. GRPOConfig:
+num_generations 8, num_iterations 1 (no old-log-prob pass), beta 0.04, kl_loss_mode 'low_var_kl' (the k3
+estimator), epsilon 0.2, loss_agg_mode 'token-mean'. The vanilla rollout engine samples 64 tokens at temperature
+1.0 with eos_tokens=[-1], an id no row can emit, so every row decodes exactly 64 tokens. AdamW lr 1e-6 behind
+global-norm clipping at 1.0; one mini-batch of all 32 rows = one update per step.
+
+Timing: wrappers on the learner's `_generate_and_compute_advantage` (generation + reference log-probs + rewards +
+advantages) and on the cluster's `generate` and `update_actor`; each blocks on its outputs (update_actor on the
+actor's parameters), so JAX's asynchronous dispatch cannot move work from one phase into the next.
+
+  .venvs/tunix/bin/python benchmarks/peers/tunix_grpo.py [--warmup 1] [--steps 3] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import spec  # noqa: E402
+
+
+def main(argv=None) -> dict:
+  args = spec.arg_parser(__doc__).parse_args(argv)
+  import jax
+  import numpy as np
+  import optax
+  import transformers
+  from flax import nnx
+  from tunix.models.qwen2 import model as qwen2_model
+  from tunix.models.qwen2 import params as qwen2_params
+  from tunix.rl import rl_cluster as rl_cluster_lib
+  from tunix.rl.grpo import grpo_learner
+  from tunix.rl.rollout import base_rollout
+
+  prompts = spec.load_prompts(args.prompts)
+  tok = transformers.AutoTokenizer.from_pretrained(args.ckpt, local_files_only=True)
+  spec.check_prompt_ids(tok(prompts["texts"], add_special_tokens=False)["input_ids"], prompts, "tunix")
+  with open(os.path.join(args.ckpt, "config.json")) as f:
+    hf = json.load(f)
+  cfg = qwen2_model.ModelConfig(
+      num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
+      hidden_dim=hf["intermediate_size"], num_heads=hf["num_attention_heads"], head_dim=hf["head_dim"],
+      num_kv_heads=hf["num_key_value_heads"], rope_theta=int(hf["rope_theta"]), norm_eps=hf["rms_norm_eps"],
+      use_tied_embedding=hf["tie_word_embeddings"])
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  actor = qwen2_params.create_model_from_safe_tensors(args.ckpt, cfg, mesh)
+  reference = qwen2_params.create_model_from_safe_tensors(args.ckpt, cfg, mesh)
+
+  n_steps = args.warmup + args.steps
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(spec.LEARNING_RATE, weight_decay=0.0))
+  clock = spec.StepClock()
+  tokens = []
+  with tempfile.TemporaryDirectory() as tmp:
+    training = rl_cluster_lib.RLTrainingConfig(
+        actor_optimizer=tx, eval_every_n_steps=10**9, max_steps=n_steps,
+        mini_batch_size=spec.NUM_PROMPTS, train_micro_batch_size=spec.NUM_PROMPTS,
+        checkpoint_root_directory=None, metrics_logging_options=None, pbar_description=None)
+    rollout = base_rollout.RolloutConfig(
+        max_tokens_to_generate=spec.NEW_TOKENS, max_prompt_length=spec.PROMPT_LEN,
+        kv_cache_size=spec.PROMPT_LEN + spec.NEW_TOKENS + 8, temperature=spec.TEMPERATURE, top_p=1.0, top_k=None,
+        eos_tokens=[-1], seed=spec.SEED)  # an int: the sampler makes a fresh key per call (a key array is donated)
+    cluster = rl_cluster_lib.RLCluster(
+        actor=actor, reference=reference, tokenizer=tok,
+        cluster_config=rl_cluster_lib.ClusterConfig(
+            role_to_mesh={rl_cluster_lib.Role.ACTOR: mesh, rl_cluster_lib.Role.REFERENCE: mesh,
+                          rl_cluster_lib.Role.ROLLOUT: mesh},
+            rollout_engine="vanilla", offload_to_cpu=False, training_config=training, rollout_config=rollout))
+    algo = grpo_learner.GRPOConfig(num_generations=spec.GROUP, num_iterations=1, beta=spec.BETA,
+                                   kl_loss_mode="low_var_kl", epsilon=spec.EPSILON, loss_agg_mode="token-mean")
+
+    def reward(prompts, completions, **_):
+      return [spec.reward(c) for c in completions]
+
+    learner = grpo_learner.GRPOLearner(rl_cluster=cluster, reward_fns=reward, algo_config=algo)
+
+    gen = cluster.generate
+
+    @functools.wraps(gen)
+    def generate(*a, **kw):
+      clock.start()
+      t = time.perf_counter()
+      out = jax.block_until_ready(gen(*a, **kw))
+      clock.add("gen_s", time.perf_counter() - t)
+      tokens.append(float(sum(len(x) for x in out.tokens)))
+      lens = sorted({int((row != cluster.rollout.pad_id()).sum()) for row in out.left_padded_prompt_tokens})
+      if lens != [spec.PROMPT_LEN]:
+        raise ValueError(f"tunix: generated from prompts of {lens} tokens, expected {spec.PROMPT_LEN}")
+      return out
+
+    cluster.generate = generate
+    adv = learner._generate_and_compute_advantage
+
+    @functools.wraps(adv)
+    def generate_and_score(*a, **kw):
+      t = time.perf_counter()
+      out = jax.block_until_ready(adv(*a, **kw))
+      clock.add("score_total_s", time.perf_counter() - t)
+      return out
+
+    learner._generate_and_compute_advantage = generate_and_score
+    update = cluster.update_actor
+
+    @functools.wraps(update)
+    def update_actor(*a, **kw):
+      t = time.perf_counter()
+      out = update(*a, **kw)
+      jax.block_until_ready(nnx.state(cluster.actor_trainer.model))
+      clock.add("update_s", time.perf_counter() - t)
+      clock.lap(gen_tokens=tokens[-1] if tokens else float("nan"))
+      return out
+
+    cluster.update_actor = update_actor
+    # One numpy leaf per batch: the learner tree-maps np.repeat over it (a list would be split into leaves).
+    data = [{"prompts": np.asarray(prompts["texts"])} for _ in range(n_steps)]
+    learner.train(data)
+  for s in clock.steps:
+    s["score_s"] = s.pop("score_total_s") - s["gen_s"]
+    s["step_s"] = s["gen_s"] + s["score_s"] + s["update_s"]
+  import tunix  # noqa: F401
+  from importlib import metadata
+  return spec.emit("tunix", clock.steps, args.warmup, args.out, device=jax.devices()[0].device_kind,
+                   threads=os.cpu_count(),
+                   versions={k: metadata.version(k) for k in ("google-tunix", "jax", "flax", "transformers")})
+
+
+if __name__ == "__main__":
+  main()
