@@ -33,6 +33,7 @@ import spec  # noqa: E402
 
 FIGURES = (("step_s", "step"), ("gen_s", "generate"), ("score_s", "ref + reward"), ("update_s", "update"))
 NAMES = {"ours": "merr1_jax (ours)", "trl": "TRL", "tunix": "Tunix"}
+TARGETS = {"trl": 5.0, "tunix": 1.5}  # issue 10: end-to-end step speed-up goals on the CPU
 
 
 def python_for(impl: str) -> str:
@@ -146,8 +147,13 @@ def markdown(agg: dict, sp: dict, sp_parts: dict, errors: dict, meta: dict) -> s
   lines.append("")
   for impl, t in sp.items():
     parts = ", ".join(f"{label} {sp_parts[impl][k][0]:.2f}x" for k, label in FIGURES[1:] if k in sp_parts.get(impl, {}))
+    goal = TARGETS.get(impl)
+    verdict = ("" if goal is None else f" Goal >= {goal:.1f}x: " +
+               ("met." if t[0] >= goal else f"**missed**, by a factor of {goal / t[0]:.2f}."))
     lines.append(f"- Speed-up of the end-to-end step against {NAMES[impl]}: **{t[0]:.2f}x** (rounds "
-                 f"{t[1]:.2f}-{t[2]:.2f}x); by phase: {parts}.")
+                 f"{t[1]:.2f}-{t[2]:.2f}x); by phase: {parts}.{verdict}")
+  if any(t[0] < TARGETS.get(i, 0) for i, t in sp.items()):
+    lines.append("- Where the time goes, phase by phase, and what would close the gap: the '## RL step' section.")
   versions = "; ".join(f"{NAMES[i]}: " + ", ".join(f"{k} {v}" for k, v in a["versions"].items())
                        for i, a in agg.items())
   lines += ["", f"Versions: {versions}.", "", "Commands:", "", "```bash"] + meta["commands"] + ["```"]
@@ -179,7 +185,12 @@ def main(argv=None) -> dict:
   ap.add_argument("--no_docs", action="store_true")
   ap.add_argument("--skip_prepare", action="store_true", help="reuse benchmarks/peers/.work")
   ap.add_argument("--json", default=None, help="also write every run's result here")
+  ap.add_argument("--from_json", default=None, help="re-render the report from a --json file; runs nothing")
   args = ap.parse_args(argv)
+  if args.from_json:
+    with open(args.from_json) as f:
+      saved = json.load(f)
+    return report(saved["results"], saved["meta"], None if args.no_docs else args.docs)
   impls = args.impls.split(",")
   for impl in impls:
     if impl not in NAMES:
@@ -216,9 +227,6 @@ def main(argv=None) -> dict:
         err["runs"] += 1
         err["tail"] = tail(log)
         print(f"round {rnd} {impl}: FAILED (exit {rc}), log {log}:\n{err['tail']}", flush=True)
-  agg = aggregate(results)
-  sp = speedups(results)
-  sp_parts = {i: {k: speedups(results, k)[i] for k, _ in FIGURES if i in speedups(results, k)} for i in sp}
   rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
   cmds = [f"bash {rel(os.path.join(PEERS, 'setup.sh'))}",
           f"python {rel(os.path.abspath(__file__))} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
@@ -228,13 +236,22 @@ def main(argv=None) -> dict:
   cmds = [c.replace(rel(sys.executable), "python") for c in cmds]
   meta = dict(cpu=_cpu(), cores=os.cpu_count(), load=load, date=datetime.date.today().isoformat(),
               rounds=args.rounds, warmup=args.warmup, steps=args.steps, impls=impls, commands=cmds, model=model_info)
-  md = markdown(agg, sp, sp_parts, errors, meta)
-  print("\n" + md)
-  if not args.no_docs:
-    write_section(args.docs, "## Peers", md)
+  meta["errors"] = errors
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(results=results, meta=meta), f, indent=1)
+  return report(results, meta, None if args.no_docs else args.docs)
+
+
+def report(results: dict[str, list[dict]], meta: dict, docs: str | None) -> dict:
+  """Aggregates, prints the markdown and, with `docs`, writes it as the '## Peers' section."""
+  agg = aggregate(results)
+  sp = speedups(results)
+  sp_parts = {i: {k: speedups(results, k)[i] for k, _ in FIGURES if i in speedups(results, k)} for i in sp}
+  md = markdown(agg, sp, sp_parts, meta.get("errors", {}), meta)
+  print("\n" + md)
+  if docs:
+    write_section(docs, "## Peers", md)
   return dict(results=results, aggregate=agg, speedups=sp, markdown=md)
 
 
