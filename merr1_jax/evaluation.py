@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from merr1_jax import emotion, metrics, prompts, rewards, rollout, sampling
+from merr1_jax import emotion, metrics, prompts, rewards, rollout, sampling, sharding
 
 METRICS = ("ov", "hit", "waf")
 HEADLINE = {"ov": "f", "hit": "hit", "waf": "waf"}  # the one number a benchmark table shows per dataset
@@ -321,6 +321,8 @@ def evaluate_dataset(model, params, tokenizer, batches: Iterable[Mapping[str, np
                      progress: bool = True) -> DatasetResult:
   """Generates, parses and scores one dataset in every mode of `settings` (see the module docstring).
 
+  With a mesh over several processes every process must pass the same batches (the whole split, not a shard):
+  the device work is split over the mesh, the outputs are gathered, and every process gets the same result.
   Raises ValueError naming the dataset on a bad metric/settings/batch, or when the split has no examples.
   """
   if metric not in METRICS:
@@ -354,12 +356,13 @@ def evaluate_dataset(model, params, tokenizer, batches: Iterable[Mapping[str, np
       roll = rollout.sample(model, params, inputs, mode=mode, num_samples=int(settings.num_samples),
                             max_new_tokens=int(settings.max_new_tokens[mode]), method=method, rng=rng, mesh=mesh,
                             **ids.sample_kwargs(mode))
+      roll = sharding.to_host(roll)  # every row on every process: the same records everywhere
       texts = rollout.completion_texts(tokenizer, roll)
       logmass = anchor_ok = None
       if sets is not None:
         sc = rollout.score(model, params, roll, token_sets=sets, anchors=ids.anchors(1), mesh=mesh,
                            chunk_size=settings.chunk_size)
-        logmass, anchor_ok = np.asarray(sc.logmass)[:, 0], np.asarray(sc.anchor_mask)[:, 0]
+        logmass, anchor_ok = sharding.to_host((sc.logmass[:, 0], sc.anchor_mask[:, 0]))
       toks, lengths = np.asarray(roll.completion), np.asarray(roll.length)
       reasons = np.asarray(roll.stop_reason)
       for row, text in enumerate(texts):

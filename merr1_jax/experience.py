@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import rewards, rl, rollout, sampling
+from merr1_jax import rewards, rl, rollout, sampling, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.models import base
 
@@ -100,10 +100,12 @@ def calibration_rewards(ctx: Context, params, inputs: base.ModelInputs, slow: ro
                                 vocab_size=ctx.model.config.vocab_size, fast_prefix_ids=ctx.ids.fast_prefix,
                                 pad_id=ctx.ids.pad, buckets=buckets)
   s_fast = rollout.score(ctx.model, params, seqs, **kw)
-  mask = s_slow.anchor_mask & s_fast.anchor_mask
+  # On the host values (every row, on every process): the reward is host work like the others.
+  logmass_slow, logmass_fast, mask = sharding.to_host(
+      (s_slow.logmass, s_fast.logmass, s_slow.anchor_mask & s_fast.anchor_mask))
   gt = jnp.asarray(gt_BxKxC)
-  r_cal = rl.calibration_gain(s_slow.logmass, s_fast.logmass, mask, gt, gt.any(-1), tau,
-                              cluster_mask=ctx.cluster_mask)
+  r_cal = rl.calibration_gain(jnp.asarray(logmass_slow), jnp.asarray(logmass_fast), jnp.asarray(mask), gt,
+                              gt.any(-1), tau, cluster_mask=ctx.cluster_mask)
   return np.where(format_ok_B, np.asarray(r_cal), 0.0)
 
 
@@ -194,6 +196,9 @@ def collect(ctx: Context, settings: RLSettings, params, ref_params, batch: Mappi
             ) -> tuple[ts.RLBatch, dict[str, float], dict[str, list]]:
   """Runs steps 1-5 of the module docstring for one data batch (an RL pipeline batch of P prompts).
 
+  With a mesh over several processes, every process passes the same global batch: the rollouts are split over
+  the mesh and gathered back, and every process builds the same RLBatch (place it with sharding.from_global).
+
   Returns the RLBatch (host arrays), scalar metrics, and per-row texts/rewards for logging.
   """
   inputs = rollout.batch_inputs(batch, "slow")
@@ -212,14 +217,17 @@ def collect(ctx: Context, settings: RLSettings, params, ref_params, batch: Mappi
                         rng=jax.random.fold_in(rng, i), mesh=ctx.mesh, axis_rules=ctx.axis_rules,
                         buckets=settings.prompt_buckets,
                         **ctx.ids.sample_kwargs(mode))
+    # The whole global batch on every process: the host work below (texts, rewards, advantages, the RLBatch)
+    # is deterministic, so every process computes the same values without further communication.
+    ro = sharding.to_host(ro)
     ros[mode] = ro
     texts[order[mode]] = rollout.completion_texts(ctx.tokenizer, ro)  # waits for the decode loop
     t1 = time.perf_counter()
     t_roll += t1 - t0
     ref = None
     if settings.with_reference:
-      ref = rollout.score(ctx.model, ref_params, ro, mesh=ctx.mesh, axis_rules=ctx.axis_rules).logp
-    parts[mode] = _full_sequences(ro, None if ref is None else np.asarray(ref))
+      ref = sharding.to_host(rollout.score(ctx.model, ref_params, ro, mesh=ctx.mesh, axis_rules=ctx.axis_rules).logp)
+    parts[mode] = _full_sequences(ro, ref)
     mode_of_row[order[mode]] = mode
     t_score += time.perf_counter() - t1
   t1 = time.perf_counter()

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import prompts, rl
+from merr1_jax import prompts, rl, sharding
 from merr1_jax.models import base
 
 PROMPT_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -243,11 +243,22 @@ class Layout:
       spec[kv_axis] = self.kv_heads
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
 
+  def place(self, a, batch_axis: int = 0) -> jax.Array:
+    """One batch-major array -> a global array over the batch axes.
+
+    Host values are the whole global batch, the same on every process (the trainer's RL and eval batches are),
+    and each process copies only its devices' rows.
+    """
+    target = self.sharding(np.ndim(a), batch_axis)
+    if isinstance(a, jax.Array):
+      return jax.device_put(a, target)  # already on device: resharded there
+    return sharding.from_global(np.asarray(a), target)
+
   def put(self, inputs: base.ModelInputs) -> base.ModelInputs:
     def put(name, a):
       if a is None:
         return None
-      return jax.device_put(a, self.sharding(a.ndim, 1 if name == "positions" and a.ndim == 3 else 0))
+      return self.place(a, 1 if name == "positions" and a.ndim == 3 else 0)
     return base.ModelInputs(**{f.name: put(f.name, getattr(inputs, f.name)) for f in dataclasses.fields(inputs)})
 
   def constrain(self, tree):
@@ -435,7 +446,8 @@ def sample(model, params, inputs: base.ModelInputs, *, mode: str, num_samples: i
     buckets: prompt length buckets. max_cache_len: bucket + max_new_tokens may not exceed it (default
       model.config.max_seq_len).
     mesh, axis_rules: run with the batch over axis_rules['batch'] (default the mesh's data/fsdp axes) and the
-      KV cache heads over axis_rules['kv_heads'].
+      KV cache heads over axis_rules['kv_heads']. On a mesh over several processes, every process passes the
+      same (global) `inputs`; the outputs are global arrays (sharding.to_host gathers them).
   """
   vocab = model.config.vocab_size
   for name, v in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
@@ -591,8 +603,11 @@ def score(model, params, seqs: Sequences | Rollout, *, chunk_size: int = 8192, w
   _check_batch(layout, p)
   prompt = layout.put(seqs.prompt) if layout is not None else seqs.prompt
   spec = _ScoreSpec(seqs.num_samples, chunk_size, with_entropy, anchors, layout)
-  return _score_jit(model, spec, params, prompt, jnp.asarray(seqs.completion, jnp.int32),
-                    jnp.asarray(seqs.completion_mask, bool), token_sets)
+  completion, mask = seqs.completion, seqs.completion_mask
+  if layout is not None:
+    completion, mask = layout.place(completion), layout.place(mask)
+  return _score_jit(model, spec, params, prompt, jnp.asarray(completion, jnp.int32), jnp.asarray(mask, bool),
+                    token_sets)
 
 
 def batch_inputs(batch: Mapping[str, np.ndarray], mode: str = "slow") -> base.ModelInputs:

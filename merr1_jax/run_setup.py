@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -54,18 +55,28 @@ class Run:
     return jax.device_put(tree, self.state_shardings(tree))
 
   def to_device(self, batch):
-    """A host batch (every process holds its own rows) -> global arrays sharded over the batch axes."""
-    batch = jax.tree.map(np.asarray, batch)
+    """A host SFT batch (every process holds its own rows) -> global arrays sharded over the batch axes.
+    Processes bucket their rows on their own, so the batch is first padded to the longest (it is right-padded
+    and masked)."""
+    batch = sharding.pad_to_common_shape(jax.tree.map(np.asarray, batch))
     return sharding.to_global(batch, sharding.batch_shardings(batch, self.mesh))
+
+  def global_to_device(self, batch):
+    """A host batch that every process holds in full (the RL batch) -> global arrays over the batch axes."""
+    batch = jax.tree.map(np.asarray, batch)
+    return sharding.from_global(batch, sharding.batch_shardings(batch, self.mesh))
 
   # ------------------------------------------------------------------------------------------- data
   def pipeline(self, kind: str, split: str = "train", **overrides) -> pipeline.Pipeline:
+    """SFT: each process reads its own rows. RL and eval: every process reads the whole global batch, because
+    the host work on their rollouts (decoding, rewards, metrics) needs every row's labels; their device work
+    is still split over the mesh (rollout.Layout), and prompts are little to read."""
     c = self.config
     batch = {"sft": c.sft.batch_size, "rl": c.rl.prompts_per_step, "eval": c.eval.batch_size}[kind]
-    shards = jax.process_count()
+    shards = jax.process_count() if kind == "sft" else 1
     pcfg = pipeline.PipelineConfig(
-        kind=kind, batch_size=batch // shards if kind != "eval" else batch, seed=c.seed, shuffle=kind != "eval",
-        num_epochs=1 if kind == "eval" else None, shard_index=jax.process_index(), shard_count=shards,
+        kind=kind, batch_size=batch // shards, seed=c.seed, shuffle=kind != "eval",
+        num_epochs=1 if kind == "eval" else None, shard_index=jax.process_index() % shards, shard_count=shards,
         drop_remainder=kind != "eval", video_dim=self.model.config.video_dim or None,
         audio_dim=self.model.config.audio_dim or None, on_bad_record=c.data.on_bad_record,
         worker_count=c.data.worker_count,
@@ -158,25 +169,33 @@ def _tokenizer(config, workdir: pathlib.Path, synth_cfg: synth.SynthConfig):
     return toklib.load(path)
   tok = synth.build_tokenizer(synth_cfg)
   if jax.process_index() == 0:
-    tok.save(path)
+    # Written aside and renamed: another process checking `path` meanwhile never reads half a file.
+    tok.save(path.with_name("tokenizer.partial.json"))
+    os.replace(path.with_name("tokenizer.partial.json"), path)
   return tok
 
 
 def _sources(config, workdir: pathlib.Path, synth_cfg: synth.SynthConfig) -> dict:
   data_dir = config.data.data_dir or str(workdir / "data")
-  if config.data.name == "mer_synth":
-    # TFDS reuses prepared data by config name: name it after the generator settings.
-    name = "s{}_n{}_{}_{}_noise{}".format(synth_cfg.seed, synth_cfg.n_train, synth_cfg.n_validation,
-                                         synth_cfg.n_test, str(synth_cfg.noise).replace(".", "p"))
-    builder = tfds_builders.MerSynth(config=tfds_builders.MerSynthConfig(name=name, synth=synth_cfg),
-                                     data_dir=data_dir)
-  else:
-    builder = tfds_builders.MerFeatures(records_dir=config.data.records_dir, data_dir=data_dir)
+
+  def make_builder():
+    if config.data.name == "mer_synth":
+      # TFDS reuses prepared data by config name: name it after the generator settings.
+      name = "s{}_n{}_{}_{}_noise{}".format(synth_cfg.seed, synth_cfg.n_train, synth_cfg.n_validation,
+                                           synth_cfg.n_test, str(synth_cfg.noise).replace(".", "p"))
+      return tfds_builders.MerSynth(config=tfds_builders.MerSynthConfig(name=name, synth=synth_cfg),
+                                    data_dir=data_dir)
+    return tfds_builders.MerFeatures(records_dir=config.data.records_dir, data_dir=data_dir)
+
+  builder = make_builder()
   if jax.process_index() == 0:
     tfds_builders.prepare(builder)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("dataset prepared")
+    if jax.process_index() != 0:
+      # A builder reads the dataset info when it is made: one made before process 0 wrote the data has no splits.
+      builder = make_builder()
   return {split: tfds_builders.TfdsSource(builder, split) for split in builder.info.splits}
 
 

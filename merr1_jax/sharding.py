@@ -140,6 +140,54 @@ def to_global(local_batch: Any, shardings: Any) -> Any:
       lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, shardings)
 
 
+def pad_to_common_shape(local_batch: Any) -> Any:
+  """Right-pads every leaf (with zeros) to the largest shape that any process holds, so that per-process rows
+  bucketed to different lengths can form one global array. Only for right-padded, masked data (an SFT batch),
+  where extra zero columns are padding like the others. A collective on several processes; a no-op on one."""
+  if jax.process_count() == 1:
+    return local_batch
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  leaves, treedef = jax.tree.flatten(local_batch)
+  leaves = [np.asarray(x) for x in leaves]
+  rank = max([x.ndim for x in leaves] + [1])
+  shapes = np.asarray([list(x.shape) + [0] * (rank - x.ndim) for x in leaves], np.int64)
+  want = np.asarray(multihost_utils.process_allgather(shapes)).max(axis=0)
+  leaves = [np.pad(x, [(0, int(w) - n) for n, w in zip(x.shape, want[i])]) for i, x in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def from_global(batch: Any, shardings: Any) -> Any:
+  """Places host values that every process holds in full (the same global batch everywhere) as global
+  jax.Arrays: each process copies only the slices its own devices hold. No cross-process check or transfer,
+  unlike a device_put onto devices of other processes."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                      batch, shardings)
+
+
+def _identity(x):
+  return x
+
+
+def to_host(tree: Any) -> Any:
+  """jax.Arrays -> numpy with their full global value on every process (for host code such as decoding and
+  rewards). Arrays spread over several processes are all-gathered, a collective that every process must join
+  in the same order; anything else (one process, numpy) is a plain np.asarray."""
+  leaves, treedef = jax.tree.flatten(tree)
+  spread = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+  named = [i for i in spread if isinstance(leaves[i].sharding, NamedSharding)]
+  if named:
+    # One program replicates them all: one dispatch and one set of collectives, not one per leaf.
+    full = jax.jit(_identity, out_shardings=[leaves[i].sharding.update(spec=P()) for i in named])(
+        [leaves[i] for i in named])
+    for i, x in zip(named, full):
+      leaves[i] = x.addressable_data(0)
+  if len(named) < len(spread):
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    for i in set(spread) - set(named):
+      leaves[i] = multihost_utils.process_allgather(leaves[i], tiled=True)
+  return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Multi-host
 

@@ -75,12 +75,14 @@ def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt,
       run.writer.write(stage, step, metrics)
     bar.update(1)
     bar.set_postfix({k: f"{float(metrics[k]):.3f}" for k in ("loss", "reward/slow/f1") if k in metrics})
-    if ckpt.should_save(step) or step == steps or guard.requested:
+    # Agreed over all processes: a signal may reach them at different steps, and saving is collective.
+    stop = guard.any_process_requested()
+    if ckpt.should_save(step) or step == steps or stop:
       ckpt.save(step, state, data_iter=batches, extra={"stage": stage}, force=True)
       _fault_injection(ckpt, stage, step)
     if stage == "rl" and run.config.eval.every and step % run.config.eval.every == 0 and step < steps:
       _eval(run, state.params, f"rl_step{step}", step)
-    if guard.requested:
+    if stop:
       bar.close()
       return state, True
     t_data = time.perf_counter()
@@ -137,7 +139,7 @@ def run_rl(run: Run, params, guard):
     rl_batch, metrics, _ = experience.collect(run.ctx, settings, state.params, ref, batch,
                                               jax.random.fold_in(base_key, i))
     t1 = time.perf_counter()
-    state, update = step(state, run.to_device(rl_batch))
+    state, update = step(state, run.global_to_device(rl_batch))
     update = {k: float(v) for k, v in update.items()}  # waits for the device
     t2 = time.perf_counter()
     tokens = float(np.asarray(rl_batch.completion_mask).sum())
