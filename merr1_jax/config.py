@@ -61,7 +61,8 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
 def step_config(config: ml_collections.ConfigDict, stage: str) -> ts.StepConfig:
   r = config.rl
   loss = rl.LossConfig(eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip or None,
-                       kl_estimator=r.kl_estimator, aggregation=r.aggregation, entropy_coef=r.entropy_coef)
+                       kl_estimator=r.kl_estimator, aggregation=r.aggregation, entropy_coef=r.entropy_coef,
+                       max_len=max(r.max_new_tokens_slow, r.max_new_tokens_fast))  # Dr.GRPO's constant
   micro = config.sft.micro_batches if stage == "sft" else r.micro_batches
   return ts.StepConfig(loss=loss, beta=r.beta if stage == "rl" else 0.0, beta_decay_steps=r.beta_decay_steps,
                        beta_final=r.beta_final, micro_batches=micro)

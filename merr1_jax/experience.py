@@ -256,6 +256,7 @@ def collect(ctx: Context, settings: RLSettings, params, ref_params, batch: Mappi
       advantages=adv.astype(np.float32),
       old_logp=None,  # mu = 1: the ratio is taken against stop_gradient(current log-probs), method.md E4
       ref_logp=seq.get("ref_logp"),
+      loss_start=min(ro.prompt.tokens.shape[1] for ro in ros.values()) - 1,  # completions start at a bucket
   )
   metrics = _metrics(settings, ros, rewards_BxO, scored, mode_of_row, adv, order)
   metrics["time/rollout"] = t_roll

@@ -78,6 +78,9 @@ class RLBatch:
   advantages: Array  # [B] float32
   old_logp: Array | None = None  # behaviour log-probs; None means mu = 1: stop_gradient(current log-probs)
   ref_logp: Array | None = None  # reference log-probs; None when beta = 0
+  # Static: the first column whose next token can carry loss (the shortest prompt bucket - 1). Positions before
+  # it are never unembedded: with long multimodal prompts most of the sequence is prompt.
+  loss_start: int = flax.struct.field(pytree_node=False, default=0)
 
 
 @flax.struct.dataclass
@@ -117,11 +120,11 @@ def _micro_split(tree: Any, m: int) -> Any:
   return jax.tree_util.tree_map_with_path(split, tree)
 
 
-def _shifted_logp(model, params, inputs: base.ModelInputs, chunk: int, with_entropy: bool):
-  """log p(token_{t+1} | tokens_<=t) for t = 0 .. L-2 (and the entropy), float32 [B, L-1]."""
+def _shifted_logp(model, params, inputs: base.ModelInputs, chunk: int, with_entropy: bool, start: int = 0):
+  """log p(token_{t+1} | tokens_<=t) for t = start .. L-2 (and the entropy), float32 [B, L-1-start]."""
   h, _ = model.hidden(params, model.embed(params, inputs))
-  return rl.token_logprobs(h[:, :-1], model.unembed_weight(params), inputs.tokens[:, 1:], chunk_size=chunk,
-                           with_entropy=with_entropy)
+  return rl.token_logprobs(h[:, start:-1], model.unembed_weight(params), inputs.tokens[:, start + 1:],
+                           chunk_size=chunk, with_entropy=with_entropy)
 
 
 def _apply(optimizer, state: TrainState, loss: Array, grads: Any, stats: dict[str, Array]):
@@ -182,10 +185,13 @@ def make_rl_loss(model: base.PolicyModel, cfg: StepConfig) -> Callable:
   lc = cfg.loss
 
   def loss_fn(params, batch: RLBatch, beta, num_tokens=None, num_seqs=None):
-    logp, ent = _shifted_logp(model, params, batch.inputs, cfg.vocab_chunk, with_entropy=True)
-    mask = batch.completion_mask[:, 1:]
-    old = jax.lax.stop_gradient(logp) if batch.old_logp is None else batch.old_logp[:, 1:]
-    ref = None if batch.ref_logp is None or cfg.beta == 0 else batch.ref_logp[:, 1:]
+    k = batch.loss_start
+    logp, ent = _shifted_logp(model, params, batch.inputs, cfg.vocab_chunk, with_entropy=True, start=k)
+    if not lc.entropy_coef:
+      ent = jax.lax.stop_gradient(ent)  # logged only: build no gradient for it
+    mask = batch.completion_mask[:, k + 1:]
+    old = jax.lax.stop_gradient(logp) if batch.old_logp is None else batch.old_logp[:, k + 1:]
+    ref = None if batch.ref_logp is None or cfg.beta == 0 else batch.ref_logp[:, k + 1:]
     lcfg = lc if lc.max_len is not None else dataclasses.replace(lc, max_len=mask.shape[1])
     return rl.policy_loss(logp, old, ref, batch.advantages, mask, lcfg, beta=beta, entropy_BxT=ent,
                           num_tokens=num_tokens, num_seqs=num_seqs)

@@ -240,3 +240,16 @@ def test_bandit_training_signal():
     state, _ = step(state, batch)
   assert np.mean(rewards[:5]) < 0.1
   assert np.mean(rewards[-5:]) > 0.5, rewards
+
+
+def test_loss_start_skips_prompt_positions_without_changing_the_loss():
+  """Unembedding only from `loss_start` gives the same loss and gradient when no earlier position carries loss."""
+  model = _model()
+  params = model.init_params(jax.random.key(0))
+  batch = _batch(old=True, prompt=6)  # completion tokens start at column 6: position 5 predicts the first one
+  loss_fn = ts.make_rl_loss(model, ts.StepConfig(loss=rl.LossConfig(max_len=6)))
+  full = jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04)[0])(params)
+  skip = jax.value_and_grad(lambda p: loss_fn(p, batch.replace(loss_start=5), 0.04)[0])(params)
+  np.testing.assert_allclose(skip[0], full[0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(skip[1]), jax.tree.leaves(full[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -38,7 +38,8 @@ def token_logprobs(
   """log softmax(h @ w)[token] (and optionally the entropy), streaming over vocabulary chunks.
 
   Only one [B, T, N] float32 chunk of logits exists at a time, and the chunk body is rematerialised in the
-  backward pass, so neither direction holds a float32 [B, T, V] tensor (architecture.md pitfalls).
+  backward pass, so neither direction holds a float32 [B, T, V] tensor (architecture.md pitfalls). A vocabulary
+  that fits one chunk takes the direct log-softmax path.
 
   Returns:
     logp_BxT float32, and entropy_BxT float32 when ``with_entropy``.
@@ -50,6 +51,15 @@ def token_logprobs(
     w_DxV = jnp.pad(w_DxV, ((0, 0), (0, n * chunk - v)))
   h32 = h_BxTxD.astype(jnp.float32)
   lead = tokens_BxT.shape
+  if n == 1:
+    # The vocabulary fits one chunk: the direct form is the same math without the streaming bookkeeping, which
+    # XLA's CPU backend otherwise materialises at [B, T, V] in the backward pass (docs/benchmarks.md, RL step).
+    logits = h32 @ w_DxV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, tokens_BxT[..., None], axis=-1)[..., 0] - lse
+    if not with_entropy:
+      return logp
+    return logp, lse - (jax.nn.softmax(logits, axis=-1) * logits).sum(-1)
 
   @jax.checkpoint
   def body(carry, i):
