@@ -118,7 +118,8 @@ def _assemble(prompt: base.ModelInputs, completion_BxT, comp_mask_BxT, ref_BxT, 
                             positions=positions.astype(jnp.int32),
                             mask=jnp.concatenate([rep(prompt.mask), comp_mask_BxT], 1), **feats)
   return ts.RLBatch(inputs=inputs, completion_mask=jnp.concatenate([zeros_BxL > 0, comp_mask_BxT], 1),
-                    advantages=adv_B, old_logp=None, ref_logp=jnp.concatenate([zeros_BxL, ref_BxT], 1))
+                    advantages=adv_B, old_logp=None, ref_logp=jnp.concatenate([zeros_BxL, ref_BxT], 1),
+                    loss_start=prompt.tokens.shape[1] - 1)  # as experience.collect: skip the prompt columns
 
 
 class Runner:
