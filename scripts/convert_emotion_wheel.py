@@ -34,8 +34,9 @@ import argparse
 import csv
 import json
 import pathlib
-import re
 import sys
+
+from merr1_jax.emotion.labels import split_label_string
 
 SOURCE = {
     "repository": "https://github.com/zeroQiaoba/MERTools",
@@ -55,7 +56,6 @@ _PANDAS_NA = frozenset({
     "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
     "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
 })
-_SPLIT = re.compile(r"['\",]")
 
 
 class TableError(ValueError):
@@ -72,14 +72,8 @@ def _cell(value, where: str) -> str | None:
 
 
 def _split_list(text: str | None) -> list[str]:
-  """The upstream list-string parser (metrics.md §1 step 1) without lowercasing."""
-  if not text:
-    return []
-  if text[0] == "[":
-    text = text[1:]
-  if text and text[-1] == "]":
-    text = text[:-1]
-  return [item.strip() for item in _SPLIT.split(text) if item.strip()]
+  """The upstream list-string parser (metrics.md §1 step 1) without lowercasing: the package's own."""
+  return split_label_string(text or "")
 
 
 def read_format_csv(path: pathlib.Path) -> dict[str, list[str]]:
