@@ -277,17 +277,40 @@ class CliError(Exception):
   """Bad CLI input; the message names the file and the row."""
 
 
+def _csv_rows(f, path: str):
+  """Yields (line, row) of a strict ``csv.reader``; a csv.Error becomes a CliError naming file and line.
+
+  Strict parsing matters: the lenient reader lets an unterminated quote swallow every later line into one
+  field, so two GT rows would silently score as one sample.
+  """
+  reader = csv.reader(f, strict=True)
+  while True:
+    start = reader.line_num + 1  # the line the next record starts on
+    try:
+      row = next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:
+      if "end of data" in str(e):  # EOF inside a quoted field
+        raise CliError(f"{path}, line {start}: malformed CSV: unterminated quote (a quoted field of the record "
+                       f"starting on line {start} is never closed; the file ends at line {reader.line_num})") from None
+      where = f"line {reader.line_num}" + (f" (record starting on line {start})" if reader.line_num != start else "")
+      raise CliError(f"{path}, {where}: malformed CSV: {e}") from None
+    yield reader.line_num, row
+
+
 def read_label_csv(path: str) -> tuple[dict[str, str], dict]:
   """``name`` -> label cell of a ``name,openset`` (or ``labels`` / ``emotion``) CSV, and read statistics.
 
-  Errors (CliError) name the file and line: unreadable or empty file, no ``name`` column, no or several
-  label columns, a row with the wrong field count, an empty or duplicate name. Empty or NaN label cells
-  become ``""`` (the empty list, as upstream) and are counted in ``n_empty_labels``.
+  Errors (CliError) name the file and line: unreadable or empty file, malformed CSV (strict quoting: an
+  unterminated quote or text after a closing quote), no ``name`` column, no or several label columns, a row
+  with the wrong field count, an empty or duplicate name. Empty or NaN label cells become ``""`` (the empty
+  list, as upstream) and are counted in ``n_empty_labels``.
   """
   try:
     with open(path, newline="", encoding="utf-8-sig") as f:
-      reader = csv.reader(f)
-      header = next(reader, None)
+      rows = _csv_rows(f, path)
+      _, header = next(rows, (0, None))
       if header is None:
         raise CliError(f"{path}: empty file (expected a header such as name,openset)")
       columns = [c.strip() for c in header]
@@ -303,8 +326,7 @@ def read_label_csv(path: str) -> tuple[dict[str, str], dict]:
       labels: dict[str, str] = {}
       lines: dict[str, int] = {}
       n_empty = 0
-      for row in reader:
-        line = reader.line_num
+      for line, row in rows:
         if not row:
           continue  # a blank line is not a record
         if len(row) != len(columns):
@@ -321,8 +343,6 @@ def read_label_csv(path: str) -> tuple[dict[str, str], dict]:
     raise CliError(f"{path}: cannot read: {e.strerror or e}") from None
   except UnicodeDecodeError as e:
     raise CliError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-  except csv.Error as e:
-    raise CliError(f"{path}: malformed CSV: {e}") from None
   if not labels:
     raise CliError(f"{path}: no data rows")
   return labels, {"path": path, "column": found[0], "lines": lines, "n_rows": len(labels), "n_empty_labels": n_empty}

@@ -1,4 +1,4 @@
-"""Host-side answer handling, label spaces, and the per-rollout rewards (docs/method.md).
+"""Host-side answer handling, label spaces, and the per-rollout rewards (docs/method.md, E1).
 
 Text never enters jit: completions are parsed here on the host, words are mapped to integer cluster ids, and
 the reward math then runs as vectorised JAX over small multi-hot arrays.
@@ -278,7 +278,7 @@ class RewardInputs:
 
 
 def set_rewards(pred_BxKxC: Array, gt_BxKxC: Array) -> tuple[Array, Array, Array]:
-  """(recall_B, precision_B, f1_B): per-wheel set scores averaged over the wheels with a non-empty GT.
+  """(E1) (recall_B, precision_B, f1_B): per-wheel set scores averaged over the wheels with a non-empty GT.
 
   rec_k = |P∩G|/|G|, prec_k = |P∩G|/|P| (0 if P is empty), f1_k = 2 prec rec / (prec + rec) (0 if both are 0).
   A sample whose GT is empty in every wheel scores 0.
@@ -318,26 +318,30 @@ def _gated(x_B: Array, inputs: RewardInputs) -> Array:
 
 @register_reward("recall")
 def recall_reward(inputs: RewardInputs) -> Array:
+  """(E1) r_rec: ``set_rewards`` recall, 0 on malformed completions."""
   return _gated(set_rewards(inputs.pred_BxKxC, inputs.gt_BxKxC)[0], inputs)
 
 
 @register_reward("precision")
 def precision_reward(inputs: RewardInputs) -> Array:
+  """(E1) r_prec: ``set_rewards`` precision, 0 on malformed completions."""
   return _gated(set_rewards(inputs.pred_BxKxC, inputs.gt_BxKxC)[1], inputs)
 
 
 @register_reward("f1")
 def f1_reward(inputs: RewardInputs) -> Array:
+  """(E1) r_f1: ``set_rewards`` F1, 0 on malformed completions (not one of the default RL objectives)."""
   return _gated(set_rewards(inputs.pred_BxKxC, inputs.gt_BxKxC)[2], inputs)
 
 
 @register_reward("format")
 def format_reward(inputs: RewardInputs) -> Array:
+  """r_fmt: 1 when ``format_ok`` held for the completion (method.md, "Format reward")."""
   return inputs.format_ok_B.astype(jnp.float32)
 
 
 def compute_rewards(names: Sequence[str], inputs: RewardInputs) -> Array:
-  """[B, O] rewards, one column per registered name, in order."""
+  """(E1) [B, O] rewards, one column per registered name, in order."""
   unknown = [n for n in names if n not in REWARDS]
   if unknown:
     raise ValueError(f"unknown reward(s) {unknown}; registered: {sorted(REWARDS)}")

@@ -72,23 +72,58 @@ BASIC = {
 }
 
 
+# The 2025 cells that deviate from the spec row: "fear" in wheels 2-5 (wheel 1 matches). Hand-derived from the
+# 2025 format.csv: its row "fearless" lists "fear" among its forms, so fear's raw words are fear, fearful and
+# fearless; their synonym-table wheel words, sorted, are brave, courageous, daring, fear, fearful, scared, and each
+# wheel takes the cluster of the first one it knows: W1 fearful -> scared (the spec cell), W2 courageous -> happy,
+# W3 daring -> joyful, W4 brave -> genius, W5 daring -> joyful. test_fear_2025_cells_from_the_tables re-derives
+# this from the vendored JSON (and the official files) without EmotionWheel.
+FEAR_2025 = ["scared", "happy", "joyful", "genius", "joyful"]
+
+
 @pytest.mark.parametrize("labels, row", list(BASIC.items()))
 def test_basic_label_table(labels, row):
   for version in emotion.FORMAT_VERSIONS:
     ew = emotion.load(version)
     for label in labels:
-      if (label, version) == ("fear", "2025"):
-        continue  # the 2025 table maps "fear" through "fearless" (see test_2025_and_2026_differ_on_fear)
-      assert [ew.map_word(label, k) for k in range(1, 6)] == row, (label, version)
-      assert [ew.map_word(label.upper() + "  ", k) for k in range(1, 6)] == row  # lookup lowercases + strips
+      want = FEAR_2025 if (label, version) == ("fear", "2025") else row
+      got = [ew.map_word(label, k) for k in range(1, 6)]
+      assert got == want, (label, version)
+      assert [ew.map_word(label.upper() + "  ", k) for k in range(1, 6)] == want  # lookup lowercases + strips
+      if (label, version) == ("fear", "2025"):  # the cells that match the spec row, and only those
+        assert [k for k in range(1, 6) if got[k - 1] == row[k - 1]] == [1]
+
+
+def _level1_from_vendored_json(word: str, version: str, wheel: int) -> str | None:
+  """metrics.md §1 steps 2-4 at level 1, read straight from the vendored JSON (no EmotionWheel code)."""
+  data = json.loads(importlib.resources.files("merr1_jax.emotion").joinpath("emotion_wheel.json").read_text("utf-8"))
+  table = dict(data["format"]["2025"])
+  if version == "2026":
+    table.update(data["format_2026_overrides"])
+  raws = {name for name, forms in table.items() if word == name or word in forms}
+  candidates = sorted({c for raw in raws for c in data["synonym"].get(raw, [])})
+  level1 = {}
+  for l1, children in data["wheels"][wheel - 1].items():  # tree order; a word listed twice keeps its last cluster
+    for w in (l1, *children, *(l3 for leaves in children.values() for l3 in leaves)):
+      level1[w] = l1
+  return next((level1[c] for c in candidates if c in level1), None)
+
+
+def test_fear_2025_cells_from_the_tables():
+  assert [_level1_from_vendored_json("fear", "2025", k) for k in range(1, 6)] == FEAR_2025
+  assert [_level1_from_vendored_json("fear", "2026", k) for k in range(1, 6)] == BASIC[("worried", "fear")]
+  if SHARED.is_dir() and importlib.util.find_spec("openpyxl"):  # the official files, via the reference below
+    case3 = _reference(SHARED, "2025")[3]
+    assert [case3("fear", k, 1) for k in range(1, 6)] == FEAR_2025
 
 
 def test_2025_and_2026_differ_on_fear():
   """'fear' is listed as a form of 'fearless' in the 2025 format.csv; 2026 removes that antonym entry."""
   old, new = emotion.load("2025"), emotion.load("2026")
   assert "fearless" in old.raw_words("fear") and "fearless" not in new.raw_words("fear")
-  # Sorted candidates put fearless's synonym "brave" first; wheel 2 files "brave" under happy.
-  assert old.candidates("fear")[0] == "brave" and old.map_word("brave", 2) == "happy"
+  # Sorted candidates put fearless's wheel words brave, courageous, daring first; wheel 2 knows "courageous"
+  # (under happy) but not "brave", so "brave" and "fear" both land in happy there.
+  assert old.candidates("fear")[:3] == ("brave", "courageous", "daring") and old.map_word("brave", 2) == "happy"
   assert old.map_word("fear", 2) == "happy"
   assert new.map_word("fear", 2) == "fearful"
   assert old.map_word("worried", 2) == new.map_word("worried", 2) == "fearful"

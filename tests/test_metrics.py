@@ -77,7 +77,8 @@ def test_ov_level2_and_format_version():
   # A level-2 score of a word against itself is perfect wherever the word maps.
   out = metrics.ov_score([["lonely"]], [["lonely"]], level=2)
   assert out["level"] == 2 and all(w["f"] == 1.0 for w in out["per_wheel"] if w["n_scored"])
-  # GT "fear" vs pred "worried": 2025 maps fear to happy in W2-W5 (the fearless entry), 2026 agrees with worried.
+  # GT "fear" vs pred "worried": through the 2025 "fearless" entry, fear maps to happy / joyful / genius / joyful in
+  # W2-W5 (positive clusters, none of them worried's), so only W1 (scared) agrees; 2026 agrees in every wheel.
   old = metrics.ov_score([["fear"]], [["worried"]], format_version="2025")
   new = metrics.ov_score([["fear"]], [["worried"]], format_version="2026")
   assert [w["recall"] for w in new["per_wheel"]] == [1.0] * 5
@@ -228,7 +229,8 @@ def _write(path, text):
 
 
 GT_CSV = 'name,openset\ns1,"[excited, joyful, happy]"\ns2,[sad]\ns3,nan\ns4,"[Angry, let down]"\n'
-PRED_CSV = 'name,openset,reason\ns4,"[mad]",x\ns2,"[sad, worried]",y\ns1,"[happy, satisfied]",z\ns3,[],w\nextra,[joy],v\n'
+PRED_CSV = ('name,openset,reason\ns4,"[mad]",x\ns2,"[sad, worried]",y\ns1,"[happy, satisfied]",z\ns3,[],w\n'
+            'extra,[joy],v\n')
 
 
 def _run(capsys, argv):
@@ -264,6 +266,26 @@ def test_cli_hit_json(tmp_path, capsys):
   assert got["hit"] == expected["hit"] and got["per_wheel"] == expected["per_wheel"]
 
 
+def test_cli_labels_column_gt(tmp_path, capsys):
+  """A one-hot GT in a ``labels`` column scores like the same words in ``openset`` (ov and hit)."""
+  gt = _write(tmp_path / "gt.csv", "name,labels\na,happy\nb,neutral\nc,surprise\nd,sad\n")
+  pred = _write(tmp_path / "pred.csv", 'name,openset\na,"[joy, sad]"\nb,[happy]\nc,[angry]\nd,[sad]\n')
+  gt_words, pred_words = ["happy", "neutral", "surprise", "sad"], [["joy", "sad"], ["happy"], ["angry"], ["sad"]]
+  code, out, _ = _run(capsys, ["hit", "--gt", gt, "--pred", pred, "--json"])
+  assert code == 0
+  got = json.loads(out)
+  expected = metrics.hit_rate(gt_words, pred_words)
+  assert got["hit"] == expected["hit"] and got["per_wheel"] == expected["per_wheel"]
+  # By hand, W1: a hits, b (neutral) skipped, c misses, d hits -> 2/3 over 3 scored samples.
+  assert got["per_wheel"][0] == {"hit": 2 / 3, "n_scored": 3, "n_skipped": 1}
+  code, out, _ = _run(capsys, ["ov", "--gt", gt, "--pred", pred, "--json"])
+  assert code == 0
+  got = json.loads(out)
+  expected = metrics.ov_score(gt_words, pred_words)
+  assert (got["f"], got["per_wheel"]) == (expected["f"], expected["per_wheel"])
+  assert got["n_samples"] == 4 and got["gt_words_dropped"] == 1  # neutral
+
+
 def test_cli_map_json(capsys):
   code, out, _ = _run(capsys, ["map", "--words", "happy, let down,neutral", "--json"])
   assert code == 0
@@ -288,6 +310,11 @@ def test_cli_map_json(capsys):
     ("name,openset\n", PRED_CSV, r"gt\.csv: no data rows"),
     ("name,openset\ns1,[sad]\nnew,[joy]\n", PRED_CSV, r"pred\.csv: no prediction for 'new' \(.*gt\.csv, line 3\)"),
     (GT_CSV, "name,openset\ns1,[sad]\ns1,[sad]\n", r"pred\.csv, line 3: duplicate name"),
+    # An unterminated quote: a lenient reader would merge s2 into s1's label and score one sample, exit 0.
+    ('name,openset\ns1,"[sad]\ns2,[joy]\n', PRED_CSV, r"gt\.csv, line 2: malformed CSV: unterminated quote"),
+    (GT_CSV, 'name,openset\ns1,[sad]\ns2,"[joy]\ns3,[]\ns4,[]\n', r"pred\.csv, line 3: malformed CSV: unterminated"),
+    ('name,openset\ns1,"[sad]"x\ns2,[joy]\n', PRED_CSV, r"gt\.csv, line 2: malformed CSV: .*expected after"),
+    ('name,"openset"x\ns1,[sad]\n', PRED_CSV, r"gt\.csv, line 1: malformed CSV"),  # in the header
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, gt_text, pred_text, match):
   gt, pred = _write(tmp_path / "gt.csv", gt_text), _write(tmp_path / "pred.csv", pred_text)
@@ -323,3 +350,14 @@ def test_cli_module_entry_point(tmp_path):
                        capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
   assert "no prediction for 's2'" in bad.stderr and "3 of 4 GT names are missing" in bad.stderr
+
+
+def test_cli_unterminated_quote_exits_2_from_the_shell(tmp_path):
+  """The audit's case end to end: 2 GT rows, the first with an unterminated quote, is an error, not 1 sample."""
+  gt = _write(tmp_path / "gt.csv", 'name,openset\ns1,"[sad]\ns2,[joy]\n')
+  pred = _write(tmp_path / "pred.csv", "name,openset\ns1,[sad]\ns2,[joy]\n")
+  bad = subprocess.run([sys.executable, "-m", "merr1_jax.metrics", "ov", "--gt", gt, "--pred", pred, "--json"],
+                       capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and bad.stdout == ""
+  assert bad.stderr.startswith(f"error: {gt}, line 2: malformed CSV: unterminated quote")
+  assert "Traceback" not in bad.stderr

@@ -1,5 +1,7 @@
 """Answer parsing, format checks, label spaces and the reward values (method.md)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,8 +61,33 @@ def test_unknown_mode_is_a_clear_error():
     rewards.format_ok("x", "medium")
 
 
+# --- an independent reference for r_fmt, written from method.md "Output format and modes" ------------------
+# The whole assistant turn (fast: the prefilled "<think></think><answer>" + the completion) must be one think
+# block then one answer block, whitespace allowed before, between and after; no tag may appear anywhere else;
+# slow needs a think with a non-space character, fast an empty one; the answer must hold at least one word, i.e.
+# one character that is not a separator (, ; newline ， ；), whitespace, a bracket or a quote.
+_TURN = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+_ANY_TAG = re.compile(r"</?(?:think|answer)>")
+_WORD_CHAR = re.compile(r"[^,;\n\uff0c\uff1b\s\[\](){}\"']")
+
+
+def _reference_format_ok(completion: str, mode: str) -> bool:
+  turn = ("<think></think><answer>" + completion) if mode == "fast" else completion
+  m = _TURN.fullmatch(turn)
+  if m is None or _ANY_TAG.search(m["think"]) or _ANY_TAG.search(m["answer"]):
+    return False
+  if (mode == "slow") != bool(m["think"].strip()):
+    return False
+  return _WORD_CHAR.search(m["answer"]) is not None
+
+
 _TAG = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", ",", ";", "\n", "，", " ", "[", "]"])
 _PIECE = st.one_of(_TAG, st.text(max_size=30), st.sampled_from(["happy", "sad", "angry", "calm", "x" * 5000]))
+
+
+_FUZZ_SPACE = LabelSpace.closed(["happy", "sad", "angry"])
+# Compiled once for the fixed [1, 1, 3] shapes (eager dispatch per example would dominate the fuzz runtime).
+_fuzz_rewards = jax.jit(lambda x: rewards.compute_rewards(["recall", "precision", "f1", "format"], x))
 
 
 @settings(max_examples=2500, deadline=None)
@@ -71,15 +98,82 @@ def test_parser_fuzz_never_raises_and_rewards_are_bounded(pieces, mode):
   assert all(w == w.strip().lower() and w for w in words)
   assert len(set(words)) == len(words)
   ok = rewards.format_ok(text, mode)
+  assert ok == _reference_format_ok(text, mode)
   if ok:  # a well-formed completion has exactly one answer block and one think block
     full = rewards.assistant_text(text, mode)
     assert full.count("<answer>") == 1 and full.count("<think>") == 1
-  space = LabelSpace.closed(["happy", "sad", "angry"])
-  s = rewards.score_completions([text], [mode], [["happy", "sad"]], space)
-  r = np.asarray(rewards.compute_rewards(["recall", "precision", "f1", "format"], rewards.RewardInputs.from_scored(s)))
+  s = rewards.score_completions([text], [mode], [["happy", "sad"]], _FUZZ_SPACE)
+  r = np.asarray(_fuzz_rewards(rewards.RewardInputs.from_scored(s)))
   assert np.all((r >= 0) & (r <= 1))
   if not ok:
     assert np.all(r == 0)
+
+
+# Structured completions: a well-formed turn, then 0-3 edits that break it (or not): swapped blocks, duplicated
+# or dropped tags, nested tags, text before, between or after the blocks, unicode, and answers of thousands of words.
+_UNICODE = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+_SPACE = st.sampled_from(["", "", " ", "\n", " \t\n", "\u3000", "\r\n"])
+_WORD = st.sampled_from(["happy", "Sad", "let down", "喜悦", "ängstlich", "[calm]", "'joy'", "a]b", "x" * 300])
+_ANSWER = st.one_of(
+    st.lists(_WORD, min_size=1, max_size=6).map(", ".join),
+    st.sampled_from(["", " ", " , ; ", "[]", "['', \"\"]", "，；\n", "[ ]"]),
+    _UNICODE,
+    st.integers(1000, 4000).map(lambda n: ", ".join(f"w{i}" for i in range(n))),  # thousands of words
+)
+_THINK = st.one_of(st.sampled_from(["", " ", "\n\t", "the voice shakes", "<think>inner</think>", "a <answer>b"]),
+                   _UNICODE, st.integers(1000, 3000).map(lambda n: " ".join(["word"] * n)))
+_NOISE = st.one_of(st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "x", " tail", "\n"]), _UNICODE)
+
+
+@st.composite
+def _completions(draw):
+  mode = draw(st.sampled_from(["slow", "fast"]))
+  parts = [draw(_SPACE), "<think>", draw(_THINK), "</think>", draw(_SPACE), "<answer>", draw(_ANSWER), "</answer>",
+           draw(_SPACE)]
+  if mode == "fast":
+    parts = parts[6:]  # the completion after the prefilled "<think></think><answer>"
+  for _ in range(draw(st.integers(0, 3))):
+    op = draw(st.sampled_from(["swap", "duplicate", "drop", "insert", "prepend", "append"]))
+    i = draw(st.integers(0, len(parts) - 1))
+    j = draw(st.integers(0, len(parts) - 1))
+    if op == "swap":
+      parts[i], parts[j] = parts[j], parts[i]
+    elif op == "duplicate":
+      parts.insert(j, parts[i])
+    elif op == "drop" and len(parts) > 1:
+      parts.pop(i)
+    elif op == "insert":
+      parts.insert(i, draw(_NOISE))
+    elif op == "prepend":
+      parts.insert(0, draw(_NOISE))
+    else:
+      parts.append(draw(_NOISE))
+  if draw(st.booleans()) and mode == "slow":  # a fast-style completion in slow mode, and vice versa below
+    parts = parts[6:]
+  elif draw(st.integers(0, 9)) == 0 and mode == "fast":
+    parts = ["<think>t</think><answer>", *parts]
+  return "".join(parts), mode
+
+
+@settings(max_examples=1500, deadline=None)
+@given(case=_completions())
+def test_format_ok_equals_reference_on_structured_completions(case):
+  text, mode = case
+  ok = rewards.format_ok(text, mode)
+  assert ok == _reference_format_ok(text, mode), (text[:300], mode)
+  words = rewards.parse_answer(rewards.assistant_text(text, mode))
+  if ok:
+    assert words and all(w and w == w.strip().lower() for w in words)
+
+
+def test_reference_format_checker_by_hand():
+  """The reference itself on the hand cases of test_format_ok (it must not be vacuous)."""
+  cases = [("<think>a</think>\n<answer>sad</answer>\n", "slow", True), ("<answer>sad</answer>", "slow", False),
+           ("<think>a</think><answer>sad</answer> x", "slow", False), ("sad</answer>", "fast", True),
+           ("<think>a<think>b</think></think><answer>sad</answer>", "slow", False), ("[ ]</answer>", "fast", False),
+           ("<answer>sad</answer><think>a</think>", "slow", False), ("sad</answer></answer>", "fast", False)]
+  for text, mode, ok in cases:
+    assert _reference_format_ok(text, mode) is ok and rewards.format_ok(text, mode) is ok, (text, mode)
 
 
 def test_parser_handles_huge_answers():

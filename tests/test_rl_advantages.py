@@ -91,6 +91,47 @@ def test_jit_equals_eager(disentangle, scale):
   np.testing.assert_allclose(jax.jit(f)(r, v, w), f(r, v, w), rtol=1e-6, atol=1e-7)
 
 
+def _np_group_zscore(x, valid, g, *, scale=True, eps=1e-4, ddof=1):
+  """Reference written from method.md E2 with explicit loops over groups, in float64."""
+  out = np.zeros(len(x))
+  for start in range(0, len(x), g):
+    rows = [i for i in range(start, start + g) if valid[i]]
+    vals = np.array([x[i] for i in rows], np.float64)
+    if len(vals) <= ddof or vals.max() == vals.min():
+      continue  # no preference inside this group
+    mean = vals.mean()
+    std = math.sqrt(((vals - mean) ** 2).sum() / (len(vals) - ddof))
+    for i in rows:
+      out[i] = (x[i] - mean) / (std + eps) if scale else x[i] - mean
+  return out
+
+
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_group_zscore_jit_equals_eager_and_reference(scale, ddof):
+  rng = np.random.default_rng(1)
+  x = rng.random(24).astype(np.float32)
+  x[4:8] = 0.25  # a group without spread
+  valid = rng.random(24) > 0.25
+  valid[8:12] = [True, False, False, False]  # a group with a single valid row
+  f = lambda x, v: rl.group_zscore(x, v, 4, scale=scale, ddof=ddof)
+  eager = f(jnp.asarray(x), jnp.asarray(valid))
+  np.testing.assert_allclose(jax.jit(f)(jnp.asarray(x), jnp.asarray(valid)), eager, rtol=1e-6, atol=1e-7)
+  want = _np_group_zscore(x, valid, 4, scale=scale, ddof=ddof)
+  np.testing.assert_allclose(eager, want, rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(eager)[4:12] == 0.0) and np.all(np.asarray(eager)[~valid] == 0.0)
+
+
+def test_mode_weights_jit_equals_eager_and_reference():
+  rng = np.random.default_rng(2)
+  modes = rng.integers(0, 2, size=10)
+  w = rng.random((2, 4)).astype(np.float32)
+  eager = rl.mode_weights(jnp.asarray(modes), jnp.asarray(w))
+  np.testing.assert_array_equal(jax.jit(rl.mode_weights)(jnp.asarray(modes), jnp.asarray(w)), eager)
+  np.testing.assert_array_equal(eager, [list(w[m]) for m in modes])
+  assert eager.dtype == jnp.float32 and eager.shape == (10, 4)
+
+
 def _simulate(s_r, s_p, rho, *, groups=400, g=64, seed=0):
   """In-group recall/precision rewards with stds s_r, s_p and correlation rho."""
   rng = np.random.default_rng(seed)

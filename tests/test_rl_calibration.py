@@ -1,6 +1,8 @@
 """Calibration math: category log-mass, anchors and the r_cal gain, against numpy references written here."""
 
 import math
+import pathlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,8 @@ import numpy as np
 import pytest
 
 from merr1_jax import rl
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _np_logmass(logits, sets):
@@ -54,6 +58,50 @@ def test_category_logmass_upcasts_bf16_and_floors_underflow():
   np.testing.assert_allclose(s[0, 0, 0, 0], want0, rtol=1e-5)
   # exp(-205) underflows float32: the floor keeps the value finite.
   assert float(s[0, 0, 0, 1]) == pytest.approx(rl.LOGMASS_FLOOR, abs=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 10])
+def test_category_logmass_with_minus_inf_chunks_is_chunk_independent(chunk):
+  """A vocabulary chunk whose logits are all -inf (here the first ones) must not give exp(-inf - -inf) = NaN."""
+  rng = np.random.default_rng(4)
+  v = 10
+  logits = rng.normal(size=(2, 3, v)).astype(np.float32)
+  logits[:, :, :4] = -np.inf  # the first 1, 2, 3 or 4 whole chunks for chunk sizes 1..4
+  logits[0, 1, 5:8] = -np.inf  # a -inf stretch in the middle as well
+  logits[1, 2] = -np.inf  # a position with no distribution at all: every category gets the floor
+  sets = np.zeros((1, 4, v), bool)
+  sets[0, 0, [0, 1]] = True  # only -inf tokens: zero mass
+  sets[0, 1, [2, 5]] = True
+  sets[0, 2, [6, 9]] = True
+  sets[0, 3, 4:] = True
+  got = np.asarray(rl.category_logmass(jnp.asarray(logits), jnp.asarray(sets), chunk_size=chunk))
+  assert np.isfinite(got).all()
+  with np.errstate(invalid="ignore"):
+    want = _np_logmass(logits, sets)  # NaN on the all -inf position, -inf for zero-mass categories
+  defined = np.isfinite(want)
+  np.testing.assert_allclose(got[defined], want[defined], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got[~defined], np.float32(rl.LOGMASS_FLOOR))
+  assert (~defined[1, 2]).all() and (~defined[..., 0]).all()
+  whole = np.asarray(rl.category_logmass(jnp.asarray(logits), jnp.asarray(sets), chunk_size=v))
+  np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_category_logmass_from_hidden_jit_equals_eager_and_reference():
+  """The function training uses (rollout.score): jit == eager == the numpy reference of softmax(h @ w)."""
+  rng = np.random.default_rng(5)
+  h = rng.normal(size=(2, 3, 8)).astype(np.float32)
+  w = rng.normal(size=(8, 23)).astype(np.float32)  # 23 = 2 chunks of 10 + a padded one
+  sets = rng.random((2, 3, 23)) < 0.25
+  sets[1, 2] = False
+  f = lambda h, w: rl.category_logmass_from_hidden(h, w, jnp.asarray(sets), chunk_size=10)
+  eager = np.asarray(f(jnp.asarray(h), jnp.asarray(w)))
+  jitted = np.asarray(jax.jit(f)(jnp.asarray(h), jnp.asarray(w)))
+  np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
+  want = _np_logmass(h.astype(np.float64) @ w.astype(np.float64), sets)
+  finite = np.isfinite(want)
+  np.testing.assert_allclose(eager[finite], want[finite], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(eager[~finite], np.float32(rl.LOGMASS_FLOOR))
+  assert (~finite).any() and eager.shape == (2, 3, 2, 3)
 
 
 def test_answer_anchors_by_hand():
@@ -144,3 +192,167 @@ def test_logmass_and_anchor_jit_equal_eager():
   g = lambda t: rl.answer_anchors(t, t >= 0, 1, jnp.array([2]), 3, 5)
   for x, y in zip(jax.jit(g)(toks), g(toks)):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan")])
+def test_calibration_gain_rejects_non_positive_tau(tau):
+  args = (jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)), jnp.ones((1, 1), bool), jnp.array([[[True, False]]]),
+          jnp.ones((1, 1), bool))
+  with pytest.raises(ValueError, match="tau must be > 0"):
+    rl.calibration_gain(*args, tau)
+  with pytest.raises(ValueError, match="tau must be > 0"):  # a static tau fails at trace time under jit too
+    jax.jit(lambda *x: rl.calibration_gain(*x, tau))(*args)
+  with pytest.raises(TypeError, match="tau must be a static Python float"):  # a traced tau cannot be checked
+    jax.jit(rl.calibration_gain)(*args, 1.0)
+
+
+# --- fast_prior_kl (method.md E3 step 7) -----------------------------------------------------------------------
+
+
+def _np_fast_prior_kl(s_slow, s_fast, anchor_mask, gt, wheel_mask, cluster_mask, alpha):
+  """Reference written from method.md step 7 with explicit loops, in float64."""
+  b, a, k, c = s_slow.shape
+  out = np.zeros(b)
+  for i in range(b):
+    wheel_vals = []
+    for kk in range(k):
+      exists = cluster_mask[kk]
+      g = gt[i, kk] & exists
+      if not (wheel_mask[i, kk] and g.any()):
+        continue
+      per_anchor = []
+      for j in range(a):
+        if not anchor_mask[i, j]:
+          continue
+        slow = np.exp(s_slow[i, j, kk][exists].astype(np.float64))
+        p_slow = slow / slow.sum()
+        fast = np.exp(s_fast[i, j, kk][exists].astype(np.float64))
+        tilt = np.where(g[exists], math.exp(alpha), math.exp(-alpha))
+        q = fast * tilt / (fast * tilt).sum()
+        per_anchor.append(sum(qc * math.log(qc / pc) for qc, pc in zip(q, p_slow) if qc > 0))
+      if per_anchor:
+        wheel_vals.append(np.mean(per_anchor))
+    out[i] = np.mean(wheel_vals) if wheel_vals else 0.0
+  return out
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 3.0])
+def test_fast_prior_kl_matches_reference_and_jit(alpha):
+  rng = np.random.default_rng(6)
+  b, a, k, c = 6, 3, 2, 4
+  s_slow = -rng.random((b, a, k, c)).astype(np.float32) * 4
+  s_fast = -rng.random((b, a, k, c)).astype(np.float32) * 4
+  s_slow[2, :, 0, 1] = rl.LOGMASS_FLOOR  # a floored category
+  anchor_mask = rng.random((b, a)) < 0.7
+  anchor_mask[0] = False  # no anchor: reward 0
+  anchor_mask[3] = True
+  gt = rng.random((b, k, c)) < 0.3
+  gt[1] = False  # no GT wheel: reward 0
+  gt[3, 0] = [True, False, False, False]
+  gt[4, 1] = True  # every cluster of the wheel is GT: q = p_fast
+  cluster_mask = np.ones((k, c), bool)
+  cluster_mask[1, 3] = False  # a padded slot: outside both distributions
+  s_slow[:, :, 1, 3] = np.nan  # ... so even garbage there changes nothing
+  wheel_mask = gt.any(-1)
+  args = tuple(map(jnp.asarray, (s_slow, s_fast, anchor_mask, gt, wheel_mask)))
+  r, kl = rl.fast_prior_kl(*args, alpha, cluster_mask=jnp.asarray(cluster_mask), return_kl=True)
+  want = _np_fast_prior_kl(s_slow, s_fast, anchor_mask, gt, wheel_mask, cluster_mask, alpha)
+  np.testing.assert_allclose(kl, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(r, -want, rtol=1e-5, atol=1e-6)
+  assert r[0] == 0.0 and r[1] == 0.0 and np.all(np.asarray(r) <= 0) and want[3] > 0
+  jitted = jax.jit(lambda *x: rl.fast_prior_kl(*x, alpha, cluster_mask=jnp.asarray(cluster_mask)))
+  np.testing.assert_allclose(jitted(*args), r, rtol=1e-6, atol=1e-7)
+
+
+def test_fast_prior_kl_by_hand():
+  one = jnp.ones((1, 1), bool)
+  gt = jnp.array([[[True, False]]])
+  # alpha = 0 and p_slow == p_fast: the target is p_fast itself, so KL = 0 and r_cal = 0. A constant shift of
+  # all log-masses of a wheel leaves its category distribution unchanged, so that is still 0.
+  s = jnp.log(jnp.array([[[[0.2, 0.05]]]]))
+  for shift in (0.0, -3.0):
+    r = rl.fast_prior_kl(s + shift, s, one, gt, one, 0.0)
+    assert float(r[0]) == pytest.approx(0.0, abs=1e-7)
+  # p_fast = p_slow = (1/2, 1/2), alpha = log 3: q ∝ (1/2 * 3, 1/2 / 3) = (9/10, 1/10).
+  half = jnp.log(jnp.full((1, 1, 1, 2), 0.5))
+  r, kl = rl.fast_prior_kl(half, half, one, gt, one, math.log(3.0), return_kl=True)
+  want = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+  assert float(kl[0]) == pytest.approx(want, rel=1e-5) and float(r[0]) == pytest.approx(-want, rel=1e-5)
+  # Sign: a slow distribution that already leans to the GT like q scores higher than the fast one.
+  lean = jnp.log(jnp.array([[[[0.9, 0.1]]]]))
+  r_lean = rl.fast_prior_kl(lean, half, one, gt, one, math.log(3.0))
+  assert float(r_lean[0]) == pytest.approx(0.0, abs=1e-6) and float(r_lean[0]) > float(r[0])
+
+
+@pytest.mark.parametrize("alpha", [-0.5, float("nan"), float("inf")])
+def test_fast_prior_kl_rejects_bad_alpha(alpha):
+  one = jnp.ones((1, 1), bool)
+  with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+    rl.fast_prior_kl(jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)), one, jnp.array([[[True, False]]]), one, alpha)
+
+
+def test_calibration_registry_dispatch_and_extension():
+  rng = np.random.default_rng(7)
+  s_slow, s_fast = (jnp.asarray(-rng.random((3, 2, 2, 3)), jnp.float32) for _ in range(2))
+  mask, gt = jnp.ones((3, 2), bool), jnp.asarray(rng.random((3, 2, 3)) < 0.4)
+  args = (s_slow, s_fast, mask, gt, gt.any(-1))
+  assert {"contrastive_gain", "fast_prior_kl"} <= set(rl.CALIBRATIONS)
+  kw = dict(cluster_mask=None, tau=0.5, alpha=2.0)
+  np.testing.assert_array_equal(rl.calibration_reward("contrastive_gain", *args, **kw),
+                                rl.calibration_gain(*args, 0.5))
+  np.testing.assert_array_equal(rl.calibration_reward("fast_prior_kl", *args, **kw), rl.fast_prior_kl(*args, 2.0))
+  with pytest.raises(ValueError, match="unknown calibration kind 'nope'"):
+    rl.calibration_reward("nope", *args)
+  for taken in ("contrastive_gain", "none"):
+    with pytest.raises(ValueError, match="already registered"):
+      rl.register_calibration(taken)(lambda *a, **k: None)
+  # A user-added kind is selectable by name, here and in the config check.
+  from merr1_jax import config as cfglib  # noqa: PLC0415
+  cfg = cfglib.load(str(REPO / "configs" / "base.py"))
+  try:
+    rl.register_calibration("slow_gt_mass")(lambda s, f, m, g, w, **_: (s * g[:, None]).sum((1, 2, 3)))
+    np.testing.assert_allclose(rl.calibration_reward("slow_gt_mass", *args), (s_slow * gt[:, None]).sum((1, 2, 3)))
+    for kind in ("none", "contrastive_gain", "fast_prior_kl", "slow_gt_mass"):
+      cfg.rl.calibration = kind
+      cfglib.validate(cfg)
+  finally:
+    del rl.CALIBRATIONS["slow_gt_mass"]
+  cfg.rl.calibration = "slow_gt_mass"
+  with pytest.raises(cfglib.ConfigError, match="rl.calibration"):
+    cfglib.validate(cfg)
+  cfg.rl.calibration, cfg.rl.cal_alpha = "fast_prior_kl", -1.0
+  with pytest.raises(cfglib.ConfigError, match="rl.cal_alpha"):
+    cfglib.validate(cfg)
+
+
+@pytest.mark.parametrize("kind", ["contrastive_gain", "fast_prior_kl"])
+def test_experience_uses_the_configured_kind(monkeypatch, kind):
+  """experience.calibration_rewards turns the two scoring passes into r_cal with the configured kind and settings,
+  and the trainer's RLSettings carry rl.calibration / rl.cal_tau / rl.cal_alpha from the config. The model
+  passes are replaced by fixed log-masses: this checks the wiring, the math is checked above."""
+  from merr1_jax import config as cfglib  # noqa: PLC0415
+  from merr1_jax import experience, run_setup  # noqa: PLC0415
+  rng = np.random.default_rng(8)
+  b, a, k, c = 4, 2, 2, 3
+  passes = [types.SimpleNamespace(logmass=-rng.random((b, a, k, c)).astype(np.float32),
+                                  anchor_mask=np.ones((b, a), bool)) for _ in range(2)]  # slow, then fast
+  calls = iter(passes)
+  monkeypatch.setattr(experience.rollout, "score", lambda *_, **__: next(calls))
+  monkeypatch.setattr(experience.rollout, "make_sequences", lambda *_, **__: None)
+  ids = types.SimpleNamespace(answer_open=1, answer_close=2, fast_prefix=(), pad=0, anchors=lambda n: None)
+  ctx = types.SimpleNamespace(ids=ids, token_sets=None, mesh=None, axis_rules=None, cluster_mask=jnp.ones((k, c), bool),
+                              model=types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=10)))
+  slow = types.SimpleNamespace(completion=np.tile([1, 5, 2], (b, 1)), length=np.full(b, 3), num_samples=1)
+  gt = rng.random((b, k, c)) < 0.4
+  gt[:, 0, 0] = True
+  fmt = np.array([True, True, False, True])
+  got = experience.calibration_rewards(ctx, None, None, slow, gt, fmt, 0.5, a, kind=kind, alpha=2.0)
+  want = rl.calibration_reward(kind, jnp.asarray(passes[0].logmass), jnp.asarray(passes[1].logmass),
+                               jnp.ones((b, a), bool), jnp.asarray(gt), jnp.asarray(gt.any(-1)),
+                               cluster_mask=ctx.cluster_mask, tau=0.5, alpha=2.0)
+  np.testing.assert_allclose(got, np.where(fmt, np.asarray(want), 0.0), rtol=1e-6)
+  assert got[2] == 0.0 and np.all(got[fmt] != 0.0)  # a malformed completion gets no calibration reward
+  cfg = cfglib.load(str(REPO / "configs" / "base.py"))
+  cfg.rl.calibration, cfg.rl.cal_tau, cfg.rl.cal_alpha = kind, 0.25, 1.5
+  settings = run_setup.Run.rl_settings(types.SimpleNamespace(config=cfg))
+  assert (settings.calibration, settings.cal_tau, settings.cal_alpha) == (kind, 0.25, 1.5)

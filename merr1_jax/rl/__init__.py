@@ -1,7 +1,8 @@
 """Pure, model-free policy-gradient math for MER-R1 (no model, no I/O).
 
 ``rl.dod_advantages``, ``rl.category_logmass`` and ``rl.calibration_gain`` are the public names; the
-submodules group them by concept (advantages, calibration, loss). See docs/method.md for every equation.
+submodules group them by concept: advantages (E2), calibration (E3, with the ``CALIBRATIONS`` registry of
+``rl.calibration`` kinds) and loss (E4). See docs/method.md for every equation.
 """
 
 from merr1_jax.rl.advantages import dod_advantages, group_zscore, mode_weights
@@ -20,11 +21,15 @@ from merr1_jax.rl.loss import (
     token_logprobs,
 )
 from merr1_jax.rl.calibration import (
+    CALIBRATIONS,
     LOGMASS_FLOOR,
     answer_anchors,
     calibration_gain,
+    calibration_reward,
     category_logmass,
     category_logmass_from_hidden,
+    fast_prior_kl,
+    register_calibration,
 )
 
 __all__ = [
@@ -40,11 +45,15 @@ __all__ = [
     "logprobs_from_logits",
     "policy_loss",
     "token_logprobs",
+    "CALIBRATIONS",
     "LOGMASS_FLOOR",
     "answer_anchors",
     "calibration_gain",
+    "calibration_reward",
     "category_logmass",
     "category_logmass_from_hidden",
+    "fast_prior_kl",
+    "register_calibration",
     "dod_advantages",
     "group_zscore",
     "mode_weights",

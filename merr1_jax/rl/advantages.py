@@ -1,6 +1,6 @@
-"""Group-relative advantages: dual-objective disentanglement (DOD) and the coupled baseline.
+"""Group-relative advantages (method.md E2): dual-objective disentanglement (DOD) and the coupled baseline.
 
-docs/method.md, "Dual-objective disentanglement". One advantage per completion, later broadcast to its tokens.
+docs/method.md, "Dual-objective disentanglement (E2)". One advantage per completion, later broadcast to its tokens.
 
 Shape legend:
   B: completions in the step (P prompts x group_size rows, groups are contiguous blocks)
@@ -34,7 +34,7 @@ def group_zscore(
     eps: float = 1e-4,
     ddof: int = 1,
 ) -> Array:
-  """Normalises ``x`` within contiguous groups of ``group_size`` rows (method.md, z_g).
+  """(E2) Normalises ``x`` within contiguous groups of ``group_size`` rows: method.md's z_g.
 
   Args:
     x_B: values, float.
@@ -76,7 +76,7 @@ def dod_advantages(
     eps: float = 1e-4,
     ddof: int = 1,
 ) -> Array:
-  """Per-completion advantages from several reward objectives.
+  """(E2) Per-completion advantages from several reward objectives.
 
   Disentangled (default, method.md DOD):  A_i = sum_o w_io * z_g(r_o)_i, each objective normalised over its own
   valid rows, so an objective with a small in-group spread is not drowned by one with a large spread.
@@ -107,5 +107,5 @@ def dod_advantages(
 
 
 def mode_weights(mode_ids_B: Array, weights_MxO: Array) -> Array:
-  """Gathers per-mode objective weights: row i gets ``weights_MxO[mode_ids_B[i]]`` ([B, O])."""
+  """(E2) Gathers per-mode objective weights w[m_i]: row i gets ``weights_MxO[mode_ids_B[i]]`` ([B, O])."""
   return jnp.asarray(weights_MxO, jnp.float32)[mode_ids_B]
