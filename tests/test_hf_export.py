@@ -38,20 +38,36 @@ def _is_lm(key):
   return key.removeprefix("thinker.").startswith(("model.", "lm_head."))
 
 
-@pytest.fixture(scope="module")
-def omni_src(tmp_path_factory):
-  """A tiny random Qwen2.5-Omni thinker saved by transformers (offline), with a tokenizer-like side file."""
+def _thinker_config(text_extra=None, **thinker_kw):
+  """A tiny Qwen2.5-Omni thinker config. No tie flag unless asked: transformers' defaults are the case real
+  checkpoints hit (text_config True, thinker False; the thinker-level flag decides, so the head is untied)."""
   from transformers.models.qwen2_5_omni import configuration_qwen2_5_omni as omni_cfg
   text = dict(vocab_size=OMNI_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False,
-              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+              **(text_extra or {}))
   audio = dict(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, num_mel_bins=16,
                output_dim=32, n_window=4, max_source_positions=64)
   vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                 fullatt_block_indexes=[0], patch_size=2, temporal_patch_size=1, spatial_merge_size=1, window_size=4)
-  cfg = omni_cfg.Qwen2_5OmniThinkerConfig(text_config=text, audio_config=audio, vision_config=vision)
+  return omni_cfg.Qwen2_5OmniThinkerConfig(text_config=text, audio_config=audio, vision_config=vision, **thinker_kw)
+
+
+def _randomise(module, std=0.2):
+  # HF's init gives zero biases and unit norms; random everything so each weight matters in the logits.
   torch.manual_seed(0)
-  model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for p in module.parameters():
+      p.normal_(0.0, std)
+  return module.eval()
+
+
+@pytest.fixture(scope="module")
+def omni_src(tmp_path_factory):
+  """A tiny random Qwen2.5-Omni thinker saved by transformers (offline), default tie flags (untied head),
+  with a tokenizer-like side file."""
+  torch.manual_seed(0)
+  model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(_thinker_config()).eval()
   src = tmp_path_factory.mktemp("omni") / "src"
   model.save_pretrained(str(src))
   (src / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
@@ -59,9 +75,45 @@ def omni_src(tmp_path_factory):
   return src
 
 
+def _thinker_logits(tm, tokens):
+  with torch.no_grad():
+    return tm(input_ids=torch.tensor(tokens)).logits.numpy()
+
+
+def _our_logits(model, params, tokens):
+  b, l = tokens.shape
+  pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (3, b, l))  # text: the three M-RoPE ids coincide
+  inputs = base.ModelInputs(tokens=jnp.asarray(tokens, jnp.int32), positions=pos, mask=jnp.ones((b, l), bool))
+  return np.asarray(jax.jit(model.forward)(params, model.embed(params, inputs))[0])
+
+
+@pytest.mark.parametrize("variant,text_extra,thinker_kw,tied", [
+    ("default", None, {}, False),  # what transformers writes by default: an untied lm_head.weight
+    ("text_flag_false", {"tie_word_embeddings": False}, {}, False),
+    ("thinker_tied", None, {"tie_word_embeddings": True}, True),  # text flag (True) agrees; no lm_head saved
+    ("thinker_tied_text_untied", {"tie_word_embeddings": False}, {"tie_word_embeddings": True}, True),
+])
+def test_thinker_tie_follows_the_thinker_flag_and_loads_strictly(tmp_path, variant, text_extra, thinker_kw, tied):
+  tm = _randomise(transformers.Qwen2_5OmniThinkerForConditionalGeneration(_thinker_config(text_extra, **thinker_kw)))
+  shares = tm.lm_head.weight.data_ptr() == tm.get_input_embeddings().weight.data_ptr()
+  assert shares == tied, "transformers ties by the thinker-level flag (the premise of this test)"
+  tm.save_pretrained(str(tmp_path))
+  header, _ = safetensors_io.read_header(str(tmp_path / "model.safetensors"))
+  assert ("lm_head.weight" in header) == (not tied)
+
+  cfg = hf_io.config_from_hf(json.loads((tmp_path / "config.json").read_text()), video_dim=0, audio_dim=0)
+  assert cfg.tie_embeddings == tied
+  model = mllm.build(cfg)
+  params, report = hf_io.load_hf(str(tmp_path), model, strict=True)
+  assert report.clean and report.loaded == len(hf_io._expected_keys(cfg))
+  tokens = np.random.RandomState(0).randint(0, 1000, (2, 6))
+  np.testing.assert_allclose(_our_logits(model, params, tokens), _thinker_logits(tm, tokens), atol=1e-4, rtol=1e-4)
+
+
 def test_omni_export_copies_towers_and_loads_in_transformers(omni_src, tmp_path):
   hf = json.loads((omni_src / "config.json").read_text())
   model = mllm.build(hf_io.config_from_hf(hf, video_dim=0, audio_dim=0))
+  assert not model.config.tie_embeddings  # transformers' default thinker: untied
   params, report = hf_io.load_hf(str(omni_src), model)
   assert report.clean and report.skipped.get("audio_tower") and report.skipped.get("visual")
 
@@ -109,12 +161,7 @@ def test_omni_export_copies_towers_and_loads_in_transformers(omni_src, tmp_path)
 
   # Text-only logits of the loaded thinker equal our forward (3-D positions coincide for text).
   tokens = np.random.RandomState(0).randint(0, 1000, (1, 6))
-  with torch.no_grad():
-    ref = tm(input_ids=torch.tensor(tokens)).logits.numpy()
-  pos = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (3, 1, 6))
-  inputs = base.ModelInputs(tokens=jnp.asarray(tokens, jnp.int32), positions=pos, mask=jnp.ones((1, 6), bool))
-  logits, _ = jax.jit(model.forward)(trained, model.embed(trained, inputs))
-  np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(_our_logits(model, trained, tokens), _thinker_logits(tm, tokens), atol=1e-4, rtol=1e-4)
 
 
 def test_full_omni_layout_keeps_the_thinker_prefix_and_talker(omni_src, tmp_path):

@@ -3,7 +3,8 @@
 The second adapter here is deliberately different from the bundled NNX Qwen2 one (docs/porting.md's worked
 example): a Linen model with LayerNorm, fused QKV, full multi-head attention, sinusoidal absolute position
 embeddings added at the input, a separate unembedding matrix, params as a plain Linen variables dict and a
-dict KV cache laid out [B, S, N, H, Dh].
+dict KV cache laid out [B, S, N, H, Dh]. It is text-only, so its optional `validate_inputs` hook only refuses
+feature arrays (it has nowhere to put them) and out-of-vocabulary ids.
 """
 
 import flax.linen as nn
@@ -75,6 +76,17 @@ class LinenPolicy:
     emb = 0.05 * jax.random.normal(k_emb, (self.config.vocab_size, self.config.d_model))
     return {"embedding": emb, "net": variables["params"]}
 
+  def validate_inputs(self, inputs):
+    """Host-side check before jit (the optional base.PolicyModel hook): a text-only model takes no features,
+    and under jit an out-of-range id would silently gather a clipped row."""
+    for name in ("video", "audio"):
+      if getattr(inputs, name) is not None:
+        raise ValueError(f"{name}: features given, but this text-only model has no {name} projector")
+    toks = np.asarray(inputs.tokens)
+    bad = np.argwhere((toks < 0) | (toks >= self.config.vocab_size))
+    if bad.size:
+      raise ValueError(f"token ids outside [0, {self.config.vocab_size}) at (row, col) {bad[:4].tolist()}")
+
   def embed(self, params, inputs):
     return base.Embedded(x=params["embedding"][inputs.tokens], positions=inputs.positions, mask=inputs.mask)
 
@@ -143,3 +155,25 @@ def test_contract_catches_missing_partition_rule():
   model.partition_rules = lambda: LinenPolicy.partition_rules(model)[1:]  # drop the embedding rule
   with pytest.raises(ValueError, match="embedding: no partition rule matches"):
     contract.check_params_and_rules(model, model.init_params(jax.random.key(0)))
+
+
+def test_validate_inputs_hook_refuses_what_embed_cannot_check_under_jit():
+  toks = np.full((2, 3), 5, np.int32)
+  pos, mask = np.tile(np.arange(3, dtype=np.int32), (2, 1)), np.ones((2, 3), bool)
+  linen = LinenPolicy()
+  with pytest.raises(ValueError, match="video: features given, but this text-only model"):
+    linen.validate_inputs(base.ModelInputs(tokens=toks, positions=pos, mask=mask, video=np.zeros((2, 1, 4)),
+                                           video_mask=np.ones((2, 1), bool)))
+  with pytest.raises(ValueError, match=r"token ids outside \[0, 96\) at \(row, col\) \[\[1, 2\]\]"):
+    linen.validate_inputs(base.ModelInputs(tokens=np.where(np.arange(6).reshape(2, 3) == 5, 96, toks),
+                                           positions=pos, mask=mask))
+
+  mm = mllm.build("tiny", vocab_size=160)  # video_dim 32; the video placeholder is id 158
+  ph = toks.copy()
+  ph[0, 1] = mm.config.video_token_id
+  feats, fmask = np.zeros((2, 2, 32), np.float32), np.array([[True, True], [False, False]])
+  with pytest.raises(ValueError, match="video placeholder/feature count mismatch .*row 0: 1 placeholders vs 2"):
+    mm.validate_inputs(base.ModelInputs(tokens=ph, positions=pos, mask=mask, video=feats, video_mask=fmask))
+  fmask[0, 1] = False
+  assert mm.validate_inputs(base.ModelInputs(tokens=ph, positions=pos, mask=mask, video=feats,
+                                             video_mask=fmask)) is None

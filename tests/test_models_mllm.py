@@ -75,8 +75,11 @@ def test_count_mismatch_is_a_clear_error_before_jit(modality, row, edit):
   model = mllm.build("tiny", vocab_size=V)
   params = jax.jit(model.init_params)(jax.random.key(0))
   bad = edit(_batch(np.random.RandomState(0)))
-  with pytest.raises(ValueError, match=rf"{modality} placeholder/feature count mismatch .*row {row}: \d+ placeholders vs \d+ valid rows"):
+  msg = rf"{modality} placeholder/feature count mismatch .*row {row}: \d+ placeholders vs \d+ valid rows"
+  with pytest.raises(ValueError, match=msg):
     model.embed(params, bad)
+  with pytest.raises(ValueError, match=msg):
+    model.validate_inputs(bad)  # the optional PolicyModel hook the rollout sampler calls on the host batch
   with pytest.raises(ValueError, match="count mismatch"):
     mllm.validate_placeholders(model.config, bad)
 

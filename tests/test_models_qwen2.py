@@ -97,7 +97,10 @@ def test_omni_thinker_text_model_with_3d_positions_matches_transformers(tmp_path
   pos = np.stack([np.arange(L) // 3, np.arange(L) % 3, (np.arange(L) * 2) % 5])[:, None].repeat(2, 1)
   with torch.no_grad():
     ref_h = tm(inputs_embeds=torch.tensor(emb), position_ids=torch.tensor(pos)).last_hidden_state
-    ref_logits = (ref_h @ tm.embed_tokens.weight.T).numpy()  # the thinker's tied lm_head
+    # A bare text model has no lm_head (the thinker around it owns one). Our config, read from this bare
+    # text config, unembeds with the embedding (Qwen2_5OmniTextConfig defaults to tied), so the reference
+    # applies the same embedding transposed; the thinker's own head is covered in tests/test_hf_export.py.
+    ref_logits = (ref_h @ tm.embed_tokens.weight.T).numpy()
   x = base.Embedded(x=jnp.asarray(emb), positions=jnp.asarray(pos, jnp.int32), mask=jnp.ones((2, L), bool))
   logits, _ = jax.jit(model.forward)(params, x)
   assert np.abs(np.asarray(logits) - ref_logits).max() <= 1e-4
@@ -135,8 +138,25 @@ def test_bf16_compute_keeps_float32_logits_and_tracks_float32():
 
 
 def test_mrope_rejects_bad_positions_and_1d_rejects_3d():
+  x_BxLxD = jnp.asarray(np.random.RandomState(0).randn(1, 3, 128), jnp.float32)
+  mask = jnp.ones((1, 3), bool)
   m = mllm.build("tiny", vocab_size=V)
   params = jax.jit(m.init_params)(jax.random.key(0))
-  x = base.Embedded(x=jnp.zeros((1, 3, 128)), positions=jnp.zeros((3, 1, 3), jnp.int32), mask=jnp.ones((1, 3), bool))
+  x = base.Embedded(x=x_BxLxD, positions=jnp.zeros((3, 1, 3), jnp.int32), mask=mask)
   with pytest.raises(ValueError, match="1-D RoPE model got positions"):
     m.forward(params, x)
+
+  mr = mllm.build("tiny", vocab_size=V, mrope_section=(4, 6, 6))
+  for bad in [jnp.zeros((2, 1, 3), jnp.int32), jnp.zeros((3, 1, 3, 1), jnp.int32), jnp.zeros((3,), jnp.int32)]:
+    with pytest.raises(ValueError, match=r"M-RoPE model got positions of shape \(" + ", ".join(
+        str(d) for d in bad.shape) + r",?\); expected \[3, B, L\]"):
+      mr.forward(params, base.Embedded(x=x_BxLxD, positions=bad, mask=mask))
+  # Text positions [B, L] are accepted and mean the same ids on all three axes.
+  pos_BxL = jnp.asarray([[0, 1, 2]], jnp.int32)
+  two_d, _ = mr.forward(params, base.Embedded(x=x_BxLxD, positions=pos_BxL, mask=mask))
+  three_d, _ = mr.forward(params, base.Embedded(x=x_BxLxD, positions=jnp.stack([pos_BxL] * 3), mask=mask))
+  np.testing.assert_array_equal(np.asarray(two_d), np.asarray(three_d))
+  # ... and distinct t/h/w ids do change the logits (the sections are really used).
+  mixed = jnp.stack([pos_BxL, pos_BxL * 0, pos_BxL * 2])
+  other, _ = mr.forward(params, base.Embedded(x=x_BxLxD, positions=mixed, mask=mask))
+  assert np.abs(np.asarray(other) - np.asarray(three_d)).max() > 1e-6  # small init: small, but not zero

@@ -16,6 +16,8 @@ Contract (what every adapter guarantees):
     rows (one shared write index), marks them valid per `x.mask`, attends to valid slots <= its own and
     advances the index by L. The caller keeps index + L <= max_len (this cannot be checked under jit).
   * Creating params needs no mesh; sharding is applied by the caller from `partition_rules()`.
+  * Optional host-side hook `validate_inputs(inputs)` (see `PolicyModel`): checks a concrete batch before it
+    is jitted, because inside jit a wrong placeholder/feature count cannot raise.
 
 Shape legend: B batch, L new tokens, S cache slots, D d_model, V vocab, N layers, K kv heads,
 H query heads, Dh head dim, T feature rows (Tv video, Ta audio), F feature width.
@@ -125,6 +127,19 @@ class PolicyModel(Protocol):
   def partition_rules(self) -> PartitionRules:
     """(regex over '/'-joined param paths, logical axes) pairs; first match wins; covers every param."""
     ...
+
+  # Optional, deliberately not a protocol member (so isinstance checks do not demand it):
+  #
+  #   def validate_inputs(self, inputs: ModelInputs) -> None
+  #
+  # Called by the rollout sampler (rollout._check_placeholders) on the host batch, with concrete numpy or
+  # jax arrays, before anything is jitted. It must check what the traced `embed` cannot: per row, the number
+  # of video / audio placeholder tokens equals the number of valid feature rows (mask True); features have
+  # the [B, T, F] shape the model's projector takes and come with their mask; features are not given for a
+  # modality the model lacks. On a violation it raises ValueError naming the modality, the rows and the
+  # counts; it returns None otherwise and must not modify `inputs`. An adapter without it gets no such check
+  # for other model classes (the sampler falls back to mllm.validate_placeholders only for
+  # MultimodalPolicy): a text-only adapter can omit it, one that merges features should implement it.
 
 
 def logits_from_hidden(h_BxLxD: jax.Array, w_DxV: jax.Array) -> jax.Array:

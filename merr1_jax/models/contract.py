@@ -168,6 +168,20 @@ def _positions_traced(model, pos_BxL: jax.Array) -> jax.Array:
   return jnp.stack([pos_BxL, pos_BxL // 2, pos_BxL % 3]).astype(jnp.int32)
 
 
+def check_validate_inputs(model, seed: int = 0) -> None:
+  """The optional host-side hook (base.PolicyModel): if the adapter has `validate_inputs`, it accepts a valid
+  text-only batch, returns None and leaves the batch unchanged."""
+  check = getattr(model, "validate_inputs", None)
+  if check is None:
+    return
+  rng = np.random.RandomState(seed)
+  toks, pos, mask = _pad([_text_tokens(model, rng, (n,)) for n in (4, 2)], 4, left=True)
+  inp = base.ModelInputs(tokens=toks, positions=np.asarray(_positions(model, pos)), mask=mask)
+  before = [np.array(a) for a in jax.tree.leaves(inp)]
+  assert check(inp) is None, "validate_inputs must return None"
+  assert all(np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(inp))), "validate_inputs changed inputs"
+
+
 def check_grad_finite(model, params, seed: int = 0) -> None:
   rng = np.random.RandomState(seed)
   toks, pos, mask = _pad([_text_tokens(model, rng, (n,)) for n in (4, 2)], 4, left=True)
@@ -189,6 +203,7 @@ def check_policy_contract(model: Any, *, seed: int = 0, atol: float = 1e-5) -> N
   assert isinstance(model, base.PolicyModel), f"{type(model).__name__} lacks PolicyModel methods"
   params = jax.jit(model.init_params)(jax.random.key(seed))
   check_params_and_rules(model, params)
+  check_validate_inputs(model, seed)
   check_forward_is_hidden_times_unembed(model, params, seed, atol)
   check_padding_invariance(model, params, seed, atol)
   check_causality(model, params, seed)

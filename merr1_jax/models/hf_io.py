@@ -1,4 +1,4 @@
-"""Hugging Face safetensors checkpoints <-> the decoder's parameter tree (Qwen2, Qwen2.5, Qwen2.5-Omni thinker).
+"""Hugging Face safetensors checkpoints <-> the policy's parameter tree (Qwen2, Qwen2.5, Qwen2.5-Omni thinker).
 
 Import (`load_hf`):
   * A file, a directory with model.safetensors, or a sharded directory with model.safetensors.index.json.
@@ -7,19 +7,32 @@ Import (`load_hf`):
     Qwen2.5-Omni checkpoint `thinker.model.` / `thinker.lm_head.`; a bare text model none. Tower and talker
     weights (audio_tower, visual, talker, token2wav) are skipped by name and counted; their bytes are
     never read.
+  * config.json is read by `config_from_hf`, which refuses what the decoder does not implement (RoPE scaling
+    other than plain RoPE / M-RoPE, sliding-window attention, an activation other than SiLU) and names the
+    file and the missing or unsupported field. The Omni thinker's lm_head is tied or not by the THINKER-level
+    `tie_word_embeddings` (default False), as in transformers, not by its text_config's flag.
   * Headers are checked first: missing / unexpected / shape-mismatched keys raise one ValueError listing
-    them (strict) or go into the returned LoadReport (strict=False; missing ones keep a fresh init).
-    Non-float tensors and a config.json that disagrees with the model config are always errors.
+    them under the checkpoint's own prefix (strict) or go into the returned LoadReport (strict=False;
+    missing ones keep a fresh init). Non-float tensors, a truncated shard and a config.json that disagrees
+    with the model config are always errors.
   * Then shard by shard, tensor by tensor: memmap view -> transpose/reshape -> cast to param dtype ->
     straight onto its target sharding (per-device slices via make_array_from_callback). Per-layer tensors
     go into their stacked parameter with a donated in-place update, so host memory holds one tensor.
-Export (`save_hf`): safetensors shards + index + config.json that transformers / vLLM load. With
+  * Parameters with no HF counterpart (the video/audio 'mlp' projectors, which RL trains) come from
+    PROJECTOR_FILE next to the weights when it is there (an export written by `save_hf`), else from a fresh
+    init (a base HF checkpoint; logged as a warning). `projectors='require'` makes its absence an error:
+    use it to load an exported policy for evaluation.
+Export (`save_hf`): safetensors shards + index + config.json that transformers / vLLM load, plus
+  PROJECTOR_FILE (our param paths as tensor names, in their param dtype, bit-exact) when the policy has
+  projector parameters. That file is outside the index's weight_map, and an index is always written when it
+  exists, so transformers and vLLM (which load only the shards the index names) never see it. With
   `copy_from=SRC` (layout 'omni_thinker') every SRC tensor that is not a thinker-LM weight (audio/vision towers,
   talker, token2wav) is streamed through byte for byte, SRC's config / tokenizer / preprocessor files are
   copied, and our LM weights go under SRC's own thinker prefix: the result is a complete Qwen2.5-Omni
   (thinker) checkpoint. `export_kwargs(hf_path)` picks the layout a run that started from `hf_path` exports in.
 
 HF layout (per layer i): q_proj.weight [H*Dh, D], o_proj.weight [D, H*Dh], gate/up [F, D], down [D, F].
+Shape legend: D d_model, H query heads, K kv heads, Dh head dim, F mlp width, V vocab.
 """
 
 from __future__ import annotations
@@ -46,6 +59,9 @@ _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _LM_PREFIXES = ("thinker.model.", "model.", "")
 _HEAD_KEYS = ("thinker.lm_head.weight", "lm_head.weight")
 P = "decoder/"
+# Our parameters that HF has no place for (the video/audio projectors), written by save_hf next to the HF
+# weights under their param paths ('video_proj/in_kernel', ...) and read back by load_hf.
+PROJECTOR_FILE = "merr1_projectors.safetensors"
 _log = logging.getLogger(__name__)
 
 
@@ -56,6 +72,9 @@ class LoadReport:
   missing: list[str] = dataclasses.field(default_factory=list)
   unexpected: list[str] = dataclasses.field(default_factory=list)
   shape_mismatch: list[str] = dataclasses.field(default_factory=list)
+  # Parameters with no HF counterpart (projectors): 'none' (the model has none), 'loaded' (from
+  # PROJECTOR_FILE) or 'init' (no such file: a fresh init, as when starting from a base HF checkpoint).
+  projectors: str = "none"
 
   @property
   def clean(self) -> bool:
@@ -108,6 +127,7 @@ class _Target:
   layer: int | None  # index into the stacked 'layers' axis
   transform: Callable[[np.ndarray], np.ndarray]  # HF tensor -> our (per-layer) array
   inverse: Callable[[np.ndarray], np.ndarray]  # our (per-layer) array -> HF tensor
+  prefix: str | None = None  # the LM prefix the key was found under ('thinker.model.', 'model.', ''), if known
 
 
 def _classify(key: str, cfg: ModelConfig, layer_map) -> _Target | str | None:
@@ -115,56 +135,107 @@ def _classify(key: str, cfg: ModelConfig, layer_map) -> _Target | str | None:
   if (m := _SKIP.match(key)):
     return m.group(1) or m.group(2)
   if key in _HEAD_KEYS:
-    return None if cfg.tie_embeddings else _Target(P + "lm_head", None, _transpose, _transpose)
+    return None if cfg.tie_embeddings else _Target(
+        P + "lm_head", None, _transpose, _transpose, "thinker.model." if key.startswith("thinker.") else None)
   for pfx in _LM_PREFIXES:
     if not key.startswith(pfx):
       continue
     rest = key[len(pfx):]
     if rest == "embed_tokens.weight":
-      return _Target(P + "embed/embedding", None, _identity, _identity)
+      return _Target(P + "embed/embedding", None, _identity, _identity, pfx)
     if rest == "norm.weight":
-      return _Target(P + "final_norm/scale", None, _identity, _identity)
+      return _Target(P + "final_norm/scale", None, _identity, _identity, pfx)
     if (m := _LAYER.match(rest)) and m.group(2) in layer_map and int(m.group(1)) < cfg.num_layers:
       name, fn, inv = layer_map[m.group(2)]
-      return _Target(P + "layers/" + name, int(m.group(1)), fn, inv)
+      return _Target(P + "layers/" + name, int(m.group(1)), fn, inv, pfx)
   return None
 
 
 def _expected_keys(cfg: ModelConfig, prefix: str = "model.") -> list[str]:
+  """Every HF key of the decoder under an LM prefix ('model.', 'thinker.model.' or '' for a bare text model)."""
   keys = [prefix + "embed_tokens.weight", prefix + "norm.weight"]
   keys += [f"{prefix}layers.{i}.{s}" for i in range(cfg.num_layers) for s in _layer_map(cfg)]
-  if not cfg.tie_embeddings:
-    keys.append("lm_head.weight" if prefix == "model." else prefix.replace("model.", "lm_head.") + "weight")
+  if not cfg.tie_embeddings:  # 'thinker.model.' -> 'thinker.lm_head.weight'; 'model.' and '' -> 'lm_head.weight'
+    keys.append((prefix[:-len("model.")] if prefix.endswith("model.") else "") + "lm_head.weight")
   return keys
+
+
+def _hf_params(cfg: ModelConfig) -> set[str]:
+  """Our parameter paths that have an HF key (everything of the decoder)."""
+  layer_map = _layer_map(cfg)
+  return {_classify(k, cfg, layer_map).param for k in _expected_keys(cfg)}
 
 
 # -------------------------------------------------------------------------------------------------- config
 
 
-def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
-  """A ModelConfig from a Qwen2 / Qwen2.5 / Qwen2.5-Omni (full, thinker or text) config.json dict."""
-  outer = [hf]
+def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrides: Any) -> ModelConfig:
+  """A ModelConfig from a Qwen2 / Qwen2.5 / Qwen2.5-Omni (full, thinker or text) config.json dict.
+
+  source names the file in errors. Raises ValueError naming it and the field for a missing required key
+  and for settings the decoder does not implement (they would otherwise load and silently compute something
+  else): rope_scaling / rope_parameters of a type other than default RoPE or M-RoPE, sliding-window
+  attention, hidden_act other than silu.
+  """
+  if not isinstance(hf, dict):
+    raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+  outer, where = [hf], [""]  # the nested dicts, outermost first, and their dotted paths
   for sub in ("thinker_config", "text_config"):
     if isinstance(outer[-1].get(sub), dict):
       outer.append(outer[-1][sub])
-  c = outer[-1]
+      where.append(where[-1] + sub + ".")
+  c, at = outer[-1], where[-1]
 
-  def find(key, default=None):
-    for d in reversed(outer):
-      if key in d and d[key] is not None:
-        return d[key]
-    return default
+  def find(key, default=None):  # innermost first, as transformers reads nested configs
+    return next((d[key] for d in reversed(outer) if d.get(key) is not None), default)
 
-  rope = find("rope_parameters") or find("rope_scaling") or {}
-  heads = c["num_attention_heads"]
-  default_tie = c.get("model_type", "") != "qwen2"  # Qwen2Config defaults to untied, the Omni text config to tied
+  def field(key):  # the dotted path `find(key)` read from
+    return next((w + key for d, w in zip(reversed(outer), reversed(where)) if d.get(key) is not None), at + key)
+
+  def need(key):
+    if c.get(key) is None:
+      raise ValueError(f"{source}: missing required key {at + key!r}")
+    return c[key]
+
+  def refuse(name, value, why):
+    raise ValueError(f"{source}: {name} = {value!r} is not supported ({why})")
+
+  # transformers reads rope_scaling (the legacy name) before rope_parameters; both are checked.
+  for key in ("rope_parameters", "rope_scaling"):
+    r, r_field = find(key, {}), field(key)
+    if not isinstance(r, dict):
+      refuse(r_field, r, "expected an object")
+    for k in ("rope_type", "type"):  # 'mrope' is the Qwen2-VL era spelling of M-RoPE (transformers: default)
+      if r.get(k) not in (None, "default", "mrope"):
+        refuse(f"{r_field}.{k}", r[k], "only default RoPE and M-RoPE are implemented")
+    extra = sorted(set(r) - {"rope_type", "type", "rope_theta", "mrope_section"})
+    if extra:
+      refuse(f"{r_field}.{extra[0]}", r[extra[0]], "only default RoPE and M-RoPE are implemented")
+  rope = find("rope_scaling") or find("rope_parameters") or {}
+  if find("partial_rotary_factor", 1.0) != 1.0:
+    refuse(field("partial_rotary_factor"), find("partial_rotary_factor"), "RoPE rotates the whole head")
+  if find("hidden_act", "silu") != "silu":
+    refuse(field("hidden_act"), find("hidden_act"), "the MLP is SwiGLU")
+  if c.get("use_sliding_window"):
+    refuse(at + "use_sliding_window", c["use_sliding_window"], "attention is full causal")
+  if any(t != "full_attention" for t in c.get("layer_types") or ()):
+    refuse(at + "layer_types", c["layer_types"], "attention is full causal")
+
+  heads = need("num_attention_heads")
+  if len(outer) > 1:
+    # The Omni thinker owns the lm_head: transformers ties it by the thinker-level flag (default False),
+    # whatever its text_config says (that one defaults to True).
+    tie = outer[-2].get("tie_word_embeddings")
+    tie = False if tie is None else tie
+  else:  # Qwen2Config defaults to untied, the Omni text config to tied
+    tie = c.get("tie_word_embeddings")
+    tie = c.get("model_type", "") != "qwen2" if tie is None else tie
   kw = dict(
-      vocab_size=c["vocab_size"], d_model=c["hidden_size"], num_layers=c["num_hidden_layers"],
+      vocab_size=need("vocab_size"), d_model=need("hidden_size"), num_layers=need("num_hidden_layers"),
       num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
-      head_dim=c.get("head_dim") or c["hidden_size"] // heads, mlp_dim=c["intermediate_size"],
+      head_dim=c.get("head_dim") or need("hidden_size") // heads, mlp_dim=need("intermediate_size"),
       rope_theta=float(rope.get("rope_theta") or find("rope_theta", 10000.0)),
-      rms_eps=float(c.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(c.get("tie_word_embeddings", find("tie_word_embeddings", default_tie))),
+      rms_eps=float(c.get("rms_norm_eps") or 1e-6), tie_embeddings=bool(tie),
       mrope_section=tuple(rope["mrope_section"]) if rope.get("mrope_section") else None,
       video_dim=0, audio_dim=0)
   if len(outer) > 1 and find("video_token_index") is not None:
@@ -179,15 +250,29 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
 
 
 _CHECKED = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-            "rope_theta", "rms_eps", "tie_embeddings", "mrope_section")
+            "rope_theta", "rms_eps", "tie_embeddings", "qkv_bias", "mrope_section")
 
 
 def check_config(cfg: ModelConfig, hf: dict[str, Any], source: str = "config.json") -> None:
-  theirs = config_from_hf(hf)
+  """Raises ValueError naming `source` and every field where `cfg` differs from the checkpoint's config
+  (and, through config_from_hf, any checkpoint setting the decoder does not implement)."""
+  theirs = config_from_hf(hf, source=source)
   bad = [f"{f}: model {getattr(cfg, f)!r} vs checkpoint {getattr(theirs, f)!r}"
          for f in _CHECKED if getattr(cfg, f) != getattr(theirs, f)]
   if bad:
     raise ValueError(f"{source} does not match the model config:\n  " + "\n  ".join(bad))
+
+
+def read_json(path: str) -> dict[str, Any]:
+  """A JSON object from `path` (config.json, an index); ValueError naming the file when it is malformed."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: malformed JSON ({e})") from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+  return obj
 
 
 # -------------------------------------------------------------------------------------------------- import
@@ -200,8 +285,13 @@ def _resolve_files(path: str) -> tuple[list[str], str | None]:
       raise ValueError(f"{path}: refusing a pickled checkpoint; convert it to safetensors")
     if path.endswith(".index.json"):
       root = os.path.dirname(path)
-      with open(path) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
+      weight_map = read_json(path).get("weight_map")
+      if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{path}: no 'weight_map' object (an index maps each tensor name to its shard file)")
+      odd = [f"{k}: {v!r}" for k, v in weight_map.items() if not isinstance(v, str)][:5]
+      if odd:
+        raise ValueError(f"{path}: weight_map values must be shard file names, got {odd}")
+      shards = sorted(set(weight_map.values()))
       bad = [s for s in shards if not s.endswith(".safetensors")]
       if bad:
         raise ValueError(f"{path}: index references non-safetensors files {bad}; refusing (pickle)")
@@ -215,7 +305,8 @@ def _resolve_files(path: str) -> tuple[list[str], str | None]:
     index = [n for n in os.listdir(path) if n.endswith(".safetensors.index.json")]
     if index:
       return _resolve_files(os.path.join(path, index[0]))[0], _config_path(path)
-    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                   if n.endswith(".safetensors") and n != PROJECTOR_FILE)
     if not files:
       pickles = [n for n in os.listdir(path) if n.endswith(_PICKLE_SUFFIXES)]
       raise ValueError(f"{path}: no .safetensors files" +
@@ -226,6 +317,10 @@ def _resolve_files(path: str) -> tuple[list[str], str | None]:
   if missing:
     raise FileNotFoundError(f"checkpoint shards not found: {missing}")
   return files, _config_path(root)
+
+
+def _root(path: str) -> str:
+  return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 def _config_path(root: str) -> str | None:
@@ -267,18 +362,28 @@ def _place(arr: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 
 
 def load_hf(path: str, model: Any, *, shardings: Any = None, strict: bool = True,
-            rng: jax.Array | None = None, check_config_json: bool = True) -> tuple[Any, LoadReport]:
-  """Loads a HF checkpoint into `model`'s parameter tree (a MultimodalPolicy; projectors keep their init).
+            rng: jax.Array | None = None, check_config_json: bool = True,
+            projectors: str = "auto") -> tuple[Any, LoadReport]:
+  """Loads a HF checkpoint (or a `save_hf` export) into `model`'s parameter tree (a MultimodalPolicy).
 
   shardings: None (device 0), one Sharding, a pytree like the params, or fn(path, shape, dtype) -> Sharding.
-  Returns (params, report). Parameters the checkpoint lacks (the projectors always, the rest only with
-  strict=False) come from `model.init_params(rng)`.
+  projectors: what to do with the parameters HF has no key for (the 'mlp' projectors), which `save_hf`
+    writes to PROJECTOR_FILE in the export directory:
+      'auto'    - load them from that file when it is there, else a fresh init with a logged warning (the
+                  right thing when starting a run from a base HF checkpoint);
+      'require' - the file must be there when the model has such parameters (loading an exported policy,
+                  e.g. for evaluation: random projectors would make the evaluation meaningless).
+    The file's tensors are checked like the HF ones (missing / unexpected / shape mismatch, named
+    'merr1_projectors.safetensors:<param path>').
+  Returns (params, report). Parameters neither file provides (projectors without the file; missing keys
+  with strict=False) come from `model.init_params(rng)`.
   """
+  if projectors not in ("auto", "require"):
+    raise ValueError(f"projectors must be 'auto' or 'require', got {projectors!r}")
   cfg: ModelConfig = model.config
   files, config_json = _resolve_files(path)
   if check_config_json and config_json:
-    with open(config_json) as f:
-      check_config(cfg, json.load(f), config_json)
+    check_config(cfg, read_json(config_json), config_json)
 
   abstract = model.abstract_params()
   shapes = {base.path_str(p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
@@ -286,6 +391,7 @@ def load_hf(path: str, model: Any, *, shardings: Any = None, strict: bool = True
   report = LoadReport()
   plan: dict[str, list[tuple[str, _Target]]] = {}
   seen: dict[tuple[str, int | None], str] = {}
+  prefixes: set[str] = set()  # LM prefixes the checkpoint's keys use, to name missing keys its way
   mismatched: set[tuple[str, int | None]] = set()  # reported once, as a mismatch, not also as missing
   dtype_errors = []
   for file in files:
@@ -298,6 +404,8 @@ def load_hf(path: str, model: Any, *, shardings: Any = None, strict: bool = True
       if tgt is None:
         report.unexpected.append(key)
         continue
+      if tgt.prefix is not None:
+        prefixes.add(tgt.prefix)
       if info["dtype"] not in safetensors_io.FLOAT_CODES:
         dtype_errors.append(f"{key} ({os.path.basename(file)}): dtype {info['dtype']}, expected a float type")
         continue
@@ -312,12 +420,17 @@ def load_hf(path: str, model: Any, *, shardings: Any = None, strict: bool = True
         continue
       seen[(tgt.param, tgt.layer)] = key
       plan.setdefault(file, []).append((key, tgt))
+
+  extra_file, extra_plan = _plan_projectors(path, _root(path), shapes, _hf_params(cfg), projectors, report,
+                                            dtype_errors)
   if dtype_errors:
     raise ValueError("checkpoint tensors with a wrong dtype:\n  " + "\n  ".join(dtype_errors))
 
+  prefix = prefixes.pop() if len(prefixes) == 1 else "model."
   all_targets = {(t.param, t.layer): k for k, t in
-                 ((k, _classify(k, cfg, layer_map)) for k in _expected_keys(cfg))}
-  report.missing = [k for tgt, k in all_targets.items() if tgt not in seen and tgt not in mismatched]
+                 ((k, _classify(k, cfg, layer_map)) for k in _expected_keys(cfg, prefix))}
+  report.missing = [k for tgt, k in all_targets.items() if tgt not in seen and tgt not in mismatched] + \
+      report.missing
   if strict and not report.clean:
     raise ValueError(_problems(path, report))
 
@@ -339,8 +452,14 @@ def load_hf(path: str, model: Any, *, shardings: Any = None, strict: bool = True
         part = _place(arr, _layer_sharding(s, arr.ndim))
         values[tgt.param] = _set_layer_fn(s)(values[tgt.param], part, tgt.layer)
       report.loaded += 1
+  if extra_plan:
+    _, get = safetensors_io.open_tensors(extra_file)
+    for name in extra_plan:  # our own layout: no transform, only the cast to the param dtype
+      a = shapes[name]
+      values[name] = _place(np.asarray(get(name), dtype=a.dtype), sharding_of(name, a.shape, a.dtype))
+      report.loaded += 1
 
-  # Parameters the checkpoint does not provide: projectors always, missing keys with strict=False.
+  # Parameters no file provides: projectors without PROJECTOR_FILE, missing keys with strict=False.
   missing_slots = {slot for slot in all_targets if slot not in seen}
   needed = sorted({n for n in shapes if n not in values} | {n for n, _ in missing_slots})
   if needed:
@@ -358,6 +477,40 @@ def load_hf(path: str, model: Any, *, shardings: Any = None, strict: bool = True
           values[name] = values[name].at[layer].set(fresh[name][layer])
   params = jax.tree_util.tree_map_with_path(lambda p, _: values[base.path_str(p)], abstract)
   return params, report
+
+
+def _plan_projectors(path: str, root: str, shapes: dict[str, Any], hf_params: set[str], mode: str,
+                     report: LoadReport, dtype_errors: list[str]) -> tuple[str, list[str]]:
+  """(PROJECTOR_FILE path, the param names to load from it); fills report.projectors and its problems."""
+  extra = sorted(n for n in shapes if n not in hf_params)
+  file = os.path.join(root, PROJECTOR_FILE)
+  if not os.path.isfile(file):
+    if not extra:
+      return file, []
+    if mode == "require":
+      raise ValueError(f"{path}: no {PROJECTOR_FILE}, but the model has parameters HF has no key for "
+                       f"({', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}); an export written by "
+                       "save_hf carries them there. A base HF checkpoint does not: load it with projectors='auto' "
+                       "to start them from a fresh init")
+    _log.warning("%s: no %s; %s start from a fresh init (expected when starting from a base HF checkpoint, "
+                 "wrong for an exported policy)", path, PROJECTOR_FILE, ", ".join(extra))
+    report.projectors = "init"
+    return file, []
+  header, _ = safetensors_io.read_header(file)
+  plan = []
+  for name, info in header.items():
+    tag = f"{PROJECTOR_FILE}:{name}"
+    if name not in extra:
+      report.unexpected.append(tag)
+    elif info["dtype"] not in safetensors_io.FLOAT_CODES:
+      dtype_errors.append(f"{tag}: dtype {info['dtype']}, expected a float type")
+    elif tuple(info["shape"]) != tuple(shapes[name].shape):
+      report.shape_mismatch.append(f"{tag}: file {tuple(info['shape'])}, model expects {tuple(shapes[name].shape)}")
+    else:
+      plan.append(name)
+  report.missing += [f"{PROJECTOR_FILE}:{n}" for n in extra if n not in header]
+  report.projectors = "loaded" if plan else ("init" if extra else "none")
+  return file, plan
 
 
 def _problems(path: str, r: LoadReport) -> str:
@@ -401,8 +554,13 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str, *, dtype: str = "bfloat
   replaced by ours under the same prefix (`thinker.model.` in a full Omni checkpoint, `model.` in a
   thinker-only one), and its other top-level files (config.json unless `hf_config` is given, tokenizer,
   preprocessor and generation configs) are copied. Pickled files there are not copied (logged).
-  Projector weights are not exported (HF models have their own towers and mergers). Arrays must be
-  addressable from this process (call from process 0 after gathering in multi-host runs).
+  Parameters HF has no key for (the video/audio 'mlp' projectors, which RL trains) go to PROJECTOR_FILE
+  under their param paths, in their param dtype (bit-exact whatever `dtype` is), so that the directory holds
+  the whole policy and `load_hf(out_dir, model, projectors='require')` restores it. An index is then always
+  written (also for one shard), and it names only the HF shards: transformers and vLLM load what the index
+  names, so the extra file never reaches them. An 'identity'-projector model (Qwen2.5-Omni) has no such
+  parameters and writes no such file. Arrays must be addressable from this process (call from process 0
+  after gathering in multi-host runs).
   """
   if layout not in ("qwen2", "omni_thinker"):
     raise ValueError(f"layout must be 'qwen2' or 'omni_thinker', got {layout!r}")
@@ -434,6 +592,9 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str, *, dtype: str = "bfloat
     tensors.append((key, shape, np_dtype, thunk))
   if source is not None:
     tensors += source.tensors
+  hf_params = _hf_params(cfg)
+  extra = [(name, tuple(arr.shape), np.dtype(arr.dtype), lambda arr=arr: np.asarray(jax.device_get(arr)))
+           for name, arr in sorted(flat.items()) if name not in hf_params]
 
   shards, size = [[]], 0
   for t in tensors:
@@ -449,7 +610,11 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str, *, dtype: str = "bfloat
   for name, shard in zip(names, shards):
     safetensors_io.write(os.path.join(out_dir, name), shard, metadata={"format": "pt"})
   written = list(names)
-  if len(shards) > 1:
+  if extra:
+    safetensors_io.write(os.path.join(out_dir, PROJECTOR_FILE), extra,
+                         metadata={"format": "merr1", "content": "policy parameters with no HF key, by param path"})
+    written.append(PROJECTOR_FILE)
+  if len(shards) > 1 or extra:
     index = {"metadata": {"total_size": sum(int(np.prod(t[1])) * np.dtype(t[2]).itemsize for t in tensors)},
              "weight_map": {t[0]: n for n, shard in zip(names, shards) for t in shard}}
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
@@ -485,8 +650,7 @@ class _CopySource:
     files, config_json = _resolve_files(path)
     if config_json is None:
       raise ValueError(f"copy_from={path!r}: no config.json (needed to check the model and to copy it)")
-    with open(config_json) as f:
-      check_config(cfg, json.load(f), config_json)
+    check_config(cfg, read_json(config_json), config_json)
     layer_map = _layer_map(cfg)
     lm_keys, lm_unknown, tensors = [], [], []
     for file in files:
@@ -510,8 +674,7 @@ class _CopySource:
     if prefixes:
       prefix = prefixes.pop()
     else:  # a towers-only directory: follow the config's kind
-      with open(config_json) as f:
-        prefix = "thinker." if "thinker_config" in json.load(f) else ""
+      prefix = "thinker." if "thinker_config" in read_json(config_json) else ""
     return cls(root=path, prefix=prefix, tensors=tensors)
 
   def copy_files(self, out_dir: str, skip: set[str]) -> list[str]:
@@ -547,7 +710,6 @@ def export_kwargs(hf_path: str) -> dict[str, Any]:
   _, config_json = _resolve_files(hf_path)
   if config_json is None:
     return {}
-  with open(config_json) as f:
-    hf = json.load(f)
+  hf = read_json(config_json)
   omni = str(hf.get("model_type", "")).startswith("qwen2_5_omni") or "thinker_config" in hf
   return {"layout": "omni_thinker", "copy_from": os.path.dirname(config_json)} if omni else {}

@@ -45,8 +45,10 @@ def _qwen2_0p5b(**kw: Any) -> ModelConfig:
 
 
 def _omni_3b_thinker(**kw: Any) -> ModelConfig:
-  # Qwen2.5-3B text dims. The Qwen2.5-3B LM ties its embeddings; if a given Omni-3B checkpoint ships a
-  # separate thinker lm_head, build the config with hf_io.config_from_hf (or tie_embeddings=False).
+  # Qwen2.5-3B text dims. Tied as the Qwen2.5-3B LM it starts from; NOT confirmed against the published
+  # Omni-3B config.json, and transformers ties the thinker by thinker_config.tie_word_embeddings (default
+  # False). If a checkpoint ships thinker.lm_head.weight, load_hf refuses it with this preset: build the
+  # config with hf_io.config_from_hf(its config.json) (or tie_embeddings=False).
   base = dict(
       vocab_size=151936, d_model=2048, num_layers=36, num_heads=16, num_kv_heads=2, head_dim=128,
       mlp_dim=11008, rope_theta=1_000_000.0, rms_eps=1e-6, tie_embeddings=True,

@@ -30,22 +30,45 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def read_header(path: str) -> tuple[dict[str, dict[str, Any]], int]:
-  """({tensor name: {'dtype', 'shape', 'data_offsets'}}, data start byte). Raises ValueError naming the file."""
+  """({tensor name: {'dtype', 'shape', 'data_offsets'}}, data start byte). Raises ValueError naming the file.
+
+  Every entry is checked against the file before any data is read: a known dtype, a shape of non-negative
+  ints, data_offsets [lo, hi] whose length is shape x itemsize, inside the data buffer (a truncated shard
+  fails here, naming the first tensor past the end of the file, not later as a short memmap view).
+  """
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
     raw = f.read(8)
     if len(raw) != 8:
       raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
     (n,) = struct.unpack("<Q", raw)
-    if n > _MAX_HEADER or n > os.path.getsize(path) - 8:
+    if n > _MAX_HEADER or n > size - 8:
       raise ValueError(f"{path}: not a safetensors file (header length {n} is implausible)")
     try:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
   header.pop("__metadata__", None)
+  data_bytes = size - 8 - n
   for name, info in header.items():
-    if info.get("dtype") not in DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+    if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype "
+                       f"{info.get('dtype') if isinstance(info, dict) else info!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+      raise ValueError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+      raise ValueError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r}")
+    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[info["dtype"]]).itemsize
+    if offsets[1] - offsets[0] != want:
+      raise ValueError(f"{path}: tensor {name!r} byte range {offsets[1] - offsets[0]} != shape {shape} x "
+                       f"{info['dtype']} ({want} bytes)")
+    if offsets[1] > data_bytes:
+      raise ValueError(f"{path}: tensor {name!r} ends at data byte {offsets[1]} but the file holds only "
+                       f"{data_bytes} data bytes (truncated or corrupt shard)")
   return header, 8 + n
 
 
@@ -56,11 +79,8 @@ def open_tensors(path: str) -> tuple[dict[str, dict[str, Any]], Callable[[str], 
 
   def get(name: str) -> np.ndarray:
     info = header[name]
-    lo, hi = info["data_offsets"]
+    lo, hi = info["data_offsets"]  # checked against shape and file size by read_header
     dtype = np.dtype(DTYPES[info["dtype"]])
-    count = int(np.prod(info["shape"], dtype=np.int64))
-    if hi - lo != count * dtype.itemsize:
-      raise ValueError(f"{path}: tensor {name!r} byte range {hi - lo} != shape {info['shape']} x {dtype}")
     return buf[start + lo:start + hi].view(dtype).reshape(info["shape"])
 
   return header, get
