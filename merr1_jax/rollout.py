@@ -21,7 +21,8 @@ vocabulary, right padding) is refused on the host before anything compiles.
 `score` teacher-forces given completions through the same shared-prefix structure in one compiled program and
 returns per-token log-probs chunked over the vocabulary (rl.token_logprobs) and, optionally, the category
 log-mass at the answer anchors (method.md SFC steps 1-4). The RL step uses it for the reference, old-policy and
-calibration passes.
+calibration passes. Its input is checked on the host too (ids in the vocabulary, bucket + completion length
+within the cache), so a hand-built `Sequences` fails with a clear error before compilation.
 
 Shape legend: P prompts, G samples per prompt, B = P*G rows, L prompt bucket, T completion length (max new
 tokens), S cache slots = L + T, V vocab, D d_model, A anchors, K wheels, C clusters.
@@ -583,12 +584,18 @@ _score_jit = jax.jit(_score, static_argnames=("model", "spec"))
 
 def score(model, params, seqs: Sequences | Rollout, *, chunk_size: int = 8192, with_entropy: bool = False,
           token_sets: jax.Array | None = None, anchors: AnchorSpec | None = None,
-          mesh: jax.sharding.Mesh | None = None, axis_rules: Mapping[str, Any] | None = None) -> Scores:
+          max_cache_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
+          axis_rules: Mapping[str, Any] | None = None) -> Scores:
   """Teacher-forced log-probs of `seqs.completion` given its prompt, in one compiled forward pass (no gradient).
 
   The prompt is prefilled once and its cache shared by its num_samples rows, like `sample`. With `token_sets`
   ([K, C, V], rewards.category_token_sets) and `anchors`, also the category log-mass at the answer anchors
   (method.md SFC steps 1-3 on a slow rollout, step 4 on a fast teacher-forced answer).
+
+  Hand-built `Sequences` are checked on the host before anything compiles, like `sample`'s input: completion and
+  mask shapes, every completion id (padding included: it is embedded too) and every real prompt id inside the
+  vocabulary, and prompt bucket + completion length within the cache (`max_cache_len`, default
+  model.config.max_seq_len).
   """
   if (token_sets is None) != (anchors is None):
     raise ValueError("category log-mass needs both token_sets and anchors")
@@ -599,6 +606,27 @@ def score(model, params, seqs: Sequences | Rollout, *, chunk_size: int = 8192, w
     raise ValueError(f"{b} completion rows for {p} prompts x {seqs.num_samples} samples")
   if np.any(np.diff(np.asarray(seqs.prompt.mask).astype(np.int8), axis=1) < 0):
     raise ValueError("seqs.prompt is not left-padded; build it with prepare_prompts / make_sequences")
+  vocab = model.config.vocab_size
+  if np.shape(seqs.completion_mask) != np.shape(seqs.completion) or np.ndim(seqs.completion) != 2:
+    raise ValueError(f"seqs.completion {np.shape(seqs.completion)} and seqs.completion_mask "
+                     f"{np.shape(seqs.completion_mask)} must both be [B, T]")
+  # A global array spread over processes comes from `sample`, which produced in-vocabulary ids itself.
+  local = not isinstance(seqs.completion, jax.Array) or seqs.completion.is_fully_addressable
+  comp_np = np.asarray(seqs.completion) if local else np.zeros((1, 1), np.int32)
+  bad = (comp_np < 0) | (comp_np >= vocab)
+  if bad.any():
+    raise ValueError(f"seqs.completion holds ids outside the vocabulary [0, {vocab}): "
+                     f"{np.unique(comp_np[bad])[:8].tolist()} in rows {np.nonzero(bad.any(1))[0][:8].tolist()}")
+  ptok, pmask = np.asarray(seqs.prompt.tokens), np.asarray(seqs.prompt.mask).astype(bool)
+  bad = ((ptok < 0) | (ptok >= vocab)) & pmask
+  if bad.any():
+    raise ValueError(f"seqs.prompt.tokens holds ids outside the vocabulary [0, {vocab}): "
+                     f"{np.unique(ptok[bad])[:8].tolist()} in prompts {np.nonzero(bad.any(1))[0][:8].tolist()}")
+  length, t = ptok.shape[1], np.shape(seqs.completion)[1]
+  limit = max_cache_len if max_cache_len is not None else getattr(model.config, "max_seq_len", None)
+  if limit is not None and length + t > limit:
+    raise ValueError(f"prompt bucket {length} + completion length {t} = {length + t} exceeds the cache length "
+                     f"{limit} (max_cache_len / model.config.max_seq_len)")
   layout = Layout.make(mesh, axis_rules) if mesh is not None else None
   _check_batch(layout, p)
   prompt = layout.put(seqs.prompt) if layout is not None else seqs.prompt

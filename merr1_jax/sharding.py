@@ -120,17 +120,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_divisible(global_batch: int, mesh: Mesh, group_size: int | None = None) -> None:
-  """Clear error, before compilation, when the batch cannot be split over the mesh (or into groups)."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if global_batch % shards:
-    raise ValueError(
-        f"global batch of {global_batch} rows is not divisible by the {shards} batch shards of the mesh "
-        f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
-  if group_size and global_batch % group_size:
-    raise ValueError(f"global batch of {global_batch} rows is not divisible by the group size {group_size}")
-
-
 def to_global(local_batch: Any, shardings: Any) -> Any:
   """Assembles per-process host batches into global jax.Arrays (each process passes its own rows).
 
@@ -196,9 +185,13 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
                      process_id: int | None = None) -> bool:
   """Starts jax.distributed when running on several hosts. Returns True when it did.
 
-  Order of precedence: explicit arguments, then the environment (``MERR1_COORDINATOR``,
-  ``MERR1_NUM_PROCESSES``, ``MERR1_PROCESS_ID``), then JAX's own cluster auto-detection (TPU pods, SLURM,
-  Open MPI, ...). A single machine with none of these is left alone.
+  Order of precedence:
+    1. explicit arguments, then the environment (``MERR1_COORDINATOR``, ``MERR1_NUM_PROCESSES``,
+       ``MERR1_PROCESS_ID``): ``jax.distributed.initialize(coordinator_address, num_processes, process_id)``;
+    2. a cluster that JAX detects by itself: a TPU slice with several workers (``TPU_WORKER_HOSTNAMES`` lists more
+       than one host), a multi-slice job (``MEGASCALE_COORDINATOR_ADDRESS``), SLURM with ``SLURM_NTASKS`` > 1 or
+       Open MPI with ``OMPI_COMM_WORLD_SIZE`` > 1: ``jax.distributed.initialize()`` with no arguments;
+    3. otherwise (one machine, one process) nothing is started.
   """
   env = os.environ
   coordinator_address = coordinator_address or env.get("MERR1_COORDINATOR")
@@ -212,9 +205,11 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
     return True
-  auto = any(k in env for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                                "OMPI_COMM_WORLD_SIZE"))
-  if auto and int(env.get("SLURM_NTASKS", env.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1:
+  tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  auto = (len(tpu_hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env
+          or ("SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1)
+          or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+  if auto:
     jax.distributed.initialize()  # JAX's cluster detection fills in the coordinator and ranks
     return True
   logging.info("single process: jax.distributed not initialised")

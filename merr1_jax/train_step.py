@@ -2,11 +2,20 @@
 
 ``make_rl_step`` and ``make_sft_step`` return ``step(state, batch) -> (state, metrics)``, jit-compiled with the
 state donated and, when shardings are given, explicit in/out shardings. Both share one machinery:
-  * the batch is split into ``micro_batches`` inside the step (a lax.scan accumulating float32 gradients);
+  * only the trainable leaves are differentiated: the parameters are split by the freeze regexes
+    (``TrainState.freeze``, ``optim.split_trainable``) and merged again inside the loss, so frozen leaves have no
+    gradient, accumulator or optimizer state and are not part of ``grad_norm`` or the clipping norm;
+  * the batch is split into ``micro_batches`` inside the step (a lax.scan accumulating float32 gradients of the
+    trainable leaves);
   * the loss is normalised by the whole step's token / sequence counts, so the update does not depend on the
-    micro-batch split (docs/method.md, E4 aggregation);
+    micro-batch split (docs/method.md, Policy loss (E4), "Aggregation");
   * a non-finite loss or gradient skips the update and is counted in ``state.nonfinite``; the trainer stops
-    after a configurable number of such steps.
+    after ``rl.max_nonfinite_steps`` such steps (``check_nonfinite``).
+
+Metrics of the RL step: loss, grad_norm (trainable leaves, before clipping), skipped, nonfinite_total, beta, the
+``rl.finalize_stats`` statistics (kl, clip_frac_low/high, dual_clip_frac, entropy, ratio_mean/max/min, tokens)
+combined over the micro-batches, the same per thinking mode (``kl/slow``, ``clip_frac_high/fast``, ...) when the
+batch carries ``mode_ids``, and the advantage statistics.
 
 Shape legend: B rows in the step, M micro-batches, L sequence positions (prompt + completion), D width.
 
@@ -18,7 +27,6 @@ reference log-probs) are shifted by one inside the loss.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,38 +35,44 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from merr1_jax import rl
+from merr1_jax import optim, rl
 from merr1_jax.models import base
+from merr1_jax.rl import loss as rl_loss
 
 Array = jax.Array
 
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step reads and writes. ``ref`` holds the frozen reference copy of the *trainable* leaves only
-  (keyed by parameter path, in the compute dtype); frozen subtrees are shared with ``params`` instead of copied
-  (``reference_params``)."""
+  """Everything a step reads and writes.
+
+  ``opt_state`` covers the trainable leaves only (``optim.split_trainable(params, freeze)[0]``; MaskedNode, no
+  arrays, where a leaf is frozen). ``ref`` holds the frozen reference copy of the *trainable* leaves only (keyed
+  by parameter path, in the compute dtype); frozen subtrees are shared with ``params`` instead of copied
+  (``reference_params``). ``freeze`` (static) is the tuple of regexes the step splits the parameters by.
+  """
 
   step: Array  # int32 scalar
   params: Any
   opt_state: Any
   ref: dict[str, Array] | None
   nonfinite: Array  # int32 scalar: steps skipped for a non-finite loss or gradient
+  freeze: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, *, with_reference: bool,
                freeze: Sequence[str] = (), ref_dtype: Any = None) -> TrainState:
-  """A fresh state. The reference copies only trainable leaves, cast to ``ref_dtype`` (the compute dtype)."""
+  """A fresh state. The optimizer is initialised on the trainable leaves; the reference copies only trainable
+  leaves, cast to ``ref_dtype`` (the compute dtype), keeping each leaf's sharding."""
+  freeze = tuple(freeze)
+  optim.check_freeze_patterns(params, freeze)
+  trainable, _ = optim.split_trainable(params, freeze)
   ref = None
   if with_reference:
-    pats = [re.compile(p) for p in freeze]
-    ref = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-      name = base.path_str(path)
-      if not any(p.search(name) for p in pats):
-        ref[name] = jnp.array(leaf, dtype=ref_dtype or leaf.dtype, copy=True)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), ref=ref,
-                    nonfinite=jnp.zeros((), jnp.int32))
+    ref = {base.path_str(path): jnp.array(leaf, dtype=ref_dtype or leaf.dtype, copy=True)
+           for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(trainable), ref=ref,
+                    nonfinite=jnp.zeros((), jnp.int32), freeze=freeze)
 
 
 def reference_params(state: TrainState) -> Any:
@@ -77,7 +91,8 @@ class RLBatch:
   completion_mask: Array  # bool: generated tokens, which carry loss (the fast prefix is prompt: no loss)
   advantages: Array  # [B] float32
   old_logp: Array | None = None  # behaviour log-probs; None means mu = 1: stop_gradient(current log-probs)
-  ref_logp: Array | None = None  # reference log-probs; None when beta = 0
+  ref_logp: Array | None = None  # reference log-probs; required when StepConfig.beta > 0, ignored when it is 0
+  mode_ids: Array | None = None  # [B] int32 index into StepConfig.mode_names (0 slow, 1 fast): per-mode metrics
   # Static: the first column whose next token can carry loss (the shortest prompt bucket - 1). Positions before
   # it are never unembedded: with long multimodal prompts most of the sequence is prompt.
   loss_start: int = flax.struct.field(pytree_node=False, default=0)
@@ -99,6 +114,7 @@ class StepConfig:
   beta_final: float = 0.0
   micro_batches: int = 1
   vocab_chunk: int = 8192  # vocabulary chunk of the streaming log-softmax
+  mode_names: tuple[str, ...] = ("slow", "fast")  # RLBatch.mode_ids -> metric suffix (prompts.MODES order)
 
 
 def _micro_split(tree: Any, m: int) -> Any:
@@ -127,45 +143,49 @@ def _shifted_logp(model, params, inputs: base.ModelInputs, chunk: int, with_entr
                            chunk_size=chunk, with_entropy=with_entropy)
 
 
-def _apply(optimizer, state: TrainState, loss: Array, grads: Any, stats: dict[str, Array]):
-  """Optimizer update, skipped (and counted) when the loss or the gradient is not finite."""
+def _apply(optimizer, state: TrainState, trainable: Any, frozen: Any, loss: Array, grads: Any,
+           stats: dict[str, Array]):
+  """Optimizer update of the trainable leaves, skipped (and counted) when the loss or the gradient is not
+  finite. ``grads`` has the structure of ``trainable`` (no frozen leaf), so ``grad_norm`` and the non-finite
+  test see only what is trained; frozen leaves are passed through untouched."""
   gnorm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
   new_state = state.replace(
-      step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-      nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
+      step=state.step + 1, params=optim.merge(keep(new_trainable, trainable), frozen),
+      opt_state=keep(opt_state, state.opt_state), nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
   metrics = {**stats, "loss": loss, "grad_norm": gnorm, "skipped": (~ok).astype(jnp.int32),
              "nonfinite_total": new_state.nonfinite}
   return new_state, metrics
 
 
-def _accumulate(loss_fn: Callable, params: Any, batch: Any, m: int):
-  """Sums loss, gradients and statistics over M micro-batches (one lax.scan, float32 accumulators)."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def _accumulate(loss_fn: Callable, trainable: Any, frozen: Any, batch: Any, m: int):
+  """Sums loss, gradients and statistics over M micro-batches (one lax.scan, float32 accumulators).
+
+  ``loss_fn(params, micro_batch) -> (loss, stats)`` sees the merged parameters; the gradient is taken with
+  respect to ``trainable`` only, so accumulators exist only for trainable leaves. Statistics are combined with
+  ``rl.loss.combine_stats`` (sums add, ``*_max`` / ``*_min`` take the max / min).
+  """
+  grad_fn = jax.value_and_grad(lambda t, f, mb: loss_fn(optim.merge(t, f), mb), has_aux=True)
   if m == 1:
-    (loss, stats), grads = grad_fn(params, batch)
+    (loss, stats), grads = grad_fn(trainable, frozen, batch)
     return loss, grads, stats
   micro = _micro_split(batch, m)
   first = jax.tree.map(lambda x: x[0], micro)
-  (_, stats0), _ = jax.eval_shape(grad_fn, params, first)
-  zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)
-  init = (jnp.zeros((), jnp.float32), zeros(jax.eval_shape(lambda p: p, params)), zeros(stats0))
+  (_, stats0), _ = jax.eval_shape(grad_fn, trainable, frozen, first)
+  g0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
 
   def body(carry, mb):
     loss_acc, g_acc, s_acc = carry
-    (loss, stats), grads = grad_fn(params, mb)
+    (loss, stats), grads = grad_fn(trainable, frozen, mb)
     g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
-    s_acc = {k: (jnp.maximum(s_acc[k], v) if k.endswith("_max") else jnp.minimum(s_acc[k], v)
-                 if k.endswith("_min") else s_acc[k] + v) for k, v in stats.items()}
-    return (loss_acc + loss, g_acc, s_acc), None
+    return (loss_acc + loss, g_acc, rl_loss.combine_stats(s_acc, stats)), None
 
-  init_s = {k: (jnp.full((), -jnp.inf) if k.endswith("_max") else jnp.full((), jnp.inf) if k.endswith("_min")
-                else v) for k, v in init[2].items()}
-  (loss, grads, stats), _ = jax.lax.scan(body, (init[0], init[1], init_s), micro)
-  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  init = (jnp.zeros((), jnp.float32), g0, rl_loss.stats_identity(stats0))
+  (loss, grads, stats), _ = jax.lax.scan(body, init, micro)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
   return loss, grads, stats
 
 
@@ -181,27 +201,36 @@ def make_rl_loss(model: base.PolicyModel, cfg: StepConfig) -> Callable:
   """``loss(params, batch, beta, num_tokens=None, num_seqs=None) -> (loss, summed stats)``.
 
   Normalisers default to the batch's own counts; the step passes the whole step's counts to each micro-batch.
+  Raises ValueError (at trace time) when ``cfg.beta > 0`` but the batch has no ``ref_logp``: the KL term would
+  otherwise vanish without a word.
   """
   lc = cfg.loss
 
   def loss_fn(params, batch: RLBatch, beta, num_tokens=None, num_seqs=None):
+    if cfg.beta > 0 and batch.ref_logp is None:
+      raise ValueError(f"StepConfig.beta = {cfg.beta} > 0 but RLBatch.ref_logp is None: the KL penalty needs the "
+                       "reference log-probs (score the rollouts with train_step.reference_params), or set beta = 0")
     k = batch.loss_start
     logp, ent = _shifted_logp(model, params, batch.inputs, cfg.vocab_chunk, with_entropy=True, start=k)
     if not lc.entropy_coef:
       ent = jax.lax.stop_gradient(ent)  # logged only: build no gradient for it
     mask = batch.completion_mask[:, k + 1:]
     old = jax.lax.stop_gradient(logp) if batch.old_logp is None else batch.old_logp[:, k + 1:]
-    ref = None if batch.ref_logp is None or cfg.beta == 0 else batch.ref_logp[:, k + 1:]
+    ref = None if cfg.beta == 0 else batch.ref_logp[:, k + 1:]
     lcfg = lc if lc.max_len is not None else dataclasses.replace(lc, max_len=mask.shape[1])
     return rl.policy_loss(logp, old, ref, batch.advantages, mask, lcfg, beta=beta, entropy_BxT=ent,
-                          num_tokens=num_tokens, num_seqs=num_seqs)
+                          num_tokens=num_tokens, num_seqs=num_seqs, group_B=batch.mode_ids,
+                          group_names=cfg.mode_names)
 
   return loss_fn
 
 
 def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformation, cfg: StepConfig, *,
                  state_shardings: Any = None, batch_shardings: Any = None) -> Callable:
-  """The MER-R1 policy-gradient step (docs/method.md E4): PPO-clip + beta * KL - entropy bonus."""
+  """The MER-R1 policy-gradient step (docs/method.md, Policy loss (E4)): PPO-clip + beta * KL - entropy bonus.
+
+  ``optimizer`` must be the one ``init_state`` initialised (``optim.make_optimizer`` with the same freeze).
+  """
   loss_fn = make_rl_loss(model, cfg)
 
   def step(state: TrainState, batch: RLBatch):
@@ -209,16 +238,17 @@ def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformatio
     num_tokens, num_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
     beta = rl.beta_at(state.step, cfg.beta, decay_steps=cfg.beta_decay_steps, final_beta=cfg.beta_final)
     fn = lambda p, mb: loss_fn(p, mb, beta, num_tokens, num_seqs)
-    loss, grads, stats = _accumulate(fn, state.params, batch, cfg.micro_batches)
+    trainable, frozen = optim.split_trainable(state.params, state.freeze)
+    loss, grads, stats = _accumulate(fn, trainable, frozen, batch, cfg.micro_batches)
     stats = {**rl.finalize_stats(stats), **rl.advantage_stats(batch.advantages), "beta": beta}
-    return _apply(optimizer, state, loss, grads, stats)
+    return _apply(optimizer, state, trainable, frozen, loss, grads, stats)
 
   return _jit(step, state_shardings, batch_shardings)
 
 
 def make_sft_step(model: base.PolicyModel, optimizer: optax.GradientTransformation, cfg: StepConfig, *,
                   state_shardings: Any = None, batch_shardings: Any = None) -> Callable:
-  """Cold-start SFT: token-mean cross-entropy on the assistant tokens, same accumulation and skipping."""
+  """Cold-start SFT: token-mean cross-entropy on the assistant tokens, same accumulation, freezing and skipping."""
 
   def loss_fn(params, mb: SFTBatch, num_tokens):
     logp = _shifted_logp(model, params, mb.inputs, cfg.vocab_chunk, with_entropy=False)
@@ -228,9 +258,10 @@ def make_sft_step(model: base.PolicyModel, optimizer: optax.GradientTransformati
 
   def step(state: TrainState, batch: SFTBatch):
     num_tokens = batch.loss_mask[:, 1:].astype(jnp.float32).sum()
-    loss, grads, stats = _accumulate(lambda p, mb: loss_fn(p, mb, num_tokens), state.params, batch,
+    trainable, frozen = optim.split_trainable(state.params, state.freeze)
+    loss, grads, stats = _accumulate(lambda p, mb: loss_fn(p, mb, num_tokens), trainable, frozen, batch,
                                      cfg.micro_batches)
-    return _apply(optimizer, state, loss, grads, {"tokens": stats["tokens"]})
+    return _apply(optimizer, state, trainable, frozen, loss, grads, {"tokens": stats["tokens"]})
 
   return _jit(step, state_shardings, batch_shardings)
 
@@ -247,4 +278,4 @@ def check_nonfinite(metrics: dict[str, Any], limit: int, *, where: str = "") -> 
                                                                "adv_min", "entropy")}
     raise NonFiniteError(
         f"{total} steps had a non-finite loss or gradient (limit {limit}){where}. Last step: {shown}. Lower "
-        "the learning rate, check the rewards/advantages for NaN, or raise train.max_nonfinite_steps.")
+        "the learning rate, check the rewards/advantages for NaN, or raise rl.max_nonfinite_steps.")

@@ -8,23 +8,29 @@ import pytest
 from merr1_jax.rl import loss as L
 
 
-def _np_reference_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, agg):
-  """GRPO / PPO-clip + k3 KL, float64, explicit loops over rows and tokens."""
+def _np_reference_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, agg, *, dual_clip=None,
+                       entropy=None, entropy_coef=0.0):
+  """GRPO / PPO-clip (+ dual clip) + k3 KL - entropy bonus, float64, explicit loops over rows and tokens
+  (docs/method.md, Policy loss (E4)). Returns the loss and how many masked tokens the dual clip capped."""
   b, t = logp.shape
   per_tok = np.zeros((b, t))
+  dual_hits = 0
   for i in range(b):
     for j in range(t):
       r = np.exp(logp[i, j] - logp_old[i, j])
-      surr = min(r * adv[i], np.clip(r, 1 - eps_low, 1 + eps_high) * adv[i])
+      pg = -min(r * adv[i], np.clip(r, 1 - eps_low, 1 + eps_high) * adv[i])
+      if dual_clip is not None and adv[i] < 0 and pg > -dual_clip * adv[i]:
+        pg = -dual_clip * adv[i]  # loss_t <= -c A for A < 0
+        dual_hits += int(mask[i, j])
       d = logp_ref[i, j] - logp[i, j]
       k3 = np.exp(d) - d - 1
-      per_tok[i, j] = -surr + beta * k3
+      per_tok[i, j] = pg + beta * k3 - (entropy_coef * entropy[i, j] if entropy is not None else 0.0)
   m = mask.astype(np.float64)
   if agg == "token_mean":
-    return (per_tok * m).sum() / m.sum()
+    return (per_tok * m).sum() / m.sum(), dual_hits
   if agg == "seq_mean_token_mean":
-    return np.mean([(per_tok[i] * m[i]).sum() / m[i].sum() for i in range(b)])
-  return (per_tok * m).sum() / (t * b)
+    return np.mean([(per_tok[i] * m[i]).sum() / m[i].sum() for i in range(b)]), dual_hits
+  return (per_tok * m).sum() / (t * b), dual_hits
 
 
 def _random_inputs(seed=0, b=6, t=9):
@@ -44,10 +50,72 @@ def test_policy_loss_matches_numpy_reference(agg, eps):
   logp, logp_old, logp_ref, adv, mask = _random_inputs()
   cfg = L.LossConfig(eps_low=eps[0], eps_high=eps[1], aggregation=agg)
   got, _ = L.policy_loss(*map(jnp.asarray, (logp, logp_old, logp_ref, adv, mask)), cfg, beta=0.04)
-  want = _np_reference_loss(*(x.astype(np.float64) for x in (logp, logp_old, logp_ref, adv)), mask,
-                            eps[0], eps[1], 0.04, agg)
+  want, _ = _np_reference_loss(*(x.astype(np.float64) for x in (logp, logp_old, logp_ref, adv)), mask,
+                               eps[0], eps[1], 0.04, agg)
   # float32 against float64: per-token terms are O(1), so their float32 rounding (~6e-8) bounds the atol.
   np.testing.assert_allclose(float(got), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("agg", L.AGGREGATIONS)
+def test_policy_loss_with_dual_clip_and_entropy_matches_numpy_reference(agg):
+  logp, logp_old, logp_ref, adv, mask = _random_inputs(seed=7)
+  # Wider old-policy noise so some negative-advantage tokens have ratios above the dual-clip constant.
+  logp_old = (logp + np.random.default_rng(8).normal(0, 0.6, logp.shape)).astype(np.float32)
+  entropy = np.random.default_rng(9).uniform(0.5, 3.0, logp.shape).astype(np.float32)
+  cfg = L.LossConfig(eps_low=0.2, eps_high=0.28, aggregation=agg, dual_clip=1.5, entropy_coef=0.05)
+  got, st = L.policy_loss(*map(jnp.asarray, (logp, logp_old, logp_ref, adv, mask)), cfg, beta=0.04,
+                          entropy_BxT=jnp.asarray(entropy))
+  want, dual_hits = _np_reference_loss(*(x.astype(np.float64) for x in (logp, logp_old, logp_ref, adv)), mask,
+                                       0.2, 0.28, 0.04, agg, dual_clip=1.5, entropy=entropy.astype(np.float64),
+                                       entropy_coef=0.05)
+  assert dual_hits > 0, "no token hit the dual clip: the case is not exercised"
+  assert float(st["dual_clip_sum"]) == dual_hits
+  np.testing.assert_allclose(float(got), want, rtol=1e-6, atol=1e-7)
+  # Both extras matter: dropping either changes the loss far beyond the tolerance.
+  for off in (dict(dual_clip=None), dict(entropy_coef=0.0)):
+    other, _ = L.policy_loss(*map(jnp.asarray, (logp, logp_old, logp_ref, adv, mask)),
+                             L.LossConfig(**{**dict(eps_low=0.2, eps_high=0.28, aggregation=agg, dual_clip=1.5,
+                                                    entropy_coef=0.05), **off}),
+                             beta=0.04, entropy_BxT=jnp.asarray(entropy))
+    assert abs(float(other) - want) > 1e-4
+
+
+def _np_stats(logp, logp_old, logp_ref, adv, mask, entropy, eps_low, eps_high):
+  """Token-level statistics of the rows of ``mask`` from the definitions, float64."""
+  r = np.exp(logp.astype(np.float64) - logp_old)
+  d = logp_ref.astype(np.float64) - logp
+  kl = np.exp(d) - d - 1
+  a = np.broadcast_to(adv[:, None], r.shape)
+  m = mask.astype(bool)
+  n = m.sum()
+  return {"tokens": n, "ratio_mean": r[m].mean(), "ratio_max": r[m].max(), "ratio_min": r[m].min(),
+          "clip_frac_low": ((r < 1 - eps_low) & (a < 0))[m].mean(),
+          "clip_frac_high": ((r > 1 + eps_high) & (a > 0))[m].mean(),
+          "kl": kl[m].mean(), "entropy": entropy[m].mean()}
+
+
+def test_stats_per_mode_and_combined_over_row_splits_match_numpy():
+  """finalize_stats totals and per-group (``<stat>/<mode>``) values equal the definitions; statistics of
+  disjoint row blocks combined with combine_stats equal those of the whole batch."""
+  logp, logp_old, logp_ref, adv, mask = _random_inputs(seed=11, b=8)
+  entropy = np.random.default_rng(12).uniform(0.5, 3.0, logp.shape).astype(np.float32)
+  mode_B = np.array([0, 1, 1, 0, 0, 1, 0, 1], np.int32)
+  cfg = L.LossConfig(eps_low=0.1, eps_high=0.1)
+  args = lambda rows: [jnp.asarray(x[rows]) for x in (logp, logp_old, logp_ref, adv, mask)]
+  run = lambda rows: L.policy_loss(*args(rows), cfg, beta=0.04, entropy_BxT=jnp.asarray(entropy[rows]),
+                                   group_B=jnp.asarray(mode_B[rows]), group_names=("slow", "fast"))[1]
+  whole = L.finalize_stats(run(np.arange(8)))
+  parts = L.stats_identity(run(np.arange(8)))
+  for rows in (np.array([0, 5]), np.array([1, 2, 3]), np.array([4, 6, 7])):
+    parts = L.combine_stats(parts, run(rows))
+  combined = L.finalize_stats(parts)
+  for name, sel in (("", np.ones(8, bool)), ("/slow", mode_B == 0), ("/fast", mode_B == 1)):
+    m = mask & sel[:, None]
+    want = _np_stats(logp, logp_old, logp_ref, adv, m, entropy, 0.1, 0.1)
+    assert 0 < want["clip_frac_low"] and 0 < want["clip_frac_high"], "no clipping: the fractions are untested"
+    for key, value in want.items():
+      np.testing.assert_allclose(float(whole[key + name]), value, rtol=1e-6, err_msg=key + name)
+      np.testing.assert_allclose(float(combined[key + name]), value, rtol=1e-6, err_msg="combined " + key + name)
 
 
 def test_kl_estimators_by_hand():

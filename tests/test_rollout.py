@@ -420,3 +420,56 @@ def test_sharded_equals_unsharded(tok, text_model):
   assert spec(cache.k) == (("data", "fsdp"), None, None, "tensor", None) and spec(logits)[0] == ("data", "fsdp")
   s_ref, s_got = rollout.score(model, params, ref), rollout.score(model, sharded, got, mesh=mesh, axis_rules=rules)
   np.testing.assert_allclose(s_got.logp, s_ref.logp, atol=1e-4)
+
+
+def test_decode_donates_the_prefill_cache(tok, text_model):
+  """decode() donates the cache: after the loop the prefill cache buffers are gone (updated in place), while the
+  other inputs survive."""
+  model, params = text_model
+  prompt = rollout.prepare_prompts(_left_pad(_rows(tok, [5, 7]), 7), mode="slow", vocab_size=tok.vocab_size)
+  prompt = jax.tree.map(jnp.asarray, prompt)
+  cache, logits, next_pos = rollout.prefill(model, 2, prompt.tokens.shape[1] + 6, None, params, prompt)
+  spec = rollout.DecodeSpec(sampling.Greedy(), 6, (), None, (), 0, False)
+  buffers = jax.tree.leaves(cache)
+  assert buffers and not any(b.is_deleted() for b in buffers)
+  out = jax.block_until_ready(rollout.decode(model, spec, params, cache, logits, next_pos, jax.random.key(0)))
+  assert all(b.is_deleted() for b in buffers)
+  assert not logits.is_deleted() and not next_pos.is_deleted()
+  assert not any(b.is_deleted() for b in jax.tree.leaves(out.cache))
+
+
+def test_score_refuses_bad_sequences_before_compilation(tok, ids, text_model, monkeypatch):
+  model, params = text_model
+  vocab = tok.vocab_size
+
+  def boom(*a, **k):
+    raise AssertionError("compiled")
+
+  monkeypatch.setattr(rollout, "_score_jit", boom)
+  seqs = rollout.make_sequences(_left_pad(_rows(tok, [5, 7]), 7), [[5, 6, 7], [8]], mode="slow", num_samples=1,
+                                vocab_size=vocab, pad_id=ids.pad)
+  comp, ptok = np.asarray(seqs.completion), np.asarray(seqs.prompt.tokens)
+  bucket = ptok.shape[1]
+  too_long = model.config.max_seq_len - bucket + 1
+  pmask = np.asarray(seqs.prompt.mask)
+  cases = [
+      (dict(seqs=seqs.replace(completion=np.where(np.arange(comp.shape[1]) == 1, vocab, comp))),
+       r"seqs.completion holds ids outside the vocabulary \[0, %d\): \[%d\] in rows \[0, 1\]" % (vocab, vocab)),
+      (dict(seqs=seqs.replace(completion=comp.copy() * 0 - 1)), r"seqs.completion holds ids outside.*\[-1\]"),
+      (dict(seqs=seqs.replace(prompt=seqs.prompt.replace(tokens=np.where(pmask, ptok + vocab, ptok)))),
+       "seqs.prompt.tokens holds ids outside the vocabulary"),
+      (dict(seqs=seqs.replace(completion_mask=np.asarray(seqs.completion_mask)[:, :-1])), r"must both be \[B, T\]"),
+      (dict(seqs=seqs.replace(completion=np.zeros((2, too_long), np.int32),
+                              completion_mask=np.ones((2, too_long), bool))),
+       f"prompt bucket {bucket} \\+ completion length {too_long} = {bucket + too_long} exceeds the cache length "
+       f"{model.config.max_seq_len}"),
+      (dict(seqs=seqs, max_cache_len=bucket + 2), "exceeds the cache length"),
+      (dict(seqs=seqs.replace(num_samples=2)), "completion rows for 2 prompts x 2 samples"),
+      (dict(seqs=seqs.replace(prompt=seqs.prompt.replace(mask=pmask[:, ::-1].copy()))), "not left-padded"),
+      (dict(seqs=seqs, anchors=ids.anchors(2)), "needs both token_sets and anchors"),
+  ]
+  for kw, msg in cases:
+    with pytest.raises(ValueError, match=msg):
+      rollout.score(model, params, **kw)
+  with pytest.raises(AssertionError, match="compiled"):  # the valid input passes every check
+    rollout.score(model, params, seqs)

@@ -1,5 +1,9 @@
-"""The jitted RL/SFT steps: gradients, step-0 REINFORCE, micro-batch invariance, sharding, NaN skipping,
-freezing, and a bandit training signal."""
+"""The jitted RL/SFT steps: gradients, step-0 REINFORCE, micro-batch invariance, metrics (totals and per mode),
+sharding and the reference copy, NaN/Inf skipping, freezing and clipping, the beta schedule, and a bandit training
+signal. Expected values come from independent computations in the test (full-vocabulary float64 log-softmax,
+hand-written Adam, hand-computed schedules)."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -40,21 +44,41 @@ def _copy(tree):
 
 
 def test_gradient_matches_finite_differences():
+  """Central differences along one direction per parameter leaf and one over all leaves.
+
+  The model runs in float32 by design (norms, attention and the log-softmax cast to float32, so jax_enable_x64
+  cannot reach them), and the loss carries float32 noise of ~|f| 1e-7, i.e. ~|f| 1e-7 / h on a difference
+  quotient. Each direction therefore mixes the leaf's analytic gradient with a random unit vector: the derivative
+  along it is ~|g_leaf| / sqrt(2), large against that noise, and a wrong gradient (scale, sign or direction)
+  still shows. Tolerance: 1e-3 relative plus the float32 noise bound 4e-7 |f| / h.
+  """
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch(old=True)
-  loss_fn = ts.make_rl_loss(model, ts.StepConfig(beta=0.04))
-  f = jax.jit(lambda p: loss_fn(p, batch, 0.04)[0])
-  g = jax.grad(f)(params)
-  # Directional derivative along a random direction, central differences.
+  loss_fn = ts.make_rl_loss(model, ts.StepConfig(beta=0.04, loss=rl.LossConfig(entropy_coef=0.01)))
+  f = lambda p: loss_fn(p, batch, 0.04)[0]
+  g = jax.jit(jax.grad(f))(params)
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  direction = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-  eps = 1e-3
-  shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, direction)
-  numeric = (f(shift(eps)) - f(shift(-eps))) / (2 * eps)
-  analytic = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(direction)))
-  np.testing.assert_allclose(float(analytic), float(numeric), rtol=2e-2)
+  g_leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(g)]
+  f_at = jax.jit(lambda s, d: f(jax.tree.unflatten(treedef, [p + s * x for p, x in zip(leaves, d)])))
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x)
+  directions = []
+  for i, gi in enumerate(g_leaves):
+    d = [np.zeros(x.shape) for x in g_leaves]
+    d[i] = unit(unit(gi) + unit(rng.normal(size=gi.shape)))
+    directions.append(d)
+  n = np.sqrt(sum((x ** 2).sum() for x in g_leaves))
+  r = [rng.normal(size=x.shape) for x in g_leaves]
+  rn = np.sqrt(sum((x ** 2).sum() for x in r))
+  directions.append([x / n + y / rn for x, y in zip(g_leaves, r)])  # all leaves at once
+  h = 3e-3
+  noise = 4e-7 * abs(float(f_at(0.0, [np.zeros(x.shape, np.float32) for x in g_leaves]))) / h
+  for d in directions:
+    analytic = sum(float((a * b).sum()) for a, b in zip(g_leaves, d))
+    d32 = [x.astype(np.float32) for x in d]
+    numeric = (float(f_at(h, d32)) - float(f_at(-h, d32))) / (2 * h)
+    assert abs(numeric - analytic) <= 1e-3 * abs(analytic) + noise, (analytic, numeric, noise)
 
 
 def test_step_zero_is_reinforce():
@@ -102,6 +126,49 @@ def test_micro_batch_invariance(agg):
     for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(deltas[0])):
       scale = float(jnp.abs(b).max()) + 1e-12
       assert float(jnp.abs(a - b).max()) / scale <= 1e-6
+
+
+def _assert_same_params(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+class _NaNGradient:
+  """The tiny model plus sqrt(0 * sum|final_norm scale|) on the hidden states: the forward pass adds exactly 0,
+  but d sqrt(u)/du = inf at u = 0 times du/dscale = 0 makes that parameter's gradient NaN."""
+
+  def __init__(self, inner):
+    self.inner, self.config = inner, inner.config
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def hidden(self, params, x, cache=None):
+    h, cache = self.inner.hidden(params, x, cache)
+    return h + jnp.sqrt(0.0 * jnp.abs(params["decoder"]["final_norm"]["scale"][...]).sum()), cache
+
+
+def test_inf_loss_and_nan_gradient_with_finite_loss_are_each_skipped_and_counted():
+  model = _model()
+  params = model.init_params(jax.random.key(0))
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), params)
+  state = ts.init_state(_copy(params), tx, with_reference=False)
+  good = _batch()
+  # Inf loss, finite gradient: a reference log-prob of -inf on one loss token makes its k3 term +inf
+  # (delta = logp - ref = +inf: exp(-delta) - 1 + delta), while d k3 / d logp = 1 - exp(-delta) = 1.
+  assert bool(good.completion_mask[2, 8])
+  state, m = ts.make_rl_step(model, tx, ts.StepConfig())(state, good.replace(ref_logp=good.ref_logp.at[2, 8].set(
+      -jnp.inf)))
+  assert np.isposinf(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+  assert int(m["skipped"]) == 1 and int(state.nonfinite) == 1 and int(state.step) == 1
+  _assert_same_params(state.params, params)
+  # NaN gradient, finite loss.
+  state, m = ts.make_rl_step(_NaNGradient(model), tx, ts.StepConfig())(state, good)
+  assert np.isfinite(float(m["loss"])) and np.isnan(float(m["grad_norm"]))
+  assert int(m["skipped"]) == 1 and int(state.nonfinite) == 2 and int(m["nonfinite_total"]) == 2
+  _assert_same_params(state.params, params)
+  with pytest.raises(ts.NonFiniteError, match=r"2 steps .* raise rl\.max_nonfinite_steps"):
+    ts.check_nonfinite(m, limit=1)
 
 
 def test_nonfinite_step_is_skipped_and_counted():
@@ -194,16 +261,13 @@ def test_sharded_equals_unsharded(mesh_shape):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_mesh_and_batch_errors_are_clear():
+def test_mesh_errors_are_clear():
+  # (The batch against the mesh and the group size is config.validate's job, before anything is built:
+  # tests/test_train.py::test_bad_configs_fail_before_anything_is_built.)
   with pytest.raises(ValueError, match="needs 16 devices"):
     sharding.make_mesh((4, 4, 1), devices=jax.devices()[:8] if jax.device_count() >= 8 else jax.devices() * 8)
-  mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:1])
-  sharding.check_batch_divisible(8, mesh, group_size=4)
-  with pytest.raises(ValueError, match="not divisible by the group size 3"):
-    sharding.check_batch_divisible(8, mesh, group_size=3)
-  if jax.device_count() >= 8:
-    with pytest.raises(ValueError, match="not divisible by the 8 batch shards"):
-      sharding.check_batch_divisible(12, sharding.make_mesh((8, 1, 1)))
+  with pytest.raises(ValueError, match="at most one -1"):
+    sharding.make_mesh((-1, -1, 1))
 
 
 def test_bandit_training_signal():
@@ -253,3 +317,158 @@ def test_loss_start_skips_prompt_positions_without_changing_the_loss():
   np.testing.assert_allclose(skip[0], full[0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(skip[1]), jax.tree.leaves(full[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_freeze_and_clip_cover_trainable_leaves_only():
+  """Frozen leaves: no optimizer state, not in grad_norm or the clipping norm, bit-identical after steps. The
+  update equals Adam's first step on the gradient clipped by the trainable leaves' norm, written out here."""
+  model = _model()
+  params = model.init_params(jax.random.key(0))
+  freeze = (r"decoder/embed/", r"final_norm")
+  frozen = lambda name: any(re.search(p, name) for p in freeze)
+  lr, clip, eps = 1e-2, 1e-2, 1e-3  # eps of the order of the clipped gradient: Adam's step then sees the clip
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=lr, clip_norm=clip, eps=eps), params, freeze=freeze)
+  state = ts.init_state(_copy(params), tx, with_reference=False, freeze=freeze)
+  opt_names = [base.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
+  assert not any(frozen(n) for n in opt_names)
+  assert any(n.endswith("decoder/layers/q_kernel") for n in opt_names)
+  with pytest.raises(ValueError, match="frozen leaves"):
+    tx.init(params)  # the full tree: its frozen leaves would get state
+
+  batch = _batch()
+  loss_fn = ts.make_rl_loss(model, ts.StepConfig())
+  g = jax.jit(jax.grad(lambda p: loss_fn(p, batch, 0.04)[0]))(params)
+  g = {base.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
+  p0 = {base.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  norm_trainable = np.sqrt(sum((x ** 2).sum() for k, x in g.items() if not frozen(k)))
+  norm_all = np.sqrt(sum((x ** 2).sum() for x in g.values()))
+  assert norm_all > 1.05 * norm_trainable  # the frozen leaves' gradient would show in the norm
+  scale = min(1.0, clip / norm_trainable)
+  assert scale < 0.1  # clipping is active
+
+  step = ts.make_rl_step(model, tx, ts.StepConfig())
+  new, metrics = step(state, batch)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), norm_trainable, rtol=1e-5)
+  got = {base.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_flatten_with_path(new.params)[0]}
+  for k in g:
+    if frozen(k):
+      continue
+    c = g[k] * scale  # Adam, step 1, bias-corrected: m = c, v = c^2, update = -lr c / (|c| + eps)
+    np.testing.assert_allclose(got[k] - p0[k], -lr * c / (np.abs(c) + eps), rtol=1e-4, atol=2e-7, err_msg=k)
+  new, _ = step(new, batch)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(new.params)[0], jax.tree.leaves(params)):
+    if frozen(base.path_str(path)):
+      np.testing.assert_array_equal(a, b)  # bit-identical
+    else:
+      assert not np.array_equal(a, b)
+
+
+def test_metrics_over_micro_batches_and_per_mode_match_independent_values():
+  """The step's statistics (totals and per mode) for 1, 2 and 4 micro-batches equal each other, and the
+  1-micro-batch values equal a float64 numpy computation from the full-vocabulary logits."""
+  model = _model()
+  params = model.init_params(jax.random.key(0))
+  batch = _batch()
+  logits, _ = model.forward(params, model.embed(params, batch.inputs))
+  lg = np.asarray(logits, np.float64)[:, :-1]
+  lsm = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
+  tok = np.asarray(batch.inputs.tokens)[:, 1:]
+  logp = np.take_along_axis(lsm, tok[..., None], -1)[..., 0]
+  entropy = -(np.exp(lsm) * lsm).sum(-1)
+  rng = np.random.default_rng(5)
+  # Old and reference policies near the current one, so ratios straddle both clip edges.
+  old = (logp + rng.normal(0, 0.2, logp.shape)).astype(np.float32)
+  ref = (logp + rng.normal(0, 0.2, logp.shape)).astype(np.float32)
+  mode_B = np.array([0, 1, 0, 0, 1, 1, 0, 1], np.int32)
+  pad = lambda x: jnp.asarray(np.pad(x, ((0, 0), (1, 0))), jnp.float32)
+  batch = batch.replace(old_logp=pad(old), ref_logp=pad(ref), mode_ids=jnp.asarray(mode_B))
+  eps = 0.1
+  tx = optax.sgd(1e-3)
+  runs = []
+  for m in (1, 2, 4):
+    cfg = ts.StepConfig(micro_batches=m, loss=rl.LossConfig(eps_low=eps, eps_high=eps))
+    _, metrics = ts.make_rl_step(model, tx, cfg)(ts.init_state(_copy(params), tx, with_reference=False), batch)
+    runs.append({k: float(v) for k, v in metrics.items()})
+  for other in runs[1:]:
+    assert other.keys() == runs[0].keys()
+    for k, v in runs[0].items():
+      np.testing.assert_allclose(other[k], v, rtol=1e-5 if k in ("loss", "grad_norm") else 1e-6, err_msg=k)
+
+  mask = np.asarray(batch.completion_mask)[:, 1:]
+  adv = np.asarray(batch.advantages, np.float64)[:, None]
+  ratio = np.exp(logp - old)
+  delta = ref - logp
+  per_tok = {"ratio_mean": ratio, "kl": np.exp(delta) - delta - 1, "entropy": entropy,
+             "clip_frac_low": (ratio < 1 - eps) & (adv < 0), "clip_frac_high": (ratio > 1 + eps) & (adv > 0)}
+  got = runs[0]
+  for suffix, rows in (("", np.ones(8, bool)), ("/slow", mode_B == 0), ("/fast", mode_B == 1)):
+    sel = mask & rows[:, None]
+    assert got["tokens" + suffix] == sel.sum()
+    for k, x in per_tok.items():
+      np.testing.assert_allclose(got[k + suffix], np.asarray(x, np.float64)[sel].mean(), rtol=1e-5, atol=1e-7,
+                                 err_msg=k + suffix)
+    np.testing.assert_allclose(got["ratio_max" + suffix], ratio[sel].max(), rtol=1e-5)
+    np.testing.assert_allclose(got["ratio_min" + suffix], ratio[sel].min(), rtol=1e-5)
+    assert got["clip_frac_low" + suffix] > 0 and got["clip_frac_high" + suffix] > 0  # both edges exercised
+  assert got["kl/slow"] != pytest.approx(got["kl/fast"])
+
+
+def test_beta_schedule_as_the_step_applies_it():
+  model = _model()
+  params = model.init_params(jax.random.key(0))
+  cfg = ts.StepConfig(beta=0.04, beta_decay_steps=4, beta_final=0.01)
+  tx = optax.sgd(0.0)  # the parameters stay put, so step s's loss is L(params, beta_s)
+  step = ts.make_rl_step(model, tx, cfg)
+  state = ts.init_state(_copy(params), tx, with_reference=False)
+  batch = _batch(old=True)
+  loss_at = jax.jit(lambda beta: ts.make_rl_loss(model, cfg)(params, batch, beta)[0])
+  # By hand: beta_s = 0.04 + (0.01 - 0.04) * min(s / 4, 1).
+  want = [0.04, 0.0325, 0.025, 0.0175, 0.01, 0.01]
+  losses = []
+  for beta in want:
+    state, m = step(state, batch)
+    assert float(m["beta"]) == pytest.approx(beta, rel=1e-6)
+    np.testing.assert_allclose(float(m["loss"]), float(loss_at(beta)), rtol=1e-6)
+    losses.append(float(m["loss"]))
+  assert len(set(losses[:5])) == 5  # the KL term is non-zero: the loss follows beta
+
+
+def test_kl_without_reference_logprobs_is_an_error():
+  model = _model()
+  params = model.init_params(jax.random.key(0))
+  batch = _batch(ref=False)
+  loss_fn = ts.make_rl_loss(model, ts.StepConfig(beta=0.04))
+  with pytest.raises(ValueError, match=r"beta = 0.04 > 0 but RLBatch.ref_logp is None"):
+    jax.eval_shape(lambda p: loss_fn(p, batch, 0.04), params)  # trace time: nothing compiled
+  tx = optax.sgd(1e-3)
+  with pytest.raises(ValueError, match="ref_logp is None"):
+    ts.make_rl_step(model, tx, ts.StepConfig(beta=0.04))(ts.init_state(_copy(params), tx, with_reference=False),
+                                                         batch)
+  jax.eval_shape(lambda p: ts.make_rl_loss(model, ts.StepConfig(beta=0.0))(p, batch, 0.0), params)  # beta 0: fine
+
+
+def test_reference_copy_dtype_and_sharding_on_a_mesh():
+  """bf16 compute: the reference holds the trainable leaves in bf16, sharded like their parameters, both as
+  init_state builds it from sharded parameters and after placement on state_shardings."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them")
+  model = _model(compute_dtype="bfloat16")
+  params = model.init_params(jax.random.key(0))
+  mesh = sharding.make_mesh((1, 4, 2))
+  p_sh = sharding.param_shardings(model, params, mesh)
+  want = {base.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(p_sh)[0]}
+  p32 = {base.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  freeze = (r"decoder/embed/",)
+  tx = optim.make_optimizer(optim.OptimConfig(), params, freeze=freeze)
+  state = ts.init_state(jax.device_put(params, p_sh), tx, with_reference=True, freeze=freeze,
+                        ref_dtype=model.config.jnp_compute_dtype)
+  placed = jax.device_put(state, sharding.state_shardings(state, p_sh, mesh))
+  assert set(state.ref) == {k for k in p32 if not k.startswith("decoder/embed/")}
+  assert tuple(want["decoder/layers/q_kernel"].spec) != ()  # a genuinely sharded leaf is among them
+  for st in (state, placed):
+    for name, leaf in st.ref.items():
+      assert leaf.dtype == jnp.bfloat16, name
+      assert isinstance(leaf.sharding, jax.sharding.NamedSharding)
+      assert leaf.sharding.is_equivalent_to(want[name], leaf.ndim), (name, leaf.sharding, want[name])
+      np.testing.assert_array_equal(np.asarray(leaf.astype(jnp.float32)),
+                                    np.asarray(p32[name].astype(jnp.bfloat16).astype(jnp.float32)))

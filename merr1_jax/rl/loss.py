@@ -1,6 +1,7 @@
 """The clipped policy-gradient loss with a KL penalty: token log-probs, ratio/clip, KL estimators, aggregation.
 
-docs/method.md, "Policy loss". Every function is pure and model-free; ``train_step`` wires them to a model.
+docs/method.md, "Policy loss (E4)" (its bullets: token log-probs, ratio and clip, KL, aggregation, total). Every
+function is pure and model-free and cites the bullet it implements; ``train_step`` wires them to a model.
 
 Shape legend:
   B: completions (rows)     T: completion positions     D: model width     V: vocabulary     N: vocabulary chunk
@@ -11,11 +12,15 @@ Conventions:
   * ``mask_BxT`` marks generated tokens that carry loss (the fast-mode prefix and padding carry none).
   * Aggregation takes explicit global normalisers (token count, sequence count), so a step split into micro-batches
     gives the same loss and gradient as one big batch.
+  * ``policy_loss`` returns *summed* statistics; ``combine_stats`` adds those of micro-batches (max / min for
+    ``*_max`` / ``*_min``) and ``finalize_stats`` divides once. Keys ``name/group`` are the same statistic over
+    the rows of one group (a thinking mode), e.g. ``kl_sum/slow`` -> ``kl/slow``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -35,7 +40,8 @@ def token_logprobs(
     chunk_size: int = 8192,
     with_entropy: bool = False,
 ) -> Array | tuple[Array, Array]:
-  """log softmax(h @ w)[token] (and optionally the entropy), streaming over vocabulary chunks.
+  """log softmax(h @ w)[token] (and optionally the entropy), streaming over vocabulary chunks (method.md E4,
+  "Token log-probs").
 
   Only one [B, T, N] float32 chunk of logits exists at a time, and the chunk body is rematerialised in the
   backward pass, so neither direction holds a float32 [B, T, V] tensor (architecture.md pitfalls). A vocabulary
@@ -93,7 +99,7 @@ def logprobs_from_logits(logits_BxTxV: Array, tokens_BxT: Array) -> Array:
 
 
 def kl_estimate(logp_BxT: Array, logp_ref_BxT: Array, kind: str = "k3") -> Array:
-  """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3; method.md, KL).
+  """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3; method.md E4, "KL").
 
   k1 = log r', k2 = (log r')^2 / 2, k3 = exp(-log r') - 1 + log r', with log r' = logp - logp_ref.
   k3 is unbiased and non-negative, the GRPO default.
@@ -109,7 +115,8 @@ def kl_estimate(logp_BxT: Array, logp_ref_BxT: Array, kind: str = "k3") -> Array
 
 
 def beta_at(step: Array | int, beta: float, *, decay_steps: int = 0, final_beta: float = 0.0) -> Array:
-  """KL coefficient at ``step``: constant, or linear from ``beta`` to ``final_beta`` over ``decay_steps``."""
+  """KL coefficient at ``step``: constant, or linear from ``beta`` to ``final_beta`` over ``decay_steps``
+  (method.md E4, "KL")."""
   if decay_steps <= 0:
     return jnp.asarray(beta, jnp.float32)
   frac = jnp.clip(jnp.asarray(step, jnp.float32) / decay_steps, 0.0, 1.0)
@@ -125,7 +132,8 @@ def clipped_objective(
     eps_high: float = 0.2,
     dual_clip: float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-  """Per-token PPO-clip loss  -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)  (method.md, Policy loss).
+  """Per-token PPO-clip loss  -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)  (method.md E4, "Ratio and
+  clip").
 
   With ``dual_clip = c > 1``, the loss of a negative-advantage token is capped at  -c A  (dual-clip PPO), which
   bounds the update when rho is very large.
@@ -161,7 +169,7 @@ def aggregate(
     num_seqs: Array | None = None,
     max_len: int | None = None,
 ) -> Array:
-  """Reduces a per-token quantity to a scalar (method.md, Loss aggregation).
+  """Reduces a per-token quantity to a scalar (method.md E4, "Aggregation").
 
   * token_mean: sum over all tokens / num_tokens (the whole step's token count).
   * seq_mean_token_mean: sum over rows of (row token mean) / num_seqs.
@@ -189,7 +197,7 @@ def aggregate(
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Hyper-parameters of ``policy_loss`` (defaults: method.md)."""
+  """Hyper-parameters of ``policy_loss`` (defaults: method.md E4)."""
 
   eps_low: float = 0.2
   eps_high: float = 0.2
@@ -220,11 +228,15 @@ def policy_loss(
     entropy_BxT: Array | None = None,
     num_tokens: Array | None = None,
     num_seqs: Array | None = None,
+    group_B: Array | None = None,
+    group_names: Sequence[str] = (),
 ) -> tuple[Array, dict[str, Array]]:
-  """loss = agg(PPO-clip) + beta * agg(KL) - entropy_coef * agg(entropy)   (method.md, Policy loss).
+  """loss = agg(PPO-clip) + beta * agg(KL) - entropy_coef * agg(entropy)   (method.md E4, "Total").
 
   Returns the scalar loss and *sums* of per-token statistics (plus their token count), so that statistics of
-  micro-batches can be added up before ``finalize_stats`` divides once.
+  micro-batches can be combined (``combine_stats``) before ``finalize_stats`` divides once. With ``group_B``
+  (int [B], an index into ``group_names``: the thinking mode of each row), the same sums are also returned per
+  group under ``<stat>/<name>`` keys; rows whose id is outside the names count only in the totals.
   """
   pg_BxT, st = clipped_objective(
       logp_BxT, logp_old_BxT, adv_B, eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip
@@ -234,38 +246,74 @@ def policy_loss(
   )
   pg = agg(pg_BxT)
   loss = pg
-  m = mask_BxT.astype(jnp.float32)
-  stats = {
-      "tokens": m.sum(),
-      "pg_loss": pg,
-      "ratio_sum": (st["ratio"] * m).sum(),
-      "ratio_max": jnp.where(m > 0, st["ratio"], -jnp.inf).max(),
-      "ratio_min": jnp.where(m > 0, st["ratio"], jnp.inf).min(),
-      "clip_low_sum": (st["clipped_low"] * m).sum(),
-      "clip_high_sum": (st["clipped_high"] * m).sum(),
-      "dual_clip_sum": (st["dual"] * m).sum(),
-  }
+  kl_BxT = None
   if logp_ref_BxT is not None:
     kl_BxT = kl_estimate(logp_BxT, logp_ref_BxT, cfg.kl_estimator)
     loss = loss + beta * agg(kl_BxT)
-    stats["kl_sum"] = (kl_BxT * m).sum()
-  if entropy_BxT is not None:
-    stats["entropy_sum"] = (entropy_BxT * m).sum()
-    if cfg.entropy_coef:
-      loss = loss - cfg.entropy_coef * agg(entropy_BxT)
+  if entropy_BxT is not None and cfg.entropy_coef:
+    loss = loss - cfg.entropy_coef * agg(entropy_BxT)
+
+  def sums(m):  # m: float32 [B, T] token weights (the mask, or the mask of one group)
+    out = {
+        "tokens": m.sum(),
+        "ratio_sum": (st["ratio"] * m).sum(),
+        "ratio_max": jnp.where(m > 0, st["ratio"], -jnp.inf).max(),
+        "ratio_min": jnp.where(m > 0, st["ratio"], jnp.inf).min(),
+        "clip_low_sum": (st["clipped_low"] * m).sum(),
+        "clip_high_sum": (st["clipped_high"] * m).sum(),
+        "dual_clip_sum": (st["dual"] * m).sum(),
+    }
+    if kl_BxT is not None:
+      out["kl_sum"] = (kl_BxT * m).sum()
+    if entropy_BxT is not None:
+      out["entropy_sum"] = (entropy_BxT.astype(jnp.float32) * m).sum()
+    return out
+
+  m = mask_BxT.astype(jnp.float32)
+  stats = {"pg_loss": pg, **sums(m)}
+  if group_B is not None:
+    for gi, name in enumerate(group_names):
+      in_group = (group_B == gi).astype(jnp.float32)[:, None]
+      stats.update({f"{k}/{name}": v for k, v in sums(m * in_group).items()})
   return loss, stats
 
 
+def _reduction(key: str) -> str:
+  base = key.split("/", 1)[0]
+  return "max" if base.endswith("_max") else "min" if base.endswith("_min") else "sum"
+
+
+def stats_identity(stats: dict[str, Array]) -> dict[str, Array]:
+  """The neutral element of ``combine_stats`` for statistics shaped like ``stats`` (-inf / +inf / 0)."""
+  fill = {"max": -jnp.inf, "min": jnp.inf, "sum": 0.0}
+  return {k: jnp.full(jnp.shape(v), fill[_reduction(k)], jnp.float32) for k, v in stats.items()}
+
+
+def combine_stats(a: dict[str, Array], b: dict[str, Array]) -> dict[str, Array]:
+  """Statistics of two disjoint sets of rows (micro-batches): ``*_max`` keys take the max, ``*_min`` the min,
+  everything else (sums, counts, globally normalised losses) adds up."""
+  op = {"max": jnp.maximum, "min": jnp.minimum, "sum": jnp.add}
+  return {k: op[_reduction(k)](a[k], b[k]) for k in a}
+
+
 def finalize_stats(stats: dict[str, Array]) -> dict[str, Array]:
-  """Turns summed statistics (possibly added over micro-batches) into means and fractions."""
-  n = jnp.maximum(stats["tokens"], 1.0)
-  out = {"tokens": stats["tokens"], "ratio_max": stats["ratio_max"], "ratio_min": stats["ratio_min"]}
-  for key in ("ratio", "clip_low", "clip_high", "dual_clip", "kl", "entropy"):
-    if f"{key}_sum" in stats:
-      name = {"clip_low": "clip_frac_low", "clip_high": "clip_frac_high", "dual_clip": "dual_clip_frac"}.get(
-          key, f"{key}_mean" if key == "ratio" else key
-      )
-      out[name] = stats[f"{key}_sum"] / n
+  """Turns summed statistics (possibly combined over micro-batches) into means and fractions.
+
+  Totals: tokens, ratio_mean / ratio_max / ratio_min, clip_frac_low / clip_frac_high, dual_clip_frac, kl and
+  entropy (the last two when present). Per group (``tokens/<name>`` present): the same names with ``/<name>``.
+  A group without tokens reports 0 for the means and the +-inf identities for ratio_max / ratio_min.
+  """
+  names = {"ratio": "ratio_mean", "clip_low": "clip_frac_low", "clip_high": "clip_frac_high",
+           "dual_clip": "dual_clip_frac", "kl": "kl", "entropy": "entropy"}
+  groups = [""] + ["/" + k.split("/", 1)[1] for k in stats if k.startswith("tokens/")]
+  out = {}
+  for g in groups:
+    n = jnp.maximum(stats["tokens" + g], 1.0)
+    out.update({"tokens" + g: stats["tokens" + g], "ratio_max" + g: stats["ratio_max" + g],
+                "ratio_min" + g: stats["ratio_min" + g]})
+    for key, name in names.items():
+      if f"{key}_sum{g}" in stats:
+        out[name + g] = stats[f"{key}_sum{g}"] / n
   return out
 
 
