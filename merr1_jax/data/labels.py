@@ -8,9 +8,12 @@ offline, into the safe layouts below (metrics.md §7: "convert once, offline").
 Safe layouts read here:
 
   onehot npz     (MER2023/2024 `label-6way.npz`, MELD / IEMOCAP `label.npz`): arrays `name` [N] str and
-                 either `emo` [N] str, or `label` [N] int with the class order of `ONEHOT_CLASSES` (or the
-                 file's own `classes` array); optional `val` [N] float. Several corpora in one file are
-                 prefixed: `{corpus}_name`, `{corpus}_emo`, ... (e.g. `test1_corpus_name`).
+                 either `emo` [N] (str words, or int class indices) or `label` [N] int, ints in the class order
+                 of `ONEHOT_CLASSES` (or the file's own `classes` array); optional `val` [N] float. Several
+                 corpora in one file are prefixed: `{corpus}_name`, `{corpus}_emo`, ... (e.g.
+                 `test1_corpus_name`). Asked for a corpus, a reader takes the prefixed arrays, or the plain ones
+                 when the file holds no prefixed `name` (a file converted for that one corpus); asked for none,
+                 it takes the plain arrays, or the only corpus in the file.
   valence        (CMU-MOSI, CMU-MOSEI, CH-SIMS, SIMS v2): CSV `name,valence` or npz `name`, `val`.
   openset CSV    (OV-MERD+, MER2025 track 2 `track2_train_*.csv`): columns `name,openset`, where openset is a
                  list string like "[happy, relieved]", parsed exactly as metrics.md §1 step 1.
@@ -18,7 +21,9 @@ Safe layouts read here:
   MME-Emotion    JSON list of items with `video_id`, `label` (a word or list string) and `label_set`.
 
 Bad rows follow the `on_bad_record` policy of schema.py: "raise" raises `BadRecordError` naming the file,
-the row and the field; "skip" counts the row in a `BadRecordLog` (which logs it) and leaves it out.
+the row and the field; "skip" counts the row in a `BadRecordLog` (which logs it) and leaves it out. A clip id
+seen twice in one file is a bad row (the second one; the message names the first). Text files must be UTF-8
+(a BOM is allowed): other bytes raise a `BadRecordError` with the byte offset and line, under either policy.
 A file that is missing raises `FileNotFoundError` naming the path, under either policy.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -47,9 +53,10 @@ ONEHOT_CLASSES = {
 BadRecordError = schema.BadRecordError
 
 _CONVERT_HINT = (
-    "It holds pickled Python objects, which this project never loads. Convert it once, offline, with a trusted "
-    "tool: for each corpus save arrays `{corpus}_name` (str), `{corpus}_emo` (str) or `{corpus}_label` (int) "
-    "and optionally `{corpus}_val` (float) with np.savez (see merr1_jax/data/labels.py).")
+    "It holds pickled Python objects, which this project never loads (unpickling runs code from the file). "
+    "Convert it once, in your own trusted environment: for each corpus save arrays `{corpus}_name` (str), "
+    "`{corpus}_emo` (str) or `{corpus}_label` (int) and optionally `{corpus}_val` (float) with np.savez; "
+    "docs/data.md ('Converting the pickled label files') has the command.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +98,16 @@ class _Rows:
       raise ValueError("on_bad_record='skip' needs a BadRecordLog, so that skips are counted")
     self.path, self.policy, self.log = path, on_bad_record, log
     self.out: list[Annotation] = []
+    self.n_entries = 0
+    self.first_entry: dict[str, int] = {}  # clip id -> the entry (0-based, file order) that first held it
 
-  def add(self, row: str | int, make: Callable[[], Annotation]) -> None:
+  def add(self, row: str | int, make: Callable[[], Annotation], *, id_field: str = "name") -> None:
+    entry, self.n_entries = self.n_entries, self.n_entries + 1
     try:
       ann = make()
+      if ann.id in self.first_entry:
+        raise self.bad(ann.id, id_field, f"duplicate clip id {ann.id!r}: entry {entry} repeats entry "
+                                         f"{self.first_entry[ann.id]} (entries count from 0, in file order)")
     except BadRecordError as err:
       if self.policy == "raise":
         raise
@@ -106,11 +119,11 @@ class _Rows:
         raise err from e
       self.log.add(err)
       return
+    self.first_entry[ann.id] = entry
     self.out.append(ann)
 
   def bad(self, row, field: str, why: str) -> BadRecordError:
     return BadRecordError(why, source=self.path, record=row, field=field)
-
 
 
 def _require(path: str | os.PathLike) -> str:
@@ -133,8 +146,28 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
                          field="<npz>") from e
 
 
-def _npz_column(arrays: dict[str, np.ndarray], key: str, corpus: str | None, path: str, *, required: bool):
-  full = f"{corpus}_{key}" if corpus else key
+def _npz_prefix(arrays: dict[str, np.ndarray], corpus: str | None, path: str) -> str:
+  """The key prefix of the arrays to read: f"{corpus}_" (corpus-prefixed layout) or "" (plain layout)."""
+  corpora = sorted(k[:-len("_name")] for k in arrays if k.endswith("_name"))
+  if corpus:
+    if f"{corpus}_name" in arrays:
+      return f"{corpus}_"
+    if "name" in arrays and not corpora:  # a file converted for this one corpus, without the prefix
+      return ""
+    why = (f"no corpus {corpus!r}: expected the corpus-prefixed array `{corpus}_name` or, in a file that "
+           f"holds this corpus alone, the plain array `name`; corpora present: {corpora}, arrays: {sorted(arrays)}")
+  else:
+    if "name" in arrays:
+      return ""
+    if len(corpora) == 1:
+      return f"{corpora[0]}_"
+    why = (f"expected the plain array `name` or exactly one corpus-prefixed `{{corpus}}_name`; corpora present: "
+           f"{corpora} (choose one with corpus=...), arrays: {sorted(arrays)}")
+  raise BadRecordError(why, source=path, record="<file>", field=f"{corpus}_name" if corpus else "name")
+
+
+def _npz_column(arrays: dict[str, np.ndarray], key: str, prefix: str, path: str, *, required: bool):
+  full = prefix + key
   if full not in arrays:
     if required:
       raise BadRecordError(f"missing array {full!r}; arrays present: {sorted(arrays)}", source=path,
@@ -159,23 +192,33 @@ def _finite_float(value, rows: _Rows, row, field: str) -> float:
 
 def read_onehot_npz(path, *, classes: Sequence[str] | None = None, corpus: str | None = None,
                     on_bad_record: str = "raise", log: schema.BadRecordLog | None = None) -> list[Annotation]:
-  """One-hot label files: MER2023/2024 `label-6way.npz` (`emo`, `val`), MELD/IEMOCAP `label.npz` (`label`)."""
+  """One-hot label files: MER2023/2024 `label-6way.npz` (`emo`, `val`), MELD/IEMOCAP `label.npz` (`label`).
+
+  `corpus` names the corpus to read (e.g. "test1_corpus"): its prefixed arrays, or the plain ones in a file that
+  holds it alone. None reads the plain arrays, or the file's only corpus.
+  """
   path = _require(path)
   arrays = _load_npz(path)
-  names = _npz_column(arrays, "name", corpus, path, required=True)
-  emo = _npz_column(arrays, "emo", corpus, path, required=False)
-  label = _npz_column(arrays, "label", corpus, path, required=False)
-  val = _npz_column(arrays, "val", corpus, path, required=False)
+  prefix = _npz_prefix(arrays, corpus, path)
+  names = _npz_column(arrays, "name", prefix, path, required=True)
+  emo = _npz_column(arrays, "emo", prefix, path, required=False)
+  label = _npz_column(arrays, "label", prefix, path, required=False)
+  val = _npz_column(arrays, "val", prefix, path, required=False)
+  label_field = "label"
+  if emo is not None and np.issubdtype(emo.dtype, np.integer):  # a converted dict whose `emo` held class ids
+    label, emo, label_field = emo, None, "emo"
   if emo is None and label is None:
-    raise BadRecordError("needs an `emo` (str) or a `label` (int) array", source=path, record="<file>",
-                         field="emo")
+    raise BadRecordError(f"needs an `{prefix}emo` (str) or a `{prefix}label` (int) array; arrays present: "
+                         f"{sorted(arrays)}", source=path, record="<file>", field="emo")
   if label is not None and emo is None:
-    file_classes = _npz_column(arrays, "classes", None, path, required=False)
+    file_classes = _npz_column(arrays, "classes", prefix, path, required=False)
+    if file_classes is None and prefix:
+      file_classes = _npz_column(arrays, "classes", "", path, required=False)
     classes = tuple(str(c) for c in file_classes) if file_classes is not None else classes
     if classes is None:
       raise BadRecordError("integer labels need a class order (`classes` array or argument)", source=path,
                            record="<file>", field="label")
-  for col, field in ((emo, "emo"), (label, "label"), (val, "val")):
+  for col, field in ((emo, "emo"), (label, label_field), (val, "val")):
     if col is not None and len(col) != len(names):
       raise BadRecordError(f"{len(col)} entries for {len(names)} names", source=path, record="<file>",
                            field=field)
@@ -191,7 +234,7 @@ def read_onehot_npz(path, *, classes: Sequence[str] | None = None, corpus: str |
       else:
         k = label[i]
         if not np.issubdtype(label.dtype, np.integer) or not 0 <= int(k) < len(classes):
-          raise rows.bad(name, "label", f"label {k!r} is not a class index in [0, {len(classes)})")
+          raise rows.bad(name, label_field, f"label {k!r} is not a class index in [0, {len(classes)})")
         word = classes[int(k)]
       if not word:
         raise rows.bad(name, "emo", "empty emotion label")
@@ -209,8 +252,9 @@ def read_valence(path, *, corpus: str | None = None, on_bad_record: str = "raise
   rows = _Rows(path, on_bad_record, log)
   if path.endswith(".npz"):
     arrays = _load_npz(path)
-    names = _npz_column(arrays, "name", corpus, path, required=True)
-    vals = _npz_column(arrays, "val", corpus, path, required=True)
+    prefix = _npz_prefix(arrays, corpus, path)
+    names = _npz_column(arrays, "name", prefix, path, required=True)
+    vals = _npz_column(arrays, "val", prefix, path, required=True)
     if len(vals) != len(names):
       raise BadRecordError(f"{len(vals)} valences for {len(names)} names", source=path, record="<file>",
                            field="val")
@@ -234,18 +278,31 @@ def _name(name: str, rows: _Rows, i: int) -> str:
   return name.strip()
 
 
+def _read_text(path: str) -> str:
+  """The whole file as UTF-8 text (a BOM is dropped). Other encodings are an error naming the byte and line:
+  guessing an encoding would silently garble the clip names and labels."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    return raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    raise BadRecordError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} (line {line}) "
+                         f"is invalid ({e.reason}); re-save the file as UTF-8", source=path, record=f"line {line}",
+                         field="<encoding>") from None
+
+
 def _read_csv(path: str, *, required: Sequence[str]) -> list[dict[str, str]]:
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in required if c not in (reader.fieldnames or ())]
-    if missing:
-      raise BadRecordError(f"missing columns {missing}; header is {reader.fieldnames}", source=path,
-                           record="<header>", field=missing[0])
-    try:
-      return list(reader)
-    except csv.Error as e:
-      raise BadRecordError(f"CSV parse error: {e}", source=path, record=f"line {reader.line_num}",
-                           field="<csv>") from e
+  reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+  missing = [c for c in required if c not in (reader.fieldnames or ())]
+  if missing:
+    raise BadRecordError(f"missing columns {missing}; header is {reader.fieldnames}", source=path,
+                         record="<header>", field=missing[0])
+  try:
+    return list(reader)
+  except csv.Error as e:
+    raise BadRecordError(f"CSV parse error: {e}", source=path, record=f"line {reader.line_num}",
+                         field="<csv>") from e
 
 
 def read_openset_csv(path, *, on_bad_record: str = "raise",
@@ -285,9 +342,9 @@ def read_mme_json(path, *, on_bad_record: str = "raise",
                   log: schema.BadRecordLog | None = None) -> list[Annotation]:
   """MME-Emotion items: a JSON list of {video_id, label, label_set}; `label` becomes the open set."""
   path = _require(path)
+  text = _read_text(path)
   try:
-    with open(path, encoding="utf-8") as f:
-      items = json.load(f)
+    items = json.loads(text)
   except json.JSONDecodeError as e:
     raise BadRecordError(f"not valid JSON ({e})", source=path, record="<file>", field="<json>") from e
   if not isinstance(items, list):
@@ -303,18 +360,44 @@ def read_mme_json(path, *, on_bad_record: str = "raise",
         raise rows.bad(item["video_id"], "label", f"empty label {item['label']!r}")
       return Annotation(id=_name(str(item["video_id"]), rows, i), openset=tuple(words))
 
-    rows.add(i, make)
+    rows.add(i, make, id_field="video_id")
   return rows.out
 
 
+_F16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def _features(x, *, dtype: str | None, field: str, record: str, source: str) -> np.ndarray:
+  """`x` as a feature array of `dtype` (None: keep x's dtype if the schema allows it, else float16). Values too
+  large for float16 are an error: the cast would turn them into Inf, and the record check would then blame Inf
+  features instead of the range."""
+  x = np.asarray(x)
+  target = dtype or (x.dtype.name if x.dtype.name in schema.FEATURE_DTYPES else "float16")
+  if target == "float16" and x.dtype != np.float16 and x.size:
+    big = np.abs(x.astype(np.float64)) > _F16_MAX  # NaN/Inf compare False here; the record check reports them
+    if big.any():
+      row = int(np.argwhere(big)[0][0])
+      raise BadRecordError(f"{int(big.sum())} values exceed the float16 range (|x| <= {_F16_MAX:g}; largest "
+                           f"{float(np.abs(x.astype(np.float64))[big].max()):g}, first in row {row}); casting "
+                           f"would make them Inf: rescale the features or keep their dtype (feature_dtype=None)",
+                           source=source, record=record, field=field)
+  return x.astype(schema.FEATURE_NUMPY_DTYPES[target], copy=False)
+
+
 def to_record(ann: Annotation, *, dataset: str, video: np.ndarray | None = None, audio: np.ndarray | None = None,
-              feature_space: str = "raw", subtitle: str | None = None) -> schema.ClipRecord:
-  """Attaches features (float16) to an annotation. Missing features give [0, 0] arrays: a label-only record,
-  which the training pipeline's check rejects (it needs audio rows) but label-only tools can use."""
+              feature_space: str = "raw", subtitle: str | None = None, feature_dtype: str | None = "float16",
+              source: str = "?") -> schema.ClipRecord:
+  """Attaches features to an annotation, cast to `feature_dtype` (one of schema.FEATURE_DTYPES; None keeps the
+  input's dtype when the schema allows it). Values beyond the float16 range raise BadRecordError naming
+  `source`, the record and the field instead of becoming Inf. Missing features give [0, 0] arrays: a label-only
+  record, which the training pipeline's check rejects (it needs audio rows) but label-only tools can use."""
+  if feature_dtype is not None and feature_dtype not in schema.FEATURE_DTYPES:
+    raise ValueError(f"feature_dtype={feature_dtype!r}; expected one of {schema.FEATURE_DTYPES} or None")
   empty = np.zeros((0, 0), np.float16)
+  kw = dict(dtype=feature_dtype, record=ann.id, source=source)
   return schema.ClipRecord(
       id=ann.id, dataset=dataset,
-      video=empty if video is None else np.asarray(video, np.float16),
-      audio=empty if audio is None else np.asarray(audio, np.float16),
+      video=empty if video is None else _features(video, field="video", **kw),
+      audio=empty if audio is None else _features(audio, field="audio", **kw),
       subtitle=ann.subtitle if subtitle is None else subtitle,
       openset=ann.openset, feature_space=feature_space, onehot=ann.onehot, valence=ann.valence)

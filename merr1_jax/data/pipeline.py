@@ -1,8 +1,10 @@
 """Grain input pipelines for SFT, RL and evaluation. numpy only (no jax), so worker processes start fast.
 
-Steps, in order: a random-access record source -> (skip policy: one validating scan) -> per-process shard of
-the record indices -> seeded shuffle and repeat -> per-example transform (decode, check, render the chat prompt,
-tokenise) -> batching with padding to length buckets -> `to_iter_dataset` -> optional multiprocess prefetch.
+Steps, in order: a random-access record source -> reference feature widths (when the config gives none) ->
+(skip policy: one validating scan) -> per-process shard of the RECORD indices -> expansion into examples (SFT:
+one per record and mode) -> seeded shuffle and repeat -> per-example transform (decode, check, render the chat
+prompt, tokenise) -> batching with padding to length buckets -> `to_iter_dataset` -> optional multiprocess
+prefetch.
 Everything before the iterator is a `grain.MapDataset`, so the iterator state is a small position: save it with
 `it.get_state()` (or `grain.checkpoint.CheckpointSave(it)` inside an orbax composite) and `it.set_state(s)` on
 a fresh iterator resumes with exactly the batches that would have followed, with or without workers.
@@ -13,7 +15,8 @@ Batch keys (numpy; B = batch_size; Lp, L, Tv, Ta are bucket lengths; C = len(lab
               video [B, Tv, Dv]      video_mask [B, Tv] bool      (feature rows, zero padded at the end)
               audio [B, Ta, Da]      audio_mask [B, Ta] bool
               openset [B] object (tuple of str)   onehot [B] str ('' = none)   valence [B] float32 (NaN = none)
-              label_multihot [B, C] bool          (only with a closed label_vocab, e.g. MER-Synth)
+              label_multihot [B, C] bool          (only with a closed label_vocab, e.g. MER-Synth; every
+                                                   open-set word is in the vocab, the record check makes sure)
   eval, rl    prompt_tokens [B, Lp] int32  LEFT-padded with pad_id, so every prompt ends at column Lp-1
               prompt_mask [B, Lp] bool     positions [B, Lp] int32 (0 at the first real token, 0 on padding)
               mrope_positions [3, B, Lp] int32   (only when every record carries precomputed position_ids)
@@ -31,11 +34,28 @@ Prompts: `prompts.render_prompt` with the record's `media_layout` (None: video b
 string such as "V8A50V8A50": Omni's interleaved block). Either way the k-th VIDEO/AUDIO placeholder of a row
 takes its k-th feature row in the model's merge, so `video`/`audio` are never reordered.
 
+Record checks (all in `MakeExample.record` / `__call__`, so both policies see them, and each error names the
+source file and record): the schema checks (`schema.check`); labels: with a closed `label_vocab` every open-set
+word must be in it, otherwise (`check_label_wheels`) a record scored on its open set alone (no one-hot label, no
+valence) must have a word that maps through the emotion wheels, so "[qwertyuiop]" is a bad record, not an
+empty ground truth; feature widths: the configured `video_dim`/`audio_dim`, or else the width of the first
+decodable record with rows of that modality (`reference_dims`, read before sharding, so every process agrees);
+precomputed `position_ids` no longer than the prompt; lengths within the largest bucket.
+
 Bad records: `on_bad_record="raise"` fails on the first bad record with a `BadRecordError` naming the file and
 record. `"skip"` validates every record once, up front, in this process (the same decode/check/render/tokenise
 that the workers run), leaves the bad ones out of the index list and counts them in `Pipeline.bad` (a
 `schema.BadRecordLog`, which also logs each one). Skips are thus decided before sharding and identical on all
 processes, so the shards stay disjoint and equal in size.
+
+Sharding (`shard_records`): records are dealt round-robin to `shard_count` processes, then expanded into
+examples, so a record's SFT slow and fast demos land on the same process and every process gets both modes.
+When the record count does not divide, no record is dropped: eval (`drop_remainder=False`) pads the short shards
+with masked rows (`example_mask` False), so every record is seen exactly once over all processes; training
+(`drop_remainder=True`) tops the short shards up with records from the start of the list, so each epoch sees
+every record at least once, with fewer than `shard_count` extra rows in all. Both counts are logged and kept in
+`Pipeline.n_padding` / `Pipeline.n_repeated`. With a finite `num_epochs` and `drop_remainder=True`, the last
+partial batch is dropped: that count is logged and kept in `Pipeline.n_dropped`.
 """
 
 from __future__ import annotations
@@ -95,10 +115,14 @@ class PipelineConfig:
   drop_remainder: bool = True  # False (eval): keep the last partial batch, padded with masked rows
   prompt_buckets: tuple[int, ...] = (64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
   feature_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
-  video_dim: int | None = None  # expected feature widths (None: not checked, but a batch must agree)
+  video_dim: int | None = None  # expected feature widths (None: the first record with rows sets them)
   audio_dim: int | None = None
   max_subtitle_chars: int = schema.DEFAULT_MAX_SUBTITLE_CHARS
-  label_vocab: tuple[str, ...] | None = None  # closed label list: multi-hot labels, and labels must map into it
+  label_vocab: tuple[str, ...] | None = None  # closed label list: multi-hot labels; every label must be in it
+  # Open vocabulary (no label_vocab): a record scored on its open set alone must have a word that maps through
+  # the emotion wheels of this format version (metrics.md §1), else it is a bad record.
+  check_label_wheels: bool = True
+  wheel_format: str = "2025"
   question: str = prompts.DEFAULT_QUESTION
   feature_dtype: str = "float16"
   on_bad_record: str = "raise"
@@ -130,16 +154,65 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
   raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
 
 
+class WheelMaps:
+  """word -> True when it maps to a cluster in at least one emotion wheel (level 1). Picklable: the tables
+  load lazily in each process."""
+
+  def __init__(self, format_version: str = "2025"):
+    self.format_version = format_version
+    self._wheel = None
+
+  def __getstate__(self):
+    return {"format_version": self.format_version, "_wheel": None}  # the tables are not shipped to workers
+
+  def __call__(self, word: str) -> bool:
+    if self._wheel is None:
+      from merr1_jax import emotion  # local: the pipeline module stays numpy-only at import
+      self._wheel = emotion.load(self.format_version)
+      self._wheels = range(1, emotion.NUM_WHEELS + 1)
+    return any(self._wheel.map_word(word, k) is not None for k in self._wheels)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceDims:
+  """Feature widths every record must have: configured, or those of the first record with rows (`origin`)."""
+  video: int | None = None
+  audio: int | None = None
+  origin: tuple[tuple[str, str], ...] = ()  # (modality, "record ID at WHERE") for inferred widths
+
+
+def reference_dims(source: RecordSource, cfg: PipelineConfig) -> ReferenceDims:
+  """The configured widths, else those of the first decodable record (in source order, over the whole source,
+  so all processes agree) with rows of that modality. Undecodable records are passed over here; the record
+  check reports them. Reads records until each unknown width is found (one, usually)."""
+  dims = {"video": cfg.video_dim, "audio": cfg.audio_dim}
+  origin = []
+  for i in range(len(source) if None in dims.values() else 0):
+    try:
+      rec = schema.from_bytes(source.read(i), source=source.where(i), index=i)
+    except schema.BadRecordError:
+      continue
+    for name in ("video", "audio"):
+      x = getattr(rec, name)
+      if dims[name] is None and x.ndim == 2 and x.shape[0]:
+        dims[name] = int(x.shape[1])
+        origin.append((name, f"record {rec.id!r} at {source.where(i)}"))
+    if None not in dims.values():
+      break
+  return ReferenceDims(video=dims["video"], audio=dims["audio"], origin=tuple(origin))
+
+
 class MakeExample:
   """Index -> one example dict (unpadded). Importable and picklable, so Grain workers can run it."""
 
-  def __init__(self, source: RecordSource, tokenizer, cfg: PipelineConfig):
+  def __init__(self, source: RecordSource, tokenizer, cfg: PipelineConfig, dims: ReferenceDims | None = None):
     self.source, self.tok, self.cfg = source, tokenizer, cfg
+    self.dims = dims or ReferenceDims(video=cfg.video_dim, audio=cfg.audio_dim)
     self.video_id = tokenizer.id_of(prompts.VIDEO_TOKEN)
     self.audio_id = tokenizer.id_of(prompts.AUDIO_TOKEN)
     self.n_modes = len(cfg.sft_modes) if cfg.kind == "sft" else 1
-    vocab = cfg.label_vocab
-    self.maps_word = None if vocab is None else frozenset(vocab).__contains__
+    self.vocab = None if cfg.label_vocab is None else frozenset(cfg.label_vocab)
+    self.wheel_maps = WheelMaps(cfg.wheel_format) if self.vocab is None and cfg.check_label_wheels else None
 
   def __len__(self) -> int:
     return len(self.source) * self.n_modes
@@ -147,13 +220,27 @@ class MakeExample:
   def record(self, index: int) -> schema.ClipRecord:
     where = self.source.where(index)
     rec = schema.from_bytes(self.source.read(index), source=where, index=index)
+    bad = lambda field, why: schema.BadRecordError(why, source=where, record=rec.id, field=field)  # noqa: E731
+    # Records scored by HIT or WAF carry a one-hot label or a valence; only open-set-only records need a word
+    # that the wheels map (a one-hot set's "neutral" maps nowhere, and that is its metric's business).
+    open_set_only = rec.onehot is None and rec.valence is None
     schema.check(rec, video_dim=self.cfg.video_dim, audio_dim=self.cfg.audio_dim,
-                 max_subtitle_chars=self.cfg.max_subtitle_chars, maps_word=self.maps_word, source=where)
+                 max_subtitle_chars=self.cfg.max_subtitle_chars,
+                 maps_word=self.wheel_maps if open_set_only else None, source=where)
+    if self.vocab is not None:
+      outside = [w for w in rec.openset if w not in self.vocab]
+      if outside:  # label_multihot has no column for them: an error, never a silently dropped label
+        raise bad("openset", f"label words {outside} are not in the closed label_vocab")
+    inferred = dict(self.dims.origin)
+    for name in ("video", "audio"):
+      x, want = getattr(rec, name), getattr(self.dims, name)
+      if want is not None and x.shape[0] and x.shape[1] != want:
+        by = f"the width of {inferred[name]}" if name in inferred else "the configured width"
+        raise bad(name, f"feature dim {x.shape[1]} differs from {want}, {by}: one batch cannot hold both")
     longest = self.cfg.feature_buckets[-1]
     for name, n in (("video", rec.n_video), ("audio", rec.n_audio)):
       if n > longest:
-        raise schema.BadRecordError(f"{n} rows exceed the largest feature bucket {longest}", source=where,
-                                    record=rec.id, field=name)
+        raise bad(name, f"{n} rows exceed the largest feature bucket {longest}")
     return rec
 
   def _prompt(self, rec: schema.ClipRecord, mode: str, where: str) -> np.ndarray:
@@ -201,6 +288,11 @@ class MakeExample:
     else:
       ex.update(mode=self.cfg.mode, prompt=self._prompt(rec, self.cfg.mode, where))
       self._fits(len(ex["prompt"]), rec, where, "prompt")
+    if self.cfg.kind != "sft" and rec.position_ids is not None and rec.position_ids.shape[1] > len(ex["prompt"]):
+      # The ids are placed on the prompt tokens (tokens past them continue as text): more ids than tokens means
+      # the record was preprocessed with another template or tokenizer.
+      raise schema.BadRecordError(f"position_ids cover {rec.position_ids.shape[1]} tokens, the prompt has "
+                                  f"{len(ex['prompt'])}", source=where, record=rec.id, field="position_ids")
     return ex
 
 
@@ -232,9 +324,9 @@ def _mrope(recs, masks: np.ndarray) -> np.ndarray | None:
   for i, (rec, m) in enumerate(zip(recs, masks)):
     cols = np.flatnonzero(m)
     p = rec.position_ids
-    if p.shape[1] > len(cols):
+    if p.shape[1] > len(cols):  # MakeExample checks this per record; kept as a guard for direct callers
       raise schema.BadRecordError(f"position_ids cover {p.shape[1]} tokens, the prompt has {len(cols)}",
-                                  record=rec.id, field="position_ids")
+                                  source="batch", record=rec.id, field="position_ids")
     extra = np.arange(1, len(cols) - p.shape[1] + 1, dtype=np.int32) + (p.max() if p.size else -1)
     out[:, i, cols] = np.concatenate([p, np.broadcast_to(extra, (3, len(extra)))], axis=1)
   return out
@@ -256,7 +348,7 @@ class Collate:
              "example_mask": np.asarray([True] * len(recs) + [False] * n_pad)}
     for name, want in (("video", cfg.video_dim), ("audio", cfg.audio_dim)):
       dims = {getattr(r, name).shape[1] for r in recs if getattr(r, name).shape[0]}
-      if len(dims) > 1:
+      if len(dims) > 1:  # MakeExample checks widths per record; kept as a guard for direct callers
         raise schema.BadRecordError(f"feature widths {sorted(dims)} differ within one batch",
                                     source="batch", record=",".join(r.id for r in recs), field=name)
       dim = dims.pop() if dims else (want or 0)
@@ -273,7 +365,11 @@ class Collate:
       col = {w: j for j, w in enumerate(cfg.label_vocab)}
       multihot = np.zeros((cfg.batch_size, len(col)), bool)
       for i, r in enumerate(recs):
-        multihot[i, [col[w] for w in r.openset if w in col]] = True
+        outside = [w for w in r.openset if w not in col]
+        if outside:  # MakeExample rejects these records first; never drop a label silently
+          raise schema.BadRecordError(f"label words {outside} are not in the closed label_vocab", source="batch",
+                                      record=r.id, field="openset")
+        multihot[i, [col[w] for w in r.openset]] = True
       batch["label_multihot"] = multihot
     if cfg.kind == "sft":
       self._sft(batch, real, n_pad)
@@ -305,12 +401,30 @@ class Collate:
                  mode=np.asarray([e["mode"] for e in real] + [""] * n_pad))
 
 
-def shard_indices(indices: np.ndarray, shard_index: int, shard_count: int, *, drop_remainder: bool) -> np.ndarray:
-  """This process's disjoint, equal-sized share. Without drop_remainder the short shards are padded with
-  _PAD_INDEX rows (masked in the batch), so every process runs the same number of eval steps."""
-  per = len(indices) // shard_count if drop_remainder else -(-len(indices) // shard_count)
-  mine = indices[shard_index::shard_count][:per]
-  return np.concatenate([mine, np.full(per - len(mine), _PAD_INDEX, indices.dtype)])
+def shard_records(records: np.ndarray, shard_index: int, shard_count: int, *, fill: str) -> tuple[np.ndarray, int]:
+  """This process's share of `records` (dealt round-robin) and how many rows were added to even the shares out.
+
+  Every share has ceil(n / shard_count) rows, so all processes run the same number of steps. fill="pad" tops
+  the short shares up with _PAD_INDEX rows (masked in the batch): every record appears exactly once over all
+  shares (eval). fill="wrap" tops them up with records from the start of the list: every record appears at
+  least once, with fewer than shard_count extra rows over all shares (training). Nothing is dropped either way.
+  """
+  if fill not in ("pad", "wrap"):
+    raise ValueError(f"fill={fill!r}; expected 'pad' or 'wrap'")
+  n = len(records)
+  per = -(-n // shard_count)
+  if fill == "pad" or n == 0:
+    extended = np.concatenate([records, np.full(per * shard_count - n, _PAD_INDEX, records.dtype)])
+  else:
+    extended = np.resize(records, per * shard_count)  # cyclic: the first records get a second row
+  n_fill = int((np.arange(shard_index, per * shard_count, shard_count) >= n).sum())  # rows past the n records
+  return extended[shard_index::shard_count], n_fill
+
+
+def expand_modes(records: np.ndarray, n_modes: int) -> np.ndarray:
+  """Record indices -> example indices r * n_modes + m, each record's modes side by side (padding stays pad)."""
+  ex = (records[:, None] * n_modes + np.arange(n_modes)[None, :]).reshape(-1)
+  return np.where(np.repeat(records, n_modes) == _PAD_INDEX, _PAD_INDEX, ex)
 
 
 @dataclasses.dataclass
@@ -319,17 +433,20 @@ class Pipeline:
   bad: schema.BadRecordLog  # skipped records (on_bad_record="skip"); count 0 under "raise"
   n_examples: int  # examples in this process's shard for one epoch (padding rows excluded)
   steps_per_epoch: int
+  n_padding: int = 0  # masked eval rows added to this shard so all shards are equally long
+  n_repeated: int = 0  # training examples added to this shard (records seen twice per epoch), same reason
+  n_dropped: int = 0  # examples lost to the last partial batch (finite num_epochs with drop_remainder)
 
   def __iter__(self):
     return iter(self.dataset)
 
 
 def scan(make: MakeExample, policy: str, log: schema.BadRecordLog) -> np.ndarray:
-  """The example indices to use: all of them under 'raise' (errors surface lazily, naming the record), or
+  """The RECORD indices to use: all of them under 'raise' (errors surface lazily, naming the record), or
   under 'skip' those of the records whose examples all build; each bad record is counted and logged once."""
   n = make.n_modes
   if policy == "raise":
-    return np.arange(len(make), dtype=np.int64)
+    return np.arange(len(make.source), dtype=np.int64)
   good = []
   for r in range(len(make.source)):
     try:
@@ -338,19 +455,26 @@ def scan(make: MakeExample, policy: str, log: schema.BadRecordLog) -> np.ndarray
     except schema.BadRecordError as err:
       log.add(err)
     else:
-      good.extend(range(r * n, r * n + n))
+      good.append(r)
   return np.asarray(good, np.int64)
 
 
 def build(source: RecordSource, tokenizer, cfg: PipelineConfig) -> Pipeline:
   """The Grain pipeline for `cfg.kind` over `source` (see the module docstring for the batch layout)."""
   cfg.validate()
-  make = MakeExample(source, tokenizer, cfg)
+  make = MakeExample(source, tokenizer, cfg, dims=reference_dims(source, cfg))
   bad = schema.BadRecordLog()
-  indices = scan(make, cfg.on_bad_record, bad)
+  records = scan(make, cfg.on_bad_record, bad)
   if bad.count:
     _log.warning("pipeline over %d records: %s", len(source), bad.summary())
-  mine = shard_indices(indices, cfg.shard_index, cfg.shard_count, drop_remainder=cfg.drop_remainder)
+  mine_records, n_fill = shard_records(records, cfg.shard_index, cfg.shard_count,
+                                       fill="wrap" if cfg.drop_remainder else "pad")
+  mine = expand_modes(mine_records, make.n_modes)
+  n_fill *= make.n_modes
+  if n_fill:
+    what = "repeated records" if cfg.drop_remainder else "masked padding rows"
+    _log.info("shard %d/%d: %d records do not divide over %d processes; %d %s added to this shard",
+              cfg.shard_index, cfg.shard_count, len(records), cfg.shard_count, n_fill, what)
   ds = grain.MapDataset.source(mine)
   if cfg.shuffle:
     ds = ds.shuffle(seed=cfg.seed)
@@ -368,4 +492,12 @@ def build(source: RecordSource, tokenizer, cfg: PipelineConfig) -> Pipeline:
                                                            per_worker_buffer_size=cfg.worker_buffer_size))
   n_real = int((mine != _PAD_INDEX).sum())
   steps = len(mine) // cfg.batch_size if cfg.drop_remainder else -(-len(mine) // cfg.batch_size)
-  return Pipeline(dataset=it_ds, bad=bad, n_examples=n_real, steps_per_epoch=steps)
+  n_dropped = 0
+  if cfg.drop_remainder and cfg.num_epochs is not None:
+    n_dropped = (len(mine) * cfg.num_epochs) % cfg.batch_size
+    if n_dropped:
+      _log.info("shard %d/%d: drop_remainder drops the last %d examples of %d epoch(s)", cfg.shard_index,
+                cfg.shard_count, n_dropped, cfg.num_epochs)
+  return Pipeline(dataset=it_ds, bad=bad, n_examples=n_real, steps_per_epoch=steps,
+                  n_padding=0 if cfg.drop_remainder else n_fill, n_repeated=n_fill if cfg.drop_remainder else 0,
+                  n_dropped=n_dropped)

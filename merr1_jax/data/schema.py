@@ -45,7 +45,8 @@ _DTYPES = {
     "float32": np.dtype(np.float32),
     "int32": np.dtype(np.int32),
 }
-_FEATURE_DTYPES = ("float16", "bfloat16", "float32")
+FEATURE_DTYPES = ("float16", "bfloat16", "float32")
+FEATURE_NUMPY_DTYPES = {name: _DTYPES[name] for name in FEATURE_DTYPES}
 
 _log = logging.getLogger(__name__)
 
@@ -204,8 +205,8 @@ def check(rec: ClipRecord, *, video_dim: int | None, audio_dim: int | None,
     x = getattr(rec, name)
     if x.ndim != 2:
       raise bad(name, f"expected a 2-D [T, D] array, got shape {x.shape}")
-    if x.dtype.name not in _FEATURE_DTYPES:
-      raise bad(name, f"dtype {x.dtype} is not one of {_FEATURE_DTYPES}")
+    if x.dtype.name not in FEATURE_DTYPES:
+      raise bad(name, f"dtype {x.dtype} is not one of {FEATURE_DTYPES}")
     if want_dim is not None and x.shape[1] != want_dim:
       raise bad(name, f"feature dim {x.shape[1]} differs from the configured {want_dim}")
     finite = np.isfinite(x.astype(np.float32))

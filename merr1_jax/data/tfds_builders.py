@@ -4,9 +4,12 @@
   mer_features  a directory of records written by preprocessing: `{records_dir}/{split}/*.rec`, one
                 `schema.to_bytes` record per file.
   mer_manual    the field's label files, placed by hand in `manual_dir` (labels.py reads them). One builder
-                config per dataset (MER2023, MELD, CMU-MOSI, OV-MERD+, ...). Optional extras in manual_dir:
-                `subtitle_chieng.csv` (subtitles, English column) and `features/{name}.npz` (arrays `video`
-                [Tv, Dv], `audio` [Ta, Da]); without features a record is label-only (zero feature rows).
+                config per dataset (MER2023, MELD, CMU-MOSI, OV-MERD+, ...), naming the file and, for the
+                MERTools npz files, the corpus of the test split (MER2023/2024: `test1_corpus`, MELD:
+                `test_corpus`; docs/data.md lists the layouts and how to convert the pickled originals).
+                Optional extras in manual_dir: `subtitle_chieng.csv` (subtitles, English column) and
+                `features/{name}.npz` (arrays `video` [Tv, Dv], `audio` [Ta, Da]); without features a record is
+                label-only (zero feature rows).
 
 Each TFDS example is `{"id": str, "record": bytes}`: the record is the schema's portable msgpack, so TFDS only
 stores and indexes it and there is one record format in the project. Read back with
@@ -16,6 +19,9 @@ pipeline's record source, which names the ArrayRecord file and record on every f
 Bad input at build time follows `on_bad_record`: "raise" fails naming the file; "skip" leaves the item out,
 counts it in `builder.bad` (a schema.BadRecordLog, which logs it) and stores the count and the first messages
 in the dataset's metadata (`builder.info.metadata["bad_records"]`), so skips stay visible after the build.
+A clip id seen twice in one split (within a label file, across the files of a glob, or across `.rec` files) is
+such a bad item, named with both places; the second one is the one left out. (TFDS itself would fail on the
+duplicate key with an unrelated error.)
 """
 
 from __future__ import annotations
@@ -67,6 +73,15 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _example(rec: schema.ClipRecord) -> tuple[str, dict]:
     return rec.id, {"id": rec.id, "record": schema.to_bytes(rec)}
 
+  def _unique(self, seen: dict[str, str], rec_id: str, where: str) -> bool:
+    """False (after raising or counting it) when `rec_id` was already written to this split."""
+    if rec_id in seen:
+      self._bad(schema.BadRecordError(f"duplicate clip id {rec_id!r}; first seen in {seen[rec_id]}", source=where,
+                                      record=rec_id, field="id"))
+      return False
+    seen[rec_id] = where
+    return True
+
 
 @dataclasses.dataclass
 class MerSynthConfig(tfds.core.BuilderConfig):
@@ -117,13 +132,17 @@ class MerFeatures(_RecordBuilder):
     return {s: self._generate_examples(os.path.join(self.records_dir, s)) for s in splits}
 
   def _generate_examples(self, folder: str):
+    seen: dict[str, str] = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.rec"))):
       with open(path, "rb") as f:
         data = f.read()
       try:
-        yield self._example(schema.from_bytes(data, source=path))
+        rec = schema.from_bytes(data, source=path)
       except schema.BadRecordError as err:
         self._bad(err)
+        continue
+      if self._unique(seen, rec.id, path):
+        yield self._example(rec)
 
 
 @dataclasses.dataclass
@@ -134,8 +153,8 @@ class MerManualConfig(tfds.core.BuilderConfig):
   classes: tuple[str, ...] | None = None  # onehot_npz with integer labels
 
 
-def _manual(name, reader, file, classes=None, description=""):
-  return MerManualConfig(name=name, reader=reader, files={"test": (file, None)}, classes=classes,
+def _manual(name, reader, file, classes=None, description="", corpus=None):
+  return MerManualConfig(name=name, reader=reader, files={"test": (file, corpus)}, classes=classes,
                          description=description)
 
 
@@ -144,13 +163,18 @@ class MerManual(_RecordBuilder):
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Place the dataset's label file in manual_dir under the name the builder config lists (e.g. label-6way.npz,
-  label.npz, label.csv), converted to the safe layouts in merr1_jax/data/labels.py (no pickles). Optional:
-  subtitle_chieng.csv (name,english) and features/{name}.npz (arrays video, audio).
+  label.npz, label.csv), converted to the safe layouts of docs/data.md ("manual_dir layouts"; no pickles: the
+  MERTools npz files must be converted once, in your own trusted environment, with the command given there).
+  Optional: subtitle_chieng.csv (name,english) and features/{name}.npz (arrays video, audio).
   """
   BUILDER_CONFIGS = [
-      _manual("mer2023", "onehot_npz", "label-6way.npz", labels.ONEHOT_CLASSES["mer2023"], "MER2023, HIT"),
-      _manual("mer2024", "onehot_npz", "label-6way.npz", labels.ONEHOT_CLASSES["mer2024"], "MER2024, HIT"),
-      _manual("meld", "onehot_npz", "label.npz", labels.ONEHOT_CLASSES["meld"], "MELD, HIT"),
+      # MER-UniBench's MER2023/2024 test sets are MERTools' `test1_corpus`, MELD's is `test_corpus`; the reader
+      # also takes the plain arrays of a file converted for that corpus alone.
+      _manual("mer2023", "onehot_npz", "label-6way.npz", labels.ONEHOT_CLASSES["mer2023"], "MER2023, HIT",
+              corpus="test1_corpus"),
+      _manual("mer2024", "onehot_npz", "label-6way.npz", labels.ONEHOT_CLASSES["mer2024"], "MER2024, HIT",
+              corpus="test1_corpus"),
+      _manual("meld", "onehot_npz", "label.npz", labels.ONEHOT_CLASSES["meld"], "MELD, HIT", corpus="test_corpus"),
       _manual("iemocap4", "onehot_npz", "label.npz", labels.ONEHOT_CLASSES["iemocap4"], "IEMOCAP-4, HIT"),
       _manual("mosi", "valence", "label.csv", description="CMU-MOSI, WAF"),
       _manual("mosei", "valence", "label.csv", description="CMU-MOSEI, WAF"),
@@ -189,19 +213,23 @@ class MerManual(_RecordBuilder):
     subtitle_file = os.path.join(manual_dir, "subtitle_chieng.csv")
     subtitles = labels.read_subtitles_csv(subtitle_file) if os.path.isfile(subtitle_file) else {}
     feature_dir = os.path.join(manual_dir, "features")
+    seen: dict[str, str] = {}
     for path in paths:
       anns = self._read(path, corpus)
       if self.bad.count:  # readers count row skips in self.bad; mirror them into the metadata
         self.info.metadata["bad_records"] = {"count": self.bad.count, "by_field": dict(self.bad.by_field),
                                              "examples": list(self.bad.examples)}
       for ann in anns:
+        if not self._unique(seen, ann.id, path):  # within one file the reader already refused duplicates
+          continue
+        feature_path = os.path.join(feature_dir, f"{ann.id}.npz")
         try:
           video, audio = _load_features(feature_dir, ann.id) if os.path.isdir(feature_dir) else (None, None)
+          rec = labels.to_record(ann, dataset=self.builder_config.name, video=video, audio=audio,
+                                 subtitle=subtitles.get(ann.id, ann.subtitle), source=feature_path)
         except schema.BadRecordError as err:
           self._bad(err)
           continue
-        rec = labels.to_record(ann, dataset=self.builder_config.name, video=video, audio=audio,
-                               subtitle=subtitles.get(ann.id, ann.subtitle))
         yield self._example(rec)
 
 

