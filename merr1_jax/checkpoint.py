@@ -17,7 +17,7 @@ donated to the next step at once); the write and the atomic rename of ``<step>.o
 
 API:
   Checkpointer(directory, *, save_every, keep, async_save=True, config_json=None, force=False,
-               ignore_keys=DEFAULT_IGNORE_KEYS)
+               ignore_keys=DEFAULT_IGNORE_KEYS, force_hint="force=True")
     .latest_step() -> int | None          .all_steps() -> list[int]
     .should_save(step) -> bool            (step % save_every == 0)
     .save(step, state, *, data_iter=None, rng=None, extra=None, force=False) -> bool  (False: not saved)
@@ -30,6 +30,7 @@ API:
     .any_process_requested() (the flag OR-ed over processes; a collective: every process must call it)
   export_hf(params, model_config, out_dir, *, overwrite=False, **save_hf_kwargs) -> list[str]
   abstract_with_shardings(state, shardings) -> ShapeDtypeStruct pytree carrying the shardings
+  write_text_atomic(path, text): a small file (results, configs) written aside and renamed into place
 
 Multi-host: every process constructs the Checkpointer and calls save / restore / export_hf (orbax and the
 gathers are collective); only process 0 writes the JSON and the HF files, each process its own data position.
@@ -37,6 +38,7 @@ gathers are collective); only process 0 writes the JSON and the HF files, each p
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -69,12 +71,13 @@ class IncompatibleCheckpointError(ValueError):
   """The directory's checkpoints were written under a config that differs on fields that give the state its
   meaning. ``differences`` lists (dotted key, stored value, current value); a missing key shows as '<absent>'."""
 
-  def __init__(self, directory: str, step: int, differences: list[tuple[str, Any, Any]]):
+  def __init__(self, directory: str, step: int, differences: list[tuple[str, Any, Any]],
+               force_hint: str = "force=True"):
     self.directory, self.step, self.differences = directory, step, differences
     lines = "; ".join(f"{k}: stored {s!r}, now {n!r}" for k, s, n in differences)
     super().__init__(
         f"checkpoints in {directory} (latest step {step}) were saved with a different config: {lines}. "
-        "Use a fresh directory, or pass force=True to resume with the new values.")
+        f"Use a fresh directory, or pass {force_hint} to resume with the new values.")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -189,6 +192,24 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to a temp file in `path`'s directory, flushes it to disk and renames it over `path`: a
+  reader (or a crash) sees the old file or the new one, never half of one."""
+  path = os.fspath(path)
+  # Named by the process (not mkstemp, whose files are private to the owner): the file gets the usual mode.
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
 # ---------------------------------------------------------------------------------------------------- rng
 
 
@@ -218,11 +239,11 @@ def _rng_from_json(d: Mapping[str, Any]) -> jax.Array:
 class Checkpointer:
   """Saves and restores (state, data position, rng, extra, config) under one directory; see the module
   docstring. Opening a directory with checkpoints compares configs and raises IncompatibleCheckpointError
-  (unless force=True)."""
+  (unless force=True); `force_hint` is how the error tells the user to force (the trainer: its flag)."""
 
   def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int, async_save: bool = True,
                config_json: str | None = None, force: bool = False,
-               ignore_keys: Iterable[str] = DEFAULT_IGNORE_KEYS):
+               ignore_keys: Iterable[str] = DEFAULT_IGNORE_KEYS, force_hint: str = "force=True"):
     if save_every < 1 or keep < 1:
       raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1")
     self.directory = os.path.abspath(os.fspath(directory))
@@ -230,6 +251,7 @@ class Checkpointer:
     self.config = _parse_config(config_json)
     self.ignore_keys = frozenset(ignore_keys)
     self.async_save = bool(async_save)
+    self.force_hint = force_hint
     options = ocp.CheckpointManagerOptions(
         max_to_keep=self.keep, save_interval_steps=1,  # when to save is decided here (should_save / force)
         enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
@@ -277,10 +299,10 @@ class Checkpointer:
     diffs = config_differences(stored, self.config, self.ignore_keys)
     if not diffs:
       return
-    err = IncompatibleCheckpointError(self.directory, step, diffs)
+    err = IncompatibleCheckpointError(self.directory, step, diffs, self.force_hint)
     if not force:
       raise err
-    _log.warning("force=True, resuming anyway: %s", err)
+    _log.warning("resuming anyway (forced): %s", err)
 
   # -- save / restore
 

@@ -48,8 +48,9 @@ class RLSettings:
   weights: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=lambda: {
       "slow": {"recall": 1.0, "precision": 1.0, "format": 0.1, "calibration": 0.5},
       "fast": {"recall": 1.0, "precision": 1.0, "format": 0.1, "calibration": 0.0}})
-  calibration: str = "contrastive_gain"  # | 'none'
-  cal_tau: float = 1.0
+  calibration: str = "contrastive_gain"  # 'none' | a name in rl.CALIBRATIONS ('contrastive_gain', 'fast_prior_kl')
+  cal_tau: float = 1.0  # contrastive_gain: r_cal = tanh(gain / tau)
+  cal_alpha: float = 1.0  # fast_prior_kl: the GT tilt exp(+-alpha) of the fast prior
   num_anchors: int = 6
   with_reference: bool = True
   prompt_buckets: tuple[int, ...] = rollout.PROMPT_BUCKETS  # few buckets = few compiled shapes
@@ -89,8 +90,12 @@ def _answer_tokens(completion: np.ndarray, length: int, ids: rollout.SpecialIds)
 
 def calibration_rewards(ctx: Context, params, inputs: base.ModelInputs, slow: rollout.Rollout,
                         gt_BxKxC: np.ndarray, format_ok_B: np.ndarray, tau: float, num_anchors: int,
-                        buckets=rollout.PROMPT_BUCKETS) -> np.ndarray:
-  """r_cal of each slow completion (method.md E3 steps 1-5); 0 for malformed ones or answers without anchors."""
+                        buckets=rollout.PROMPT_BUCKETS, *, kind: str = "contrastive_gain",
+                        alpha: float = 1.0) -> np.ndarray:
+  """r_cal of each slow completion (method.md E3 steps 1-5, 7); 0 for malformed ones or answers without anchors.
+
+  ``kind`` names the reward in ``rl.CALIBRATIONS`` that turns the slow and fast log-masses into r_cal.
+  """
   anchors = ctx.ids.anchors(num_anchors)
   kw = dict(token_sets=ctx.token_sets, anchors=anchors, mesh=ctx.mesh, axis_rules=ctx.axis_rules)
   s_slow = rollout.score(ctx.model, params, slow, **kw)
@@ -104,8 +109,8 @@ def calibration_rewards(ctx: Context, params, inputs: base.ModelInputs, slow: ro
   logmass_slow, logmass_fast, mask = sharding.to_host(
       (s_slow.logmass, s_fast.logmass, s_slow.anchor_mask & s_fast.anchor_mask))
   gt = jnp.asarray(gt_BxKxC)
-  r_cal = rl.calibration_gain(jnp.asarray(logmass_slow), jnp.asarray(logmass_fast), jnp.asarray(mask), gt,
-                              gt.any(-1), tau, cluster_mask=ctx.cluster_mask)
+  r_cal = rl.calibration_reward(kind, jnp.asarray(logmass_slow), jnp.asarray(logmass_fast), jnp.asarray(mask), gt,
+                                gt.any(-1), cluster_mask=ctx.cluster_mask, tau=tau, alpha=alpha)
   return np.where(format_ok_B, np.asarray(r_cal), 0.0)
 
 
@@ -118,8 +123,8 @@ def _full_sequences(ro: rollout.Rollout, ref_logp: np.ndarray | None) -> dict[st
   t = comp_mask.shape[1]
   nxt = np.asarray(rollout.next_positions(np.asarray(p.positions), np.asarray(p.mask)))
   if np.ndim(p.positions) == 3:
-    cpos = rep(nxt, 1)[..., None] + np.arange(t)[None, None]
-    positions = np.concatenate([rep(p.positions, 1), np.where(comp_mask[None], cpos, 0)], axis=2)
+    cpos = np.where(comp_mask, rep(nxt)[:, None] + np.arange(t)[None], 0)  # all 3 M-RoPE axes continue as text
+    positions = np.concatenate([rep(p.positions, 1), np.broadcast_to(cpos[None], (3, *cpos.shape))], axis=2)
   else:
     cpos = rep(nxt)[:, None] + np.arange(t)[None]
     positions = np.concatenate([rep(p.positions), np.where(comp_mask, cpos, 0)], axis=1)
@@ -237,11 +242,11 @@ def collect(ctx: Context, settings: RLSettings, params, ref_params, batch: Mappi
   r = np.asarray(rewards.compute_rewards(["recall", "precision", "format"], rewards.RewardInputs.from_scored(scored)))
   r_cal = np.zeros(b, np.float32)
   is_slow = mode_of_row == "slow"
-  if settings.calibration == "contrastive_gain" and settings.n_slow:
+  if settings.calibration != "none" and settings.n_slow:
     rows = order["slow"]
     r_cal[rows] = calibration_rewards(ctx, params, inputs, ros["slow"], scored.gt_BxKxC[rows],
                                       scored.format_ok_B[rows], settings.cal_tau, settings.num_anchors,
-                                      settings.prompt_buckets)
+                                      settings.prompt_buckets, kind=settings.calibration, alpha=settings.cal_alpha)
   rewards_BxO = np.concatenate([r, r_cal[:, None]], axis=1).astype(np.float32)
   valid = scored.valid_B
   valid_BxO = np.stack([valid, valid, valid, valid & is_slow & (settings.calibration != "none")], axis=1)
@@ -256,6 +261,7 @@ def collect(ctx: Context, settings: RLSettings, params, ref_params, batch: Mappi
       advantages=adv.astype(np.float32),
       old_logp=None,  # mu = 1: the ratio is taken against stop_gradient(current log-probs), method.md E4
       ref_logp=seq.get("ref_logp"),
+      mode_ids=(mode_of_row == "fast").astype(np.int32),  # StepConfig.mode_names: 0 slow, 1 fast
       loss_start=min(ro.prompt.tokens.shape[1] for ro in ros.values()) - 1,  # completions start at a bucket
   )
   metrics = _metrics(settings, ros, rewards_BxO, scored, mode_of_row, adv, order)

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from merr1_jax import checkpoint
+
 
 def _scalar(v) -> float | int:
   v = np.asarray(v)
@@ -40,9 +42,7 @@ class MetricsWriter:
       return
     keep = [line for line in self.path.read_text().splitlines()
             if line.strip() and not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > step)]
-    tmp = self.path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, self.path)
+    checkpoint.write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
   def write(self, stage: str, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

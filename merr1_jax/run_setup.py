@@ -1,8 +1,9 @@
 """Builds everything a training run needs from the config, so that train.py can stay the loop only.
 
-`setup(config, workdir)` validates the config (before anything is built), starts jax.distributed when several
-hosts run, builds or loads the tokenizer, prepares the dataset, builds the model, the mesh and the shardings,
-and returns a `Run` holding them with small helpers (pipelines, device placement, checkpointers).
+`setup(config, workdir)` starts jax.distributed when several hosts run, validates the config and checks it
+against the workdir's checkpoints (both before anything is built or compiled: `check_resume`), then builds or
+loads the tokenizer, prepares the dataset, builds the model, the mesh and the shardings, and returns a `Run`
+holding them with small helpers (pipelines, device placement, checkpointers).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Run:
         drop_remainder=kind != "eval", video_dim=self.model.config.video_dim or None,
         audio_dim=self.model.config.audio_dim or None, on_bad_record=c.data.on_bad_record,
         worker_count=c.data.worker_count,
-        label_vocab=synth.EMOTIONS if c.data.name == "mer_synth" else None,
+        label_vocab=synth.EMOTIONS if c.data.name == "mer_synth" else None, wheel_format=c.eval.format_version,
         prompt_buckets=tuple(c.data.prompt_buckets), **overrides)
     return pipeline.build(self.sources[split], self.tokenizer, pcfg)
 
@@ -106,21 +107,13 @@ class Run:
         n_slow=r.n_slow, n_fast=r.n_fast, max_new_tokens={"slow": r.max_new_tokens_slow,
                                                           "fast": r.max_new_tokens_fast},
         method=method, disentangle=r.disentangle, scale=r.scale, adv_eps=r.adv_eps, adv_ddof=r.adv_ddof,
-        group=r.group, weights=weights, calibration=r.calibration, cal_tau=r.cal_tau, num_anchors=r.num_anchors,
+        group=r.group, weights=weights, calibration=r.calibration, cal_tau=r.cal_tau, cal_alpha=r.cal_alpha,
+        num_anchors=r.num_anchors,
         with_reference=r.beta > 0, prompt_buckets=tuple(self.config.data.prompt_buckets))
 
   # ------------------------------------------------------------------------------------ checkpoints
   def checkpointer(self, stage: str) -> checkpoint.Checkpointer:
-    c = self.config.checkpoint
-    # Fields that do not change what a stage's checkpoint means: where/how output is written, evaluation, the
-    # resume policy itself, and (for SFT) everything about the later RL stage.
-    ignore = set(checkpoint.DEFAULT_IGNORE_KEYS) | {"workdir", "resume", "log", "eval", "checkpoint",
-                                                    "data.worker_count", "data.data_dir", "mesh.coordinator"}
-    if stage == "sft":
-      ignore |= {"rl", "stages"}
-    return checkpoint.Checkpointer(self.workdir / "checkpoints" / stage, save_every=c.every, keep=c.keep,
-                                   async_save=c.async_save, config_json=cfglib.to_json(self.config),
-                                   force=self.config.resume == "force", ignore_keys=frozenset(ignore))
+    return open_checkpointer(self.config, self.workdir, stage)
 
   def stage_done(self, stage: str) -> bool:
     """A stage is done when its final checkpoint and its evaluation exist."""
@@ -161,9 +154,41 @@ class Run:
     self.writer.close()
 
 
+def open_checkpointer(config, workdir: pathlib.Path, stage: str) -> checkpoint.Checkpointer:
+  """The stage's Checkpointer; opening it compares the stored config with `config` (IncompatibleCheckpointError
+  unless config.resume == 'force')."""
+  c = config.checkpoint
+  # Fields that do not change what a stage's checkpoint means: where/how output is written, evaluation, the
+  # resume policy itself, the mesh (restore reshards onto the current one), and (for SFT) everything about the
+  # later RL stage.
+  ignore = set(checkpoint.DEFAULT_IGNORE_KEYS) | {"workdir", "resume", "log", "eval", "checkpoint", "mesh",
+                                                  "data.worker_count", "data.data_dir"}
+  if stage == "sft":
+    ignore |= {"rl", "stages"}
+  return checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints" / stage, save_every=c.every, keep=c.keep,
+                                 async_save=c.async_save, config_json=cfglib.to_json(config),
+                                 force=config.resume == "force", ignore_keys=frozenset(ignore),
+                                 force_hint="--config.resume=force")
+
+
+def check_resume(config, workdir: pathlib.Path) -> None:
+  """Refuses, before anything is built or compiled, a workdir whose checkpoints of a configured stage were saved
+  under an incompatible config (ConfigError naming the fields), or any checkpoint under resume='never'."""
+  root = pathlib.Path(workdir) / "checkpoints"
+  if config.resume == "never" and root.exists() and any(root.iterdir()):
+    raise cfglib.ConfigError(f"config.resume='never' but {root} holds checkpoints; use another workdir")
+  for stage in config.stages:
+    if not (root / stage).is_dir():
+      continue
+    try:
+      open_checkpointer(config, workdir, stage).close()
+    except checkpoint.IncompatibleCheckpointError as e:
+      raise cfglib.ConfigError(f"config.resume: {e}") from e
+
+
 def _tokenizer(config, workdir: pathlib.Path, synth_cfg: synth.SynthConfig):
-  if config.data.tokenizer_dir:
-    return toklib.load_hf(config.data.tokenizer_dir)
+  if cfglib.tokenizer_dir(config):
+    return toklib.load_hf(cfglib.tokenizer_dir(config))
   path = workdir / "tokenizer.json"
   if path.exists():
     return toklib.load(path)
@@ -200,15 +225,14 @@ def _sources(config, workdir: pathlib.Path, synth_cfg: synth.SynthConfig) -> dic
 
 
 def setup(config, workdir) -> Run:
-  """Validates, then builds the run. Raises ConfigError before anything heavy happens."""
+  """Validates and checks the workdir, then builds the run. Raises ConfigError before anything is compiled."""
   sharding.init_distributed(config.mesh.coordinator or None)
-  cfglib.validate(config, jax.device_count())
+  cfglib.validate(config, jax.device_count(), cfglib.local_device_memory_gb())
   workdir = pathlib.Path(workdir)
-  if config.resume == "never" and (workdir / "checkpoints").exists():
-    raise cfglib.ConfigError(f"config.resume='never' but {workdir}/checkpoints exists; use another workdir")
+  check_resume(config, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
+    checkpoint.write_text_atomic(workdir / "config.json", json.dumps(config.to_dict(), indent=1, default=str))
   synth_cfg = synth.SynthConfig(n_train=config.data.synth_train, n_validation=config.data.synth_validation,
                                 n_test=config.data.synth_test, noise=config.data.synth_noise)
   tok = _tokenizer(config, workdir, synth_cfg)
@@ -217,10 +241,7 @@ def setup(config, workdir) -> Run:
                                          audio_token_id=tok.id_of(prompts.AUDIO_TOKEN)))
   mesh = sharding.make_mesh(config.mesh.shape)
   axis_rules = dict(config.mesh.axis_rules)
-  if config.data.name == "mer_synth":
-    space = rewards.LabelSpace.emotion_wheel(config.eval.format_version)
-  else:
-    space = rewards.LabelSpace.emotion_wheel(config.eval.format_version)
+  space = rewards.LabelSpace.emotion_wheel(config.eval.format_version)  # OV emotion wheels, for both datasets
   token_sets = rewards.category_token_sets(space, tok.encode, model.config.vocab_size)
   ctx = experience.Context(model=model, tokenizer=tok, ids=rollout.SpecialIds.from_tokenizer(tok), space=space,
                            token_sets=jnp.asarray(token_sets), cluster_mask=jnp.asarray(space.cluster_mask()),

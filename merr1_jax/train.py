@@ -8,6 +8,10 @@ jitted update (merr1_jax/train_step.py). Evaluation in both modes runs after eac
 Outputs in WORKDIR: metrics.jsonl, tb/ (TensorBoard), checkpoints/, eval_<stage>.json, plots/*.png,
 results.md, results.json ({"sft": {"fast": {"precision", "recall", "f"}, "slow": ...}, "rl": ...}) and export/
 (the final policy as HF safetensors).
+
+Bad input (a config field, a config-file argument, an override, an incompatible workdir) ends the run before
+anything is compiled with one line `error: <field>: <what is wrong>` on stderr and exit status 2; anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
+import sys
 import time
 
 import jax
@@ -32,6 +38,7 @@ from merr1_jax.run_setup import Run, setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/base.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+flags.mark_flag_as_required("config")
 _log = logging.getLogger("merr1_jax.train")
 
 
@@ -45,9 +52,8 @@ def _eval(run: Run, params, stage: str, step: int) -> dict:
           if isinstance(v, (int, float))}
   run.writer.write(f"eval_{stage}", step, flat)
   if jax.process_index() == 0:
-    tmp = run.workdir / f"eval_{stage}.json.tmp"
-    tmp.write_text(json.dumps({"step": step, "summary": summary, "analysis": analysis}, indent=1, default=float))
-    os.replace(tmp, run.workdir / f"eval_{stage}.json")
+    checkpoint.write_text_atomic(run.workdir / f"eval_{stage}.json", json.dumps(
+        {"step": step, "summary": summary, "analysis": analysis}, indent=1, default=float))
   return {"summary": summary, "analysis": analysis}
 
 
@@ -59,8 +65,10 @@ def _fault_injection(ckpt, stage: str, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt, guard) -> tuple[object, bool]:
-  """Runs `step_fn(state, batch, step) -> (state, metrics)` until `steps`; returns (state, preempted)."""
+def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt, guard,
+                rng=None) -> tuple[object, bool]:
+  """Runs `step_fn(state, batch, step) -> (state, metrics)` until `steps`; returns (state, preempted). Each
+  checkpoint stores the stage's rng key `rng` (None: the stage draws no random numbers)."""
   start = int(state.step)
   bar = observe.progress(steps, start, stage, run.config.log.progress)
   t_data = time.perf_counter()
@@ -78,7 +86,7 @@ def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt,
     # Agreed over all processes: a signal may reach them at different steps, and saving is collective.
     stop = guard.any_process_requested()
     if ckpt.should_save(step) or step == steps or stop:
-      ckpt.save(step, state, data_iter=batches, extra={"stage": stage}, force=True)
+      ckpt.save(step, state, data_iter=batches, rng=rng, extra={"stage": stage}, force=True)
       _fault_injection(ckpt, stage, step)
     if stage == "rl" and run.config.eval.every and step % run.config.eval.every == 0 and step < steps:
       _eval(run, state.params, f"rl_step{step}", step)
@@ -91,14 +99,15 @@ def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt,
 
 
 def _restore(run: Run, ckpt, state, batches, stage: str):
+  """(state, rng) of the latest checkpoint, the data iterator moved to its position; (state, None) if none."""
   latest = ckpt.latest_step()
   if latest is None:
-    return state
+    return state, None
   abstract = checkpoint.abstract_with_shardings(state, run.state_shardings(state))
-  state, _, _ = ckpt.restore(latest, abstract, data_iter=batches)
+  state, rng, _ = ckpt.restore(latest, abstract, data_iter=batches)
   run.writer.truncate_after(stage, latest)
   _log.info("%s: resumed from step %d", stage, latest)
-  return state
+  return state, rng
 
 
 def run_sft(run: Run, params, guard):
@@ -108,7 +117,7 @@ def run_sft(run: Run, params, guard):
   step = ts.make_sft_step(run.model, tx, cfglib.step_config(cfg, "sft"), state_shardings=run.state_shardings(state))
   batches = iter(run.pipeline("sft"))
   ckpt = run.checkpointer("sft")
-  state = _restore(run, ckpt, state, batches, "sft")
+  state, _ = _restore(run, ckpt, state, batches, "sft")  # SFT draws no random numbers: no rng to carry
 
   def sft_step(state, batch, i):
     state, metrics = step(state, run.to_device(run.sft_batch(batch)))
@@ -128,14 +137,16 @@ def run_rl(run: Run, params, guard):
   step = ts.make_rl_step(run.model, tx, cfglib.step_config(cfg, "rl"), state_shardings=run.state_shardings(state))
   batches = iter(run.pipeline("rl"))
   ckpt = run.checkpointer("rl")
-  state = _restore(run, ckpt, state, batches, "rl")
+  state, saved_key = _restore(run, ckpt, state, batches, "rl")
   settings = run.rl_settings()
-  base_key = jax.random.key(cfg.seed + 1)
+  # The stage's key: a fresh run derives it from the seed, a resumed one takes the checkpoint's (saved with
+  # every checkpoint), so resuming never depends on re-deriving it.
+  base_key = jax.random.key(cfg.seed + 1) if saved_key is None else saved_key
 
   def rl_step(state, batch, i):
     t0 = time.perf_counter()
     ref = ts.reference_params(state) if with_ref else None
-    # The step key depends only on (seed, step): a resumed run draws the same rollouts.
+    # Step i's key is fold_in(stage key, i): a resumed run draws the same rollouts as an uninterrupted one.
     rl_batch, metrics, _ = experience.collect(run.ctx, settings, state.params, ref, batch,
                                               jax.random.fold_in(base_key, i))
     t1 = time.perf_counter()
@@ -148,7 +159,7 @@ def run_rl(run: Run, params, guard):
                     "time/tokens_per_s": tokens / max(t2 - t0, 1e-9)})
     return state, metrics
 
-  state, preempted = _stage_loop(run, "rl", state, cfg.rl.steps, rl_step, batches, ckpt, guard)
+  state, preempted = _stage_loop(run, "rl", state, cfg.rl.steps, rl_step, batches, ckpt, guard, rng=base_key)
   ckpt.close()
   return state.params, preempted
 
@@ -182,10 +193,10 @@ def _write_results(run: Run, evals: dict[str, dict]) -> dict:
   results = {stage: {mode: {k: float(v[k]) for k in ("precision", "recall", "f")}
                      for mode, v in ev["summary"][data].items()} for stage, ev in evals.items()}
   if jax.process_index() == 0:
-    (run.workdir / "results.json").write_text(json.dumps(results, indent=1))
+    checkpoint.write_text_atomic(run.workdir / "results.json", json.dumps(results, indent=1))
     md = (f"# MER-R1 results ({data}, {run.config.data.eval_split} split, OV emotion-wheel level 1, "
           f"fractions x 100)\n\n{_results_table(results)}\n\nFast vs slow:\n{_gap_lines(evals, data)}\n")
-    (run.workdir / "results.md").write_text(md)
+    checkpoint.write_text_atomic(run.workdir / "results.md", md)
     print("\n" + md)
   return results
 
@@ -219,17 +230,89 @@ def train(config, workdir: str) -> dict:
   return results
 
 
+# ------------------------------------------------------------------------------------------ command line
+
+
+def _usage_error(msg: str):
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _missing_override(argv: list[str]) -> str | None:
+  """The first `--config.a.b=v` of argv whose path the loaded config does not have, or None."""
+  config = flags.FLAGS["config"].value
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    node, path = config, arg[len("--config."):].partition("=")[0]
+    for part in path.split("."):
+      if not hasattr(node, "keys") or part not in node.keys():
+        return arg
+      node = node[part]
+  return None
+
+
+def _flag_error(e: BaseException, argv: list[str]) -> str | None:
+  """The one-line message for a flag-parsing failure caused by bad input, or None for anything else (a bug,
+  which keeps its traceback)."""
+  chain = []
+  while e is not None and e not in chain:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  config_errors = [x for x in chain if isinstance(x, cfglib.ConfigError)]
+  if config_errors:  # raised by the config file's get_config(arg); the deepest one carries the plain message
+    return str(config_errors[-1])
+  for x in chain:  # ml_collections could not read the config file (it reports this when the config is used)
+    why = re.search(r"\[Errno \d+\] (.+)", str(x)) if isinstance(x, OSError) else None
+    if why and "Failed loading config file" in str(x):
+      return f"--config: {why.group(1)}"
+  if isinstance(chain[0], (AttributeError, KeyError)):  # ml_collections: an override of a field that is not there
+    bad = _missing_override(argv)
+    if bad is None:
+      return None
+    hint = re.search(r'Did you mean "([^"]+)"', str(chain[0]))
+    return (f"{bad}: the config has no field {bad[len('--config.'):].partition('=')[0]!r}"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+  if isinstance(chain[0], flags.Error) and "Traceback" not in str(chain[0]):
+    return str(chain[0])  # e.g. "flag --config.rl.beta=abc: could not convert string to float: 'abc'"
+  return None
+
+
+def _missing_config_file() -> str | None:
+  spec = getattr(flags.FLAGS["config"], "_config_filename", None)  # set once --config is parsed
+  path = (spec or "").partition(":")[0]
+  return f"--config: config file {path} does not exist" if spec and not os.path.isfile(path) else None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with bad input reported as one `error:` line (exit 2) instead of a traceback."""
+  try:
+    rest = flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - re-raised unless it is bad input
+    msg = _missing_config_file() or _flag_error(e, argv)
+    if msg is None:
+      raise
+    _usage_error(msg)
+  msg = _missing_config_file()
+  if msg:
+    _usage_error(msg)
+  return rest
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
-    raise app.UsageError("--workdir is required (or set --config.workdir)")
+    _usage_error("--workdir is required (or set --config.workdir)")
   # Library chatter (orbax, absl, TFDS) at WARNING; the trainer's own progress at INFO.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("merr1_jax").setLevel(logging.INFO)
-  train(config, workdir)
+  try:
+    train(config, workdir)
+  except cfglib.ConfigError as e:  # validate() or the workdir check: before anything was compiled
+    _usage_error(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

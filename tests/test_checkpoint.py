@@ -181,6 +181,38 @@ def test_save_every_keep_and_latest_step(tmp_path):
     checkpoint.Checkpointer(tmp_path / "x", save_every=0, keep=1)
 
 
+def test_incompatible_config_error_says_how_to_force(tmp_path):
+  ck = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config_json=json.dumps({"rl": {"beta": 0.04}}))
+  ck.save(1, {"w": jnp.zeros(2)})
+  ck.close()
+  now = json.dumps({"rl": {"beta": 0.1}})
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"or pass force=True to resume"):
+    checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config_json=now)
+  # The trainer names its own flag.
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"or pass --config\.resume=force to resume"):
+    checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config_json=now, force_hint="--config.resume=force")
+
+
+def test_write_text_atomic_replaces_whole_files_only(tmp_path, monkeypatch):
+  path = tmp_path / "results.json"
+  checkpoint.write_text_atomic(path, "old")
+  assert path.read_text() == "old" and os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
+  # A failure before the rename leaves the old file whole, and no temp file behind.
+  monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+  with pytest.raises(OSError, match="disk gone"):
+    checkpoint.write_text_atomic(path, "new")
+  monkeypatch.undo()
+  assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+  checkpoint.write_text_atomic(path, "new")
+  assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def test_incompatible_config_names_the_field(tmp_path):
   stored = {"model": {"d_model": 64, "heads": [4, 2]}, "rl": {"beta": 0.04}, "workdir": "/a", "log_every": 10}
   ck = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config_json=json.dumps(stored))

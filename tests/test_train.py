@@ -1,35 +1,62 @@
 """The trainer end to end on configs/smoke.py, in subprocesses: no network, exact resume after SIGKILL,
-SIGTERM preemption, config validation and incompatible-checkpoint refusal."""
+SIGTERM preemption, observability (JSONL and TensorBoard), the command line's errors, config validation and
+incompatible-checkpoint refusal."""
 
 import json
+import math
 import os
 import pathlib
+import re
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from merr1_jax import config as cfglib
+from merr1_jax import run_setup
+from merr1_jax.models import mllm, presets
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.py")
+BASE = str(ROOT / "configs" / "base.py")
 
-# Installed into the child's sys.path: any connection to a non-loopback address fails and is recorded.
+# Installed as the child's sitecustomize: it records that it loaded (the canary), then refuses and records every
+# name lookup of, and connection to, a host that is not this machine.
 _NO_NETWORK = '''
 import os, socket
+with open(os.environ["MERR1_GUARD_MARK"], "a") as f:
+    f.write(f"{os.getpid()}\\n")
 _log = os.environ["MERR1_NETLOG"]
-_orig = socket.socket.connect
-def _guard(self, address):
-    host = address[0] if isinstance(address, tuple) else str(address)
-    if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
-        with open(_log, "a") as f:
-            f.write(repr(address) + "\\n")
-        raise OSError("network disabled by the test")
-    return _orig(self, address)
-socket.socket.connect = _guard
-socket.create_connection = lambda *a, **k: (_ for _ in ()).throw(OSError("network disabled by the test"))
+_LOCAL = {None, "", "localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname()}
+def _refuse(what):
+    with open(_log, "a") as f:
+        f.write(what + "\\n")
+    raise OSError(f"network disabled by the test: {what}")
+def _name(host):
+    return host.decode() if isinstance(host, bytes) else host
+def _wrap_connect(orig):
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and _name(address[0]) not in _LOCAL:
+            _refuse(f"connect {address!r}")
+        return orig(self, address)
+    return connect
+def _wrap_lookup(orig):
+    def lookup(host, *args, **kwargs):
+        if _name(host) not in _LOCAL:
+            _refuse(f"{orig.__name__} {host!r}")
+        return orig(host, *args, **kwargs)
+    return lookup
+socket.socket.connect = _wrap_connect(socket.socket.connect)
+socket.socket.connect_ex = _wrap_connect(socket.socket.connect_ex)
+for _f in ("getaddrinfo", "gethostbyname", "gethostbyname_ex"):
+    setattr(socket, _f, _wrap_lookup(getattr(socket, _f)))
 '''
 
 
@@ -40,58 +67,165 @@ def _env(tmp: pathlib.Path, **extra) -> dict:
   (guard / "sitecustomize.py").write_text(_NO_NETWORK)
   env.update(
       PYTHONPATH=os.pathsep.join([str(guard), str(ROOT)]), MERR1_NETLOG=str(tmp / "net.log"),
-      HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-      **extra)
+      MERR1_GUARD_MARK=str(tmp / "guard.mark"), HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1",
+      JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", **extra)
   return env
 
 
-def _train(workdir, tmp, *overrides, env_extra=None, wait=True):
-  cmd = [sys.executable, "-m", "merr1_jax.train", "--config", SMOKE, "--workdir", str(workdir), *overrides]
+def _train(workdir, tmp, *overrides, env_extra=None, wait=True, config=SMOKE):
+  """(returncode, output, pid), or the Popen when wait=False."""
+  cmd = [sys.executable, "-m", "merr1_jax.train", "--config", config, "--workdir", str(workdir), *overrides]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp, **(env_extra or {})), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   if not wait:
     return proc
   out, _ = proc.communicate(timeout=600)
-  return proc.returncode, out
+  return proc.returncode, out, proc.pid
 
 
-def _rl_rows(workdir):
+def _rows(workdir, stage="rl"):
+  """The stage's JSONL rows in file order, without the wall-clock `time/*` keys."""
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: {k: v for k, v in r.items() if not k.startswith("time/")} for r in rows if r["stage"] == "rl"}
+  return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows if r["stage"] == stage]
+
+
+def _ckpt_state(stage_dir: pathlib.Path, step: int) -> dict:
+  """A saved train state as {leaf path: numpy array}, read straight from the orbax files (no target)."""
+  tree = ocp.StandardCheckpointer().restore(stage_dir / str(step) / "state")
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _ckpt_meta(stage_dir: pathlib.Path, step: int) -> dict:
+  return json.loads((stage_dir / str(step) / "meta" / "metadata").read_text())
+
+
+def _tb_scalars(tb_dir: pathlib.Path) -> dict[str, dict[int, float]]:
+  """tag -> {step: value} from the TFRecord-framed event files (u64 length, u32 crc, Event proto, u32 crc)."""
+  from tensorboardX.proto import event_pb2  # noqa: PLC0415
+
+  out: dict[str, dict[int, float]] = {}
+  for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, {})[event.step] = v.simple_value
+  return out
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-  """One uninterrupted smoke run with the network disabled and a clean HF_HOME."""
+  """One uninterrupted smoke run with the network disabled, a clean HF_HOME and TensorBoard on."""
   tmp = tmp_path_factory.mktemp("ref")
-  rc, out = _train(tmp / "w", tmp)
+  rc, out, pid = _train(tmp / "w", tmp, "--config.log.tensorboard=True")
   assert rc == 0, out[-4000:]
-  return tmp
+  return tmp, pid
+
+
+def test_network_guard_refuses_lookups_and_connections_in_the_child(tmp_path):
+  """The guard the smoke run relies on: loaded in a child with that environment, it refuses (and records) a
+  name lookup, a connection by name and a connection by non-loopback address."""
+  code = ("import socket\n"
+          "for f in (lambda: socket.getaddrinfo('pypi.org', 443), "
+          "lambda: socket.create_connection(('huggingface.co', 443), timeout=5), "
+          "lambda: socket.socket().connect(('192.0.2.1', 80))):\n"
+          "  try:\n    f()\n  except OSError as e:\n    print(e)\n  else:\n    print('CONNECTED')\n")
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert out.count("network disabled by the test") == 3 and "CONNECTED" not in out, out
+  logged = (tmp_path / "net.log").read_text().splitlines()
+  assert [line.split()[0] for line in logged] == ["getaddrinfo", "getaddrinfo", "connect"], logged
+  assert (tmp_path / "guard.mark").read_text().split() == [str(proc.pid)]  # the canary of that process
 
 
 def test_smoke_run_needs_no_network(reference_run):
-  w = reference_run / "w"
-  assert not (reference_run / "net.log").exists(), (reference_run / "net.log").read_text()
+  tmp, pid = reference_run
+  w = tmp / "w"
+  # The canary: the trainer process itself loaded the guard (else the empty net.log would prove nothing).
+  assert str(pid) in (tmp / "guard.mark").read_text().split()
+  assert not (tmp / "net.log").exists(), (tmp / "net.log").read_text()
+  assert not any((tmp / "hf_home").glob("**/*"))  # nothing cached from the Hub either
   results = json.loads((w / "results.json").read_text())
   for stage in ("sft", "rl"):
     for mode in ("fast", "slow"):
       assert set(results[stage][mode]) == {"precision", "recall", "f"}
       assert all(0.0 <= v <= 1.0 for v in results[stage][mode].values())
-  assert sorted(_rl_rows(w)) == [1, 2, 3]
+  assert [r["step"] for r in _rows(w)] == [1, 2, 3]
   assert (w / "export" / "config.json").exists() and (w / "results.md").exists()
   assert (w / "plots" / "rl.png").read_bytes()[:4] == b"\x89PNG"
+  assert not list(w.glob(".*.tmp"))  # the atomic writes left no temp files behind
+
+
+# The scalar families issue 7 asks for, as the trainer names them (experience.py and train_step.py).
+_RL_FAMILIES = {
+    "reward components per mode": [f"reward/{m}/{o}" for m in ("slow", "fast") for o in ("recall", "precision",
+                                                                                         "format")]
+                                   + ["reward/slow/calibration"],
+    "P/R/F of fast and slow rollouts": [f"reward/{m}/{o}" for m in ("slow", "fast")
+                                        for o in ("precision", "recall", "f1")],
+    "advantage stats": ["adv_mean", "adv_std", "adv_min", "adv_max", "adv/slow/mean", "adv/fast/mean"],
+    "KL": ["kl"],
+    "clip fractions": ["clip_frac_low", "clip_frac_high"],
+    "entropy": ["entropy"],
+    "lengths": ["length/slow/mean", "length/fast/mean"],
+    "time split": ["time/rollout", "time/scoring", "time/update", "time/data"],
+    "tokens/s": ["time/tokens_per_s"],
+}
+
+
+def test_jsonl_and_tensorboard_hold_the_issue_scalars(reference_run):
+  w = reference_run[0] / "w"
+  rows = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+  rl_rows = [r for r in rows if r["stage"] == "rl"]
+  assert [r["step"] for r in rl_rows] == [1, 2, 3]
+  for family, keys in _RL_FAMILIES.items():
+    for row in rl_rows:
+      missing = [k for k in keys if k not in row]
+      assert not missing, (family, missing)
+      assert all(math.isfinite(row[k]) for k in keys), family
+  for row in rl_rows:
+    assert all(row[k] >= 0 for k in ("time/rollout", "time/scoring", "time/update", "time/data"))
+    assert row["time/tokens_per_s"] > 0 and 0 <= row["clip_frac_low"] <= 1 and row["kl"] >= -1e-6
+  assert {r["step"] for r in rows if r["stage"] == "sft"} == {1, 2} and all("loss" in r for r in rows
+                                                                           if r["stage"] == "sft")
+  # TensorBoard: the same scalars, under "<stage>/<key>", one point per logged step, equal to the JSONL's.
+  tb = _tb_scalars(w / "tb")
+  for key in sorted({k for keys in _RL_FAMILIES.values() for k in keys}):
+    assert sorted(tb.get(f"rl/{key}", {})) == [1, 2, 3], key
+    for row in rl_rows:
+      assert tb[f"rl/{key}"][row["step"]] == pytest.approx(row[key], rel=1e-6, abs=1e-30), key
+  assert sorted(tb["sft/loss"]) == [1, 2]
+  assert any(tag.startswith("eval_rl/") for tag in tb)
 
 
 def test_resume_after_sigkill_is_bit_identical(reference_run, tmp_path):
+  ref = reference_run[0] / "w"
   w = tmp_path / "w"
-  rc, out = _train(w, tmp_path, env_extra={"MERR1_SIGKILL_AT": "rl:1"})
+  rc, out, _ = _train(w, tmp_path, env_extra={"MERR1_SIGKILL_AT": "rl:1"})
   assert rc == -signal.SIGKILL, out[-3000:]
-  assert sorted(_rl_rows(w)) == [1]
-  rc, out = _train(w, tmp_path)
+  assert [r["step"] for r in _rows(w)] == [1]
+  # The checkpoint carries the stage's rng key (seed 0: RL's key is key(seed + 1)), exactly.
+  rng = _ckpt_meta(w / "checkpoints" / "rl", 1)["rng"]
+  assert rng is not None and rng["data"] == np.asarray(jax.random.key_data(jax.random.key(1))).tolist()
+  rc, out, _ = _train(w, tmp_path)
   assert rc == 0, out[-4000:]
-  ref = reference_run / "w"
-  assert _rl_rows(w)[2] == _rl_rows(ref)[2] and _rl_rows(w)[3] == _rl_rows(ref)[3]
+  assert "rl: resumed from step 1" in out
+  rows, ref_rows = _rows(w), _rows(ref)
+  assert [r["step"] for r in rows] == [1, 2, 3]  # one row per step: the resumed run dropped nothing, added none
+  assert rows[1:] == ref_rows[1:]
+  # The final train state, read back from both runs' checkpoints: parameters, AdamW state, step, reference.
+  for step in (2, 3):
+    got, want = _ckpt_state(w / "checkpoints" / "rl", step), _ckpt_state(ref / "checkpoints" / "rl", step)
+    assert got.keys() == want.keys()
+    assert any("params" in k for k in got) and any("opt_state" in k and "mu" in k for k in got)
+    for k in want:
+      assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), (step, k)
+    assert _ckpt_meta(w / "checkpoints" / "rl", step)["rng"] == _ckpt_meta(ref / "checkpoints" / "rl", step)["rng"]
   files = sorted(p.name for p in (ref / "export").glob("*.safetensors"))
   assert files
   for name in files:  # float32 export of the final policy: bit-identical
@@ -100,82 +234,318 @@ def test_resume_after_sigkill_is_bit_identical(reference_run, tmp_path):
 
 def test_sigterm_checkpoints_and_exits_zero_then_continues(tmp_path):
   w = tmp_path / "w"
-  proc = _train(w, tmp_path, "--config.rl.steps=40", wait=False)
+  # No cadence saves before step 40: a checkpoint below 40 can only come from the SIGTERM.
+  over = ("--config.rl.steps=40", "--config.checkpoint.every=1000")
+  proc = _train(w, tmp_path, *over, wait=False)
   deadline = time.time() + 400
   while time.time() < deadline and proc.poll() is None:
     if (w / "metrics.jsonl").exists() and '"stage": "rl"' in (w / "metrics.jsonl").read_text():
       break
     time.sleep(0.2)
+  assert proc.poll() is None, "the run ended before the test could signal it"
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
+  assert "preempted (SIGTERM)" in out
+  stopped = _rows(w)[-1]["step"]
   saved = sorted(int(p.name) for p in (w / "checkpoints" / "rl").iterdir() if p.name.isdigit())
-  assert saved and saved[-1] < 40
+  assert saved == [stopped] and stopped < 40, (saved, stopped)
   assert not (w / "results.json").exists()
-  rc, out = _train(w, tmp_path, "--config.rl.steps=40")
+  rc, out, _ = _train(w, tmp_path, *over)
   assert rc == 0, out[-3000:]
-  assert sorted(_rl_rows(w)) == list(range(1, 41))
+  assert f"rl: resumed from step {stopped}" in out
+  assert [r["step"] for r in _rows(w)] == list(range(1, 41))
 
 
 def test_incompatible_checkpoint_is_refused_unless_forced(reference_run, tmp_path):
-  import shutil
   w = tmp_path / "w"
-  shutil.copytree(reference_run / "w", w)
-  rc, out = _train(w, tmp_path, "--config.rl.beta=0.5")
-  assert rc != 0 and "rl.beta" in out, out[-3000:]
-  rc, out = _train(w, tmp_path, "--config.rl.beta=0.5", "--config.resume=force")
+  shutil.copytree(reference_run[0] / "w", w)
+  saved_config = (w / "config.json").read_bytes()
+  rc, out, _ = _train(w, tmp_path, "--config.rl.beta=0.5")
+  assert rc == 2, out[-3000:]
+  error = [line for line in out.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and "Traceback" not in out, out[-3000:]
+  assert "rl.beta: stored 0.04, now 0.5" in error[0] and "--config.resume=force" in error[0], error
+  # Refused before the setup built anything: no dataset opened, and the workdir's config left as it was.
+  assert "dataset_builder" not in out and (w / "config.json").read_bytes() == saved_config
+  rc, out, _ = _train(w, tmp_path, "--config.rl.beta=0.5", "--config.resume=force")
   assert rc == 0, out[-3000:]
+
+
+@pytest.mark.parametrize("change,field", [(lambda c: setattr(c.rl, "beta", 0.5), "rl.beta: stored 0.04, now 0.5"),
+                                          (lambda c: setattr(c.sft, "learning_rate", 0.5), "sft.learning_rate")])
+def test_incompatible_workdir_is_refused_before_anything_is_built(reference_run, tmp_path, monkeypatch, change,
+                                                                  field):
+  """In process, with jax.jit, the tokenizer, the dataset and the model builder made to fail: the workdir check
+  of setup() runs before any of them, for the SFT and the RL checkpoints."""
+  w = tmp_path / "w"
+  shutil.copytree(reference_run[0] / "w" / "checkpoints", w / "checkpoints")
+  config = _smoke()
+  config.mesh.shape = (1, 1, -1)  # whatever the devices in this process (the mesh is not part of the check)
+  change(config)
+
+  def built(*args, **kwargs):
+    raise AssertionError("something was built or compiled before the workdir check")
+
+  monkeypatch.setattr(jax, "jit", built)
+  monkeypatch.setattr(run_setup, "_tokenizer", built)
+  monkeypatch.setattr(run_setup, "_sources", built)
+  monkeypatch.setattr(run_setup.mllm, "build", built)
+  with pytest.raises(cfglib.ConfigError) as e:
+    run_setup.setup(config, w)
+  assert field in str(e.value) and "--config.resume=force" in str(e.value), str(e.value)
+  assert not (w / "config.json").exists()
+
+
+_CRASHING_CONFIG = '''
+def get_config(arg=None):
+  raise RuntimeError("a bug in the config file")
+'''
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--config", SMOKE + ":model=gpt5"], "unknown model preset 'gpt5'"),
+    (["--config", SMOKE + ":mesh=v9"], "config arg mesh=v9: unknown mesh preset"),
+    (["--config", SMOKE, "--config.mesh.shape=(3,1,1)"], "config.mesh.shape: mesh shape (3, 1, 1) needs 3 devices"),
+    (["--config", SMOKE, "--config.rl.betta=0.1"], "--config.rl.betta=0.1: the config has no field 'rl.betta' "
+                                                   "(did you mean 'beta'?)"),
+    (["--config", SMOKE, "--config.rl.beta=abc"], "flag --config.rl.beta=abc: could not convert"),
+    (["--config", SMOKE, "--config.log.every=0"], "config.log.every: must be an int >= 1, got 0"),
+    (["--config", str(ROOT / "configs" / "nope.py")], "does not exist"),
+])
+def test_command_line_errors_are_one_line_and_exit_2(tmp_path, args, expect):
+  proc = subprocess.run([sys.executable, "-m", "merr1_jax.train", *args, "--workdir", str(tmp_path / "w")],
+                        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and expect in last, proc.stderr[-3000:]
+  assert not (tmp_path / "w").exists()  # nothing was written
+
+
+def test_a_crash_in_a_config_file_keeps_its_traceback(tmp_path):
+  bad = tmp_path / "crash.py"
+  bad.write_text(_CRASHING_CONFIG)
+  proc = subprocess.run([sys.executable, "-m", "merr1_jax.train", "--config", str(bad), "--workdir",
+                         str(tmp_path / "w")], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode not in (0, 2) and "Traceback" in proc.stderr and "a bug in the config file" in proc.stderr
+  assert "error: " not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- validate
 
 
 def _smoke():
   return cfglib.load(SMOKE)
 
 
+def _set(c, dotted, value):
+  *parents, leaf = dotted.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
 @pytest.mark.parametrize(
-    "change,field",
+    "field,value,message",
     [
-        (lambda c: setattr(c.model, "preset", "gpt5"), "model.preset"),
-        (lambda c: setattr(c.rl, "micro_batches", 3), "rl.micro_batches"),
-        (lambda c: setattr(c.rl, "n_slow", 1) or setattr(c.rl, "n_fast", 0), "rl.n_slow"),
-        (lambda c: setattr(c.rl, "aggregation", "mean"), "rl.aggregation"),
-        (lambda c: setattr(c.mesh, "shape", (3, 1, 1)), "mesh.shape"),
-        (lambda c: setattr(c.rl, "prompts_per_step", 3) or setattr(c.mesh, "shape", (2, 1, 1)),
-         "rl.prompts_per_step"),
-        (lambda c: setattr(c, "resume", "maybe"), "resume"),
-        (lambda c: setattr(c.data, "name", "mer_features"), "data.records_dir"),
+        ("model.preset", "gpt5", "config.model.preset: 'gpt5'"),
+        ("rl.micro_batches", 3, "config.rl.micro_batches: the RL batch of 8 rows"),
+        ("rl.aggregation", "mean", "config.rl.aggregation: 'mean'"),
+        ("mesh.shape", (3, 1, 1), "config.mesh.shape: mesh shape (3, 1, 1) needs 3 devices but 2"),
+        ("resume", "maybe", "config.resume: 'maybe'"),
+        ("data.name", "mer_features", "config.data.records_dir"),
+        # Typo-class values the audit found passing (each used to fail later, or never).
+        ("log.every", 0, "config.log.every: must be an int >= 1, got 0"),
+        ("checkpoint.export_dtype", "fp16", "config.checkpoint.export_dtype: 'fp16'"),
+        ("data.synth_test", 0, "config.data.synth_test: must be an int >= 1, got 0"),
+        ("eval.batch_size", 0, "config.eval.batch_size: must be an int >= 1, got 0"),
+        ("sft.steps", -1, "config.sft.steps: must be an int >= 1, got -1"),
+        ("eval.every", -5, "config.eval.every: must be an int >= 0, got -5"),
+        ("data.prompt_buckets", (), "config.data.prompt_buckets: (): need a non-empty"),
+        ("data.prompt_buckets", (128, 96), "config.data.prompt_buckets"),
+        ("rl.top_p", 1.5, "config.rl.top_p: must be a finite number > 0.0 and <= 1.0, got 1.5"),
+        ("rl.temperature", 0.0, "config.rl.temperature"),
+        ("rl.dual_clip", 0.5, "config.rl.dual_clip: must be 0 (off) or a number > 1"),
+        ("rl.eps_low", 1.0, "config.rl.eps_low"),
+        ("rl.adv_ddof", 2, "config.rl.adv_ddof: 2"),
+        ("rl.freeze", ("(unclosed",), "config.rl.freeze: '(unclosed' is not a valid regex"),
+        ("optim.b2", 1.0, "config.optim.b2"),
+        ("optim.schedule", "linear", "config.optim.schedule: 'linear'"),
+        ("mesh.axis_rules", {"embed": "fsdpp"}, "config.mesh.axis_rules: 'embed' -> 'fsdpp'"),
+        ("mesh.coordinator", "10.0.0.1", "config.mesh.coordinator: '10.0.0.1': expected host:port"),
+        ("eval.format_version", "2024", "config.eval.format_version: '2024'"),
+        ("eval.batch_size", 3, "config.eval.batch_size: 3 rows do not divide over the mesh's 2 batch shards"),
+        ("data.tokenizer_dir", "/nonexistent/tokenizer", "config.data.tokenizer_dir: '/nonexistent/tokenizer' is "
+                                                         "not a directory"),
+        ("model.num_layers", 0, "config.model: ModelConfig.num_layers"),
+        ("model.param_dtype", "fp8", "config.model: ModelConfig.param_dtype"),
     ],
 )
-def test_bad_configs_fail_before_anything_is_built(change, field):
+def test_bad_configs_fail_before_anything_is_built(field, value, message):
   c = _smoke()
-  change(c)
-  with pytest.raises(cfglib.ConfigError, match=field.replace(".", r"\.")):
+  if field == "mesh.axis_rules":
+    c.mesh.axis_rules.embed = value["embed"]
+  else:
+    _set(c, field, value)
+  with pytest.raises(cfglib.ConfigError) as e:
     cfglib.validate(c, num_devices=2)
+  assert message in str(e.value), str(e.value)
+
+
+def test_cross_field_checks():
+  c = _smoke()
+  c.rl.n_slow, c.rl.n_fast = 1, 0
+  with pytest.raises(cfglib.ConfigError, match=r"config\.rl\.n_slow: need n_slow \+ n_fast >= 2"):
+    cfglib.validate(c)
+  c = _smoke()
+  c.rl.prompts_per_step, c.mesh.shape = 3, (2, 1, 1)
+  with pytest.raises(cfglib.ConfigError, match=r"config\.rl\.prompts_per_step: 3 rows do not divide"):
+    cfglib.validate(c, num_devices=2)
+  c = _smoke()
+  c.rl.n_slow, c.rl.calibration = 0, "contrastive_gain"
+  with pytest.raises(cfglib.ConfigError, match=r"config\.rl\.calibration: contrastive_gain needs slow rollouts"):
+    cfglib.validate(c)
+
+
+def _leaves(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict) and k != "axis_rules":
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def test_every_field_has_a_rule():
+  """Systematic: every field outside `model` (which ModelConfig checks) is checked by validate."""
+  fields = {k for k, _ in _leaves(_smoke().to_dict()) if not k.startswith("model.") or k in ("model.preset",
+                                                                                            "model.hf_path")}
+  assert fields == set(cfglib._FIELD_RULES), fields ^ set(cfglib._FIELD_RULES)
+
+
+# Fields with no typo-class value: any path (only used when written to / read), and an empty tuple of regexes or
+# of axis rules is valid.
+_FREE_FIELDS = {"workdir", "data.data_dir", "data.records_dir", "rl.freeze", "mesh.axis_rules"}
+
+
+@pytest.mark.parametrize("field", sorted(set(cfglib._FIELD_RULES) - _FREE_FIELDS))
+def test_every_field_refuses_a_typo_class_value(field):
+  """Per field, a value of its own type that no run can use: -10**6 for ints, NaN for floats, 'bogus' for
+  strings, () for tuples. Each must fail validate() with a message that names the field."""
+  c = _smoke()
+  default = dict(_leaves(c.to_dict()))[field]
+  # Booleans: ConfigDict refuses other types, but not None.
+  bad = None if isinstance(default, bool) else {int: -10**6, float: float("nan"), str: "bogus", tuple: ()}[
+      type(default)]
+  _set(c, field, bad)
+  with pytest.raises(cfglib.ConfigError, match=f"^config\\.{field.replace('.', '[.]')}: "):
+    cfglib.validate(c, num_devices=1)
+
+
+@pytest.mark.parametrize("field", sorted(cfglib._FIELD_RULES))
+def test_every_field_refuses_none(field):
+  """ConfigDict lets any field be set to None (`--config.rl.steps=None` too); no field accepts it."""
+  c = _smoke()
+  _set(c, field, None)
+  with pytest.raises(cfglib.ConfigError, match=f"^config\\.{field.replace('.', '[.]')}: "):
+    cfglib.validate(c, num_devices=1)
 
 
 def test_unknown_preset_in_config_arg():
-  with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
+  with pytest.raises(cfglib.ConfigError, match="unknown model preset 'gpt5'"):
     cfglib.load(SMOKE + ":model=gpt5")
-  with pytest.raises(ValueError, match="expected model=PRESET"):
+  with pytest.raises(cfglib.ConfigError, match="expected model=PRESET, data=NAME or mesh=NAME"):
     cfglib.load(SMOKE + ":foo=bar")
+  with pytest.raises(cfglib.ConfigError, match="config arg data=mer: unknown dataset"):
+    cfglib.load(SMOKE + ":data=mer")
 
 
 def test_config_typos_fail_loudly(tmp_path):
   out = subprocess.run([sys.executable, "-m", "merr1_jax.train", "--config", SMOKE, "--workdir", str(tmp_path),
                         "--config.rl.betta=0.1"], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
-                       timeout=120)
-  assert out.returncode != 0 and "betta" in out.stderr + out.stdout
+                       timeout=300)
+  assert out.returncode == 2 and "betta" in out.stderr
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_default_config_validates():
-  cfglib.validate(cfglib.load(str(ROOT / "configs" / "base.py")), num_devices=1)
-  cfglib.validate(cfglib.load(str(ROOT / "configs" / "base.py") + ":model=qwen2_5_omni_7b_thinker"), 8)
+def test_default_config_validates(tmp_path):
+  cfglib.validate(cfglib.load(BASE), num_devices=1, device_memory_gb=16.0)
+  real = cfglib.load(BASE + ":model=qwen2_5_omni_7b_thinker")
+  real.model.hf_path = str(tmp_path)
+  assert tuple(real.mesh.shape) == (1, -1, 1)  # a real model shards its parameters by default
+  assert cfglib.tokenizer_dir(real) == str(tmp_path)  # and reads its tokenizer from the checkpoint
+  cfglib.validate(real, 8, 80.0)
+
+
+# ------------------------------------------------------------------------------------ recipes and memory
+
+
+def test_param_count_matches_the_models_abstract_parameters():
+  for name, kw in (("tiny", {"vocab_size": 1024}), ("qwen2_5_omni_7b_thinker", {}),
+                   ("qwen2_5_omni_3b_thinker", {})):
+    mc = presets.get(name, **kw)
+    leaves = jax.tree.leaves(mllm.build(mc).abstract_params())
+    assert cfglib.param_count(mc) == sum(int(np.prod(x.shape)) for x in leaves), name
+
+
+def test_state_memory_estimate_is_the_scaling_doc_arithmetic():
+  """docs/scaling.md, per parameter: bf16 weights 2 B + AdamW moments 2 x 2 B + a gradient 2 B (+ 4 B float32
+  accumulators with micro-batches) + the bf16 reference 2 B."""
+  mc = presets.get("qwen2_5_omni_7b_thinker")
+  n = cfglib.param_count(mc)
+  gb = lambda m, **kw: cfglib.state_gb_per_device(m, **kw)  # noqa: E731
+  assert gb(mc, with_reference=True, micro_batches=1, model_shards=1) == pytest.approx(n * 10 / 1e9)
+  assert gb(mc, with_reference=True, micro_batches=8, model_shards=8) == pytest.approx(n * 14 / 8e9)
+  assert gb(mc, with_reference=False, micro_batches=1, model_shards=8) == pytest.approx(n * 8 / 8e9)
+  assert gb(mc.replace(param_dtype="float32"), with_reference=True, micro_batches=1,
+            model_shards=4) == pytest.approx(n * 18 / 4e9)
+
+
+@pytest.mark.parametrize("mesh,devices,shape,memory", [("gpu8", 8, (1, 8, 1), 80.0), ("v5p8", 4, (1, 4, 1), 95.0),
+                                                       ("v4_32", 16, (1, 16, 1), 32.0)])
+def test_mesh_presets_fit_the_7b_thinker(tmp_path, mesh, devices, shape, memory):
+  c = cfglib.load(f"{BASE}:model=qwen2_5_omni_7b_thinker,data=mer_features,mesh={mesh}")
+  c.model.hf_path = c.data.records_dir = str(tmp_path)
+  assert tuple(c.mesh.shape) == shape and c.mesh.device_memory_gb == memory
+  cfglib.validate(c, devices)
+  with pytest.raises(cfglib.ConfigError, match=rf"config\.mesh\.shape: mesh shape {re.escape(str(shape))} needs "
+                                               rf"{devices} devices but {devices * 2}"):
+    cfglib.validate(c, devices * 2)
+
+
+def test_replicating_a_real_model_that_cannot_fit_is_refused(tmp_path):
+  c = cfglib.load(f"{BASE}:model=qwen2_5_omni_7b_thinker")
+  c.model.hf_path = str(tmp_path)
+  c.mesh.shape = (-1, 1, 1)  # the embedded default: every device holds the whole train state
+  # The RL state of the real recipe: 7.62e9 x 14 B (8 micro-batches: float32 accumulators) = 106.6 GB.
+  with pytest.raises(cfglib.ConfigError, match=r"config\.mesh\.shape: mesh \(8, 1, 1\) splits the parameters 1 "
+                                               r"way\(s\): the rl train state .*needs 106\.6 GB per device.*80 GB"):
+    cfglib.validate(c, 8, 80.0)
+  c.rl.micro_batches = 1  # no accumulators: 7.62e9 x 10 B
+  with pytest.raises(cfglib.ConfigError, match=r"needs 76\.2 GB per device, more than 75% of the 80 GB"):
+    cfglib.validate(c, 8, 80.0)
+  c.mesh.device_memory_gb = 141.0  # an H200 holds that (76 GB <= 75% of 141 GB)
+  cfglib.validate(c, 8, 80.0)
+  c.mesh.device_memory_gb = 0.0  # unknown memory (CPU): not checked
+  cfglib.validate(c, 8)
+
+
+def test_a_real_model_needs_a_tokenizer(tmp_path):
+  c = cfglib.load(f"{BASE}:model=qwen2_5_omni_3b_thinker")
+  with pytest.raises(cfglib.ConfigError, match=r"config\.data\.tokenizer_dir: model 'qwen2_5_omni_3b_thinker'.*"
+                                               r"needs a HF tokenizer"):
+    cfglib.validate(c)
+  c.data.tokenizer_dir = str(tmp_path)
+  cfglib.validate(c)
+  assert cfglib.tokenizer_dir(cfglib.load(BASE)) == ""  # the embedded model builds the MER-Synth one
 
 
 def test_evaluate_cli_reproduces_the_trainers_final_table(reference_run, tmp_path):
   """`python -m merr1_jax.evaluate` on the final checkpoint gives exactly the trainer's final eval numbers, and
   the report's fast-vs-slow analysis is consistent with its per-sample JSONL."""
-  w = reference_run / "w"
+  w = reference_run[0] / "w"
   out_dir = tmp_path / "eval"
   proc = subprocess.run([sys.executable, "-m", "merr1_jax.evaluate", "--config", SMOKE, "--workdir", str(w),
                          "--out", str(out_dir), "--no_progress"], cwd=ROOT, env=_env(tmp_path),
