@@ -5,16 +5,25 @@
   report.json     every summary number per dataset and mode, the MER-UniBench-style mean, and `meta` (checkpoint,
                   extractor, sentiment mapper, settings);
   report.md       the headline table in the MER-UniBench layout (one column per dataset plus Mean, one row per
-                  mode) and a per-mode statistics table; it names the extractor and the sentiment mapper;
+                  mode), a per-mode statistics table and the fast-vs-slow table (paired precision/recall
+                  differences with 95% interval and d_z, headline gap); it names the extractor and the mapper;
   samples.jsonl   one line per sample (dataset, id, mode, sample, completion, words, P/R, confidence, ...);
+  labels_<dataset>.csv, predictions_<dataset>_<mode>.csv (OV and HIT sets; `_sample<k>` added when N > 1):
+                  the field's `name,openset` format, so `python -m merr1_jax.metrics ov|hit --gt labels_... --pred
+                  predictions_...` and the official tools score exactly the words the report scored;
   pr_<dataset>.png       per-sample precision vs recall, fast and slow side by side;
   set_sizes.png          distribution of the number of predicted emotions per mode;
   calibration_<mode>.png binned confidence vs correctness (the reliability diagram) per mode.
+
+With a `baseline` (evaluate --baseline: an earlier report.json or the trainer's eval_<stage>.json), report.json's
+`gap_change` and a report.md section state per dataset whether the slow-minus-fast headline gap closed since the
+baseline, computed from the two sets of numbers (`gap_change`, `gap_verdict`).
 
 The directory is written atomically: everything goes into a sibling temp directory that replaces `out_dir` at
 the end, so an interrupted run leaves the previous report (or none), never a half-written one that looks done.
 `out_dir` belongs to the report: other files in it are replaced with it.
 
+Conventions: scores are fractions in report.json and points (x 100) in report.md; a gap is slow minus fast.
 Plots use matplotlib's Agg canvas through the object API (no pyplot, no display, no global backend switch).
 
 `mme_report(path)` turns an LLM judge's per-step scores (JSONL, docs/evaluation.md) into Rec-S / Rea-S / CoT-S per
@@ -23,6 +32,8 @@ task and overall (metrics.mme_emotion_scores).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -35,7 +46,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from merr1_jax import evaluation, metrics
+from merr1_jax import emotion, evaluation, metrics
 
 _COLORS = {"fast": "tab:orange", "slow": "tab:blue"}
 
@@ -68,14 +79,125 @@ def benchmark_means(results: Mapping[str, evaluation.DatasetResult]) -> dict[str
   return out
 
 
+def mode_gap(summary: Mapping[str, Mapping], key: str) -> float | None:
+  """Slow minus fast of one summary number (the headline: OV F, HIT, WAF); None unless both modes have it."""
+  vals = [summary.get(m, {}).get(key) for m in ("slow", "fast")]
+  if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in vals):
+    return None
+  return float(vals[0]) - float(vals[1])
+
+
+def gap_verdict(before: float, after: float) -> str:
+  """Whether the slow-minus-fast gap closed between two evaluations (e.g. SFT -> RL).
+
+  'closed': slow was behind (gap < 0) and is not any more (gap >= 0); 'narrowed, not closed': still behind, by
+  less; 'not closed': behind by as much or more. Slow not behind in the first place: 'no gap to close' if it is
+  still not behind, 'opened' if it fell behind.
+  """
+  if before >= 0:
+    return "no gap to close" if after >= 0 else "opened"
+  if after >= 0:
+    return "closed"
+  return "narrowed, not closed" if after > before else "not closed"
+
+
+def gap_change(results: Mapping[str, evaluation.DatasetResult], baseline: Mapping[str, Any]) -> dict:
+  """Per dataset of `results`: the slow-minus-fast headline gap in `baseline` (evaluate.read_baseline) and now,
+  the verdict (`gap_verdict`) and a one-line statement; a dataset that cannot be compared gets a `reason`."""
+  out = {}
+  for name, r in results.items():
+    key = evaluation.HEADLINE[r.metric]
+    now = mode_gap(r.summary, key)
+    base = baseline["datasets"].get(name)
+    before = None if base is None else mode_gap(base["summary"], key)
+    entry: dict[str, Any] = {"metric": r.metric, "key": key, "baseline_source": baseline["source"],
+                             "before": before, "after": now}
+    if base is None:
+      entry["reason"] = f"{name} is not in the baseline (it has {sorted(baseline['datasets'])})"
+    elif base.get("metric") not in (None, r.metric):
+      entry["reason"] = f"the baseline scored {name} with {base['metric']!r}, this run with {r.metric!r}"
+    elif before is None or now is None:
+      entry["reason"] = f"both modes' {key!r} are needed in the baseline and in this run"
+    else:
+      entry["verdict"] = gap_verdict(before, now)
+      entry["statement"] = (f"{name}: slow-fast {r.metric.upper()} {key} gap {100 * before:+.2f} -> "
+                            f"{100 * now:+.2f} points ({entry['verdict']})")
+    out[name] = entry
+  return out
+
+
+def gap_lines(results: Mapping[str, evaluation.DatasetResult], baseline: Mapping[str, Any]) -> list[str]:
+  """The statements of `gap_change` (or why a dataset could not be compared), one line per dataset."""
+  return [g.get("statement") or f"{name}: no gap comparison ({g['reason']})"
+          for name, g in gap_change(results, baseline).items()]
+
+
 # -------------------------------------------------------------------------------------------- writers
 
 
-def _report_json(results, meta: dict) -> dict:
+def _report_json(results, meta: dict, baseline: Mapping[str, Any] | None, csvs: dict) -> dict:
   datasets = {name: {"metric": r.metric, "headline": evaluation.HEADLINE[r.metric], "n_examples": r.n_examples,
-                     "settings": r.settings, "summary": r.summary, "analysis": r.analysis}
+                     "settings": r.settings, "summary": r.summary, "analysis": r.analysis,
+                     **({"csv": csvs[name]} if name in csvs else {})}
               for name, r in results.items()}
-  return json_safe({"meta": meta, "datasets": datasets, "mean": benchmark_means(results)})
+  out = {"meta": meta, "datasets": datasets, "mean": benchmark_means(results)}
+  if baseline is not None:
+    out["gap_change"] = gap_change(results, baseline)
+  return json_safe(out)
+
+
+CSV_METRICS = ("ov", "hit")  # metrics whose ground truth is a word list (`python -m merr1_jax.metrics ov|hit`)
+
+
+def _label_cell(words) -> str:
+  return "[" + ", ".join(words) + "]"
+
+
+def _round_trips(words) -> bool:
+  """Whether upstream's list-string parser (emotion.split_label_string) gives these words back."""
+  return [w.lower() for w in emotion.split_label_string(_label_cell(words))] == [w.strip().lower() for w in words]
+
+
+def prediction_csvs(result: evaluation.DatasetResult) -> tuple[dict[str, str], dict]:
+  """({file name: CSV text}, info) in the field's `name,openset` format for an OV or HIT dataset: the ground
+  truth (labels_<dataset>.csv) and one predictions file per mode and sample index. info names the files and
+  counts the cells whose words do not survive the format (a word holding a quote, bracket or comma, which
+  upstream's parser splits: those rows would score differently there); `skipped` says why no file was written."""
+  if result.metric not in CSV_METRICS:
+    return {}, {"skipped": f"metric {result.metric!r}: its ground truth is not a word list"}
+  stem = _safe_name(result.dataset)
+  by_key: dict[tuple[str, int], list[dict]] = {}
+  for s in result.samples:
+    by_key.setdefault((s["mode"], int(s["sample"])), []).append(s)
+  if not by_key:
+    return {}, {"skipped": "no samples"}
+  first = next(iter(by_key.values()))
+  ids = [s["id"] for s in first]
+  if len(set(ids)) != len(ids):
+    dup = next(i for i in ids if ids.count(i) > 1)
+    return {}, {"skipped": f"duplicate id {dup!r}: the name,openset format needs unique names"}
+  multi = any(k[1] > 0 for k in by_key)
+  texts, bad = {}, 0
+
+  def table(rows) -> str:
+    nonlocal bad
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["name", "openset"])
+    for name, words in rows:
+      words = [str(x) for x in words]
+      bad += not _round_trips(words)
+      w.writerow([name, _label_cell(words)])
+    return buf.getvalue()
+
+  labels = f"labels_{stem}.csv"
+  texts[labels] = table((s["id"], s["gt"]) for s in first)
+  preds: dict[str, list[str]] = {}
+  for (mode, k), rows in by_key.items():
+    name = f"predictions_{stem}_{mode}" + (f"_sample{k}" if multi else "") + ".csv"
+    texts[name] = table((s["id"], s["words"]) for s in rows)
+    preds.setdefault(mode, []).append(name)
+  return texts, {"labels": labels, "predictions": preds, "n_cells_not_representable": bad}
 
 
 def _pct(v) -> str:
@@ -86,7 +208,7 @@ def _num(v, fmt="{:.2f}") -> str:
   return "n/a" if v is None else fmt.format(v)
 
 
-def _report_md(results, meta: dict) -> str:
+def _report_md(results, meta: dict, baseline: Mapping[str, Any] | None = None) -> str:
   names = list(results)
   modes = list(dict.fromkeys(m for r in results.values() for m in r.summary))
   means = benchmark_means(results)
@@ -114,14 +236,23 @@ def _report_md(results, meta: dict) -> str:
                    f"{_num(s['ece'], '{:.3f}')} |")
   gaps = [(n, results[n].analysis["fast_vs_slow"]) for n in names if "fast_vs_slow" in results[n].analysis]
   if gaps:
-    lines += ["", "## Fast vs slow (slow minus fast, paired per example, points)", "",
-              "| dataset | precision diff [95% CI] | d_z | recall diff [95% CI] | d_z | n |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Fast vs slow (slow minus fast, points)", "",
+              "Precision and recall: per-sample differences paired per example, with a normal 95% interval and "
+              "the paired effect size d_z. Headline gap: slow minus fast of the dataset score.", "",
+              "| dataset | precision diff [95% CI] | d_z | recall diff [95% CI] | d_z | n | headline gap |",
+              "|---|---|---|---|---|---|---|"]
     for n, g in gaps:
       cell = lambda d: ("n/a" if d["slow_minus_fast"] is None else
                         f"{100 * d['slow_minus_fast']:+.2f}" + ("" if d["ci95"] is None else
                         f" [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"))
+      key = evaluation.HEADLINE[results[n].metric]
+      head = mode_gap(results[n].summary, key)
       lines.append(f"| {n} | {cell(g['precision'])} | {_num(g['precision']['effect_size_dz'])} | "
-                   f"{cell(g['recall'])} | {_num(g['recall']['effect_size_dz'])} | {g['precision']['n']} |")
+                   f"{cell(g['recall'])} | {_num(g['recall']['effect_size_dz'])} | {g['precision']['n']} | "
+                   f"{key} {'n/a' if head is None else f'{100 * head:+.2f}'} |")
+  if baseline is not None:
+    lines += ["", f"## Did the slow mode close the gap? (baseline: {baseline['source']})", ""]
+    lines += [f"- {line}" for line in gap_lines(results, baseline)]
   return "\n".join(lines) + "\n"
 
 
@@ -194,11 +325,12 @@ def _safe_name(name: str) -> str:
 
 
 def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str | os.PathLike, *,
-                  meta: Mapping[str, Any]) -> dict[str, pathlib.Path]:
+                  meta: Mapping[str, Any], baseline: Mapping[str, Any] | None = None) -> dict[str, pathlib.Path]:
   """Writes every report file atomically into `out_dir` (see the module docstring); returns name -> final path.
 
   `meta` is stored in report.json; the extractor, sentiment mapper and decoding of the first result are added
-  when absent, so a report always says how its words were obtained.
+  when absent, so a report always says how its words were obtained. `baseline` ({'source', 'datasets': {name:
+  {'metric', 'summary'}}}, evaluate.read_baseline) adds the gap comparison.
   """
   if not results:
     raise ValueError("write_reports needs at least one DatasetResult")
@@ -215,8 +347,14 @@ def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str 
       (tmp / name).write_text(text, encoding="utf-8")
       files[name] = out / name
 
-    put("report.json", json.dumps(_report_json(results, meta), indent=1, allow_nan=False) + "\n")
-    put("report.md", _report_md(results, meta))
+    csvs = {}
+    for name, r in results.items():
+      texts, info = prediction_csvs(r)
+      csvs[name] = info
+      for file, text in texts.items():
+        put(file, text)
+    put("report.json", json.dumps(_report_json(results, meta, baseline, csvs), indent=1, allow_nan=False) + "\n")
+    put("report.md", _report_md(results, meta, baseline))
     put("samples.jsonl", "".join(json.dumps(json_safe(s), allow_nan=False, ensure_ascii=False) + "\n"
                                  for r in results.values() for s in r.samples))
     for name, r in results.items():

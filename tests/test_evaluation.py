@@ -7,6 +7,7 @@ the grammar's ties, so answers differ between clips and some run out of tokens (
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -200,18 +201,91 @@ def test_confidence_by_hand(tok, policy, batches, token_sets, result):
   assert row["correct"] == row["precision"]
 
 
-def test_ov_equals_metrics_cli(tmp_path, result):
+def _metrics_cli(*argv) -> dict:
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert metrics.main([*argv, "--json"]) == 0
+  return json.loads(out.getvalue())
+
+
+def test_ov_equals_metrics_cli_on_the_written_csvs(tmp_path, result):
+  """The report's labels/predictions CSVs (name,openset) scored by the metrics CLI give the report's numbers;
+  the subprocess version of this check runs in test_evaluate_cli.py."""
+  reports.write_reports({"mer_synth": result}, tmp_path / "eval", meta={})
+  out = tmp_path / "eval"
+  info = json.loads((out / "report.json").read_text())["datasets"]["mer_synth"]["csv"]
+  assert info == {"labels": "labels_mer_synth.csv", "n_cells_not_representable": 0,
+                  "predictions": {"fast": ["predictions_mer_synth_fast.csv"],
+                                  "slow": ["predictions_mer_synth_slow.csv"]}}
+  assert any(r["words"] for r in result.samples) and any(not r["words"] for r in result.samples)  # both kinds
   for mode in ("fast", "slow"):
-    rows = [r for r in result.samples if r["mode"] == mode]
-    gt_csv, pred_csv = tmp_path / f"gt_{mode}.csv", tmp_path / f"pred_{mode}.csv"
-    gt_csv.write_text("name,openset\n" + "".join(f'{r["id"]},"[{", ".join(r["gt"])}]"\n' for r in rows))
-    pred_csv.write_text("name,openset\n" + "".join(f'{r["id"]},"[{", ".join(r["words"])}]"\n' for r in rows))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-      assert metrics.main(["ov", "--gt", str(gt_csv), "--pred", str(pred_csv), "--json"]) == 0
-    cli = json.loads(out.getvalue())
+    cli = _metrics_cli("ov", "--gt", str(out / info["labels"]), "--pred", str(out / info["predictions"][mode][0]))
     for k in ("f", "precision", "recall"):
       assert result.summary[mode][k] == pytest.approx(cli[k], abs=1e-12)
+    assert cli["n_pred_unmatched"] == 0 and cli["pred_words_dropped"] == result.summary[mode]["pred_words_dropped"]
+
+
+def _fake_result(dataset, metric, samples, summary=None, num_samples=1):
+  return evaluation.DatasetResult(dataset=dataset, metric=metric, summary=summary or {}, samples=samples,
+                                  settings={"num_samples": num_samples}, n_examples=len(samples))
+
+
+def _row(i, mode, words, gt, sample=0):
+  return {"id": i, "mode": mode, "sample": sample, "words": words, "gt": gt}
+
+
+def test_prediction_csvs_by_hand():
+  rows = [_row("a", "fast", ["happy", "sad"], ["happy"]), _row("b", "fast", [], ["sad", "calm"]),
+          _row("c", "fast", ["it's fine"], ["calm"])]
+  texts, info = reports.prediction_csvs(_fake_result("d/x", "ov", rows))
+  assert texts == {"labels_d_x.csv": 'name,openset\na,[happy]\nb,"[sad, calm]"\nc,[calm]\n',
+                   "predictions_d_x_fast.csv": 'name,openset\na,"[happy, sad]"\nb,[]\nc,[it\'s fine]\n'}
+  assert info["n_cells_not_representable"] == 1  # "it's fine": upstream splits on the quote
+  # N samples: one predictions file per mode and sample index; the labels once.
+  rows = [_row(i, m, ["happy"], ["sad"], sample=k) for m in ("fast", "slow") for i in ("a", "b") for k in (0, 1)]
+  texts, info = reports.prediction_csvs(_fake_result("x", "hit", rows, num_samples=2))
+  assert sorted(texts) == ["labels_x.csv", "predictions_x_fast_sample0.csv", "predictions_x_fast_sample1.csv",
+                           "predictions_x_slow_sample0.csv", "predictions_x_slow_sample1.csv"]
+  assert texts["labels_x.csv"] == "name,openset\na,[sad]\nb,[sad]\n"
+  assert reports.prediction_csvs(_fake_result("x", "waf", rows))[0] == {}  # valence GT: no word list
+  dup = [_row("a", "fast", [], []), _row("a", "fast", [], [])]
+  texts, info = reports.prediction_csvs(_fake_result("x", "ov", dup))
+  assert texts == {} and "duplicate id 'a'" in info["skipped"]
+
+
+def _gap_result(like, name, fast, slow, metric="ov"):
+  """`like` (a real result) with its headline numbers replaced: (fast, slow)."""
+  key = evaluation.HEADLINE[metric]
+  summary = {"fast": dict(like.summary["fast"], **{key: fast}), "slow": dict(like.summary["slow"], **{key: slow})}
+  return dataclasses.replace(like, dataset=name, metric=metric, summary=summary)
+
+
+@pytest.mark.parametrize("before, after, verdict", [
+    ((0.50, 0.40), (0.50, 0.55), "closed"),  # gap -0.10 -> +0.05
+    ((0.50, 0.40), (0.50, 0.50), "closed"),  # -> 0: not behind any more
+    ((0.50, 0.40), (0.50, 0.45), "narrowed, not closed"),
+    ((0.50, 0.40), (0.60, 0.45), "not closed"),  # -0.10 -> -0.15
+    ((0.40, 0.50), (0.50, 0.60), "no gap to close"),  # slow was ahead before, and still is
+    ((0.40, 0.40), (0.50, 0.30), "opened"),  # level before, slow behind after
+])
+def test_gap_change_by_hand(tmp_path, result, before, after, verdict):
+  base = {"source": "sft/report.json",
+          "datasets": {"d": {"metric": "ov", "summary": _gap_result(result, "d", *before).summary}}}
+  results = {"d": _gap_result(result, "d", *after), "other": _gap_result(result, "other", 0.1, 0.2, metric="hit")}
+  g = reports.gap_change(results, base)
+  want_before, want_after = before[1] - before[0], after[1] - after[0]
+  assert g["d"]["before"] == pytest.approx(want_before) and g["d"]["after"] == pytest.approx(want_after)
+  assert g["d"]["verdict"] == verdict
+  assert g["d"]["statement"] == (f"d: slow-fast OV f gap {100 * want_before:+.2f} -> {100 * want_after:+.2f} "
+                                 f"points ({verdict})")
+  assert "not in the baseline" in g["other"]["reason"] and "verdict" not in g["other"]
+  reports.write_reports(results, tmp_path / "eval", meta={}, baseline=base)
+  assert json.loads((tmp_path / "eval" / "report.json").read_text())["gap_change"]["d"]["verdict"] == verdict
+  md = (tmp_path / "eval" / "report.md").read_text()
+  assert "baseline: sft/report.json" in md and f"- {g['d']['statement']}" in md
+  # Another metric in the baseline for the same name is not compared.
+  base["datasets"]["d"]["metric"] = "hit"
+  assert "'hit'" in reports.gap_change(results, base)["d"]["reason"]
 
 
 def test_greedy_is_deterministic_and_n_samples(tok, policy, batches, result):
