@@ -8,9 +8,14 @@ alternating A B C A B C ... for --rounds rounds, each run a fresh process (warm-
 every figure (end-to-end step, generation, scoring = reference log-probs + rewards + advantages, update,
 generated tokens/s) it prints the median over rounds of each run's median and the min-max over rounds, our
 speed-up against each peer (median of the per-round ratios of step times, so load drift on a shared machine
-moves both sides alike), and each process's peak resident memory (wait4's ru_maxrss). With docs on, the table,
-the machine, the date and the exact commands replace the '## Peers' section of docs/benchmarks.md (appended if
-absent). A peer that fails is reported with the tail of its log; the others still run.
+moves both sides alike; every round's own ratio is listed too), and each process's peak resident memory
+(wait4's ru_maxrss). Step times are wall clock from step end to step end in all three (spec.StepClock).
+
+With docs on, the table, the machine (CPU, cores, load average at the start and at the end of the run), the
+date, the peer environments (each venv's pip freeze checked against benchmarks/peers/requirements-*.txt) and the
+exact commands replace the '## Peers' section of docs/benchmarks.md (appended if absent); --note adds a line
+about the run's conditions, printed as given. Everything in the section comes from this script, so the next run
+replaces all of it. A peer that fails is reported with the tail of its log; the others still run.
 """
 
 from __future__ import annotations
@@ -108,6 +113,44 @@ def speedups(results: dict[str, list[dict]], key: str = "step_s") -> dict[str, t
   return out
 
 
+def round_ratios(results: dict[str, list[dict]], impl: str, key: str = "step_s") -> list[float | None]:
+  """Round by round, peer / ours of `key` (None for a round in which either side failed)."""
+  return [p["median"][key] / o["median"][key] if "median" in o and "median" in p else None
+          for o, p in zip(results.get("ours", []), results.get(impl, []))]
+
+
+def pins_file(impl: str) -> str:
+  return os.path.join(PEERS, f"requirements-{impl}.txt")
+
+
+def _pin_set(lines) -> set[str]:
+  """'name==version' lines -> a set with PEP 503 names; comments, blanks and pip/setuptools/wheel dropped."""
+  out = set()
+  for line in lines:
+    line = line.split("#", 1)[0].strip()
+    if "==" not in line:
+      continue
+    name, version = line.split("==", 1)
+    name = re.sub(r"[-_.]+", "-", name.strip()).lower()
+    if name not in ("pip", "setuptools", "wheel"):
+      out.add(f"{name}=={version.strip()}")
+  return out
+
+
+def peer_env(impl: str) -> dict:
+  """The peer venv's pip freeze (written by setup.sh) and whether it equals the committed pins exactly."""
+  freeze = os.path.join(PEERS, ".venvs", f"{impl}.freeze.txt")
+  if not os.path.exists(freeze):
+    return {"freeze": None, "pins": os.path.relpath(pins_file(impl), ROOT), "matches_pins": None}
+  with open(freeze) as f:
+    lines = [l.strip() for l in f if l.strip()]
+  with open(pins_file(impl)) as f:
+    want = _pin_set(f)
+  got = _pin_set(lines)
+  return {"freeze": lines, "pins": os.path.relpath(pins_file(impl), ROOT), "matches_pins": got == want,
+          "differences": sorted(got ^ want)}
+
+
 def _cpu() -> str:
   try:
     with open("/proc/cpuinfo") as f:
@@ -131,10 +174,12 @@ def markdown(agg: dict, sp: dict, sp_parts: dict, errors: dict, meta: dict) -> s
            f"tokens, G = {spec.GROUP}, exactly {spec.NEW_TOKENS} new tokens per row (EOS ignored) at temperature "
            f"{spec.TEMPERATURE}, beta {spec.BETA} with a reference model (k3 KL), one update per batch, AdamW, "
            f"float32 on the CPU. Text only on our side.", "",
-           f"Machine: {meta['cpu']}, {meta['cores']} cores (shared), load average {meta['load']:.1f} at start; "
-           f"{meta['date']}. {meta['rounds']} rounds, implementations alternated in each round, each run a fresh "
-           f"process with {meta['warmup']} warm-up step(s) dropped and {meta['steps']} timed; a cell is the median "
-           f"over rounds of each run's median step, with the min-max over rounds in brackets.", "",
+           f"Machine: {meta['cpu']}, {meta['cores']} cores, load average {_load(meta)}; {meta['date']}. "
+           f"{meta['rounds']} rounds, implementations alternated in each round, each run a fresh process with "
+           f"{meta['warmup']} warm-up step(s) dropped and {meta['steps']} timed; the step is wall clock from step "
+           f"end to step end in all three, the phases are timed inside it; a cell is the median over rounds of each "
+           f"run's median, with the min-max over rounds in brackets." + (f" Note: {meta['note']}" if
+                                                                           meta.get("note") else ""), "",
            "| implementation | step s | generate s | ref + reward s | update s | generated tok/s | peak RSS MiB |",
            "|---|---|---|---|---|---|---|"]
   for impl in meta["impls"]:
@@ -150,16 +195,37 @@ def markdown(agg: dict, sp: dict, sp_parts: dict, errors: dict, meta: dict) -> s
     goal = TARGETS.get(impl)
     verdict = ("" if goal is None else f" Goal >= {goal:.1f}x: " +
                ("met." if t[0] >= goal else f"**missed**, by a factor of {goal / t[0]:.2f}."))
-    lines.append(f"- Speed-up of the end-to-end step against {NAMES[impl]}: **{t[0]:.2f}x** (rounds "
-                 f"{t[1]:.2f}-{t[2]:.2f}x); by phase: {parts}.{verdict}")
+    ratios = meta.get("round_ratios", {}).get(impl)
+    rounds = (", ".join("failed" if r is None else f"{r:.2f}x" for r in ratios) if ratios else
+              f"{t[1]:.2f}-{t[2]:.2f}x")
+    lines.append(f"- Speed-up of the end-to-end step against {NAMES[impl]}: **{t[0]:.2f}x** (median of the "
+                 f"per-round ratios; rounds {rounds}); by phase: {parts}.{verdict}")
   if any(t[0] < TARGETS.get(i, 0) for i, t in sp.items()):
     lines.append("- Where the time goes, phase by phase, and what would close the gap: the '## RL step' section.")
   versions = "; ".join(f"{NAMES[i]}: " + ", ".join(f"{k} {v}" for k, v in a["versions"].items())
                        for i, a in agg.items())
-  lines += ["", f"Versions: {versions}.", "", "Commands:", "", "```bash"] + meta["commands"] + ["```"]
+  lines += ["", f"Versions: {versions}."]
+  envs = meta.get("envs", {})
+  if envs:
+    lines += ["", "Peer environments: " + "; ".join(_env_line(i, e) for i, e in envs.items()) + "."]
+  lines += ["", "Commands:", "", "```bash"] + meta["commands"] + ["```"]
   for impl, err in errors.items():
     lines += ["", f"{NAMES[impl]} failed ({err['runs']} of {meta['rounds']} runs):", "", "```", err["tail"], "```"]
   return "\n".join(lines) + "\n"
+
+
+def _load(meta: dict) -> str:
+  end = meta.get("load_end")
+  return f"{meta['load']:.1f} at the start" + ("" if end is None else f", {end:.1f} at the end")
+
+
+def _env_line(impl: str, env: dict) -> str:
+  if env.get("freeze") is None:
+    return f"{NAMES[impl]}: no .venvs/{impl}.freeze.txt (venv not built by setup.sh)"
+  n = len(env["freeze"])
+  if env["matches_pins"]:
+    return f"{NAMES[impl]}: pip freeze ({n} packages) equals `{env['pins']}`"
+  return f"{NAMES[impl]}: pip freeze ({n} packages) **differs** from `{env['pins']}`: {', '.join(env['differences'])}"
 
 
 def write_section(path: str, heading: str, body: str) -> None:
@@ -186,6 +252,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--skip_prepare", action="store_true", help="reuse benchmarks/peers/.work")
   ap.add_argument("--json", default=None, help="also write every run's result here")
   ap.add_argument("--from_json", default=None, help="re-render the report from a --json file; runs nothing")
+  ap.add_argument("--note", default="", help="a line about the run's conditions, printed in the section as given")
   args = ap.parse_args(argv)
   if args.from_json:
     with open(args.from_json) as f:
@@ -234,8 +301,10 @@ def main(argv=None) -> dict:
   cmds += [" ".join(rel(c) if c.startswith(ROOT) else c for c in command(i, args.warmup, args.steps, "X.json"))
            for i in impls]
   cmds = [c.replace(rel(sys.executable), "python") for c in cmds]
-  meta = dict(cpu=_cpu(), cores=os.cpu_count(), load=load, date=datetime.date.today().isoformat(),
-              rounds=args.rounds, warmup=args.warmup, steps=args.steps, impls=impls, commands=cmds, model=model_info)
+  meta = dict(cpu=_cpu(), cores=os.cpu_count(), load=load, load_end=os.getloadavg()[0],
+              date=datetime.date.today().isoformat(), rounds=args.rounds, warmup=args.warmup, steps=args.steps,
+              impls=impls, commands=cmds, model=model_info, note=args.note,
+              envs={i: peer_env(i) for i in impls if i != "ours"})
   meta["errors"] = errors
   if args.json:
     with open(args.json, "w") as f:
@@ -247,6 +316,11 @@ def report(results: dict[str, list[dict]], meta: dict, docs: str | None) -> dict
   """Aggregates, prints the markdown and, with `docs`, writes it as the '## Peers' section."""
   agg = aggregate(results)
   sp = speedups(results)
+  meta = {**meta, "round_ratios": {i: round_ratios(results, i) for i in results if i != "ours"}}
+  for impl, env in meta.get("envs", {}).items():
+    if env.get("freeze"):
+      print(f"# {impl} venv, pip freeze ({'equals' if env['matches_pins'] else 'DIFFERS from'} {env['pins']}):\n  "
+            + "\n  ".join(env["freeze"]))
   sp_parts = {i: {k: speedups(results, k)[i] for k, _ in FIGURES if i in speedups(results, k)} for i in sp}
   md = markdown(agg, sp, sp_parts, meta.get("errors", {}), meta)
   print("\n" + md)

@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
 # One prepared GPU check: our RL step breakdown (benchmarks/rl_step.py) for qwen2_0p5b and the 3B-size
-# Qwen2.5-Omni thinker preset, bf16, one GPU, random init. Reports per phase times, update-step MFU (model FLOPs /
-# the card's peak dense bf16 FLOP/s), generation tokens/s against the HBM-bandwidth bound, and peak device memory;
-# every row carries the card's name (jax device_kind), and nvidia-smi's line is printed first.
+# Qwen2.5-Omni thinker preset, bf16, one GPU, random init. Reports per phase times (generation split into
+# prefill and decode), update-step MFU (rl_step.update_flops / the card's peak dense bf16 FLOP/s), decode-only
+# tokens/s against the HBM-bandwidth bound, and peak device memory; every row carries the card's name (jax
+# device_kind), and nvidia-smi's line is printed first.
 #
-# The GPU image lacks grain, array-record and ml-collections: carry them as wheels in .whl/ (see the device
-# README: pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VERSION), e.g.
-#   grain==0.2.18 array-record==<pinned> ml-collections==<pinned>
-# and run, from the repository root on the GPU machine:
-#   bash benchmarks/gpu.sh            (writes $OUT/rl_step_gpu.{txt,json} when OUT is set)
+# Each (preset, variant) runs in its own process, so that "peak device memory" (jax memory_stats'
+# peak_bytes_in_use, a process-wide high-water mark that is never reset) is that variant's own, with no other
+# variant's train state alive. The per-run JSON files are merged into $OUT/rl_step_gpu.json at the end.
+#
+# rl_step.py imports none of grain, array-record or ml-collections, but the package's other modules do and the
+# GPU image lacks them. Carry them as wheels in .whl/ (git-ignored): the GPU image's python3 is CPython 3.12, so
+# fetch the cp312 builds here, in the repository root, with the project's exact pins (pyproject.toml):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64 \
+#     --platform manylinux_2_28_x86_64 -d .whl grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0
+# (grain and array-record are cp312 manylinux wheels, ml-collections a py3-none-any wheel; add
+# `--platform manylinux_2_N_x86_64` for another N if pip finds no match). Then, on the GPU machine, from the
+# repository root with .whl carried:
+#   bash benchmarks/gpu.sh            (writes $OUT/rl_step_gpu.{txt,json} when OUT is set, else /tmp)
+# The image's own jax (0.11.x there, not the project's 0.10.2) runs it: the script prints the version it used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -17,9 +28,29 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+presets="${PRESETS:-qwen2_0p5b qwen2_5_omni_3b_thinker}"
+variants="${VARIANTS:-shared repeated}"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+} 2>&1 | tee "$out/rl_step_gpu.txt"
 # Work per step: 8 prompts x G 8 = 64 rows, prompt 256, 128 new tokens; 1 warm-up + 3 timed steps.
-python3 benchmarks/rl_step.py --presets qwen2_0p5b,qwen2_5_omni_3b_thinker --variants shared,repeated \
-  --dtype bfloat16 --prompts 8 --prompt_len 256 --group 8 --new_tokens 128 --warmup 1 --repeats 3 \
-  --json "$out/rl_step_gpu.json" 2>&1 | tee "$out/rl_step_gpu.txt"
+for preset in $presets; do
+  for variant in $variants; do
+    # A failing variant (e.g. out of memory) is reported and the others still run.
+    python3 benchmarks/rl_step.py --presets "$preset" --variants "$variant" \
+      --dtype bfloat16 --prompts 8 --prompt_len 256 --group 8 --new_tokens 128 --warmup 1 --repeats 3 \
+      --json "$out/rl_step_gpu.$preset.$variant.json" 2>&1 | tee -a "$out/rl_step_gpu.txt" \
+      || echo "rl_step.py --presets $preset --variants $variant FAILED" | tee -a "$out/rl_step_gpu.txt"
+  done
+done
+python3 - "$out" <<'EOF'
+import glob, json, os, sys
+out = sys.argv[1]
+parts = sorted(glob.glob(os.path.join(out, "rl_step_gpu.*.*.json")))
+rows = [row for p in parts for row in json.load(open(p))]
+json.dump(rows, open(os.path.join(out, "rl_step_gpu.json"), "w"), indent=1)
+for p in parts:
+  os.remove(p)  # merged: $OUT returns at most 8 files
+print(f"merged {len(rows)} rows into {os.path.join(out, 'rl_step_gpu.json')}")
+EOF

@@ -3,22 +3,39 @@
 One GRPO-style step as the trainer runs it, minus the MER-R1 extras (one mode, no calibration pass), so that a
 regression in any phase shows up on its own line:
   generate  rollout.sample: P prompts x G samples, `new_tokens` each (no stop id: every row decodes exactly
-            `new_tokens` tokens), temperature 1.0;
+            `new_tokens` tokens), temperature 1.0; split into the prompt prefill and the decode loop (the
+            prefill is timed again on its own after the step, outside the step time, and decode = generate -
+            prefill);
   ref       rollout.score with the frozen reference (teacher-forced, same shared-prefix structure);
   reward    completions -> rewards on the host, group z-score advantages (rl.group_zscore), batch assembly;
-  update    train_step.make_rl_step: PPO-clip + beta * k3 KL, one AdamW update on the B full sequences.
+  update    train_step.make_rl_step: PPO-clip + beta * k3 KL, one AdamW update on the B full sequences, with the
+            prompt columns skipped (RLBatch.loss_start = L - 1, as experience.collect does).
 Variants (all in one run, interleaved per repeat so load drift on a shared machine hits them alike):
   shared    the sampler prefills each prompt once and repeats the cache G times (the default);
   repeated  prompts repeated G times and sampled with num_samples=1 (what TRL, Tunix, R1-Omni do);
   mm        shared + video/audio features merged at placeholders (--mm_frames / --mm_audio per prompt).
 
-On a GPU (the same flags; benchmarks/gpu.sh) it also reports, with the card's name: update-step MFU = model
-FLOPs / (time x peak bf16 FLOP/s of the card), generation tokens/s against the memory-bandwidth bound (every
-decode step reads all weights and the KV cache once), and peak device memory. On the CPU those read n/a.
+--breakdown times the update's parts in isolation instead (no generation), for the same work shape, each one
+jitted call, median over --repeats after --warmup:
+  hidden          decoder forward + backward of the hidden states only (all B x S positions);
+  hidden+logp     + the log-prob path the RL loss uses (train_step._shifted_logp from loss_start: the LM head on
+                  the T completion positions, log-softmax, entropy without gradient);
+  loss            the whole RL loss's value and gradient (make_rl_loss: + PPO-clip and the k3 KL);
+  update          the whole make_rl_step update (+ gradient clipping and AdamW, state donated);
+  hidden/noattn, update/noattn  the same with attention replaced by the identity (qwen2.attend returns q), so
+                  the difference is what attention costs (the numbers mean nothing else: the model is broken).
+
+On a GPU (benchmarks/gpu.sh) it also reports, with the card's name: update-step MFU = update_flops / (update
+time x peak bf16 FLOP/s of the card); decode tokens/s (decode-only time and tokens, the prefill excluded)
+against the memory-bandwidth bound (every decode step streams all weights and the whole preallocated KV cache
+of S = L + T slots once: our decode step reads the full cache, masked; a kernel reading only the filled part
+would have a higher bound, with a mean cache length of L + T/2); and peak device memory (memory_stats'
+high-water mark, a process-wide figure: its scope says how many variants' states were alive, and gpu.sh runs
+one preset and variant per process so that it is that variant's own). On the CPU those read n/a.
 
   python benchmarks/rl_step.py [--presets tiny,small_20m] [--variants shared,repeated,mm] [--prompts 4]
       [--prompt_len 128] [--group 8] [--new_tokens 64] [--warmup 1] [--repeats 3] [--dtype float32|bfloat16]
-      [--json out.json]
+      [--breakdown] [--json out.json]
 
 Shape legend: P prompts, G samples per prompt, B = P*G, L prompt length, T new tokens, S = L + T, V vocab,
 D d_model, F video/audio feature width.
@@ -27,6 +44,7 @@ D d_model, F video/audio feature width.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -41,7 +59,7 @@ import numpy as np
 
 from merr1_jax import optim, rl, rollout, sampling
 from merr1_jax import train_step as ts
-from merr1_jax.models import base, mllm, presets
+from merr1_jax.models import base, mllm, presets, qwen2
 
 # Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) by device_kind substring: vendor datasheet figures (SXM
 # parts where a card has several forms; the PCIe H100 is listed separately because it is much lower).
@@ -123,10 +141,15 @@ def _assemble(prompt: base.ModelInputs, completion_BxT, comp_mask_BxT, ref_BxT, 
 
 
 class Runner:
-  """Holds the train state and runs one timed RL step at a time (`step`)."""
+  """Holds the train state and runs one timed RL step at a time (`step`).
 
-  def __init__(self, model, params, work: Work, *, reward_fn: Callable[[np.ndarray], np.ndarray] = token_reward):
-    self.model, self.work, self.reward_fn = model, work, reward_fn
+  split_decode: after each step (outside its timing) run the prompt prefill alone once more, so that the
+  generation time splits into prefill and decode; off for the peer comparison, whose step time is wall clock
+  from step end to step end (benchmarks/peers/spec.py) and must not include the extra prefill."""
+
+  def __init__(self, model, params, work: Work, *, reward_fn: Callable[[np.ndarray], np.ndarray] = token_reward,
+               split_decode: bool = False):
+    self.model, self.work, self.reward_fn, self.split_decode = model, work, reward_fn, split_decode
     tx = optim.make_optimizer(optim.OptimConfig(learning_rate=work.learning_rate, clip_norm=1.0), params)
     self.state = ts.init_state(params, tx, with_reference=work.beta > 0)
     cfg = ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=work.beta)
@@ -161,9 +184,21 @@ class Runner:
     self.state, metrics = self.update(self.state, batch)
     jax.block_until_ready(metrics["loss"])
     t4 = time.perf_counter()
-    return dict(step_s=t4 - t0, gen_s=t1 - t0, ref_s=t2 - t1, reward_s=t3 - t2, score_s=t3 - t1, update_s=t4 - t3,
-                gen_tokens=float(np.asarray(ro.length).sum()), loss=float(metrics["loss"]),
-                reward_mean=float(r_B.mean()), seq_len=float(batch.inputs.tokens.shape[1]))
+    rows, s = batch.inputs.tokens.shape
+    out = dict(step_s=t4 - t0, gen_s=t1 - t0, ref_s=t2 - t1, reward_s=t3 - t2, score_s=t3 - t1, update_s=t4 - t3,
+               gen_tokens=float(np.asarray(ro.length).sum()), loss=float(metrics["loss"]),
+               reward_mean=float(r_B.mean()), seq_len=float(s), rows=float(rows),
+               loss_positions=float(s - 1 - batch.loss_start), decode_steps=float(np.asarray(ro.steps)))
+    if self.split_decode:
+      # The same compiled prefill as inside rollout.sample (same statics, same bucketed prompt), timed alone.
+      t5 = time.perf_counter()
+      jax.block_until_ready(rollout.prefill(self.model, n, ro.prompt.tokens.shape[1] + w.new_tokens, None,
+                                            self.state.params, ro.prompt))
+      prefill_s = time.perf_counter() - t5
+      # The decode loop samples token 0 from the prefill logits, then runs decode_steps - 1 one-token forwards.
+      out.update(prefill_s=prefill_s, decode_s=max(out["gen_s"] - prefill_s, 1e-9),
+                 decode_tokens=float(rows * (out["decode_steps"] - 1)))
+    return out
 
 
 # --------------------------------------------------------------------------------------- GPU accounting
@@ -180,30 +215,52 @@ def card(device) -> tuple[str, float | None, float | None]:
   return kind, None, None
 
 
-def update_flops(cfg, b: int, s: int) -> float:
-  """Model FLOPs of one forward+backward on B sequences of S tokens: 6 x matmul params per token (the tied or
-  separate LM head included, the embedding lookup not) + causal attention 6 x layers x H x Dh x S per token
-  (QK^T and AV, forward 2 x 2 x S/2 x H x Dh, backward twice that). Rematerialisation is not counted (MFU)."""
+def update_flops(cfg, b: int, s: int, loss_positions: int | None = None) -> float:
+  """Model FLOPs of one forward+backward of the RL update on B sequences of S tokens, as train_step computes it:
+
+    decoder   6 x (matmul params per layer x layers) per token, on all B x S tokens (q, k, v, o, gate, up,
+              down; the embedding lookup is no matmul);
+    attention 6 x layers x H x Dh x S per token: causal QK^T and AV, forward 2 x 2 x (S / 2) x H x Dh, the
+              backward twice that (the causal half only, although the kernel computes the full S x S);
+    LM head   6 x D x V per *loss position* only: train_step._shifted_logp unembeds positions loss_start ..
+              S - 2, so loss_positions = S - 1 - loss_start (= T, the new tokens, when the prompt columns are
+              skipped as the trainer and this script do; S - 1 when loss_start = 0).
+
+  Not counted: rematerialisation (this is MFU, not hardware FLOPs), norms, softmax and other elementwise work,
+  the projectors of multimodal features, and the optimizer. tests/test_benchmarks.py checks the count against
+  XLA's own cost analysis of the compiled loss gradient."""
   d, h, kh, dh, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  n = s - 1 if loss_positions is None else loss_positions
+  if not 0 <= n <= s - 1:
+    raise ValueError(f"loss_positions={n} must be in [0, S - 1 = {s - 1}]")
   per_layer = d * h * dh * 2 + d * kh * dh * 2 + 3 * d * f
-  matmul = cfg.num_layers * per_layer + d * cfg.vocab_size
-  attn = 6 * cfg.num_layers * h * dh * s
-  return float(b * s * (6 * matmul + attn))
+  decoder = 6 * cfg.num_layers * per_layer * s
+  attn = 6 * cfg.num_layers * h * dh * s * s
+  head = 6 * d * cfg.vocab_size * n
+  return float(b * (decoder + attn + head))
 
 
-def decode_bound_tok_s(cfg, params, b: int, s: int, bw: float) -> float:
-  """Tokens/s if every decode step only streamed the weights and a full KV cache from HBM once."""
+def decode_bound_tok_s(cfg, params, b: int, cache_len: int, bw: float) -> float:
+  """Decode tokens/s if every decode step (one token for each of the B rows) only streamed all weights and the
+  KV cache of `cache_len` slots per row from HBM once. Our decode step reads the whole preallocated cache
+  (S = L + T slots, masked), so the script passes S; pass L + T/2 for a kernel that reads only filled slots."""
   w_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
-  kv_bytes = 2 * cfg.num_layers * b * s * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
+  kv_bytes = (2 * cfg.num_layers * b * cache_len * cfg.num_kv_heads * cfg.head_dim *
+              jnp.dtype(cfg.compute_dtype).itemsize)
   return b * bw / (w_bytes + kv_bytes)
 
 
 def peak_device_bytes(device) -> float | None:
+  """memory_stats' process-wide high-water mark (never reset), or None where the backend has none."""
   try:
     stats = device.memory_stats() or {}
   except Exception:  # noqa: BLE001 - the CPU client has no memory stats on some versions
     return None
   return stats.get("peak_bytes_in_use")
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree) if hasattr(a, "dtype")))
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -220,6 +277,9 @@ def build(name: str, dtype: str, mm: bool):
   return mllm.build(cfg)
 
 
+_VARIANTS_ALIVE = [0]  # train states built in this process so far (the scope of the peak memory figure)
+
+
 def run_preset(name: str, variants: list[str], work: Work, args) -> list[dict]:
   runners, inputs = {}, {}
   for v in variants:
@@ -227,32 +287,41 @@ def run_preset(name: str, variants: list[str], work: Work, args) -> list[dict]:
       raise ValueError(f"unknown variant {v!r}: expected shared, repeated or mm")
     model = build(name, args.dtype, v == "mm")
     params = model.init_params(jax.random.key(0))
-    runners[v] = Runner(model, params, dataclasses.replace(work, shared_prefix=v != "repeated"))
+    runners[v] = Runner(model, params, dataclasses.replace(work, shared_prefix=v != "repeated"), split_decode=True)
     inputs[v] = random_inputs(model.config, work, seed=1, frames=args.mm_frames if v == "mm" else 0,
                               audio=args.mm_audio if v == "mm" else 0)
+    _VARIANTS_ALIVE[0] += 1
   times = {v: [] for v in variants}
   for i in range(args.warmup + args.repeats):
     for v in variants:  # interleaved: a load change on a shared machine hits every variant alike
       times[v].append(runners[v].step(inputs[v], jax.random.key(100 + i)))
   dev = jax.devices()[0]
   kind, peak, bw = card(dev)
+  pk = peak_device_bytes(dev)
+  scope = ("this variant alone" if _VARIANTS_ALIVE[0] == 1 else
+           f"process-wide: {_VARIANTS_ALIVE[0]} train states built in this process (run one preset and variant "
+           "per process for a per-variant figure, as gpu.sh does)")
   rows = []
   for v in variants:
     timed = times[v][args.warmup:]
     med = {k: statistics.median(t[k] for t in timed) for k in timed[0]}
     cfg = runners[v].model.config
-    b, s = work.prompts * work.group, int(med["seq_len"])
+    b, s = int(med["rows"]), int(med["seq_len"])
     row = dict(preset=name, variant=v, device=kind, dtype=args.dtype,
                params=int(sum(a.size for a in jax.tree.leaves(runners[v].state.params))),
                median=med, min_step_s=min(t["step_s"] for t in timed), max_step_s=max(t["step_s"] for t in timed),
-               gen_tok_s=med["gen_tokens"] / med["gen_s"])
+               gen_tok_s=med["gen_tokens"] / med["gen_s"], decode_tok_s=med["decode_tokens"] / med["decode_s"],
+               update_flops=update_flops(cfg, b, s, int(med["loss_positions"])),
+               state_gib=tree_bytes(runners[v].state) / 2**30)
     if peak:
-      row["update_mfu"] = update_flops(cfg, b, s) / med["update_s"] / peak
+      row["update_mfu"] = row["update_flops"] / med["update_s"] / peak
     if bw:
       bound = decode_bound_tok_s(cfg, runners[v].state.params, b, s, bw)
-      row.update(decode_bound_tok_s=bound, gen_vs_bound=row["gen_tok_s"] / bound)
-    pk = peak_device_bytes(dev)
+      row.update(decode_bound_tok_s=bound, decode_vs_bound=row["decode_tok_s"] / bound,
+                 decode_bound_mean_cache_tok_s=decode_bound_tok_s(cfg, runners[v].state.params, b,
+                                                                  s - work.new_tokens // 2, bw))
     row["peak_device_gib"] = None if pk is None else pk / 2**30
+    row["peak_device_scope"] = scope
     rows.append(row)
   return rows
 
@@ -262,17 +331,108 @@ def _fmt(row: dict) -> str:
   extra = ""
   if "update_mfu" in row:
     extra += f"  MFU {100 * row['update_mfu']:.1f}%"
-  if "gen_vs_bound" in row:
-    extra += f"  gen {row['gen_tok_s']:.0f} tok/s = {100 * row['gen_vs_bound']:.1f}% of bound"
+  if "decode_vs_bound" in row:
+    extra += f"  decode {row['decode_tok_s']:.0f} tok/s = {100 * row['decode_vs_bound']:.1f}% of bound"
   if row.get("peak_device_gib") is not None:
-    extra += f"  peak {row['peak_device_gib']:.1f} GiB"
+    extra += f"  peak {row['peak_device_gib']:.1f} GiB ({row['peak_device_scope']})"
   return (f"| {row['preset']} | {row['variant']} | {row['params'] / 1e6:.1f}M | {m['step_s'] * 1e3:.0f} "
-          f"| {m['gen_s'] * 1e3:.0f} | {m['ref_s'] * 1e3:.0f} | {m['reward_s'] * 1e3:.0f} | {m['update_s'] * 1e3:.0f} "
-          f"| {row['gen_tok_s']:.0f} | {row['device']}{extra} |")
+          f"| {m['gen_s'] * 1e3:.0f} | {m['prefill_s'] * 1e3:.0f} | {m['decode_s'] * 1e3:.0f} "
+          f"| {m['ref_s'] * 1e3:.0f} | {m['reward_s'] * 1e3:.0f} | {m['update_s'] * 1e3:.0f} "
+          f"| {row['gen_tok_s']:.0f} | {row['decode_tok_s']:.0f} | {row['device']}{extra} |")
 
 
-HEADER = ("| preset | variant | params | step ms | generate ms | ref ms | reward+adv ms | update ms | gen tok/s "
-          "| device |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| preset | variant | params | step ms | generate ms | (prefill ms) | (decode ms) | ref ms | reward+adv ms "
+          "| update ms | gen tok/s | decode tok/s | device |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+# -------------------------------------------------------------------------------------------- breakdown
+
+BREAKDOWN_PARTS = ("hidden", "hidden+logp", "loss", "update", "hidden/noattn", "update/noattn")
+
+
+@contextlib.contextmanager
+def attention_as_identity():
+  """qwen2.attend -> q while active (trace inside it): the decoder without attention, for timing only."""
+  real = qwen2.attend
+  qwen2.attend = lambda q, k, v, mask: q
+  try:
+    yield
+  finally:
+    qwen2.attend = real
+
+
+def _median_s(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float, float]:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times), min(times), max(times)
+
+
+def breakdown(name: str, work: Work, args) -> dict:
+  """The update's parts timed in isolation on the work shape (BREAKDOWN_PARTS; random completions: the cost of
+  an update does not depend on the token values)."""
+  model = build(name, args.dtype, False)
+  cfg = model.config
+  params = model.init_params(jax.random.key(0))
+  b, t = work.prompts * work.group, work.new_tokens
+  rs = np.random.RandomState(2)
+  prompt = jax.tree.map(jnp.asarray, random_inputs(cfg, work, seed=1))
+  comp_BxT = jnp.asarray(rs.randint(16, min(cfg.vocab_size - 16, 1 << 20), (b, t)), jnp.int32)
+  batch = _assemble(prompt, comp_BxT, jnp.ones((b, t), bool), jnp.asarray(-rs.rand(b, t), jnp.float32),
+                    jnp.asarray(rs.randn(b), jnp.float32))
+  step_cfg = ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=work.beta)
+  start, s = batch.loss_start, batch.inputs.tokens.shape[1]
+  ct_BxSxD = jnp.asarray(rs.randn(b, s, cfg.d_model), cfg.jnp_compute_dtype)
+  mask = batch.completion_mask[:, start + 1:].astype(jnp.float32)
+
+  def hidden_loss(p):
+    h, _ = model.hidden(p, model.embed(p, batch.inputs))
+    return (h.astype(jnp.float32) * ct_BxSxD).sum()
+
+  def logp_loss(p):
+    logp, ent = ts._shifted_logp(model, p, batch.inputs, step_cfg.vocab_chunk, with_entropy=True, start=start)
+    return (logp * mask).sum() + jax.lax.stop_gradient(ent).mean()  # the entropy is logged, not differentiated
+
+  rl_loss = ts.make_rl_loss(model, step_cfg)
+  grads = {"hidden": hidden_loss, "hidden+logp": logp_loss, "loss": lambda p: rl_loss(p, batch, work.beta)[0]}
+  parts = [p for p in args.breakdown_parts.split(",") if p]
+  bad = sorted(set(parts) - set(BREAKDOWN_PARTS))
+  if bad:
+    raise ValueError(f"--breakdown_parts: unknown {bad}; expected some of {','.join(BREAKDOWN_PARTS)}")
+  out = {}
+  for part in parts:
+    base_part, _, noattn = part.partition("/")
+    ctx = attention_as_identity() if noattn else contextlib.nullcontext()
+    with ctx:  # traced and run inside: the jitted function keeps what it traced
+      if base_part == "update":
+        runner = Runner(model, jax.tree.map(jnp.copy, params), work)
+
+        def run_update(runner=runner):
+          runner.state, metrics = runner.update(runner.state, batch)
+          return metrics["loss"]
+        out[part] = _median_s(run_update, args.warmup, args.repeats)
+        del runner
+      else:
+        fn = jax.jit(jax.value_and_grad(grads[base_part]))
+        out[part] = _median_s(lambda fn=fn: fn(params), args.warmup, args.repeats)
+  return dict(preset=name, dtype=args.dtype, rows=b, seq_len=s, loss_positions=s - 1 - start,
+              vocab=cfg.vocab_size, params=int(sum(a.size for a in jax.tree.leaves(params))),
+              device=card(jax.devices()[0])[0], parts={k: v[0] for k, v in out.items()},
+              parts_min_max={k: [v[1], v[2]] for k, v in out.items()})
+
+
+def _fmt_breakdown(row: dict) -> list[str]:
+  lines = [f"{row['preset']} ({row['params'] / 1e6:.1f}M params, {row['rows']} rows x {row['seq_len']} tokens, "
+           f"{row['loss_positions']} loss positions, vocab {row['vocab']}, {row['dtype']}, {row['device']}):", "",
+           "| part | median s | min-max s |", "|---|---|---|"]
+  for k, v in row["parts"].items():
+    lo, hi = row["parts_min_max"][k]
+    lines.append(f"| {k} | {v:.3f} | {lo:.3f}-{hi:.3f} |")
+  return lines
 
 
 def main(argv=None) -> list[dict]:
@@ -288,9 +448,14 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--breakdown", action="store_true",
+                  help="time the update's parts in isolation (no generation) instead of whole steps")
+  ap.add_argument("--breakdown_parts", default=",".join(BREAKDOWN_PARTS),
+                  help=f"with --breakdown: some of {','.join(BREAKDOWN_PARTS)}")
   ap.add_argument("--json", default=None, help="also write the rows here")
   args = ap.parse_args(argv)
-  if args.mm_frames + args.mm_audio >= args.prompt_len:
+  mm = not args.breakdown and "mm" in args.variants.split(",")
+  if mm and args.mm_frames + args.mm_audio >= args.prompt_len:
     raise ValueError(f"--mm_frames + --mm_audio ({args.mm_frames + args.mm_audio}) must leave text in a "
                      f"--prompt_len {args.prompt_len} prompt")
   work = Work(prompts=args.prompts, prompt_len=args.prompt_len, group=args.group, new_tokens=args.new_tokens)
@@ -299,9 +464,15 @@ def main(argv=None) -> list[dict]:
         f"jax {jax.__version__}, {platform.python_version()}, {time.strftime('%Y-%m-%d')}; P={args.prompts} "
         f"L={args.prompt_len} G={args.group} T={args.new_tokens} {args.dtype}; median of {args.repeats} after "
         f"{args.warmup} warm-up", flush=True)
-  print(HEADER, flush=True)
   rows = []
-  for name in args.presets.split(","):
+  if args.breakdown:
+    for name in args.presets.split(","):
+      row = breakdown(name, work, args)
+      print("\n".join(_fmt_breakdown(row)) + "\n", flush=True)
+      rows.append(row)
+  else:
+    print(HEADER, flush=True)
+  for name in [] if args.breakdown else args.presets.split(","):
     for row in run_preset(name, args.variants.split(","), work, args):
       print(_fmt(row), flush=True)
       rows.append(row)

@@ -55,6 +55,11 @@ def get_config(arg=None):
   c.num_shards = 1  # clips are split over processes: shard i takes sorted clips i, i+n, i+2n, ...
   c.shard_index = 0  # this process's shard (also settable with --shard_index)
   c.resume = True  # skip clips whose record exists, and shards whose summary says they finished
+  # Rerun a finished shard anyway, so that its clips without a record (the failed ones, listed in its failures
+  # file) are tried again; written records are still skipped. Also the --retry_failed flag.
+  c.retry_failed = False
   c.on_error = "skip"  # bad clip: "skip" (count, list in the failures file, go on) | "raise" (stop)
-  c.tfds_data_dir = ""  # non-empty: build the mer_features TFDS dataset there once every shard has finished
+  # Non-empty: build the mer_features TFDS dataset there once every shard has finished (the last shard to
+  # finish does it, under a lock file; or run once more with --finalize to build it alone).
+  c.tfds_data_dir = ""
   return c

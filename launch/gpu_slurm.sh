@@ -2,11 +2,18 @@
 # Multi-node GPU training under SLURM. Submit from the repository root (its .venv installed with JAX's CUDA
 # extra on a filesystem every node sees):
 #
-#   sbatch --nodes=2 launch/gpu_slurm.sh \
-#       --config configs/base.py:model=qwen2_5_omni_7b_thinker,data=mer_features \
+#   sbatch --nodes=1 launch/gpu_slurm.sh \
+#       --config configs/base.py:model=qwen2_5_omni_7b_thinker,data=mer_features,mesh=gpu8 \
 #       --config.model.hf_path=/shared/Qwen2.5-Omni-7B --config.data.records_dir=/shared/records \
-#       --config.data.tokenizer_dir=/shared/Qwen2.5-Omni-7B --config.mesh.shape='(1,16,1)' \
 #       --workdir /shared/runs/merr1
+#   sbatch --nodes=2 launch/gpu_slurm.sh \
+#       --config configs/base.py:model=qwen2_5_omni_7b_thinker,data=mer_features,mesh=fsdp \
+#       --config.model.hf_path=/shared/Qwen2.5-Omni-7B --config.data.records_dir=/shared/records \
+#       --config.rl.prompts_per_step=16 --workdir /shared/runs/merr1
+#
+# mesh=gpu8 is (1, 8, 1) for one node of 8 GPUs; mesh=fsdp, (1, -1, 1), shards over every GPU of the job, and
+# the prompts of a step must divide over them (16 on 2 nodes). The tokenizer is read from model.hf_path.
+# Expected memory per GPU for the 7B thinker: docs/running_at_scale.md.
 #
 # PER=gpu (default): one process per GPU. jax.distributed auto-detects SLURM (merr1_jax.sharding.init_distributed
 #   calls it when SLURM_NTASKS > 1): coordinator = the first node of the step, rank = SLURM_PROCID, and each

@@ -3,10 +3,10 @@
 #
 #   TPU_NAME=merr1-v5p ZONE=us-east5-a launch/tpu_pod.sh setup
 #   TPU_NAME=merr1-v5p ZONE=us-east5-a launch/tpu_pod.sh train \
-#       --config configs/base.py:model=qwen2_5_omni_7b_thinker,data=mer_features \
+#       --config configs/base.py:model=qwen2_5_omni_7b_thinker,data=mer_features,mesh=v5p8 \
 #       --config.model.hf_path=/mnt/shared/Qwen2.5-Omni-7B --config.data.records_dir=/mnt/shared/records \
-#       --config.data.tokenizer_dir=/mnt/shared/Qwen2.5-Omni-7B --config.mesh.shape='(1,4,1)' \
 #       --workdir /mnt/shared/runs/merr1
+#   (a v4-32 pod slice, 4 workers: mesh=v4_32, the same command otherwise; the tokenizer is read from hf_path)
 #   TPU_NAME=... ZONE=... launch/tpu_pod.sh stop     # SIGTERM the trainers: checkpoint and exit 0
 #
 # setup: copies this checkout to REMOTE_DIR on every worker and installs it with JAX's TPU extra.

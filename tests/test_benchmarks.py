@@ -1,10 +1,14 @@
-"""Smoke checks for the benchmark scripts: they import, our side runs one tiny round, and the bookkeeping
-(aggregation, speed-ups, the docs section, the FLOP count) matches hand calculations. No peer is installed here."""
+"""Smoke checks for the benchmark scripts: they import, our side runs one tiny round (and the update breakdown),
+and the bookkeeping (aggregation, speed-ups, verdicts, the docs section, the step clock) matches hand
+calculations; the FLOP count matches XLA's own cost analysis. No peer is installed here, and nothing here is a
+performance figure (no timing is asserted)."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -42,21 +46,90 @@ def test_rl_step_one_tiny_round_all_variants(tmp_path):
   for r in rows:
     m = r["median"]
     assert m["gen_tokens"] == 2 * 2 * 8  # no stop id: every row decodes exactly new_tokens
-    assert m["seq_len"] == 32 + 8
-    for k in ("gen_s", "ref_s", "reward_s", "update_s"):
+    assert m["seq_len"] == 32 + 8 and m["rows"] == 4
+    assert m["loss_positions"] == 8  # loss_start = L - 1: only the completion columns are unembedded
+    assert m["decode_steps"] == 8 and m["decode_tokens"] == 4 * 7  # token 0 comes from the prefill logits
+    for k in ("gen_s", "ref_s", "reward_s", "update_s", "prefill_s", "decode_s"):
       assert m[k] > 0, k
     assert m["step_s"] >= m["gen_s"] + m["ref_s"] + m["update_s"]
-    assert "update_mfu" not in r and "gen_vs_bound" not in r  # CPU: no peak FLOP/s or HBM figure
-  assert out.exists()
+    assert r["update_flops"] == rl_step.update_flops(rl_step.build("tiny", "float32", r["variant"] == "mm").config,
+                                                     4, 40, 8)
+    assert "update_mfu" not in r and "decode_vs_bound" not in r  # CPU: no peak FLOP/s or HBM figure
+    assert "train states built in this process" in r["peak_device_scope"]  # several variants alive: said so
+  assert json.loads(out.read_text())[0]["variant"] == "shared"
 
 
-def test_update_flops_hand_count():
+def test_rl_step_breakdown_reports_every_part(tmp_path):
+  rows = rl_step.main(["--breakdown", "--presets", "tiny", "--prompts", "2", "--prompt_len", "16", "--group", "2",
+                       "--new_tokens", "4", "--warmup", "0", "--repeats", "1", "--json", str(tmp_path / "b.json")])
+  (row,) = rows
+  assert list(row["parts"]) == list(rl_step.BREAKDOWN_PARTS)
+  assert all(v > 0 for v in row["parts"].values())
+  assert (row["rows"], row["seq_len"], row["loss_positions"]) == (4, 20, 4)
+  from merr1_jax.models import layers
+  assert rl_step.qwen2.attend is layers.attend  # the identity patch is undone
+  with pytest.raises(ValueError, match="unknown"):
+    rl_step.main(["--breakdown", "--breakdown_parts", "hidden,nope", "--presets", "tiny"])
+
+
+def _xla_flops(v: int, b: int, length: int, t: int, loss_start: int) -> tuple[float, float]:
+  """(XLA cost-analysis FLOPs of the compiled RL loss value+gradient, update_flops) on the tiny preset."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from merr1_jax import rl
+  from merr1_jax import train_step as ts
+  cfg = rl_step.presets.get("tiny", vocab_size=v, video_dim=0, audio_dim=0)  # no scan, no remat: counts are flat
+  model = rl_step.mllm.build(cfg)
+  params = model.init_params(jax.random.key(0))
+  prompt = rl_step.random_inputs(cfg, rl_step.Work(prompts=b, prompt_len=length, group=1, new_tokens=t), seed=1)
+  comp = jnp.asarray(np.random.RandomState(2).randint(16, v - 16, (b, t)), jnp.int32)
+  batch = rl_step._assemble(prompt, comp, jnp.ones((b, t), bool), jnp.zeros((b, t)), jnp.ones((b,)))
+  batch = batch.replace(loss_start=loss_start)
+  loss_fn = ts.make_rl_loss(model, ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=0.04))
+  grad = jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04)[0])
+  cost = jax.jit(grad).lower(params).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  s = length + t
+  return cost["flops"], rl_step.update_flops(cfg, b, s, s - 1 - loss_start)
+
+
+def test_update_flops_match_xla_cost_analysis():
+  # An independent count: XLA's HloCostAnalysis of the compiled loss gradient (2 FLOPs per multiply-add). It also
+  # counts elementwise work (norms, softmax, the optimizer-free loss) and computes attention over the full S x S
+  # rather than the causal half, so it sits a few percent above the model-FLOP count, never below.
+  v, b, length, t = 2048, 2, 16, 8
+  full, want_full = _xla_flops(v, b, length, t, loss_start=0)  # every position unembedded: S - 1 = 23
+  cut, want_cut = _xla_flops(v, b, length, t, loss_start=length - 1)  # the trainer: T = 8 loss positions
+  for got, want in ((full, want_full), (cut, want_cut)):
+    assert 1.0 <= got / want < 1.08, (got, want)
+  # The LM head term alone: moving loss_start by 15 columns removes 15 x B positions x 6 x D x V FLOPs, in XLA's
+  # count and in ours. The old formula (head on all S positions) would predict no change at all.
+  head = 6 * 128 * v * b * 15
+  assert want_full - want_cut == head
+  assert (full - cut) / head == pytest.approx(1.0, abs=0.03)
+
+
+def test_update_flops_by_hand():
   cfg = rl_step.presets.get("tiny", vocab_size=100)
   # tiny: d 128, H 4, K 2, Dh 32, F 384, 2 layers. Per layer: q,o 2*128*4*32 = 32768; k,v 2*128*2*32 = 16384;
-  # mlp 3*128*384 = 147456 -> 196608; x2 layers = 393216, + head 128*100 = 406_016 matmul params.
-  b, s = 3, 10
-  want = b * s * (6 * 406_016 + 6 * 2 * 4 * 32 * s)
-  assert rl_step.update_flops(cfg, b, s) == want
+  # mlp 3*128*384 = 147456 -> 196608 per layer, 393216 for 2. B = 3, S = 10, loss on the last 4 positions.
+  decoder = 6 * 393_216 * 10  # per sequence
+  attention = 6 * 2 * 4 * 32 * 10 * 10
+  head = 6 * 128 * 100 * 4
+  assert rl_step.update_flops(cfg, 3, 10, 4) == 3 * (decoder + attention + head)
+  assert rl_step.update_flops(cfg, 3, 10) == 3 * (decoder + attention + 6 * 128 * 100 * 9)  # loss_start 0
+  with pytest.raises(ValueError, match="loss_positions"):
+    rl_step.update_flops(cfg, 3, 10, 10)
+
+
+def test_decode_bound_by_hand():
+  import numpy as np
+  cfg = rl_step.presets.get("tiny", vocab_size=100, compute_dtype="bfloat16")
+  params = {"w": np.zeros((1000,), np.float32)}  # 4000 bytes of weights
+  # KV: 2 (k, v) x 2 layers x B 4 x 10 slots x 2 KV heads x 32 x 2 bytes = 20480 bytes per decode step.
+  assert rl_step.decode_bound_tok_s(cfg, params, 4, 10, 1e9) == pytest.approx(4 * 1e9 / (4000 + 20480))
 
 
 def _run(step, gen, score, update, tokens=64.0, rss=100.0):
@@ -87,5 +160,111 @@ def test_write_section_replaces_only_its_own(tmp_path):
   assert doc.read_text().endswith("## RL step\nrows\n")
 
 
-def test_gpu_script_is_valid_bash():
-  subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu.sh")], check=True)
+def test_round_ratios_and_the_rendered_verdicts():
+  results = {"ours": [_run(2.0, 1.0, 0.5, 0.5), _run(4.0, 2.0, 1.0, 1.0)],
+             "trl": [_run(12.0, 8.0, 2.0, 2.0), _run(24.0, 16.0, 4.0, 4.0)],  # 6x both rounds: goal 5x met
+             "tunix": [_run(2.4, 1.0, 0.5, 0.9), {"error": 1}]}  # 1.2x in round 0, round 1 failed
+  assert compare.round_ratios(results, "trl") == [6.0, 6.0]
+  assert compare.round_ratios(results, "tunix") == [pytest.approx(1.2), None]
+  md = compare.report(results, _meta(note="quiet box"), None)["markdown"]
+  assert "against TRL: **6.00x** (median of the per-round ratios; rounds 6.00x, 6.00x)" in md
+  assert "Goal >= 5.0x: met." in md
+  # Tunix: 1.2x against the 1.5x goal, missed by 1.5 / 1.2 = 1.25; the failed round is shown as failed.
+  assert "against Tunix: **1.20x** (median of the per-round ratios; rounds 1.20x, failed)" in md
+  assert "Goal >= 1.5x: **missed**, by a factor of 1.25." in md
+  assert "Where the time goes" in md  # a missed goal points at the breakdown
+  assert "load average 1.5 at the start, 2.5 at the end" in md and "(shared)" not in md
+  assert "Note: quiet box" in md
+  assert "TRL: pip freeze (2 packages) equals `benchmarks/peers/requirements-trl.txt`" in md
+  assert "Tunix: pip freeze (1 packages) **differs** from" in md and "jax==0.1" in md
+  assert "Tunix failed (1 of 2 runs)" in md
+
+
+def _meta(**kw):
+  model = dict(params=18.9e6, vocab=8192, d_model=384, layers=10, heads=6, kv_heads=2, mlp=1024)
+  envs = {"trl": {"freeze": ["trl==1.16.0", "torch==2.13.0+cpu"], "pins": "benchmarks/peers/requirements-trl.txt",
+                  "matches_pins": True, "differences": []},
+          "tunix": {"freeze": ["jax==0.1"], "pins": "benchmarks/peers/requirements-tunix.txt", "matches_pins": False,
+                    "differences": ["jax==0.1", "jax==0.10.2"]}}
+  meta = dict(cpu="Test CPU", cores=2, load=1.5, load_end=2.5, date="2026-01-01", rounds=2, warmup=1, steps=2,
+              impls=["ours", "trl", "tunix"], commands=["python benchmarks/compare.py"], model=model, envs=envs,
+              errors={"tunix": {"runs": 1, "tail": "boom"}})
+  return {**meta, **kw}
+
+
+def test_from_json_rerenders_the_same_section(tmp_path):
+  results = {"ours": [_run(2.0, 1.0, 0.5, 0.5)], "trl": [_run(3.0, 2.0, 0.5, 0.5)]}
+  meta = _meta(impls=["ours", "trl"], errors={}, envs={}, load_end=None)
+  saved = tmp_path / "run.json"
+  saved.write_text(json.dumps(dict(results=results, meta=meta)))
+  doc = tmp_path / "b.md"
+  doc.write_text("# Benchmarks\n\n## Peers\nold\n\n## RL step\nkeep\n")
+  out = compare.main(["--from_json", str(saved), "--docs", str(doc)])
+  text = doc.read_text()
+  assert out["markdown"] in text and "old" not in text and "## RL step\nkeep\n" in text
+  assert "against TRL: **1.50x**" in text and "**missed**, by a factor of 3.33" in text  # 5 / 1.5
+  assert "load average 1.5 at the start;" in text  # an older run without the end load still renders
+  assert compare.main(["--from_json", str(saved), "--no_docs"])["markdown"] == out["markdown"]
+
+
+def test_peer_env_compares_the_freeze_with_the_pins(tmp_path, monkeypatch):
+  monkeypatch.setattr(compare, "PEERS", str(tmp_path))
+  (tmp_path / ".venvs").mkdir()
+  (tmp_path / "requirements-trl.txt").write_text("# pins\nArray_Record==0.8.6\ntorch==2.13.0+cpu  # cpu\n")
+  assert compare.peer_env("trl")["freeze"] is None
+  (tmp_path / ".venvs" / "trl.freeze.txt").write_text("array-record==0.8.6\ntorch==2.13.0+cpu\nsetuptools==1\n")
+  assert compare.peer_env("trl")["matches_pins"] is True  # names normalised, setuptools ignored
+  (tmp_path / ".venvs" / "trl.freeze.txt").write_text("array-record==0.8.6\ntorch==2.13.0\n")
+  env = compare.peer_env("trl")
+  assert env["matches_pins"] is False and env["differences"] == ["torch==2.13.0", "torch==2.13.0+cpu"]
+
+
+def test_step_clock_is_wall_clock_from_step_end_to_step_end(monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(spec.time, "perf_counter", lambda: now[0])
+  clock = spec.StepClock()
+  with pytest.raises(RuntimeError, match="begin"):
+    clock.lap()
+  clock.begin()
+  now[0] += 1.0  # loop overhead before the first phase: part of the step
+  clock.add("gen_s", 2.0)
+  now[0] += 4.0  # phases that took 2 s of a 4 s stretch (e.g. overlapping work)
+  clock.lap(gen_tokens=8)
+  now[0] += 3.0
+  clock.add("gen_s", 1.0)
+  clock.add("gen_s", 0.5)
+  clock.lap()
+  assert clock.steps == [{"gen_s": 2.0, "step_s": 5.0, "gen_tokens": 8}, {"gen_s": 1.5, "step_s": 3.0}]
+
+
+def test_peer_pins_are_exact_and_torch_is_the_cpu_build():
+  pins = {}
+  for impl in ("trl", "tunix"):
+    with open(os.path.join(ROOT, "benchmarks", "peers", f"requirements-{impl}.txt")) as f:
+      lines = [l.split("#")[0].strip() for l in f if l.split("#")[0].strip()]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[A-Za-z0-9_.+-]+", l) for l in lines), impl
+    pins[impl] = dict(l.split("==") for l in lines)
+  assert pins["trl"]["trl"] == "1.16.0" and pins["trl"]["torch"] == "2.13.0+cpu"
+  assert pins["trl"]["transformers"] == "5.24.0"  # the project's own
+  assert pins["tunix"]["google-tunix"] == "0.1.7" and "torch" not in pins["tunix"]
+  with open(os.path.join(ROOT, "pyproject.toml")) as f:
+    project = dict(re.findall(r'"([a-z0-9_.-]+)==([^"]+)"', f.read()))
+  assert pins["tunix"]["jax"] == project["jax"] and pins["tunix"]["flax"] == project["flax"]
+  script = os.path.join(ROOT, "benchmarks", "peers", "setup.sh")
+  subprocess.run(["bash", "-n", script], check=True)
+  with open(script) as f:
+    text = f.read()
+  assert "--no-deps" in text and "torch.version.cuda" in text and "check_torch_cpu" in text
+
+
+def test_gpu_script_is_valid_bash_and_pins_the_project_versions():
+  path = os.path.join(ROOT, "benchmarks", "gpu.sh")
+  subprocess.run(["bash", "-n", path], check=True)
+  with open(path) as f:
+    text = f.read()
+  assert "<pinned>" not in text
+  with open(os.path.join(ROOT, "pyproject.toml")) as f:
+    project = dict(re.findall(r'"([a-z0-9_.-]+)==([^"]+)"', f.read()))
+  for name in ("grain", "array-record", "ml-collections"):
+    assert f"{name}=={project[name]}" in text, name
+  assert "--python-version 3.12" in text and "cp312" in text

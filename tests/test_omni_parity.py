@@ -22,49 +22,11 @@ av = pytest.importorskip("av")
 from merr1_jax.data import media, pipeline, preprocess, schema  # noqa: E402
 from merr1_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from merr1_jax.models import base, hf_io, mllm  # noqa: E402
+from tests.helpers.omni import write_omni_tokenizer, write_random_clip  # noqa: E402
 
 D, VOCAB = 64, 151_680  # the vocabulary must reach past the Omni marker ids (ecosystem.md pitfall 9)
-OMNI_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|AUDIO|>": 151646,
-            "<|audio_bos|>": 151647, "<|audio_eos|>": 151648, "<|vision_bos|>": 151652,
-            "<|vision_eos|>": 151653, "<|IMAGE|>": 151655, "<|VIDEO|>": 151656}
 # name -> (frames, video fps, audio seconds, audio sample rate). "long" spans three 2 s chunks.
 CLIPS = {"short": (6, 4, 1.3, 22050), "long": (40, 8, 5.0, 44100)}
-
-
-def write_omni_tokenizer(directory):
-  """Bytes at ids 0..255 (no merges) and the Omni chat/media markers at their real ids."""
-  import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers
-  vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-  vocab.update(OMNI_IDS)
-  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in OMNI_IDS])
-  tok.save(os.path.join(directory, "tokenizer.json"))
-
-
-def write_clip(path, n_frames, fps, audio_s, sr, *, seed=0, w=60, h=44):
-  rng = np.random.RandomState(seed)
-  c = av.open(str(path), "w")
-  vs = c.add_stream("mpeg4", rate=fps)
-  vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-  a = c.add_stream("aac", rate=sr)
-  a.layout = "mono"
-  for _ in range(n_frames):
-    for p in vs.encode(av.VideoFrame.from_ndarray((rng.rand(h, w, 3) * 255).astype(np.uint8), format="rgb24")):
-      c.mux(p)
-  for p in vs.encode():
-    c.mux(p)
-  t = np.arange(int(audio_s * sr)) / sr
-  frame = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 330 * t) * (1 + t)).astype(np.float32)[None],
-                                     format="flt", layout="mono")
-  frame.sample_rate = sr
-  for p in a.encode(frame):
-    c.mux(p)
-  for p in a.encode():
-    c.mux(p)
-  c.close()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +56,7 @@ def omni(tmp_path_factory):
   videos = root / "video"
   videos.mkdir()
   for i, (name, spec) in enumerate(CLIPS.items()):
-    write_clip(videos / f"{name}.mp4", *spec, seed=i)
+    write_random_clip(videos / f"{name}.mp4", *spec, seed=i, rising=True)
   (root / "label.csv").write_text('name,openset\nshort,"happy, surprised"\nlong,sad\n')
   (root / "subtitle.csv").write_text("name,english\nshort,Hello there\nlong,Oh no. Not again!\n")
 

@@ -251,6 +251,112 @@ def test_shards_are_disjoint_and_the_job_resumes(tmp_path, tok):
   assert (out / "clip2.rec").exists() and (out / "clip0.rec").read_bytes() == before
 
 
+def test_unparsable_label_rows_are_counted_once_over_the_shards(tmp_path, tok):
+  names = [f"clip{i}" for i in range(4)]
+  _inputs(tmp_path, {n: {"n_frames": 4} for n in names})
+  # Two bad rows: an empty open set ("[]" parses to no label) and a row with no clip name.
+  with open(tmp_path / "label.csv", "a") as f:
+    f.write("h_badlabel,[]\n,happy\n")
+  summaries = [preprocess.run(_cfg(tmp_path, num_shards=3, shard_index=i), encoder=MeanColourEncoder(),
+                              tokenizer=tok) for i in range(3)]
+  assert [s["clips"] for s in summaries] == [2, 1, 1] and sum(s["written"] for s in summaries) == 4
+  # Every shard read the whole label file; only shard 0 reports its bad rows, so the sums count each once.
+  assert [s["bad_label_rows"] for s in summaries] == [2, 0, 0]
+  assert sum(s["failed"] for s in summaries) == 2
+  assert summaries[0]["failed_by_field"] == {"openset": 1, "name": 1}
+  with open(preprocess.failures_path(_cfg(tmp_path, num_shards=3, shard_index=0))) as f:
+    rows = [json.loads(line) for line in f]
+  assert [(r["id"], r["field"]) for r in rows] == [("h_badlabel", "openset"), ("5", "name")]  # row 5 of the file
+  assert "empty label list" in rows[0]["reason"] and rows[0]["path"].endswith("label.csv")
+  for i in (1, 2):
+    with open(preprocess.failures_path(_cfg(tmp_path, num_shards=3, shard_index=i))) as f:
+      assert f.read() == ""
+  with pytest.raises(schema.BadRecordError, match="h_badlabel.*openset"):  # raise: any shard stops on them
+    preprocess.run(_cfg(tmp_path, num_shards=3, shard_index=2, on_error="raise", resume=False),
+                   encoder=MeanColourEncoder(), tokenizer=tok)
+
+
+class FlakyEncoder(MeanColourEncoder):
+  """Raises like a torch tower would (a RuntimeError, not a ClipError) on the clips it is told to."""
+
+  def __init__(self, fail_on_frames=()):
+    super().__init__()
+    self.fail_on_frames = set(fail_on_frames)
+
+  def encode(self, video, audio_N):
+    if video.total_frames in self.fail_on_frames:
+      raise RuntimeError(f"shape mismatch in the towers ({video.total_frames} frames)")
+    return super().encode(video, audio_N)
+
+
+def test_encoder_and_decoder_exceptions_are_per_clip_under_skip(tmp_path, tok, monkeypatch):
+  _inputs(tmp_path, {"a": {"n_frames": 4}, "b": {"n_frames": 6}, "c": {"n_frames": 4}, "d": {"n_frames": 4}})
+  real = media.read_audio
+
+  def read_audio(path, **kw):
+    if os.path.basename(path).startswith("c."):
+      raise MemoryError("no memory to resample")  # not a MediaError: an unexpected decoder failure
+    return real(path, **kw)
+
+  monkeypatch.setattr(preprocess.media, "read_audio", read_audio)
+  cfg = _cfg(tmp_path, on_error="skip")
+  summary = preprocess.run(cfg, encoder=FlakyEncoder(fail_on_frames={6}), tokenizer=tok)
+  assert (summary["written"], summary["failed"]) == (2, 2)
+  assert summary["failed_by_field"] == {"encoder": 1, "decode": 1}
+  with open(preprocess.failures_path(cfg)) as f:
+    rows = {d["id"]: d for d in map(json.loads, f)}
+  assert rows["b"]["exception"] == "RuntimeError" and "shape mismatch" in rows["b"]["reason"]
+  assert rows["b"]["path"].endswith("b.mp4")
+  assert rows["c"]["exception"] == "MemoryError" and rows["c"]["field"] == "decode"
+  assert sorted(p.stem for p in (tmp_path / "out" / "train").glob("*.rec")) == ["a", "d"]
+
+  # raise: the original exception, traceback and all, after the failures file names it; no summary.
+  cfg = _cfg(tmp_path, on_error="raise", resume=False, output_dir=str(tmp_path / "out2"))
+  with pytest.raises(RuntimeError, match="shape mismatch"):
+    preprocess.run(cfg, encoder=FlakyEncoder(fail_on_frames={6}), tokenizer=tok)
+  with open(preprocess.failures_path(cfg)) as f:
+    assert [(d["id"], d["exception"]) for d in map(json.loads, f)] == [("b", "RuntimeError")]
+  assert not os.path.exists(preprocess.summary_path(cfg))
+
+
+def test_retry_failed_reruns_only_the_failed_clips_of_a_finished_shard(tmp_path, tok):
+  _inputs(tmp_path, {"a": {"n_frames": 4}, "b": {"n_frames": 6}, "c": {"n_frames": 4}},
+          subtitles=["a", "c"])  # b has no subtitle yet
+  cfg = _cfg(tmp_path, tfds_data_dir=str(tmp_path / "tfds"))
+  first = preprocess.run(cfg, encoder=MeanColourEncoder(), tokenizer=tok)
+  assert (first["written"], first["failed"]) == (2, 1)
+  builder = preprocess.build_tfds(cfg)
+  assert len(tfds_builders.TfdsSource(builder, "train")) == 2
+  (tmp_path / "subtitle.csv").write_text("name,english\n" + "".join(f"{n},Hello there {n}\n" for n in "abc"))
+  enc = MeanColourEncoder()
+  assert preprocess.run(cfg, encoder=enc, tokenizer=tok)["resumed_finished_shard"] and enc.calls == 0
+  cfg.retry_failed = True
+  again = preprocess.run(cfg, encoder=enc, tokenizer=tok)
+  assert (enc.calls, again["written"], again["existing"], again["failed"]) == (1, 1, 2, 0)
+  with open(preprocess.failures_path(cfg)) as f:
+    assert f.read() == ""  # the shard's failures file now lists what is still failing: nothing
+  # The TFDS dataset built before the retry is stale: the next build sees the records changed and rebuilds.
+  builder = preprocess.build_tfds(cfg)
+  assert len(tfds_builders.TfdsSource(builder, "train")) == 3
+  with open(preprocess.tfds_state_path(cfg)) as f:
+    assert json.load(f)["fingerprint"] == preprocess.records_fingerprint(cfg.output_dir)
+
+
+def test_tfds_build_is_refused_while_another_process_holds_the_lock(tmp_path, tok):
+  _inputs(tmp_path, {"a": {"n_frames": 4}})
+  cfg = _cfg(tmp_path, tfds_data_dir=str(tmp_path / "tfds"))
+  preprocess.run(cfg, encoder=MeanColourEncoder(), tokenizer=tok)
+  with open(preprocess.tfds_lock_path(cfg), "w") as f:
+    f.write("pid 123 on otherhost since 2026-01-01 00:00:00\n")
+  with pytest.raises(preprocess.TfdsBuildBusy, match=r"_tfds_build.lock exists \(pid 123 on otherhost"):
+    preprocess.build_tfds(cfg)
+  assert not os.path.exists(tmp_path / "tfds" / "mer_features")  # nothing was built beside the holder
+  os.remove(preprocess.tfds_lock_path(cfg))
+  builder = preprocess.build_tfds(cfg)
+  assert len(tfds_builders.TfdsSource(builder, "train")) == 1
+  assert not os.path.exists(preprocess.tfds_lock_path(cfg))  # released after the build
+
+
 @pytest.mark.parametrize("layout", encoders.LAYOUTS)
 def test_records_feed_tfds_and_the_pipeline_with_their_position_ids(tmp_path, tok, layout):
   # x1: 6 s of video (6 frame pairs at 2 fps) and 5 s of audio (125 rows), three 2 s chunks when interleaved.
@@ -324,3 +430,7 @@ def test_cli_flags_summary_and_exit_codes(tmp_path):
   assert r.returncode == 2 and "ghost1" in r.stderr and "no video file" in r.stderr
   r = _cli(tmp_path, "--config.label_csv=", "--shard_index=3")
   assert r.returncode == 2 and "label_csv is required" in r.stderr and "shard_index=3" in r.stderr
+  # --finalize builds TFDS only, and only once every shard has finished (no shard of a 2-shard job ran here).
+  r = _cli(tmp_path, "--finalize", "--num_shards=2", f"--config.tfds_data_dir={tmp_path / 'tfds'}")
+  assert r.returncode == 2 and "2 of 2 shards have not finished" in r.stderr, r.stderr
+  assert not (tmp_path / "tfds").exists()

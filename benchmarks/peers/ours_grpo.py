@@ -4,6 +4,7 @@ Loads the checkpoint prepare.py exported (hf_io.load_hf: the same weights the pe
 and the same prompt ids, then runs benchmarks/rl_step.Runner steps: shared-prefix sampling of exactly 64 tokens
 per row (no stop id), reference log-probs by rollout.score, spec.reward on the decoded texts, group z-score
 advantages, one make_rl_step update (PPO-clip + 0.04 x k3 KL, AdamW, grad-norm clip 1.0), float32 on the CPU.
+The step time is spec.StepClock's wall clock from step end to step end; the phases are Runner.step's own timers.
 
   python benchmarks/peers/ours_grpo.py [--warmup 1] [--steps 3] [--out result.json]
 """
@@ -47,11 +48,14 @@ def main(argv=None) -> dict:
   ids = np.asarray(prompts["ids"], np.int32)
   inputs = base.ModelInputs(tokens=ids, positions=np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape),
                             mask=np.ones(ids.shape, bool))
-  steps = []
+  clock = spec.StepClock()
+  clock.begin()
   for i in range(args.warmup + args.steps):
     t = runner.step(inputs, jax.random.key(spec.SEED + i))
-    steps.append(dict(step_s=t["step_s"], gen_s=t["gen_s"], score_s=t["score_s"], ref_s=t["ref_s"],
-                      update_s=t["update_s"], gen_tokens=t["gen_tokens"], loss=t["loss"], reward=t["reward_mean"]))
+    for k in ("gen_s", "score_s", "ref_s", "update_s"):
+      clock.add(k, t[k])
+    clock.lap(gen_tokens=t["gen_tokens"], loss=t["loss"], reward=t["reward_mean"])
+  steps = clock.steps
   return spec.emit("ours", steps, args.warmup, args.out, versions={"jax": jax.__version__},
                    device=jax.devices()[0].device_kind, threads=os.cpu_count())
 

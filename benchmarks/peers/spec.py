@@ -11,8 +11,10 @@ reward (`reward`), the same tokenizer and the same random-init weights (exported
 checkpoint that every side loads).
 
 A script prints one JSON line prefixed with RESULT_TAG and also writes it to --out: per timed step the wall
-times of the whole step, the generation, the scoring (reference log-probs + rewards + advantages) and the update,
-the generated token count, plus the library versions. Warm-up steps (compilation, caches) are run and dropped.
+time of the whole step, from the end of the previous step to the end of this one (StepClock: the same
+measurement in all three, not a sum of phases), and separately the generation, the scoring (reference log-probs
++ rewards + advantages) and the update, the generated token count, plus the library versions. Warm-up steps
+(compilation, caches) are run and dropped.
 """
 
 from __future__ import annotations
@@ -75,21 +77,32 @@ def peak_rss_mib() -> float:
 
 
 class StepClock:
-  """Accumulates named phase times inside one step; `lap` closes the step."""
+  """Per-step wall clock, measured the same way in all three scripts.
+
+  A step's `step_s` is the wall time from the end of the previous step (or `begin()`, for the first step) to its
+  own end (`lap()`): everything the training loop does, end to end, whatever overlaps inside it. Named phases
+  (`add`: generation, scoring, update) accumulate between two laps and are reported beside it; they are not
+  summed into step_s."""
 
   def __init__(self):
     self.steps: list[dict] = []
     self._cur: dict = {}
-    self._t0 = None
+    self._last: float | None = None
 
-  def start(self):
-    self._cur, self._t0 = {}, time.perf_counter()
+  def begin(self):
+    """Starts the clock right before the training loop (the first step then includes the loop's own setup,
+    which the warm-up drops)."""
+    self._cur, self._last = {}, time.perf_counter()
 
   def add(self, name: str, seconds: float):
     self._cur[name] = self._cur.get(name, 0.0) + seconds
 
   def lap(self, **extra):
-    self._cur["step_s"] = time.perf_counter() - self._t0
+    if self._last is None:
+      raise RuntimeError("StepClock.lap before begin()")
+    now = time.perf_counter()
+    self._cur["step_s"] = now - self._last
+    self._last = now
     self._cur.update(extra)
     self.steps.append(self._cur)
     self._cur = {}

@@ -7,10 +7,12 @@ steps_per_generation 1 and num_iterations 1 (so TRL skips the old-log-prob pass,
 is k3), loss_type 'dapo' (token mean over the batch, our token_mean), scale_rewards 'group', max_grad_norm 1.0,
 AdamW lr 1e-6, max_completion_length 64 with generation_kwargs min_new_tokens 64, so EOS cannot end a row early.
 
-Timing: the trainer's own loop runs warm-up + timed steps; a callback times each optimizer step (on_step_begin
--> on_step_end), and the instance's `_generate_and_score_completions` (generation + reference log-probs +
-rewards + advantages) and `_generate_single_turn` (transformers generate) are wrapped with timers. Update =
-step - generate-and-score (the forward/backward and the optimizer step).
+Timing: the trainer's own loop runs warm-up + timed steps. The step time is spec.StepClock's wall clock from
+one optimizer step's end to the next (an on_step_end callback; the clock starts right before trainer.train()),
+the same measurement as ours and Tunix's. The instance's `_generate_and_score_completions` (generation +
+reference log-probs + rewards + advantages) and `_generate_single_turn` (transformers generate) are wrapped
+with timers. Update = step - generate-and-score: the forward/backward, the optimizer step and the trainer
+loop's own work between steps.
 
   .venvs/trl/bin/python benchmarks/peers/trl_grpo.py [--warmup 1] [--steps 3] [--out result.json]
 """
@@ -58,9 +60,6 @@ def main(argv=None) -> dict:
     return [spec.reward(c) for c in completions]
 
   class Clock(transformers.TrainerCallback):
-    def on_step_begin(self, *_, **__):
-      clock.start()
-
     def on_step_end(self, *_, **__):
       clock.lap(gen_tokens=tokens[-1] if tokens else float("nan"))
 
@@ -92,6 +91,7 @@ def main(argv=None) -> dict:
       return completion_ids, logprobs
 
     trainer._generate_single_turn = generate
+    clock.begin()
     trainer.train()
   for s in clock.steps:
     s["score_s"] = s.pop("score_total_s") - s["gen_s"]

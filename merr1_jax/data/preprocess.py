@@ -16,11 +16,17 @@ use_audio_in_video layout, the default) passes the runs as `media_runs` and stor
 way the training pipeline re-renders exactly these tokens from the record, so the recorded position ids line up.
 
 Scaling and resume: clips (sorted by name) are dealt round-robin to `num_shards` processes. A clip whose
-record exists is skipped; a shard whose summary file exists is skipped whole (resume=True).
+record exists is skipped; a shard whose summary file exists is skipped whole (resume=True), unless
+retry_failed=True, which reruns it so that only its clips without a record (the failed ones) are tried again.
 Bad input: any per-clip problem (unreadable/corrupt media, no audio track, zero-length clip, missing
-subtitle, missing video file, a label row that fails to parse) becomes a `ClipError` naming the clip, the
-field and the file. on_error='skip' counts it, appends it to `_failures.shard-*.jsonl` and goes on;
-'raise' stops the job with it. Each shard writes `_summary.shard-*.json` with the counts.
+subtitle, missing video file, an exception from the decoder or the encoder) becomes a `ClipError` naming the
+clip, the field and the file (and, for an unexpected exception, its type). on_error='skip' counts it, appends
+it to `_failures.shard-*.jsonl` and goes on; 'raise' stops the job with it (an unexpected exception is
+re-raised as it is, after the failures file is written). Label rows that fail to parse are not clips of any
+shard: shard 0 alone reports them (field `openset` or `name`), so summing the shards' counts counts each once;
+under 'raise' every shard stops on them. Each shard writes `_summary.shard-*.json` with the counts.
+TFDS: `build_tfds` runs under an O_EXCL lock file, so two shards finishing at once cannot build it together,
+and rebuilds only when the records changed since the last build; the CLI's --finalize runs it on its own.
 
 Shape legend: Nv/Na video/audio feature rows, D the LM width, L prompt tokens.
 """
@@ -29,9 +35,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from typing import Sequence
@@ -49,14 +57,19 @@ _FEATURE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtyp
 
 
 class ClipError(ValueError):
-  """One clip cannot be preprocessed: names the clip, the field and the file."""
+  """One clip cannot be preprocessed: names the clip, the field and the file (and the type of an unexpected
+  exception behind it, e.g. a RuntimeError from the towers)."""
 
-  def __init__(self, reason: str, *, clip: str, field: str, path: str = ""):
-    self.reason, self.clip, self.field, self.path = reason, clip, field, path
-    super().__init__(f"clip {clip!r} (field {field}{', file ' + path if path else ''}): {reason}")
+  def __init__(self, reason: str, *, clip: str, field: str, path: str = "", exception: str = ""):
+    self.reason, self.clip, self.field, self.path, self.exception = reason, clip, field, path, exception
+    super().__init__(f"clip {clip!r} (field {field}{', file ' + path if path else ''}): "
+                     f"{exception + ': ' if exception else ''}{reason}")
 
   def as_dict(self) -> dict:
-    return {"id": self.clip, "field": self.field, "path": self.path, "reason": self.reason}
+    d = {"id": self.clip, "field": self.field, "path": self.path, "reason": self.reason}
+    if self.exception:
+      d["exception"] = self.exception
+    return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +142,18 @@ class _LabelLog(schema.BadRecordLog):
 
 
 def read_clips(cfg, failures: list[ClipError]) -> list[Clip]:
-  """Label rows joined with subtitles, sorted by name. Bad label rows go to `failures` (or raise)."""
+  """Label rows joined with subtitles, sorted by name. Bad label rows go to `failures` (or raise): every shard
+  reads the whole file, so the caller reports them in one shard only (`owns_label_errors`)."""
   log = _LabelLog()
   anns = labels.read_openset_csv(cfg.label_csv, on_bad_record=cfg.on_error, log=log)
   failures += log.errors
   subs = (labels.read_subtitles_csv(cfg.subtitle_csv, column=cfg.subtitle_column) if cfg.subtitle_csv else {})
   return sorted((Clip(id=a.id, openset=a.openset, subtitle=subs.get(a.id)) for a in anns), key=lambda c: c.id)
+
+
+def owns_label_errors(cfg) -> bool:
+  """Bad label rows belong to no clip's shard: shard 0 reports them, the others only count its clips."""
+  return cfg.shard_index == 0
 
 
 def shard(clips: Sequence[Clip], num_shards: int, shard_index: int) -> list[Clip]:
@@ -281,31 +300,54 @@ def load_tokenizer(cfg, encoder):
   return tok
 
 
+def _guarded(cfg, clip: Clip, field: str, path: str, failures: list[ClipError], fn, *args):
+  """fn(*args) for one clip. A ClipError passes through. Any other exception (the decoder's, the towers') is
+  this clip's problem, not the job's: under on_error='skip' it becomes a ClipError in `field` that names the
+  exception type; under 'raise' it is recorded in the failures file and re-raised unchanged."""
+  try:
+    return fn(*args)
+  except ClipError:
+    raise
+  except Exception as e:  # noqa: BLE001 - see the docstring
+    err = ClipError(str(e) or repr(e), clip=clip.id, field=field, path=path, exception=type(e).__name__)
+    if cfg.on_error == "raise":
+      failures.append(err)
+      _write_failures(cfg, failures)
+      raise
+    raise err from e
+
+
 def run(cfg, *, encoder: encoders.Encoder | None = None, tokenizer=None) -> dict:
   """Processes this process's shard; returns the summary dict (also written to summary_path(cfg))."""
   validate(cfg)
   out_dir = os.path.join(cfg.output_dir, cfg.split)
   os.makedirs(out_dir, exist_ok=True)
-  if cfg.resume and os.path.isfile(summary_path(cfg)):
+  if cfg.resume and not cfg.retry_failed and os.path.isfile(summary_path(cfg)):
     with open(summary_path(cfg)) as f:
       done = json.load(f)
-    _log.info("shard %s already finished (%s); skipping", _shard_tag(cfg), summary_path(cfg))
+    _log.info("shard %s already finished (%s); skipping (retry_failed=True retries its failed clips)",
+              _shard_tag(cfg), summary_path(cfg))
     return {**done, "resumed_finished_shard": True}
   t0 = time.time()
-  failures: list[ClipError] = []
-  clips = shard(read_clips(cfg, failures), cfg.num_shards, cfg.shard_index)
-  if failures and cfg.on_error == "raise":
-    raise failures[0]
+  label_failures: list[ClipError] = []
+  clips = shard(read_clips(cfg, label_failures), cfg.num_shards, cfg.shard_index)
+  if label_failures and cfg.on_error == "raise":
+    raise label_failures[0]
+  failures = list(label_failures) if owns_label_errors(cfg) else []
   todo = [c for c in clips if not (cfg.resume and os.path.isfile(os.path.join(out_dir, f"{c.id}.rec")))]
   counts = collections.Counter(clips=len(clips), existing=len(clips) - len(todo))
   for clip in todo:
     try:
-      decoded = decode_clip(cfg, clip)
-      if encoder is None:  # loaded on the first clip that decodes: a job whose clips all fail early needs none
+      decoded = _guarded(cfg, clip, "decode", os.path.join(cfg.video_dir, clip.id), failures, decode_clip, cfg,
+                         clip)
+      # Loaded on the first clip that decodes (a job whose clips all fail early needs none), outside the
+      # per-clip handling: a checkpoint or tokenizer that cannot load stops the job under either policy.
+      if encoder is None:
         encoder = make_encoder(cfg)
       if tokenizer is None:
         tokenizer = load_tokenizer(cfg, encoder)
-      rec, layout = encode_clip(cfg, clip, decoded, encoder, tokenizer)
+      rec, layout = _guarded(cfg, clip, "encoder", decoded.video_path, failures, encode_clip, cfg, clip, decoded,
+                             encoder, tokenizer)
     except ClipError as e:
       _log.warning("%s", e)
       failures.append(e)
@@ -321,6 +363,7 @@ def run(cfg, *, encoder: encoders.Encoder | None = None, tokenizer=None) -> dict
   summary = {"shard": _shard_tag(cfg), "split": cfg.split, "layout": cfg.layout, "clips": counts["clips"],
              "written": counts["written"], "existing": counts["existing"], "failed": len(failures),
              "failed_by_field": dict(collections.Counter(e.field for e in failures)),
+             "bad_label_rows": len(label_failures) if owns_label_errors(cfg) else 0,
              "failures_file": failures_path(cfg), "seconds": round(time.time() - t0, 2)}
   _write_atomic(summary_path(cfg), json.dumps(summary, indent=2).encode())
   _log.info("preprocess %s: %s", _shard_tag(cfg), summary)
@@ -342,16 +385,94 @@ def _with_shard(cfg, index: int):
   return c
 
 
+def tfds_lock_path(cfg) -> str:
+  return os.path.join(cfg.output_dir, "_tfds_build.lock")
+
+
+def tfds_state_path(cfg) -> str:
+  return os.path.join(cfg.output_dir, "_tfds_build.json")
+
+
+def records_fingerprint(output_dir: str) -> str:
+  """A hash of every split's record files (name, size, mtime): changes when a record is added or rewritten."""
+  h = hashlib.sha256()
+  for split in sorted(d for d in os.listdir(output_dir) if os.path.isdir(os.path.join(output_dir, d))):
+    for name in sorted(n for n in os.listdir(os.path.join(output_dir, split)) if n.endswith(".rec")):
+      st = os.stat(os.path.join(output_dir, split, name))
+      h.update(f"{split}/{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()
+
+
+class TfdsBuildBusy(RuntimeError):
+  """Another process holds the TFDS build lock."""
+
+
 def build_tfds(cfg):
-  """The mer_features TFDS dataset over {output_dir} (every split folder) in cfg.tfds_data_dir."""
+  """The mer_features TFDS dataset over {output_dir} (every split folder) in cfg.tfds_data_dir.
+
+  Safe to call from every shard: the build runs under `{output_dir}/_tfds_build.lock`, created with O_EXCL
+  (TfdsBuildBusy when another process holds it; a lock left by a killed process names its pid and host, and
+  is removed by hand). A dataset already built from the same records is reused; one built from other records
+  (e.g. before a retry_failed rerun) is removed and rebuilt."""
+  import shutil
+
   from merr1_jax.data import tfds_builders
-  builder = tfds_builders.MerFeatures(records_dir=cfg.output_dir, data_dir=cfg.tfds_data_dir,
-                                      on_bad_record="raise")
-  tfds_builders.prepare(builder)
-  return builder
+  lock = tfds_lock_path(cfg)
+  try:
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    with open(lock, errors="replace") as f:
+      holder = f.read().strip()
+    raise TfdsBuildBusy(f"{lock} exists ({holder or 'no holder recorded'}): another process is building the "
+                        "TFDS dataset. If none is (it was killed), delete the lock and rerun with --finalize.")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    fingerprint = records_fingerprint(cfg.output_dir)
+    builder = tfds_builders.MerFeatures(records_dir=cfg.output_dir, data_dir=cfg.tfds_data_dir,
+                                        on_bad_record="raise")
+    state = {}
+    if os.path.isfile(tfds_state_path(cfg)):
+      with open(tfds_state_path(cfg)) as f:
+        state = json.load(f)
+    if builder.is_prepared():
+      if state.get("fingerprint") == fingerprint and state.get("data_dir") == builder.data_dir:
+        _log.info("TFDS dataset %s is up to date with the records", builder.data_dir)
+        return builder
+      _log.info("records changed since %s was built: rebuilding it", builder.data_dir)
+      shutil.rmtree(builder.data_dir)
+      builder = tfds_builders.MerFeatures(records_dir=cfg.output_dir, data_dir=cfg.tfds_data_dir,
+                                          on_bad_record="raise")
+    tfds_builders.prepare(builder)
+    _write_atomic(tfds_state_path(cfg), json.dumps({"data_dir": builder.data_dir,
+                                                    "fingerprint": fingerprint}).encode())
+    return builder
+  finally:
+    os.remove(lock)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+
+
+def _finalize(cfg) -> int:
+  """--finalize: the TFDS build step alone; exit code 2 when it cannot run yet (or another process runs it)."""
+  problems = [p for p in ("output_dir", "tfds_data_dir") if not cfg[p]]
+  if problems:
+    print(f"preprocess --finalize: {', '.join(problems)} required", file=sys.stderr)
+    return 2
+  missing = [summary_path(_with_shard(cfg, i)) for i in range(cfg.num_shards)
+             if not os.path.isfile(summary_path(_with_shard(cfg, i)))]
+  if missing:
+    print(f"preprocess --finalize: {len(missing)} of {cfg.num_shards} shards have not finished "
+          f"(no {missing[0]})", file=sys.stderr)
+    return 2
+  try:
+    builder = build_tfds(cfg)
+  except TfdsBuildBusy as e:
+    print(f"preprocess --finalize: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps({"tfds_data_dir": builder.data_dir, "splits": sorted(builder.info.splits)}))
+  return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,6 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.DEFINE_integer("num_shards", None, "overrides config.num_shards")
     flags.DEFINE_integer("shard_index", None, "overrides config.shard_index")
     flags.DEFINE_enum("on_error", None, list(ON_ERROR), "overrides config.on_error")
+    flags.DEFINE_boolean("retry_failed", None, "overrides config.retry_failed: rerun a finished shard's failed clips")
+    flags.DEFINE_boolean("finalize", False, "process no clip: build the TFDS dataset (config.tfds_data_dir) from "
+                         "the records once every shard has finished")
   FLAGS = flags.FLAGS
   result = {}
 
@@ -371,9 +495,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = FLAGS.config
     if cfg is None:
       raise app.UsageError("--config is required (e.g. --config configs/preprocess.py)")
-    for name in ("num_shards", "shard_index", "on_error"):
+    for name in ("num_shards", "shard_index", "on_error", "retry_failed"):
       if FLAGS[name].value is not None:
         cfg[name] = FLAGS[name].value
+    if FLAGS.finalize:
+      result["rc"] = _finalize(cfg)
+      return
     try:
       summary = run(cfg)
     except (ClipError, ValueError, FileNotFoundError) as e:
@@ -383,9 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(summary))
     if cfg.tfds_data_dir:
       if all_shards_finished(cfg):
-        build_tfds(cfg)
+        try:
+          build_tfds(cfg)
+        except TfdsBuildBusy as e:  # a shard that finished at the same moment builds it
+          print(f"preprocess: TFDS build left to the other process: {e}", file=sys.stderr)
       else:
-        print("preprocess: not every shard has finished; TFDS build left to the last one", file=sys.stderr)
+        print("preprocess: not every shard has finished; TFDS build left to the last one (or --finalize)",
+              file=sys.stderr)
     result["rc"] = 0
 
   try:
