@@ -11,6 +11,7 @@ import pytest
 
 from merr1_jax import rollout, sampling
 from merr1_jax.models import base, hf_io, mllm, safetensors_io
+from tests.helpers.torch_init import randomise
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -53,13 +54,6 @@ def _thinker_config(text_extra=None, **thinker_kw):
   return omni_cfg.Qwen2_5OmniThinkerConfig(text_config=text, audio_config=audio, vision_config=vision, **thinker_kw)
 
 
-def _randomise(module, std=0.2):
-  # HF's init gives zero biases and unit norms; random everything so each weight matters in the logits.
-  torch.manual_seed(0)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.normal_(0.0, std)
-  return module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +88,7 @@ def _our_logits(model, params, tokens):
     ("thinker_tied_text_untied", {"tie_word_embeddings": False}, {"tie_word_embeddings": True}, True),
 ])
 def test_thinker_tie_follows_the_thinker_flag_and_loads_strictly(tmp_path, variant, text_extra, thinker_kw, tied):
-  tm = _randomise(transformers.Qwen2_5OmniThinkerForConditionalGeneration(_thinker_config(text_extra, **thinker_kw)))
+  tm = randomise(transformers.Qwen2_5OmniThinkerForConditionalGeneration(_thinker_config(text_extra, **thinker_kw)))
   shares = tm.lm_head.weight.data_ptr() == tm.get_input_embeddings().weight.data_ptr()
   assert shares == tied, "transformers ties by the thinker-level flag (the premise of this test)"
   tm.save_pretrained(str(tmp_path))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from merr1_jax.models import base, hf_io, mllm
+from tests.helpers.torch_init import randomise
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -18,13 +19,6 @@ transformers = pytest.importorskip("transformers")
 D, V, L = 64, 128, 9
 
 
-def _randomise(module, std=0.2):
-  # HF's init gives near-zero biases and unit norms; random everything so each weight matters.
-  torch.manual_seed(0)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.normal_(0.0, std)
-  return module.eval()
 
 
 def _qwen2(tmp_path, tie):
@@ -32,7 +26,7 @@ def _qwen2(tmp_path, tie):
       vocab_size=V, hidden_size=D, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0, tie_word_embeddings=tie,
       rms_norm_eps=1e-6)
-  tm = _randomise(transformers.Qwen2ForCausalLM(hc))
+  tm = randomise(transformers.Qwen2ForCausalLM(hc))
   tm.save_pretrained(tmp_path)
   cfg = hf_io.config_from_hf(json.loads((tmp_path / "config.json").read_text()))
   model = mllm.MultimodalPolicy(cfg)
@@ -83,7 +77,7 @@ def test_omni_thinker_text_model_with_3d_positions_matches_transformers(tmp_path
       vocab_size=V, hidden_size=D, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, rms_norm_eps=1e-6,
       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-  tm = _randomise(mo.Qwen2_5OmniThinkerTextModel(hc))
+  tm = randomise(mo.Qwen2_5OmniThinkerTextModel(hc))
   tm.save_pretrained(tmp_path)  # bare text-model keys: embed_tokens.*, layers.*, norm.*
   cfg = hf_io.config_from_hf(json.loads((tmp_path / "config.json").read_text()))
   assert cfg.mrope_section == (2, 3, 3)
