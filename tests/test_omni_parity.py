@@ -23,6 +23,7 @@ from merr1_jax.data import media, pipeline, preprocess, schema  # noqa: E402
 from merr1_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from merr1_jax.models import base, hf_io, mllm  # noqa: E402
 from tests.helpers.omni import write_omni_tokenizer, write_random_clip  # noqa: E402
+from tests.helpers.torch_init import randomise  # noqa: E402
 
 D, VOCAB = 64, 151_680  # the vocabulary must reach past the Omni marker ids (ecosystem.md pitfall 9)
 # name -> (frames, video fps, audio seconds, audio sample rate). "long" spans three 2 s chunks.
@@ -45,11 +46,7 @@ def omni(tmp_path_factory):
                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}))
   cfg.vision_start_token_id = 151652  # ecosystem.md pitfall 9
-  torch.manual_seed(0)
-  thinker = mo.Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
-  with torch.no_grad():  # HF init leaves unit norms and zero biases; random everything so each weight matters
-    for p in thinker.parameters():
-      p.normal_(0.0, 0.2)
+  thinker = randomise(mo.Qwen2_5OmniThinkerForConditionalGeneration(cfg))
   thinker.save_pretrained(ckpt)
   write_omni_tokenizer(ckpt)
 

@@ -36,6 +36,7 @@ av = pytest.importorskip("av")
 from merr1_jax import prompts, rollout, sampling  # noqa: E402
 from merr1_jax.models import base, hf_io, mllm, safetensors_io  # noqa: E402
 from tests.helpers.omni import write_omni_tokenizer, write_random_clip  # noqa: E402
+from tests.helpers.torch_init import randomise  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, H, K, DH, F, LAYERS = 32, 2, 1, 16, 64, 2
@@ -113,11 +114,7 @@ def build_checkpoint(ckpt) -> None:
                        max_position_embeddings=4096,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}))
   cfg.vision_start_token_id = 151652  # ecosystem.md pitfall 9
-  torch.manual_seed(0)
-  thinker = mo.Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
-  with torch.no_grad():  # HF init leaves unit norms and zero biases; random everything so each weight matters
-    for p in thinker.parameters():
-      p.normal_(0.0, 0.2)
+  thinker = randomise(mo.Qwen2_5OmniThinkerForConditionalGeneration(cfg))
   thinker.save_pretrained(ckpt)
   write_omni_tokenizer(ckpt, TAG_IDS)
 
