@@ -1,5 +1,5 @@
-"""Training checkpoints (orbax): exact resume of the train state, the data position and the rng; preemption;
-export of the policy as a Hugging Face checkpoint.
+"""Training checkpoints (orbax): exact resume of the train state, the data position and the rng, and the check
+that a resumed run's config still gives the saved state its meaning.
 
 One ``Checkpointer`` per training stage directory (e.g. ``WORKDIR/checkpoints/sft``, ``.../rl``). A step
 directory holds three orbax items:
@@ -26,25 +26,22 @@ API:
     .wait()   .close()   (also a context manager)
   IncompatibleCheckpointError(ValueError): .differences = [(dotted key, stored, now), ...]
   config_differences(stored, now, ignore_keys) -> list of (key, stored, now)
-  PreemptionGuard(signals=(SIGTERM,), *, sigint=False): context manager; .requested, .signal,
-    .any_process_requested() (the flag OR-ed over processes; a collective: every process must call it)
-  export_hf(params, model_config, out_dir, *, overwrite=False, **save_hf_kwargs) -> list[str]
-  abstract_with_shardings(state, shardings) -> ShapeDtypeStruct pytree carrying the shardings
-  write_text_atomic(path, text): a small file (results, configs) written aside and renamed into place
+  abstract_with_shardings(state, shardings) -> ShapeDtypeStruct pytree carrying the shardings (restore's target)
 
-Multi-host: every process constructs the Checkpointer and calls save / restore / export_hf (orbax and the
-gathers are collective); only process 0 writes the JSON and the HF files, each process its own data position.
+The rest of a run's way through a crash or a preemption lives beside this module: ``preemption.PreemptionGuard``
+(SIGTERM -> a save at the next step boundary) and ``artifacts`` (results and configs written atomically, the
+final policy exported as a Hugging Face checkpoint).
+
+Multi-host: every process constructs the Checkpointer and calls save / restore (orbax is collective); only
+process 0 writes the JSON, each process its own data position.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import logging
 import os
-import shutil
-import signal
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -190,24 +187,6 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
   if isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), state)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to a temp file in `path`'s directory, flushes it to disk and renames it over `path`: a
-  reader (or a crash) sees the old file or the new one, never half of one."""
-  path = os.fspath(path)
-  # Named by the process (not mkstemp, whose files are private to the owner): the file gets the usual mode.
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
 
 
 # ---------------------------------------------------------------------------------------------------- rng
@@ -382,81 +361,3 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-# ---------------------------------------------------------------------------------------------- preemption
-
-
-class PreemptionGuard:
-  """Turns SIGTERM (and SIGINT with sigint=True) into a flag checked at step boundaries, so the trainer can save
-  and exit 0 instead of dying mid-step. A second SIGINT raises KeyboardInterrupt (a way out when a save
-  hangs). Installs its handlers on enter (main thread only) and puts the previous ones back on exit."""
-
-  def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), *, sigint: bool = False):
-    self.signals = tuple(dict.fromkeys(tuple(signals) + ((signal.SIGINT,) if sigint else ())))
-    self.requested = False
-    self.signal: int | None = None
-    self._previous: dict[int, Any] = {}
-
-  def _handle(self, signum, frame) -> None:
-    del frame
-    if signum == signal.SIGINT and self.requested:
-      raise KeyboardInterrupt
-    self.requested, self.signal = True, signum
-
-  def __enter__(self) -> "PreemptionGuard":
-    for s in self.signals:
-      self._previous[s] = signal.signal(s, self._handle)  # ValueError off the main thread: loud, on purpose
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for s, prev in self._previous.items():
-      signal.signal(s, prev)
-    self._previous.clear()
-
-  def any_process_requested(self) -> bool:
-    """`requested` OR-ed over all processes (one may be signalled before the others). A collective: all
-    processes must call it at the same step."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
-    return bool(np.asarray(flags).any())
-
-
-# ------------------------------------------------------------------------------------------------- export
-
-
-def export_hf(params: Any, model_config: Any, out_dir: str | os.PathLike, *, overwrite: bool = False,
-              **kw: Any) -> list[str]:
-  """Writes the policy as a HF checkpoint (``models.hf_io.save_hf``; kw: dtype, layout, hf_config,
-  max_shard_bytes, copy_from; ``hf_io.export_kwargs(config.model.hf_path)`` gives layout and copy_from for a
-  run that started from an Omni checkpoint, so that the export carries its towers). Every process calls it:
-  arrays sharded over hosts are gathered, process 0 writes into a tmp directory renamed to `out_dir` at the
-  end (a crash never leaves a half export under the final name).
-  Returns the file names (empty on other processes)."""
-  from merr1_jax.models import hf_io
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  multi = jax.process_count() > 1
-  if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
-    from jax.experimental import multihost_utils
-    params = multihost_utils.process_allgather(params, tiled=True)
-  files: list[str] = []
-  if jax.process_index() == 0:
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-      raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    tmp = out_dir + ".export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    files = hf_io.save_hf(params, model_config, tmp, **kw)
-    if os.path.exists(out_dir):
-      old = out_dir + ".export-old"
-      shutil.rmtree(old, ignore_errors=True)
-      os.replace(out_dir, old)
-      os.replace(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, out_dir)
-  if multi:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"export_hf {out_dir}")
-  return files

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from merr1_jax import checkpoint
+from merr1_jax import artifacts
 
 
 def _scalar(v) -> float | int:
@@ -42,7 +42,7 @@ class MetricsWriter:
       return
     keep = [line for line in self.path.read_text().splitlines()
             if line.strip() and not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > step)]
-    checkpoint.write_text_atomic(self.path, "".join(line + "\n" for line in keep))
+    artifacts.write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
   def write(self, stage: str, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

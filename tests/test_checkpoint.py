@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from merr1_jax import checkpoint, optim, sharding
+from merr1_jax import artifacts, checkpoint, optim, preemption, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, hf_io, mllm
@@ -195,15 +195,15 @@ def test_incompatible_config_error_says_how_to_force(tmp_path):
 
 def test_write_text_atomic_replaces_whole_files_only(tmp_path, monkeypatch):
   path = tmp_path / "results.json"
-  checkpoint.write_text_atomic(path, "old")
+  artifacts.write_text_atomic(path, "old")
   assert path.read_text() == "old" and os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
   # A failure before the rename leaves the old file whole, and no temp file behind.
   monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
   with pytest.raises(OSError, match="disk gone"):
-    checkpoint.write_text_atomic(path, "new")
+    artifacts.write_text_atomic(path, "new")
   monkeypatch.undo()
   assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
-  checkpoint.write_text_atomic(path, "new")
+  artifacts.write_text_atomic(path, "new")
   assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
@@ -295,7 +295,7 @@ def test_preemption_guard_sets_the_flag_and_restores_handlers():
   sentinel = lambda signum, frame: calls.append(signum)  # noqa: E731
   prev_term, prev_int = signal.signal(signal.SIGTERM, sentinel), signal.getsignal(signal.SIGINT)
   try:
-    with checkpoint.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
       assert not guard.requested
       os.kill(os.getpid(), signal.SIGTERM)
       assert _wait_for(lambda: guard.requested)  # still alive: the signal only set the flag
@@ -304,7 +304,7 @@ def test_preemption_guard_sets_the_flag_and_restores_handlers():
     assert signal.getsignal(signal.SIGTERM) is sentinel and not calls
     os.kill(os.getpid(), signal.SIGTERM)  # the previous handler is live again
     assert _wait_for(lambda: calls == [signal.SIGTERM])
-    with checkpoint.PreemptionGuard(sigint=True) as guard:
+    with preemption.PreemptionGuard(sigint=True) as guard:
       os.kill(os.getpid(), signal.SIGINT)
       assert _wait_for(lambda: guard.requested) and guard.signal == signal.SIGINT
       with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C is the way out of a stuck save
@@ -317,16 +317,16 @@ def test_preemption_guard_sets_the_flag_and_restores_handlers():
 
 def test_export_hf_round_trips_through_load_hf(model, state, tmp_path):
   out = tmp_path / "hf"
-  files = checkpoint.export_hf(state.params, model.config, out, dtype="float32")
+  files = artifacts.export_hf(state.params, model.config, out, dtype="float32")
   assert "config.json" in os.listdir(out) and any(f.endswith(".safetensors") for f in os.listdir(out))
   assert set(files) <= set(os.listdir(out))
   loaded, report = hf_io.load_hf(str(out), model)
   assert report.clean and report.loaded > 0
   _assert_identical(loaded, _host(state.params))
   with pytest.raises(FileExistsError, match="overwrite=True"):
-    checkpoint.export_hf(state.params, model.config, out, dtype="float32")
+    artifacts.export_hf(state.params, model.config, out, dtype="float32")
   doubled = jax.tree.map(lambda x: 2 * x, state.params)
-  checkpoint.export_hf(doubled, model.config, out, dtype="float32", overwrite=True)
+  artifacts.export_hf(doubled, model.config, out, dtype="float32", overwrite=True)
   _assert_identical(hf_io.load_hf(str(out), model)[0], _host(doubled))
   assert sorted(os.listdir(tmp_path)) == ["hf"]  # no tmp / old directories left behind
 
@@ -339,7 +339,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 directory, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-from merr1_jax import checkpoint
+from merr1_jax import checkpoint, preemption
 
 mesh = Mesh(np.asarray(jax.devices()), ("x",))
 host_w = np.arange(24, dtype=np.float32).reshape(8, 3)
@@ -365,7 +365,7 @@ for a, b in zip([next(fresh) for _ in range(8)], expected):  # the position of t
   np.testing.assert_array_equal(a, b)
 assert expected[0].min() >= 100 * pid
 ck.close()
-with checkpoint.PreemptionGuard() as guard:
+with preemption.PreemptionGuard() as guard:
   if pid == 1:  # only one process is told to stop; both must see it
     os.kill(os.getpid(), signal.SIGTERM)
     while not guard.requested:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from merr1_jax import emotion, metrics
+from merr1_jax import emotion, metrics, metrics_cli
 
 # ---------------------------------------------------------------------------------------------------------------
 # OV score
@@ -234,7 +234,7 @@ PRED_CSV = ('name,openset,reason\ns4,"[mad]",x\ns2,"[sad, worried]",y\ns1,"[happ
 
 
 def _run(capsys, argv):
-  code = metrics.main(argv)
+  code = metrics_cli.main(argv)
   out = capsys.readouterr()
   return code, out.out, out.err
 
@@ -336,7 +336,7 @@ def test_cli_missing_file_and_bad_flags(tmp_path, capsys):
   assert code == 2 and "error: --words" in err
   for argv in (["ov", "--gt", pred, "--pred", pred, "--format-version", "2024"], ["ov", "--level", "3"], ["nope"]):
     with pytest.raises(SystemExit) as e:
-      metrics.main(argv)
+      metrics_cli.main(argv)
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
 

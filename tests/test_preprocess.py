@@ -16,7 +16,7 @@ import pytest
 av = pytest.importorskip("av")
 
 from merr1_jax import prompts  # noqa: E402
-from merr1_jax.data import encoders, media, pipeline, preprocess, schema, tfds_builders  # noqa: E402
+from merr1_jax.data import encoders, featurize, media, pipeline, preprocess, schema, tfds_builders  # noqa: E402
 from merr1_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,7 +219,7 @@ def test_bad_media_are_counted_per_clip_and_the_job_goes_on(tmp_path, tok):
 def test_on_error_raise_stops_at_the_first_bad_clip(tmp_path, tok):
   _inputs(tmp_path, BAD, subtitles=list(BAD))
   cfg = _cfg(tmp_path, on_error="raise")
-  with pytest.raises(preprocess.ClipError, match=r"b_corrupt.*field video.*cannot open"):
+  with pytest.raises(featurize.ClipError, match=r"b_corrupt.*field video.*cannot open"):
     preprocess.run(cfg, encoder=MeanColourEncoder(), tokenizer=tok)
   out = tmp_path / "out" / "train"
   assert [p.name for p in out.glob("*.rec")] == ["a_good.rec"]  # g_good, after the bad clip, never ran
@@ -298,7 +298,7 @@ def test_encoder_and_decoder_exceptions_are_per_clip_under_skip(tmp_path, tok, m
       raise MemoryError("no memory to resample")  # not a MediaError: an unexpected decoder failure
     return real(path, **kw)
 
-  monkeypatch.setattr(preprocess.media, "read_audio", read_audio)
+  monkeypatch.setattr(featurize.media, "read_audio", read_audio)
   cfg = _cfg(tmp_path, on_error="skip")
   summary = preprocess.run(cfg, encoder=FlakyEncoder(fail_on_frames={6}), tokenizer=tok)
   assert (summary["written"], summary["failed"]) == (2, 2)
@@ -386,26 +386,26 @@ def test_records_feed_tfds_and_the_pipeline_with_their_position_ids(tmp_path, to
     mask = batch["prompt_mask"][row]
     # The pipeline re-renders the prompt: same tokens as recorded, and the recorded position ids on them.
     np.testing.assert_array_equal(batch["prompt_tokens"][row][mask], info["prompt_ids"])
-    np.testing.assert_array_equal(batch["mrope_positions"][:, row][:, mask], rec.position_ids)
+    np.testing.assert_array_equal(batch["mrope_positions"][row][mask].T, rec.position_ids)
     assert rec.n_video == len(np.asarray(batch["video_mask"][row]).nonzero()[0])
     assert rec.subtitle == f"Hello there {rec.id}" and rec.openset == ("happy",)
 
 
 def test_prompt_layouts():
   runs = [("V", 2), ("A", 3)]
-  assert preprocess.render_prompt("hi", runs, "separate") == prompts.render_prompt("hi", 2, 3, "slow")
-  inter = preprocess.render_prompt("hi", [("V", 2), ("A", 1), ("V", 1), ("A", 2)], "interleaved", "fast")
+  assert featurize.render_prompt("hi", runs, "separate") == prompts.render_prompt("hi", 2, 3, "slow")
+  inter = featurize.render_prompt("hi", [("V", 2), ("A", 1), ("V", 1), ("A", 2)], "interleaved", "fast")
   v, a = prompts.VIDEO_TOKEN, prompts.AUDIO_TOKEN
   block = prompts.VISION_BOS + prompts.AUDIO_BOS + v + v + a + v + a + a + prompts.AUDIO_EOS + prompts.VISION_EOS
   assert inter == prompts.render_prompt("hi", 1, 1, "fast").replace(
       prompts.VISION_BOS + v + prompts.VISION_EOS + prompts.AUDIO_BOS + a + prompts.AUDIO_EOS, block)
   with pytest.raises(ValueError, match="one video run then one audio run"):
-    preprocess.render_prompt("hi", [("V", 2), ("A", 1), ("V", 1)], "separate")
+    featurize.render_prompt("hi", [("V", 2), ("A", 1), ("V", 1)], "separate")
   # What a record stores, and the prompt the pipeline renders from it, are the same text.
-  assert preprocess.media_layout([("V", 2), ("A", 1), ("V", 1), ("A", 2)], "interleaved") == "V2A1V1A2"
-  assert preprocess.media_layout(runs, "separate") is None
+  assert featurize.media_layout([("V", 2), ("A", 1), ("V", 1), ("A", 2)], "interleaved") == "V2A1V1A2"
+  assert featurize.media_layout(runs, "separate") is None
   assert inter == prompts.render_prompt("hi", 3, 3, "fast", media_runs="V2A1V1A2")
-  assert inter.count(preprocess.media_block([("V", 2), ("A", 1), ("V", 1), ("A", 2)], "interleaved")) == 1
+  assert inter.count(featurize.media_block([("V", 2), ("A", 1), ("V", 1), ("A", 2)], "interleaved")) == 1
   assert encoders.string_to_runs("V8A50V4A12") == [("V", 8), ("A", 50), ("V", 4), ("A", 12)]
   with pytest.raises(ValueError, match="bad placeholder layout"):
     encoders.string_to_runs("V8X3")

@@ -1,34 +1,25 @@
-"""Offline preprocessing: labelled clips -> feature records (`{output_dir}/{split}/{name}.rec`) -> TFDS.
+"""Offline preprocessing, the job: labelled clips -> feature records (`{output_dir}/{split}/{name}.rec`) -> TFDS.
 
     python -m merr1_jax.data.preprocess --config configs/preprocess.py --config.checkpoint_dir=... \
         --config.label_csv=... --config.video_dir=... --config.output_dir=... --num_shards=4 --shard_index=0
 
-Per clip: decode (media.py: sampled, resized frames; 16 kHz audio from a wav or the video's track) -> encode
-(encoders.py: tower features in the LM space, the placeholder layout) -> render the slow-mode prompt with that
-layout and tokenise it -> the encoder's 3-D position ids for exactly those tokens -> one `schema.ClipRecord`
-(feature_space 'lm_embed', position_ids [3, L], and for 'interleaved' the placeholder runs in media_layout)
-written atomically, plus `{name}.layout.json` holding the placeholder runs (e.g. "V8A50V8A50") and the prompt
-ids.
-
-Prompt: `prompts.render_prompt`'s chat turn, the one implementation of both layouts. 'interleaved' (Omni's
-use_audio_in_video layout, the default) passes the runs as `media_runs` and stores them in
-`ClipRecord.media_layout`; 'separate' is render_prompt's default block and leaves media_layout None. Either
-way the training pipeline re-renders exactly these tokens from the record, so the recorded position ids line up.
+This module reads the label and subtitle files, deals the clips to shards, runs featurize.py on each clip of
+its shard (decode the media, encode with the towers, render and tokenise the prompt, position ids -> one
+`schema.ClipRecord` and its layout dict), writes the results atomically (the `{name}.layout.json` first, the
+record last, so a record on disk always has its layout beside it), counts the failures, and builds the TFDS
+dataset once every shard is done. A newcomer reading for what is IN a record starts at featurize.py.
 
 Scaling and resume: clips (sorted by name) are dealt round-robin to `num_shards` processes. A clip whose
 record exists is skipped; a shard whose summary file exists is skipped whole (resume=True), unless
 retry_failed=True, which reruns it so that only its clips without a record (the failed ones) are tried again.
-Bad input: any per-clip problem (unreadable/corrupt media, no audio track, zero-length clip, missing
-subtitle, missing video file, an exception from the decoder or the encoder) becomes a `ClipError` naming the
-clip, the field and the file (and, for an unexpected exception, its type). on_error='skip' counts it, appends
-it to `_failures.shard-*.jsonl` and goes on; 'raise' stops the job with it (an unexpected exception is
-re-raised as it is, after the failures file is written). Label rows that fail to parse are not clips of any
-shard: shard 0 alone reports them (field `openset` or `name`), so summing the shards' counts counts each once;
-under 'raise' every shard stops on them. Each shard writes `_summary.shard-*.json` with the counts.
+Bad input: any per-clip problem (featurize.py's `ClipError`s, and an exception from the decoder or the
+encoder, named by its type) fails that clip only. on_error='skip' counts it, appends it to
+`_failures.shard-*.jsonl` and goes on; 'raise' stops the job with it (an unexpected exception is re-raised as
+it is, after the failures file is written). Label rows that fail to parse are not clips of any shard: shard 0
+alone reports them (field `openset` or `name`), so summing the shards' counts counts each once; under 'raise'
+every shard stops on them. Each shard writes `_summary.shard-*.json` with the counts.
 TFDS: `build_tfds` runs under an O_EXCL lock file, so two shards finishing at once cannot build it together,
 and rebuilds only when the records changed since the last build; the CLI's --finalize runs it on its own.
-
-Shape legend: Nv/Na video/audio feature rows, D the LM width, L prompt tokens.
 """
 
 from __future__ import annotations
@@ -44,86 +35,11 @@ import sys
 import time
 from typing import Sequence
 
-import ml_dtypes
-import numpy as np
-
-from merr1_jax import prompts
-from merr1_jax.data import encoders, labels, media, schema
+from merr1_jax.data import encoders, featurize, labels, schema
+from merr1_jax.data.featurize import Clip, ClipError
 
 _log = logging.getLogger(__name__)
 ON_ERROR = ("skip", "raise")
-_FEATURE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                   "float32": np.dtype(np.float32)}
-
-
-class ClipError(ValueError):
-  """One clip cannot be preprocessed: names the clip, the field and the file (and the type of an unexpected
-  exception behind it, e.g. a RuntimeError from the towers)."""
-
-  def __init__(self, reason: str, *, clip: str, field: str, path: str = "", exception: str = ""):
-    self.reason, self.clip, self.field, self.path, self.exception = reason, clip, field, path, exception
-    super().__init__(f"clip {clip!r} (field {field}{', file ' + path if path else ''}): "
-                     f"{exception + ': ' if exception else ''}{reason}")
-
-  def as_dict(self) -> dict:
-    d = {"id": self.clip, "field": self.field, "path": self.path, "reason": self.reason}
-    if self.exception:
-      d["exception"] = self.exception
-    return d
-
-
-@dataclasses.dataclass(frozen=True)
-class Clip:
-  id: str
-  openset: tuple[str, ...]
-  subtitle: str | None  # None: not in the subtitle CSV
-
-
-# ------------------------------------------------------------------------------------------------ prompts
-
-
-def media_layout(runs: Sequence[tuple[str, int]], layout: str) -> str | None:
-  """ClipRecord.media_layout for these runs: the runs string when interleaved, None for the separate block."""
-  if layout == "interleaved":
-    return encoders.runs_to_string(list(runs))
-  if layout == "separate":
-    return None
-  raise ValueError(f"layout={layout!r}; expected one of {encoders.LAYOUTS}")
-
-
-def media_block(runs: Sequence[tuple[str, int]], layout: str) -> str:
-  """The prompt's media markers for placeholder runs [('V', n), ('A', m), ...] in the given layout."""
-  if layout == "interleaved":  # Omni (use_audio_in_video): both start markers, the chunks, both end markers
-    return prompts.interleaved_media_block(media_layout(runs, layout))
-  if layout == "separate":
-    kinds = [k for k, n in runs if n]
-    if kinds != ["V", "A"]:
-      raise ValueError(f"separate layout needs one video run then one audio run, got {runs}")
-    n_v, n_a = (n for _, n in runs if n)
-    return (prompts.VISION_BOS + prompts.VIDEO_TOKEN * n_v + prompts.VISION_EOS + prompts.AUDIO_BOS +
-            prompts.AUDIO_TOKEN * n_a + prompts.AUDIO_EOS)
-  raise ValueError(f"layout={layout!r}; expected one of {encoders.LAYOUTS}")
-
-
-def render_prompt(subtitle: str, runs: Sequence[tuple[str, int]], layout: str, mode: str = "slow", *,
-                  question: str = prompts.DEFAULT_QUESTION) -> str:
-  """prompts.render_prompt's chat turn with the media block laid out as `runs` / `layout` say.
-
-  This is the text the pipeline renders for the record (`media_runs=media_layout(runs, layout)`), by design.
-  """
-  block = media_block(runs, layout)  # validates the runs for the layout
-  n_v = sum(n for k, n in runs if k == "V")
-  n_a = sum(n for k, n in runs if k == "A")
-  text = prompts.render_prompt(subtitle, n_v, n_a, mode, question=question, media_runs=media_layout(runs, layout))
-  if text.count(block) != 1:  # e.g. render_prompt's separate block and media_block drifting apart
-    raise AssertionError(f"the {layout} media block is not in prompts.render_prompt's text once")
-  return text
-
-
-def prompt_ids(tokenizer, subtitle: str, runs, layout: str, mode: str = "slow", *,
-               question: str = prompts.DEFAULT_QUESTION) -> np.ndarray:
-  """The tokenised prompt [L] int32 (what the JAX policy reads, and what the position ids describe)."""
-  return np.asarray(tokenizer.encode(render_prompt(subtitle, runs, layout, mode, question=question)), np.int32)
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -162,83 +78,8 @@ def shard(clips: Sequence[Clip], num_shards: int, shard_index: int) -> list[Clip
   return list(clips[shard_index::num_shards])
 
 
-def _video_path(cfg, clip: Clip) -> str:
-  for ext in cfg.video_exts:
-    p = os.path.join(cfg.video_dir, f"{clip.id}.{ext}")
-    if os.path.isfile(p):
-      return p
-  raise ClipError(f"no video file {clip.id}.{{{','.join(cfg.video_exts)}}} in {cfg.video_dir}", clip=clip.id,
-                  field="video", path=os.path.join(cfg.video_dir, clip.id))
 
-
-def _video_spec(cfg) -> media.VideoSpec:
-  v = cfg.video
-  return media.VideoSpec(fps=v.fps, min_frames=v.min_frames, max_frames=v.max_frames, min_pixels=v.min_pixels,
-                         max_pixels=v.max_pixels, total_pixels=v.total_pixels)
-
-
-# ------------------------------------------------------------------------------------------------ one clip
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoded:
-  subtitle: str
-  video: media.Video
-  audio: np.ndarray  # [N] float32 at 16 kHz
-  video_path: str
-
-
-def decode_clip(cfg, clip: Clip) -> Decoded:
-  """Checks the clip's name and subtitle and decodes its media. Raises ClipError."""
-  if not clip.id or clip.id.startswith(".") or "/" in clip.id or os.sep in clip.id:
-    raise ClipError("clip name cannot be a file name", clip=clip.id, field="name", path=cfg.label_csv)
-  if clip.subtitle is None and cfg.require_subtitle:
-    raise ClipError("no subtitle for this clip", clip=clip.id, field="subtitle", path=cfg.subtitle_csv)
-  video_path = _video_path(cfg, clip)
-  audio_path = os.path.join(cfg.audio_dir, f"{clip.id}.wav") if cfg.audio_dir else video_path
-  try:
-    video = media.read_video(video_path, _video_spec(cfg))
-    audio = media.read_audio(audio_path)
-  except media.MediaError as e:
-    raise ClipError(e.reason, clip=clip.id, field=e.stream, path=e.path) from e
-  return Decoded(subtitle=clip.subtitle or "", video=video, audio=audio, video_path=video_path)
-
-
-def process_clip(cfg, clip: Clip, encoder: encoders.Encoder, tokenizer) -> tuple[schema.ClipRecord, dict]:
-  """One clip -> (record, layout dict). Raises ClipError."""
-  return encode_clip(cfg, clip, decode_clip(cfg, clip), encoder, tokenizer)
-
-
-def encode_clip(cfg, clip: Clip, decoded: Decoded, encoder: encoders.Encoder,
-                tokenizer) -> tuple[schema.ClipRecord, dict]:
-  """Features, layout, prompt ids and position ids of a decoded clip -> (record, layout dict)."""
-  subtitle, video_path = decoded.subtitle, decoded.video_path
-  enc = encoder.encode(decoded.video, decoded.audio)
-  runs = encoder.placeholder_runs(enc, cfg.layout)
-  question = cfg.question or prompts.DEFAULT_QUESTION
-  try:
-    ids = prompt_ids(tokenizer, subtitle, runs, cfg.layout, question=question)
-  except ValueError as e:  # e.g. a template marker inside the subtitle
-    raise ClipError(str(e), clip=clip.id, field="subtitle", path=cfg.subtitle_csv) from e
-  # One id per feature row is the merge contract: check it on the ids actually written.
-  for name, marker, rows in (("video", prompts.VIDEO_TOKEN, enc.video), ("audio", prompts.AUDIO_TOKEN, enc.audio)):
-    if int((ids == tokenizer.id_of(marker)).sum()) != len(rows):
-      raise ClipError(f"{int((ids == tokenizer.id_of(marker)).sum())} {marker} ids in the prompt for {len(rows)} "
-                      "feature rows", clip=clip.id, field=name, path=video_path)
-  pos = encoder.position_ids(ids, enc, cfg.layout)
-  dtype = _FEATURE_DTYPES[cfg.feature_dtype]
-  rec = schema.ClipRecord(id=clip.id, dataset=cfg.dataset, video=enc.video.astype(dtype),
-                          audio=enc.audio.astype(dtype), subtitle=subtitle, openset=clip.openset,
-                          feature_space=encoder.feature_space, position_ids=pos,
-                          media_layout=media_layout(runs, cfg.layout))
-  try:
-    schema.check(rec, video_dim=encoder.feature_dim, audio_dim=encoder.feature_dim, source=video_path)
-  except schema.BadRecordError as e:
-    raise ClipError(e.reason, clip=clip.id, field=e.field, path=video_path) from e
-  layout = {"id": clip.id, "layout": cfg.layout, "runs": encoders.runs_to_string(runs),
-            "video_grid_thw": list(enc.video_grid_thw), "second_per_grid": enc.second_per_grid,
-            "audio_feature_len": enc.audio_feature_len, "prompt_ids": ids.tolist()}
-  return rec, layout
+# ----------------------------------------------------------------------------------------------- the job
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -246,9 +87,6 @@ def _write_atomic(path: str, data: bytes) -> None:
   with open(tmp, "wb") as f:
     f.write(data)
   os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------- the job
 
 
 def _shard_tag(cfg) -> str:
@@ -269,7 +107,7 @@ def validate(cfg) -> None:
     problems.append(f"on_error={cfg.on_error!r}; expected one of {ON_ERROR}")
   if cfg.layout not in encoders.LAYOUTS:
     problems.append(f"layout={cfg.layout!r}; expected one of {encoders.LAYOUTS}")
-  if cfg.feature_dtype not in _FEATURE_DTYPES:
+  if cfg.feature_dtype not in featurize.FEATURE_DTYPES:
     problems.append(f"feature_dtype={cfg.feature_dtype!r}; expected float16 | bfloat16 | float32")
   for name in ("label_csv", "video_dir", "output_dir"):
     if not cfg[name]:
@@ -338,16 +176,16 @@ def run(cfg, *, encoder: encoders.Encoder | None = None, tokenizer=None) -> dict
   counts = collections.Counter(clips=len(clips), existing=len(clips) - len(todo))
   for clip in todo:
     try:
-      decoded = _guarded(cfg, clip, "decode", os.path.join(cfg.video_dir, clip.id), failures, decode_clip, cfg,
-                         clip)
+      decoded = _guarded(cfg, clip, "decode", os.path.join(cfg.video_dir, clip.id), failures, featurize.decode_clip,
+                         cfg, clip)
       # Loaded on the first clip that decodes (a job whose clips all fail early needs none), outside the
       # per-clip handling: a checkpoint or tokenizer that cannot load stops the job under either policy.
       if encoder is None:
         encoder = make_encoder(cfg)
       if tokenizer is None:
         tokenizer = load_tokenizer(cfg, encoder)
-      rec, layout = _guarded(cfg, clip, "encoder", decoded.video_path, failures, encode_clip, cfg, clip, decoded,
-                             encoder, tokenizer)
+      rec, layout = _guarded(cfg, clip, "encoder", decoded.video_path, failures, featurize.encode_clip, cfg, clip,
+                             decoded, encoder, tokenizer)
     except ClipError as e:
       _log.warning("%s", e)
       failures.append(e)
