@@ -9,7 +9,7 @@ regression in any phase shows up on its own line:
   ref       rollout.score with the frozen reference (teacher-forced, same shared-prefix structure);
   reward    completions -> rewards on the host, group z-score advantages (rl.group_zscore), batch assembly;
   update    train_step.make_rl_step: PPO-clip + beta * k3 KL, one AdamW update on the B full sequences, with the
-            prompt columns skipped (RLBatch.loss_start = L - 1, as experience.collect does).
+            prompt columns skipped (RLBatch.loss_start = L - 1: experience.assemble, as the trainer builds it).
 Variants (all in one run, interleaved per repeat so load drift on a shared machine hits them alike):
   shared    the sampler prefills each prompt once and repeats the cache G times (the default);
   repeated  prompts repeated G times and sampled with num_samples=1 (what TRL, Tunix, R1-Omni do);
@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import optim, rl, rollout, sampling
+from merr1_jax import experience, optim, rl, rollout, sampling, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.models import base, mllm, presets, qwen2
 
@@ -104,40 +104,25 @@ def random_inputs(cfg, work: Work, seed: int, *, frames: int = 0, audio: int = 0
     feats.update(audio=rs.randn(p, audio, cfg.audio_dim).astype(np.float32), audio_mask=np.ones((p, audio), bool))
   pos = np.broadcast_to(np.arange(length, dtype=np.int32), (p, length))
   if cfg.mrope_section is not None:
-    pos = np.broadcast_to(pos[None], (3, p, length))
+    pos = np.broadcast_to(pos[..., None], (p, length, 3))
   return base.ModelInputs(tokens=toks, positions=np.ascontiguousarray(pos), mask=np.ones((p, length), bool), **feats)
 
 
 def repeat_prompts(inputs: base.ModelInputs, g: int) -> base.ModelInputs:
-  """Each prompt G times in a row (prompt p -> rows p*G .. p*G+G-1); 3-D positions repeat on axis 1."""
-  def rep(name, a):
-    if a is None:
-      return None
-    return np.repeat(np.asarray(a), g, axis=1 if name == "positions" and np.ndim(a) == 3 else 0)
-  return base.ModelInputs(**{f.name: rep(f.name, getattr(inputs, f.name)) for f in dataclasses.fields(inputs)})
+  """Each prompt G times in a row (prompt p -> rows p*G .. p*G+G-1); every array is batch-major."""
+  return jax.tree.map(lambda a: np.repeat(np.asarray(a), g, axis=0), inputs)
 
 
-@jax.jit
-def _assemble(prompt: base.ModelInputs, completion_BxT, comp_mask_BxT, ref_BxT, adv_B):
-  """Rollout + reference log-probs -> the RLBatch of full sequences [B, L + T] (prompt rows repeated)."""
-  b, t = completion_BxT.shape
-  g = b // prompt.tokens.shape[0]
-  rep = lambda a, axis=0: jnp.repeat(a, g, axis=axis)  # noqa: E731
-  nxt_B = rep(rollout.next_positions(prompt.positions, prompt.mask))
-  cpos_BxT = jnp.where(comp_mask_BxT, nxt_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None], 0)
-  if prompt.positions.ndim == 3:
-    positions = jnp.concatenate([rep(prompt.positions, 1), jnp.broadcast_to(cpos_BxT[None], (3, b, t))], 2)
-  else:
-    positions = jnp.concatenate([rep(prompt.positions), cpos_BxT], 1)
-  zeros_BxL = jnp.zeros((b, prompt.tokens.shape[1]), jnp.float32)
-  feats = {k: None if getattr(prompt, k) is None else rep(getattr(prompt, k))
-           for k in ("video", "video_mask", "audio", "audio_mask")}
-  inputs = base.ModelInputs(tokens=jnp.concatenate([rep(prompt.tokens), completion_BxT], 1),
-                            positions=positions.astype(jnp.int32),
-                            mask=jnp.concatenate([rep(prompt.mask), comp_mask_BxT], 1), **feats)
-  return ts.RLBatch(inputs=inputs, completion_mask=jnp.concatenate([zeros_BxL > 0, comp_mask_BxT], 1),
-                    advantages=adv_B, old_logp=None, ref_logp=jnp.concatenate([zeros_BxL, ref_BxT], 1),
-                    loss_start=prompt.tokens.shape[1] - 1)  # as experience.collect: skip the prompt columns
+def synthetic_rollout(cfg, work: Work, rs: np.random.RandomState) -> rollout.Rollout:
+  """A host Rollout of random completions of exactly T tokens for P random prompts x G (the update's cost does
+  not depend on the token values)."""
+  b, t = work.prompts * work.group, work.new_tokens
+  comp = rs.randint(16, min(cfg.vocab_size - 16, 1 << 20), (b, t)).astype(np.int32)
+  zeros = np.zeros((b, t), np.float32)
+  return rollout.Rollout(prompt=random_inputs(cfg, work, seed=1), completion=comp,
+                         completion_mask=np.ones((b, t), bool),
+                         logp=zeros, logp_sampled=zeros, stop_reason=np.zeros(b, np.int32), length=np.full(b, t),
+                         prompt_length=np.full(b, work.prompt_len), steps=np.asarray(t), num_samples=work.group)
 
 
 class Runner:
@@ -174,12 +159,13 @@ class Runner:
       ref = rollout.score(self.model, ts.reference_params(self.state), ro).logp
       jax.block_until_ready(ref)
     t2 = time.perf_counter()
-    r_B = self.reward_fn(np.asarray(ro.completion))
-    adv_B = rl.group_zscore(jnp.asarray(r_B), jnp.ones(r_B.shape, bool), g)
-    if ref is None:
-      ref = jnp.zeros(ro.completion.shape, jnp.float32)
-    batch = _assemble(ro.prompt, ro.completion, ro.completion_mask, ref, adv_B)
-    jax.block_until_ready(batch)
+    ro = sharding.to_host(ro)
+    r_B = self.reward_fn(ro.completion)
+    groups = rl.contiguous_groups(len(r_B), g)
+    adv_B = np.asarray(rl.group_zscore(jnp.asarray(r_B), jnp.ones(r_B.shape, bool), groups, len(r_B) // g,
+                                       group_size=g))
+    # The trainer's own assembly (experience.assemble): full sequences, the prompt columns skipped in the loss.
+    batch = experience.assemble([ro], adv_B, pad_id=w.pad_id, ref_logp=None if ref is None else [np.asarray(ref)])
     t3 = time.perf_counter()
     self.state, metrics = self.update(self.state, batch)
     jax.block_until_ready(metrics["loss"])
@@ -380,10 +366,9 @@ def breakdown(name: str, work: Work, args) -> dict:
   params = model.init_params(jax.random.key(0))
   b, t = work.prompts * work.group, work.new_tokens
   rs = np.random.RandomState(2)
-  prompt = jax.tree.map(jnp.asarray, random_inputs(cfg, work, seed=1))
-  comp_BxT = jnp.asarray(rs.randint(16, min(cfg.vocab_size - 16, 1 << 20), (b, t)), jnp.int32)
-  batch = _assemble(prompt, comp_BxT, jnp.ones((b, t), bool), jnp.asarray(-rs.rand(b, t), jnp.float32),
-                    jnp.asarray(rs.randn(b), jnp.float32))
+  batch = experience.assemble([synthetic_rollout(cfg, work, rs)], rs.randn(b).astype(np.float32), pad_id=work.pad_id,
+                              ref_logp=[-rs.rand(b, t).astype(np.float32)])
+  batch = jax.tree.map(jnp.asarray, batch)
   step_cfg = ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=work.beta)
   start, s = batch.loss_start, batch.inputs.tokens.shape[1]
   ct_BxSxD = jnp.asarray(rs.randn(b, s, cfg.d_model), cfg.jnp_compute_dtype)

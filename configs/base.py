@@ -161,7 +161,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.entropy_coef = 0.0  # c_ent, entropy bonus; 0 as in the precursor (temperature 1 keeps exploring)
   c.rl.learning_rate = 3e-4  # tiny model; 1e-3 made the KL spike past 2 (docs/benchmarks.md, tuning)
   c.rl.warmup_steps = 0  # the policy is warm after SFT; the first RL steps need no ramp
-  c.rl.micro_batches = 1  # gradient accumulation over the P * G rows; must divide them
+  c.rl.micro_batches = 1  # gradient accumulation splits of each update; must divide a mini-batch's rows
+  # PPO iterations (method.md E4, mu): passes over each step's rollouts, and optimizer updates per pass (verl's
+  # ppo_epochs / ppo_mini_batch_size, TRL's num_iterations). With 1 x 1 the ratio is exactly 1, so eps_low,
+  # eps_high and dual_clip cannot act; with more, the old log-probs come from a scoring pass at the rollout weights.
+  c.rl.ppo_epochs = 1
+  c.rl.mini_batches = 1  # must divide prompts_per_step * (n_slow + n_fast)
   c.rl.disentangle = True  # DOD (method.md E2); False = the coupled R1-Omni baseline
   c.rl.scale = True  # divide by the group std; False = Dr.GRPO centring only
   c.rl.adv_eps = 1e-4  # eps in (x - mean) / (std + eps)

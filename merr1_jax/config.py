@@ -1,10 +1,10 @@
-"""Loading and validating the run config (configs/base.py), and turning its sections into typed settings.
+"""Loading and validating the run config (configs/base.py).
 
 `validate(config, num_devices, device_memory_gb)` runs before anything is built and raises `ConfigError` with a
 message that names the field: every field has a rule (type, range or choices; `_FIELD_RULES`), then the checks
-that tie fields together (batch divisibility, the mesh against the devices, whether the train state fits). The
-typed settings (`model_config`, `step_config`, `optim_config`) are what the library code takes; nothing below
-`train.py` reads the ConfigDict.
+that tie fields together (batch divisibility, the mesh against the devices, whether the train state fits, from
+merr1_jax/memory.py). `model_config` resolves the model section into a ModelConfig (validate needs it); every
+other typed setting is built in merr1_jax/settings.py, the one seam between the ConfigDict and the library.
 """
 
 from __future__ import annotations
@@ -19,20 +19,15 @@ from typing import Any
 
 import ml_collections
 
-from merr1_jax import rl
-from merr1_jax import train_step as ts
+from merr1_jax import memory, rl
 from merr1_jax.models import presets
 from merr1_jax.models.config import ModelConfig
-from merr1_jax.optim import OptimConfig
 
 # Presets small enough to run on CPU with the tokenizer built from MER-Synth; every other preset is a real model
 # that needs a HF tokenizer (data.tokenizer_dir, or the checkpoint at model.hf_path).
 EMBEDDED_PRESETS = ("tiny", "small_20m")
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")  # models/hf_io.save_hf's dtypes
 MESH_AXES = ("data", "fsdp", "tensor")
-# Share of a device's memory that the train state (parameters, AdamW moments, gradients, reference) may take:
-# the rest is for the KV cache, activations and XLA temporaries (docs/scaling.md budgets 20-30% on top).
-STATE_MEMORY_FRACTION = 0.75
 
 
 class ConfigError(ValueError):
@@ -85,70 +80,6 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
     raise ConfigError(f"config.model: {e}") from e
 
 
-def step_config(config: ml_collections.ConfigDict, stage: str) -> ts.StepConfig:
-  r = config.rl
-  loss = rl.LossConfig(eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip or None,
-                       kl_estimator=r.kl_estimator, aggregation=r.aggregation, entropy_coef=r.entropy_coef,
-                       max_len=max(r.max_new_tokens_slow, r.max_new_tokens_fast))  # Dr.GRPO's constant
-  micro = config.sft.micro_batches if stage == "sft" else r.micro_batches
-  return ts.StepConfig(loss=loss, beta=r.beta if stage == "rl" else 0.0, beta_decay_steps=r.beta_decay_steps,
-                       beta_final=r.beta_final, micro_batches=micro)
-
-
-def optim_config(config: ml_collections.ConfigDict, stage: str) -> OptimConfig:
-  s = config.sft if stage == "sft" else config.rl
-  o = config.optim
-  return OptimConfig(learning_rate=s.learning_rate, schedule=o.schedule, warmup_steps=s.warmup_steps,
-                     total_steps=max(s.steps, s.warmup_steps + 1), b1=o.b1, b2=o.b2,
-                     weight_decay=o.weight_decay, clip_norm=o.clip_norm or None)
-
-
-def rl_batch_size(config) -> int:
-  return config.rl.prompts_per_step * (config.rl.n_slow + config.rl.n_fast)
-
-
-# ------------------------------------------------------------------------------------------ memory plan
-
-
-def param_count(mc: ModelConfig) -> int:
-  """Parameters of `models.mllm.MultimodalLM(mc)`, counted from the shapes (tests check it against the
-  model's abstract parameters): embedding, optional untied head, per-layer attention, SwiGLU and norms, and an
-  'mlp' projector per present modality ('identity' projectors have none)."""
-  d, h, k, dh, f = mc.d_model, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.mlp_dim
-  layer = d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f + 2 * d
-  if mc.qkv_bias:
-    layer += h * dh + 2 * k * dh
-  total = mc.vocab_size * d * (1 if mc.tie_embeddings else 2) + mc.num_layers * layer + d
-  if mc.projector == "mlp":
-    total += sum(dim * d + d + d * d + d for dim in (mc.video_dim, mc.audio_dim) if dim > 0)
-  return total
-
-
-def state_gb_per_device(mc: ModelConfig, *, with_reference: bool, micro_batches: int, model_shards: int) -> float:
-  """GB per device of the train state at its peak, the update (docs/scaling.md, "The pieces"): parameters and
-  the two AdamW moments in param_dtype (optax keeps moments in the parameter dtype), the KL reference in
-  compute_dtype, and the gradients: one gradient in param_dtype, plus the float32 accumulators of
-  `train_step._accumulate` when micro_batches > 1. Split over the `model_shards` = fsdp x tensor devices that
-  shard parameters. Activations and the KV cache come on top (they scale with rows, not parameters)."""
-  itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
-  p = itemsize[mc.param_dtype]
-  per_param = 3 * p + (itemsize[mc.compute_dtype] if with_reference else 0) + p + (4 if micro_batches > 1 else 0)
-  return param_count(mc) * per_param / model_shards / 1e9
-
-
-def local_device_memory_gb() -> float | None:
-  """The first local device's memory as the runtime reports it (TPU: its HBM; GPU: the part XLA preallocates,
-  75% by default); None where it reports none (CPU)."""
-  import jax  # noqa: PLC0415 - keeps device queries out of import time
-
-  try:
-    stats = jax.local_devices()[0].memory_stats() or {}
-  except Exception:  # noqa: BLE001 - a backend without memory stats
-    return None
-  limit = stats.get("bytes_limit")
-  return limit / 1e9 if limit else None
-
-
 # ---------------------------------------------------------------------------------------------- validate
 
 Rule = Callable[[Any], "str | None"]  # value -> an error message, or None when the value is fine
@@ -180,7 +111,7 @@ def _one_of(*choices) -> Rule:
 def _calibration(v):
   if v == "none" or v in rl.CALIBRATIONS:
     return None
-  return f"{v!r}: expected 'none' or one of {sorted(rl.CALIBRATIONS)} (rl.register_calibration adds one)"
+  return f"{v!r}: expected 'none' or one of {sorted(rl.CALIBRATIONS)} (rl.CALIBRATIONS[name] = fn adds one)"
 
 
 def _bool(v):
@@ -269,6 +200,7 @@ _FIELD_RULES: dict[str, Rule] = {
     "rl.eps_low": _real(0.0, 1.0, hi_open=True), "rl.eps_high": _real(0.0), "rl.dual_clip": _dual_clip,
     "rl.aggregation": _one_of(*rl.AGGREGATIONS), "rl.entropy_coef": _real(0.0),
     "rl.learning_rate": _real(0.0, lo_open=True), "rl.warmup_steps": _int(0), "rl.micro_batches": _int(1),
+    "rl.ppo_epochs": _int(1), "rl.mini_batches": _int(1),
     "rl.disentangle": _bool, "rl.scale": _bool, "rl.adv_eps": _real(0.0, lo_open=True),
     "rl.adv_ddof": _one_of(0, 1), "rl.group": _one_of("prompt", "mode"),
     "rl.w_rec_slow": _W, "rl.w_rec_fast": _W, "rl.w_prec_slow": _W, "rl.w_prec_fast": _W, "rl.w_fmt": _W,
@@ -330,10 +262,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if r.group == "mode":
     need(r.n_slow != 1 and r.n_fast != 1, "rl.group", "per-mode groups need n_slow and n_fast != 1")
   need(r.calibration == "none" or r.n_slow > 0, "rl.calibration", f"{r.calibration} needs slow rollouts")
-  batch = rl_batch_size(config)
-  need(batch % r.micro_batches == 0, "rl.micro_batches",
+  batch = r.prompts_per_step * (r.n_slow + r.n_fast)
+  need(batch % r.mini_batches == 0, "rl.mini_batches",
        f"the RL batch of {batch} rows (prompts_per_step x (n_slow + n_fast)) is not divisible by "
-       f"{r.micro_batches} micro-batches")
+       f"{r.mini_batches} mini-batches")
+  need((batch // r.mini_batches) % r.micro_batches == 0, "rl.micro_batches",
+       f"a mini-batch of {batch // r.mini_batches} rows (prompts_per_step x (n_slow + n_fast) / mini_batches) is "
+       f"not divisible by {r.micro_batches} micro-batches")
   need(config.sft.batch_size % config.sft.micro_batches == 0, "sft.micro_batches",
        f"sft.batch_size {config.sft.batch_size} is not divisible by {config.sft.micro_batches} micro-batches")
 
@@ -349,17 +284,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                         ("eval.batch_size", config.eval.batch_size)):
       need(rows % shards == 0, field, f"{rows} rows do not divide over the mesh's {shards} batch shards "
            f"(data x fsdp = {shape[0]} x {shape[1]})")
-    memory = config.mesh.device_memory_gb or device_memory_gb
-    if memory:
-      model_shards = shape[1] * shape[2]
-      stages = [(s, s == "rl" and r.beta > 0, getattr(config, s).micro_batches) for s in config.stages]
-      stage, with_ref, micro = max(stages, key=lambda x: state_gb_per_device(
-          mc, with_reference=x[1], micro_batches=x[2], model_shards=1))
-      need_gb = state_gb_per_device(mc, with_reference=with_ref, micro_batches=micro, model_shards=model_shards)
-      need(need_gb <= STATE_MEMORY_FRACTION * memory, "mesh.shape",
-           f"mesh {tuple(shape)} splits the parameters {model_shards} way(s): the {stage} train state of "
-           f"{config.model.preset} ({param_count(mc) / 1e9:.2f} B parameters in {mc.param_dtype}: weights, AdamW "
-           f"moments, gradients{' with float32 accumulators' if micro > 1 else ''}"
-           f"{', the KL reference' if with_ref else ''}) needs {need_gb:.1f} GB per device, more than "
-           f"{STATE_MEMORY_FRACTION:.0%} of the {memory:g} GB a device has (mesh.device_memory_gb); shard it with a "
-           "mesh preset (configs/base.py:...,mesh=gpu8|v5p8|v4_32) or --config.mesh.shape='(1,N,1)'")
+    device_gb = config.mesh.device_memory_gb or device_memory_gb
+    if device_gb:
+      _check_memory(config, mc, shape, device_gb)
+
+
+def _check_memory(config: ml_collections.ConfigDict, mc: ModelConfig, shape, device_gb: float) -> None:
+  """Refuses a mesh whose per-device share of the largest stage's train state exceeds the state's share of a
+  device (memory.STATE_MEMORY_FRACTION)."""
+  r = config.rl
+  model_shards = shape[1] * shape[2]
+  stages = [(s, s == "rl" and r.beta > 0, getattr(config, s).micro_batches) for s in config.stages]
+  stage, with_ref, micro = max(stages, key=lambda x: memory.state_gb_per_device(
+      mc, with_reference=x[1], micro_batches=x[2], model_shards=1))
+  need_gb = memory.state_gb_per_device(mc, with_reference=with_ref, micro_batches=micro, model_shards=model_shards)
+  if need_gb > memory.STATE_MEMORY_FRACTION * device_gb:
+    raise ConfigError(
+        f"config.mesh.shape: mesh {tuple(shape)} splits the parameters {model_shards} way(s): the {stage} train "
+        f"state of {config.model.preset} ({memory.param_count(mc) / 1e9:.2f} B parameters in {mc.param_dtype}: "
+        f"weights, AdamW moments, gradients{' with float32 accumulators' if micro > 1 else ''}"
+        f"{', the KL reference' if with_ref else ''}) needs {need_gb:.1f} GB per device, more than "
+        f"{memory.STATE_MEMORY_FRACTION:.0%} of the {device_gb:g} GB a device has (mesh.device_memory_gb); shard it "
+        "with a mesh preset (configs/base.py:...,mesh=gpu8|v5p8|v4_32) or --config.mesh.shape='(1,N,1)'")

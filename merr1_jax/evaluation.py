@@ -45,16 +45,19 @@ _REQUIRED_KEYS = ("ids", "example_mask", "prompt_tokens", "prompt_mask", "positi
 
 @dataclasses.dataclass
 class EvalSettings:
+  """How a policy is evaluated. The run's limits come from the config (settings.evaluation_settings); the rest
+  are the evaluate CLI's choices."""
+
+  max_new_tokens: Mapping[str, int]  # mode -> completion limit (config.eval.max_new_tokens_*)
+  format_version: str  # emotion-wheel tables for OV/HIT (config.eval.format_version)
+  seed: int  # sampling key when num_samples > 1 (config.seed)
   modes: tuple[str, ...] = ("fast", "slow")
   num_samples: int = 1  # 1 = greedy; N > 1 samples at `temperature` (pass@N-style stats)
   temperature: float = 1.0
-  max_new_tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"slow": 48, "fast": 16})
-  format_version: str = "2025"  # emotion-wheel tables for OV/HIT
   # 'answer' = rewards.parse_answer(assistant_text(...)); or a callable: assistant turn text -> words (the
   # official LLM-extraction protocol plugs in here).
   extractor: str | Callable[[str], Sequence[str]] = "answer"
   sentiment_mapper: Callable[[Sequence[str]], int] | None = None  # None = metrics' VADER default
-  seed: int = 0
   chunk_size: int = 8192  # vocabulary chunk of the confidence pass (rollout.score)
 
   def validate(self) -> None:

@@ -24,7 +24,9 @@ the end, so an interrupted run leaves the previous report (or none), never a hal
 `out_dir` belongs to the report: other files in it are replaced with it.
 
 Conventions: scores are fractions in report.json and points (x 100) in report.md; a gap is slow minus fast.
-Plots use matplotlib's Agg canvas through the object API (no pyplot, no display, no global backend switch).
+The plots are drawn by merr1_jax/report_plots.py.
+
+`results_markdown` renders the trainer's WORKDIR/results.md (the final table and the fast-vs-slow lines).
 
 `mme_report(path)` turns an LLM judge's per-step scores (JSONL, docs/evaluation.md) into Rec-S / Rea-S / CoT-S per
 task and overall (metrics.mme_emotion_scores).
@@ -43,12 +45,8 @@ import tempfile
 from typing import Any, Mapping
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from merr1_jax import emotion, evaluation, metrics
-
-_COLORS = {"fast": "tab:orange", "slow": "tab:blue"}
+from merr1_jax import emotion, evaluation, metrics, report_plots
 
 
 def json_safe(x: Any) -> Any:
@@ -256,70 +254,6 @@ def _report_md(results, meta: dict, baseline: Mapping[str, Any] | None = None) -
   return "\n".join(lines) + "\n"
 
 
-def _save(fig: Figure, path: pathlib.Path) -> None:
-  FigureCanvasAgg(fig)
-  fig.savefig(path, format="png", dpi=100)
-
-
-def _pr_plot(result: evaluation.DatasetResult, path: pathlib.Path) -> None:
-  modes = list(result.summary)
-  fig = Figure(figsize=(4.2 * len(modes), 4))
-  rng = np.random.default_rng(0)  # a little jitter: many samples share exact P/R values
-  for i, mode in enumerate(modes):
-    ax = fig.add_subplot(1, len(modes), i + 1)
-    pts = np.asarray([(s["recall"], s["precision"]) for s in result.samples
-                      if s["mode"] == mode and s["precision"] is not None], np.float64).reshape(-1, 2)
-    jit = rng.uniform(-0.01, 0.01, pts.shape)
-    ax.scatter(pts[:, 0] + jit[:, 0], pts[:, 1] + jit[:, 1], s=10, alpha=0.4, color=_COLORS.get(mode))
-    if len(pts):
-      ax.scatter([pts[:, 0].mean()], [pts[:, 1].mean()], marker="x", s=80, color="black", label="mean")
-      ax.legend(loc="lower left")
-    ax.set(xlim=(-0.05, 1.05), ylim=(-0.05, 1.05), xlabel="recall", ylabel="precision",
-           title=f"{result.dataset}: {mode}")
-  fig.tight_layout()
-  _save(fig, path)
-
-
-def _sizes_plot(results, path: pathlib.Path) -> None:
-  fig = Figure(figsize=(5, 3.5))
-  ax = fig.add_subplot(1, 1, 1)
-  by_mode: dict[str, list[int]] = {}
-  for r in results.values():
-    for s in r.samples:
-      by_mode.setdefault(s["mode"], []).append(len(s["words"]))
-  top = max([max(v) for v in by_mode.values() if v] + [1])
-  edges = np.arange(top + 2) - 0.5
-  width = 0.8 / max(len(by_mode), 1)
-  for i, (mode, sizes) in enumerate(by_mode.items()):
-    counts, _ = np.histogram(sizes, bins=edges)
-    ax.bar(np.arange(top + 1) + (i - (len(by_mode) - 1) / 2) * width, counts / max(len(sizes), 1), width=width,
-           label=mode, color=_COLORS.get(mode))
-  ax.set(xlabel="predicted emotions per answer", ylabel="fraction of samples", title="answer set sizes")
-  ax.legend()
-  fig.tight_layout()
-  _save(fig, path)
-
-
-def _calibration_plot(results, mode: str, path: pathlib.Path) -> None:
-  conf = [(s["confidence"], s["correct"]) for r in results.values() for s in r.samples
-          if s["mode"] == mode and s["confidence"] is not None]
-  cal = evaluation.calibration_bins([c for c, _ in conf], [k for _, k in conf])
-  fig = Figure(figsize=(4.5, 4.5))
-  ax = fig.add_subplot(1, 1, 1)
-  ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
-  full = [b for b in cal["bins"] if b["n"]]
-  if full:
-    ax.plot([b["confidence"] for b in full], [b["correct"] for b in full], "o-", color=_COLORS.get(mode),
-            label=f"{mode} (ECE {cal['ece']:.3f}, n={cal['n']})")
-  else:
-    ax.text(0.5, 0.5, "no confidence values\n(token_sets not given)", ha="center", va="center")
-  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence at the first answer anchor",
-         ylabel="precision of the answer", title=f"calibration: {mode}")
-  ax.legend(loc="upper left")
-  fig.tight_layout()
-  _save(fig, path)
-
-
 def _safe_name(name: str) -> str:
   return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -359,13 +293,13 @@ def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str 
                                  for r in results.values() for s in r.samples))
     for name, r in results.items():
       png = f"pr_{_safe_name(name)}.png"
-      _pr_plot(r, tmp / png)
+      report_plots.pr_plot(r, tmp / png)
       files[png] = out / png
-    _sizes_plot(results, tmp / "set_sizes.png")
+    report_plots.sizes_plot(results, tmp / "set_sizes.png")
     files["set_sizes.png"] = out / "set_sizes.png"
     for mode in dict.fromkeys(m for r in results.values() for m in r.summary):
       png = f"calibration_{mode}.png"
-      _calibration_plot(results, mode, tmp / png)
+      report_plots.calibration_plot(results, mode, tmp / png)
       files[png] = out / png
     _swap(tmp, out)
   except BaseException:  # Ctrl-C included: never leave the temp directory behind
@@ -384,6 +318,46 @@ def _swap(tmp: pathlib.Path, out: pathlib.Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
   else:
     os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------------------- the trainer's results
+
+
+def results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+  """The markdown table of results.json ({stage: {mode: {precision, recall, f}}}), in points."""
+  lines = ["| checkpoint | mode | precision | recall | F |", "|---|---|---|---|---|"]
+  for stage in ("sft", "rl"):
+    for mode in ("fast", "slow"):
+      r = results.get(stage, {}).get(mode)
+      if r:
+        lines.append(f"| {stage} | {mode} | {100 * r['precision']:.2f} | {100 * r['recall']:.2f} | "
+                     f"{100 * r['f']:.2f} |")
+  return "\n".join(lines)
+
+
+def training_gap_lines(evals: Mapping[str, Mapping], data: str) -> str:
+  """The fast-vs-slow analysis per stage: slow minus fast, paired per clip, with 95% intervals."""
+  lines = []
+  for stage, ev in evals.items():
+    g = ev.get("analysis", {}).get(data, {}).get("fast_vs_slow")
+    if not g or g["precision"]["slow_minus_fast"] is None:
+      continue
+    cell = lambda d: f"{100 * d['slow_minus_fast']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
+    lines.append(f"- {stage}: slow - fast precision {cell(g['precision'])}, recall {cell(g['recall'])} "
+                 f"(points, n = {g['precision']['n']} clips)")
+  return "\n".join(lines)
+
+
+def training_results(evals: Mapping[str, Mapping], data: str) -> dict:
+  """results.json's content from the trainer's per-stage evaluations (eval_<stage>.json)."""
+  return {stage: {mode: {k: float(v[k]) for k in ("precision", "recall", "f")}
+                  for mode, v in ev["summary"][data].items()} for stage, ev in evals.items()}
+
+
+def results_markdown(evals: Mapping[str, Mapping], data: str, split: str) -> str:
+  """WORKDIR/results.md: the final table and the fast-vs-slow lines."""
+  return (f"# MER-R1 results ({data}, {split} split, OV emotion-wheel level 1, fractions x 100)\n\n"
+          f"{results_table(training_results(evals, data))}\n\nFast vs slow:\n{training_gap_lines(evals, data)}\n")
 
 
 # ---------------------------------------------------------------------------------------------- MME-Emotion

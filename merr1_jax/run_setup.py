@@ -3,7 +3,11 @@
 `setup(config, workdir)` starts jax.distributed when several hosts run, validates the config and checks it
 against the workdir's checkpoints (both before anything is built or compiled: `check_resume`), then builds or
 loads the tokenizer, prepares the dataset, builds the model, the mesh and the shardings, and returns a `Run`
-holding them with small helpers (pipelines, device placement, checkpointers).
+holding them with small helpers (device placement, checkpointers, the stage's starting parameters).
+
+The pieces the evaluate CLI shares are public: `build_model` (the model of a config and tokenizer) and
+`open_data` (the prepared dataset as a `Data`: the trainer's own pipelines and eval datasets), so both read the
+same records in the same order and batches by construction.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import checkpoint, evaluation, experience, observe, rewards, rollout, sampling, sharding
+from merr1_jax import artifacts, checkpoint, experience, memory, observe, prompts, rewards, rollout, settings
+from merr1_jax import sharding
 from merr1_jax import config as cfglib
-from merr1_jax import optim, prompts
 from merr1_jax import train_step as ts
 from merr1_jax.data import pipeline, synth, tfds_builders
 from merr1_jax.data import tokenizer as toklib
@@ -31,18 +35,40 @@ _log = logging.getLogger("merr1_jax.run")
 
 
 @dataclasses.dataclass
+class Data:
+  """A run's dataset: its prepared sources by split, and the pipelines the trainer and the evaluate CLI read."""
+
+  config: Any
+  tokenizer: Any
+  model_config: Any
+  sources: dict  # split -> pipeline.RecordSource
+
+  def pipeline(self, kind: str, split: str = "train", **overrides) -> pipeline.Pipeline:
+    """SFT: each process reads its own rows. RL and eval: every process reads the whole global batch, because
+    the host work on their rollouts (decoding, rewards, metrics) needs every row's labels; their device work
+    is still split over the mesh (sharding.BatchLayout), and prompts are little to read."""
+    shards = jax.process_count() if kind == "sft" else 1
+    pcfg = settings.pipeline_config(self.config, kind, self.model_config, shard_index=jax.process_index() % shards,
+                                    shard_count=shards, **overrides)
+    return pipeline.build(self.sources[split], self.tokenizer, pcfg)
+
+  def eval_datasets(self) -> dict:
+    """{dataset name: (eval pipeline, metric)}: what the trainer evaluates after each stage."""
+    return {self.config.data.name: (self.pipeline("eval", self.config.data.eval_split), "ov")}
+
+
+@dataclasses.dataclass
 class Run:
   config: Any
   workdir: pathlib.Path
   tokenizer: Any
-  model: mllm.MultimodalPolicy
+  model: base.PolicyModel
   mesh: jax.sharding.Mesh
   axis_rules: dict
-  sources: dict  # split -> pipeline.RecordSource
+  data: Data
   writer: observe.MetricsWriter
   ctx: experience.Context
   eval_settings: Any
-  eval_dataset_name: str
 
   # -------------------------------------------------------------------------------------- placement
   def param_shardings(self, params):
@@ -67,49 +93,12 @@ class Run:
     batch = jax.tree.map(np.asarray, batch)
     return sharding.from_global(batch, sharding.batch_shardings(batch, self.mesh))
 
-  # ------------------------------------------------------------------------------------------- data
-  def pipeline(self, kind: str, split: str = "train", **overrides) -> pipeline.Pipeline:
-    """SFT: each process reads its own rows. RL and eval: every process reads the whole global batch, because
-    the host work on their rollouts (decoding, rewards, metrics) needs every row's labels; their device work
-    is still split over the mesh (rollout.Layout), and prompts are little to read."""
-    c = self.config
-    batch = {"sft": c.sft.batch_size, "rl": c.rl.prompts_per_step, "eval": c.eval.batch_size}[kind]
-    shards = jax.process_count() if kind == "sft" else 1
-    pcfg = pipeline.PipelineConfig(
-        kind=kind, batch_size=batch // shards, seed=c.seed, shuffle=kind != "eval",
-        num_epochs=1 if kind == "eval" else None, shard_index=jax.process_index() % shards, shard_count=shards,
-        drop_remainder=kind != "eval", video_dim=self.model.config.video_dim or None,
-        audio_dim=self.model.config.audio_dim or None, on_bad_record=c.data.on_bad_record,
-        worker_count=c.data.worker_count,
-        label_vocab=synth.EMOTIONS if c.data.name == "mer_synth" else None, wheel_format=c.eval.format_version,
-        prompt_buckets=tuple(c.data.prompt_buckets), **overrides)
-    return pipeline.build(self.sources[split], self.tokenizer, pcfg)
-
   @staticmethod
   def sft_batch(b) -> ts.SFTBatch:
     return ts.SFTBatch(inputs=base.ModelInputs(tokens=b["tokens"], positions=b["positions"], mask=b["input_mask"],
                                                video=b["video"], video_mask=b["video_mask"], audio=b["audio"],
                                                audio_mask=b["audio_mask"]),
                        loss_mask=b["loss_mask"])
-
-  def eval_datasets(self) -> dict:
-    p = self.pipeline("eval", self.config.data.eval_split)
-    return {self.eval_dataset_name: (p, "ov")}
-
-  def rl_settings(self) -> experience.RLSettings:
-    r = self.config.rl
-    method = (sampling.TopP(r.temperature, p=r.top_p) if r.top_p < 1 else sampling.Temperature(r.temperature))
-    weights = {"slow": {"recall": r.w_rec_slow, "precision": r.w_prec_slow, "format": r.w_fmt,
-                        "calibration": r.w_cal},
-               "fast": {"recall": r.w_rec_fast, "precision": r.w_prec_fast, "format": r.w_fmt,
-                        "calibration": 0.0}}
-    return experience.RLSettings(
-        n_slow=r.n_slow, n_fast=r.n_fast, max_new_tokens={"slow": r.max_new_tokens_slow,
-                                                          "fast": r.max_new_tokens_fast},
-        method=method, disentangle=r.disentangle, scale=r.scale, adv_eps=r.adv_eps, adv_ddof=r.adv_ddof,
-        group=r.group, weights=weights, calibration=r.calibration, cal_tau=r.cal_tau, cal_alpha=r.cal_alpha,
-        num_anchors=r.num_anchors,
-        with_reference=r.beta > 0, prompt_buckets=tuple(self.config.data.prompt_buckets))
 
   # ------------------------------------------------------------------------------------ checkpoints
   def checkpointer(self, stage: str) -> checkpoint.Checkpointer:
@@ -126,12 +115,7 @@ class Run:
 
   def final_params(self, stage: str, template):
     """The parameters at the end of a finished stage (restored from its last checkpoint)."""
-    c = self.config
-    tx = optim.make_optimizer(cfglib.optim_config(c, stage), template,
-                              freeze=tuple(c.rl.freeze) if stage == "rl" else ())
-    state = jax.eval_shape(lambda p: ts.init_state(
-        p, tx, with_reference=stage == "rl" and c.rl.beta > 0, freeze=tuple(c.rl.freeze) if stage == "rl" else (),
-        ref_dtype=self.model.config.jnp_compute_dtype), template)
+    state = settings.abstract_state(self.config, stage, self.model.config, template)
     ckpt = self.checkpointer(stage)
     restored, _, _ = ckpt.restore(ckpt.latest_step(), checkpoint.abstract_with_shardings(
         state, self.state_shardings(state)))
@@ -186,13 +170,13 @@ def check_resume(config, workdir: pathlib.Path) -> None:
       raise cfglib.ConfigError(f"config.resume: {e}") from e
 
 
-def _tokenizer(config, workdir: pathlib.Path, synth_cfg: synth.SynthConfig):
+def _tokenizer(config, workdir: pathlib.Path):
   if cfglib.tokenizer_dir(config):
     return toklib.load_hf(cfglib.tokenizer_dir(config))
   path = workdir / "tokenizer.json"
   if path.exists():
     return toklib.load(path)
-  tok = synth.build_tokenizer(synth_cfg)
+  tok = synth.build_tokenizer(settings.synth_config(config))
   if jax.process_index() == 0:
     # Written aside and renamed: another process checking `path` meanwhile never reads half a file.
     tok.save(path.with_name("tokenizer.partial.json"))
@@ -200,19 +184,28 @@ def _tokenizer(config, workdir: pathlib.Path, synth_cfg: synth.SynthConfig):
   return tok
 
 
-def _sources(config, workdir: pathlib.Path, synth_cfg: synth.SynthConfig) -> dict:
-  data_dir = config.data.data_dir or str(workdir / "data")
+def build_model(config, tok) -> mllm.MultimodalPolicy:
+  """The policy model of `config.model`, with the fields the tokenizer decides (vocabulary, placeholder ids)."""
+  return mllm.build(settings.model_config(config, vocab_size=tok.vocab_size,
+                                          video_token_id=tok.id_of(prompts.VIDEO_TOKEN),
+                                          audio_token_id=tok.id_of(prompts.AUDIO_TOKEN)))
 
-  def make_builder():
-    if config.data.name == "mer_synth":
-      # TFDS reuses prepared data by config name: name it after the generator settings.
-      name = "s{}_n{}_{}_{}_noise{}".format(synth_cfg.seed, synth_cfg.n_train, synth_cfg.n_validation,
-                                           synth_cfg.n_test, str(synth_cfg.noise).replace(".", "p"))
-      return tfds_builders.MerSynth(config=tfds_builders.MerSynthConfig(name=name, synth=synth_cfg),
-                                    data_dir=data_dir)
-    return tfds_builders.MerFeatures(records_dir=config.data.records_dir, data_dir=data_dir)
 
-  builder = make_builder()
+def _builder(config, data_dir: str):
+  if config.data.name == "mer_synth":
+    synth_cfg = settings.synth_config(config)
+    # TFDS reuses prepared data by config name: name it after the generator settings.
+    name = "s{}_n{}_{}_{}_noise{}".format(synth_cfg.seed, synth_cfg.n_train, synth_cfg.n_validation,
+                                         synth_cfg.n_test, str(synth_cfg.noise).replace(".", "p"))
+    return tfds_builders.MerSynth(config=tfds_builders.MerSynthConfig(name=name, synth=synth_cfg),
+                                  data_dir=data_dir)
+  return tfds_builders.MerFeatures(records_dir=config.data.records_dir, data_dir=data_dir)
+
+
+def open_data(config, workdir, tok, model_config) -> Data:
+  """The config's dataset, prepared in data.data_dir (default WORKDIR/data) by process 0 if needed, as a Data."""
+  data_dir = config.data.data_dir or str(pathlib.Path(workdir) / "data")
+  builder = _builder(config, data_dir)
   if jax.process_index() == 0:
     tfds_builders.prepare(builder)
   if jax.process_count() > 1:
@@ -220,36 +213,33 @@ def _sources(config, workdir: pathlib.Path, synth_cfg: synth.SynthConfig) -> dic
     multihost_utils.sync_global_devices("dataset prepared")
     if jax.process_index() != 0:
       # A builder reads the dataset info when it is made: one made before process 0 wrote the data has no splits.
-      builder = make_builder()
-  return {split: tfds_builders.TfdsSource(builder, split) for split in builder.info.splits}
+      builder = _builder(config, data_dir)
+  sources = {split: tfds_builders.TfdsSource(builder, split) for split in builder.info.splits}
+  return Data(config=config, tokenizer=tok, model_config=model_config, sources=sources)
+
+
+def experience_context(config, tok, model, mesh) -> experience.Context:
+  """The fixed part of every RL step: special ids, the label space and its calibration token sets."""
+  space = rewards.LabelSpace.emotion_wheel(config.eval.format_version)  # OV emotion wheels, for both datasets
+  token_sets = rewards.category_token_sets(space, tok.encode, model.config.vocab_size)
+  return experience.Context(model=model, tokenizer=tok, ids=rollout.SpecialIds.from_tokenizer(tok), space=space,
+                            token_sets=jnp.asarray(token_sets), cluster_mask=jnp.asarray(space.cluster_mask()),
+                            mesh=mesh, axis_rules=dict(config.mesh.axis_rules))
 
 
 def setup(config, workdir) -> Run:
   """Validates and checks the workdir, then builds the run. Raises ConfigError before anything is compiled."""
   sharding.init_distributed(config.mesh.coordinator or None)
-  cfglib.validate(config, jax.device_count(), cfglib.local_device_memory_gb())
+  cfglib.validate(config, jax.device_count(), memory.local_device_memory_gb())
   workdir = pathlib.Path(workdir)
   check_resume(config, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    checkpoint.write_text_atomic(workdir / "config.json", json.dumps(config.to_dict(), indent=1, default=str))
-  synth_cfg = synth.SynthConfig(n_train=config.data.synth_train, n_validation=config.data.synth_validation,
-                                n_test=config.data.synth_test, noise=config.data.synth_noise)
-  tok = _tokenizer(config, workdir, synth_cfg)
-  model = mllm.build(cfglib.model_config(config, vocab_size=tok.vocab_size,
-                                         video_token_id=tok.id_of(prompts.VIDEO_TOKEN),
-                                         audio_token_id=tok.id_of(prompts.AUDIO_TOKEN)))
+    artifacts.write_text_atomic(workdir / "config.json", json.dumps(config.to_dict(), indent=1, default=str))
+  tok = _tokenizer(config, workdir)
+  model = build_model(config, tok)
   mesh = sharding.make_mesh(config.mesh.shape)
-  axis_rules = dict(config.mesh.axis_rules)
-  space = rewards.LabelSpace.emotion_wheel(config.eval.format_version)  # OV emotion wheels, for both datasets
-  token_sets = rewards.category_token_sets(space, tok.encode, model.config.vocab_size)
-  ctx = experience.Context(model=model, tokenizer=tok, ids=rollout.SpecialIds.from_tokenizer(tok), space=space,
-                           token_sets=jnp.asarray(token_sets), cluster_mask=jnp.asarray(space.cluster_mask()),
-                           mesh=mesh, axis_rules=axis_rules)
-  eval_settings = evaluation.EvalSettings(
-      max_new_tokens={"slow": config.eval.max_new_tokens_slow, "fast": config.eval.max_new_tokens_fast},
-      format_version=config.eval.format_version, seed=config.seed)
-  return Run(config=config, workdir=workdir, tokenizer=tok, model=model, mesh=mesh, axis_rules=axis_rules,
-             sources=_sources(config, workdir, synth_cfg), writer=observe.MetricsWriter(
-                 workdir, tensorboard=config.log.tensorboard), ctx=ctx, eval_settings=eval_settings,
-             eval_dataset_name=config.data.name)
+  return Run(config=config, workdir=workdir, tokenizer=tok, model=model, mesh=mesh,
+             axis_rules=dict(config.mesh.axis_rules), data=open_data(config, workdir, tok, model.config),
+             writer=observe.MetricsWriter(workdir, tensorboard=config.log.tensorboard),
+             ctx=experience_context(config, tok, model, mesh), eval_settings=settings.evaluation_settings(config))

@@ -8,11 +8,15 @@ The batch is split over ('data', 'fsdp'). Which parameter dimension goes to whic
 steps, both data: the model's ``partition_rules()`` (parameter path regex -> logical axis names) and the
 config's ``axis_rules`` (logical name -> mesh axes).
 
-Shape legend: B batch rows, L sequence positions.
+`BatchLayout` is the rollouts' view of the same mesh: prompt rows over the batch axes and KV-cache heads over
+`tensor`, where the sampler and the scorer place and constrain their arrays.
+
+Shape legend: B batch rows, L sequence positions. Every batch array is batch-major (rows on axis 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -98,22 +102,14 @@ def state_shardings(abstract_state: Any, params_sharding: Any, mesh: Mesh) -> An
   return jax.tree_util.tree_map_with_path(pick, abstract_state)
 
 
-def batch_spec(leaf: Any, *, batch_axis: int = 0) -> P:
-  """Rows over ('data', 'fsdp'), every other dimension replicated."""
-  spec: list[Any] = [None] * np.ndim(leaf)
-  spec[batch_axis] = BATCH_AXES
-  return P(*spec)
+def batch_spec(leaf: Any) -> P:
+  """Rows (axis 0) over ('data', 'fsdp'), every other dimension replicated."""
+  return P(BATCH_AXES, *([None] * (np.ndim(leaf) - 1)))
 
 
 def batch_shardings(batch: Any, mesh: Mesh) -> Any:
-  """Shardings for a batch pytree: axis 0 is the batch, except M-RoPE positions [3, B, L] (axis 1)."""
-
-  def one(path, leaf):
-    name = base.path_str(path)
-    axis = 1 if name.endswith("positions") and np.ndim(leaf) == 3 else 0
-    return NamedSharding(mesh, batch_spec(leaf, batch_axis=axis))
-
-  return jax.tree_util.tree_map_with_path(one, batch)
+  """Shardings for a batch pytree: every leaf is batch-major (positions too: [B, L] or [B, L, 3])."""
+  return jax.tree.map(lambda leaf: NamedSharding(mesh, batch_spec(leaf)), batch)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -175,6 +171,76 @@ def to_host(tree: Any) -> Any:
     for i in set(spread) - set(named):
       leaves[i] = multihost_utils.process_allgather(leaves[i], tiled=True)
   return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The rollouts' layout
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """Batch over `batch` mesh axes (data/fsdp), KV heads over `kv_heads` (tensor) where the rules say so.
+
+  Hashable: the sampler and the scorer take it as a static jit argument and constrain their intermediate
+  arrays (caches, decode state) with it.
+  """
+
+  mesh: Mesh
+  batch: tuple[str, ...]
+  kv_heads: str | tuple[str, ...] | None
+
+  @classmethod
+  def make(cls, mesh: Mesh, axis_rules: Mapping[str, Any] | None = None) -> "BatchLayout":
+    rules = dict(axis_rules or {})
+    batch = rules.get("batch", tuple(a for a in BATCH_AXES if a in mesh.axis_names))
+    return cls(mesh, (batch,) if isinstance(batch, str) else tuple(batch), rules.get("kv_heads"))
+
+  @property
+  def batch_size(self) -> int:
+    return int(np.prod([self.mesh.shape[a] for a in self.batch]))
+
+  def check_rows(self, rows: int) -> None:
+    if rows % self.batch_size:
+      raise ValueError(f"{rows} prompts do not split over the batch mesh axes {self.batch} "
+                       f"({self.batch_size} shards); pad the batch to a multiple")
+
+  def sharding(self, ndim: int, kv_axis: int | None = None) -> NamedSharding:
+    spec: list[Any] = [None] * ndim
+    spec[0] = self.batch or None
+    if kv_axis is not None:
+      spec[kv_axis] = self.kv_heads
+    return NamedSharding(self.mesh, P(*spec))
+
+  def place(self, tree: Any) -> Any:
+    """Batch-major arrays -> global arrays over the batch axes (None leaves stay None).
+
+    Host values are the whole global batch, the same on every process (the trainer's RL and eval batches are),
+    and each process copies only its devices' rows; device arrays are resharded where they are.
+    """
+    def one(a):
+      target = self.sharding(np.ndim(a))
+      if isinstance(a, jax.Array):
+        return jax.device_put(a, target)
+      return from_global(np.asarray(a), target)
+
+    return jax.tree.map(one, tree)
+
+  def constrain(self, tree: Any) -> Any:
+    """Inside jit: batch-major leaves sharded on axis 0, a KVCache's k/v also over kv heads (axis 3)."""
+    batch = lambda a: jax.lax.with_sharding_constraint(a, self.sharding(a.ndim)) if a.ndim else a  # noqa: E731
+
+    def one(x):
+      if isinstance(x, base.KVCache):
+        kv = lambda a: jax.lax.with_sharding_constraint(a, self.sharding(a.ndim, 3))  # noqa: E731
+        return x.replace(k=kv(x.k), v=kv(x.v), valid=batch(x.valid), index=batch(x.index))
+      return batch(x)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, base.KVCache))
+
+
+def constrain(layout: BatchLayout | None, tree: Any) -> Any:
+  """``layout.constrain(tree)``, or the tree itself without a layout (one device)."""
+  return tree if layout is None else layout.constrain(tree)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
-import sys
 import time
 
 import jax
@@ -30,7 +28,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from merr1_jax import checkpoint, evaluation, experience, observe, optim
+from merr1_jax import artifacts, checkpoint, cli, evaluation, experience, observe, preemption, reports, settings
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
 from merr1_jax.models import hf_io
@@ -44,15 +42,16 @@ _log = logging.getLogger("merr1_jax.train")
 
 def _eval(run: Run, params, stage: str, step: int) -> dict:
   """Both modes on the eval split; summary saved as WORKDIR/eval_<stage>.json (and reused on resume)."""
-  result = evaluation.evaluate(run.model, params, run.tokenizer, run.eval_datasets(), settings=run.eval_settings,
-                               token_sets=run.ctx.token_sets, mesh=run.mesh, progress=run.config.log.progress)
+  result = evaluation.evaluate(run.model, params, run.tokenizer, run.data.eval_datasets(),
+                               settings=run.eval_settings, token_sets=run.ctx.token_sets, mesh=run.mesh,
+                               progress=run.config.log.progress)
   summary = {name: r.summary for name, r in result.items()}
   analysis = {name: r.analysis for name, r in result.items()}
   flat = {f"eval/{d}/{m}/{k}": v for d, s in summary.items() for m, vals in s.items() for k, v in vals.items()
           if isinstance(v, (int, float))}
   run.writer.write(f"eval_{stage}", step, flat)
   if jax.process_index() == 0:
-    checkpoint.write_text_atomic(run.workdir / f"eval_{stage}.json", json.dumps(
+    artifacts.write_text_atomic(run.workdir / f"eval_{stage}.json", json.dumps(
         {"step": step, "summary": summary, "analysis": analysis}, indent=1, default=float))
   return {"summary": summary, "analysis": analysis}
 
@@ -99,23 +98,28 @@ def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt,
 
 
 def _restore(run: Run, ckpt, state, batches, stage: str):
-  """(state, rng) of the latest checkpoint, the data iterator moved to its position; (state, None) if none."""
+  """(state, rng) of the latest checkpoint, the data iterator moved to its position; (state, None) if none.
+
+  Either way the stage's metrics.jsonl rows past the committed step (0 when no checkpoint exists yet) are
+  dropped first: a step's row is written before its asynchronous checkpoint commits, so a crash can leave rows
+  of steps that the rerun computes again (docs/reliability.md)."""
   latest = ckpt.latest_step()
+  run.writer.truncate_after(stage, latest or 0)
   if latest is None:
     return state, None
   abstract = checkpoint.abstract_with_shardings(state, run.state_shardings(state))
   state, rng, _ = ckpt.restore(latest, abstract, data_iter=batches)
-  run.writer.truncate_after(stage, latest)
   _log.info("%s: resumed from step %d", stage, latest)
   return state, rng
 
 
 def run_sft(run: Run, params, guard):
   cfg = run.config
-  tx = optim.make_optimizer(cfglib.optim_config(cfg, "sft"), params)
-  state = run.place(ts.init_state(params, tx, with_reference=False))
-  step = ts.make_sft_step(run.model, tx, cfglib.step_config(cfg, "sft"), state_shardings=run.state_shardings(state))
-  batches = iter(run.pipeline("sft"))
+  state, tx = settings.make_state(cfg, "sft", run.model.config, params)
+  state = run.place(state)
+  step = ts.make_sft_step(run.model, tx, settings.step_config(cfg, "sft"),
+                          state_shardings=run.state_shardings(state))
+  batches = iter(run.data.pipeline("sft"))
   ckpt = run.checkpointer("sft")
   state, _ = _restore(run, ckpt, state, batches, "sft")  # SFT draws no random numbers: no rng to carry
 
@@ -130,15 +134,14 @@ def run_sft(run: Run, params, guard):
 
 def run_rl(run: Run, params, guard):
   cfg = run.config
-  tx = optim.make_optimizer(cfglib.optim_config(cfg, "rl"), params, freeze=tuple(cfg.rl.freeze))
   with_ref = cfg.rl.beta > 0
-  state = run.place(ts.init_state(params, tx, with_reference=with_ref, freeze=tuple(cfg.rl.freeze),
-                                  ref_dtype=run.model.config.jnp_compute_dtype))
-  step = ts.make_rl_step(run.model, tx, cfglib.step_config(cfg, "rl"), state_shardings=run.state_shardings(state))
-  batches = iter(run.pipeline("rl"))
+  state, tx = settings.make_state(cfg, "rl", run.model.config, params)
+  state = run.place(state)
+  step = ts.make_rl_step(run.model, tx, settings.step_config(cfg, "rl"), state_shardings=run.state_shardings(state))
+  batches = iter(run.data.pipeline("rl"))
   ckpt = run.checkpointer("rl")
   state, saved_key = _restore(run, ckpt, state, batches, "rl")
-  settings = run.rl_settings()
+  exp = settings.experience_settings(cfg)
   # The stage's key: a fresh run derives it from the seed, a resumed one takes the checkpoint's (saved with
   # every checkpoint), so resuming never depends on re-deriving it.
   base_key = jax.random.key(cfg.seed + 1) if saved_key is None else saved_key
@@ -147,7 +150,7 @@ def run_rl(run: Run, params, guard):
     t0 = time.perf_counter()
     ref = ts.reference_params(state) if with_ref else None
     # Step i's key is fold_in(stage key, i): a resumed run draws the same rollouts as an uninterrupted one.
-    rl_batch, metrics, _ = experience.collect(run.ctx, settings, state.params, ref, batch,
+    rl_batch, metrics, _ = experience.collect(run.ctx, exp, state.params, ref, batch,
                                               jax.random.fold_in(base_key, i))
     t1 = time.perf_counter()
     state, update = step(state, run.global_to_device(rl_batch))
@@ -164,39 +167,13 @@ def run_rl(run: Run, params, guard):
   return state.params, preempted
 
 
-def _results_table(results: dict) -> str:
-  lines = ["| checkpoint | mode | precision | recall | F |", "|---|---|---|---|---|"]
-  for stage in ("sft", "rl"):
-    for mode in ("fast", "slow"):
-      r = results.get(stage, {}).get(mode)
-      if r:
-        lines.append(f"| {stage} | {mode} | {100 * r['precision']:.2f} | {100 * r['recall']:.2f} | "
-                     f"{100 * r['f']:.2f} |")
-  return "\n".join(lines)
-
-
-def _gap_lines(evals: dict[str, dict], data: str) -> str:
-  """The fast-vs-slow analysis per stage: slow minus fast, paired per clip, with 95% intervals."""
-  lines = []
-  for stage, ev in evals.items():
-    g = ev.get("analysis", {}).get(data, {}).get("fast_vs_slow")
-    if not g or g["precision"]["slow_minus_fast"] is None:
-      continue
-    cell = lambda d: f"{100 * d['slow_minus_fast']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
-    lines.append(f"- {stage}: slow - fast precision {cell(g['precision'])}, recall {cell(g['recall'])} "
-                 f"(points, n = {g['precision']['n']} clips)")
-  return "\n".join(lines)
-
-
 def _write_results(run: Run, evals: dict[str, dict]) -> dict:
-  data = run.eval_dataset_name
-  results = {stage: {mode: {k: float(v[k]) for k in ("precision", "recall", "f")}
-                     for mode, v in ev["summary"][data].items()} for stage, ev in evals.items()}
+  data = run.config.data.name
+  results = reports.training_results(evals, data)
   if jax.process_index() == 0:
-    checkpoint.write_text_atomic(run.workdir / "results.json", json.dumps(results, indent=1))
-    md = (f"# MER-R1 results ({data}, {run.config.data.eval_split} split, OV emotion-wheel level 1, "
-          f"fractions x 100)\n\n{_results_table(results)}\n\nFast vs slow:\n{_gap_lines(evals, data)}\n")
-    checkpoint.write_text_atomic(run.workdir / "results.md", md)
+    artifacts.write_text_atomic(run.workdir / "results.json", json.dumps(results, indent=1))
+    md = reports.results_markdown(evals, data, run.config.data.eval_split)
+    artifacts.write_text_atomic(run.workdir / "results.md", md)
     print("\n" + md)
   return results
 
@@ -206,7 +183,7 @@ def train(config, workdir: str) -> dict:
   run = setup(config, workdir)
   params = run.initial_params()
   summaries: dict[str, dict] = {}
-  with checkpoint.PreemptionGuard() as guard:
+  with preemption.PreemptionGuard() as guard:
     for stage in config.stages:
       done = run.stage_done(stage)
       if not done:
@@ -224,79 +201,10 @@ def train(config, workdir: str) -> dict:
     observe.plot_curves(run.workdir)
   if config.checkpoint.export_hf:
     # An Omni starting checkpoint is exported in its own layout, towers copied through unchanged.
-    checkpoint.export_hf(params, run.model.config, run.workdir / "export", overwrite=True,
-                         dtype=config.checkpoint.export_dtype, **hf_io.export_kwargs(config.model.hf_path))
+    artifacts.export_hf(params, run.model.config, run.workdir / "export", overwrite=True,
+                        dtype=config.checkpoint.export_dtype, **hf_io.export_kwargs(config.model.hf_path))
   run.close()
   return results
-
-
-# ------------------------------------------------------------------------------------------ command line
-
-
-def _usage_error(msg: str):
-  print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _missing_override(argv: list[str]) -> str | None:
-  """The first `--config.a.b=v` of argv whose path the loaded config does not have, or None."""
-  config = flags.FLAGS["config"].value
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    node, path = config, arg[len("--config."):].partition("=")[0]
-    for part in path.split("."):
-      if not hasattr(node, "keys") or part not in node.keys():
-        return arg
-      node = node[part]
-  return None
-
-
-def _flag_error(e: BaseException, argv: list[str]) -> str | None:
-  """The one-line message for a flag-parsing failure caused by bad input, or None for anything else (a bug,
-  which keeps its traceback)."""
-  chain = []
-  while e is not None and e not in chain:
-    chain.append(e)
-    e = e.__cause__ or e.__context__
-  config_errors = [x for x in chain if isinstance(x, cfglib.ConfigError)]
-  if config_errors:  # raised by the config file's get_config(arg); the deepest one carries the plain message
-    return str(config_errors[-1])
-  for x in chain:  # ml_collections could not read the config file (it reports this when the config is used)
-    why = re.search(r"\[Errno \d+\] (.+)", str(x)) if isinstance(x, OSError) else None
-    if why and "Failed loading config file" in str(x):
-      return f"--config: {why.group(1)}"
-  if isinstance(chain[0], (AttributeError, KeyError)):  # ml_collections: an override of a field that is not there
-    bad = _missing_override(argv)
-    if bad is None:
-      return None
-    hint = re.search(r'Did you mean "([^"]+)"', str(chain[0]))
-    return (f"{bad}: the config has no field {bad[len('--config.'):].partition('=')[0]!r}"
-            + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
-  if isinstance(chain[0], flags.Error) and "Traceback" not in str(chain[0]):
-    return str(chain[0])  # e.g. "flag --config.rl.beta=abc: could not convert string to float: 'abc'"
-  return None
-
-
-def _missing_config_file() -> str | None:
-  spec = getattr(flags.FLAGS["config"], "_config_filename", None)  # set once --config is parsed
-  path = (spec or "").partition(":")[0]
-  return f"--config: config file {path} does not exist" if spec and not os.path.isfile(path) else None
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with bad input reported as one `error:` line (exit 2) instead of a traceback."""
-  try:
-    rest = flags.FLAGS(argv)
-  except Exception as e:  # noqa: BLE001 - re-raised unless it is bad input
-    msg = _missing_config_file() or _flag_error(e, argv)
-    if msg is None:
-      raise
-    _usage_error(msg)
-  msg = _missing_config_file()
-  if msg:
-    _usage_error(msg)
-  return rest
 
 
 def main(argv):
@@ -304,15 +212,15 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
-    _usage_error("--workdir is required (or set --config.workdir)")
+    cli.usage_error("--workdir is required (or set --config.workdir)")
   # Library chatter (orbax, absl, TFDS) at WARNING; the trainer's own progress at INFO.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("merr1_jax").setLevel(logging.INFO)
   try:
     train(config, workdir)
   except cfglib.ConfigError as e:  # validate() or the workdir check: before anything was compiled
-    _usage_error(str(e))
+    cli.usage_error(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -5,19 +5,23 @@ state donated and, when shardings are given, explicit in/out shardings. Both sha
   * only the trainable leaves are differentiated: the parameters are split by the freeze regexes
     (``TrainState.freeze``, ``optim.split_trainable``) and merged again inside the loss, so frozen leaves have no
     gradient, accumulator or optimizer state and are not part of ``grad_norm`` or the clipping norm;
-  * the batch is split into ``micro_batches`` inside the step (a lax.scan accumulating float32 gradients of the
-    trainable leaves);
-  * the loss is normalised by the whole step's token / sequence counts, so the update does not depend on the
+  * each update's batch is split into ``micro_batches`` inside the step (a lax.scan accumulating float32
+    gradients of the trainable leaves);
+  * the loss is normalised by the update's token / sequence counts, so the update does not depend on the
     micro-batch split (docs/method.md, Policy loss (E4), "Aggregation");
   * a non-finite loss or gradient skips the update and is counted in ``state.nonfinite``; the trainer stops
     after ``rl.max_nonfinite_steps`` such steps (``check_nonfinite``).
+The RL step runs ``ppo_epochs x mini_batches`` updates over its batch (PPO's mu inner iterations, verl's
+ppo_epochs / ppo_mini_batch_size, TRL's num_iterations); see ``make_rl_step`` for when clipping can act.
 
-Metrics of the RL step: loss, grad_norm (trainable leaves, before clipping), skipped, nonfinite_total, beta, the
-``rl.finalize_stats`` statistics (kl, clip_frac_low/high, dual_clip_frac, entropy, ratio_mean/max/min, tokens)
-combined over the micro-batches, the same per thinking mode (``kl/slow``, ``clip_frac_high/fast``, ...) when the
-batch carries ``mode_ids``, and the advantage statistics.
+Metrics of the RL step: loss and grad_norm (trainable leaves, before clipping; means over the updates), skipped,
+nonfinite_total, beta, the ``rl.finalize_stats`` statistics (kl, clip_frac_low/high, dual_clip_frac, entropy,
+ratio_mean/max/min, tokens, behaviour_logp_gap: the mean |sampler - trainer| log-prob at the rollout weights)
+combined over micro-batches and updates, the same per thinking mode (``kl/slow``, ``clip_frac_high/fast``, ...)
+when the batch carries ``mode_ids``, and the advantage statistics.
 
-Shape legend: B rows in the step, M micro-batches, L sequence positions (prompt + completion), D width.
+Shape legend: B rows in the step, M micro-batches, K mini-batches, L sequence positions (prompt + completion), D
+width.
 
 Sequence convention: ``inputs.tokens`` is the whole sequence, prompt left-padded and completion right-padded.
 Position t's hidden state predicts token t + 1, so per-token arrays aligned with ``tokens`` (masks, old and
@@ -27,6 +31,7 @@ reference log-probs) are shifted by one inside the loss.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,7 +95,10 @@ class RLBatch:
   inputs: base.ModelInputs
   completion_mask: Array  # bool: generated tokens, which carry loss (the fast prefix is prompt: no loss)
   advantages: Array  # [B] float32
-  old_logp: Array | None = None  # behaviour log-probs; None means mu = 1: stop_gradient(current log-probs)
+  # Old-policy log-probs of the PPO ratio. None: the step takes its own (stop_gradient of the current log-probs
+  # with one update per step; a scoring pass before the first update otherwise, see make_rl_step).
+  old_logp: Array | None = None
+  behaviour_logp: Array | None = None  # the sampler's log-probs, for the logged sampler-vs-trainer gap only
   ref_logp: Array | None = None  # reference log-probs; required when StepConfig.beta > 0, ignored when it is 0
   mode_ids: Array | None = None  # [B] int32 index into StepConfig.mode_names (0 slow, 1 fast): per-mode metrics
   # Static: the first column whose next token can carry loss (the shortest prompt bucket - 1). Positions before
@@ -108,32 +116,28 @@ class SFTBatch:
 class StepConfig:
   """Static settings of a step (the trainer builds it from the ml_collections config)."""
 
-  loss: rl.LossConfig = rl.LossConfig()
-  beta: float = 0.04  # KL coefficient; 0 skips the reference entirely
+  loss: rl.LossConfig
+  beta: float  # KL coefficient; 0 skips the reference entirely
   beta_decay_steps: int = 0
   beta_final: float = 0.0
-  micro_batches: int = 1
+  micro_batches: int = 1  # gradient accumulation splits of each update
+  ppo_epochs: int = 1  # mu: passes over the step's rollouts
+  mini_batches: int = 1  # optimizer updates per pass (each on 1/mini_batches of the rows)
   vocab_chunk: int = 8192  # vocabulary chunk of the streaming log-softmax
   mode_names: tuple[str, ...] = ("slow", "fast")  # RLBatch.mode_ids -> metric suffix (prompts.MODES order)
 
 
 def _micro_split(tree: Any, m: int) -> Any:
-  """[B, ...] -> [M, B/M, ...] with micro-batch i holding rows i, i + M, ... (each device's contiguous rows
-  then feed every micro-batch, so no micro-batch sits on a subset of the devices). Positions [3, B, L] split
-  on axis 1."""
+  """[B, ...] -> [M, B/M, ...] with part i holding rows i, i + M, ... (each device's contiguous rows then feed
+  every part, so no part sits on a subset of the devices). Every leaf is batch-major (positions too)."""
 
-  def split(path, x):
-    if x is None:
-      return None
-    axis = 1 if base.path_str(path).endswith("positions") and x.ndim == 3 else 0
-    b = x.shape[axis]
+  def split(x):
+    b = x.shape[0]
     if b % m:
       raise ValueError(f"batch of {b} rows is not divisible into {m} micro-batches")
-    x = jnp.moveaxis(x, axis, 0)
-    x = x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1)
-    return jnp.moveaxis(x, 1, axis + 1)
+    return x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1)
 
-  return jax.tree_util.tree_map_with_path(split, tree)
+  return jax.tree.map(split, tree)
 
 
 def _shifted_logp(model, params, inputs: base.ModelInputs, chunk: int, with_entropy: bool, start: int = 0):
@@ -200,7 +204,7 @@ def _jit(step_fn, state_shardings, batch_shardings):
 def make_rl_loss(model: base.PolicyModel, cfg: StepConfig) -> Callable:
   """``loss(params, batch, beta, num_tokens=None, num_seqs=None) -> (loss, summed stats)``.
 
-  Normalisers default to the batch's own counts; the step passes the whole step's counts to each micro-batch.
+  Normalisers default to the batch's own counts; the step passes the update's counts to each micro-batch.
   Raises ValueError (at trace time) when ``cfg.beta > 0`` but the batch has no ``ref_logp``: the KL term would
   otherwise vanish without a word.
   """
@@ -215,35 +219,102 @@ def make_rl_loss(model: base.PolicyModel, cfg: StepConfig) -> Callable:
     if not lc.entropy_coef:
       ent = jax.lax.stop_gradient(ent)  # logged only: build no gradient for it
     mask = batch.completion_mask[:, k + 1:]
+    # No old log-probs: one update per step, the ratio is exactly 1 (method.md E4, mu = 1) and these log-probs
+    # are the trainer's at the rollout weights, so the sampler-vs-trainer gap is measured here.
     old = jax.lax.stop_gradient(logp) if batch.old_logp is None else batch.old_logp[:, k + 1:]
+    behaviour = None if batch.old_logp is not None or batch.behaviour_logp is None else batch.behaviour_logp[:, k + 1:]
     ref = None if cfg.beta == 0 else batch.ref_logp[:, k + 1:]
     lcfg = lc if lc.max_len is not None else dataclasses.replace(lc, max_len=mask.shape[1])
     return rl.policy_loss(logp, old, ref, batch.advantages, mask, lcfg, beta=beta, entropy_BxT=ent,
                           num_tokens=num_tokens, num_seqs=num_seqs, group_B=batch.mode_ids,
-                          group_names=cfg.mode_names)
+                          group_names=cfg.mode_names, behaviour_BxT=behaviour)
 
   return loss_fn
+
+
+def _old_logprobs(model, cfg: StepConfig, params, batch: RLBatch) -> tuple[Array, dict[str, Array]]:
+  """The trainer's log-probs at the rollout weights, [B, L] aligned with the tokens (0 on the first loss_start + 1
+  columns), computed once before the first of several updates (no gradient, micro-batched like the update); and
+  the summed sampler-vs-trainer gap statistics (``behaviour_gap_sum`` in total and per mode)."""
+  k = batch.loss_start
+
+  def one(mb: RLBatch):
+    logp = jax.lax.stop_gradient(_shifted_logp(model, params, mb.inputs, cfg.vocab_chunk, False, start=k))
+    mask = mb.completion_mask[:, k + 1:].astype(jnp.float32)
+    beh = jnp.zeros_like(logp) if mb.behaviour_logp is None else mb.behaviour_logp[:, k + 1:]
+    gap = jnp.abs(logp - beh) * mask
+    groups = [("", mask)] + ([(f"/{name}", mask * (mb.mode_ids == gi)[:, None])
+                              for gi, name in enumerate(cfg.mode_names)] if mb.mode_ids is not None else [])
+    sums = {}
+    for suffix, w in groups:
+      sums[f"gap{suffix}"], sums[f"n{suffix}"] = (gap * w).sum(), w.sum()
+    return jnp.pad(logp, ((0, 0), (k + 1, 0))), sums
+
+  m = cfg.micro_batches
+  if m == 1:
+    logp, sums = one(batch)
+  else:
+    logp_MxbxL, sums = jax.lax.map(one, _micro_split(batch, m))
+    logp = logp_MxbxL.swapaxes(0, 1).reshape(batch.advantages.shape[0], -1)  # row i went to part i % M
+    sums = jax.tree.map(lambda x: x.sum(0), sums)
+  gaps = {"behaviour_logp_gap" + key[3:]: sums[key] / jnp.maximum(sums["n" + key[3:]], 1.0)
+          for key in sums if key.startswith("gap")}
+  return logp, gaps
 
 
 def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformation, cfg: StepConfig, *,
                  state_shardings: Any = None, batch_shardings: Any = None) -> Callable:
   """The MER-R1 policy-gradient step (docs/method.md, Policy loss (E4)): PPO-clip + beta * KL - entropy bonus.
 
-  ``optimizer`` must be the one ``init_state`` initialised (``optim.make_optimizer`` with the same freeze).
+  One step is ``cfg.ppo_epochs`` passes over the batch, each split into ``cfg.mini_batches`` optimizer updates
+  (mini-batch j holds rows j, j + K, ...), each update accumulated over ``cfg.micro_batches``. With more than one
+  update the old-policy log-probs come from a scoring pass of the trainer's own forward at the rollout weights
+  (``_old_logprobs``), so the first update's ratio is exactly 1 and clipping acts from the second update on;
+  with one update the ratio is 1 and clipping cannot act. ``state.step`` counts RL steps (one per call), the
+  optimizer's schedule counts updates. ``optimizer`` must be the one ``init_state`` initialised.
   """
   loss_fn = make_rl_loss(model, cfg)
+  updates = cfg.ppo_epochs * cfg.mini_batches
 
-  def step(state: TrainState, batch: RLBatch):
+  def one_update(state: TrainState, batch: RLBatch, beta):
     mask = batch.completion_mask[:, 1:].astype(jnp.float32)
     num_tokens, num_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
-    beta = rl.beta_at(state.step, cfg.beta, decay_steps=cfg.beta_decay_steps, final_beta=cfg.beta_final)
     fn = lambda p, mb: loss_fn(p, mb, beta, num_tokens, num_seqs)
     trainable, frozen = optim.split_trainable(state.params, state.freeze)
     loss, grads, stats = _accumulate(fn, trainable, frozen, batch, cfg.micro_batches)
-    stats = {**rl.finalize_stats(stats), **rl.advantage_stats(batch.advantages), "beta": beta}
     return _apply(optimizer, state, trainable, frozen, loss, grads, stats)
 
+  def step(state: TrainState, batch: RLBatch):
+    beta = rl.beta_at(state.step, cfg.beta, decay_steps=cfg.beta_decay_steps, final_beta=cfg.beta_final)
+    extra = {"beta": beta, **rl.advantage_stats(batch.advantages)}
+    if updates == 1:
+      state, m = one_update(state, batch, beta)
+      return state, {**{k: m[k] for k in _UPDATE_KEYS}, **rl.finalize_stats(_loss_stats(m)), **extra}
+    old, gap = _old_logprobs(model, cfg, state.params, batch)
+    parts = _micro_split(batch.replace(old_logp=old), cfg.mini_batches)
+    start_step = state.step
+
+    def body(state, i):
+      mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i % cfg.mini_batches, keepdims=False), parts)
+      return one_update(state, mb, beta)
+
+    state, ms = jax.lax.scan(body, state, jnp.arange(updates))
+    stats = functools.reduce(rl_loss.combine_stats, [jax.tree.map(lambda x, j=j: x[j], _loss_stats(ms))
+                                                     for j in range(updates)])
+    metrics = {**rl.finalize_stats(stats), **gap, **extra,
+               "loss": ms["loss"].mean(), "grad_norm": ms["grad_norm"].mean(), "skipped": ms["skipped"].sum(),
+               "nonfinite_total": state.nonfinite, "updates": jnp.asarray(updates, jnp.int32)}
+    return state.replace(step=start_step + 1), metrics
+
   return _jit(step, state_shardings, batch_shardings)
+
+
+_UPDATE_KEYS = ("loss", "grad_norm", "skipped", "nonfinite_total")
+
+
+def _loss_stats(metrics: dict[str, Array]) -> dict[str, Array]:
+  """The summed policy_loss statistics of an update's metrics (``_apply`` passes them through)."""
+  return {k: v for k, v in metrics.items() if k not in _UPDATE_KEYS}
 
 
 def make_sft_step(model: base.PolicyModel, optimizer: optax.GradientTransformation, cfg: StepConfig, *,

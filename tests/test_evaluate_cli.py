@@ -24,11 +24,10 @@ import jax
 import numpy as np
 import pytest
 
-from merr1_jax import checkpoint, evaluate, evaluation, metrics, optim, prompts
+from merr1_jax import checkpoint, evaluate, evaluation, metrics, run_setup, settings
 from merr1_jax import config as cfglib
-from merr1_jax import train_step as ts
 from merr1_jax.data import pipeline, synth
-from merr1_jax.models import base, hf_io, mllm
+from merr1_jax.models import base, hf_io
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "base.py")
@@ -57,9 +56,7 @@ def _cli(capsys, workdir, *args):
 def _model_and_params(config, workdir, seed=0):
   tok = evaluate.load_tokenizer(config, workdir)
   tok.save(pathlib.Path(workdir) / "tokenizer.json")  # as the trainer does
-  model = mllm.build(cfglib.model_config(config, vocab_size=tok.vocab_size,
-                                         video_token_id=tok.id_of(prompts.VIDEO_TOKEN),
-                                         audio_token_id=tok.id_of(prompts.AUDIO_TOKEN)))
+  model = run_setup.build_model(config, tok)
   return model, model.init_params(jax.random.key(seed))
 
 
@@ -122,11 +119,12 @@ def test_empty_split(tmp_path, capsys, monkeypatch):
   assert code == 2 and "config.data.synth_test" in err
   # A split that exists but yields nothing: no records, or only bad ones (skipped and counted).
   for records, counts in (([], "0 records, 0 skipped as bad"), ([b"not a record"] * 3, "3 records, 3 skipped")):
-    monkeypatch.setattr(evaluate, "_own_sources", lambda config, workdir, r=records: {
-        "test": pipeline.BytesSource(r, name="mer_synth/test")})
+    monkeypatch.setattr(evaluate, "_own_data", lambda config, workdir, tok, model, r=records: run_setup.Data(
+        config, tok, model.config, {"test": pipeline.BytesSource(r, name="mer_synth/test")}))
     code, err = _cli(capsys, tmp_path, "--config.data.on_bad_record=skip")
     assert code == 2 and f"dataset 'mer_synth': the eval split 'test' has no examples ({counts}" in err
-  monkeypatch.setattr(evaluate, "_own_sources", lambda config, workdir: {"train": None})
+  monkeypatch.setattr(evaluate, "_own_data", lambda config, workdir, tok, model: run_setup.Data(
+      config, tok, model.config, {"train": None}))
   code, err = _cli(capsys, tmp_path)
   assert code == 2 and "dataset 'mer_synth' has no split 'test'" in err and "(have ['train'])" in err
 
@@ -157,9 +155,8 @@ def test_hf_export_loads_and_mismatch_is_refused(tmp_path):
     evaluate.load_policy(config, tmp_path, str(tmp_path / "export"))
 
 
-def _save_train_checkpoint(config, workdir, stage, step, params):
-  tx = optim.make_optimizer(cfglib.optim_config(config, stage), params)
-  state = ts.init_state(params, tx, with_reference=stage == "rl" and config.rl.beta > 0)
+def _save_train_checkpoint(config, workdir, stage, step, model, params):
+  state, _ = settings.make_state(config, stage, model.config, params)
   with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints" / stage, save_every=1, keep=5,
                                async_save=False, config_json=cfglib.to_json(config)) as ckpt:
     assert ckpt.save(step, state, force=True)
@@ -169,8 +166,8 @@ def test_training_checkpoint_loads_and_other_model_is_refused(tmp_path):
   config = _config()
   model, params = _model_and_params(config, tmp_path)
   _, later = _model_and_params(config, tmp_path, seed=1)
-  _save_train_checkpoint(config, tmp_path, "sft", 3, params)
-  _save_train_checkpoint(config, tmp_path, "sft", 5, later)
+  _save_train_checkpoint(config, tmp_path, "sft", 3, model, params)
+  _save_train_checkpoint(config, tmp_path, "sft", 5, model, later)
   for arg, want in (("sft:3", params), ("3", params), (None, later), (str(tmp_path / "checkpoints/sft/5"), later)):
     _, got, _ = evaluate.load_policy(config, tmp_path, arg)
     w, g = _flat(want), _flat(got)
@@ -183,8 +180,8 @@ def test_training_checkpoint_loads_and_other_model_is_refused(tmp_path):
 
 def test_checkpoint_of_another_preset_is_refused(tmp_path, capsys):
   config = _config()
-  _, params = _model_and_params(config, tmp_path)
-  _save_train_checkpoint(config, tmp_path, "sft", 3, params)
+  model, params = _model_and_params(config, tmp_path)
+  _save_train_checkpoint(config, tmp_path, "sft", 3, model, params)
   code, err = _cli(capsys, tmp_path, "--config", CONFIG + ":model=small_20m", "--checkpoint", "sft:3")
   assert code == 2 and "was written for another model: " in err
   assert "model.preset: checkpoint 'tiny', config 'small_20m'" in err
@@ -192,7 +189,7 @@ def test_checkpoint_of_another_preset_is_refused(tmp_path, capsys):
 
 def _export_with_own_tokenizer(config, workdir, vocab_size):
   """An HF export whose directory carries its own tokenizer (vocab_size ids), and a model built for it."""
-  tok = synth.build_tokenizer(evaluate._synth_config(config), vocab_size=vocab_size)
+  tok = synth.build_tokenizer(settings.synth_config(config), vocab_size=vocab_size)
   model = evaluate.build_model(config, tok)
   hf_io.save_hf(model.init_params(jax.random.key(0)), model.config, str(workdir / "export"), dtype="float32")
   tok.save(workdir / "export" / "tokenizer.json")
@@ -218,7 +215,7 @@ def test_one_tokenizer_the_policys(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(evaluation, "evaluate", stop)
   code, err = _cli(capsys, tmp_path, "--checkpoint", str(tmp_path / "export"))
   assert code == 2 and "stop here" in err
-  assert want.vocab_size != synth.build_tokenizer(evaluate._synth_config(config)).vocab_size  # not the run's
+  assert want.vocab_size != synth.build_tokenizer(settings.synth_config(config)).vocab_size  # not the run's
   assert seen["data"] is seen["decode"] and seen["data"].vocab_size == want.vocab_size
   assert seen["model"].config.vocab_size == want.vocab_size
 
@@ -226,7 +223,7 @@ def test_one_tokenizer_the_policys(tmp_path, capsys, monkeypatch):
 def test_disagreeing_tokenizers_are_refused(tmp_path, capsys):
   config = _config()
   policy = _export_with_own_tokenizer(config, tmp_path, vocab_size=450)
-  run = synth.build_tokenizer(evaluate._synth_config(config))
+  run = synth.build_tokenizer(settings.synth_config(config))
   run.save(tmp_path / "tokenizer.json")
   code, err = _cli(capsys, tmp_path, "--checkpoint", str(tmp_path / "export"))
   assert code == 2 and f"the policy's tokenizer {tmp_path}/export/tokenizer.json and the run's" in err

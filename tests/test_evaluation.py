@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from merr1_jax import evaluation, metrics, prompts, reports, rewards
+from merr1_jax import evaluation, metrics, metrics_cli, prompts, reports, rewards
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, mllm
 
@@ -110,7 +110,7 @@ def token_sets(tok):
   return rewards.category_token_sets(rewards.LabelSpace.emotion_wheel("2025"), tok.encode, tok.vocab_size)
 
 
-SETTINGS = dict(max_new_tokens={"slow": 12, "fast": 5})
+SETTINGS = dict(max_new_tokens={"slow": 12, "fast": 5}, format_version="2025", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_confidence_by_hand(tok, policy, batches, token_sets, result):
 def _metrics_cli(*argv) -> dict:
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    assert metrics.main([*argv, "--json"]) == 0
+    assert metrics_cli.main([*argv, "--json"]) == 0
   return json.loads(out.getvalue())
 
 
@@ -373,7 +373,7 @@ def test_bad_input(tok, policy, records, batches):
     evaluation.evaluate_dataset(model, params, tok, _batches(tok, records[:2], mode="fast"), dataset="x",
                                 metric="ov", settings=s, progress=False)
   with pytest.raises(ValueError, match="max_new_tokens\\['slow'\\]"):
-    evaluation.EvalSettings(max_new_tokens={"fast": 4}).validate()
+    evaluation.EvalSettings(**(SETTINGS | {"max_new_tokens": {"fast": 4}})).validate()
   with pytest.raises(ValueError, match="token_sets shape"):
     evaluation.evaluate_dataset(model, params, tok, batches, dataset="x", metric="ov", settings=s,
                                 token_sets=np.zeros((5, 3, 7), bool))
@@ -434,13 +434,13 @@ def test_reports_are_atomic(tmp_path, result, monkeypatch):
   def boom(*a, **k):
     raise KeyboardInterrupt("Ctrl-C while plotting")
 
-  monkeypatch.setattr(reports, "_sizes_plot", boom)
+  monkeypatch.setattr(reports.report_plots, "sizes_plot", boom)
   with pytest.raises(KeyboardInterrupt):
     reports.write_reports({"mer_synth": result}, out, meta={})
   assert not (out / "report.json").exists() and list(tmp_path.iterdir()) == []  # no temp dir left either
   monkeypatch.undo()
   reports.write_reports({"mer_synth": result}, out, meta={"checkpoint": "first"})
-  monkeypatch.setattr(reports, "_calibration_plot", boom)
+  monkeypatch.setattr(reports.report_plots, "calibration_plot", boom)
   with pytest.raises(KeyboardInterrupt):
     reports.write_reports({"mer_synth": result}, out, meta={"checkpoint": "second"})
   # The complete earlier report is still there, untouched.

@@ -76,7 +76,7 @@ def _thinker_logits(tm, tokens):
 
 def _our_logits(model, params, tokens):
   b, l = tokens.shape
-  pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (3, b, l))  # text: the three M-RoPE ids coincide
+  pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[:, None], (b, l, 3))  # text: the 3 M-RoPE ids coincide
   inputs = base.ModelInputs(tokens=jnp.asarray(tokens, jnp.int32), positions=pos, mask=jnp.ones((b, l), bool))
   return np.asarray(jax.jit(model.forward)(params, model.embed(params, inputs))[0])
 

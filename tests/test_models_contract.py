@@ -3,7 +3,7 @@
 The second adapter here is deliberately different from the bundled NNX Qwen2 one (docs/porting.md's worked
 example): a Linen model with LayerNorm, fused QKV, full multi-head attention, sinusoidal absolute position
 embeddings added at the input, a separate unembedding matrix, params as a plain Linen variables dict and a
-dict KV cache laid out [B, S, N, H, Dh]. It is text-only, so its optional `validate_inputs` hook only refuses
+dict KV cache laid out [B, S, N, H, Dh]. It is text-only, so its `validate_inputs` (a PolicyModel member) only refuses
 feature arrays (it has nowhere to put them) and out-of-vocabulary ids.
 """
 

@@ -79,7 +79,7 @@ def test_count_mismatch_is_a_clear_error_before_jit(modality, row, edit):
   with pytest.raises(ValueError, match=msg):
     model.embed(params, bad)
   with pytest.raises(ValueError, match=msg):
-    model.validate_inputs(bad)  # the optional PolicyModel hook the rollout sampler calls on the host batch
+    model.validate_inputs(bad)  # the PolicyModel member the rollout sampler calls on the host batch
   with pytest.raises(ValueError, match="count mismatch"):
     mllm.validate_placeholders(model.config, bad)
 
@@ -103,15 +103,15 @@ def test_multimodal_prefill_then_decode_equals_full_forward():
   nxt = jnp.asarray([[11], [12]], jnp.int32)
   full_tokens = jnp.concatenate([inputs.tokens, nxt], 1)
   full_pos = jnp.concatenate([inputs.positions, inputs.positions[:, -1:] + 1], 1)
-  full = inputs.replace(tokens=full_tokens, positions=jnp.stack([full_pos] * 3),
+  full = inputs.replace(tokens=full_tokens, positions=jnp.stack([full_pos] * 3, -1),
                         mask=jnp.concatenate([inputs.mask, jnp.ones((2, 1), bool)], 1))
   ref, _ = jax.jit(model.forward)(params, model.embed(params, full))
 
-  prompt = inputs.replace(positions=jnp.stack([inputs.positions] * 3))
+  prompt = inputs.replace(positions=jnp.stack([inputs.positions] * 3, -1))
   cache = model.init_cache(2, 12)
   step = jax.jit(lambda p, inp, c: model.forward(p, model.embed(p, inp), c))
   pre, cache = step(params, prompt, cache)
-  one = base.ModelInputs(tokens=nxt, positions=jnp.stack([full_pos[:, -1:]] * 3), mask=jnp.ones((2, 1), bool))
+  one = base.ModelInputs(tokens=nxt, positions=jnp.stack([full_pos[:, -1:]] * 3, -1), mask=jnp.ones((2, 1), bool))
   dec, cache = step(params, one, cache)
   m = np.asarray(inputs.mask)
   assert np.abs(np.asarray(pre)[m] - np.asarray(ref)[:, :-1][m]).max() <= 1e-5

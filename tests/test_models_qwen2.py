@@ -95,7 +95,9 @@ def test_omni_thinker_text_model_with_3d_positions_matches_transformers(tmp_path
     # text config, unembeds with the embedding (Qwen2_5OmniTextConfig defaults to tied), so the reference
     # applies the same embedding transposed; the thinker's own head is covered in tests/test_hf_export.py.
     ref_logits = (ref_h @ tm.embed_tokens.weight.T).numpy()
-  x = base.Embedded(x=jnp.asarray(emb), positions=jnp.asarray(pos, jnp.int32), mask=jnp.ones((2, L), bool))
+  # transformers takes [3, B, L] position ids; ours are batch-major [B, L, 3].
+  x = base.Embedded(x=jnp.asarray(emb), positions=jnp.asarray(pos.transpose(1, 2, 0), jnp.int32),
+                    mask=jnp.ones((2, L), bool))
   logits, _ = jax.jit(model.forward)(params, x)
   assert np.abs(np.asarray(logits) - ref_logits).max() <= 1e-4
   h, _ = jax.jit(model.hidden)(params, x)
@@ -136,21 +138,21 @@ def test_mrope_rejects_bad_positions_and_1d_rejects_3d():
   mask = jnp.ones((1, 3), bool)
   m = mllm.build("tiny", vocab_size=V)
   params = jax.jit(m.init_params)(jax.random.key(0))
-  x = base.Embedded(x=x_BxLxD, positions=jnp.zeros((3, 1, 3), jnp.int32), mask=mask)
+  x = base.Embedded(x=x_BxLxD, positions=jnp.zeros((1, 3, 3), jnp.int32), mask=mask)
   with pytest.raises(ValueError, match="1-D RoPE model got positions"):
     m.forward(params, x)
 
   mr = mllm.build("tiny", vocab_size=V, mrope_section=(4, 6, 6))
-  for bad in [jnp.zeros((2, 1, 3), jnp.int32), jnp.zeros((3, 1, 3, 1), jnp.int32), jnp.zeros((3,), jnp.int32)]:
+  for bad in [jnp.zeros((1, 3, 2), jnp.int32), jnp.zeros((1, 3, 3, 1), jnp.int32), jnp.zeros((3,), jnp.int32)]:
     with pytest.raises(ValueError, match=r"M-RoPE model got positions of shape \(" + ", ".join(
-        str(d) for d in bad.shape) + r",?\); expected \[3, B, L\]"):
+        str(d) for d in bad.shape) + r",?\); expected \[B, L, 3\]"):
       mr.forward(params, base.Embedded(x=x_BxLxD, positions=bad, mask=mask))
   # Text positions [B, L] are accepted and mean the same ids on all three axes.
   pos_BxL = jnp.asarray([[0, 1, 2]], jnp.int32)
   two_d, _ = mr.forward(params, base.Embedded(x=x_BxLxD, positions=pos_BxL, mask=mask))
-  three_d, _ = mr.forward(params, base.Embedded(x=x_BxLxD, positions=jnp.stack([pos_BxL] * 3), mask=mask))
+  three_d, _ = mr.forward(params, base.Embedded(x=x_BxLxD, positions=jnp.stack([pos_BxL] * 3, -1), mask=mask))
   np.testing.assert_array_equal(np.asarray(two_d), np.asarray(three_d))
   # ... and distinct t/h/w ids do change the logits (the sections are really used).
-  mixed = jnp.stack([pos_BxL, pos_BxL * 0, pos_BxL * 2])
+  mixed = jnp.stack([pos_BxL, pos_BxL * 0, pos_BxL * 2], -1)
   other, _ = mr.forward(params, base.Embedded(x=x_BxLxD, positions=mixed, mask=mask))
   assert np.abs(np.asarray(other) - np.asarray(three_d)).max() > 1e-6  # small init: small, but not zero

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 av = pytest.importorskip("av")
 
-from merr1_jax.data import media, pipeline, preprocess, schema  # noqa: E402
+from merr1_jax.data import featurize, media, pipeline, preprocess, schema  # noqa: E402
 from merr1_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from merr1_jax.models import base, hf_io, mllm  # noqa: E402
 from tests.helpers.omni import write_omni_tokenizer, write_random_clip  # noqa: E402
@@ -105,7 +105,7 @@ def _expected_runs(grid_thw, second_per_grid, n_audio, layout):
 def _hf_logits(omni, cfg, name, ids, layout):
   from merr1_jax.data import encoders
   enc = encoders.OmniTowerEncoder(cfg.checkpoint_dir)
-  video = media.read_video(os.path.join(cfg.video_dir, f"{name}.mp4"), preprocess._video_spec(cfg))
+  video = media.read_video(os.path.join(cfg.video_dir, f"{name}.mp4"), featurize._video_spec(cfg))
   audio = media.read_audio(os.path.join(cfg.video_dir, f"{name}.mp4"))
   pixels, grid = enc.pixel_inputs(video.frames)
   mel, mel_mask = enc.audio_inputs(audio)
@@ -145,7 +145,7 @@ def test_jax_policy_on_records_matches_hf_thinker(omni, layout):
     layouts[name] = layout_info
     mm = dict(video=jnp.asarray(rec.video[None]), video_mask=jnp.ones((1, rec.n_video), bool),
               audio=jnp.asarray(rec.audio[None]), audio_mask=jnp.ones((1, rec.n_audio), bool))
-    inputs = base.ModelInputs(tokens=jnp.asarray(ids[None]), positions=jnp.asarray(rec.position_ids[:, None]),
+    inputs = base.ModelInputs(tokens=jnp.asarray(ids[None]), positions=jnp.asarray(rec.position_ids.T[None]),
                               mask=jnp.ones((1, len(ids)), bool), **mm)
     mllm.validate_placeholders(model.config, inputs)
     got = np.asarray(forward(params, inputs))[0]
@@ -153,7 +153,7 @@ def test_jax_policy_on_records_matches_hf_thinker(omni, layout):
     assert np.abs(got - ref).max() <= 1e-4, (name, layout, np.abs(got - ref).max())
 
     # The comparison is sensitive to the position ids: plain 1-D positions (what a text LM would use) miss.
-    flat = jnp.broadcast_to(jnp.arange(len(ids), dtype=jnp.int32), (3, 1, len(ids)))
+    flat = jnp.broadcast_to(jnp.arange(len(ids), dtype=jnp.int32)[:, None], (1, len(ids), 3))
     wrong = np.asarray(forward(params, inputs.replace(positions=flat)))[0]
     assert np.abs(wrong - ref).max() > 1e-2
 

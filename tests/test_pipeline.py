@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 
 from merr1_jax import prompts
-from merr1_jax.data import pipeline, schema, synth
+from merr1_jax.data import pipeline, schema, synth, transforms
 from merr1_jax.models import mllm
 
 SYNTH = synth.SynthConfig(n_train=48, n_validation=8, n_test=8)
@@ -249,7 +249,7 @@ def test_open_vocabulary_labels_must_map_through_the_emotion_wheels(records, tok
   p = pipeline.build(pipeline.BytesSource(recs), tok, _cfg(label_vocab=None, check_label_wheels=False,
                                                            on_bad_record="skip"))
   assert p.bad.count == 0
-  maps = pickle.loads(pickle.dumps(pipeline.WheelMaps()))
+  maps = pickle.loads(pickle.dumps(transforms.WheelMaps()))
   assert maps("happy") and not maps("qwertyuiop")
 
 
@@ -350,11 +350,11 @@ def test_mrope_positions_continue_as_text_after_precomputed_ids(records, tok):
   recs = [dataclasses.replace(r, position_ids=ids) for r in [rec] * 2]
   b = next(iter(pipeline.build(pipeline.BytesSource(recs), tok, _cfg(batch_size=2, shuffle=False))))
   m = b["prompt_mask"][0]
-  got = b["mrope_positions"][:, 0, m]
+  got = b["mrope_positions"][0, m].T  # [B, L, 3] in the batch, [3, L] in the record
   np.testing.assert_array_equal(got[:, : n - 3], ids)
   top = ids.max()
   np.testing.assert_array_equal(got[:, n - 3:], np.tile(np.arange(top + 1, top + 4), (3, 1)))
-  assert not b["mrope_positions"][:, 0, ~m].any()
+  assert not b["mrope_positions"][0, ~m].any()
 
 
 def test_config_validation():

@@ -15,7 +15,7 @@ trainer runs configs/smoke.py with the 3B-thinker preset's recipe, `model.hf_pat
 The RL stage starts from hf_path (stages = ('rl',)): the records carry no SFT demonstrations.
 
 The run is a subprocess with one CPU device (the test process has conftest's eight fake ones, which the
-trainer's mesh would take); a small driver wraps `Run.initial_params` and `checkpoint.export_hf` to save the
+trainer's mesh would take); a small driver wraps `Run.initial_params` and `artifacts.export_hf` to save the
 parameters at step 0 and at the end. Shape legend: V vocab, D width, H heads, K KV heads, Dh head width, F MLP.
 """
 
@@ -51,7 +51,7 @@ _DRIVER = r"""
 import json, sys
 import numpy as np
 import jax
-from merr1_jax import checkpoint, run_setup, train
+from merr1_jax import artifacts, run_setup, train
 from merr1_jax import config as cfglib
 from merr1_jax.models import base
 
@@ -68,7 +68,7 @@ def flat(params):
   return {base.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 saved = {}
-initial_params, export_hf = run_setup.Run.initial_params, checkpoint.export_hf
+initial_params, export_hf = run_setup.Run.initial_params, artifacts.export_hf
 
 def initial(self):
   params = initial_params(self)
@@ -80,7 +80,7 @@ def export(params, *args, **kwargs):
   return export_hf(params, *args, **kwargs)
 
 run_setup.Run.initial_params = initial
-checkpoint.export_hf = export
+artifacts.export_hf = export
 train.train(config, workdir)
 for name, tree in saved.items():
   np.savez(f"{out}/{name}.npz", **{k.replace("/", "."): v for k, v in tree.items()})
@@ -249,7 +249,7 @@ def _greedy_jax(recipe, inputs: base.ModelInputs, new: int) -> np.ndarray:
 def test_exported_thinker_generates_the_policy_greedy_tokens(recipe):
   """On a text prompt and on a clip (its record for us; its pixels and audio through the export's towers for
   transformers), generate(do_sample=False) of the exported thinker = rollout.sample(Greedy) of the final policy."""
-  from merr1_jax.data import encoders, media, preprocess, schema
+  from merr1_jax.data import encoders, featurize, media, schema
   from merr1_jax.data import tokenizer as tokenizer_lib
   new = 10
   tm = transformers.Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(recipe["export"]),
@@ -261,7 +261,8 @@ def test_exported_thinker_generates_the_policy_greedy_tokens(recipe):
                    np.int32)
   n = ids.shape[1]
   ours = _greedy_jax(recipe, base.ModelInputs(
-      tokens=ids, positions=np.broadcast_to(np.arange(n, dtype=np.int32), (3, 1, n)), mask=np.ones(ids.shape, bool)),
+      tokens=ids, positions=np.broadcast_to(np.arange(n, dtype=np.int32)[:, None], (1, n, 3)),
+      mask=np.ones(ids.shape, bool)),
       new)
   with torch.no_grad():
     theirs = tm.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.ones(1, n), **greedy)
@@ -274,12 +275,12 @@ def test_exported_thinker_generates_the_policy_greedy_tokens(recipe):
   ids = np.asarray([json.loads((folder / f"{name}.layout.json").read_text())["prompt_ids"]], np.int32)
   n = ids.shape[1]
   ours = _greedy_jax(recipe, base.ModelInputs(
-      tokens=ids, positions=rec.position_ids[:, None], mask=np.ones(ids.shape, bool), video=rec.video[None],
+      tokens=ids, positions=rec.position_ids.T[None], mask=np.ones(ids.shape, bool), video=rec.video[None],
       video_mask=np.ones((1, rec.n_video), bool), audio=rec.audio[None], audio_mask=np.ones((1, rec.n_audio), bool)),
       new)
   pp = _preprocess_config(recipe["root"], recipe["export"])
   enc = encoders.OmniTowerEncoder(str(recipe["export"]))
-  video = media.read_video(os.path.join(pp.video_dir, f"{name}.mp4"), preprocess._video_spec(pp))
+  video = media.read_video(os.path.join(pp.video_dir, f"{name}.mp4"), featurize._video_spec(pp))
   pixels, grid = enc.pixel_inputs(video.frames)
   mel, mel_mask = enc.audio_inputs(media.read_audio(os.path.join(pp.video_dir, f"{name}.mp4")))
   with torch.no_grad():

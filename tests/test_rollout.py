@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from merr1_jax import prompts, rewards, rollout, sampling
+from merr1_jax import prompts, rewards, rollout, sampling, sharding
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, mllm
 
@@ -68,7 +68,7 @@ def _left_pad(rows, length, mrope=False, pad=0):
     toks[i, length - len(r):], mask[i, length - len(r):] = r, True
   pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
   if mrope:  # three different id streams, so a mixed-up axis shows
-    pos = np.stack([pos, pos // 2, pos % 3]).astype(np.int32)
+    pos = np.stack([pos, pos // 2, pos % 3], axis=-1).astype(np.int32)
   return base.ModelInputs(tokens=toks, positions=pos, mask=mask)
 
 
@@ -83,18 +83,18 @@ def _ref_logits(model, params, inputs, p, completion):
   """Uncached, unpadded forward of prompt row p (its real columns) followed by `completion`."""
   m = np.asarray(inputs.mask[p])
   toks = np.concatenate([np.asarray(inputs.tokens[p])[m], completion]).astype(np.int32)
-  pos = np.asarray(inputs.positions)[..., p, :][..., m]
+  pos = np.asarray(inputs.positions)[p][m]  # [n] or [n, 3]
   nxt = int(pos.max()) + 1
   new = np.arange(nxt, nxt + len(completion), dtype=np.int32)
-  pos = np.concatenate([pos, np.broadcast_to(new, pos.shape[:-1] + new.shape)], -1)
+  pos = np.concatenate([pos, np.broadcast_to(new.reshape(-1, *([1] * (pos.ndim - 1))), new.shape + pos.shape[1:])])
   feats = {}
   if inputs.video is not None:
     feats = dict(video=jnp.asarray(inputs.video[p:p + 1]), video_mask=jnp.asarray(inputs.video_mask[p:p + 1]))
   # Right-padded to a fixed width so one compiled forward serves every row: causal attention keeps the trailing
   # filler from touching the real positions.
   n = len(toks)
-  toks, pos = np.pad(toks, (0, REF_LEN - n)), np.pad(pos, [(0, 0)] * (pos.ndim - 1) + [(0, REF_LEN - n)])
-  x = base.ModelInputs(tokens=jnp.asarray(toks[None]), positions=jnp.asarray(pos[..., None, :]),
+  toks, pos = np.pad(toks, (0, REF_LEN - n)), np.pad(pos, [(0, REF_LEN - n)] + [(0, 0)] * (pos.ndim - 1))
+  x = base.ModelInputs(tokens=jnp.asarray(toks[None]), positions=jnp.asarray(pos[None]),
                        mask=jnp.ones((1, REF_LEN), bool), **feats)
   logits = _full_forward(model, params, x)[0]
   return np.asarray(logits)[m.sum() - 1:n]  # row j predicts completion[j]
@@ -135,7 +135,7 @@ class Scripted:
 
   def hidden(self, params, x, cache=None):
     h, cache = self.inner.hidden(params, x, cache)
-    pos = x.positions if x.positions.ndim == 2 else x.positions[0]
+    pos = x.positions if x.positions.ndim == 2 else x.positions[..., 0]
     return jnp.concatenate([h, jax.nn.one_hot(pos, self.span, dtype=h.dtype)], -1), cache
 
   def unembed_weight(self, params):
@@ -181,7 +181,7 @@ def test_shared_prefix_equals_repeated_prompts(tok, mrope_model):
   method = sampling.TopP(temperature=1.0, p=0.9)
   shared = _sample(model, params, inputs, num_samples=g, method=method, max_new_tokens=10)
   rep = lambda a, axis=0: np.repeat(a, g, axis=axis)  # noqa: E731
-  repeated_inputs = base.ModelInputs(tokens=rep(inputs.tokens), positions=rep(inputs.positions, 1),
+  repeated_inputs = base.ModelInputs(tokens=rep(inputs.tokens), positions=rep(inputs.positions),
                                      mask=rep(inputs.mask), video=rep(inputs.video), video_mask=rep(inputs.video_mask))
   repeated = _sample(model, params, repeated_inputs, num_samples=1, method=method, max_new_tokens=10)
   np.testing.assert_array_equal(shared.completion, repeated.completion)
@@ -299,7 +299,7 @@ def test_append_fast_prefix_positions_1d_and_3d():
   toks = np.array([[0, 0, 7, 8], [5, 6, 7, 8], [0, 0, 0, 0]], np.int32)
   mask = toks > 0
   pos1 = np.array([[0, 0, 0, 1], [0, 1, 2, 3], [0, 0, 0, 0]], np.int32)
-  pos3 = np.stack([pos1, np.array([[0, 0, 0, 4], [0, 1, 1, 1], [0, 0, 0, 0]]), pos1 // 2]).astype(np.int32)
+  pos3 = np.stack([pos1, np.array([[0, 0, 0, 4], [0, 1, 1, 1], [0, 0, 0, 0]]), pos1 // 2], axis=-1).astype(np.int32)
   for pos, nxt in ((pos1, [2, 4, 0]), (pos3, [5, 4, 0])):  # by hand: max real position + 1 over all axes
     inp = base.ModelInputs(tokens=toks, positions=pos, mask=mask)
     for out in (rollout.append_fast_prefix(inp, [9, 10]),
@@ -307,10 +307,10 @@ def test_append_fast_prefix_positions_1d_and_3d():
       np.testing.assert_array_equal(out.tokens[:, 4:], [[9, 10]] * 3)
       assert out.mask[:, 4:].all() and (out.mask[:, :4] == mask).all()
       want = np.asarray(nxt)[:, None] + np.arange(2)
-      got = out.positions[..., 4:]
-      np.testing.assert_array_equal(got if pos.ndim == 2 else got[0], want)
+      got = out.positions[:, 4:]
+      np.testing.assert_array_equal(got if pos.ndim == 2 else got[..., 0], want)
       if pos.ndim == 3:
-        assert (got == got[:1]).all()
+        assert (got == got[..., :1]).all()
 
 
 def test_same_bucket_reuses_the_compiled_programs(tok, text_model):
@@ -415,7 +415,7 @@ def test_sharded_equals_unsharded(tok, text_model):
   np.testing.assert_allclose(got.logp, ref.logp, atol=1e-4)  # sharded reductions sum in another order
   spec = lambda a: tuple(a.sharding.spec) + (None,) * (a.ndim - len(a.sharding.spec))  # noqa: E731
   assert spec(got.completion)[0] == ("data", "fsdp")  # the batch stayed split, nothing went to one device
-  layout = rollout.Layout.make(mesh, rules)
+  layout = sharding.BatchLayout.make(mesh, rules)
   cache, logits, _ = rollout.prefill(model, 2, 40, layout, sharded, got.prompt)
   assert spec(cache.k) == (("data", "fsdp"), None, None, "tensor", None) and spec(logits)[0] == ("data", "fsdp")
   s_ref, s_got = rollout.score(model, params, ref), rollout.score(model, sharded, got, mesh=mesh, axis_rules=rules)
@@ -445,7 +445,7 @@ def test_score_refuses_bad_sequences_before_compilation(tok, ids, text_model, mo
   def boom(*a, **k):
     raise AssertionError("compiled")
 
-  monkeypatch.setattr(rollout, "_score_jit", boom)
+  monkeypatch.setattr(rollout.scorer, "_score_jit", boom)
   seqs = rollout.make_sequences(_left_pad(_rows(tok, [5, 7]), 7), [[5, 6, 7], [8]], mode="slow", num_samples=1,
                                 vocab_size=vocab, pad_id=ids.pad)
   comp, ptok = np.asarray(seqs.completion), np.asarray(seqs.prompt.tokens)

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from merr1_jax import config as cfglib
-from merr1_jax import run_setup
+from merr1_jax import memory, run_setup
 from merr1_jax.models import mllm, presets
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -289,7 +289,7 @@ def test_incompatible_workdir_is_refused_before_anything_is_built(reference_run,
 
   monkeypatch.setattr(jax, "jit", built)
   monkeypatch.setattr(run_setup, "_tokenizer", built)
-  monkeypatch.setattr(run_setup, "_sources", built)
+  monkeypatch.setattr(run_setup, "open_data", built)
   monkeypatch.setattr(run_setup.mllm, "build", built)
   with pytest.raises(cfglib.ConfigError) as e:
     run_setup.setup(config, w)
@@ -352,7 +352,9 @@ def _set(c, dotted, value):
     "field,value,message",
     [
         ("model.preset", "gpt5", "config.model.preset: 'gpt5'"),
-        ("rl.micro_batches", 3, "config.rl.micro_batches: the RL batch of 8 rows"),
+        ("rl.micro_batches", 3, "config.rl.micro_batches: a mini-batch of 8 rows"),
+        ("rl.mini_batches", 3, "config.rl.mini_batches: the RL batch of 8 rows"),
+        ("rl.ppo_epochs", 0, "config.rl.ppo_epochs: must be an int >= 1"),
         ("rl.aggregation", "mean", "config.rl.aggregation: 'mean'"),
         ("mesh.shape", (3, 1, 1), "config.mesh.shape: mesh shape (3, 1, 1) needs 3 devices but 2"),
         ("resume", "maybe", "config.resume: 'maybe'"),
@@ -487,15 +489,15 @@ def test_param_count_matches_the_models_abstract_parameters():
                    ("qwen2_5_omni_3b_thinker", {})):
     mc = presets.get(name, **kw)
     leaves = jax.tree.leaves(mllm.build(mc).abstract_params())
-    assert cfglib.param_count(mc) == sum(int(np.prod(x.shape)) for x in leaves), name
+    assert memory.param_count(mc) == sum(int(np.prod(x.shape)) for x in leaves), name
 
 
 def test_state_memory_estimate_is_the_scaling_doc_arithmetic():
   """docs/scaling.md, per parameter: bf16 weights 2 B + AdamW moments 2 x 2 B + a gradient 2 B (+ 4 B float32
   accumulators with micro-batches) + the bf16 reference 2 B."""
   mc = presets.get("qwen2_5_omni_7b_thinker")
-  n = cfglib.param_count(mc)
-  gb = lambda m, **kw: cfglib.state_gb_per_device(m, **kw)  # noqa: E731
+  n = memory.param_count(mc)
+  gb = lambda m, **kw: memory.state_gb_per_device(m, **kw)  # noqa: E731
   assert gb(mc, with_reference=True, micro_batches=1, model_shards=1) == pytest.approx(n * 10 / 1e9)
   assert gb(mc, with_reference=True, micro_batches=8, model_shards=8) == pytest.approx(n * 14 / 8e9)
   assert gb(mc, with_reference=False, micro_batches=1, model_shards=8) == pytest.approx(n * 8 / 8e9)

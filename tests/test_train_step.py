@@ -18,6 +18,11 @@ from merr1_jax.models import base, mllm
 V = 64
 
 
+def _step_cfg(**kw) -> ts.StepConfig:
+  """A StepConfig with the method.md E4 loss and beta = 0.04 unless overridden (the library holds no defaults)."""
+  return ts.StepConfig(**{"loss": rl.LossConfig(), "beta": 0.04, **kw})
+
+
 def _model(**kw):
   return mllm.build("tiny", vocab_size=V, video_dim=0, audio_dim=0, d_model=64, mlp_dim=128, num_heads=4,
                     num_kv_heads=2, head_dim=16, **kw)
@@ -55,7 +60,7 @@ def test_gradient_matches_finite_differences():
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch(old=True)
-  loss_fn = ts.make_rl_loss(model, ts.StepConfig(beta=0.04, loss=rl.LossConfig(entropy_coef=0.01)))
+  loss_fn = ts.make_rl_loss(model, _step_cfg(beta=0.04, loss=rl.LossConfig(entropy_coef=0.01)))
   f = lambda p: loss_fn(p, batch, 0.04)[0]
   g = jax.jit(jax.grad(f))(params)
   leaves, treedef = jax.tree.flatten(params)
@@ -90,7 +95,7 @@ def test_step_zero_is_reinforce():
   logits, _ = model.forward(params, model.embed(params, batch.inputs))
   ref = rl.logprobs_from_logits(logits[:, :-1], batch.inputs.tokens[:, 1:])
   batch = batch.replace(ref_logp=jnp.pad(ref, ((0, 0), (1, 0))))
-  loss_fn = ts.make_rl_loss(model, ts.StepConfig(beta=0.04))
+  loss_fn = ts.make_rl_loss(model, _step_cfg(beta=0.04))
   (_, stats), g = jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04), has_aux=True)(params)
   stats = rl.finalize_stats(stats)
   assert float(stats["ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
@@ -117,7 +122,7 @@ def test_micro_batch_invariance(agg):
   batch = _batch(old=True)
   deltas = []
   for m in (1, 2, 4):
-    cfg = ts.StepConfig(micro_batches=m, loss=rl.LossConfig(aggregation=agg))
+    cfg = _step_cfg(micro_batches=m, loss=rl.LossConfig(aggregation=agg))
     state = ts.init_state(_copy(params), tx, with_reference=False)
     new, metrics = ts.make_rl_step(model, tx, cfg)(state, batch)
     deltas.append(jax.tree.map(lambda a, b: a - b, new.params, params))
@@ -157,13 +162,13 @@ def test_inf_loss_and_nan_gradient_with_finite_loss_are_each_skipped_and_counted
   # Inf loss, finite gradient: a reference log-prob of -inf on one loss token makes its k3 term +inf
   # (delta = logp - ref = +inf: exp(-delta) - 1 + delta), while d k3 / d logp = 1 - exp(-delta) = 1.
   assert bool(good.completion_mask[2, 8])
-  state, m = ts.make_rl_step(model, tx, ts.StepConfig())(state, good.replace(ref_logp=good.ref_logp.at[2, 8].set(
+  state, m = ts.make_rl_step(model, tx, _step_cfg())(state, good.replace(ref_logp=good.ref_logp.at[2, 8].set(
       -jnp.inf)))
   assert np.isposinf(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
   assert int(m["skipped"]) == 1 and int(state.nonfinite) == 1 and int(state.step) == 1
   _assert_same_params(state.params, params)
   # NaN gradient, finite loss.
-  state, m = ts.make_rl_step(_NaNGradient(model), tx, ts.StepConfig())(state, good)
+  state, m = ts.make_rl_step(_NaNGradient(model), tx, _step_cfg())(state, good)
   assert np.isfinite(float(m["loss"])) and np.isnan(float(m["grad_norm"]))
   assert int(m["skipped"]) == 1 and int(state.nonfinite) == 2 and int(m["nonfinite_total"]) == 2
   _assert_same_params(state.params, params)
@@ -175,7 +180,7 @@ def test_nonfinite_step_is_skipped_and_counted():
   model = _model()
   params = model.init_params(jax.random.key(0))
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), params)
-  step = ts.make_rl_step(model, tx, ts.StepConfig())
+  step = ts.make_rl_step(model, tx, _step_cfg())
   state = ts.init_state(_copy(params), tx, with_reference=False)
   bad = _batch()
   bad = bad.replace(advantages=bad.advantages.at[0].set(jnp.nan))
@@ -198,7 +203,7 @@ def test_freezing_keeps_subtree_and_shares_reference():
   state = ts.init_state(_copy(params), tx, with_reference=True, freeze=freeze)
   assert not any(k.startswith("decoder/embed") for k in state.ref)
   assert "decoder/final_norm/scale" in state.ref
-  new, _ = ts.make_rl_step(model, tx, ts.StepConfig())(state, _batch())
+  new, _ = ts.make_rl_step(model, tx, _step_cfg())(state, _batch())
   old_emb = params["decoder"]["embed"]["embedding"].get_value()
   np.testing.assert_array_equal(new.params["decoder"]["embed"]["embedding"].get_value(), old_emb)
   assert not np.array_equal(new.params["decoder"]["layers"]["q_kernel"].get_value(),
@@ -218,7 +223,7 @@ def test_sft_step_lowers_the_loss():
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=3e-3), params)
   b = _batch()
   batch = ts.SFTBatch(inputs=b.inputs, loss_mask=b.completion_mask)
-  step = ts.make_sft_step(model, tx, ts.StepConfig(micro_batches=2))
+  step = ts.make_sft_step(model, tx, _step_cfg(micro_batches=2))
   state = ts.init_state(_copy(params), tx, with_reference=False)
   losses = []
   for _ in range(15):
@@ -236,7 +241,7 @@ def test_sharded_equals_unsharded(mesh_shape):
   # Adam's update is ~lr * sign(g) where g ~ 0, so float32 reduction-order noise in such entries shows up at
   # the scale of lr: keep lr at 1e-3 to compare at 1e-5.
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), params)
-  cfg = ts.StepConfig(micro_batches=2)
+  cfg = _step_cfg(micro_batches=2)
   batches = [_batch(seed=s, old=True) for s in (0, 1)]
 
   state = ts.init_state(_copy(params), tx, with_reference=True)
@@ -276,7 +281,7 @@ def test_bandit_training_signal():
   model = _model()
   params = model.init_params(jax.random.key(0))
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=3e-3), params)
-  step = ts.make_rl_step(model, tx, ts.StepConfig(beta=0.0))
+  step = ts.make_rl_step(model, tx, _step_cfg(beta=0.0))
   state = ts.init_state(params, tx, with_reference=False)
   prompts, group, target = 4, 8, 17
   rng = np.random.default_rng(0)
@@ -297,7 +302,8 @@ def test_bandit_training_signal():
     tok = sample(state.params, sub)
     r = (tok == target).astype(jnp.float32)
     rewards.append(float(r.mean()))
-    adv = rl.dod_advantages(r[:, None], jnp.ones((b, 1), bool), jnp.ones((b, 1)), group)
+    adv = rl.dod_advantages(r[:, None], jnp.ones((b, 1), bool), jnp.ones((b, 1)), rl.contiguous_groups(b, group),
+                            prompts)
     seq = jnp.concatenate([prompt_tok, tok[:, None]], axis=1)
     batch = ts.RLBatch(inputs=base.ModelInputs(seq, pos, jnp.ones((b, 6), bool)),
                        completion_mask=jnp.zeros((b, 6), bool).at[:, 5].set(True), advantages=adv)
@@ -311,7 +317,7 @@ def test_loss_start_skips_prompt_positions_without_changing_the_loss():
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch(old=True, prompt=6)  # completion tokens start at column 6: position 5 predicts the first one
-  loss_fn = ts.make_rl_loss(model, ts.StepConfig(loss=rl.LossConfig(max_len=6)))
+  loss_fn = ts.make_rl_loss(model, _step_cfg(loss=rl.LossConfig(max_len=6)))
   full = jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04)[0])(params)
   skip = jax.value_and_grad(lambda p: loss_fn(p, batch.replace(loss_start=5), 0.04)[0])(params)
   np.testing.assert_allclose(skip[0], full[0], rtol=1e-6)
@@ -336,7 +342,7 @@ def test_freeze_and_clip_cover_trainable_leaves_only():
     tx.init(params)  # the full tree: its frozen leaves would get state
 
   batch = _batch()
-  loss_fn = ts.make_rl_loss(model, ts.StepConfig())
+  loss_fn = ts.make_rl_loss(model, _step_cfg())
   g = jax.jit(jax.grad(lambda p: loss_fn(p, batch, 0.04)[0]))(params)
   g = {base.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
   p0 = {base.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -346,7 +352,7 @@ def test_freeze_and_clip_cover_trainable_leaves_only():
   scale = min(1.0, clip / norm_trainable)
   assert scale < 0.1  # clipping is active
 
-  step = ts.make_rl_step(model, tx, ts.StepConfig())
+  step = ts.make_rl_step(model, tx, _step_cfg())
   new, metrics = step(state, batch)
   np.testing.assert_allclose(float(metrics["grad_norm"]), norm_trainable, rtol=1e-5)
   got = {base.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_flatten_with_path(new.params)[0]}
@@ -386,7 +392,7 @@ def test_metrics_over_micro_batches_and_per_mode_match_independent_values():
   tx = optax.sgd(1e-3)
   runs = []
   for m in (1, 2, 4):
-    cfg = ts.StepConfig(micro_batches=m, loss=rl.LossConfig(eps_low=eps, eps_high=eps))
+    cfg = _step_cfg(micro_batches=m, loss=rl.LossConfig(eps_low=eps, eps_high=eps))
     _, metrics = ts.make_rl_step(model, tx, cfg)(ts.init_state(_copy(params), tx, with_reference=False), batch)
     runs.append({k: float(v) for k, v in metrics.items()})
   for other in runs[1:]:
@@ -416,7 +422,7 @@ def test_metrics_over_micro_batches_and_per_mode_match_independent_values():
 def test_beta_schedule_as_the_step_applies_it():
   model = _model()
   params = model.init_params(jax.random.key(0))
-  cfg = ts.StepConfig(beta=0.04, beta_decay_steps=4, beta_final=0.01)
+  cfg = _step_cfg(beta=0.04, beta_decay_steps=4, beta_final=0.01)
   tx = optax.sgd(0.0)  # the parameters stay put, so step s's loss is L(params, beta_s)
   step = ts.make_rl_step(model, tx, cfg)
   state = ts.init_state(_copy(params), tx, with_reference=False)
@@ -437,14 +443,14 @@ def test_kl_without_reference_logprobs_is_an_error():
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch(ref=False)
-  loss_fn = ts.make_rl_loss(model, ts.StepConfig(beta=0.04))
+  loss_fn = ts.make_rl_loss(model, _step_cfg(beta=0.04))
   with pytest.raises(ValueError, match=r"beta = 0.04 > 0 but RLBatch.ref_logp is None"):
     jax.eval_shape(lambda p: loss_fn(p, batch, 0.04), params)  # trace time: nothing compiled
   tx = optax.sgd(1e-3)
   with pytest.raises(ValueError, match="ref_logp is None"):
-    ts.make_rl_step(model, tx, ts.StepConfig(beta=0.04))(ts.init_state(_copy(params), tx, with_reference=False),
+    ts.make_rl_step(model, tx, _step_cfg(beta=0.04))(ts.init_state(_copy(params), tx, with_reference=False),
                                                          batch)
-  jax.eval_shape(lambda p: ts.make_rl_loss(model, ts.StepConfig(beta=0.0))(p, batch, 0.0), params)  # beta 0: fine
+  jax.eval_shape(lambda p: ts.make_rl_loss(model, _step_cfg(beta=0.0))(p, batch, 0.0), params)  # beta 0: fine
 
 
 def test_reference_copy_dtype_and_sharding_on_a_mesh():

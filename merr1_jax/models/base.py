@@ -7,7 +7,8 @@ touches a model class. To port another model, implement this protocol (docs/port
 
 Contract (what every adapter guarantees):
   * `forward(p, x, c) == (hidden(p, x, c)[0] @ unembed_weight(p)` in float32, `hidden(...)[1])`.
-  * Positions are explicit: `[B, L]` int32 (1-D RoPE) or `[3, B, L]` (M-RoPE t/h/w ids). Left-padded rows
+  * Positions are explicit and batch-major: `[B, L]` int32 (1-D RoPE) or `[B, L, 3]` (M-RoPE t/h/w ids), so
+    every batch array has its rows on axis 0 and splits, shards and repeats alike. Left-padded rows
     start at position 0 at their first real token. `mask[b, l]` is False on padding.
   * Causal attention by sequence (cache-slot) order, restricted to unmasked keys.
   * The KV cache is a pytree whose every leaf has the batch on axis 0, so
@@ -16,8 +17,8 @@ Contract (what every adapter guarantees):
     rows (one shared write index), marks them valid per `x.mask`, attends to valid slots <= its own and
     advances the index by L. The caller keeps index + L <= max_len (this cannot be checked under jit).
   * Creating params needs no mesh; sharding is applied by the caller from `partition_rules()`.
-  * Optional host-side hook `validate_inputs(inputs)` (see `PolicyModel`): checks a concrete batch before it
-    is jitted, because inside jit a wrong placeholder/feature count cannot raise.
+  * `validate_inputs(inputs)` checks a concrete batch on the host before it is jitted, because inside jit a
+    wrong placeholder/feature count cannot raise.
 
 Shape legend: B batch, L new tokens, S cache slots, D d_model, V vocab, N layers, K kv heads,
 H query heads, Dh head dim, T feature rows (Tv video, Ta audio), F feature width.
@@ -41,7 +42,7 @@ class ModelInputs:
   """One batch as the data pipeline hands it over.
 
   tokens_BxL: int32 ids; video/audio placeholders where features go.
-  positions: int32 `[B, L]` or `[3, B, L]`.
+  positions: int32 `[B, L]` or `[B, L, 3]` (M-RoPE t/h/w ids).
   mask_BxL: bool, False on padding.
   video_BxTvxF / audio_BxTaxF: float features or None; *_mask_BxT: bool, True on real feature rows.
   Convention (shared with the data pipeline): in row b, #video placeholders == sum(video_mask[b]) and the
@@ -128,18 +129,14 @@ class PolicyModel(Protocol):
     """(regex over '/'-joined param paths, logical axes) pairs; first match wins; covers every param."""
     ...
 
-  # Optional, deliberately not a protocol member (so isinstance checks do not demand it):
-  #
-  #   def validate_inputs(self, inputs: ModelInputs) -> None
-  #
-  # Called by the rollout sampler (rollout._check_placeholders) on the host batch, with concrete numpy or
-  # jax arrays, before anything is jitted. It must check what the traced `embed` cannot: per row, the number
-  # of video / audio placeholder tokens equals the number of valid feature rows (mask True); features have
-  # the [B, T, F] shape the model's projector takes and come with their mask; features are not given for a
-  # modality the model lacks. On a violation it raises ValueError naming the modality, the rows and the
-  # counts; it returns None otherwise and must not modify `inputs`. An adapter without it gets no such check
-  # for other model classes (the sampler falls back to mllm.validate_placeholders only for
-  # MultimodalPolicy): a text-only adapter can omit it, one that merges features should implement it.
+  def validate_inputs(self, inputs: ModelInputs) -> None:
+    """Host-side check of a concrete batch (numpy or jax arrays) before anything is jitted, of what the traced
+    `embed` cannot check: per row, the number of video / audio placeholder tokens equals the number of valid
+    feature rows (mask True); features have the [B, T, F] shape the model's projector takes and come with
+    their mask; no features for a modality the model lacks. Raises ValueError naming the modality, the rows and
+    the counts; returns None and leaves `inputs` unchanged otherwise. A text-only adapter checks that no
+    features are given. The sampler calls it on every prompt batch (rollout/shared_prefix.py)."""
+    ...
 
 
 def logits_from_hidden(h_BxLxD: jax.Array, w_DxV: jax.Array) -> jax.Array:

@@ -25,11 +25,11 @@ def _assert_close(got, want, atol: float, what: str) -> None:
   assert err <= atol, f"{what}: max abs diff {err:.3g} > {atol:.1g}"
 
 
-def _positions(model, pos_BxL: np.ndarray) -> jnp.ndarray:
-  """[B, L] positions, or [3, B, L] M-RoPE ids that differ per axis (so a mixed-up axis shows)."""
+def _positions(model, pos_BxL) -> jnp.ndarray:
+  """[B, L] positions, or [B, L, 3] M-RoPE ids that differ per axis (so a mixed-up axis shows)."""
   if getattr(model.config, "mrope_section", None) is None:
     return jnp.asarray(pos_BxL, jnp.int32)
-  return jnp.asarray(np.stack([pos_BxL, pos_BxL // 2, pos_BxL % 3]), jnp.int32)
+  return jnp.stack([pos_BxL, pos_BxL // 2, pos_BxL % 3], axis=-1).astype(jnp.int32)
 
 
 def _text_tokens(model, rng: np.random.RandomState, shape) -> np.ndarray:
@@ -147,7 +147,7 @@ def check_cached_decode(model, params, *, group: int = 2, decode_len: int = 3, s
       cache, out = carry
       tok = jax.lax.dynamic_slice_in_dim(cont_BxT, j, 1, axis=1)
       pos = (lens_B + j)[:, None]
-      inp = base.ModelInputs(tokens=tok, positions=_positions_traced(model, pos), mask=jnp.ones_like(tok, bool))
+      inp = base.ModelInputs(tokens=tok, positions=_positions(model, pos), mask=jnp.ones_like(tok, bool))
       logits, cache = model.forward(params, model.embed(params, inp), cache)
       return cache, jax.lax.dynamic_update_slice_in_dim(out, logits, j, axis=1)
 
@@ -162,18 +162,10 @@ def check_cached_decode(model, params, *, group: int = 2, decode_len: int = 3, s
                   f"{'left' if left else 'right'}-padded decode row {r} (prompt {i}) vs full forward")
 
 
-def _positions_traced(model, pos_BxL: jax.Array) -> jax.Array:
-  if getattr(model.config, "mrope_section", None) is None:
-    return pos_BxL.astype(jnp.int32)
-  return jnp.stack([pos_BxL, pos_BxL // 2, pos_BxL % 3]).astype(jnp.int32)
-
-
 def check_validate_inputs(model, seed: int = 0) -> None:
-  """The optional host-side hook (base.PolicyModel): if the adapter has `validate_inputs`, it accepts a valid
-  text-only batch, returns None and leaves the batch unchanged."""
-  check = getattr(model, "validate_inputs", None)
-  if check is None:
-    return
+  """The host-side check (base.PolicyModel.validate_inputs) accepts a valid text-only batch, returns None and
+  leaves the batch unchanged."""
+  check = model.validate_inputs
   rng = np.random.RandomState(seed)
   toks, pos, mask = _pad([_text_tokens(model, rng, (n,)) for n in (4, 2)], 4, left=True)
   inp = base.ModelInputs(tokens=toks, positions=np.asarray(_positions(model, pos)), mask=mask)

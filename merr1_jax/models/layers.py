@@ -64,9 +64,10 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
                  mrope_section: Sequence[int] | None) -> tuple[jax.Array, jax.Array]:
   """float32 cos/sin [B, L, Dh] in the rotate-half layout (frequencies repeated over both halves).
 
-  positions: [B, L] or, with M-RoPE, [3, B, L] temporal/height/width ids. M-RoPE gives the first
-  section[0] frequencies to the temporal ids, the next section[1] to height and the last to width; a
-  [B, L] input under M-RoPE means text, where the three ids coincide.
+  positions: [B, L] or, with M-RoPE, [B, L, 3] temporal/height/width ids (batch-major like every other batch
+  array; this is the one place the position axis is split off). M-RoPE gives the first section[0] frequencies
+  to the temporal ids, the next section[1] to height and the last to width; a [B, L] input under M-RoPE means
+  text, where the three ids coincide.
   """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
   if mrope_section is None:
@@ -75,14 +76,14 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
     ang_BxLxR = positions.astype(jnp.float32)[..., None] * inv_freq
   else:
     if positions.ndim == 2:
-      positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
-    if positions.ndim != 3 or positions.shape[0] != 3:
-      raise ValueError(f"M-RoPE model got positions of shape {positions.shape}; expected [3, B, L]")
-    ang_3xBxLxR = positions.astype(jnp.float32)[..., None] * inv_freq
+      positions = jnp.broadcast_to(positions[..., None], (*positions.shape, 3))
+    if positions.ndim != 3 or positions.shape[-1] != 3:
+      raise ValueError(f"M-RoPE model got positions of shape {positions.shape}; expected [B, L, 3]")
+    ang_BxLx3xR = positions.astype(jnp.float32)[..., None] * inv_freq
     # One-hot choice of the position axis per frequency: exact in float32 (x*1 + y*0 + z*0).
     axis_of_freq = np.repeat(np.arange(3), np.asarray(mrope_section))
     onehot_3xR = jnp.asarray(axis_of_freq[None, :] == np.arange(3)[:, None], jnp.float32)
-    ang_BxLxR = jnp.einsum("ablr,ar->blr", ang_3xBxLxR, onehot_3xR)
+    ang_BxLxR = jnp.einsum("blar,ar->blr", ang_BxLx3xR, onehot_3xR)
   ang_BxLxDh = jnp.concatenate([ang_BxLxR, ang_BxLxR], axis=-1)
   return jnp.cos(ang_BxLxDh), jnp.sin(ang_BxLxDh)
 

@@ -9,7 +9,7 @@ in row b the k-th placeholder takes the k-th valid feature row.
 `validate_placeholders` is the host-side check of that convention (numpy, before jit); `embed` runs it
 automatically when its inputs are concrete arrays, and cannot inside jit, where a mismatch would silently
 reuse rows, so callers that jit `embed` should call it on the host batch first (`MultimodalPolicy.validate_inputs`,
-the optional hook of base.PolicyModel that the rollout sampler calls).
+the base.PolicyModel member that the rollout sampler calls).
 
 Shape legend: B batch, L tokens, T feature rows, F feature width, D d_model, V vocab.
 """
@@ -127,7 +127,7 @@ class MultimodalPolicy:
     return jax.eval_shape(self.init_params, jax.random.key(0))
 
   def validate_inputs(self, inputs: base.ModelInputs) -> None:
-    """The optional host-side hook of base.PolicyModel: `validate_placeholders` on a concrete batch."""
+    """base.PolicyModel.validate_inputs: `validate_placeholders` on a concrete batch."""
     validate_placeholders(self.config, inputs)
 
   def embed(self, params, inputs: base.ModelInputs) -> base.Embedded:

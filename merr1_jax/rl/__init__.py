@@ -1,11 +1,22 @@
 """Pure, model-free policy-gradient math for MER-R1 (no model, no I/O).
 
 ``rl.dod_advantages``, ``rl.category_logmass`` and ``rl.calibration_gain`` are the public names; the
-submodules group them by concept: advantages (E2), calibration (E3, with the ``CALIBRATIONS`` registry of
-``rl.calibration`` kinds) and loss (E4). See docs/method.md for every equation.
+submodules group them by concept: advantages (E2), calibration (E3, with ``CALIBRATIONS``, the mapping of
+``rl.calibration`` kinds), loss (E4), and vocab, the one streaming pass over the vocabulary that the log-probs
+and the calibration log-mass share. See docs/method.md for every equation.
 """
 
-from merr1_jax.rl.advantages import dod_advantages, group_zscore, mode_weights
+from merr1_jax.rl.advantages import contiguous_groups, dod_advantages, group_zscore, mode_weights
+from merr1_jax.rl.calibration import (
+    CALIBRATIONS,
+    LOGMASS_FLOOR,
+    CalibrationConfig,
+    answer_anchors,
+    calibration_gain,
+    category_logmass,
+    category_logmass_from_hidden,
+    fast_prior_kl,
+)
 from merr1_jax.rl.loss import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -20,17 +31,7 @@ from merr1_jax.rl.loss import (
     policy_loss,
     token_logprobs,
 )
-from merr1_jax.rl.calibration import (
-    CALIBRATIONS,
-    LOGMASS_FLOOR,
-    answer_anchors,
-    calibration_gain,
-    calibration_reward,
-    category_logmass,
-    category_logmass_from_hidden,
-    fast_prior_kl,
-    register_calibration,
-)
+from merr1_jax.rl.vocab import VocabStats, vocab_stream
 
 __all__ = [
     "AGGREGATIONS",
@@ -47,14 +48,16 @@ __all__ = [
     "token_logprobs",
     "CALIBRATIONS",
     "LOGMASS_FLOOR",
+    "CalibrationConfig",
     "answer_anchors",
     "calibration_gain",
-    "calibration_reward",
     "category_logmass",
     "category_logmass_from_hidden",
     "fast_prior_kl",
-    "register_calibration",
+    "contiguous_groups",
     "dod_advantages",
     "group_zscore",
     "mode_weights",
+    "VocabStats",
+    "vocab_stream",
 ]

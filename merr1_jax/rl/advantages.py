@@ -3,12 +3,14 @@
 docs/method.md, "Dual-objective disentanglement (E2)". One advantage per completion, later broadcast to its tokens.
 
 Shape legend:
-  B: completions in the step (P prompts x group_size rows, groups are contiguous blocks)
-  P: groups (prompts)
-  G: group size
+  B: completions in the step, in any order
+  P: groups (e.g. prompts, or prompt x mode), ids 0 .. P-1
   O: reward objectives (columns; e.g. recall, precision, format, calibration)
 
 Conventions:
+  * A row's group is an integer id (``group_ids_B``), not a position: statistics are taken per id (rows are
+    scattered into a dense [P, G] table and gathered back), so rows need no reordering and per-mode groups are
+    just other ids (``contiguous_groups`` gives the ids of contiguous blocks).
   * z_g(x)_i = (x_i - mean_g x) / (std_g x + eps), statistics over the *valid* rows of the group only.
   * std uses ``ddof`` (default 1, the unbiased estimator, as R1-Omni and TRL do).
   * A group whose valid values are all equal (std = 0), or that has fewer than ddof + 1 valid rows, contributes
@@ -21,25 +23,49 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
+
+
+def contiguous_groups(num_rows: int, group_size: int) -> np.ndarray:
+  """Group ids of contiguous blocks of ``group_size`` rows: [0]*G + [1]*G + ... (int32 [B])."""
+  if num_rows % group_size:
+    raise ValueError(f"batch of {num_rows} rows is not a multiple of group_size={group_size}")
+  return np.arange(num_rows, dtype=np.int32) // group_size
+
+
+def _dense_groups(group_ids_B: Array, num_groups: int, group_size: int) -> tuple[Array, Array]:
+  """(ids_B, slot_B): where each row goes in a dense [P, G] table, slots in order of appearance in the group."""
+  ids = jnp.asarray(group_ids_B, jnp.int32)
+  onehot_BxP = ids[:, None] == jnp.arange(num_groups)[None]
+  slot_B = jnp.take_along_axis(jnp.cumsum(onehot_BxP, axis=0, dtype=jnp.int32) - 1, ids[:, None], axis=1)[:, 0]
+  return ids, slot_B
 
 
 def group_zscore(
     x_B: Array,
     valid_B: Array,
-    group_size: int,
+    group_ids_B: Array,
+    num_groups: int,
     *,
+    group_size: int | None = None,
     scale: bool = True,
     eps: float = 1e-4,
     ddof: int = 1,
 ) -> Array:
-  """(E2) Normalises ``x`` within contiguous groups of ``group_size`` rows: method.md's z_g.
+  """(E2) Normalises ``x`` within the groups given by ``group_ids_B``: method.md's z_g.
+
+  The rows are scattered into a dense [P, G] table by their group id (in order of appearance within a group),
+  the statistics are taken along G, and the values gathered back: the rows themselves are never reordered.
 
   Args:
     x_B: values, float.
     valid_B: bool mask; invalid rows neither enter the statistics nor receive a value (they get 0).
-    group_size: rows per group; ``B`` must be a multiple of it.
+    group_ids_B: int group of each row, in [0, num_groups).
+    num_groups: P, static.
+    group_size: G, static: at least the largest group's row count (None: B, always enough). Unused slots of a
+      smaller group are padding, outside the statistics.
     scale: divide by (std + eps). ``False`` is the Dr.GRPO form: ``x - mean`` only.
     eps: added to the std, not to the variance.
     ddof: delta degrees of freedom of the std.
@@ -47,11 +73,10 @@ def group_zscore(
   Returns:
     z_B, float32, 0 on invalid rows and on groups without spread.
   """
-  (b,) = x_B.shape
-  if b % group_size:
-    raise ValueError(f"batch of {b} rows is not a multiple of group_size={group_size}")
-  x_PxG = x_B.astype(jnp.float32).reshape(-1, group_size)
-  m_PxG = valid_B.reshape(-1, group_size).astype(bool)
+  g = x_B.shape[0] if group_size is None else group_size
+  ids, slot = _dense_groups(group_ids_B, num_groups, g)
+  x_PxG = jnp.zeros((num_groups, g), jnp.float32).at[ids, slot].set(x_B.astype(jnp.float32))
+  m_PxG = jnp.zeros((num_groups, g), bool).at[ids, slot].set(valid_B.astype(bool))
   n_P1 = m_PxG.sum(axis=1, keepdims=True)
   mean_P1 = jnp.where(m_PxG, x_PxG, 0.0).sum(axis=1, keepdims=True) / jnp.maximum(n_P1, 1)
   dev_PxG = jnp.where(m_PxG, x_PxG - mean_P1, 0.0)
@@ -62,15 +87,17 @@ def group_zscore(
     var_P1 = (dev_PxG**2).sum(axis=1, keepdims=True) / jnp.maximum(n_P1 - ddof, 1)
     dev_PxG = dev_PxG / (jnp.sqrt(var_P1) + eps)
   z_PxG = jnp.where(has_spread_P1 & m_PxG, dev_PxG, 0.0)
-  return z_PxG.reshape(b)
+  return z_PxG[ids, slot]
 
 
 def dod_advantages(
     rewards_BxO: Array,
     valid_BxO: Array,
     weights_BxO: Array,
-    group_size: int,
+    group_ids_B: Array,
+    num_groups: int,
     *,
+    group_size: int | None = None,
     disentangle: bool = True,
     scale: bool = True,
     eps: float = 1e-4,
@@ -89,7 +116,7 @@ def dod_advantages(
     valid_BxO: bool; e.g. the calibration reward is valid only on slow rows, and a group whose ground truth maps
       to nothing is invalid everywhere.
     weights_BxO: per-row weights (per-mode weights already gathered by the caller, see ``mode_weights``).
-    group_size: rows per group (contiguous).
+    group_ids_B, num_groups, group_size: the group of each row and the groups' capacity (``group_zscore``).
     disentangle, scale, eps, ddof: see the module docstring and ``group_zscore``.
 
   Returns:
@@ -98,7 +125,8 @@ def dod_advantages(
   rewards_BxO = rewards_BxO.astype(jnp.float32)
   valid_BxO = valid_BxO.astype(bool)
   weights_BxO = jnp.broadcast_to(weights_BxO, rewards_BxO.shape).astype(jnp.float32)
-  norm = lambda x, v: group_zscore(x, v, group_size, scale=scale, eps=eps, ddof=ddof)
+  norm = lambda x, v: group_zscore(x, v, group_ids_B, num_groups, group_size=group_size, scale=scale, eps=eps,
+                                   ddof=ddof)
   if disentangle:
     z_OxB = jax.vmap(norm, in_axes=(1, 1))(rewards_BxO, valid_BxO)
     return (weights_BxO * z_OxB.T).sum(axis=1)

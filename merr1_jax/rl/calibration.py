@@ -1,8 +1,8 @@
 """Slow-fast confidence calibration (SFC, method.md E3): category log-mass, answer anchors and r_cal.
 
 docs/method.md, "Slow-fast confidence calibration (E3)". All functions are pure and jit-able. The calibration
-kinds ``rl.calibration`` can select live in ``CALIBRATIONS`` (name -> reward function); ``register_calibration``
-adds one. ``none`` is not an entry: it skips the calibration passes altogether.
+kinds ``rl.calibration`` can select live in ``CALIBRATIONS``, a plain mapping of pure functions with one signature
+(name -> reward function). ``none`` is not an entry: it skips the calibration passes altogether.
 
 Shape legend:
   B: completions          T: sequence positions        A: answer anchors per completion
@@ -12,21 +12,24 @@ Shape legend:
 Conventions:
   * ``token_sets_KxCxV`` is a 0/1 mask: token v is a first token of some word of cluster c in wheel k
     (built host-side by ``merr1_jax.rewards.category_token_sets``).
-  * Log-mass is computed in float32 with an online (streaming) logsumexp over vocabulary chunks, so at most one
-    [B, T, N] float32 chunk exists at a time, never a float32 [B, T, V] tensor.
+  * Log-mass is computed in float32 by the one streaming pass over the vocabulary (``rl.vocab.vocab_stream``,
+    shared with the RL log-probs), so at most one [B, T, N] float32 chunk exists at a time.
   * A category whose probability mass underflows float32 (or whose token set is empty) gets ``LOGMASS_FLOOR``
     instead of -inf, so differences of log-masses stay finite. So does every category of a position whose
     logits are all -inf (no distribution at all).
-  * Static settings (``tau``, ``alpha``, chunk sizes) are Python numbers, checked at trace time.
+  * Static settings (``CalibrationConfig``, chunk sizes) are Python numbers, checked when they are built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from merr1_jax.rl import vocab
 
 Array = jax.Array
 
@@ -34,48 +37,8 @@ Array = jax.Array
 LOGMASS_FLOOR = -87.3
 
 
-def _pad_vocab(x: Array, chunk: int, axis: int, value: float) -> tuple[Array, int]:
-  v = x.shape[axis]
-  n = -(-v // chunk)
-  pad = n * chunk - v
-  if pad:
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    x = jnp.pad(x, widths, constant_values=value)
-  return x, n
-
-
-def _streaming_logmass(chunks_fn, n_chunks: int, sets_NxKC_chunks: Array, lead_shape) -> Array:
-  """Online logsumexp: log(sum_{v in T(c)} exp l_v) - log(sum_v exp l_v), float32, floored at LOGMASS_FLOOR.
-
-  ``chunks_fn(i)`` returns the float32 logits of vocabulary chunk i, shape [..., N]. The running max is only
-  used as a shift where it is finite: a chunk whose logits are all -inf (e.g. a masked or padded stretch of
-  the vocabulary) must not produce exp(-inf - -inf) = NaN, so the result does not depend on the chunk size.
-  """
-  kc = sets_NxKC_chunks.shape[-1]
-
-  def body(carry, i):
-    m, total, mass = carry  # running max, sum exp(l - m) over all tokens, and per category
-    l_xN = chunks_fn(i)
-    m_new = jnp.maximum(m, l_xN.max(axis=-1))
-    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all -inf so far: total and mass are 0, any shift works
-    decay = jnp.exp(m - shift)  # m = -inf -> 0, which rescales the zero sums harmlessly
-    p_xN = jnp.exp(l_xN - shift[..., None])
-    total = total * decay + p_xN.sum(axis=-1)
-    mass = mass * decay[..., None] + p_xN @ sets_NxKC_chunks[i]
-    return (m_new, total, mass), None
-
-  init = (
-      jnp.full(lead_shape, -jnp.inf, jnp.float32),
-      jnp.zeros(lead_shape, jnp.float32),
-      jnp.zeros((*lead_shape, kc), jnp.float32),
-  )
-  (_, total, mass), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
-  # Both sums carry the same factor exp(-m), so their log-ratio is the log-probability of the category.
-  has_mass = total > 0  # False only when every logit is -inf
-  safe_total = jnp.where(has_mass, total, 1.0)[..., None]
-  logmass = jnp.log(mass) - jnp.log(safe_total)
-  return jnp.where(has_mass[..., None], jnp.maximum(logmass, LOGMASS_FLOOR), LOGMASS_FLOOR)
+def _floor(logmass: Array) -> Array:
+  return jnp.maximum(logmass, LOGMASS_FLOOR)  # -inf (no mass, or no distribution at all) -> the floor too
 
 
 def category_logmass(logits_BxTxV: Array, token_sets: Array, *, chunk_size: int = 8192) -> Array:
@@ -92,16 +55,10 @@ def category_logmass(logits_BxTxV: Array, token_sets: Array, *, chunk_size: int 
   k, c, v = token_sets.shape
   if logits_BxTxV.shape[-1] != v:
     raise ValueError(f"logits vocab {logits_BxTxV.shape[-1]} != token_sets vocab {v}")
-  chunk = min(chunk_size, v)
-  logits, n = _pad_vocab(logits_BxTxV, chunk, -1, -jnp.inf)
-  sets_NxKC = _pad_vocab(token_sets.reshape(k * c, v).astype(jnp.float32), chunk, -1, 0.0)[0]
-  sets_chunks = sets_NxKC.reshape(k * c, n, chunk).transpose(1, 2, 0)  # [n, N, KC]
-
-  def chunk_logits(i):
-    return jax.lax.dynamic_slice_in_dim(logits, i * chunk, chunk, axis=-1).astype(jnp.float32)
-
-  logmass = _streaming_logmass(chunk_logits, n, sets_chunks, logits.shape[:-1])
-  return logmass.reshape(*logits.shape[:-1], k, c)
+  chunk_logits, n, chunk = vocab.logit_chunks(logits_BxTxV, chunk_size)
+  lead = logits_BxTxV.shape[:-1]
+  st = vocab.vocab_stream(chunk_logits, n, chunk, lead, sets_nxNxKC=vocab.category_chunks(token_sets, chunk))
+  return _floor(st.logmass).reshape(*lead, k, c)
 
 
 def category_logmass_from_hidden(
@@ -109,27 +66,15 @@ def category_logmass_from_hidden(
 ) -> Array:
   """(E3 step 1) ``category_logmass(h @ w, ...)`` without materialising the logits beyond one vocabulary chunk.
 
-  This is the form training uses (rollout.score reads the hidden states at the anchors).
+  This is the form training uses (the scorer reads the hidden states at the anchors).
   """
   k, c, v = token_sets.shape
   if w_DxV.shape[-1] != v:
     raise ValueError(f"unembedding vocab {w_DxV.shape[-1]} != token_sets vocab {v}")
-  chunk = min(chunk_size, v)
-  w_pad, n = _pad_vocab(w_DxV, chunk, -1, 0.0)
-  sets_NxKC = _pad_vocab(token_sets.reshape(k * c, v).astype(jnp.float32), chunk, -1, 0.0)[0]
-  sets_chunks = sets_NxKC.reshape(k * c, n, chunk).transpose(1, 2, 0)
-  h32 = h_BxTxD.astype(jnp.float32)
-  col_NxV = jnp.arange(n * chunk)
-
-  def chunk_logits(i):
-    w_DxN = jax.lax.dynamic_slice_in_dim(w_pad, i * chunk, chunk, axis=-1).astype(jnp.float32)
-    logits = h32 @ w_DxN
-    # Padded vocabulary columns must not count towards the normaliser.
-    real = jax.lax.dynamic_slice_in_dim(col_NxV, i * chunk, chunk) < v
-    return jnp.where(real, logits, -jnp.inf)
-
-  logmass = _streaming_logmass(chunk_logits, n, sets_chunks, h_BxTxD.shape[:-1])
-  return logmass.reshape(*h_BxTxD.shape[:-1], k, c)
+  chunk_logits, n, chunk = vocab.hidden_chunks(h_BxTxD, w_DxV, chunk_size)
+  lead = h_BxTxD.shape[:-1]
+  st = vocab.vocab_stream(chunk_logits, n, chunk, lead, sets_nxNxKC=vocab.category_chunks(token_sets, chunk))
+  return _floor(st.logmass).reshape(*lead, k, c)
 
 
 def answer_anchors(
@@ -177,13 +122,22 @@ def _masked_mean(x: Array, m: Array, axis) -> tuple[Array, Array]:
   return jnp.where(m, x, 0.0).sum(axis=axis) / jnp.maximum(n, 1), n > 0
 
 
-def _static_scalar(value, name: str) -> float:
-  """A static (Python or concrete) float setting; a traced value is a clear error, not a silent no-check."""
-  try:
-    return float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    raise TypeError(f"{name} must be a static Python float (close over it or mark it static under jit), "
-                    f"got {type(value).__name__}") from None
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+  """Settings of the calibration kinds (method.md E3 defaults). Each kind reads the fields it needs.
+
+  tau: contrastive_gain's temperature, r_cal = tanh(gain / tau); > 0.
+  alpha: fast_prior_kl's GT tilt exp(+-alpha) of the fast prior; finite and >= 0.
+  """
+
+  tau: float = 1.0
+  alpha: float = 1.0
+
+  def __post_init__(self):
+    if not (isinstance(self.tau, (int, float)) and self.tau > 0):  # also rejects NaN
+      raise ValueError(f"calibration tau must be > 0, got {self.tau}")
+    if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0):
+      raise ValueError(f"calibration alpha must be a finite number >= 0, got {self.alpha}")
 
 
 def _gt_and_neg(gt_multihot, cluster_mask):
@@ -194,25 +148,15 @@ def _gt_and_neg(gt_multihot, cluster_mask):
   return gt, cluster_mask & ~gt, cluster_mask
 
 
-def _mean_over_anchors_and_gt_wheels(x_BxAxK: Array, anchor_mask, gt_BxKxC, wheel_mask) -> Array:
+def _mean_over_anchors_and_gt_wheels(x_BxAxK: Array, anchor_mask, gt_BxKxC) -> Array:
   """Mean over the valid anchors, then over the wheels with a GT cluster; 0 for a row lacking either."""
   per_wheel_BxK, has_anchor_BxK = _masked_mean(x_BxAxK, anchor_mask[:, :, None], axis=1)
-  wheels = wheel_mask.astype(bool) & gt_BxKxC.any(axis=-1)
-  mean_B, has_wheel_B = _masked_mean(per_wheel_BxK, wheels, axis=1)
+  mean_B, has_wheel_B = _masked_mean(per_wheel_BxK, gt_BxKxC.any(axis=-1), axis=1)
   return jnp.where(has_wheel_B & has_anchor_BxK[:, 0], mean_B, 0.0)
 
 
-def calibration_gain(
-    S_slow,  # noqa: N803 - the method's symbol
-    S_fast,  # noqa: N803
-    anchor_mask,
-    gt_multihot,
-    wheel_mask,
-    tau: float = 1.0,
-    *,
-    cluster_mask=None,
-    return_gain: bool = False,
-):
+def calibration_gain(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask=None,  # noqa: N803 (method symbols)
+                     cfg: CalibrationConfig = CalibrationConfig(), *, return_gain: bool = False):
   """(E3 step 5, ``rl.calibration = 'contrastive_gain'``) The calibration reward r_cal = tanh(gain / tau).
 
   gain = mean over anchors of [(S_slow(GT) - S_fast(GT)) - (S_slow(Neg) - S_fast(Neg))], averaged over the
@@ -222,38 +166,25 @@ def calibration_gain(
   Args:
     S_slow, S_fast: [B, A, K, C] category log-mass at the anchors, in the slow and the fast context.
     anchor_mask: [B, A] bool.
-    gt_multihot: [B, K, C] 0/1 ground-truth clusters.
-    wheel_mask: [B, K] bool, wheels with at least one GT cluster.
-    tau: temperature of the tanh squashing; a static float > 0 (ValueError otherwise, at trace time).
-    cluster_mask: [K, C] bool, which padded cluster slots exist (default: all).
+    gt_multihot: [B, K, C] 0/1 ground-truth clusters (a wheel without one is skipped).
+    cluster_mask: [K, C] bool, which padded cluster slots exist (None: all).
+    cfg: ``cfg.tau``.
     return_gain: also return the raw gain.
 
   Returns:
     r_cal_B in (-1, 1), 0 where a row has no anchor or no GT wheel; and gain_B if ``return_gain``.
   """
-  tau = _static_scalar(tau, "tau")
-  if not tau > 0:  # also rejects NaN
-    raise ValueError(f"calibration_gain: tau must be > 0, got {tau}")
   d_BxAxKxC = S_slow.astype(jnp.float32) - S_fast.astype(jnp.float32)
   gt, neg, _ = _gt_and_neg(gt_multihot, cluster_mask)
   d_gt_BxAxK, _ = _masked_mean(d_BxAxKxC, gt[:, None], axis=-1)
   d_neg_BxAxK, _ = _masked_mean(d_BxAxKxC, neg[:, None], axis=-1)
-  gain_B = _mean_over_anchors_and_gt_wheels(d_gt_BxAxK - d_neg_BxAxK, anchor_mask, gt, wheel_mask)
-  r_cal_B = jnp.tanh(gain_B / tau)
+  gain_B = _mean_over_anchors_and_gt_wheels(d_gt_BxAxK - d_neg_BxAxK, anchor_mask, gt)
+  r_cal_B = jnp.tanh(gain_B / cfg.tau)
   return (r_cal_B, gain_B) if return_gain else r_cal_B
 
 
-def fast_prior_kl(
-    S_slow,  # noqa: N803 - the method's symbol
-    S_fast,  # noqa: N803
-    anchor_mask,
-    gt_multihot,
-    wheel_mask,
-    alpha: float = 1.0,
-    *,
-    cluster_mask=None,
-    return_kl: bool = False,
-):
+def fast_prior_kl(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask=None,  # noqa: N803 (method symbols)
+                  cfg: CalibrationConfig = CalibrationConfig(), *, return_kl: bool = False):
   """(E3 step 7, ``rl.calibration = 'fast_prior_kl'``) r_cal = -KL(q || p_slow), a penalty pulling the slow
   category distribution toward the fast one, tilted toward the ground truth.
 
@@ -268,62 +199,31 @@ def fast_prior_kl(
   Its advantage term is z-normalised over the slow completions of the group (like contrastive_gain's), so only
   its ordering within a group matters, not its scale.
 
-  Args:
-    S_slow, S_fast, anchor_mask, gt_multihot, wheel_mask, cluster_mask: as in ``calibration_gain``.
-    alpha: the GT tilt; a static finite float >= 0 (ValueError otherwise, at trace time). 0 pulls toward p_fast.
-    return_kl: also return the mean KL (= -r_cal).
+  Args: as ``calibration_gain``; ``cfg.alpha`` is the GT tilt (0 pulls toward p_fast). ``return_kl`` also
+  returns the mean KL (= -r_cal).
 
   Returns:
     r_cal_B <= 0, float32, 0 where a row has no anchor or no GT wheel; and kl_B if ``return_kl``.
   """
-  alpha = _static_scalar(alpha, "alpha")
-  if not (math.isfinite(alpha) and alpha >= 0):
-    raise ValueError(f"fast_prior_kl: alpha must be a finite number >= 0, got {alpha}")
   gt, _, exists = _gt_and_neg(gt_multihot, cluster_mask)
   exists_1x1xKxC, gt_Bx1xKxC = exists[:, None], gt[:, None]
   log_softmax = lambda x: jax.nn.log_softmax(jnp.where(exists_1x1xKxC, x, -jnp.inf), axis=-1)
   logp_slow = log_softmax(S_slow.astype(jnp.float32))
-  logq = log_softmax(S_fast.astype(jnp.float32) + jnp.where(gt_Bx1xKxC, alpha, -alpha))
+  logq = log_softmax(S_fast.astype(jnp.float32) + jnp.where(gt_Bx1xKxC, cfg.alpha, -cfg.alpha))
   # 0 log 0 = 0: padded slots and clusters with q = 0 contribute nothing.
   kl_BxAxK = jnp.where(exists_1x1xKxC & (logq > -jnp.inf), jnp.exp(logq) * (logq - logp_slow), 0.0).sum(axis=-1)
-  kl_B = _mean_over_anchors_and_gt_wheels(kl_BxAxK, anchor_mask, gt, wheel_mask)
+  kl_B = _mean_over_anchors_and_gt_wheels(kl_BxAxK, anchor_mask, gt)
   return (-kl_B, kl_B) if return_kl else -kl_B
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registry of calibration kinds (``rl.calibration``)
+# The calibration kinds ``rl.calibration`` selects: a plain mapping of pure functions with one signature,
+#   fn(S_slow_BxAxKxC, S_fast_BxAxKxC, anchor_mask_BxA, gt_multihot_BxKxC, cluster_mask_KxC, cfg) -> r_cal_B,
+# jit-able, with r_cal normalised as an advantage over the slow completions of each group. Add a kind with
+# ``rl.CALIBRATIONS["mine"] = fn``; ``none`` is reserved: it skips the calibration passes altogether.
 
 CalibrationFn = Callable[..., Array]
-"""``fn(S_slow, S_fast, anchor_mask, gt_multihot, wheel_mask, *, cluster_mask, tau, alpha) -> r_cal_B``.
-
-Every kind gets every calibration setting as a keyword and uses the ones it needs. It must be pure and
-jit-able; r_cal is normalised as an advantage over the slow completions of each group.
-"""
-
 CALIBRATIONS: dict[str, CalibrationFn] = {
-    "contrastive_gain": lambda *a, cluster_mask=None, tau=1.0, alpha=1.0: calibration_gain(
-        *a, tau, cluster_mask=cluster_mask),
-    "fast_prior_kl": lambda *a, cluster_mask=None, tau=1.0, alpha=1.0: fast_prior_kl(
-        *a, alpha, cluster_mask=cluster_mask),
+    "contrastive_gain": calibration_gain,
+    "fast_prior_kl": fast_prior_kl,
 }
-
-
-def register_calibration(name: str) -> Callable[[CalibrationFn], CalibrationFn]:
-  """Adds a calibration kind under ``name`` (then ``rl.calibration = name`` selects it)."""
-
-  def wrap(fn: CalibrationFn) -> CalibrationFn:
-    if name in CALIBRATIONS or name == "none":
-      raise ValueError(f"calibration kind {name!r} is already registered (or reserved)")
-    CALIBRATIONS[name] = fn
-    return fn
-
-  return wrap
-
-
-def calibration_reward(kind: str, S_slow, S_fast, anchor_mask, gt_multihot, wheel_mask, *,  # noqa: N803
-                       cluster_mask=None, tau: float = 1.0, alpha: float = 1.0) -> Array:
-  """r_cal_B of the registered kind ``kind`` (see ``CALIBRATIONS``); a clear error for an unknown one."""
-  if kind not in CALIBRATIONS:
-    raise ValueError(f"unknown calibration kind {kind!r}; registered: {sorted(CALIBRATIONS)} (or 'none')")
-  return CALIBRATIONS[kind](S_slow, S_fast, anchor_mask, gt_multihot, wheel_mask, cluster_mask=cluster_mask,
-                            tau=tau, alpha=alpha)

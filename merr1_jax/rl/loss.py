@@ -26,6 +26,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from merr1_jax.rl import vocab
+
 Array = jax.Array
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -41,55 +43,26 @@ def token_logprobs(
     with_entropy: bool = False,
 ) -> Array | tuple[Array, Array]:
   """log softmax(h @ w)[token] (and optionally the entropy), streaming over vocabulary chunks (method.md E4,
-  "Token log-probs").
+  "Token log-probs"; the pass is ``rl.vocab.vocab_stream``).
 
-  Only one [B, T, N] float32 chunk of logits exists at a time, and the chunk body is rematerialised in the
-  backward pass, so neither direction holds a float32 [B, T, V] tensor (architecture.md pitfalls). A vocabulary
-  that fits one chunk takes the direct log-softmax path.
+  A vocabulary that fits one chunk takes the direct log-softmax path: the same math without the streaming
+  bookkeeping, which XLA's CPU backend otherwise materialises at [B, T, V] in the backward pass
+  (docs/benchmarks.md, RL step).
 
   Returns:
     logp_BxT float32, and entropy_BxT float32 when ``with_entropy``.
   """
-  v = w_DxV.shape[-1]
-  chunk = min(chunk_size, v)
-  n = -(-v // chunk)
-  if n * chunk != v:
-    w_DxV = jnp.pad(w_DxV, ((0, 0), (0, n * chunk - v)))
-  h32 = h_BxTxD.astype(jnp.float32)
-  lead = tokens_BxT.shape
-  if n == 1:
-    # The vocabulary fits one chunk: the direct form is the same math without the streaming bookkeeping, which
-    # XLA's CPU backend otherwise materialises at [B, T, V] in the backward pass (docs/benchmarks.md, RL step).
-    logits = h32 @ w_DxV.astype(jnp.float32)
+  if w_DxV.shape[-1] <= chunk_size:
+    logits = h_BxTxD.astype(jnp.float32) @ w_DxV.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     logp = jnp.take_along_axis(logits, tokens_BxT[..., None], axis=-1)[..., 0] - lse
     if not with_entropy:
       return logp
     return logp, lse - (jax.nn.softmax(logits, axis=-1) * logits).sum(-1)
-
-  @jax.checkpoint
-  def body(carry, i):
-    m, s, t, tgt = carry  # running max, sum exp(l - m), sum exp(l - m) * l, target logit
-    w_DxN = jax.lax.dynamic_slice_in_dim(w_DxV, i * chunk, chunk, axis=1).astype(jnp.float32)
-    l_BxTxN = h32 @ w_DxN
-    col_N = i * chunk + jnp.arange(chunk)
-    l_BxTxN = jnp.where(col_N < v, l_BxTxN, -jnp.inf)
-    m_new = jnp.maximum(m, l_BxTxN.max(-1))
-    decay = jnp.exp(m - m_new)
-    p = jnp.exp(l_BxTxN - m_new[..., None])
-    s = s * decay + p.sum(-1)
-    t = t * decay + (p * jnp.where(col_N < v, l_BxTxN, 0.0)).sum(-1)
-    hit = col_N == tokens_BxT[..., None]
-    tgt = tgt + jnp.where(hit, l_BxTxN, 0.0).sum(-1)
-    return (m_new, s, t, tgt), None
-
-  init = (jnp.full(lead, -jnp.inf), jnp.zeros(lead), jnp.zeros(lead), jnp.zeros(lead))
-  (m, s, t, tgt), _ = jax.lax.scan(body, init, jnp.arange(n))
-  lse = m + jnp.log(s)
-  logp = tgt - lse
-  if not with_entropy:
-    return logp
-  return logp, lse - t / s
+  chunk_logits, n, chunk = vocab.hidden_chunks(h_BxTxD, w_DxV, chunk_size)
+  st = vocab.vocab_stream(chunk_logits, n, chunk, tokens_BxT.shape, targets=tokens_BxT, with_entropy=with_entropy)
+  logp = st.target - st.lse
+  return (logp, st.entropy) if with_entropy else logp
 
 
 def logprobs_from_logits(logits_BxTxV: Array, tokens_BxT: Array) -> Array:
@@ -230,13 +203,16 @@ def policy_loss(
     num_seqs: Array | None = None,
     group_B: Array | None = None,
     group_names: Sequence[str] = (),
+    behaviour_BxT: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """loss = agg(PPO-clip) + beta * agg(KL) - entropy_coef * agg(entropy)   (method.md E4, "Total").
 
   Returns the scalar loss and *sums* of per-token statistics (plus their token count), so that statistics of
   micro-batches can be combined (``combine_stats``) before ``finalize_stats`` divides once. With ``group_B``
   (int [B], an index into ``group_names``: the thinking mode of each row), the same sums are also returned per
-  group under ``<stat>/<name>`` keys; rows whose id is outside the names count only in the totals.
+  group under ``<stat>/<name>`` keys; rows whose id is outside the names count only in the totals. With
+  ``behaviour_BxT`` (the sampler's log-probs of the same tokens), also the summed gap |logp - behaviour|: a check
+  that the rollouts came from the weights being trained (logged only; it does not enter the loss).
   """
   pg_BxT, st = clipped_objective(
       logp_BxT, logp_old_BxT, adv_B, eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip
@@ -267,6 +243,9 @@ def policy_loss(
       out["kl_sum"] = (kl_BxT * m).sum()
     if entropy_BxT is not None:
       out["entropy_sum"] = (entropy_BxT.astype(jnp.float32) * m).sum()
+    if behaviour_BxT is not None:
+      gap = jnp.abs(jax.lax.stop_gradient(logp_BxT).astype(jnp.float32) - behaviour_BxT.astype(jnp.float32))
+      out["behaviour_gap_sum"] = (gap * m).sum()
     return out
 
   m = mask_BxT.astype(jnp.float32)
@@ -299,12 +278,13 @@ def combine_stats(a: dict[str, Array], b: dict[str, Array]) -> dict[str, Array]:
 def finalize_stats(stats: dict[str, Array]) -> dict[str, Array]:
   """Turns summed statistics (possibly combined over micro-batches) into means and fractions.
 
-  Totals: tokens, ratio_mean / ratio_max / ratio_min, clip_frac_low / clip_frac_high, dual_clip_frac, kl and
-  entropy (the last two when present). Per group (``tokens/<name>`` present): the same names with ``/<name>``.
+  Totals: tokens, ratio_mean / ratio_max / ratio_min, clip_frac_low / clip_frac_high, dual_clip_frac, and
+  kl, entropy and behaviour_logp_gap when present. Per group (``tokens/<name>`` present): the same names with
+  ``/<name>``.
   A group without tokens reports 0 for the means and the +-inf identities for ratio_max / ratio_min.
   """
   names = {"ratio": "ratio_mean", "clip_low": "clip_frac_low", "clip_high": "clip_frac_high",
-           "dual_clip": "dual_clip_frac", "kl": "kl", "entropy": "entropy"}
+           "dual_clip": "dual_clip_frac", "kl": "kl", "entropy": "entropy", "behaviour_gap": "behaviour_logp_gap"}
   groups = [""] + ["/" + k.split("/", 1)[1] for k in stats if k.startswith("tokens/")]
   out = {}
   for g in groups:

@@ -38,7 +38,7 @@ def run(devices=None) -> dict[str, np.ndarray]:
   import jax  # noqa: PLC0415
   import optax  # noqa: PLC0415
 
-  from merr1_jax import sharding  # noqa: PLC0415
+  from merr1_jax import rl, sharding  # noqa: PLC0415
   from merr1_jax import train_step as ts  # noqa: PLC0415
   from merr1_jax.models import base, mllm  # noqa: PLC0415
 
@@ -55,7 +55,8 @@ def run(devices=None) -> dict[str, np.ndarray]:
   state = jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
                        state, st_sh)
   b_sh = sharding.batch_shardings(global_batch(0), mesh)
-  step = ts.make_rl_step(model, tx, ts.StepConfig(), state_shardings=st_sh, batch_shardings=b_sh)
+  cfg = ts.StepConfig(loss=rl.LossConfig(), beta=0.04)
+  step = ts.make_rl_step(model, tx, cfg, state_shardings=st_sh, batch_shardings=b_sh)
   n, i = jax.process_count(), jax.process_index()
   for seed in (0, 1):
     full = global_batch(seed)

@@ -1,0 +1,205 @@
+"""Loading a trained policy for evaluation: a training checkpoint or an HF export, with the one tokenizer that
+goes with it.
+
+`load_policy(config, workdir, checkpoint)` is the one place the evaluate CLI gets (model, params, tokenizer)
+from (docs/evaluation.md):
+  * no checkpoint: the latest step of the last stage in config.stages that has one (WORKDIR/checkpoints/<stage>),
+    else the HF export WORKDIR/export;
+  * STEP or STAGE:STEP: that training checkpoint (STEP alone: the last stage that holds it);
+  * PATH: an exported HF policy directory (config.json + *.safetensors, its video/audio projectors restored), or a
+    checkpoint step directory WORKDIR/checkpoints/<stage>/<step>.
+The model is built from the config, and a checkpoint written under another model config is refused with the
+differing fields named. The tokenizer is the HF directory's when it has one, else the run's, chosen as the trainer
+chooses it; when both exist they must agree on the vocabulary and the special/tag token ids.
+
+Every failure is an `EvalError` whose message names the file, checkpoint or field (the CLI prints it as one
+`error:` line, exit status 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+
+import jax
+
+from merr1_jax import checkpoint as ckptlib
+from merr1_jax import config as cfglib
+from merr1_jax import prompts, run_setup, settings, sharding
+from merr1_jax.data import synth
+from merr1_jax.data import tokenizer as toklib
+from merr1_jax.models import hf_io
+
+_log = logging.getLogger("merr1_jax.evaluate")
+
+
+class EvalError(Exception):
+  """Bad evaluation input; the message says what and where. The evaluate CLI exits with status 2."""
+
+
+def tokenizer_signature(tok) -> dict:
+  """What a policy and its data must agree on: vocabulary size, eos/pad ids and every marker token's id."""
+  out = {"vocab_size": int(tok.vocab_size), "eos_id": int(tok.eos_id), "pad_id": int(tok.pad_id)}
+  for token in prompts.SPECIAL_TOKENS + prompts.TAG_TOKENS:
+    try:
+      out[token] = tok.id_of(token)
+    except KeyError:
+      out[token] = None
+  return out
+
+
+def _run_tokenizer(config, workdir) -> tuple[object | None, str]:
+  """The run's tokenizer on disk, chosen as the trainer chooses it (run_setup), or None when there is none."""
+  directory = cfglib.tokenizer_dir(config)  # data.tokenizer_dir, or a real model's hf_path
+  if directory:
+    try:
+      return toklib.load_hf(directory), f"tokenizer directory {directory}"
+    except (OSError, ValueError) as e:  # FileNotFoundError included
+      raise EvalError(f"tokenizer directory {directory} (config.data.tokenizer_dir or config.model.hf_path): "
+                      f"cannot load a tokenizer: {e}") from None
+  path = pathlib.Path(workdir) / "tokenizer.json"
+  if path.is_file():
+    return toklib.load(path), str(path)
+  return None, ""
+
+
+def load_tokenizer(config, workdir: str | os.PathLike, hf_dir: str | os.PathLike | None = None):
+  """The one tokenizer of an evaluation: the HF policy directory's tokenizer.json when `hf_dir` has one, else
+  the run's (config.tokenizer_dir(config), WORKDIR/tokenizer.json, or MER-Synth's rebuilt from the config).
+
+  Raises EvalError when the HF directory's tokenizer and the run's disagree on the vocabulary size or the
+  special/tag token ids (the policy would read token ids its data never meant).
+  """
+  run_tok, run_where = _run_tokenizer(config, workdir)
+  hf_file = pathlib.Path(hf_dir) / "tokenizer.json" if hf_dir else None
+  if hf_file is not None and hf_file.is_file():
+    hf_tok = toklib.load_hf(hf_file.parent)
+    if run_tok is not None:
+      want, have = tokenizer_signature(hf_tok), tokenizer_signature(run_tok)
+      diffs = [f"{k}: {want[k]} vs {have[k]}" for k in want if want[k] != have[k]]
+      if diffs:
+        raise EvalError(f"the policy's tokenizer {hf_file} and the run's {run_where} disagree ("
+                        + "; ".join(diffs) + "): evaluate the policy with the workdir or tokenizer_dir it was "
+                        "trained with")
+    return hf_tok
+  if run_tok is not None:
+    return run_tok
+  return synth.build_tokenizer(settings.synth_config(config))
+
+
+# ---------------------------------------------------------------------------------------------- policy
+
+
+def _is_hf_dir(path: pathlib.Path) -> bool:
+  return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _stage_steps(workdir: pathlib.Path, stage: str) -> list[int]:
+  d = workdir / "checkpoints" / stage
+  return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
+
+
+def resolve_checkpoint(config, workdir, checkpoint: str | None) -> tuple[str, object]:
+  """('hf', path) or ('train', (stage, step)) for a --checkpoint value; EvalError naming what was looked for.
+  Reads directory listings only, no arrays."""
+  workdir = pathlib.Path(workdir)
+  stages = list(config.stages)
+  if checkpoint is None or checkpoint == "":
+    for stage in reversed(stages):
+      steps = _stage_steps(workdir, stage)
+      if steps:
+        return "train", (stage, steps[-1])
+    if _is_hf_dir(workdir / "export"):
+      return "hf", workdir / "export"
+    raise EvalError(f"no checkpoint in {workdir}: looked for {workdir}/checkpoints/{{{','.join(stages)}}}/<step> "
+                    f"and an HF export in {workdir}/export")
+  stage, sep, step_text = checkpoint.rpartition(":")
+  if step_text.isdigit():
+    step = int(step_text)
+    candidates = [stage] if sep else list(reversed(stages))
+    for s in candidates:
+      if step in _stage_steps(workdir, s):
+        return "train", (s, step)
+    have = {s: _stage_steps(workdir, s) for s in stages}
+    raise EvalError(f"no checkpoint for step {step} in {workdir}/checkpoints/{{{','.join(candidates)}}}; "
+                    f"steps found: {have}")
+  path = pathlib.Path(checkpoint)
+  if _is_hf_dir(path):
+    return "hf", path
+  if path.is_dir() and path.name.isdigit() and path.parent.parent.name == "checkpoints":
+    return "train", (path.parent.name, int(path.name))
+  if not path.exists():
+    raise EvalError(f"--checkpoint {checkpoint}: no such step or path")
+  raise EvalError(f"--checkpoint {checkpoint}: neither an HF policy directory (config.json + *.safetensors) nor "
+                  "a training checkpoint step directory (WORKDIR/checkpoints/<stage>/<step>)")
+
+
+def _model_differences(stored: dict | None, config) -> list[str]:
+  if not stored or "model" not in stored:
+    return []
+  now = json.loads(cfglib.to_json(config))["model"]
+  old = stored["model"]
+  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON turns tuples into lists)
+  return [f"model.{k}: checkpoint {old.get(k, '<absent>')!r}, config {now.get(k, '<absent>')!r}"
+          for k in sorted(set(old) | set(now)) if k != "hf_path" and norm(old.get(k)) != norm(now.get(k))]
+
+
+def build_model(config, tok):
+  """The policy model of `config.model`, with the tokenizer-derived fields from `tok` (run_setup.build_model)."""
+  try:
+    return run_setup.build_model(config, tok)
+  except (ValueError, KeyError) as e:  # config.ConfigError included
+    raise EvalError(f"config.model: {e}") from None
+
+
+def load_params(config, workdir, kind: str, where, model):
+  """The parameters of a resolved checkpoint (`resolve_checkpoint`) for `model`, on the config's mesh.
+
+  Raises EvalError for a checkpoint that does not fit the model (naming the fields or tensors that differ).
+  """
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = dict(config.mesh.axis_rules)
+  abstract = model.abstract_params()
+  shardings = sharding.param_shardings(model, abstract, mesh, rules)
+  if kind == "hf":
+    try:
+      params, report = hf_io.load_hf(str(where), model, shardings=shardings, projectors="require")
+    except (ValueError, FileNotFoundError) as e:  # config.json, tensors or projectors that do not fit this model
+      raise EvalError(f"{where}: does not match the model of this config: {e}") from None
+    _log.info("loaded HF policy %s: %s", where, report)
+    return params
+  stage, step = where
+  directory = pathlib.Path(workdir) / "checkpoints" / stage
+  template = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  # No config_json: the trainer's whole-config check would refuse any changed field (rl.steps, ...); only the
+  # model section decides whether these weights fit, and it is compared here, naming each differing field.
+  with ckptlib.Checkpointer(directory, save_every=1, keep=1_000_000, async_save=False) as ckpt:
+    diffs = _model_differences(ckpt.stored_config(step), config)
+    if diffs:
+      raise EvalError(f"checkpoint {directory}/{step} was written for another model: " + "; ".join(diffs))
+    try:
+      state, _, _ = ckpt.restore(step, _abstract_train_state(config, model, stage, template, mesh))
+    except ValueError as e:  # a leaf missing or reshaped: names every one
+      raise EvalError(str(e)) from None
+  return state.params
+
+
+def load_policy(config, workdir, checkpoint: str | None):
+  """(model, params, tokenizer) of a training checkpoint or an exported HF policy (see the module docstring).
+
+  Raises EvalError for a missing checkpoint, one written under another model config, or disagreeing tokenizers.
+  """
+  kind, where = resolve_checkpoint(config, workdir, checkpoint)
+  tok = load_tokenizer(config, workdir, where if kind == "hf" else None)
+  model = build_model(config, tok)
+  return model, load_params(config, workdir, kind, where, model), tok
+
+
+def _abstract_train_state(config, model, stage: str, template, mesh):
+  """The stage's TrainState layout as the trainer builds it (settings.abstract_state), with shardings: the
+  checkpoint holds the whole state, and restore names every leaf that differs."""
+  state = settings.abstract_state(config, stage, model.config, template)
+  param_shardings = jax.tree.map(lambda a: a.sharding, template)
+  return ckptlib.abstract_with_shardings(state, sharding.state_shardings(state, param_shardings, mesh))

@@ -1,0 +1,131 @@
+"""The one seam between the run config (a ConfigDict, configs/base.py) and the library's typed settings.
+
+Every frozen settings object the library takes is built here from a validated config, and nowhere else:
+`model_config` (ModelConfig), `step_config` (the jitted step's StepConfig with its LossConfig), `optim_config`
+(OptimConfig), `experience_settings` (what one RL step's rollouts, rewards and advantages need),
+`evaluation_settings` (EvalSettings), `synth_config` (the MER-Synth generator) and `pipeline_config` (a Grain
+pipeline). `make_state` and `abstract_state` build a stage's
+train state the same way for the trainer, the evaluate CLI and the benchmarks. The library dataclasses hold no
+copy of the config's defaults: configs/base.py is the single place that sets them.
+
+Conventions: `stage` is 'sft' or 'rl'; nothing below the trainer reads the ConfigDict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from merr1_jax import config as cfglib
+from merr1_jax import evaluation, experience, prompts, rl, sampling
+from merr1_jax import optim as optimlib
+from merr1_jax import train_step as ts
+from merr1_jax.data import pipeline as pipelib
+from merr1_jax.data import synth as synthlib
+from merr1_jax.models.config import ModelConfig
+
+Config = ml_collections.ConfigDict
+model_config = cfglib.model_config  # ModelConfig of config.model (config.validate needs it, so it lives there)
+
+
+def step_config(config: Config, stage: str) -> ts.StepConfig:
+  """The jitted step's settings: the PPO-clip + KL loss (method.md E4) and how an update is split."""
+  r = config.rl
+  loss = rl.LossConfig(eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip or None,
+                       kl_estimator=r.kl_estimator, aggregation=r.aggregation, entropy_coef=r.entropy_coef,
+                       max_len=max(r.max_new_tokens_slow, r.max_new_tokens_fast))  # Dr.GRPO's constant
+  if stage == "sft":
+    return ts.StepConfig(loss=loss, beta=0.0, micro_batches=config.sft.micro_batches)
+  return ts.StepConfig(loss=loss, beta=r.beta, beta_decay_steps=r.beta_decay_steps, beta_final=r.beta_final,
+                       micro_batches=r.micro_batches, ppo_epochs=r.ppo_epochs, mini_batches=r.mini_batches)
+
+
+def updates_per_step(config: Config, stage: str) -> int:
+  """Optimizer updates per training step: ppo_epochs x mini_batches in RL, 1 in SFT."""
+  return config.rl.ppo_epochs * config.rl.mini_batches if stage == "rl" else 1
+
+
+def optim_config(config: Config, stage: str) -> optimlib.OptimConfig:
+  """AdamW for a stage. The schedule counts optimizer updates, so warmup and the cosine horizon are the stage's
+  steps times its updates per step."""
+  s = config.sft if stage == "sft" else config.rl
+  o, k = config.optim, updates_per_step(config, stage)
+  return optimlib.OptimConfig(learning_rate=s.learning_rate, schedule=o.schedule, warmup_steps=s.warmup_steps * k,
+                              total_steps=max(s.steps, s.warmup_steps + 1) * k, b1=o.b1, b2=o.b2,
+                              weight_decay=o.weight_decay, clip_norm=o.clip_norm or None)
+
+
+def advantage_settings(config: Config) -> experience.AdvantageSettings:
+  """DOD / coupled advantages (method.md E2); weights per mode in prompts.MODES order (calibration: slow only)."""
+  r = config.rl
+  per_mode = {"slow": (r.w_rec_slow, r.w_prec_slow, r.w_fmt, r.w_cal),
+              "fast": (r.w_rec_fast, r.w_prec_fast, r.w_fmt, 0.0)}
+  return experience.AdvantageSettings(disentangle=r.disentangle, scale=r.scale, eps=r.adv_eps, ddof=r.adv_ddof,
+                                      group=r.group, weights=tuple(per_mode[m] for m in prompts.MODES))
+
+
+def experience_settings(config: Config) -> experience.ExperienceSettings:
+  """What one RL step's experience needs (merr1_jax/experience.py)."""
+  r = config.rl
+  method = sampling.TopP(r.temperature, p=r.top_p) if r.top_p < 1 else sampling.Temperature(r.temperature)
+  return experience.ExperienceSettings(
+      n_slow=r.n_slow, n_fast=r.n_fast,
+      max_new_tokens=(("slow", r.max_new_tokens_slow), ("fast", r.max_new_tokens_fast)), method=method,
+      advantage=advantage_settings(config), calibration=r.calibration,
+      cal=rl.CalibrationConfig(tau=r.cal_tau, alpha=r.cal_alpha), num_anchors=r.num_anchors,
+      with_reference=r.beta > 0, prompt_buckets=tuple(config.data.prompt_buckets))
+
+
+def evaluation_settings(config: Config, **overrides: Any) -> evaluation.EvalSettings:
+  """Evaluation in both modes with the config's limits; the evaluate CLI overrides modes, samples, temperature."""
+  e = config.eval
+  return evaluation.EvalSettings(
+      max_new_tokens={"slow": e.max_new_tokens_slow, "fast": e.max_new_tokens_fast},
+      format_version=e.format_version, seed=config.seed, **overrides)
+
+
+def synth_config(config: Config) -> synthlib.SynthConfig:
+  """The MER-Synth generator of the run (the same records and tokenizer corpus for trainer and CLI)."""
+  d = config.data
+  return synthlib.SynthConfig(n_train=d.synth_train, n_validation=d.synth_validation, n_test=d.synth_test,
+                              noise=d.synth_noise)
+
+
+def pipeline_config(config: Config, kind: str, mc: ModelConfig, *, shard_index: int, shard_count: int,
+             **overrides: Any) -> pipelib.PipelineConfig:
+  """A Grain pipeline's settings: `kind` 'sft' | 'rl' | 'eval', this process's shard of it."""
+  c = config
+  batch = {"sft": c.sft.batch_size, "rl": c.rl.prompts_per_step, "eval": c.eval.batch_size}[kind]
+  return pipelib.PipelineConfig(
+      kind=kind, batch_size=batch // shard_count, seed=c.seed, shuffle=kind != "eval",
+      num_epochs=1 if kind == "eval" else None, shard_index=shard_index, shard_count=shard_count,
+      drop_remainder=kind != "eval", video_dim=mc.video_dim or None, audio_dim=mc.audio_dim or None,
+      on_bad_record=c.data.on_bad_record, worker_count=c.data.worker_count,
+      label_vocab=synthlib.EMOTIONS if c.data.name == "mer_synth" else None, wheel_format=c.eval.format_version,
+      prompt_buckets=tuple(c.data.prompt_buckets), **overrides)
+
+
+def _freeze(config: Config, stage: str) -> tuple[str, ...]:
+  return tuple(config.rl.freeze) if stage == "rl" else ()
+
+
+def optimizer(config: Config, stage: str, params: Any) -> optax.GradientTransformation:
+  """The stage's optimizer over `params` (arrays or ShapeDtypeStructs), frozen leaves excluded."""
+  return optimlib.make_optimizer(optim_config(config, stage), params, freeze=_freeze(config, stage))
+
+
+def make_state(config: Config, stage: str, mc: ModelConfig, params: Any) -> tuple[ts.TrainState, Any]:
+  """(train state, optimizer) of a stage, as the trainer builds it: AdamW on the trainable leaves and, in RL with
+  beta > 0, the frozen reference copy in the compute dtype."""
+  tx = optimizer(config, stage, params)
+  state = ts.init_state(params, tx, with_reference=stage == "rl" and config.rl.beta > 0,
+                        freeze=_freeze(config, stage), ref_dtype=mc.jnp_compute_dtype)
+  return state, tx
+
+
+def abstract_state(config: Config, stage: str, mc: ModelConfig, template: Any) -> ts.TrainState:
+  """The ShapeDtypeStruct layout of `make_state` for parameters shaped like `template` (nothing allocated)."""
+  return jax.eval_shape(lambda p: make_state(config, stage, mc, p)[0], template)

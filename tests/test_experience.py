@@ -1,0 +1,238 @@
+"""One RL step's experience (merr1_jax/experience.py) on a tiny model, without mocks.
+
+* `collect` with the real sampler: the RLBatch's row layout (prompt-major groups, slow rows first), mode ids,
+  sequences, positions, masks and reference log-probs against an independent construction from the same
+  rollouts and an uncached forward pass; the advantages against a float64 re-derivation of method.md E2.
+* `from_rollouts` on hand-written, well-formed completions: the calibration reward r_cal of every slow row against
+  an independent reference built from uncached forward passes of the slow context and of the fast counterfactual
+  (prompt + FAST_PREFIX + the same answer), in float64 (method.md E3 steps 1-5).
+"""
+
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from merr1_jax import config as cfglib
+from merr1_jax import experience, prompts, rewards, rl, rollout, run_setup, settings
+from merr1_jax.data import pipeline, synth
+from merr1_jax.models import base, mllm
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+P, N_SLOW, N_FAST = 2, 2, 2
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return synth.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def config():
+  c = cfglib.load(str(ROOT / "configs" / "base.py"))
+  c.rl.n_slow, c.rl.n_fast, c.rl.prompts_per_step = N_SLOW, N_FAST, P
+  c.rl.max_new_tokens_slow, c.rl.max_new_tokens_fast = 10, 6
+  return c
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+  records = list(synth.generate_split(synth.SynthConfig(n_train=1, n_validation=1, n_test=P), "test"))
+  pcfg = pipeline.PipelineConfig(kind="rl", batch_size=P, shuffle=False, num_epochs=1, video_dim=32, audio_dim=32,
+                                 feature_dtype="float32", label_vocab=synth.EMOTIONS)
+  return next(iter(pipeline.build(pipeline.BytesSource(records), tok, pcfg)))
+
+
+@pytest.fixture(scope="module")
+def policy(tok):
+  model = mllm.build("tiny", vocab_size=tok.vocab_size, video_dim=32, audio_dim=32, d_model=64, num_heads=2,
+                     num_kv_heads=1, head_dim=32, mlp_dim=128, init_std=0.3, max_seq_len=256,
+                     video_token_id=tok.id_of(prompts.VIDEO_TOKEN), audio_token_id=tok.id_of(prompts.AUDIO_TOKEN))
+  return model, model.init_params(jax.random.key(0)), model.init_params(jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def ctx(config, tok, policy):
+  return run_setup.experience_context(config, tok, policy[0], None)
+
+
+def _forward(model, params, batch, p, tokens):
+  """Uncached float32 logits [n, V] of prompt row p's real tokens followed by `tokens`, positions 0 .. n-1."""
+  m = batch["prompt_mask"][p]
+  toks = np.concatenate([batch["prompt_tokens"][p][m], np.asarray(tokens, np.int32)]).astype(np.int32)
+  n = len(toks)
+  inputs = base.ModelInputs(tokens=toks[None], positions=np.arange(n, dtype=np.int32)[None], mask=np.ones((1, n), bool),
+                            video=batch["video"][p:p + 1], video_mask=batch["video_mask"][p:p + 1],
+                            audio=batch["audio"][p:p + 1], audio_mask=batch["audio_mask"][p:p + 1])
+  return np.asarray(_uncached(model)(params, jax.tree.map(jnp.asarray, inputs)))[0].astype(np.float64), int(m.sum())
+
+
+_UNCACHED = {}
+
+
+def _uncached(model):
+  if model not in _UNCACHED:
+    _UNCACHED[model] = jax.jit(lambda params, x: model.forward(params, model.embed(params, x), None)[0])
+  return _UNCACHED[model]
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+# ------------------------------------------------------------------------------------------------ collect
+
+
+def test_collect_lays_out_groups_sequences_and_reference_like_an_independent_build(config, ctx, policy, batch):
+  model, params, ref_params = policy
+  exp = settings.experience_settings(config)
+  rng = jax.random.key(3)
+  rl_batch, metrics, rows = experience.collect(ctx, exp, params, ref_params, batch, rng)
+  ros = experience._sample_all(ctx, exp, params, rollout.batch_inputs(batch, "slow"), rng)  # same key, same draws
+  g = N_SLOW + N_FAST
+  b, s = rl_batch.inputs.tokens.shape
+  assert b == P * g and rl_batch.mode_ids.tolist() == ([0] * N_SLOW + [1] * N_FAST) * P
+  assert rows["mode"] == ["slow"] * N_SLOW + ["fast"] * N_FAST + ["slow"] * N_SLOW + ["fast"] * N_FAST
+  for p in range(P):
+    for j in range(g):
+      r, mode = p * g + j, "slow" if j < N_SLOW else "fast"
+      ro, k = ros[mode], p * exp.n(mode) + (j if j < N_SLOW else j - N_SLOW)
+      prompt, length = np.asarray(ro.prompt.tokens[p]), int(ro.length[k])
+      want = np.concatenate([prompt, np.asarray(ro.completion[k][:length])])
+      np.testing.assert_array_equal(rl_batch.inputs.tokens[r, :len(want)], want)
+      assert (rl_batch.inputs.tokens[r, len(want):] == ctx.ids.pad).all()  # right padding to the common length
+      cmask = rl_batch.completion_mask[r]
+      assert cmask[:len(prompt)].sum() == 0 and cmask.sum() == length  # generated tokens only, all of them
+      # Positions: the prompt's own, then the completion continuing from its last real position.
+      pm = np.asarray(ro.prompt.mask[p])
+      pos = rl_batch.inputs.positions[r]
+      np.testing.assert_array_equal(pos[:len(prompt)][pm], np.arange(pm.sum()))
+      np.testing.assert_array_equal(pos[len(prompt):len(want)], pm.sum() + np.arange(length))
+      # Reference log-probs of the generated tokens = an uncached forward of the reference policy on the same
+      # context (fast rows: the slow prompt + FAST_PREFIX, which their prompt already holds).
+      comp = np.asarray(ro.completion[k][:length])
+      n_slow_prompt = int(batch["prompt_mask"][p].sum())
+      extra = prompt[pm][n_slow_prompt:]  # FAST_PREFIX for fast rows, nothing for slow ones
+      logits, _ = _forward(model, ref_params, batch, p, np.concatenate([extra, comp]))
+      lp = _log_softmax(logits)
+      first = n_slow_prompt + len(extra) - 1  # the state that predicts the first generated token
+      want_ref = lp[np.arange(first, first + length), comp]
+      np.testing.assert_allclose(rl_batch.ref_logp[r, len(prompt):len(want)], want_ref, atol=2e-4)
+  # Advantages: method.md E2 in float64 from the same rewards, groups = prompts.
+  r_BxO = np.asarray(rows["reward"], np.float64)
+  w = np.asarray([[1, 1, 0.1, 0.5] if m == "slow" else [1, 1, 0.1, 0.0] for m in rows["mode"]])
+  valid = np.ones_like(r_BxO, bool)
+  valid[:, 3] = np.asarray(rows["mode"]) == "slow"
+  want_adv = np.zeros(b)
+  for p in range(P):
+    sl = slice(p * g, (p + 1) * g)
+    for o in range(4):
+      x, v = r_BxO[sl, o], valid[sl, o]
+      if v.sum() > 1 and x[v].max() > x[v].min():
+        z = np.where(v, (x - x[v].mean()) / (x[v].std(ddof=1) + 1e-4), 0.0)
+        want_adv[sl] += w[sl, o] * z
+  np.testing.assert_allclose(rl_batch.advantages, want_adv, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(rows["advantage"], want_adv, rtol=1e-4, atol=1e-5)
+  assert metrics["time/rollout"] > 0 and "reward/slow/calibration" in metrics
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+SLOW_TEXTS = ["<think>a calm voice</think><answer>happy, sad</answer>", "<think>x</think><answer>angry</answer>",
+              "<think>y</think>no answer here", "<think>z</think><answer>sad; worried, happy</answer>"]
+FAST_TEXTS = ["happy</answer>", "sad, angry</answer>", "calm</answer>", "happy</answer>"]
+
+
+def _hand_rollout(tok, ids, inputs, texts, mode, n):
+  """A host Rollout of given completion texts (EOS after slow answers), as the sampler would return them."""
+  prompt = rollout.prepare_prompts(inputs, mode=mode, vocab_size=tok.vocab_size, fast_prefix_ids=ids.fast_prefix,
+                                   pad_id=ids.pad)
+  seqs = [tok.encode(t) + ([tok.eos_id] if mode == "slow" else []) for t in texts]
+  t = max(map(len, seqs))
+  comp = np.full((len(seqs), t), ids.pad, np.int32)
+  for i, q in enumerate(seqs):
+    comp[i, :len(q)] = q
+  length = np.asarray([len(q) for q in seqs], np.int32)
+  reason = np.full(len(seqs), rollout.StopReason.EOS if mode == "slow" else rollout.StopReason.STOP, np.int32)
+  zeros = np.zeros(comp.shape, np.float32)
+  return rollout.Rollout(prompt=prompt, completion=comp, completion_mask=np.arange(t)[None] < length[:, None],
+                         logp=zeros, logp_sampled=zeros, stop_reason=reason, length=length,
+                         prompt_length=np.repeat(prompt.mask.sum(1), n), steps=np.asarray(t), num_samples=n, mode=mode)
+
+
+def _anchor_rows(tokens, ids, num_anchors):
+  """Positions (in `tokens`) whose next-token distribution predicts an emotion word: the last <answer>, then the
+  separators before the first </answer> after it (method.md E3 step 2), at most `num_anchors`."""
+  opens = [i for i, t in enumerate(tokens) if t == ids.answer_open]
+  if not opens:
+    return []
+  start = opens[-1]
+  out = [start]
+  for i in range(start + 1, len(tokens)):
+    if tokens[i] == ids.answer_close:
+      break
+    if tokens[i] in ids.separators:
+      out.append(i)
+  return out[:num_anchors]
+
+
+def _ref_calibration(model, params, batch, ctx, slow, p, k, num_anchors, tau):
+  """r_cal of slow row k (prompt p) from two uncached forward passes, float64 (method.md E3 steps 1-5)."""
+  comp = [int(t) for t in np.asarray(slow.completion[k][:slow.length[k]])]
+  n_prompt = int(batch["prompt_mask"][p].sum())
+  text = ctx.tokenizer.decode(comp[:-1])
+  if not rewards.format_ok(text, "slow"):
+    return 0.0
+  answer = experience.answer_tokens(np.asarray(comp), len(comp), ctx.ids)  # the span after <answer>, closed
+  fast_tokens = list(ctx.ids.fast_prefix) + answer
+  sets = np.asarray(ctx.token_sets, np.float64)  # [K, C, V]
+  exists = np.asarray(ctx.cluster_mask)
+
+  def logmass(tokens):
+    logits, _ = _forward(model, params, batch, p, tokens)
+    rows = [n_prompt + a for a in _anchor_rows(tokens, ctx.ids, num_anchors)]
+    probs = np.exp(_log_softmax(logits[rows]))  # [A, V]
+    with np.errstate(divide="ignore"):  # an empty token set has mass 0: log 0 = -inf, then the floor
+      return np.maximum(np.log(np.einsum("av,kcv->akc", probs, sets)), rl.LOGMASS_FLOOR)
+
+  s_slow, s_fast = logmass(comp), logmass(fast_tokens)
+  a = min(len(s_slow), len(s_fast))
+  gt, _ = ctx.space.encode(batch["openset"][p])
+  per_wheel = []
+  for w in range(gt.shape[0]):
+    if not gt[w].any():
+      continue
+    neg = exists[w] & ~gt[w]
+    d = s_slow[:a, w] - s_fast[:a, w]  # [A, C]
+    per_wheel.append(np.mean(d[:, gt[w]].mean(1) - d[:, neg].mean(1)))
+  return math.tanh(np.mean(per_wheel) / tau) if per_wheel and a else 0.0
+
+
+@pytest.mark.parametrize("kind", ["contrastive_gain", "none"])
+def test_calibration_reward_equals_uncached_slow_and_fast_passes(config, ctx, policy, batch, tok, kind):
+  model, params, _ = policy
+  config = config.copy_and_resolve_references()
+  config.rl.calibration, config.rl.cal_tau, config.rl.beta = kind, 0.5, 0.0
+  exp = settings.experience_settings(config)
+  inputs = rollout.batch_inputs(batch, "slow")
+  ros = {"slow": _hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
+         "fast": _hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
+  texts = [t for ro in ros.values() for t in rollout.completion_texts(tok, ro)]
+  rl_batch, metrics, rows = experience.from_rollouts(ctx, exp, params, None, batch, ros, texts)
+  r_cal = np.asarray(rows["reward"])[:, 3]
+  g = N_SLOW + N_FAST
+  want = np.zeros(P * g)
+  for p in range(P):
+    for j in range(N_SLOW):
+      k = p * N_SLOW + j
+      if kind != "none":
+        want[p * g + j] = _ref_calibration(model, params, batch, ctx, ros["slow"], p, k, exp.num_anchors, 0.5)
+  np.testing.assert_allclose(r_cal, want, atol=2e-5)
+  if kind != "none":
+    assert (want[[0, 1, 4, 5]] != 0).sum() >= 3 and want[4] == 0.0  # real values; the malformed row scores 0
+    assert metrics["reward/slow/calibration"] == pytest.approx(r_cal[rl_batch.mode_ids == 0].mean(), abs=1e-6)
+  assert np.all(r_cal[rl_batch.mode_ids == 1] == 0.0)  # no calibration reward for fast rows
