@@ -33,7 +33,7 @@ Array = jax.Array
 # Parsing and format (method.md, "Output format and the two modes")
 
 _SPLIT = re.compile("[,;\n\uff0c\uff1b]")  # comma, semicolon, newline, full-width comma and semicolon
-_BRACKETS = "[](){}\"' \t\r\n"
+_BRACKETS = "[](){}\"'"  # stripped from both ends of the answer and of each item, with any Unicode whitespace
 _TAGS = (prompts.THINK_OPEN, prompts.THINK_CLOSE, prompts.ANSWER_OPEN, prompts.ANSWER_CLOSE)
 
 
@@ -51,6 +51,16 @@ def extract_answer(text: str) -> str | None:
   return text[start : text.find(prompts.ANSWER_CLOSE, start)]
 
 
+def _strip(text: str) -> str:
+  """Strips brackets, quotes and any Unicode whitespace (str.strip(): U+00A0, U+3000, U+2009, U+0085, ...) from
+  both ends until none remain, so `( fearful` and `\u00a0(\u00a0fearful` both give `fearful`."""
+  while True:
+    out = text.strip().strip(_BRACKETS)
+    if out == text:
+      return out
+    text = out
+
+
 def parse_answer(text: str) -> tuple[str, ...]:
   """Emotion words of a completion: split, lowercased, stripped, de-duplicated in first-seen order.
 
@@ -59,10 +69,9 @@ def parse_answer(text: str) -> tuple[str, ...]:
   body = extract_answer(text)
   if body is None:
     return ()
-  body = body.strip().strip(_BRACKETS)
   words: dict[str, None] = {}
-  for item in _SPLIT.split(body):
-    word = item.strip().strip(_BRACKETS).strip().lower()
+  for item in _SPLIT.split(_strip(body)):
+    word = _strip(item).lower()
     if word:
       words[word] = None
   return tuple(words)

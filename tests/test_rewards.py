@@ -28,10 +28,33 @@ from merr1_jax.rewards import LabelSpace
         ("</answer><answer>", ()),
         ("<answer></answer>", ()),
         ("<answer>'joyful', \"calm\"</answer>", ("joyful", "calm")),
+        # Brackets nested in any Unicode whitespace are stripped until none remain (the adversarial cases).
+        ("<answer>;(\xa0(\xa0fearful</answer>", ("fearful",)),
+        ("<answer>\u3000[\u2009happy\u2009]\u3000,\x85(sad)</answer>", ("happy", "sad")),
+        ("<think>t</think><answer>,(\xa0)\xa0(,</answer>", ()),
     ],
 )
 def test_parse_answer(text, words):
   assert rewards.parse_answer(text) == words
+
+
+def test_format_needs_a_real_word_whatever_the_spaces():
+  assert not rewards.format_ok("<think>t</think><answer>,(\xa0)\xa0(,</answer>", "slow")
+  assert rewards.format_ok("<think>t</think><answer>\xa0(\xa0fearful)</answer>", "slow")
+
+
+_UNICODE_SPACE = st.sampled_from([" ", "\t", "\n", "\r", "\x85", "\xa0", "\u1680", "\u2000", "\u2009", "\u200a",
+                                  "\u2028", "\u2029", "\u202f", "\u205f", "\u3000"])
+_WRAP = st.lists(st.one_of(_UNICODE_SPACE, st.sampled_from(list("[](){}\"'"))), max_size=6).map("".join)
+
+
+@given(word=st.sampled_from(["fearful", "happy", "sad", "worried"]), left=_WRAP, right=_WRAP)
+@settings(max_examples=300, deadline=None)
+def test_any_unicode_whitespace_and_brackets_around_an_item_are_stripped(word, left, right):
+  """Property: however an item is wrapped in Unicode whitespace, brackets and quotes, the parsed word is the word
+  itself, and an item made of wrapping alone gives no word."""
+  assert all(c.isspace() or c in "[](){}\"'" for c in left + right)
+  assert rewards.parse_answer(f"<answer>{left}{word}{right}, {left}{right}</answer>") == (word,)
 
 
 @pytest.mark.parametrize(
