@@ -56,11 +56,13 @@ def _eval(run: Run, params, stage: str, step: int) -> dict:
   return {"summary": summary, "analysis": analysis}
 
 
-def _fault_injection(ckpt, stage: str, step: int) -> None:
-  """Test hook (docs/reliability.md): MERR1_SIGKILL_AT=<stage>:<step> kills the process with SIGKILL right
-  after that step's checkpoint is on disk, as a crash or a hard preemption would."""
-  if os.environ.get("MERR1_SIGKILL_AT") == f"{stage}:{step}":
-    ckpt.wait()
+def _fault_injection(ckpt, stage: str, step: int, *, logged_only: bool = False) -> None:
+  """Test hooks (docs/reliability.md), each a crash or hard preemption: MERR1_SIGKILL_AT=<stage>:<step> kills
+  the process with SIGKILL right after that step's checkpoint is on disk; MERR1_SIGKILL_AFTER_LOG=<stage>:<step>
+  right after the step's metrics row is written, before any checkpoint of it (`logged_only`)."""
+  if os.environ.get("MERR1_SIGKILL_AFTER_LOG" if logged_only else "MERR1_SIGKILL_AT") == f"{stage}:{step}":
+    if not logged_only:
+      ckpt.wait()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -80,6 +82,7 @@ def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt,
     ts.check_nonfinite(metrics, run.config.rl.max_nonfinite_steps, where=f" in {stage} step {step}")
     if step % run.config.log.every == 0 or step == steps:
       run.writer.write(stage, step, metrics)
+    _fault_injection(ckpt, stage, step, logged_only=True)
     bar.update(1)
     bar.set_postfix({k: f"{float(metrics[k]):.3f}" for k in ("loss", "reward/slow/f1") if k in metrics})
     # Agreed over all processes: a signal may reach them at different steps, and saving is collective.

@@ -232,6 +232,29 @@ def test_resume_after_sigkill_is_bit_identical(reference_run, tmp_path):
     assert (w / "export" / name).read_bytes() == (ref / "export" / name).read_bytes()
 
 
+def test_a_crash_before_the_first_checkpoint_leaves_no_duplicate_rows(tmp_path):
+  """A step's metrics row is written before its checkpoint commits: a crash there, before a stage has any
+  checkpoint, used to leave rows that the rerun wrote again. The rerun truncates every stage it runs to its last
+  committed step, "none yet" included, so each (stage, step) appears once; a stale row left by some earlier
+  crash (the issue's repro: `sft 1, loss 123`) is dropped too."""
+  w = tmp_path / "w"
+  w.mkdir()
+  (w / "metrics.jsonl").write_text(json.dumps({"stage": "sft", "step": 1, "loss": 123.0}) + "\n")
+  over = ("--config.checkpoint.every=1000",)  # no checkpoint before a stage's last step
+  rc, out, _ = _train(w, tmp_path, *over, env_extra={"MERR1_SIGKILL_AFTER_LOG": "sft:1"})
+  assert rc == -signal.SIGKILL, out[-3000:]
+  assert not (w / "checkpoints" / "sft").exists() or not any((w / "checkpoints" / "sft").iterdir())
+  # The crashed run itself started by dropping the stale row (no checkpoint yet), then logged step 1 and died.
+  assert [(r["step"], r["loss"] != 123.0) for r in _rows(w, "sft")] == [(1, True)]
+  rc, out, _ = _train(w, tmp_path, *over)
+  assert rc == 0, out[-3000:]
+  rows = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+  keys = [(r["stage"], r["step"]) for r in rows]
+  assert len(keys) == len(set(keys)), keys
+  assert [s for st, s in keys if st == "sft"] == [1, 2] and [s for st, s in keys if st == "rl"] == [1, 2, 3]
+  assert all(r["loss"] != 123.0 for r in rows if r["stage"] == "sft")
+
+
 def test_sigterm_checkpoints_and_exits_zero_then_continues(tmp_path):
   w = tmp_path / "w"
   # No cadence saves before step 40: a checkpoint below 40 can only come from the SIGTERM.
