@@ -478,3 +478,85 @@ def test_reference_copy_dtype_and_sharding_on_a_mesh():
       assert leaf.sharding.is_equivalent_to(want[name], leaf.ndim), (name, leaf.sharding, want[name])
       np.testing.assert_array_equal(np.asarray(leaf.astype(jnp.float32)),
                                     np.asarray(p32[name].astype(jnp.bfloat16).astype(jnp.float32)))
+
+
+# --- PPO iterations: ppo_epochs x mini_batches updates per step (method.md E4, mu) -------------------------------
+
+
+def _full_logp(model, params, batch):
+  """Independent of the loss code: log-softmax of the uncached forward, float64, aligned with the tokens [B, L]
+  (column t holds log p(token_t | tokens_<t); column 0 is 0)."""
+  logits, _ = jax.jit(lambda p, x: model.forward(p, model.embed(p, x)))(params, batch.inputs)
+  lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1), np.float64)
+  tok = np.asarray(batch.inputs.tokens)
+  out = np.zeros(tok.shape)
+  out[:, 1:] = np.take_along_axis(lp[:, :-1], tok[:, 1:, None], -1)[..., 0]
+  return out
+
+
+@pytest.mark.parametrize("epochs,minis,micro", [(2, 2, 1), (3, 1, 2), (1, 4, 1)])
+def test_ppo_iterations_equal_sequential_updates_against_the_rollout_policy(epochs, minis, micro):
+  """One step with E epochs x K mini-batches equals E*K single updates applied in turn, each on mini-batch
+  j = i mod K (rows j, j + K, ...) with the old log-probs of the weights the step started from; state.step
+  advances by one (an RL step), the optimizer's count by E*K (its updates)."""
+  model = _model()
+  params = model.init_params(jax.random.key(0))
+  # SGD (Adam's ~lr * sign(g) turns float32 reduction-order noise of tiny gradients into visible differences),
+  # behind a schedule whose state counts the updates.
+  tx = optax.chain(optax.scale_by_schedule(lambda n: 1.0), optax.sgd(0.5))
+  batch = _batch(b=8, seed=4)
+  cfg = _step_cfg(ppo_epochs=epochs, mini_batches=minis, micro_batches=micro)
+  state = ts.init_state(_copy(params), tx, with_reference=True)
+  got, metrics = ts.make_rl_step(model, tx, cfg)(state, batch)
+  assert int(got.step) == 1 and int(metrics["updates"]) == epochs * minis
+  assert int(got.opt_state[0].count) == epochs * minis
+
+  old = jnp.asarray(_full_logp(model, params, batch), jnp.float32)
+  single = ts.make_rl_step(model, tx, _step_cfg(micro_batches=micro))
+  ref = ts.init_state(_copy(params), tx, with_reference=True)
+  for i in range(epochs * minis):
+    j = i % minis
+    mb = jax.tree.map(lambda x: x[j::minis], batch.replace(old_logp=old))
+    ref, _ = single(ref, mb)
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_clipping_acts_only_with_several_updates_and_is_logged():
+  """With one update per step the ratio is exactly 1 (clip fractions 0); with several updates at a large learning
+  rate the later updates move the policy away from the rollout weights and the clip fractions are positive."""
+  model = _model()
+  params = model.init_params(jax.random.key(0))
+  tx = optax.sgd(30.0)
+  batch = _batch(b=8, seed=5)
+  stats = {}
+  for epochs in (1, 4):
+    state = ts.init_state(_copy(params), tx, with_reference=True)
+    _, m = ts.make_rl_step(model, tx, _step_cfg(ppo_epochs=epochs, mini_batches=2 if epochs > 1 else 1,
+                                                loss=rl.LossConfig(eps_low=0.05, eps_high=0.05)))(state, batch)
+    stats[epochs] = {k: float(v) for k, v in m.items()}
+  assert stats[1]["clip_frac_low"] == 0.0 and stats[1]["clip_frac_high"] == 0.0
+  assert stats[1]["ratio_max"] == 1.0 and stats[1]["ratio_min"] == 1.0
+  assert stats[4]["clip_frac_low"] + stats[4]["clip_frac_high"] > 0.0
+  assert stats[4]["ratio_max"] > 1.05 or stats[4]["ratio_min"] < 0.95
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_behaviour_logprob_gap_is_the_mean_absolute_difference_at_the_rollout_weights(epochs):
+  model = _model()
+  params = model.init_params(jax.random.key(0))
+  tx = optax.sgd(1.0)
+  batch = _batch(b=8, seed=6)
+  trainer = _full_logp(model, params, batch)
+  beh = trainer + np.random.default_rng(0).normal(scale=0.01, size=trainer.shape)  # a sampler a bit off
+  mode = np.asarray([0, 1] * 4, np.int32)
+  batch = batch.replace(behaviour_logp=jnp.asarray(beh, jnp.float32), mode_ids=jnp.asarray(mode))
+  state = ts.init_state(_copy(params), tx, with_reference=True)
+  _, m = ts.make_rl_step(model, tx, _step_cfg(ppo_epochs=epochs))(state, batch)
+  cm = np.array(batch.completion_mask)
+  cm[:, 0] = False  # the first column predicts nothing
+  gap = np.abs(beh - trainer)
+  np.testing.assert_allclose(float(m["behaviour_logp_gap"]), gap[cm].mean(), rtol=1e-3)
+  for gi, name in enumerate(("slow", "fast")):
+    rows = cm & (mode == gi)[:, None]
+    np.testing.assert_allclose(float(m[f"behaviour_logp_gap/{name}"]), gap[rows].mean(), rtol=1e-3)
