@@ -128,6 +128,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.on_bad_record = "raise"  # 'raise' | 'skip' (counted and reported)
   c.data.worker_count = 0  # Grain multiprocess prefetch workers; 0 = in-process (enough for small records)
   c.data.eval_split = "test"  # 'train' | 'validation' | 'test': the split behind results.md
+  # The label space of the rewards, the calibration's category token sets and the own dataset's evaluation
+  # (method.md "Label space"): 'wheels' maps words through the five MER-UniBench emotion wheels at wheel_level
+  # (eval.format_version's tables); 'identity' uses the dataset's own closed label list (MER-Synth's 16 words).
+  # MER-Synth keeps 'wheels' (docs/data.md, "Label space"): categories that group several words are what the
+  # category-level calibration and its word-level ablation act on, and the results stay the field's metric.
+  c.data.label_space = "wheels"
+  c.data.wheel_level = 1  # 1 | 2 (the finer level-2 clusters)
   # Prompt length buckets: every prompt is left-padded to the smallest bucket that holds it, so jit compiles one
   # program per bucket. MER-Synth prompts (53-68 tokens with the fast prefix) all land in 96.
   c.data.prompt_buckets = (96, 128, 192, 256, 384, 512, 1024, 2048, 4096, 8192)

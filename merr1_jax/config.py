@@ -188,7 +188,8 @@ _FIELD_RULES: dict[str, Rule] = {
     "data.tokenizer_dir": _dir_or_empty, "data.synth_train": _int(1), "data.synth_validation": _int(1),
     "data.synth_test": _int(1), "data.synth_noise": _real(0.0), "data.on_bad_record": _one_of("raise", "skip"),
     "data.worker_count": _int(0), "data.eval_split": _one_of("train", "validation", "test"),
-    "data.prompt_buckets": _buckets,
+    "data.prompt_buckets": _buckets, "data.label_space": _one_of("wheels", "identity"),
+    "data.wheel_level": _one_of(1, 2),
     # sft
     "sft.steps": _int(1), "sft.batch_size": _int(1), "sft.learning_rate": _real(0.0, lo_open=True),
     "sft.warmup_steps": _int(0), "sft.micro_batches": _int(1),
@@ -256,6 +257,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     need(bool(tokenizer_dir(config)), "data.tokenizer_dir",
          f"model {config.model.preset!r} on data {config.data.name!r} needs a HF tokenizer: set "
          "data.tokenizer_dir, or model.hf_path to the HF checkpoint that holds it")
+  need(config.data.label_space == "wheels" or config.data.name == "mer_synth", "data.label_space",
+       f"'identity' needs a dataset with a closed label list (mer_synth); {config.data.name!r} records carry "
+       "open-vocabulary sets: use 'wheels'")
   r = config.rl
   need(r.n_slow + r.n_fast >= 2, "rl.n_slow",
        f"need n_slow + n_fast >= 2 completions per prompt (a group), got {r.n_slow} + {r.n_fast}")

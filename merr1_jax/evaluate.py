@@ -59,7 +59,6 @@ _log = logging.getLogger("merr1_jax.evaluate")
 # MER-UniBench sets (tfds_builders.MerManual configs) and their metric (metrics.md §5).
 MANUAL_METRICS = {"mer2023": "hit", "mer2024": "hit", "meld": "hit", "iemocap4": "hit", "mosi": "waf",
                   "mosei": "waf", "sims": "waf", "simsv2": "waf", "ovmerd": "ov"}
-OWN_METRICS = {"mer_synth": "ov", "mer_features": "ov"}
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -135,7 +134,7 @@ def dataset_pipelines(config, workdir, tok, names: Sequence[str], model) -> dict
   MER-UniBench sets use the trainer's eval batching too (`Data.pipeline('eval', ...)`), without MER-Synth's
   closed label vocabulary.
   """
-  known = {config.data.name: OWN_METRICS.get(config.data.name, "ov")} | MANUAL_METRICS
+  known = {config.data.name: settingslib.own_metric(config)} | MANUAL_METRICS
   unknown = [n for n in names if n not in known]
   if unknown:
     raise EvalError(f"unknown dataset(s) {unknown}; known: {sorted(known)}")
@@ -257,8 +256,7 @@ def run(args, overrides: Sequence[str]) -> dict:
   if missing is not None:
     raise missing
   params = load_params(config, workdir, kind, where, model)
-  space = rewards.LabelSpace.emotion_wheel(settings.format_version)
-  token_sets = rewards.category_token_sets(space, tok.encode, model.config.vocab_size)
+  token_sets = rewards.category_token_sets(settings.space, tok.encode, model.config.vocab_size)
   try:
     results = evaluation.evaluate(model, params, tok, datasets, settings=settings, token_sets=token_sets,
                                   mesh=_mesh(config), progress=not args.no_progress)

@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from merr1_jax import emotion, metrics, prompts, rewards, rollout, sampling, sharding
+from merr1_jax import emotion, eval_stats, metrics, prompts, rewards, rollout, sampling, sharding
 
-METRICS = ("ov", "hit", "waf")
-HEADLINE = {"ov": "f", "hit": "hit", "waf": "waf"}  # the one number a benchmark table shows per dataset
+METRICS = ("ov", "set", "hit", "waf")
+HEADLINE = {"ov": "f", "set": "f", "hit": "hit", "waf": "waf"}  # the one number a benchmark table shows per dataset
 _REQUIRED_KEYS = ("ids", "example_mask", "prompt_tokens", "prompt_mask", "positions")
 
 
@@ -57,6 +57,9 @@ class EvalSettings:
   # 'answer' = rewards.parse_answer(assistant_text(...)); or a callable: assistant turn text -> words (the
   # official LLM-extraction protocol plugs in here).
   extractor: str | Callable[[str], Sequence[str]] = "answer"
+  # The run's label space (settings.label_space): metric 'set' and the confidence read-out use it. None = the
+  # emotion wheels of format_version at level 1, the field's OV space.
+  label_space: rewards.LabelSpace | None = None
   sentiment_mapper: Callable[[Sequence[str]], int] | None = None  # None = metrics' VADER default
   chunk_size: int = 8192  # vocabulary chunk of the confidence pass (rollout.score)
 
@@ -98,7 +101,12 @@ class EvalSettings:
             "decoding": "greedy" if self.num_samples == 1 else f"temperature {self.temperature}",
             "max_new_tokens": {m: int(self.max_new_tokens[m]) for m in self.modes},
             "format_version": self.format_version, "extractor": self.extractor_name,
-            "sentiment_mapper": self.sentiment_mapper_name, "seed": int(self.seed)}
+            "sentiment_mapper": self.sentiment_mapper_name, "seed": int(self.seed),
+            "label_space": self.space.name}
+
+  @property
+  def space(self) -> rewards.LabelSpace:
+    return self.label_space or rewards.LabelSpace.emotion_wheel(self.format_version)
 
 
 def _callable_name(fn) -> str:
@@ -115,36 +123,6 @@ class DatasetResult:
   settings: dict  # EvalSettings.describe()
   n_examples: int
   analysis: dict = dataclasses.field(default_factory=dict)  # fast_vs_slow(...) when both modes ran
-
-
-def fast_vs_slow(samples: Sequence[dict]) -> dict:
-  """The paper's starting analysis: slow minus fast per-sample precision and recall, paired by example.
-
-  Per example, each mode's scores are averaged over its samples; the difference d_i = slow_i - fast_i is then
-  summarised by its mean, standard error, a normal 95% interval and the paired effect size d_z = mean / sd.
-  Positive precision and negative recall differences are the "slow is more precise, fast recalls more" pattern.
-  Examples with an undefined score (no GT cluster) are left out and counted.
-  """
-  per: dict[str, dict[str, list]] = {}
-  for r in samples:
-    per.setdefault(r["id"], {}).setdefault(r["mode"], []).append(r)
-  out = {}
-  for key in ("precision", "recall"):
-    diffs, skipped = [], 0
-    for modes in per.values():
-      vals = {m: [x[key] for x in modes.get(m, []) if x[key] is not None] for m in ("slow", "fast")}
-      if not vals["slow"] or not vals["fast"]:
-        skipped += 1
-        continue
-      diffs.append(float(np.mean(vals["slow"]) - np.mean(vals["fast"])))
-    n = len(diffs)
-    mean = float(np.mean(diffs)) if n else None
-    sd = float(np.std(diffs, ddof=1)) if n > 1 else None
-    se = sd / math.sqrt(n) if sd is not None else None
-    out[key] = {"slow_minus_fast": mean, "stderr": se, "n": n, "n_skipped": skipped,
-                "ci95": None if se is None else [mean - 1.96 * se, mean + 1.96 * se],
-                "effect_size_dz": None if not sd else mean / sd}
-  return out
 
 
 # ------------------------------------------------------------------------------------------- host helpers
@@ -165,84 +143,13 @@ def special_ids(tokenizer) -> rollout.SpecialIds:
     return ids
 
 
-def segment_lengths(tokens: Sequence[int], mode: str, ids: rollout.SpecialIds) -> tuple[int | None, int | None]:
-  """(think, answer) lengths in tokens of one completion (fast mode: the prefilled prefix counted in), each None
-  when its tags are missing. The answer is the span inside the last <answer> that a </answer> follows."""
-  seq = (list(ids.fast_prefix) if mode == "fast" else []) + [int(t) for t in tokens]
-  think = None
-  if ids.think[0] in seq and ids.think[1] in seq[seq.index(ids.think[0]):]:
-    start = seq.index(ids.think[0])
-    think = seq.index(ids.think[1], start) - start - 1
-  answer = None
-  closes = [i for i, t in enumerate(seq) if t == ids.answer_close]
-  if closes:
-    opens = [i for i, t in enumerate(seq[:closes[-1]]) if t == ids.answer_open]
-    if opens:
-      end = next(i for i in closes if i > opens[-1])
-      answer = end - opens[-1] - 1
-  return think, answer
-
-
-def sample_pr(ew: emotion.EmotionWheel, gt: Sequence[str], pred: Sequence[str]) -> tuple[float | None, float | None]:
-  """Per-sample level-1 precision and recall, averaged over the wheels whose GT maps somewhere (None if none)."""
-  precision, recall = [], []
-  for k in metrics.WHEELS:
-    g = ew.map_words(gt, k)
-    if not g:
-      continue
-    p = ew.map_words(pred, k)
-    precision.append(len(g & p) / len(p) if p else 0.0)
-    recall.append(len(g & p) / len(g))
-  if not precision:
-    return None, None
-  return sum(precision) / len(precision), sum(recall) / len(recall)
-
-
-def _masses(space: rewards.LabelSpace, logmass_KxC: np.ndarray, gt, pred) -> tuple[float | None, float | None]:
-  """(confidence, gt_mass) of one sample at its first anchor; see the module docstring."""
-  gt_KxC, _ = space.encode(gt)
-  pred_KxC, _ = space.encode(pred)
-  wheels = gt_KxC.any(-1)
-  if not wheels.any():
-    return None, None
-  p_KxC = np.exp(logmass_KxC.astype(np.float64))
-  conf = (p_KxC * pred_KxC).sum(-1)[wheels].mean()
-  gt_mass = (p_KxC * gt_KxC).sum(-1)[wheels].mean()
-  return float(conf), float(gt_mass)
-
-
-def _dist(xs: Sequence[float | None]) -> dict:
-  vals = np.asarray([x for x in xs if x is not None], np.float64)
-  if not vals.size:
-    return {"mean": None, "median": None, "p90": None, "n": 0}
-  return {"mean": float(vals.mean()), "median": float(np.median(vals)), "p90": float(np.percentile(vals, 90)),
-          "n": int(vals.size)}
-
-
-def calibration_bins(confidence: Sequence[float], correct: Sequence[float], n_bins: int = 10) -> dict:
-  """Equal-width confidence bins on [0, 1]: per bin the count, mean confidence and mean correctness, and the
-  expected calibration error sum_b n_b/n |conf_b - acc_b| (None without samples)."""
-  conf, corr = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
-  idx = np.clip((conf * n_bins).astype(int), 0, n_bins - 1)
-  bins, ece = [], 0.0
-  for b in range(n_bins):
-    sel = idx == b
-    n = int(sel.sum())
-    bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": n,
-                 "confidence": float(conf[sel].mean()) if n else None,
-                 "correct": float(corr[sel].mean()) if n else None})
-    if n:
-      ece += n / conf.size * abs(conf[sel].mean() - corr[sel].mean())
-  return {"bins": bins, "ece": float(ece) if conf.size else None, "n": int(conf.size)}
-
-
 # -------------------------------------------------------------------------------------------- metrics
 
 
 def _gt(metric: str, batch: Mapping[str, np.ndarray], row: int):
   """The dataset metric's ground truth of one row, and the words the per-sample P/R use."""
   openset = list(batch["openset"][row]) if "openset" in batch else []
-  if metric == "ov":
+  if metric in ("ov", "set"):
     return openset, openset
   if metric == "hit":
     onehot = str(batch["onehot"][row]) if "onehot" in batch else ""
@@ -258,6 +165,10 @@ def dataset_metric(metric: str, records: Sequence[dict], settings: EvalSettings)
   if metric == "ov":
     out = metrics.ov_score(gt, pred, level=1, format_version=settings.format_version)
     return {k: out[k] for k in ("f", "precision", "recall", "per_wheel", "pred_words_dropped")}
+  if metric == "set":
+    space = settings.space
+    dropped = sum(all(c < 0 for c in space.lookup(w)) for words in pred for w in words)
+    return metrics.set_score(gt, pred, space.mappings()) | {"label_space": space.name, "pred_words_dropped": dropped}
   if metric == "hit":
     out = metrics.hit_rate(gt, pred, format_version=settings.format_version)
     return {k: out[k] for k in ("hit", "per_wheel", "pred_words_dropped")}
@@ -285,13 +196,13 @@ def summarize(metric: str, records: Sequence[dict], settings: EvalSettings) -> d
   out["mean_num_emotions"] = float(np.mean([len(r["words"]) for r in records]))
   out["format_failure_rate"] = float(np.mean([not r["format_ok"] for r in records]))
   out["truncated_rate"] = float(np.mean([r["stop_reason"] == "length" for r in records]))
-  out["answer_tokens"] = _dist([r["answer_tokens"] for r in records])
-  out["think_tokens"] = _dist([r["think_tokens"] for r in records])
+  out["answer_tokens"] = eval_stats.dist([r["answer_tokens"] for r in records])
+  out["think_tokens"] = eval_stats.dist([r["think_tokens"] for r in records])
   conf = [(r["confidence"], r["correct"]) for r in records if r["confidence"] is not None]
   out["confidence_mean"] = float(np.mean([c for c, _ in conf])) if conf else None
   gt_mass = [r["gt_mass"] for r in records if r["gt_mass"] is not None]
   out["gt_mass_mean"] = float(np.mean(gt_mass)) if gt_mass else None
-  cal = calibration_bins([c for c, _ in conf], [k for _, k in conf])
+  cal = eval_stats.calibration_bins([c for c, _ in conf], [k for _, k in conf])
   out["ece"], out["calibration"] = cal["ece"], cal["bins"]
   if settings.num_samples > 1:
     best: dict[str, dict] = {}
@@ -333,13 +244,12 @@ def evaluate_dataset(model, params, tokenizer, batches: Iterable[Mapping[str, np
   settings.validate()
   ids = special_ids(tokenizer)
   ew = emotion.load(settings.format_version)
-  space = sets = None
+  space, sets = settings.space, None
   if token_sets is not None:
-    space = rewards.LabelSpace.emotion_wheel(settings.format_version)
     want = (space.num_wheels, space.num_clusters, model.config.vocab_size)
     if tuple(np.shape(token_sets)) != want:
       raise ValueError(f"token_sets shape {tuple(np.shape(token_sets))} != {want}: build them with "
-                       f"rewards.category_token_sets(LabelSpace.emotion_wheel({settings.format_version!r}), ...)")
+                       f"rewards.category_token_sets(settings.space ({space.name}), ...)")
     sets = jnp.asarray(token_sets, jnp.float32)
   extract = ((lambda text: rewards.parse_answer(text)) if isinstance(settings.extractor, str)
              else settings.extractor)
@@ -376,15 +286,16 @@ def evaluate_dataset(model, params, tokenizer, batches: Iterable[Mapping[str, np
         words = [str(w).strip().lower() for w in extract(full)]
         words = [w for w in dict.fromkeys(words) if w]
         gt, gt_words = _gt(metric, batch, p)
-        precision, recall = sample_pr(ew, gt_words, words)
-        think, answer = segment_lengths(toks[row, :lengths[row]], mode, ids)
+        precision, recall = (eval_stats.space_pr(space, gt_words, words) if metric == "set"
+                             else eval_stats.sample_pr(ew, gt_words, words))
+        think, answer = eval_stats.segment_lengths(toks[row, :lengths[row]], mode, ids)
         rec = {"dataset": dataset, "id": str(batch["ids"][p]), "mode": mode, "sample": row % roll.num_samples,
                "completion": text, "words": words, "format_ok": rewards.format_ok(text, mode),
                "precision": precision, "recall": recall, "gt": gt, "think_tokens": think, "answer_tokens": answer,
                "stop_reason": rollout.StopReason(int(reasons[row])).name.lower(),
                "confidence": None, "gt_mass": None, "correct": None}
         if logmass is not None and anchor_ok[row]:
-          rec["confidence"], rec["gt_mass"] = _masses(space, logmass[row], gt_words, words)
+          rec["confidence"], rec["gt_mass"] = eval_stats.masses(space, logmass[row], gt_words, words)
           rec["correct"] = precision if rec["confidence"] is not None else None
         if metric == "waf" and not math.isnan(gt):
           s = (settings.sentiment_mapper or _vader(settings.format_version))(words)
@@ -394,7 +305,7 @@ def evaluate_dataset(model, params, tokenizer, batches: Iterable[Mapping[str, np
     raise ValueError(f"dataset {dataset!r}: the eval split has no examples (every batch was empty or padding)")
   summary = {m: summarize(metric, records[m], settings) for m in settings.modes}
   samples = [r for m in settings.modes for r in records[m]]
-  analysis = {"fast_vs_slow": fast_vs_slow(samples)} if set(settings.modes) >= {"fast", "slow"} else {}
+  analysis = {"fast_vs_slow": eval_stats.fast_vs_slow(samples)} if set(settings.modes) >= {"fast", "slow"} else {}
   return DatasetResult(dataset=dataset, metric=metric, summary=summary, samples=samples,
                        settings=settings.describe(), n_examples=n_examples, analysis=analysis)
 

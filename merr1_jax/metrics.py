@@ -3,6 +3,7 @@
 Pure numpy/python (no jax). Definitions: docs/metrics.md; upstream: ../shared/docs/metrics.md §1-§4, §6.
 
 * :func:`ov_score`  open-vocabulary EW score (OV-MERD+, MER2025 track 2): per wheel the F of the averaged P, R.
+* :func:`set_score` the same arithmetic under any word -> cluster mappings (e.g. a closed label list).
 * :func:`m_avg`     the OV-MER paper's M-avg over 12 mappings (case1, case2, 5 wheels x 2 levels).
 * :func:`hit_rate`  basic-emotion hit rate (MER2023/2024, MELD, IEMOCAP).
 * :func:`waf`       sentiment weighted F1 (MOSI, MOSEI, SIMS, SIMS v2), with a pluggable words -> sentiment map.
@@ -76,6 +77,18 @@ def _overlap(to_set: Callable[[list[str]], set], gt_words, pred_words) -> dict:
   return {"f": _f(p, r), "precision": p, "recall": r, "n_scored": len(precision), "n_skipped": skipped}
 
 
+def set_score(gt, pred, mappings: Sequence[Callable[[list[str]], set]]) -> dict:
+  """metrics.md §2 under any label space: per mapping (a wheel), the F of the sample-averaged precision and
+  recall of the mapped sets; ``f``, ``precision``, ``recall`` are their means over the mappings (``per_wheel``).
+
+  ``ov_score`` is this with the five emotion wheels; a closed label list is one identity mapping.
+  """
+  gt_words, pred_words = _aligned(gt, pred)
+  per_wheel = [_overlap(m, gt_words, pred_words) for m in mappings]
+  return {"f": _mean([w["f"] for w in per_wheel]), "precision": _mean([w["precision"] for w in per_wheel]),
+          "recall": _mean([w["recall"] for w in per_wheel]), "per_wheel": per_wheel}
+
+
 def _dropped(ew: emotion.EmotionWheel, word_lists) -> int:
   return sum(not ew.is_known(w) for words in word_lists for w in words)
 
@@ -91,12 +104,7 @@ def ov_score(gt, pred, *, level: int = 1, format_version: str = "2025") -> dict:
     raise ValueError(f"level must be 1 or 2, got {level!r}")
   ew = emotion.load(format_version)
   gt_words, pred_words = _aligned(gt, pred)
-  per_wheel = [_overlap(lambda ws, k=k: ew.map_words(ws, k, level), gt_words, pred_words) for k in WHEELS]
-  return {
-      "f": _mean([w["f"] for w in per_wheel]),
-      "precision": _mean([w["precision"] for w in per_wheel]),
-      "recall": _mean([w["recall"] for w in per_wheel]),
-      "per_wheel": per_wheel,
+  return set_score(gt_words, pred_words, [lambda ws, k=k: ew.map_words(ws, k, level) for k in WHEELS]) | {
       "level": level,
       "format_version": format_version,
       "n_samples": len(gt_words),

@@ -13,8 +13,9 @@ With `media_runs` (an interleaved record's placeholder runs, e.g. "V8A50V8A50": 
   <|vision_bos|><|audio_bos|>{<|VIDEO|> x 8}{<|AUDIO|> x 50}{<|VIDEO|> x 8}{<|AUDIO|> x 50}<|audio_eos|><|vision_eos|>
 
 Placeholder convention, shared with the model's feature merge: the prompt holds exactly n_video `<|VIDEO|>` and
-n_audio `<|AUDIO|>` tokens, one per feature row, and a tokenizer must map each to a single id. The k-th `<|VIDEO|>` takes the k-th video row
-whatever the layout, so an interleaved block needs no reordering of the features. The free text
+n_audio `<|AUDIO|>` tokens, one per feature row, and a tokenizer must map each to a single id. The k-th
+`<|VIDEO|>` takes the k-th video row whatever the layout, so an interleaved block needs no reordering of the
+features. The free text
 (subtitle, question, reasoning, answer words) may not contain any template marker: a subtitle holding
 "<|VIDEO|>" would silently shift every feature row, so it is rejected instead.
 

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from merr1_jax import evaluation
+from merr1_jax import eval_stats, evaluation
 
 _COLORS = {"fast": "tab:orange", "slow": "tab:blue"}
 
@@ -65,7 +65,7 @@ def sizes_plot(results, path: pathlib.Path) -> None:
 def calibration_plot(results, mode: str, path: pathlib.Path) -> None:
   conf = [(s["confidence"], s["correct"]) for r in results.values() for s in r.samples
           if s["mode"] == mode and s["confidence"] is not None]
-  cal = evaluation.calibration_bins([c for c, _ in conf], [k for _, k in conf])
+  cal = eval_stats.calibration_bins([c for c, _ in conf], [k for _, k in conf])
   fig = Figure(figsize=(4.5, 4.5))
   ax = fig.add_subplot(1, 1, 1)
   ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")

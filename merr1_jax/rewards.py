@@ -154,6 +154,10 @@ class LabelSpace:
       out.append(-1 if cluster is None else self._index[k][cluster])
     return tuple(out)
 
+  def mappings(self) -> list[Callable[[Sequence[str]], set]]:
+    """Per wheel, words -> the set of their clusters (dropped words give nothing): metrics.set_score's input."""
+    return [lambda ws, k=k: {c for w in ws if (c := self.lookup(w)[k]) >= 0} for k in range(self.num_wheels)]
+
   def encode(self, words: Iterable[str]) -> tuple[np.ndarray, int]:
     """Multi-hot [K, C] of a word list, and how many words mapped to nothing in every wheel."""
     hot = np.zeros((self.num_wheels, self.num_clusters), bool)

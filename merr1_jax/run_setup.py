@@ -54,7 +54,8 @@ class Data:
 
   def eval_datasets(self) -> dict:
     """{dataset name: (eval pipeline, metric)}: what the trainer evaluates after each stage."""
-    return {self.config.data.name: (self.pipeline("eval", self.config.data.eval_split), "ov")}
+    return {self.config.data.name: (self.pipeline("eval", self.config.data.eval_split),
+                                    settings.own_metric(self.config))}
 
 
 @dataclasses.dataclass
@@ -220,7 +221,7 @@ def open_data(config, workdir, tok, model_config) -> Data:
 
 def experience_context(config, tok, model, mesh) -> experience.Context:
   """The fixed part of every RL step: special ids, the label space and its calibration token sets."""
-  space = rewards.LabelSpace.emotion_wheel(config.eval.format_version)  # OV emotion wheels, for both datasets
+  space = settings.label_space(config)
   token_sets = rewards.category_token_sets(space, tok.encode, model.config.vocab_size)
   return experience.Context(model=model, tokenizer=tok, ids=rollout.SpecialIds.from_tokenizer(tok), space=space,
                             token_sets=jnp.asarray(token_sets), cluster_mask=jnp.asarray(space.cluster_mask()),

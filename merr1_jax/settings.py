@@ -20,7 +20,7 @@ import ml_collections
 import optax
 
 from merr1_jax import config as cfglib
-from merr1_jax import evaluation, experience, prompts, rl, sampling
+from merr1_jax import evaluation, experience, prompts, rewards, rl, sampling
 from merr1_jax import optim as optimlib
 from merr1_jax import train_step as ts
 from merr1_jax.data import pipeline as pipelib
@@ -84,7 +84,7 @@ def evaluation_settings(config: Config, **overrides: Any) -> evaluation.EvalSett
   e = config.eval
   return evaluation.EvalSettings(
       max_new_tokens={"slow": e.max_new_tokens_slow, "fast": e.max_new_tokens_fast},
-      format_version=e.format_version, seed=config.seed, **overrides)
+      format_version=e.format_version, seed=config.seed, label_space=label_space(config), **overrides)
 
 
 def synth_config(config: Config) -> synthlib.SynthConfig:
@@ -106,6 +106,20 @@ def pipeline_config(config: Config, kind: str, mc: ModelConfig, *, shard_index: 
       on_bad_record=c.data.on_bad_record, worker_count=c.data.worker_count,
       label_vocab=synthlib.EMOTIONS if c.data.name == "mer_synth" else None, wheel_format=c.eval.format_version,
       prompt_buckets=tuple(c.data.prompt_buckets), **overrides)
+
+
+def label_space(config: Config) -> rewards.LabelSpace:
+  """The run's label space (method.md "Label space"): the emotion wheels at data.wheel_level, or the identity over
+  the dataset's closed label list (MER-Synth's words)."""
+  if config.data.label_space == "identity":
+    return rewards.LabelSpace.closed(synthlib.EMOTIONS)
+  return rewards.LabelSpace.emotion_wheel(config.eval.format_version, config.data.wheel_level)
+
+
+def own_metric(config: Config) -> str:
+  """The metric of the config's own dataset: the field's OV score ('ov', wheels at level 1) when the label space
+  is that, else the same set arithmetic under the configured space ('set')."""
+  return "ov" if config.data.label_space == "wheels" and config.data.wheel_level == 1 else "set"
 
 
 def _freeze(config: Config, stage: str) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from merr1_jax import evaluation, metrics, metrics_cli, prompts, reports, rewards
+from merr1_jax import eval_stats, evaluation, metrics, metrics_cli, prompts, reports, rewards
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, mllm
 
@@ -163,6 +163,29 @@ def test_summary_equals_recomputation_from_samples(result):
     rec, prec, _ = (np.asarray(x) for x in rewards.set_rewards(jnp.asarray(pred), jnp.asarray(gt)))
     np.testing.assert_allclose([r["precision"] for r in rows], prec, atol=1e-6)
     np.testing.assert_allclose([r["recall"] for r in rows], rec, atol=1e-6)
+
+
+def test_set_metric_under_the_identity_and_the_wheel_spaces(result):
+  """Metric 'set' (a label space other than the wheels at level 1): by hand under MER-Synth's identity space, and
+  equal to the OV score when the space is the level-1 wheels themselves (same arithmetic, metrics.set_score)."""
+  settings = evaluation.EvalSettings(**SETTINGS)
+  for mode in ("fast", "slow"):
+    recs = [s for s in result.samples if s["mode"] == mode]
+    ov = evaluation.dataset_metric("ov", recs, settings)
+    wheels = evaluation.dataset_metric("set", recs, settings)  # label_space None: the level-1 wheels
+    for k in ("f", "precision", "recall"):
+      assert wheels[k] == pytest.approx(ov[k], abs=1e-12)
+    identity = evaluation.EvalSettings(**SETTINGS, label_space=rewards.LabelSpace.closed(synth.EMOTIONS))
+    got = evaluation.dataset_metric("set", recs, identity)
+    ps, rs = [], []
+    for r in recs:  # exact words: the GT words are all MER-Synth labels, predictions count only in-list words
+      g, p = set(r["gt"]), {w for w in r["words"] if w in synth.EMOTIONS}
+      ps.append(len(g & p) / len(p) if p else 0.0)
+      rs.append(len(g & p) / len(g))
+    p, rec = np.mean(ps), np.mean(rs)
+    assert got["precision"] == pytest.approx(p) and got["recall"] == pytest.approx(rec)
+    assert got["f"] == pytest.approx(2 * p * rec / (p + rec) if p + rec else 0.0)
+    assert got["label_space"] == "closed" and wheels["label_space"].startswith("emotion_wheel_2025_level1")
 
 
 def test_answer_lengths_by_hand(tok, result):
@@ -383,11 +406,11 @@ def test_segment_lengths_and_calibration_bins_by_hand(tok):
   ids = evaluation.special_ids(tok)
   t = lambda text: tok.encode(text)  # noqa: E731
   slow = t("<think>face sad</think><answer>sad, calm</answer>")
-  think, answer = evaluation.segment_lengths(slow, "slow", ids)
+  think, answer = eval_stats.segment_lengths(slow, "slow", ids)
   assert think == len(t("face sad")) and answer == len(t("sad, calm"))
-  assert evaluation.segment_lengths(t("sad, calm</answer>"), "fast", ids) == (0, len(t("sad, calm")))
-  assert evaluation.segment_lengths(t("<think>face"), "slow", ids) == (None, None)
-  cal = evaluation.calibration_bins([0.05, 0.15, 0.95, 1.0], [0.0, 1.0, 1.0, 0.5], n_bins=10)
+  assert eval_stats.segment_lengths(t("sad, calm</answer>"), "fast", ids) == (0, len(t("sad, calm")))
+  assert eval_stats.segment_lengths(t("<think>face"), "slow", ids) == (None, None)
+  cal = eval_stats.calibration_bins([0.05, 0.15, 0.95, 1.0], [0.0, 1.0, 1.0, 0.5], n_bins=10)
   # bins 0, 1, 9: |0.05-0| * 1/4 + |0.15-1| * 1/4 + |0.975-0.75| * 2/4
   assert cal["ece"] == pytest.approx(0.05 / 4 + 0.85 / 4 + 0.225 / 2)
   assert [b["n"] for b in cal["bins"]] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 2]

@@ -236,3 +236,29 @@ def test_calibration_reward_equals_uncached_slow_and_fast_passes(config, ctx, po
     assert (want[[0, 1, 4, 5]] != 0).sum() >= 3 and want[4] == 0.0  # real values; the malformed row scores 0
     assert metrics["reward/slow/calibration"] == pytest.approx(r_cal[rl_batch.mode_ids == 0].mean(), abs=1e-6)
   assert np.all(r_cal[rl_batch.mode_ids == 1] == 0.0)  # no calibration reward for fast rows
+
+
+# ------------------------------------------------------------------------------------------- label space
+
+
+def test_the_label_space_switch_reaches_rewards_token_sets_and_evaluation(config, tok, policy, tmp_path):
+  """data.label_space / data.wheel_level decide the rewards' space, the calibration token sets and the own
+  dataset's evaluation metric together; 'identity' is refused for open-vocabulary data."""
+  model = policy[0]
+  cases = {("wheels", 1): ("emotion_wheel_2025_level1", 5, "ov"),
+           ("wheels", 2): ("emotion_wheel_2025_level2", 5, "set"), ("identity", 1): ("closed", 1, "set")}
+  for (kind, level), (name, wheels, metric) in cases.items():
+    c = config.copy_and_resolve_references()
+    c.data.label_space, c.data.wheel_level = kind, level
+    cfglib.validate(c)
+    ctx = run_setup.experience_context(c, tok, model, None)
+    assert ctx.space.name == name and ctx.space.num_wheels == wheels
+    assert ctx.token_sets.shape == (wheels, ctx.space.num_clusters, tok.vocab_size)
+    assert np.asarray(ctx.token_sets).any(-1).sum() > 0  # real first tokens, not an empty mask
+    assert settings.own_metric(c) == metric and settings.evaluation_settings(c).space.name == name
+  c = config.copy_and_resolve_references()
+  c.data.label_space = "identity"
+  assert settings.label_space(c).cluster_names == (tuple(sorted(synth.EMOTIONS)),)
+  c.data.name, c.data.records_dir, c.data.tokenizer_dir = "mer_features", str(tmp_path), str(tmp_path)
+  with pytest.raises(cfglib.ConfigError, match="config.data.label_space: 'identity' needs a dataset"):
+    cfglib.validate(c)
