@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -35,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(ROOT, "benchmarks", "peers")
 sys.path.insert(0, PEERS)
 import spec  # noqa: E402
+import report_util  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 FIGURES = (("step_s", "step"), ("gen_s", "generate"), ("score_s", "ref + reward"), ("update_s", "update"))
 NAMES = {"ours": "merr1_jax (ours)", "trl": "TRL", "tunix": "Tunix"}
@@ -151,14 +151,6 @@ def peer_env(impl: str) -> dict:
           "differences": sorted(got ^ want)}
 
 
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
-
-
 def _mm(t, scale=1.0, fmt="{:.1f}") -> str:
   med, lo, hi = (x * scale for x in t)
   return f"{fmt.format(med)} ({fmt.format(lo)}-{fmt.format(hi)})"
@@ -228,18 +220,6 @@ def _env_line(impl: str, env: dict) -> str:
   return f"{NAMES[impl]}: pip freeze ({n} packages) **differs** from `{env['pins']}`: {', '.join(env['differences'])}"
 
 
-def write_section(path: str, heading: str, body: str) -> None:
-  """Replaces the `heading` section of the markdown file (up to the next '## ') or appends it."""
-  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-  pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: body + "\n", text, count=1)
-  else:
-    text = text.rstrip("\n") + "\n\n" + body
-  with open(path, "w") as f:
-    f.write(text)
-
-
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--rounds", type=int, default=3)
@@ -301,7 +281,7 @@ def main(argv=None) -> dict:
   cmds += [" ".join(rel(c) if c.startswith(ROOT) else c for c in command(i, args.warmup, args.steps, "X.json"))
            for i in impls]
   cmds = [c.replace(rel(sys.executable), "python") for c in cmds]
-  meta = dict(cpu=_cpu(), cores=os.cpu_count(), load=load, load_end=os.getloadavg()[0],
+  meta = dict(cpu=report_util.cpu_name(), cores=os.cpu_count(), load=load, load_end=os.getloadavg()[0],
               date=datetime.date.today().isoformat(), rounds=args.rounds, warmup=args.warmup, steps=args.steps,
               impls=impls, commands=cmds, model=model_info, note=args.note,
               envs={i: peer_env(i) for i in impls if i != "ours"})
@@ -325,7 +305,7 @@ def report(results: dict[str, list[dict]], meta: dict, docs: str | None) -> dict
   md = markdown(agg, sp, sp_parts, meta.get("errors", {}), meta)
   print("\n" + md)
   if docs:
-    write_section(docs, "## Peers", md)
+    report_util.write_section(docs, "## Peers", md)
   return dict(results=results, aggregate=agg, speedups=sp, markdown=md)
 
 

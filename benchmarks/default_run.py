@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
-import platform
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+import report_util
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SECTION = "## Default run"
@@ -42,18 +41,6 @@ def run_seed(seed: int, root: pathlib.Path, extra: list[str]) -> dict:
                                             for m in ("fast", "slow") for k in ("precision", "recall", "f")}}
 
 
-def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
-
-
 def table(rows: list[dict]) -> str:
   out = ["| seed | wall (min) | SFT slow P / R / F | RL slow P / R / F | slow F gain | SFT fast F | RL fast F |",
          "|---|---|---|---|---|---|---|"]
@@ -72,14 +59,6 @@ def table(rows: list[dict]) -> str:
   return "\n".join(out)
 
 
-def write_section(path: pathlib.Path, body: str) -> None:
-  text = path.read_text() if path.exists() else "# Benchmarks\n"
-  block = f"{SECTION}\n\n{body}\n"
-  pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-  text = pattern.sub(block + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + block
-  path.write_text(text)
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--seeds", default="0,1,2")
@@ -96,11 +75,11 @@ def main() -> None:
   body = table(rows)
   cmd = "python benchmarks/default_run.py --seeds " + args.seeds + (" " + " ".join(args.extra) if args.extra else "")
   body = (f"MER-Synth test split (128 clips), OV emotion-wheel level-1 precision / recall / F x 100, greedy "
-          f"decoding; SFT = after cold-start SFT, RL = after MER-R1 RL. Machine: {machine()}. Date: "
+          f"decoding; SFT = after cold-start SFT, RL = after MER-R1 RL. Machine: {report_util.machine()}. Date: "
           f"{datetime.date.today()}. Command: `{cmd}`.{(' ' + args.note) if args.note else ''}\n\n{body}")
   print(body)
   if args.write:
-    write_section(ROOT / args.write, body)
+    report_util.write_section(ROOT / args.write, SECTION, f"{SECTION}\n\n{body}\n")
 
 
 if __name__ == "__main__":

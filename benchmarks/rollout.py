@@ -9,8 +9,8 @@
 
 Random weights, random prompt tokens, float32, one CPU device. Every time is the median over --repeats timed
 runs after one warm-up run (compilation excluded); the variants run interleaved and each ratio is the median of
-the per-repeat ratios, so load from other processes on a shared machine moves both sides of a ratio alike. Decode runs with no stop id, so every row generates exactly
---new_tokens tokens and both loops do the same work.
+the per-repeat ratios, so load from other processes on a shared machine moves both sides of a ratio alike.
+Decode runs with no stop id, so every row generates exactly --new_tokens tokens and both loops do the same work.
 
   python benchmarks/rollout.py [--presets tiny,small_20m] [--prompt_len 512] [--group 8] [--prompts 2]
                                [--decode_prompts 2] [--decode_prompt_len 64] [--new_tokens 64] [--repeats 3]
@@ -20,24 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report_util
 
 from merr1_jax import rollout, sampling
 from merr1_jax.models import base, mllm
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
 
 
 def _prompts(vocab: int, p: int, length: int, seed: int) -> base.ModelInputs:
@@ -131,7 +123,7 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=5)
   args = ap.parse_args(argv)
-  print(f"# {_cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
+  print(f"# {report_util.cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
         f"{jax.device_count()} {jax.default_backend()} device(s), jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
   rows = []
   for name in args.presets.split(","):

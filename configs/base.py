@@ -2,11 +2,13 @@
 
 The default is the embedded CPU run: the tiny model on MER-Synth, cold-start SFT, MER-R1 RL, evaluation in both
 modes, in under 10 minutes on 2 CPU cores. Presets are chosen with `arg`, a comma list of key=value with the keys
-`model` (a name in merr1_jax/models/presets.py), `data` (mer_synth | mer_features) and `mesh` (see _MESHES):
+`model` (a name in merr1_jax/models/presets.py), `data` (mer_synth | mer_features), `mesh` (see _MESHES) and
+`ablation` (a row of the paper's ablation, see _ABLATIONS; benchmarks/ablation.py runs the grid):
 
     python -m merr1_jax.train --config configs/base.py --workdir W
     python -m merr1_jax.train --config configs/base.py:model=qwen2_5_omni_7b_thinker,data=mer_features,mesh=gpu8 \\
         --config.model.hf_path=/ckpt/Qwen2.5-Omni-7B --config.data.records_dir=/data/records --workdir W
+    python -m merr1_jax.train --config configs/base.py:ablation=grpo_f1 --workdir W
 
 and any field can be overridden on the command line (`--config.rl.beta=0.0`). ConfigDicts reject unknown keys,
 so a typo fails loudly. `merr1_jax.config.validate(config)` checks every field before anything is built.
@@ -59,14 +61,34 @@ _MESHES = {
 }
 _DATA = ("mer_synth", "mer_features")
 
+# The paper's ablation (docs/method.md "The ablation"), each row a set of config.rl overrides on top of one
+# common layout: 4 slow responses per prompt (the reported group size) and no fast rollouts, the fast intuition
+# coming only from the calibration's teacher-forced fast pass (the reported ~20% extra compute). Each row adds
+# one switch to the row above it; the SFCC variants each change one switch of mer_r1.
+_ABLATION_LAYOUT = {"n_slow": 4, "n_fast": 0, "calibration": "none", "disentangle": True, "w_f1": 0.0}
+_ABLATIONS = {
+    "grpo_f1": {"disentangle": False, "w_f1": 1.0, "w_rec_slow": 0.0, "w_rec_fast": 0.0, "w_prec_slow": 0.0,
+                "w_prec_fast": 0.0},  # GRPO with one F1 reward (+ the format reward every row has)
+    "rd": {"disentangle": False},  # recall and precision as two rewards, normalised together (coupled)
+    "rd_ad": {},  # ... normalised separately, in advantage space: DOD
+    "mer_r1": {"calibration": "contrastive_gain"},  # + SFCC: the full method
+    "sfcc_word": {"calibration": "contrastive_gain", "cal_level": "word"},  # word-level confidence
+    "sfcc_no_prec": {"calibration": "contrastive_gain", "cal_precision_side": False},  # no precision side
+    "sfcc_reward": {"calibration": "contrastive_gain", "cal_space": "reward"},  # calibration in reward space
+    "sfcc_mixed": {"calibration": "contrastive_gain", "cal_space": "mixed"},  # half in each space
+}
+
 
 def _parse_arg(arg):
-  out = {"model": "tiny", "data": "mer_synth", "mesh": None}
+  out = {"model": "tiny", "data": "mer_synth", "mesh": None, "ablation": None}
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in out:
-      raise ConfigError(f"config arg {item!r}: expected model=PRESET, data=NAME or mesh=NAME, comma separated")
+      raise ConfigError(f"config arg {item!r}: expected model=PRESET, data=NAME, mesh=NAME or ablation=ROW, "
+                        "comma separated")
     out[key] = value
+  if out["ablation"] is not None and out["ablation"] not in _ABLATIONS:
+    raise ConfigError(f"config arg ablation={out['ablation']}: unknown ablation row; known: {', '.join(_ABLATIONS)}")
   if out["model"] not in presets.names():
     raise ConfigError(f"config arg model={out['model']}: unknown model preset {out['model']!r}; known presets: "
                       f"{', '.join(presets.names())}")
@@ -184,11 +206,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.w_rec_fast = 1.0  # w_rec[fast]
   c.rl.w_prec_slow = 1.0  # w_prec[slow]
   c.rl.w_prec_fast = 1.0  # w_prec[fast]
+  c.rl.w_f1 = 0.0  # w_f1 (both modes): the single F1 reward of the GRPO baseline (ablation=grpo_f1)
   c.rl.w_fmt = 0.1  # w_fmt: format matters only until the model has learned it
   c.rl.w_cal = 0.5  # w_cal (slow rows only)
   c.rl.calibration = "contrastive_gain"  # 'contrastive_gain' | 'fast_prior_kl' | 'none' (method.md E3)
   c.rl.cal_tau = 1.0  # contrastive_gain: r_cal = tanh(gain / tau)
   c.rl.cal_alpha = 1.0  # fast_prior_kl: r_cal = -KL(q || p_slow), q ∝ p_fast exp(+alpha on GT, -alpha elsewhere)
+  # SFCC variants (method.md E3 "Variants"): 'category' confidence (the log-mass of a category's words) or
+  # 'word' (each label word its own category; needs a closed label list); with or without the precision side
+  # (the term on the wrong categories); r_cal as its own normalised objective ('advantage'), folded into the
+  # task rewards before normalisation ('reward'), or cal_mix of it there and the rest as its own ('mixed').
+  c.rl.cal_level = "category"
+  c.rl.cal_precision_side = True
+  c.rl.cal_space = "advantage"
+  c.rl.cal_mix = 0.5  # mixed: the share of w_cal in reward space
+  # The variance-interference probe (method.md "Variance-induced interference"): every probe_every RL steps,
+  # per-objective advantage and gradient statistics on a fixed probe batch (probe/* metrics); 0 = off.
+  c.rl.probe_every = 0
   c.rl.num_anchors = 6  # answer anchors read per completion
   c.rl.max_nonfinite_steps = 3  # stop with a diagnostic after this many skipped (NaN/Inf) steps
   c.rl.freeze = ()  # regexes over parameter paths that RL leaves untouched, e.g. (r"video_proj/",)
@@ -238,6 +272,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Emotion-wheel format table (metrics.md §1): '2025' (AffectGPT / MER2025's format.csv) reproduces the
   # published MER-UniBench numbers; '2026' (the MER2026 table) fixes 17 antonym and base-form entries.
   c.eval.format_version = "2025"
+
+  if choice["ablation"] is not None:
+    for key, value in (_ABLATION_LAYOUT | _ABLATIONS[choice["ablation"]]).items():
+      c.rl[key] = value
 
   if real:
     # Real-model recipe (precursor values): bf16, small learning rates, long completions.

@@ -207,6 +207,9 @@ _FIELD_RULES: dict[str, Rule] = {
     "rl.w_rec_slow": _W, "rl.w_rec_fast": _W, "rl.w_prec_slow": _W, "rl.w_prec_fast": _W, "rl.w_fmt": _W,
     "rl.w_cal": _W, "rl.calibration": _calibration, "rl.cal_tau": _real(0.0, lo_open=True),
     "rl.cal_alpha": _real(0.0), "rl.num_anchors": _int(1), "rl.max_nonfinite_steps": _int(0),
+    "rl.w_f1": _W, "rl.cal_level": _one_of("category", "word"), "rl.cal_precision_side": _bool,
+    "rl.cal_space": _one_of("advantage", "reward", "mixed"), "rl.cal_mix": _real(0.0, 1.0),
+    "rl.probe_every": _int(0),
     "rl.freeze": _regexes,
     # optimizer
     "optim.schedule": _one_of("constant", "cosine"), "optim.b1": _real(0.0, 1.0, hi_open=True),
@@ -266,6 +269,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if r.group == "mode":
     need(r.n_slow != 1 and r.n_fast != 1, "rl.group", "per-mode groups need n_slow and n_fast != 1")
   need(r.calibration == "none" or r.n_slow > 0, "rl.calibration", f"{r.calibration} needs slow rollouts")
+  need(r.cal_level == "category" or config.data.name == "mer_synth", "rl.cal_level",
+       f"'word' needs a dataset with a closed label list (mer_synth), not {config.data.name!r}")
   batch = r.prompts_per_step * (r.n_slow + r.n_fast)
   need(batch % r.mini_batches == 0, "rl.mini_batches",
        f"the RL batch of {batch} rows (prompts_per_step x (n_slow + n_fast)) is not divisible by "

@@ -2,7 +2,7 @@
 
     python -m merr1_jax.evaluate --config configs/base.py --workdir W [--checkpoint STEP|STAGE:STEP|PATH]
         [--modes fast,slow] [--datasets mer_synth,ovmerd] [--num_samples N] [--baseline W/eval_sft.json]
-        [--config.eval.batch_size=8 ...]
+        [--mme_items ITEMS.json [--judge rule|module:Class] [--judge_cache PATH]] [--config.eval.batch_size=8 ...]
 
 The policy comes from ONE place, `load_policy(config, workdir, checkpoint)`:
   * no --checkpoint: the latest step of the last stage in config.stages that has one (WORKDIR/checkpoints/<stage>),
@@ -23,14 +23,22 @@ one, they must agree on the vocabulary size and the special/tag token ids; other
 Datasets: the config's own (config.data.name, e.g. mer_synth: OV) is read by the trainer's own code
 (run_setup: the same TFDS source, order and batching as the trainer's eval), so the CLI's numbers for a checkpoint
 equal the trainer's by construction; and the prepared MER-UniBench sets of data/tfds_builders.MerManual (mer2023,
-mer2024, meld, iemocap4: HIT; mosi, mosei, sims, simsv2: WAF; ovmerd: OV), batched with the same settings.
+mer2024, meld, iemocap4: HIT; mosi, mosei, sims, simsv2: WAF; ovmerd, mme_emotion: OV), batched with the same
+settings.
 
 Reports go to WORKDIR/eval/ (reports.write_reports), including predictions CSVs for `python -m merr1_jax.metrics`
 and the official tools. `--baseline` (an earlier report.json, or the trainer's WORKDIR/eval_<stage>.json) adds a
 computed statement of whether the slow-minus-fast gap closed since then (reports.gap_change).
 
+MME-Emotion: `--mme_items` (the benchmark's items JSON, data/labels.read_mme_json: ids, GT and an optional task
+per item) has the slow-mode completion of every item's id judged (merr1_jax/mme.py) by `--judge` (default `rule`,
+the offline mme_judges.RuleJudge, NOT the benchmark's LLM judge; `module:Class` plugs in another one), through
+a cache (`--judge_cache`, default WORKDIR/mme_judge_cache.jsonl, outside the report directory that each run
+replaces) so that a rerun never asks again; the scores go to mme.json, mme_judge.jsonl and a report.md section.
+
 Bad input (a config that cannot be built, a bad --config override, a missing checkpoint, an unknown dataset, an
-empty split, a checkpoint of another model, disagreeing tokenizers, an unreadable baseline) prints one
+empty split, a checkpoint of another model, disagreeing tokenizers, an unreadable baseline, a missing or bad
+MME items file, items that match no sample, a bad --judge spec, a bad judge cache line) prints one
 `error: ...` line and exits with status 2.
 """
 
@@ -49,16 +57,18 @@ import jax
 import numpy as np
 
 from merr1_jax import config as cfglib
-from merr1_jax import evaluation, reports, rewards, run_setup, sharding
+from merr1_jax import evaluation, mme, mme_judges, reports, rewards, run_setup, sharding
 from merr1_jax import settings as settingslib
 from merr1_jax.policy_io import EvalError, build_model, load_params, load_tokenizer, resolve_checkpoint
 from merr1_jax.policy_io import load_policy  # noqa: F401 - part of this module's API (tests, notebooks)
 
 _log = logging.getLogger("merr1_jax.evaluate")
 
-# MER-UniBench sets (tfds_builders.MerManual configs) and their metric (metrics.md §5).
+# The prepared sets (tfds_builders.MerManual configs) and their metric (metrics.md §5): MER-UniBench's, and
+# MME-Emotion's clips.
 MANUAL_METRICS = {"mer2023": "hit", "mer2024": "hit", "meld": "hit", "iemocap4": "hit", "mosi": "waf",
-                  "mosei": "waf", "sims": "waf", "simsv2": "waf", "ovmerd": "ov"}
+                  "mosei": "waf", "sims": "waf", "simsv2": "waf", "ovmerd": "ov",
+                  "mme_emotion": "ov"}  # OV scores its words; its benchmark scores come from the judge (--mme_items)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -202,6 +212,40 @@ def read_baseline(path: str | os.PathLike) -> dict:
   return {"source": str(path), "datasets": datasets}
 
 
+# ------------------------------------------------------------------------------------------------- MME-Emotion
+
+
+def mme_setup(args, workdir: pathlib.Path, modes: Sequence[str]) -> dict:
+  """The --mme_items side, checked before anything is evaluated: the item specs, the judge, the cache path."""
+  if "slow" not in modes:
+    raise EvalError(f"--mme_items {args.mme_items}: MME-Emotion judges the slow mode's reasoning; add slow to "
+                    f"--modes (have {list(modes)})")
+  try:
+    items = mme.read_items(args.mme_items)
+  except FileNotFoundError:
+    raise EvalError(f"--mme_items {args.mme_items}: no such file") from None
+  except (OSError, ValueError) as e:  # labels.BadRecordError names the item and field
+    raise EvalError(f"--mme_items {args.mme_items}: {e}") from None
+  try:
+    judge = mme_judges.load_judge(args.judge)
+  except ValueError as e:
+    raise EvalError(str(e)) from None
+  return {"source": args.mme_items, "items": items, "judge": judge,
+          "cache": pathlib.Path(args.judge_cache or workdir / "mme_judge_cache.jsonl")}
+
+
+def judge_mme(setup: dict, results) -> dict:
+  """mme.run_mme over the slow-mode samples of `results` whose ids are the items', through the cache."""
+  samples = [s for r in results.values() for s in r.samples]
+  try:
+    items = mme.items_from_samples(setup["items"], samples, source=f"--mme_items {setup['source']}")
+    return mme.run_mme(items, mme.CachedJudge(setup["judge"], setup["cache"]))
+  except OSError as e:
+    raise EvalError(f"--judge_cache {setup['cache']}: {e}") from None
+  except ValueError as e:  # the items, a cache line (file:line), a judge's reply (judge and item)
+    raise EvalError(str(e)) from None
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 
@@ -216,6 +260,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--baseline", default=None,
                  help="an earlier report.json or WORKDIR/eval_<stage>.json: report whether the slow-fast gap closed")
+  p.add_argument("--mme_items", default=None,
+                 help="MME-Emotion items JSON: judge the slow-mode completions of the samples with these ids")
+  p.add_argument("--judge", default="rule",
+                 help="MME judge: rule (offline stand-in, not the benchmark's LLM judge) or module:Class")
+  p.add_argument("--judge_cache", default=None, help="judge cache JSONL (default WORKDIR/mme_judge_cache.jsonl)")
   p.add_argument("--out", default=None, help="report directory (default WORKDIR/eval)")
   p.add_argument("--no_progress", action="store_true")
   return p
@@ -243,6 +292,7 @@ def run(args, overrides: Sequence[str]) -> dict:
   except ValueError as e:
     raise EvalError(str(e)) from None
   baseline = read_baseline(args.baseline) if args.baseline else None
+  judging = mme_setup(args, workdir, modes) if args.mme_items else None
   # Which policy (directory listings only): its tokenizer is the one the data is tokenized with. A missing
   # checkpoint is reported after the datasets are checked, so an unknown dataset or an empty split comes first.
   try:
@@ -265,13 +315,18 @@ def run(args, overrides: Sequence[str]) -> dict:
   meta = {"checkpoint": str(where) if kind == "hf" else f"{workdir}/checkpoints/{where[0]}/{where[1]}",
           "checkpoint_kind": kind, "config": args.config, "overrides": list(overrides),
           "datasets": {n: m for n, (_, m) in datasets.items()}}
-  files = reports.write_reports(results, args.out or workdir / "eval", meta=meta, baseline=baseline)
+  scores = judge_mme(judging, results) if judging else None
+  files = reports.write_reports(results, args.out or workdir / "eval", meta=meta, baseline=baseline, mme=scores)
   for name, r in results.items():
     for mode in r.summary:
       print(f"{name} [{mode}] {r.metric}: {reports.headline(r, mode)}")
   if baseline is not None:
     for line in reports.gap_lines(results, baseline):
       print(line)
+  if scores is not None:
+    o, calls = scores["overall"], scores["judge_calls"]
+    print(f"mme-emotion [{scores['judge']}]: Rec-S {o['rec_s']:.2f} Rea-S {o['rea_s']:.2f} CoT-S {o['cot_s']:.2f} "
+          f"({scores['n_items']} items; judge asked {calls['asked']}, cached {calls['cached']})")
   print(f"reports: {files['report.md'].parent}")
   return results
 

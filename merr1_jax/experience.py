@@ -33,7 +33,8 @@ from merr1_jax import prompts, rewards, rl, rollout, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.models import base
 
-OBJECTIVES = ("recall", "precision", "format", "calibration")
+OBJECTIVES = ("recall", "precision", "f1", "format", "calibration")
+TASK_OBJECTIVES = ("recall", "precision", "f1")  # what calibration in reward space is folded into
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class AdvantageSettings:
   ddof: int
   group: str  # 'prompt': all completions of a prompt; 'mode': per prompt and mode
   weights: tuple[tuple[float, ...], ...]  # [M, O] per-mode objective weights, M in prompts.MODES order
+  # The share of w_cal * r_cal added to the task rewards before their normalisation (method.md E3 "Variants"):
+  # 0 = calibration in advantage space (its own objective), 1 = in reward space, between = mixed.
+  cal_in_reward: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +84,13 @@ class Context:
   tokenizer: Any
   ids: rollout.SpecialIds
   space: rewards.LabelSpace
-  token_sets: jax.Array  # [K, C, V] bool
+  token_sets: jax.Array  # [K, C, V] bool, the calibration's categories (cal_space's)
   cluster_mask: jax.Array  # [K, C] bool
   mesh: Any = None
   axis_rules: Any = None
+  # The calibration's categories when they differ from the rewards' space (word-level confidence: each label
+  # word its own category); None = `space`.
+  cal_space: rewards.LabelSpace | None = None
 
 
 # ---------------------------------------------------------------------------------------------- device passes
@@ -134,7 +141,9 @@ def advantages_and_calibration(rewards_BxO: jax.Array, valid_B: jax.Array, mode_
   """(adv_B, r_cal_B) from the host rewards [B, 3] (recall, precision, format) and the calibration log-masses.
 
   r_cal (E3 step 5) exists for the B_s slow rows (the first rows) that are well formed, 0 elsewhere; its
-  objective is valid on those rows only, so it is normalised over the slow rows of each group (E3 step 6).
+  objective is valid on those rows only, so it is normalised over the slow rows of each group (E3 step 6). With
+  ``adv.cal_in_reward`` = lambda > 0, lambda * w_cal * r_cal is added to the task rewards (recall, precision, F1)
+  first and the calibration objective keeps (1 - lambda) * w_cal (method.md E3 "Variants").
   """
   b = rewards_BxO.shape[0]
   r_cal_B = jnp.zeros((b,), jnp.float32)
@@ -144,9 +153,17 @@ def advantages_and_calibration(rewards_BxO: jax.Array, valid_B: jax.Array, mode_
     bs = r_cal.shape[0]
     r_cal_B = r_cal_B.at[:bs].set(jnp.where(format_ok_Bs, r_cal, 0.0))
     cal_valid_B = cal_valid_B.at[:bs].set(True)
-  rewards_BxO = jnp.concatenate([rewards_BxO.astype(jnp.float32), r_cal_B[:, None]], axis=1)
-  valid_BxO = jnp.stack([valid_B, valid_B, valid_B, valid_B & cal_valid_B], axis=1)
   weights_BxO = rl.mode_weights(mode_ids_B, jnp.asarray(adv.weights, jnp.float32))
+  task = jnp.asarray([o in TASK_OBJECTIVES for o in OBJECTIVES[:-1]])
+  w_cal_B = weights_BxO[:, -1]
+  rewards_BxO = rewards_BxO.astype(jnp.float32)
+  if adv.cal_in_reward:  # a static float: the default (advantage space) leaves the task rewards untouched
+    folded_B = adv.cal_in_reward * w_cal_B * r_cal_B
+    rewards_BxO = rewards_BxO + jnp.where(task[None], folded_B[:, None], 0.0)
+    weights_BxO = weights_BxO.at[:, -1].multiply(1.0 - adv.cal_in_reward)
+  rewards_BxO = jnp.concatenate([rewards_BxO, r_cal_B[:, None]], axis=1)
+  valid_BxO = jnp.concatenate([jnp.broadcast_to(valid_B[:, None], (b, len(OBJECTIVES) - 1)),
+                               (valid_B & cal_valid_B)[:, None]], axis=1)
   a = rl.dod_advantages(rewards_BxO, valid_BxO, weights_BxO, group_ids_B, num_groups, group_size=group_size,
                         disentangle=adv.disentangle, scale=adv.scale, eps=adv.eps, ddof=adv.ddof)
   return a, r_cal_B
@@ -256,6 +273,13 @@ def collect(ctx: Context, settings: ExperienceSettings, params, ref_params, batc
   return rl_batch, metrics, rows
 
 
+def _calibration_gt(ctx: Context, scored: rewards.ScoredBatch, gts: Sequence[tuple[str, ...]], bs: int):
+  """[B_s, K, C] GT multi-hot of the slow rows in the calibration's categories (the rewards' own, or words)."""
+  if ctx.cal_space is None:
+    return scored.gt_BxKxC[:bs]
+  return ctx.cal_space.encode_batch(gts[:bs])[0]
+
+
 def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params, batch: Mapping[str, Any],
                   ros: Mapping[str, rollout.Rollout], texts: Sequence[str]
                   ) -> tuple[ts.RLBatch, dict[str, float], dict[str, list]]:
@@ -273,14 +297,14 @@ def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params
   prompt_ids = np.concatenate([ro.prompt_index for ro in ros.values()])
   gts = [tuple(batch["openset"][p]) for p in prompt_ids]
   scored = rewards.score_completions(list(texts), modes, gts, ctx.space)
-  r = np.asarray(rewards.compute_rewards(["recall", "precision", "format"], rewards.RewardInputs.from_scored(scored)))
+  r = np.asarray(rewards.compute_rewards(OBJECTIVES[:-1], rewards.RewardInputs.from_scored(scored)))
   bs = settings.n_slow * num_prompts if use_cal else 0
   per_prompt = settings.advantage.group == "prompt"
   num_groups = num_prompts * (1 if per_prompt else len(prompts.MODES))
   group_size = settings.n_slow + settings.n_fast if per_prompt else max(settings.n_slow, settings.n_fast)
   adv, r_cal = advantages_and_calibration(
       r, scored.valid_B, mode_ids, group_ids(mode_ids, prompt_ids, num_prompts, settings.advantage.group),
-      tuple(logmass) if use_cal else None, scored.gt_BxKxC[:bs] if use_cal else None,
+      tuple(logmass) if use_cal else None, _calibration_gt(ctx, scored, gts, bs) if use_cal else None,
       scored.format_ok_B[:bs] if use_cal else None, ctx.cluster_mask if use_cal else None,
       adv=settings.advantage, kind=settings.calibration, cal=settings.cal, num_groups=num_groups,
       group_size=group_size)
@@ -297,15 +321,12 @@ def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params
 
 def _metrics(settings, ros, rewards_BxO, scored, mode_ids, prompt_ids, adv) -> dict[str, float]:
   out = {}
-  f1 = np.asarray(rewards.set_rewards(jnp.asarray(scored.pred_BxKxC), jnp.asarray(scored.gt_BxKxC))[2])
-  f1 = np.where(scored.format_ok_B, f1, 0.0)
   for mode, ro in ros.items():
     rows = mode_ids == prompts.MODES.index(mode)
     for j, name in enumerate(OBJECTIVES):
       if name == "calibration" and mode == "fast":
         continue
       out[f"reward/{mode}/{name}"] = float(rewards_BxO[rows, j].mean())
-    out[f"reward/{mode}/f1"] = float(f1[rows].mean())
     lengths = np.asarray(ro.length)
     out[f"length/{mode}/mean"] = float(lengths.mean())
     out[f"length/{mode}/max"] = float(lengths.max())

@@ -1,4 +1,4 @@
-"""Evaluation reports: JSON, markdown, JSONL and PNG files from `evaluation.DatasetResult`s; MME-Emotion scoring.
+"""Evaluation reports: JSON, markdown, JSONL and PNG files from `evaluation.DatasetResult`s.
 
 `write_reports(results, out_dir, meta=...)` writes, into `out_dir` (the CLI uses WORKDIR/eval/):
 
@@ -15,6 +15,9 @@
   set_sizes.png          distribution of the number of predicted emotions per mode;
   calibration_<mode>.png binned confidence vs correctness (the reliability diagram) per mode.
 
+With `mme` (a run_mme result: evaluate --mme_items), report.json's `mme`, mme.json (the scores), mme_judge.jsonl
+(the judge's per-step scores, which mme.mme_report reads back) and a report.md section hold the MME-Emotion scores.
+
 With a `baseline` (evaluate --baseline: an earlier report.json or the trainer's eval_<stage>.json), report.json's
 `gap_change` and a report.md section state per dataset whether the slow-minus-fast headline gap closed since the
 baseline, computed from the two sets of numbers (`gap_change`, `gap_verdict`).
@@ -23,13 +26,11 @@ The directory is written atomically: everything goes into a sibling temp directo
 the end, so an interrupted run leaves the previous report (or none), never a half-written one that looks done.
 `out_dir` belongs to the report: other files in it are replaced with it.
 
-Conventions: scores are fractions in report.json and points (x 100) in report.md; a gap is slow minus fast.
+Conventions: scores are fractions in report.json and points (x 100) in report.md (MME-Emotion's are 0-100 in
+both, as the benchmark reports them); a gap is slow minus fast.
 The plots are drawn by merr1_jax/report_plots.py.
 
 `results_markdown` renders the trainer's WORKDIR/results.md (the final table and the fast-vs-slow lines).
-
-`mme_report(path)` turns an LLM judge's per-step scores (JSONL, docs/evaluation.md) into Rec-S / Rea-S / CoT-S per
-task and overall (metrics.mme_emotion_scores).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from merr1_jax import emotion, evaluation, metrics, report_plots
+from merr1_jax import emotion, evaluation, mme as mmelib, report_plots
 
 
 def json_safe(x: Any) -> Any:
@@ -259,12 +260,14 @@ def _safe_name(name: str) -> str:
 
 
 def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str | os.PathLike, *,
-                  meta: Mapping[str, Any], baseline: Mapping[str, Any] | None = None) -> dict[str, pathlib.Path]:
+                  meta: Mapping[str, Any], baseline: Mapping[str, Any] | None = None,
+                  mme: Mapping[str, Any] | None = None) -> dict[str, pathlib.Path]:
   """Writes every report file atomically into `out_dir` (see the module docstring); returns name -> final path.
 
   `meta` is stored in report.json; the extractor, sentiment mapper and decoding of the first result are added
   when absent, so a report always says how its words were obtained. `baseline` ({'source', 'datasets': {name:
-  {'metric', 'summary'}}}, evaluate.read_baseline) adds the gap comparison.
+  {'metric', 'summary'}}}, evaluate.read_baseline) adds the gap comparison; `mme` (mme.run_mme's result) the
+  MME-Emotion files and section.
   """
   if not results:
     raise ValueError("write_reports needs at least one DatasetResult")
@@ -287,8 +290,15 @@ def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str 
       csvs[name] = info
       for file, text in texts.items():
         put(file, text)
-    put("report.json", json.dumps(_report_json(results, meta, baseline, csvs), indent=1, allow_nan=False) + "\n")
-    put("report.md", _report_md(results, meta, baseline))
+    report = _report_json(results, meta, baseline, csvs)
+    md = _report_md(results, meta, baseline)
+    if mme is not None:
+      report["mme"] = json_safe(mmelib.summary(mme))
+      md += "\n" + mmelib.markdown(mme)
+      put("mme.json", json.dumps(report["mme"], indent=1, allow_nan=False) + "\n")
+      put("mme_judge.jsonl", mmelib.judge_jsonl(mme["items"]))
+    put("report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+    put("report.md", md)
     put("samples.jsonl", "".join(json.dumps(json_safe(s), allow_nan=False, ensure_ascii=False) + "\n"
                                  for r in results.values() for s in r.samples))
     for name, r in results.items():
@@ -358,47 +368,3 @@ def results_markdown(evals: Mapping[str, Mapping], data: str, split: str) -> str
   """WORKDIR/results.md: the final table and the fast-vs-slow lines."""
   return (f"# MER-R1 results ({data}, {split} split, OV emotion-wheel level 1, fractions x 100)\n\n"
           f"{results_table(training_results(evals, data))}\n\nFast vs slow:\n{training_gap_lines(evals, data)}\n")
-
-
-# ---------------------------------------------------------------------------------------------- MME-Emotion
-
-
-def mme_report(judge_jsonl_path: str | os.PathLike) -> dict:
-  """Rec-S / Rea-S / CoT-S per task and overall from a judge's per-step scores.
-
-  Each non-blank line is a JSON object {"id": str, "task": str, "step_scores": [0/1, ..., answer_score]} (the
-  last score is the answer's). Raises ValueError naming the file and line on unreadable JSON, a missing or bad
-  field, or a duplicate id; FileNotFoundError when the file is missing.
-  """
-  path = os.fspath(judge_jsonl_path)
-  items, seen = [], {}
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}, line {n}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-      for key in ("id", "task", "step_scores"):
-        if key not in obj:
-          raise ValueError(f"{where}: missing field {key!r} (have {sorted(obj)})")
-      if not isinstance(obj["task"], str) or not obj["task"]:
-        raise ValueError(f"{where}: field 'task' must be a non-empty string, got {obj['task']!r}")
-      scores = obj["step_scores"]
-      if not isinstance(scores, list) or not scores:
-        raise ValueError(f"{where}: field 'step_scores' must be a non-empty list (the last entry is the answer), "
-                         f"got {scores!r}")
-      if any(isinstance(s, bool) or s not in (0, 1) for s in scores):
-        raise ValueError(f"{where}: field 'step_scores' must hold only 0 and 1, got {scores!r}")
-      key = str(obj["id"])
-      if key in seen:
-        raise ValueError(f"{where}: duplicate id {key!r} (first on line {seen[key]})")
-      seen[key] = n
-      items.append({"task": obj["task"], "scores": scores})
-  if not items:
-    raise ValueError(f"{path}: no judge lines")
-  return metrics.mme_emotion_scores(items) | {"n_items": len(items), "path": path}

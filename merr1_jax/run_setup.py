@@ -70,6 +70,7 @@ class Run:
   writer: observe.MetricsWriter
   ctx: experience.Context
   eval_settings: Any
+  eval_token_sets: Any  # [K, C, V]: the evaluation's confidence read-out (the label space's categories)
 
   # -------------------------------------------------------------------------------------- placement
   def param_shardings(self, params):
@@ -220,12 +221,21 @@ def open_data(config, workdir, tok, model_config) -> Data:
 
 
 def experience_context(config, tok, model, mesh) -> experience.Context:
-  """The fixed part of every RL step: special ids, the label space and its calibration token sets."""
-  space = settings.label_space(config)
-  token_sets = rewards.category_token_sets(space, tok.encode, model.config.vocab_size)
+  """The fixed part of every RL step: special ids, the label space and the calibration's token sets."""
+  space, cal_space = settings.label_space(config), settings.calibration_space(config)
+  cats = cal_space or space
+  token_sets = rewards.category_token_sets(cats, tok.encode, model.config.vocab_size)
   return experience.Context(model=model, tokenizer=tok, ids=rollout.SpecialIds.from_tokenizer(tok), space=space,
-                            token_sets=jnp.asarray(token_sets), cluster_mask=jnp.asarray(space.cluster_mask()),
-                            mesh=mesh, axis_rules=dict(config.mesh.axis_rules))
+                            token_sets=jnp.asarray(token_sets), cluster_mask=jnp.asarray(cats.cluster_mask()),
+                            mesh=mesh, axis_rules=dict(config.mesh.axis_rules), cal_space=cal_space)
+
+
+def eval_token_sets(config, tok, model, ctx: experience.Context):
+  """The category token sets of the evaluation's confidence read-out (the label space's, settings.label_space)."""
+  if ctx.cal_space is None:
+    return ctx.token_sets
+  space = settings.label_space(config)
+  return jnp.asarray(rewards.category_token_sets(space, tok.encode, model.config.vocab_size))
 
 
 def setup(config, workdir) -> Run:
@@ -240,7 +250,9 @@ def setup(config, workdir) -> Run:
   tok = _tokenizer(config, workdir)
   model = build_model(config, tok)
   mesh = sharding.make_mesh(config.mesh.shape)
+  ctx = experience_context(config, tok, model, mesh)
   return Run(config=config, workdir=workdir, tokenizer=tok, model=model, mesh=mesh,
              axis_rules=dict(config.mesh.axis_rules), data=open_data(config, workdir, tok, model.config),
-             writer=observe.MetricsWriter(workdir, tensorboard=config.log.tensorboard),
-             ctx=experience_context(config, tok, model, mesh), eval_settings=settings.evaluation_settings(config))
+             writer=observe.MetricsWriter(workdir, tensorboard=config.log.tensorboard), ctx=ctx,
+             eval_settings=settings.evaluation_settings(config),
+             eval_token_sets=eval_token_sets(config, tok, model, ctx))

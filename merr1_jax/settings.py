@@ -59,12 +59,15 @@ def optim_config(config: Config, stage: str) -> optimlib.OptimConfig:
 
 
 def advantage_settings(config: Config) -> experience.AdvantageSettings:
-  """DOD / coupled advantages (method.md E2); weights per mode in prompts.MODES order (calibration: slow only)."""
+  """DOD / coupled advantages (method.md E2); weights per mode in prompts.MODES order, one per
+  experience.OBJECTIVES (calibration: slow only); the calibration's share in reward space (E3 "Variants")."""
   r = config.rl
-  per_mode = {"slow": (r.w_rec_slow, r.w_prec_slow, r.w_fmt, r.w_cal),
-              "fast": (r.w_rec_fast, r.w_prec_fast, r.w_fmt, 0.0)}
+  per_mode = {"slow": (r.w_rec_slow, r.w_prec_slow, r.w_f1, r.w_fmt, r.w_cal),
+              "fast": (r.w_rec_fast, r.w_prec_fast, r.w_f1, r.w_fmt, 0.0)}
+  in_reward = {"advantage": 0.0, "reward": 1.0, "mixed": float(r.cal_mix)}[r.cal_space]
   return experience.AdvantageSettings(disentangle=r.disentangle, scale=r.scale, eps=r.adv_eps, ddof=r.adv_ddof,
-                                      group=r.group, weights=tuple(per_mode[m] for m in prompts.MODES))
+                                      group=r.group, weights=tuple(per_mode[m] for m in prompts.MODES),
+                                      cal_in_reward=in_reward)
 
 
 def experience_settings(config: Config) -> experience.ExperienceSettings:
@@ -75,7 +78,8 @@ def experience_settings(config: Config) -> experience.ExperienceSettings:
       n_slow=r.n_slow, n_fast=r.n_fast,
       max_new_tokens=(("slow", r.max_new_tokens_slow), ("fast", r.max_new_tokens_fast)), method=method,
       advantage=advantage_settings(config), calibration=r.calibration,
-      cal=rl.CalibrationConfig(tau=r.cal_tau, alpha=r.cal_alpha), num_anchors=r.num_anchors,
+      cal=rl.CalibrationConfig(tau=r.cal_tau, alpha=r.cal_alpha, precision_side=r.cal_precision_side),
+      num_anchors=r.num_anchors,
       with_reference=r.beta > 0, prompt_buckets=tuple(config.data.prompt_buckets))
 
 
@@ -114,6 +118,14 @@ def label_space(config: Config) -> rewards.LabelSpace:
   if config.data.label_space == "identity":
     return rewards.LabelSpace.closed(synthlib.EMOTIONS)
   return rewards.LabelSpace.emotion_wheel(config.eval.format_version, config.data.wheel_level)
+
+
+def calibration_space(config: Config) -> rewards.LabelSpace | None:
+  """The calibration's categories when they are not the label space's: word-level confidence makes each of the
+  dataset's label words its own category (method.md E3 "Variants"); None = the label space's categories."""
+  if config.rl.cal_level == "word":
+    return rewards.LabelSpace.closed(synthlib.EMOTIONS)
+  return None
 
 
 def own_metric(config: Config) -> str:

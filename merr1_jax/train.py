@@ -28,7 +28,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from merr1_jax import artifacts, checkpoint, cli, evaluation, experience, observe, preemption, reports, settings
+from merr1_jax import artifacts, checkpoint, cli, evaluation, experience, interference, observe, preemption, reports
+from merr1_jax import settings
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
 from merr1_jax.models import hf_io
@@ -41,9 +42,10 @@ _log = logging.getLogger("merr1_jax.train")
 
 
 def _eval(run: Run, params, stage: str, step: int) -> dict:
-  """Both modes on the eval split; summary saved as WORKDIR/eval_<stage>.json (and reused on resume)."""
+  """Both modes on the eval split; summary saved as WORKDIR/eval_<stage>.json (and reused on resume), the
+  per-clip records as WORKDIR/eval_<stage>_samples.jsonl (what paired comparisons of runs read)."""
   result = evaluation.evaluate(run.model, params, run.tokenizer, run.data.eval_datasets(),
-                               settings=run.eval_settings, token_sets=run.ctx.token_sets, mesh=run.mesh,
+                               settings=run.eval_settings, token_sets=run.eval_token_sets, mesh=run.mesh,
                                progress=run.config.log.progress)
   summary = {name: r.summary for name, r in result.items()}
   analysis = {name: r.analysis for name, r in result.items()}
@@ -53,6 +55,9 @@ def _eval(run: Run, params, stage: str, step: int) -> dict:
   if jax.process_index() == 0:
     artifacts.write_text_atomic(run.workdir / f"eval_{stage}.json", json.dumps(
         {"step": step, "summary": summary, "analysis": analysis}, indent=1, default=float))
+    keep = ("dataset", "id", "mode", "sample", "precision", "recall", "words", "format_ok", "confidence")
+    artifacts.write_text_atomic(run.workdir / f"eval_{stage}_samples.jsonl", "".join(
+        json.dumps({k: s[k] for k in keep}) + "\n" for r in result.values() for s in r.samples))
   return {"summary": summary, "analysis": analysis}
 
 
@@ -145,6 +150,8 @@ def run_rl(run: Run, params, guard):
   ckpt = run.checkpointer("rl")
   state, saved_key = _restore(run, ckpt, state, batches, "rl")
   exp = settings.experience_settings(cfg)
+  # The interference probe's fixed prompts: the first batch of a fresh RL stream (the same on every resume).
+  probe_batch = next(iter(run.data.pipeline("rl"))) if cfg.rl.probe_every else None
   # The stage's key: a fresh run derives it from the seed, a resumed one takes the checkpoint's (saved with
   # every checkpoint), so resuming never depends on re-deriving it.
   base_key = jax.random.key(cfg.seed + 1) if saved_key is None else saved_key
@@ -163,6 +170,11 @@ def run_rl(run: Run, params, guard):
     metrics.update(update)
     metrics.update({"time/update": t2 - t1,
                     "time/tokens_per_s": tokens / max(t2 - t0, 1e-9)})
+    if probe_batch is not None and (i == 1 or i % cfg.rl.probe_every == 0):
+      # Before this step's update is applied to the probe (state is the updated one): a fixed key per step.
+      metrics.update(interference.probe(run.ctx, exp, state.params, ts.reference_params(state) if with_ref else None,
+                                        probe_batch, jax.random.fold_in(base_key, 1_000_000 + i),
+                                        freeze=tuple(cfg.rl.freeze)))
     return state, metrics
 
   state, preempted = _stage_loop(run, "rl", state, cfg.rl.steps, rl_step, batches, ckpt, guard, rng=base_key)

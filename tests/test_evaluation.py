@@ -1,5 +1,6 @@
 """evaluation + reports: both modes on MER-Synth records, summaries that equal a recomputation from the samples and
-metrics.py / the metrics CLI, determinism, N samples, padding rows, confidence by hand, reports, MME-Emotion.
+metrics.py / the metrics CLI, determinism, N samples, padding rows, confidence by hand, reports (with an
+MME-Emotion section; the MME-Emotion side itself: tests/test_mme.py).
 
 The policy is the tiny random model plus a token-bigram grammar (`Grammar`): the grammar makes every completion
 a plausible answer (<think>..</think><answer>w, w</answer>) and the random model, which sees the prompt, breaks
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from merr1_jax import eval_stats, evaluation, metrics, metrics_cli, prompts, reports, rewards
+from merr1_jax import eval_stats, evaluation, metrics, metrics_cli, mme, mme_judges, prompts, reports, rewards
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, mllm
 
@@ -451,6 +452,18 @@ def test_reports_files(tmp_path, result):
     assert w > 100 and h > 100
 
 
+def test_reports_with_mme(tmp_path, result):
+  items = [mme.JudgeItem.from_completion(s["id"], "ER-Lab", s["gt"], s["completion"])
+           for s in result.samples if s["mode"] == "slow"]
+  scores = mme.run_mme(items, mme_judges.RuleJudge())
+  reports.write_reports({"mer_synth": result}, tmp_path / "eval", meta={}, mme=scores)
+  out = tmp_path / "eval"
+  assert json.loads((out / "mme.json").read_text()) == json.loads((out / "report.json").read_text())["mme"]
+  assert "items" not in json.loads((out / "mme.json").read_text())
+  assert mme.mme_report(out / "mme_judge.jsonl")["overall"] == pytest.approx(scores["overall"])
+  assert "## MME-Emotion (judge: rule-v1:2025)" in (out / "report.md").read_text()
+
+
 def test_reports_are_atomic(tmp_path, result, monkeypatch):
   out = tmp_path / "eval"
 
@@ -469,35 +482,6 @@ def test_reports_are_atomic(tmp_path, result, monkeypatch):
   # The complete earlier report is still there, untouched.
   assert json.loads((out / "report.json").read_text())["meta"]["checkpoint"] == "first"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
-
-
-def test_mme_report_by_hand(tmp_path):
-  path = tmp_path / "judge.jsonl"
-  lines = [{"id": "a", "task": "ER-Lab", "step_scores": [1, 0, 1]},  # rea 0.5, rec 1
-           {"id": "b", "task": "ER-Lab", "step_scores": [0]},  # rea 0 (no steps), rec 0
-           {"id": "c", "task": "SA", "step_scores": [1, 1, 1, 0]}]  # rea 1, rec 0
-  path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-  out = reports.mme_report(path)
-  lab = out["per_task"]["ER-Lab"]
-  assert lab["rec_s"] == pytest.approx(50.0) and lab["rea_s"] == pytest.approx(25.0)
-  assert lab["cot_s"] == pytest.approx(37.5)
-  assert out["per_task"]["SA"]["rec_s"] == 0 and out["per_task"]["SA"]["rea_s"] == pytest.approx(100.0)
-  assert out["overall"]["rec_s"] == pytest.approx(100 / 3) and out["overall"]["rea_s"] == pytest.approx(50.0)
-  assert out["overall"]["cot_s"] == pytest.approx((100 / 3 + 50) / 2) and out["n_items"] == 3
-
-
-@pytest.mark.parametrize("line, match", [
-    ("{not json", "line 2: not JSON"),
-    ('{"id": "x", "task": "SA"}', "line 2: missing field 'step_scores'"),
-    ('{"id": "x", "task": "SA", "step_scores": [1, 2]}', "line 2: .*only 0 and 1"),
-    ('{"id": "x", "task": "SA", "step_scores": []}', "line 2: .*non-empty list"),
-    ('{"id": "a", "task": "SA", "step_scores": [1]}', "line 2: duplicate id 'a' \\(first on line 1\\)"),
-])
-def test_mme_report_bad_line(tmp_path, line, match):
-  path = tmp_path / "judge.jsonl"
-  path.write_text('{"id": "a", "task": "SA", "step_scores": [1]}\n' + line + "\n")
-  with pytest.raises(ValueError, match=f"judge.jsonl, {match}"):
-    reports.mme_report(path)
 
 
 def test_json_safe():

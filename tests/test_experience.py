@@ -124,13 +124,14 @@ def test_collect_lays_out_groups_sequences_and_reference_like_an_independent_bui
       np.testing.assert_allclose(rl_batch.ref_logp[r, len(prompt):len(want)], want_ref, atol=2e-4)
   # Advantages: method.md E2 in float64 from the same rewards, groups = prompts.
   r_BxO = np.asarray(rows["reward"], np.float64)
-  w = np.asarray([[1, 1, 0.1, 0.5] if m == "slow" else [1, 1, 0.1, 0.0] for m in rows["mode"]])
+  assert experience.OBJECTIVES == ("recall", "precision", "f1", "format", "calibration")
+  w = np.asarray([[1, 1, 0, 0.1, 0.5] if m == "slow" else [1, 1, 0, 0.1, 0.0] for m in rows["mode"]])
   valid = np.ones_like(r_BxO, bool)
-  valid[:, 3] = np.asarray(rows["mode"]) == "slow"
+  valid[:, 4] = np.asarray(rows["mode"]) == "slow"
   want_adv = np.zeros(b)
   for p in range(P):
     sl = slice(p * g, (p + 1) * g)
-    for o in range(4):
+    for o in range(5):
       x, v = r_BxO[sl, o], valid[sl, o]
       if v.sum() > 1 and x[v].max() > x[v].min():
         z = np.where(v, (x - x[v].mean()) / (x[v].std(ddof=1) + 1e-4), 0.0)
@@ -201,7 +202,7 @@ def _ref_calibration(model, params, batch, ctx, slow, p, k, num_anchors, tau):
 
   s_slow, s_fast = logmass(comp), logmass(fast_tokens)
   a = min(len(s_slow), len(s_fast))
-  gt, _ = ctx.space.encode(batch["openset"][p])
+  gt, _ = (ctx.cal_space or ctx.space).encode(batch["openset"][p])
   per_wheel = []
   for w in range(gt.shape[0]):
     if not gt[w].any():
@@ -212,18 +213,23 @@ def _ref_calibration(model, params, batch, ctx, slow, p, k, num_anchors, tau):
   return math.tanh(np.mean(per_wheel) / tau) if per_wheel and a else 0.0
 
 
-@pytest.mark.parametrize("kind", ["contrastive_gain", "none"])
-def test_calibration_reward_equals_uncached_slow_and_fast_passes(config, ctx, policy, batch, tok, kind):
+@pytest.mark.parametrize("kind,level", [("contrastive_gain", "category"), ("contrastive_gain", "word"),
+                                        ("none", "category")])
+def test_calibration_reward_equals_uncached_slow_and_fast_passes(config, tok, policy, batch, kind, level):
+  """r_cal of every slow row from two uncached forward passes, for category-level confidence (the label space's
+  wheel clusters) and word-level confidence (each MER-Synth label its own category)."""
   model, params, _ = policy
   config = config.copy_and_resolve_references()
-  config.rl.calibration, config.rl.cal_tau, config.rl.beta = kind, 0.5, 0.0
+  config.rl.calibration, config.rl.cal_tau, config.rl.beta, config.rl.cal_level = kind, 0.5, 0.0, level
+  ctx = run_setup.experience_context(config, tok, model, None)
+  assert (ctx.cal_space is None) == (level == "category")
   exp = settings.experience_settings(config)
   inputs = rollout.batch_inputs(batch, "slow")
   ros = {"slow": _hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
          "fast": _hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
   texts = [t for ro in ros.values() for t in rollout.completion_texts(tok, ro)]
   rl_batch, metrics, rows = experience.from_rollouts(ctx, exp, params, None, batch, ros, texts)
-  r_cal = np.asarray(rows["reward"])[:, 3]
+  r_cal = np.asarray(rows["reward"])[:, experience.OBJECTIVES.index("calibration")]
   g = N_SLOW + N_FAST
   want = np.zeros(P * g)
   for p in range(P):
@@ -262,3 +268,55 @@ def test_the_label_space_switch_reaches_rewards_token_sets_and_evaluation(config
   c.data.name, c.data.records_dir, c.data.tokenizer_dir = "mer_features", str(tmp_path), str(tmp_path)
   with pytest.raises(cfglib.ConfigError, match="config.data.label_space: 'identity' needs a dataset"):
     cfglib.validate(c)
+
+
+# ------------------------------------------------------------------------------ calibration's advantage space
+
+
+def _np_dod(r_BxO, valid_BxO, w_BxO, groups, eps=1e-4):
+  """method.md E2 (disentangled, unbiased std) in float64, by explicit loops over groups and objectives."""
+  out = np.zeros(len(r_BxO))
+  for g in np.unique(groups):
+    rows = groups == g
+    for o in range(r_BxO.shape[1]):
+      v = rows & valid_BxO[:, o]
+      x = r_BxO[v, o]
+      if len(x) > 1 and x.max() > x.min():
+        out[v] += w_BxO[v, o] * (x - x.mean()) / (x.std(ddof=1) + eps)
+  return out
+
+
+@pytest.mark.parametrize("space,lam", [("advantage", 0.0), ("reward", 1.0), ("mixed", 0.5)])
+def test_calibration_in_advantage_reward_and_mixed_space(config, space, lam):
+  """rl.cal_space (method.md E3 "Variants"): r_cal as its own normalised objective (advantage), folded into the
+  task rewards before their normalisation (reward: r_o + w_cal r_cal for recall, precision, F1), or split
+  (mixed: cal_mix of it folded in, the rest as its own objective). Against the float64 reference above."""
+  c = config.copy_and_resolve_references()
+  c.rl.cal_space, c.rl.cal_mix, c.rl.n_slow, c.rl.n_fast, c.rl.w_f1 = space, lam if space == "mixed" else 0.5, 3, 2, 0.3
+  adv = settings.advantage_settings(c)
+  assert adv.cal_in_reward == lam
+  rng = np.random.default_rng(21)
+  p, ns, nf = 2, 3, 2
+  b, bs = p * (ns + nf), p * ns
+  r = rng.random((b, 4)).astype(np.float32)
+  r[:, 3] = rng.random(b) < 0.7  # the format reward is 0/1
+  mode = np.asarray([0] * bs + [1] * (p * nf), np.int32)
+  prompt = np.concatenate([np.repeat(np.arange(p), ns), np.repeat(np.arange(p), nf)])
+  s_slow, s_fast = (-rng.random((bs, 2, 1, 3)).astype(np.float32) * 3 for _ in range(2))
+  amask, gt = np.ones((bs, 2), bool), np.zeros((bs, 1, 3), bool)
+  gt[:, 0, 0] = True
+  fmt = rng.random(bs) < 0.8
+  valid = np.ones(b, bool)
+  got, r_cal = experience.advantages_and_calibration(
+      r, valid, mode, prompt, (s_slow, s_fast, amask), gt, fmt, None, adv=adv, kind="contrastive_gain",
+      cal=rl.CalibrationConfig(), num_groups=p, group_size=ns + nf)
+  want_cal = np.zeros(b)
+  want_cal[:bs] = np.where(fmt, np.asarray(rl.calibration_gain(s_slow, s_fast, amask, gt)), 0.0)
+  np.testing.assert_allclose(r_cal, want_cal, rtol=1e-6, atol=1e-7)
+  w = np.asarray([[1, 1, 0.3, 0.1, 0.5] if m == 0 else [1, 1, 0.3, 0.1, 0.0] for m in mode], np.float64)
+  r64 = np.concatenate([r.astype(np.float64), want_cal[:, None]], 1)
+  r64[:, :3] += lam * w[:, 4:5] * want_cal[:, None]  # folded into the task rewards (only slow rows have r_cal)
+  w[:, 4] *= 1 - lam
+  v = np.ones_like(r64, bool)
+  v[:, 4] = mode == 0
+  np.testing.assert_allclose(got, _np_dod(r64, v, w, prompt), rtol=2e-5, atol=2e-5)

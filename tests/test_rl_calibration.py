@@ -121,8 +121,8 @@ def test_answer_anchors_by_hand():
   assert got == [[1, 3, 5], [2], [3, 5], []]
 
 
-def _np_gain(s_slow, s_fast, anchor_mask, gt, wheel_mask, cluster_mask):
-  """Reference written from method.md step 5, with explicit loops."""
+def _np_gain(s_slow, s_fast, anchor_mask, gt, wheel_mask, cluster_mask, precision_side=True):
+  """Reference written from method.md step 5 (and its no-precision-side variant), with explicit loops."""
   b, a, k, c = s_slow.shape
   out = np.zeros(b)
   for i in range(b):
@@ -137,11 +137,40 @@ def _np_gain(s_slow, s_fast, anchor_mask, gt, wheel_mask, cluster_mask):
         if not anchor_mask[i, j]:
           continue
         d = s_slow[i, j, kk] - s_fast[i, j, kk]
-        per_anchor.append(d[g].mean() - (d[n].mean() if n.any() else 0.0))
+        neg = (d[n].mean() if n.any() else 0.0) if precision_side else 0.0
+        per_anchor.append(d[g].mean() - neg)
       if per_anchor:
         wheel_vals.append(np.mean(per_anchor))
     out[i] = np.mean(wheel_vals) if wheel_vals else 0.0
   return out
+
+
+@pytest.mark.parametrize("kind", ["contrastive_gain", "fast_prior_kl"])
+def test_without_the_precision_side_matches_its_reference(kind):
+  """rl.cal_precision_side=False (method.md E3 "Variants"): contrastive_gain drops the term on the wrong
+  categories; fast_prior_kl drops the exp(-alpha) tilt on them. Float64 references written in this file."""
+  rng = np.random.default_rng(12)
+  b, a, k, c = 5, 3, 2, 4
+  s_slow = -rng.random((b, a, k, c)) * 4
+  s_fast = -rng.random((b, a, k, c)) * 4
+  anchor_mask = rng.random((b, a)) < 0.8
+  gt = rng.random((b, k, c)) < 0.35
+  gt[0, :, 0] = True
+  cluster_mask = np.ones((k, c), bool)
+  args = tuple(jnp.asarray(x, jnp.float32) if x.dtype != bool else jnp.asarray(x)
+               for x in (s_slow, s_fast, anchor_mask, gt, cluster_mask))
+  full, side = rl.CalibrationConfig(tau=0.8, alpha=0.9), rl.CalibrationConfig(tau=0.8, alpha=0.9, precision_side=False)
+  if kind == "contrastive_gain":
+    _, got = rl.calibration_gain(*args, side, return_gain=True)
+    _, with_side = rl.calibration_gain(*args, full, return_gain=True)
+    want = _np_gain(s_slow, s_fast, anchor_mask, gt, gt.any(-1), cluster_mask, precision_side=False)
+    want[~anchor_mask.any(1)] = 0.0
+  else:
+    _, got = rl.fast_prior_kl(*args, side, return_kl=True)
+    _, with_side = rl.fast_prior_kl(*args, full, return_kl=True)
+    want = _np_fast_prior_kl(s_slow, s_fast, anchor_mask, gt, gt.any(-1), cluster_mask, 0.9, precision_side=False)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(with_side) - np.asarray(got)).max() > 1e-3  # the switch changes the values
 
 
 def test_calibration_gain_matches_reference_and_jit():
@@ -203,7 +232,7 @@ def test_calibration_gain_rejects_non_positive_tau(tau):
 # --- fast_prior_kl (method.md E3 step 7) -----------------------------------------------------------------------
 
 
-def _np_fast_prior_kl(s_slow, s_fast, anchor_mask, gt, wheel_mask, cluster_mask, alpha):
+def _np_fast_prior_kl(s_slow, s_fast, anchor_mask, gt, wheel_mask, cluster_mask, alpha, precision_side=True):
   """Reference written from method.md step 7 with explicit loops, in float64."""
   b, a, k, c = s_slow.shape
   out = np.zeros(b)
@@ -221,7 +250,7 @@ def _np_fast_prior_kl(s_slow, s_fast, anchor_mask, gt, wheel_mask, cluster_mask,
         slow = np.exp(s_slow[i, j, kk][exists].astype(np.float64))
         p_slow = slow / slow.sum()
         fast = np.exp(s_fast[i, j, kk][exists].astype(np.float64))
-        tilt = np.where(g[exists], math.exp(alpha), math.exp(-alpha))
+        tilt = np.where(g[exists], math.exp(alpha), math.exp(-alpha) if precision_side else 1.0)
         q = fast * tilt / (fast * tilt).sum()
         per_anchor.append(sum(qc * math.log(qc / pc) for qc, pc in zip(q, p_slow) if qc > 0))
       if per_anchor:

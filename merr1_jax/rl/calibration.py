@@ -128,10 +128,13 @@ class CalibrationConfig:
 
   tau: contrastive_gain's temperature, r_cal = tanh(gain / tau); > 0.
   alpha: fast_prior_kl's GT tilt exp(+-alpha) of the fast prior; finite and >= 0.
+  precision_side: keep the term on the wrong (non-GT) categories, the side that raises precision by suppressing
+    them (method.md E3 "Variants"); False keeps only the GT side.
   """
 
   tau: float = 1.0
   alpha: float = 1.0
+  precision_side: bool = True
 
   def __post_init__(self):
     if not (isinstance(self.tau, (int, float)) and self.tau > 0):  # also rejects NaN
@@ -161,7 +164,8 @@ def calibration_gain(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask=None
 
   gain = mean over anchors of [(S_slow(GT) - S_fast(GT)) - (S_slow(Neg) - S_fast(Neg))], averaged over the
   wheels that hold a GT cluster. S(GT) is the mean log-mass over GT clusters, S(Neg) over the other existing
-  clusters of the wheel.
+  clusters of the wheel. Without the precision side (``cfg.precision_side`` False) the Neg term is dropped:
+  gain = mean over anchors of (S_slow(GT) - S_fast(GT)).
 
   Args:
     S_slow, S_fast: [B, A, K, C] category log-mass at the anchors, in the slow and the fast context.
@@ -178,7 +182,8 @@ def calibration_gain(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask=None
   gt, neg, _ = _gt_and_neg(gt_multihot, cluster_mask)
   d_gt_BxAxK, _ = _masked_mean(d_BxAxKxC, gt[:, None], axis=-1)
   d_neg_BxAxK, _ = _masked_mean(d_BxAxKxC, neg[:, None], axis=-1)
-  gain_B = _mean_over_anchors_and_gt_wheels(d_gt_BxAxK - d_neg_BxAxK, anchor_mask, gt)
+  gain_B = _mean_over_anchors_and_gt_wheels(d_gt_BxAxK - d_neg_BxAxK if cfg.precision_side else d_gt_BxAxK,
+                                            anchor_mask, gt)
   r_cal_B = jnp.tanh(gain_B / cfg.tau)
   return (r_cal_B, gain_B) if return_gain else r_cal_B
 
@@ -190,7 +195,7 @@ def fast_prior_kl(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask=None,  
 
   Per anchor and wheel, over the wheel's existing clusters c:
     p_slow(c) = softmax_c S_slow(c),   p_fast(c) = softmax_c S_fast(c)   (the category masses renormalised)
-    q(c) ∝ p_fast(c) · exp(+alpha) on GT clusters, exp(-alpha) on the others
+    q(c) ∝ p_fast(c) · exp(+alpha) on GT clusters, exp(-alpha) on the others (1 without the precision side)
     KL = sum_c q(c) (log q(c) - log p_slow(c))
   averaged over the valid anchors, then over the wheels that hold a GT cluster.
 
@@ -209,7 +214,8 @@ def fast_prior_kl(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask=None,  
   exists_1x1xKxC, gt_Bx1xKxC = exists[:, None], gt[:, None]
   log_softmax = lambda x: jax.nn.log_softmax(jnp.where(exists_1x1xKxC, x, -jnp.inf), axis=-1)
   logp_slow = log_softmax(S_slow.astype(jnp.float32))
-  logq = log_softmax(S_fast.astype(jnp.float32) + jnp.where(gt_Bx1xKxC, cfg.alpha, -cfg.alpha))
+  neg_tilt = -cfg.alpha if cfg.precision_side else 0.0
+  logq = log_softmax(S_fast.astype(jnp.float32) + jnp.where(gt_Bx1xKxC, cfg.alpha, neg_tilt))
   # 0 log 0 = 0: padded slots and clusters with q = 0 contribute nothing.
   kl_BxAxK = jnp.where(exists_1x1xKxC & (logq > -jnp.inf), jnp.exp(logq) * (logq - logp_slow), 0.0).sum(axis=-1)
   kl_B = _mean_over_anchors_and_gt_wheels(kl_BxAxK, anchor_mask, gt)
