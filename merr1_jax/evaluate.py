@@ -215,7 +215,7 @@ def read_baseline(path: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------------------------------------- MME-Emotion
 
 
-def mme_setup(args, workdir: pathlib.Path, modes: Sequence[str]) -> dict:
+def mme_setup(args, workdir: pathlib.Path, modes: Sequence[str], format_version: str = "2025") -> dict:
   """The --mme_items side, checked before anything is evaluated: the item specs, the judge, the cache path."""
   if "slow" not in modes:
     raise EvalError(f"--mme_items {args.mme_items}: MME-Emotion judges the slow mode's reasoning; add slow to "
@@ -227,7 +227,7 @@ def mme_setup(args, workdir: pathlib.Path, modes: Sequence[str]) -> dict:
   except (OSError, ValueError) as e:  # labels.BadRecordError names the item and field
     raise EvalError(f"--mme_items {args.mme_items}: {e}") from None
   try:
-    judge = mme_judges.load_judge(args.judge)
+    judge = mme_judges.load_judge(args.judge, format_version)
   except ValueError as e:
     raise EvalError(str(e)) from None
   return {"source": args.mme_items, "items": items, "judge": judge,
@@ -292,7 +292,7 @@ def run(args, overrides: Sequence[str]) -> dict:
   except ValueError as e:
     raise EvalError(str(e)) from None
   baseline = read_baseline(args.baseline) if args.baseline else None
-  judging = mme_setup(args, workdir, modes) if args.mme_items else None
+  judging = mme_setup(args, workdir, modes, config.eval.format_version) if args.mme_items else None
   # Which policy (directory listings only): its tokenizer is the one the data is tokenized with. A missing
   # checkpoint is reported after the datasets are checked, so an unknown dataset or an empty split comes first.
   try:

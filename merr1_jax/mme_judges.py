@@ -128,11 +128,11 @@ class OpenAICompatibleJudge:
     return self.parse(item, self.send(self.prompt(item)))
 
 
-def load_judge(spec: str):
-  """`rule` -> RuleJudge(); `module:Attr` -> Attr() from that importable module (a class, or a factory with no
+def load_judge(spec: str, format_version: str = "2025"):
+  """`rule` -> RuleJudge(format_version) (the run's emotion-wheel tables); `module:Attr` -> Attr() from that importable module (a class, or a factory with no
   arguments) that must be callable. ValueError naming the spec otherwise."""
   if spec == "rule":
-    return RuleJudge()
+    return RuleJudge(format_version)
   module_name, sep, attr = spec.partition(":")
   if not sep or not module_name or not attr:
     raise ValueError(f"--judge {spec!r}: expected 'rule' or 'module:Class' (e.g. my_judges:ServedJudge)")

@@ -55,7 +55,7 @@ def _eval(run: Run, params, stage: str, step: int) -> dict:
   if jax.process_index() == 0:
     artifacts.write_text_atomic(run.workdir / f"eval_{stage}.json", json.dumps(
         {"step": step, "summary": summary, "analysis": analysis}, indent=1, default=float))
-    keep = ("dataset", "id", "mode", "sample", "precision", "recall", "words", "format_ok", "confidence")
+    keep = ("dataset", "id", "mode", "sample", "gt", "precision", "recall", "words", "format_ok", "confidence")
     artifacts.write_text_atomic(run.workdir / f"eval_{stage}_samples.jsonl", "".join(
         json.dumps({k: s[k] for k in keep}) + "\n" for r in result.values() for s in r.samples))
   return {"summary": summary, "analysis": analysis}

@@ -1,0 +1,141 @@
+"""The ablation presets (configs/base.py:ablation=ROW) and the grid runner (benchmarks/ablation.py): the rows differ
+only in what their names say, a half-done grid resumes without redoing a cell, and the report's numbers rebuild
+the field's metric from per-clip pieces."""
+
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from merr1_jax import config as cfglib
+from merr1_jax import metrics
+from merr1_jax.data import synth
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import ablation  # noqa: E402
+
+BASE = str(ROOT / "configs" / "base.py")
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out |= _flat(v, f"{prefix}{k}.")
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _row(name):
+  return _flat(cfglib.load(f"{BASE}:ablation={name}").to_dict())
+
+
+REC_PREC = {"rl.w_rec_slow", "rl.w_rec_fast", "rl.w_prec_slow", "rl.w_prec_fast"}
+
+
+@pytest.mark.parametrize("row,other,keys", [
+    ("rd", "grpo_f1", REC_PREC | {"rl.w_f1"}),  # one F1 reward -> recall and precision as two rewards
+    ("rd_ad", "rd", {"rl.disentangle"}),  # ... normalised separately (DOD)
+    ("mer_r1", "rd_ad", {"rl.calibration"}),  # + SFCC
+    ("sfcc_word", "mer_r1", {"rl.cal_level"}),
+    ("sfcc_no_prec", "mer_r1", {"rl.cal_precision_side"}),
+    ("sfcc_reward", "mer_r1", {"rl.cal_space"}),
+    ("sfcc_mixed", "mer_r1", {"rl.cal_space"}),
+])
+def test_rows_differ_only_in_what_their_names_say(row, other, keys):
+  a, b = _row(row), _row(other)
+  assert a.keys() == b.keys()
+  assert {k for k in a if a[k] != b[k]} == keys
+  cfglib.validate(cfglib.load(f"{BASE}:ablation={row}"))
+  assert (a["rl.n_slow"], a["rl.n_fast"]) == (4, 0)  # the reported 4 responses per prompt, all slow
+
+
+def test_unknown_row_is_a_clear_error():
+  with pytest.raises(cfglib.ConfigError, match="unknown ablation row; known: grpo_f1, rd"):
+    cfglib.load(f"{BASE}:ablation=dpo")
+
+
+def _words(rng, k):
+  return list(rng.choice(synth.EMOTIONS, size=k, replace=False))
+
+
+def test_ov_f_from_per_clip_pieces_is_the_field_metric():
+  rng = np.random.default_rng(0)
+  gt = {f"c{i}": _words(rng, int(rng.integers(1, 4))) for i in range(40)}
+  samples = [{"id": i, "mode": "slow", "sample": 0, "words": _words(rng, int(rng.integers(0, 4)))} for i in gt]
+  _, p, r = ablation.per_clip_wheel_pr(samples, gt, "slow")
+  want = metrics.ov_score([gt[s["id"]] for s in samples], [s["words"] for s in samples])
+  assert ablation.ov_f(p, r) == pytest.approx(want["f"], abs=1e-12)
+
+
+def test_paired_bootstrap():
+  rng = np.random.default_rng(1)
+  pr = {s: (rng.random((30, 5)), rng.random((30, 5))) for s in range(3)}
+  same = ablation.paired_bootstrap(pr, pr, reps=200)
+  assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0]
+  better = {s: (np.minimum(p + 0.2, 1.0), np.minimum(r + 0.2, 1.0)) for s, (p, r) in pr.items()}
+  up = ablation.paired_bootstrap(better, pr, reps=200)
+  assert up["diff"] > 5 and up["ci95"][0] > 0 and len(up["per_seed"]) == 3
+
+
+class FakeTrainer:
+  """Stands in for `python -m merr1_jax.train` in the grid test: writes the files a finished cell has, with
+  results.json consistent with its per-clip samples (what `collect` checks), and records every command."""
+
+  def __init__(self):
+    self.commands = []
+
+  def __call__(self, cmd, log):
+    self.commands.append(cmd)
+    w = pathlib.Path(cmd[cmd.index("--workdir") + 1])
+    rng = np.random.default_rng(len(self.commands))
+    if "--config.stages=('sft',)" in cmd:
+      (w / "checkpoints" / "sft" / "2").mkdir(parents=True)
+      (w / "eval_sft.json").write_text("{}")
+      (w / "eval_sft_samples.jsonl").write_text("")
+      (w / "tokenizer.json").write_text("{}")
+      (w / "metrics.jsonl").write_text(json.dumps({"stage": "sft", "step": 1, "loss": 1.0}) + "\n")
+      return 0
+    assert (w / "checkpoints" / "sft").is_dir() and (w / "eval_sft.json").exists()  # the SFT copied in first
+    gt = {f"c{i}": _words(rng, 2) for i in range(12)}
+    samples = [{"id": i, "mode": m, "sample": 0, "gt": gt[i], "words": _words(rng, 2)} for i in gt for m in
+               ("slow", "fast")]
+    res = {"sft": {m: {"precision": 0.5, "recall": 0.5, "f": 0.5} for m in ("slow", "fast")}, "rl": {}}
+    for m in ("slow", "fast"):
+      ov = metrics.ov_score([s["gt"] for s in samples if s["mode"] == m], [s["words"] for s in samples
+                                                                           if s["mode"] == m])
+      res["rl"][m] = {k: ov[k] for k in ("precision", "recall", "f")}
+    (w / "eval_rl_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    with (w / "metrics.jsonl").open("a") as f:
+      f.write(json.dumps({"stage": "rl", "step": 1, "probe/rho": 0.1, "probe/grad_cos": 0.2}) + "\n")
+    (w / "results.json").write_text(json.dumps(res))
+    return 0
+
+
+def test_a_half_done_grid_resumes_without_redoing_a_cell(tmp_path):
+  fake = FakeTrainer()
+  argv = ["--presets", "rd,rd_ad", "--seeds", "0,1", "--out", str(tmp_path), "--no_reasoning_check"]
+  first = ablation.main(argv + ["--max_cells", "3"], run=fake)
+  assert first == {"ran": ["0/sft", "1/sft", "0/rd"], "complete": False}
+  assert not (tmp_path / "ablation.md").exists()
+  second = ablation.main(argv, run=fake)
+  assert second["complete"] and second["ran"] == ["0/rd_ad", "1/rd", "1/rd_ad"]  # nothing done twice
+  assert len(fake.commands) == 6
+  for cmd in fake.commands:
+    seed = int(cmd[[c.startswith("--config.seed=") for c in cmd].index(True)].split("=")[1])
+    assert f"--config.data.data_dir={tmp_path}/seed{seed}/data" in cmd  # one prepared dataset per seed
+    assert "--config.rl.probe_every=20" in cmd and "--config.checkpoint.export_hf=False" in cmd
+  assert [c[c.index("--config") + 1].split(":ablation=")[1] for c in fake.commands[2:]] == ["rd", "rd_ad", "rd",
+                                                                                           "rd_ad"]
+  summary = json.loads((tmp_path / "ablation.json").read_text())
+  assert set(summary["rows"]) == {"rd", "rd_ad"} and summary["rows"]["rd"]["seeds"] == [0, 1]
+  assert set(summary["paired"]) == {"rd_ad_vs_rd_slow", "rd_ad_vs_rd_fast"}
+  assert (tmp_path / "ablation.png").exists() and (tmp_path / "interference.png").exists()
+  assert "| rd_ad vs rd | slow |" in (tmp_path / "ablation.md").read_text()
+  third = ablation.main(argv, run=fake)  # everything done: no command runs, the report is rebuilt
+  assert third["ran"] == [] and len(fake.commands) == 6
