@@ -223,6 +223,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The variance-interference probe (method.md "Variance-induced interference"): every probe_every RL steps,
   # per-objective advantage and gradient statistics on a fixed probe batch (probe/* metrics); 0 = off.
   c.rl.probe_every = 0
+  # Prefix grouping (docs/method.md "Prefix-grouped passes"): the update, the old-policy, reference and
+  # calibration passes compute each prompt once and let its completions attend to it; False = every completion
+  # carries its own copy of the prompt (the reference implementation, same numbers up to float rounding).
+  c.rl.prefix_grouped = True
   c.rl.num_anchors = 6  # answer anchors read per completion
   c.rl.max_nonfinite_steps = 3  # stop with a diagnostic after this many skipped (NaN/Inf) steps
   c.rl.freeze = ()  # regexes over parameter paths that RL leaves untouched, e.g. (r"video_proj/",)

@@ -209,7 +209,7 @@ _FIELD_RULES: dict[str, Rule] = {
     "rl.cal_alpha": _real(0.0), "rl.num_anchors": _int(1), "rl.max_nonfinite_steps": _int(0),
     "rl.w_f1": _W, "rl.cal_level": _one_of("category", "word"), "rl.cal_precision_side": _bool,
     "rl.cal_space": _one_of("advantage", "reward", "mixed"), "rl.cal_mix": _real(0.0, 1.0),
-    "rl.probe_every": _int(0),
+    "rl.probe_every": _int(0), "rl.prefix_grouped": _bool,
     "rl.freeze": _regexes,
     # optimizer
     "optim.schedule": _one_of("constant", "cosine"), "optim.b1": _real(0.0, 1.0, hi_open=True),
@@ -278,6 +278,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   need((batch // r.mini_batches) % r.micro_batches == 0, "rl.micro_batches",
        f"a mini-batch of {batch // r.mini_batches} rows (prompts_per_step x (n_slow + n_fast) / mini_batches) is "
        f"not divisible by {r.micro_batches} micro-batches")
+  if r.prefix_grouped:  # mini- and micro-batches split whole groups (prompts) in the grouped layout
+    need(r.prompts_per_step % (r.mini_batches * r.micro_batches) == 0, "rl.prefix_grouped",
+         f"grouped updates split prompts: prompts_per_step {r.prompts_per_step} is not divisible by mini_batches x "
+         f"micro_batches = {r.mini_batches * r.micro_batches}; change them or set rl.prefix_grouped=False")
   need(config.sft.batch_size % config.sft.micro_batches == 0, "sft.micro_batches",
        f"sft.batch_size {config.sft.batch_size} is not divisible by {config.sft.micro_batches} micro-batches")
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import prompts, rewards, rl, rollout, sharding
+from merr1_jax import assembly, grouped, prompts, rewards, rl, rollout, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.models import base
 
@@ -67,6 +67,7 @@ class ExperienceSettings:
   num_anchors: int
   with_reference: bool
   prompt_buckets: tuple[int, ...]  # few buckets = few compiled shapes
+  prefix_grouped: bool  # the passes and the update in the grouped layout (merr1_jax/grouped.py)
 
   @property
   def modes(self) -> tuple[str, ...]:
@@ -169,74 +170,6 @@ def advantages_and_calibration(rewards_BxO: jax.Array, valid_B: jax.Array, mode_
   return a, r_cal_B
 
 
-# ------------------------------------------------------------------------------------------------- the batch
-
-
-def _full_sequences(ro: rollout.Rollout, ref_logp: np.ndarray | None) -> dict[str, np.ndarray]:
-  """Prompt (repeated per sample) + completion as [B, L + T] host arrays, positions continuing the prompt."""
-  rep = lambda a: np.repeat(np.asarray(a), ro.num_samples, axis=0)
-  p = ro.prompt
-  comp_mask = np.asarray(ro.completion_mask)
-  start = rollout.next_positions(np.asarray(p.positions), np.asarray(p.mask))
-  cpos = rollout.text_positions(rep(start), comp_mask.shape[1], np.asarray(p.positions))
-  cpos = np.where(comp_mask.reshape(*comp_mask.shape, *([1] * (cpos.ndim - 2))), cpos, 0)
-  zeros = np.zeros((comp_mask.shape[0], p.tokens.shape[1]), np.float32)
-  out = {
-      "tokens": np.concatenate([rep(p.tokens), np.asarray(ro.completion)], axis=1),
-      "mask": np.concatenate([rep(p.mask), comp_mask], axis=1),
-      "positions": np.concatenate([rep(p.positions), cpos], axis=1).astype(np.int32),
-      "completion_mask": np.concatenate([zeros.astype(bool), comp_mask], axis=1),
-      "behaviour_logp": np.concatenate([zeros, np.where(comp_mask, np.asarray(ro.logp), 0.0)], axis=1),
-  }
-  if ref_logp is not None:
-    out["ref_logp"] = np.concatenate([zeros, np.asarray(ref_logp)], axis=1)
-  for name in ("video", "video_mask", "audio", "audio_mask"):
-    if getattr(p, name) is not None:
-      out[name] = rep(getattr(p, name))
-  return out
-
-
-def prompt_major_order(prompt_ids_B: np.ndarray) -> np.ndarray:
-  """The permutation that makes each prompt's rows contiguous, keeping their order (slow rows, then fast)."""
-  return np.argsort(prompt_ids_B, kind="stable")
-
-
-def assemble(rollouts: Sequence[rollout.Rollout], advantages_B: np.ndarray, *, pad_id: int,
-             ref_logp: Sequence[np.ndarray | None] | None = None, valid_B: np.ndarray | None = None,
-             mode_ids_B: np.ndarray | None = None) -> ts.RLBatch:
-  """The RLBatch of one step from host rollouts (in rollout order, e.g. slow then fast) and their rows' values.
-
-  Sequences are padded to one length, then laid out prompt-major (`prompt_major_order`); `valid_B` False rows
-  carry no loss; `mode_ids_B` (0 slow, 1 fast) defaults to each rollout's mode.
-  """
-  parts = [_full_sequences(ro, None if ref_logp is None else ref_logp[i]) for i, ro in enumerate(rollouts)]
-  seq_len = max(p["tokens"].shape[1] for p in parts)
-  pad = lambda x, v: np.pad(x, [(0, 0), (0, seq_len - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=v)
-  seq = {k: np.concatenate([pad(p[k], pad_id if k == "tokens" else 0) if k in _TIME_KEYS else p[k]
-                            for p in parts]) for k in parts[0]}
-  prompt_ids = np.concatenate([ro.prompt_index for ro in rollouts])
-  if mode_ids_B is None:
-    mode_ids_B = np.concatenate([np.full(len(ro.prompt_index), prompts.MODES.index(ro.mode), np.int32)
-                                 for ro in rollouts])
-  order = prompt_major_order(prompt_ids)
-  seq = {k: v[order] for k, v in seq.items()}
-  valid = np.ones(len(order), bool) if valid_B is None else np.asarray(valid_B, bool)[order]
-  feats = {k: seq.get(k) for k in ("video", "video_mask", "audio", "audio_mask")}
-  return ts.RLBatch(
-      inputs=base.ModelInputs(tokens=seq["tokens"], positions=seq["positions"], mask=seq["mask"], **feats),
-      completion_mask=seq["completion_mask"] & valid[:, None],  # invalid groups carry no loss
-      advantages=np.asarray(advantages_B, np.float32)[order],
-      old_logp=None,  # the step takes the trainer's own log-probs before its first update (train_step)
-      behaviour_logp=seq["behaviour_logp"],
-      ref_logp=seq.get("ref_logp"),
-      mode_ids=np.asarray(mode_ids_B, np.int32)[order],  # StepConfig.mode_names: 0 slow, 1 fast
-      loss_start=min(ro.prompt.tokens.shape[1] for ro in rollouts) - 1,  # completions start at a bucket
-  )
-
-
-_TIME_KEYS = ("tokens", "mask", "positions", "completion_mask", "behaviour_logp", "ref_logp")
-
-
 # ----------------------------------------------------------------------------------------------------- collect
 
 
@@ -287,11 +220,10 @@ def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params
   t1 = time.perf_counter()
   inputs = rollout.batch_inputs(batch, "slow")
   num_prompts = inputs.tokens.shape[0]
-  ref = [sharding.to_host(rollout.score(ctx.model, ref_params, ro, mesh=ctx.mesh, axis_rules=ctx.axis_rules).logp)
-         for ro in ros.values()] if settings.with_reference else None
   use_cal = settings.calibration != "none" and settings.n_slow > 0
-  logmass = calibration_logmass(ctx, params, inputs, ros["slow"], settings.num_anchors,
-                                settings.prompt_buckets) if use_cal else None
+  passes = _grouped_passes if settings.prefix_grouped else _ungrouped_passes
+  ref, logmass, prompt = passes(ctx, settings, params, ref_params if settings.with_reference else None, inputs, ros,
+                                use_cal)
   modes = [ro.mode for ro in ros.values() for _ in range(ro.completion.shape[0])]
   mode_ids = np.asarray([prompts.MODES.index(m) for m in modes], np.int32)
   prompt_ids = np.concatenate([ro.prompt_index for ro in ros.values()])
@@ -310,13 +242,58 @@ def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params
       group_size=group_size)
   adv, r_cal = np.asarray(adv), np.asarray(r_cal)
   rewards_BxO = np.concatenate([r, r_cal[:, None]], axis=1).astype(np.float32)
-  rl_batch = assemble(list(ros.values()), adv, pad_id=ctx.ids.pad, ref_logp=ref, valid_B=scored.valid_B,
-                      mode_ids_B=mode_ids)
+  if settings.prefix_grouped:
+    rl_batch = assembly.assemble_grouped(list(ros.values()), adv, prompt, fast_prefix_ids=ctx.ids.fast_prefix,
+                                         ref_logp=ref, valid_B=scored.valid_B)
+  else:
+    rl_batch = assembly.assemble(list(ros.values()), adv, pad_id=ctx.ids.pad, ref_logp=ref, valid_B=scored.valid_B,
+                                 mode_ids_B=mode_ids)
   metrics = _metrics(settings, ros, rewards_BxO, scored, mode_ids, prompt_ids, adv)
   metrics["time/scoring"] = time.perf_counter() - t1  # reference, calibration, rewards, advantages, assembly
-  order = prompt_major_order(prompt_ids)
+  order = assembly.prompt_major_order(prompt_ids)
   return rl_batch, metrics, {"text": [texts[i] for i in order], "mode": [modes[i] for i in order],
                              "reward": rewards_BxO[order].tolist(), "advantage": adv[order].tolist()}
+
+
+def _ungrouped_passes(ctx: Context, settings: ExperienceSettings, params, ref_params, inputs, ros, use_cal):
+  """(reference log-probs per rollout [B_m, T] or None, calibration log-masses or None, None): rollout.score over
+  each rollout's own (repeated) prompt."""
+  ref = None if ref_params is None else [sharding.to_host(rollout.score(
+      ctx.model, ref_params, ro, mesh=ctx.mesh, axis_rules=ctx.axis_rules).logp) for ro in ros.values()]
+  logmass = calibration_logmass(ctx, params, inputs, ros["slow"], settings.num_anchors,
+                                settings.prompt_buckets) if use_cal else None
+  return ref, logmass, None
+
+
+def _grouped_passes(ctx: Context, settings: ExperienceSettings, params, ref_params, inputs, ros, use_cal):
+  """The same passes prefix-grouped (grouped.score_pass): the reference over every mode's completions with each
+  prompt once, and the calibration's slow context and fast counterfactual in one pass (they share the prompt).
+  Returns them as `_ungrouped_passes` does, and the shared (slow-rendered) prompt."""
+  prompt = assembly.slow_prompt(ros, inputs, vocab_size=ctx.model.config.vocab_size, pad_id=ctx.ids.pad,
+                                buckets=settings.prompt_buckets)
+  kw = dict(mesh=ctx.mesh, axis_rules=ctx.axis_rules)
+  ref = None
+  if ref_params is not None:
+    segs = [grouped.segment(ro, prompt, fast_prefix_ids=ctx.ids.fast_prefix, mode_id=prompts.MODES.index(m))
+            for m, ro in ros.items()]
+    outs = sharding.to_host(grouped.score_pass(ctx.model, ref_params, prompt, segs, **kw))
+    # Back to completion columns [B, T]: a fast suffix starts with FAST_PREFIX.
+    ref = [o["logp"][..., len(ctx.ids.fast_prefix) if m == "fast" else 0:].reshape(ro.completion.shape)
+           for o, (m, ro) in zip(outs, ros.items())]
+  if not use_cal:
+    return ref, None, prompt
+  slow = ros["slow"]
+  comp, lengths = np.asarray(slow.completion), np.asarray(slow.length)
+  answers = [answer_tokens(comp[r], int(lengths[r]), ctx.ids) for r in range(len(comp))]
+  counterfactual = grouped.token_segment(answers, prompt, num_samples=slow.num_samples,
+                                         prefix_ids=ctx.ids.fast_prefix, mode_id=1, pad_id=ctx.ids.pad)
+  own = grouped.segment(slow, prompt, fast_prefix_ids=(), mode_id=0)
+  s_slow, s_fast = sharding.to_host(grouped.score_pass(
+      ctx.model, params, prompt, [own, counterfactual], token_sets=ctx.token_sets,
+      anchors=ctx.ids.anchors(settings.num_anchors), **kw))
+  flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731 ([P, G, ...] -> rows p*G + g)
+  return ref, (flat(s_slow["logmass"]), flat(s_fast["logmass"]),
+               flat(s_slow["anchor_mask"]) & flat(s_fast["anchor_mask"])), prompt
 
 
 def _metrics(settings, ros, rewards_BxO, scored, mode_ids, prompt_ids, adv) -> dict[str, float]:

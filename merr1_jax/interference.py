@@ -24,6 +24,7 @@ Shape legend: B rows (RLBatch order: prompt-major groups), P groups, O objective
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -110,6 +111,8 @@ def probe(ctx: experience.Context, settings: experience.ExperienceSettings, para
           freeze=()) -> dict[str, float]:
   """The probe's statistics (module docstring) on one fresh experience step over `batch` (a fixed probe batch of
   prompts, new rollouts from the current policy): {'probe/<name>': value}."""
+  # The ungrouped layout: the probe reads row-wise arrays (the grouped one holds the same numbers).
+  settings = dataclasses.replace(settings, prefix_grouped=False)
   rl_batch, _, rows = experience.collect(ctx, settings, params, ref_params, batch, rng)
   r_BxO = np.asarray(rows["reward"])
   mode = np.asarray(rl_batch.mode_ids)

@@ -129,7 +129,8 @@ class OpenAICompatibleJudge:
 
 
 def load_judge(spec: str, format_version: str = "2025"):
-  """`rule` -> RuleJudge(format_version) (the run's emotion-wheel tables); `module:Attr` -> Attr() from that importable module (a class, or a factory with no
+  """`rule` -> RuleJudge(format_version) (the run's emotion-wheel tables); `module:Attr` -> Attr() from that
+  importable module (a class, or a factory with no
   arguments) that must be callable. ValueError naming the spec otherwise."""
   if spec == "rule":
     return RuleJudge(format_version)

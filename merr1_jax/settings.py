@@ -80,7 +80,7 @@ def experience_settings(config: Config) -> experience.ExperienceSettings:
       advantage=advantage_settings(config), calibration=r.calibration,
       cal=rl.CalibrationConfig(tau=r.cal_tau, alpha=r.cal_alpha, precision_side=r.cal_precision_side),
       num_anchors=r.num_anchors,
-      with_reference=r.beta > 0, prompt_buckets=tuple(config.data.prompt_buckets))
+      with_reference=r.beta > 0, prompt_buckets=tuple(config.data.prompt_buckets), prefix_grouped=r.prefix_grouped)
 
 
 def evaluation_settings(config: Config, **overrides: Any) -> evaluation.EvalSettings:

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from merr1_jax import optim, rl
+from merr1_jax import grouped, optim, rl
 from merr1_jax.models import base
 from merr1_jax.rl import loss as rl_loss
 
@@ -272,14 +272,22 @@ def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformatio
   (``_old_logprobs``), so the first update's ratio is exactly 1 and clipping acts from the second update on;
   with one update the ratio is 1 and clipping cannot act. ``state.step`` counts RL steps (one per call), the
   optimizer's schedule counts updates. ``optimizer`` must be the one ``init_state`` initialised.
+
+  The batch is an ``RLBatch`` (every row its whole sequence) or a ``grouped.GroupedRLBatch`` (each prompt once,
+  its completions as per-mode suffixes; the model must implement ``hidden_grouped``); micro- and mini-batches
+  split rows, or prompts with their whole groups.
   """
-  loss_fn = make_rl_loss(model, cfg)
+  losses = {False: make_rl_loss(model, cfg), True: grouped.make_grouped_loss(model, cfg)}
   updates = cfg.ppo_epochs * cfg.mini_batches
 
   def one_update(state: TrainState, batch: RLBatch, beta):
-    mask = batch.completion_mask[:, 1:].astype(jnp.float32)
-    num_tokens, num_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
-    fn = lambda p, mb: loss_fn(p, mb, beta, num_tokens, num_seqs)
+    is_grouped = isinstance(batch, grouped.GroupedRLBatch)
+    if is_grouped:
+      num_tokens, num_seqs = grouped.token_counts(batch)
+    else:
+      mask = batch.completion_mask[:, 1:].astype(jnp.float32)
+      num_tokens, num_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
+    fn = lambda p, mb: losses[is_grouped](p, mb, beta, num_tokens, num_seqs)
     trainable, frozen = optim.split_trainable(state.params, state.freeze)
     loss, grads, stats = _accumulate(fn, trainable, frozen, batch, cfg.micro_batches)
     return _apply(optimizer, state, trainable, frozen, loss, grads, stats)
@@ -290,8 +298,12 @@ def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformatio
     if updates == 1:
       state, m = one_update(state, batch, beta)
       return state, {**{k: m[k] for k in _UPDATE_KEYS}, **rl.finalize_stats(_loss_stats(m)), **extra}
-    old, gap = _old_logprobs(model, cfg, state.params, batch)
-    parts = _micro_split(batch.replace(old_logp=old), cfg.mini_batches)
+    if isinstance(batch, grouped.GroupedRLBatch):
+      with_old, gap = grouped.old_logprobs(model, cfg, state.params, batch)
+    else:
+      old, gap = _old_logprobs(model, cfg, state.params, batch)
+      with_old = batch.replace(old_logp=old)
+    parts = _micro_split(with_old, cfg.mini_batches)
     start_step = state.step
 
     def body(state, i):

@@ -4,12 +4,16 @@
   before jax is imported anywhere; unsharded code still runs on device 0 only, so other tests are unaffected.
 * The persistent compilation cache (ecosystem.md pitfall 10): repeated CI runs and xdist workers reuse
   compiled programs instead of paying XLA compile time again.
+* XLA's CPU backend at optimisation level 0 without its expensive LLVM passes (tests/helpers/xla.py says why);
+  the child processes that tests start get the same flags. Set XLA_FLAGS yourself to override.
 """
 
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests.helpers.xla import COMPILE_FAST  # noqa: E402 (no jax import: the flags must come first)
+
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COMPILE_FAST}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never touch the network: make any accidental hub access fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,6 +20,7 @@ from merr1_jax import artifacts, checkpoint, optim, preemption, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, hf_io, mllm
+from tests.helpers.xla import COMPILE_FAST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,7 +264,7 @@ os._exit(0)
 
 
 def test_crash_before_finalisation_leaves_no_complete_looking_checkpoint(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=COMPILE_FAST, PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, "-c", _CRASH, str(tmp_path)], env=env, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 17, proc.stderr[-2000:]
@@ -380,7 +381,7 @@ def test_two_processes_save_and_restore_their_shards_and_streams(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {COMPILE_FAST}",
              PYTHONPATH=ROOT)
   procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(tmp_path / "ck"), str(port), str(i)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -28,6 +28,7 @@ from merr1_jax import checkpoint, evaluate, evaluation, metrics, run_setup, sett
 from merr1_jax import config as cfglib
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, hf_io
+from tests.helpers.xla import COMPILE_FAST
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "base.py")
@@ -43,7 +44,7 @@ def _config(*overrides):
 def _env() -> dict:
   """A child process as a user runs it: one CPU device (no forced device count), offline, the test cache."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XLA_FLAGS"))}
-  env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
+  env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", XLA_FLAGS=COMPILE_FAST,
              JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   return env
 

@@ -8,6 +8,7 @@
   (prompt + FAST_PREFIX + the same answer), in float64 (method.md E3 steps 1-5).
 """
 
+import dataclasses
 import math
 import pathlib
 
@@ -89,7 +90,7 @@ def _log_softmax(x):
 
 def test_collect_lays_out_groups_sequences_and_reference_like_an_independent_build(config, ctx, policy, batch):
   model, params, ref_params = policy
-  exp = settings.experience_settings(config)
+  exp = dataclasses.replace(settings.experience_settings(config), prefix_grouped=False)  # the row-wise layout
   rng = jax.random.key(3)
   rl_batch, metrics, rows = experience.collect(ctx, exp, params, ref_params, batch, rng)
   ros = experience._sample_all(ctx, exp, params, rollout.batch_inputs(batch, "slow"), rng)  # same key, same draws
@@ -320,3 +321,32 @@ def test_calibration_in_advantage_reward_and_mixed_space(config, space, lam):
   v = np.ones_like(r64, bool)
   v[:, 4] = mode == 0
   np.testing.assert_allclose(got, _np_dod(r64, v, w, prompt), rtol=2e-5, atol=2e-5)
+
+
+def test_collect_in_the_grouped_layout_gives_the_same_experience(config, ctx, policy, batch):
+  """rl.prefix_grouped: the same rollouts, rewards, r_cal and advantages as the ungrouped layout, and a
+  GroupedRLBatch whose segments hold the RLBatch's completions, masks, advantages and reference log-probs."""
+  model, params, ref_params = policy
+  rng = jax.random.key(5)
+  base_settings = settings.experience_settings(config)
+  flat, m_f, rows_f = experience.collect(ctx, dataclasses.replace(base_settings, prefix_grouped=False), params,
+                                         ref_params, batch, rng)
+  group, m_g, rows_g = experience.collect(ctx, dataclasses.replace(base_settings, prefix_grouped=True), params,
+                                          ref_params, batch, rng)
+  assert rows_g["text"] == rows_f["text"]
+  np.testing.assert_allclose(np.asarray(rows_g["reward"]), np.asarray(rows_f["reward"]), atol=1e-5)
+  np.testing.assert_allclose(rows_g["advantage"], rows_f["advantage"], atol=1e-5)
+  g = N_SLOW + N_FAST
+  for seg, mode, lo in zip(group.segments, ("slow", "fast"), (0, N_SLOW)):
+    n = seg.tokens.shape[1]
+    rows = (np.arange(P)[:, None] * g + lo + np.arange(n)[None]).reshape(-1)  # prompt-major RLBatch rows
+    np.testing.assert_allclose(np.asarray(seg.advantages).reshape(-1), np.asarray(flat.advantages)[rows], atol=0)
+    pre = len(ctx.ids.fast_prefix) if mode == "fast" else 0
+    cm = np.asarray(flat.completion_mask)[rows]
+    for k, r in enumerate(rows):
+      lm = seg.loss_mask.reshape(-1, seg.loss_mask.shape[-1])[k]
+      assert lm[:pre].sum() == 0 and lm.sum() == cm[k].sum()
+      np.testing.assert_array_equal(seg.tokens.reshape(-1, seg.tokens.shape[-1])[k][lm],
+                                    np.asarray(flat.inputs.tokens)[r][cm[k]])
+      np.testing.assert_allclose(seg.ref_logp.reshape(-1, seg.ref_logp.shape[-1])[k][lm],
+                                 np.asarray(flat.ref_logp)[r][cm[k]], rtol=1e-5, atol=1e-5)

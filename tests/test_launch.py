@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from tests.helpers.xla import COMPILE_FAST
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 TRAIN_ARGS = ["--config", "configs/smoke.py", "--workdir", "/runs/a b", "--config.mesh.shape=(1,4,1)",
@@ -217,7 +219,7 @@ def test_two_process_smoke_training_run(tmp_path):
   # Every program is cached, the many small ones of the host-side reward code too: each process compiles all
   # of them, so on two cores they cost more than in a one-process run.
   env.update(HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS=COMPILE_FAST)
   work = tmp_path / "w"
   cmd = [str(LAUNCH / "local_multiprocess.sh"), "2", "--config", "configs/smoke.py", "--workdir", str(work),
          "--config.rl.prompts_per_step=2", "--config.rl.steps=2", "--config.sft.steps=2"]

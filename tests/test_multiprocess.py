@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from merr1_jax import sharding
+from tests.helpers.xla import COMPILE_FAST
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 900
@@ -33,7 +34,7 @@ def _free_port():
 
 def _env():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {COMPILE_FAST}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
   return env

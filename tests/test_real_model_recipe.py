@@ -37,6 +37,7 @@ from merr1_jax import prompts, rollout, sampling  # noqa: E402
 from merr1_jax.models import base, hf_io, mllm, safetensors_io  # noqa: E402
 from tests.helpers.omni import write_omni_tokenizer, write_random_clip  # noqa: E402
 from tests.helpers.torch_init import randomise  # noqa: E402
+from tests.helpers.xla import COMPILE_FAST  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, H, K, DH, F, LAYERS = 32, 2, 1, 16, 64, 2
@@ -156,6 +157,7 @@ def train_overrides(ckpt, records) -> dict:
 def run_training(over: dict, work, out, cache_dir=os.path.join(ROOT, ".jax_cache")) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}  # one CPU device
   env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=cache_dir,
+             XLA_FLAGS=COMPILE_FAST,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   spec = os.path.join(ROOT, "configs", "smoke.py") + ":model=qwen2_5_omni_3b_thinker,data=mer_features"
   os.makedirs(out, exist_ok=True)

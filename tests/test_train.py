@@ -22,6 +22,7 @@ import pytest
 from merr1_jax import config as cfglib
 from merr1_jax import memory, run_setup
 from merr1_jax.models import mllm, presets
+from tests.helpers.xla import COMPILE_FAST
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.py")
@@ -68,7 +69,7 @@ def _env(tmp: pathlib.Path, **extra) -> dict:
   env.update(
       PYTHONPATH=os.pathsep.join([str(guard), str(ROOT)]), MERR1_NETLOG=str(tmp / "net.log"),
       MERR1_GUARD_MARK=str(tmp / "guard.mark"), HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1",
-      JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
+      JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"), XLA_FLAGS=COMPILE_FAST,
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", **extra)
   return env
 

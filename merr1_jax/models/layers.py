@@ -8,7 +8,8 @@ Precision: parameters are stored in `param_dtype` and cast to `compute_dtype` at
 angles, attention scores and softmax run in float32 (bf16 softmax loses the tail mass log-probs need).
 
 Shape legend: B batch, L query tokens, S key slots, D d_model, H query heads, K kv heads, G = H // K,
-Dh head dim, F mlp width, N layers.
+Dh head dim, F mlp width, N layers. In `attend_grouped` (prefix grouping): P prefixes of L tokens, G suffixes of
+T tokens per prefix, J = H // K.
 """
 
 from __future__ import annotations
@@ -112,6 +113,32 @@ def attend(q_BxLxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array,
   o = jnp.einsum("bkgls,bskd->blkgd", p_BxKxGxLxS.astype(v_BxSxKxDh.dtype), v_BxSxKxDh,
                  preferred_element_type=jnp.float32)
   return o.reshape(b, l, h, dh).astype(q_BxLxHxDh.dtype)
+
+
+def attend_grouped(q_PxGxTxHxDh: jax.Array, k_PxLxKxDh: jax.Array, v_PxLxKxDh: jax.Array, mask_PxL: jax.Array,
+                   ks_PxGxTxKxDh: jax.Array, vs_PxGxTxKxDh: jax.Array, mask_PxGxTxT: jax.Array) -> jax.Array:
+  """Attention of G suffixes per prefix to their shared prefix's keys and, causally, to their own (prefix grouping).
+
+  Every suffix token attends to the P-th prefix's valid keys (all of them precede it) and to the keys of its own
+  suffix that `mask_PxGxTxT` allows. The prefix keys and values enter once per prefix and are broadcast over G
+  inside the einsums: no [P x G, L, ...] copy exists in the forward pass, and their gradient is the sum over the
+  G suffixes. One softmax over both key sets, float32, as `attend`: the same numbers as attending to the
+  concatenated sequence, up to the order of the sums.
+  """
+  p, g, t, h, dh = q_PxGxTxHxDh.shape
+  kh = k_PxLxKxDh.shape[2]
+  q = q_PxGxTxHxDh.reshape(p, g, t, kh, h // kh, dh)
+  s_pref = jnp.einsum("pgtkjd,plkd->pgkjtl", q, k_PxLxKxDh, preferred_element_type=jnp.float32) * (dh ** -0.5)
+  s_self = jnp.einsum("pgtkjd,pgskd->pgkjts", q, ks_PxGxTxKxDh, preferred_element_type=jnp.float32) * (dh ** -0.5)
+  s_pref = jnp.where(mask_PxL[:, None, None, None, None, :], s_pref, _NEG)
+  s_self = jnp.where(mask_PxGxTxT[:, :, None, None], s_self, _NEG)
+  prob = jax.nn.softmax(jnp.concatenate([s_pref, s_self], axis=-1), axis=-1)
+  p_pref, p_self = prob[..., :s_pref.shape[-1]], prob[..., s_pref.shape[-1]:]
+  o = (jnp.einsum("pgkjtl,plkd->pgtkjd", p_pref.astype(v_PxLxKxDh.dtype), v_PxLxKxDh,
+                  preferred_element_type=jnp.float32)
+       + jnp.einsum("pgkjts,pgskd->pgtkjd", p_self.astype(vs_PxGxTxKxDh.dtype), vs_PxGxTxKxDh,
+                    preferred_element_type=jnp.float32))
+  return o.reshape(p, g, t, h, dh).astype(q_PxGxTxHxDh.dtype)
 
 
 class Block(nnx.Module):

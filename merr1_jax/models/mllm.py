@@ -145,6 +145,12 @@ class MultimodalPolicy:
   def hidden(self, params, x: base.Embedded, cache: base.KVCache | None = None):
     return self._module(params).decoder.hidden(x.x, x.positions, x.mask, cache)
 
+  def hidden_grouped(self, params, prefix: base.Embedded, suffixes):
+    """Prefix grouping (base.PolicyModel, optional): qwen2.Decoder.hidden_grouped on embedded inputs; each suffix
+    is an Embedded of [P, G, T, D] (text: its tokens embedded, no features)."""
+    return self._module(params).decoder.hidden_grouped(prefix.x, prefix.positions, prefix.mask,
+                                                       [(s.x, s.positions, s.mask) for s in suffixes])
+
   def unembed_weight(self, params) -> jax.Array:
     return self._module(params).decoder.unembed_weight()
 

@@ -14,7 +14,7 @@ Shape legend: B batch, L new tokens, S cache slots, D d_model, V vocab, N layers
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from flax import nnx
 
 from merr1_jax.models import base
 from merr1_jax.models.config import ModelConfig
-from merr1_jax.models.layers import Block, RMSNorm, attend, make_param, rope_cos_sin
+from merr1_jax.models.layers import Block, RMSNorm, attend, attend_grouped, make_param, rope_cos_sin
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -92,27 +92,71 @@ class Decoder(nnx.Module):
         vals = jax.lax.dynamic_index_in_dim(v_all, i, axis=1, keepdims=False).astype(q.dtype)
       return blk.finish(x, attend(q, keys, vals, attn_mask)), k_all, v_all
 
-    if cfg.remat != "none":
-      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-
     k_all = None if cache is None else cache.k
     v_all = None if cache is None else cache.v
-    if cfg.scan_layers:
-      def body(carry, xs):
-        i, layer_params = xs
-        return layer(i, layer_params, *carry), None
-
-      (x, k_all, v_all), _ = jax.lax.scan(
-          body, (x, k_all, v_all), (jnp.arange(cfg.num_layers), layer_state))
-    else:
-      for i in range(cfg.num_layers):
-        layer_params = jax.tree.map(lambda a, i=i: a[i], layer_state)
-        x, k_all, v_all = layer(i, layer_params, x, k_all, v_all)
-
+    x, k_all, v_all = self._run_layers(layer, layer_state, (x, k_all, v_all))
     h = self.final_norm(x)
     if cache is None:
       return h, None
     return h, base.KVCache(k=k_all, v=v_all, valid=valid, index=cache.index + l)
+
+
+  def _run_layers(self, layer, layer_state, carry):
+    """carry -> layer(i, params_i, *carry) for i = 0 .. N-1: one lax.scan over the stacked blocks, or unrolled;
+    rematerialised per block when cfg.remat says so."""
+    cfg = self.cfg
+    if cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+    if cfg.scan_layers:
+      def body(c, xs):
+        i, layer_params = xs
+        return layer(i, layer_params, *c), None
+
+      carry, _ = jax.lax.scan(body, carry, (jnp.arange(cfg.num_layers), layer_state))
+      return carry
+    for i in range(cfg.num_layers):
+      carry = layer(i, jax.tree.map(lambda a, i=i: a[i], layer_state), *carry)
+    return carry
+
+  def hidden_grouped(self, x_PxLxD: jax.Array, positions: jax.Array, mask_PxL: jax.Array,
+                     suffixes: Sequence[tuple[jax.Array, jax.Array, jax.Array]]
+                     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Final-normed hidden states of P prefixes and of each segment of G suffixes per prefix (prefix grouping).
+
+    `suffixes` holds (x_PxGxTxD, positions [P, G, T] or [P, G, T, 3], mask_PxGxT) per segment (e.g. one per
+    thinking mode, each with its own G and T). Every suffix token attends to its prefix's valid tokens and
+    causally to its own suffix's valid tokens (layers.attend_grouped): the prefix is computed once per group, and
+    the hidden states equal those of `hidden` on each prefix + suffix sequence (up to the order of float sums).
+    """
+    cfg = self.cfg
+    dt = cfg.jnp_compute_dtype
+    p, l, d = x_PxLxD.shape
+    mask_PxL = mask_PxL.astype(bool)
+    cos_p, sin_p = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    pref_mask = mask_PxL[:, None, :] & jnp.tril(jnp.ones((l, l), bool))[None]
+    segs = []
+    for x_s, pos_s, m_s in suffixes:
+      _, g, t, _ = x_s.shape
+      cos, sin = rope_cos_sin(pos_s.reshape(p * g, t, *pos_s.shape[3:]), cfg.head_dim, cfg.rope_theta,
+                              cfg.mrope_section)
+      self_mask = m_s.astype(bool)[:, :, None, :] & jnp.tril(jnp.ones((t, t), bool))[None, None]
+      segs.append((g, t, cos, sin, self_mask))
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def layer(i, layer_params, x_p, xs):
+      del i
+      blk = nnx.merge(graphdef, layer_params)
+      q, k, v = blk.qkv(x_p, cos_p, sin_p)
+      out = []
+      for x_s, (g, t, cos, sin, self_mask) in zip(xs, segs):
+        qs, ks, vs = blk.qkv(x_s.reshape(p * g, t, d), cos, sin)
+        split = lambda a: a.reshape(p, g, t, *a.shape[2:])  # noqa: E731
+        o = attend_grouped(split(qs), k, v, mask_PxL, split(ks), split(vs), self_mask)
+        out.append(blk.finish(x_s.reshape(p * g, t, d), o.reshape(p * g, t, *o.shape[3:])).reshape(p, g, t, d))
+      return blk.finish(x_p, attend(q, k, v, pref_mask)), tuple(out)
+
+    x_p, xs = self._run_layers(layer, layer_state, (x_PxLxD.astype(dt), tuple(x.astype(dt) for x, _, _ in suffixes)))
+    return self.final_norm(x_p), tuple(self.final_norm(x) for x in xs)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any | None = None) -> base.KVCache:

@@ -1,0 +1,261 @@
+"""Prefix-grouped teacher-forced passes: each group's prompt is computed once, its completions attend to it.
+
+In MER the prompt is the long part (hundreds to thousands of video/audio rows), a fast answer about 10 tokens and
+a slow one 100-300. The ungrouped RLBatch carries every completion with its own copy of the prompt through the
+forward and the backward; a `GroupedRLBatch` holds each prompt once and its completions as suffixes, in one
+segment per thinking mode (each with its own G and T, so short fast answers are not padded to the slow length).
+`PolicyModel.hidden_grouped` runs the prompt once and lets every suffix attend to the prompt's keys and causally
+to itself (models/layers.attend_grouped): the prompt's activations exist once per group in the forward and the
+backward, and their gradient is the sum over the group's suffixes (autodiff through the broadcast).
+
+  grouped_logprobs    per segment, log p(token_t | prompt, suffix_<t) (the RL loss, old policy, reference)
+  make_grouped_loss   the RL loss (method.md E4) on a GroupedRLBatch: the same numbers as train_step's ungrouped
+                      loss on the equivalent RLBatch (tests/test_grouped.py), token_mean normalised by the whole
+                      update's tokens over all segments
+  old_logprobs        the old-policy log-probs and the sampler-vs-trainer gap (train_step.make_rl_step)
+A segment's suffix starts right after the prompt: a fast segment's suffix is FAST_PREFIX + the completion (the
+prefix carries no loss), and positions continue from the prompt exactly as in the ungrouped layout.
+
+Shape legend: P prompts (groups), L prompt bucket, G suffixes of a segment per prompt, T its suffix length,
+D d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from merr1_jax import rl, rollout, sharding
+from merr1_jax.models import base
+from merr1_jax.rl import loss as rl_loss
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Segment:
+  """G suffixes per prompt of one thinking mode. Per-token arrays are aligned with `tokens` (token t's value)."""
+
+  tokens: Array  # [P, G, T] int32
+  positions: Array  # [P, G, T] or [P, G, T, 3] int32, continuing the prompt
+  mask: Array  # [P, G, T] bool: real tokens
+  loss_mask: Array  # [P, G, T] bool: generated tokens (the fast prefix and padding carry no loss)
+  advantages: Array  # [P, G] float32
+  ref_logp: Array | None = None
+  old_logp: Array | None = None
+  behaviour_logp: Array | None = None
+  mode_id: int = flax.struct.field(pytree_node=False, default=0)  # index into StepConfig.mode_names
+
+
+@flax.struct.dataclass
+class GroupedRLBatch:
+  """One RL step's rollouts, grouped: P prompts once (features merged at their placeholders) and the segments."""
+
+  prompt: base.ModelInputs  # [P, L], left-padded: its last column predicts every suffix's first token
+  segments: tuple[Segment, ...]
+
+  @property
+  def advantages(self) -> Array:
+    return jnp.concatenate([s.advantages.reshape(-1) for s in self.segments])
+
+
+def supports(model) -> bool:
+  """Whether `model` implements the optional PolicyModel member `hidden_grouped`."""
+  return callable(getattr(model, "hidden_grouped", None))
+
+
+def check_supported(model) -> None:
+  if not supports(model):
+    raise ValueError(f"{type(model).__name__} has no hidden_grouped (base.PolicyModel, optional): it cannot run "
+                     "prefix-grouped passes; set rl.prefix_grouped=False to use the ungrouped layout")
+
+
+def _embed_suffix(model, params, seg: Segment) -> base.Embedded:
+  p, g, t = seg.tokens.shape
+  flat = lambda a: a.reshape(p * g, t, *a.shape[3:])  # noqa: E731
+  e = model.embed(params, base.ModelInputs(tokens=flat(seg.tokens), positions=flat(seg.positions),
+                                           mask=flat(seg.mask)))
+  return base.Embedded(x=e.x.reshape(p, g, t, -1), positions=seg.positions, mask=seg.mask)
+
+
+def grouped_hidden(model, params, prompt: base.ModelInputs, segments: Sequence[Segment]):
+  """(h_prompt [P, L, D], per segment h [P, G, T, D], per segment h_pred [P, G, T, D]): h[..., t, :] is the state
+  after suffix token t, h_pred[..., t, :] the one that predicts it (the prompt's last column for t = 0)."""
+  h_p, h_s = model.hidden_grouped(params, model.embed(params, prompt), [_embed_suffix(model, params, s)
+                                                                        for s in segments])
+  preds = []
+  for seg, h in zip(segments, h_s):
+    p, g = seg.tokens.shape[:2]
+    last = jnp.broadcast_to(h_p[:, None, -1:], (p, g, 1, h.shape[-1]))  # one position per suffix, not L
+    preds.append(jnp.concatenate([last, h[:, :, :-1]], axis=2))
+  return h_p, h_s, preds
+
+
+def grouped_logprobs(model, params, prompt: base.ModelInputs, segments: Sequence[Segment], *, chunk_size: int,
+                     with_entropy: bool) -> list[tuple[Array, Array | None]]:
+  """Per segment, (logp [P, G, T], entropy [P, G, T] or None) of its suffix tokens, float32."""
+  _, _, preds = grouped_hidden(model, params, prompt, segments)
+  w = model.unembed_weight(params)
+  out = []
+  for seg, h in zip(segments, preds):
+    res = rl.token_logprobs(h, w, seg.tokens, chunk_size=chunk_size, with_entropy=with_entropy)
+    out.append(res if with_entropy else (res, None))
+  return out
+
+
+def token_counts(batch: GroupedRLBatch) -> tuple[Array, Array]:
+  """(loss tokens, sequences with a loss token) over every segment: the token_mean / seq-mean normalisers."""
+  masks = [s.loss_mask.astype(jnp.float32) for s in batch.segments]
+  return sum(m.sum() for m in masks), sum((m.sum(-1) > 0).sum() for m in masks)
+
+
+def make_grouped_loss(model, cfg) -> Callable:
+  """``loss(params, batch, beta, num_tokens, num_seqs) -> (loss, summed stats)`` on a GroupedRLBatch; `cfg` is a
+  train_step.StepConfig. Each segment adds its share of the aggregated loss (the normalisers are global, so the
+  sum is the loss of all segments together) and its summed statistics."""
+  lc = cfg.loss
+
+  def loss_fn(params, batch: GroupedRLBatch, beta, num_tokens=None, num_seqs=None):
+    if num_tokens is None:
+      num_tokens, num_seqs = token_counts(batch)
+    if cfg.beta > 0 and any(s.ref_logp is None for s in batch.segments):
+      raise ValueError(f"StepConfig.beta = {cfg.beta} > 0 but a segment has no ref_logp: the KL penalty needs the "
+                       "reference log-probs, or set beta = 0")
+    outs = grouped_logprobs(model, params, batch.prompt, batch.segments, chunk_size=cfg.vocab_chunk,
+                            with_entropy=True)
+    total, stats = jnp.zeros((), jnp.float32), None
+    for seg, (logp, ent) in zip(batch.segments, outs):
+      flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
+      if not lc.entropy_coef:
+        ent = jax.lax.stop_gradient(ent)
+      old = jax.lax.stop_gradient(logp) if seg.old_logp is None else seg.old_logp
+      behaviour = None if seg.old_logp is not None else seg.behaviour_logp
+      lcfg = lc if lc.max_len is not None else dataclasses.replace(lc, max_len=seg.tokens.shape[-1])
+      mode_B = jnp.full((seg.advantages.size,), seg.mode_id, jnp.int32)
+      loss, st = rl.policy_loss(flat(logp), flat(old), None if cfg.beta == 0 else flat(seg.ref_logp),
+                                seg.advantages.reshape(-1), flat(seg.loss_mask), lcfg, beta=beta,
+                                entropy_BxT=flat(ent), num_tokens=num_tokens, num_seqs=num_seqs, group_B=mode_B,
+                                group_names=cfg.mode_names, behaviour_BxT=flat(behaviour))
+      total = total + loss
+      stats = st if stats is None else rl_loss.combine_stats(stats, st)
+    return total, stats
+
+  return loss_fn
+
+
+def old_logprobs(model, cfg, params, batch: GroupedRLBatch) -> tuple[GroupedRLBatch, dict[str, Array]]:
+  """The batch with every segment's old_logp set to the trainer's log-probs at `params` (no gradient), and the
+  mean |behaviour - trainer| gap over the loss tokens, in total and per mode."""
+  outs = grouped_logprobs(model, params, batch.prompt, batch.segments, chunk_size=cfg.vocab_chunk,
+                          with_entropy=False)
+  segments, sums = [], {}
+  for seg, (logp, _) in zip(batch.segments, outs):
+    logp = jax.lax.stop_gradient(logp)
+    m = seg.loss_mask.astype(jnp.float32)
+    beh = jnp.zeros_like(logp) if seg.behaviour_logp is None else seg.behaviour_logp
+    gap = (jnp.abs(logp - beh) * m).sum()
+    for suffix in ("", f"/{cfg.mode_names[seg.mode_id]}"):
+      sums[f"gap{suffix}"] = sums.get(f"gap{suffix}", 0.0) + gap
+      sums[f"n{suffix}"] = sums.get(f"n{suffix}", 0.0) + m.sum()
+    segments.append(seg.replace(old_logp=logp))
+  gaps = {"behaviour_logp_gap" + k[3:]: sums[k] / jnp.maximum(sums["n" + k[3:]], 1.0) for k in sums if k[:3] == "gap"}
+  return batch.replace(segments=tuple(segments)), gaps
+
+
+def tree_rows(batch: Any) -> int:
+  """The rows that micro- and mini-batches split: prompts for a GroupedRLBatch (groups stay whole)."""
+  return batch.prompt.tokens.shape[0] if isinstance(batch, GroupedRLBatch) else batch.inputs.tokens.shape[0]
+
+
+# --------------------------------------------------------------------------------------------- assembling
+
+
+def segment(ro, prompt: base.ModelInputs, *, fast_prefix_ids: Sequence[int], mode_id: int, ref_logp=None,
+            valid_B=None) -> Segment:
+  """A host Segment of one mode's rollout against the (slow-rendered) `prompt` of its P prompts: the suffix is
+  FAST_PREFIX + completion for a fast rollout, the completion for a slow one; positions continue the prompt
+  (text on all three M-RoPE axes), 0 on padding; rows with `valid_B` False carry no loss."""
+  pre = fast_prefix_ids if ro.mode == "fast" else ()
+  return _segment(np.asarray(ro.completion), np.asarray(ro.completion_mask), ro.num_samples, pre, prompt, mode_id,
+                  valid_B, ref_logp, np.asarray(ro.logp))
+
+
+def token_segment(completions: Sequence[Sequence[int]], prompt: base.ModelInputs, *, num_samples: int,
+                  prefix_ids: Sequence[int], mode_id: int, pad_id: int = 0) -> Segment:
+  """A host Segment of given token lists (B = P * num_samples, rows p*G + g) after `prefix_ids`: e.g. the slow
+  answers teacher-forced in the fast context (method.md E3 step 4), the context being prompt + FAST_PREFIX."""
+  t = max([len(c) for c in completions] + [1])
+  comp = np.full((len(completions), t), pad_id, np.int32)
+  cmask = np.zeros((len(completions), t), bool)
+  for i, c in enumerate(completions):
+    comp[i, :len(c)], cmask[i, :len(c)] = c, True
+  return _segment(comp, cmask, num_samples, prefix_ids, prompt, mode_id, None, None, None)
+
+
+def _segment(comp, cmask, g, prefix_ids, prompt, mode_id, valid_B, ref_logp, behaviour) -> Segment:
+  p = prompt.tokens.shape[0]
+  pre = np.asarray(prefix_ids, np.int32)
+  b, n = comp.shape[0], len(pre)
+  valid = np.ones(b, bool) if valid_B is None else np.asarray(valid_B, bool)
+  tokens = np.concatenate([np.broadcast_to(pre, (b, n)), comp], 1).astype(np.int32)
+  mask = np.concatenate([np.ones((b, n), bool), cmask], 1)
+  start = np.repeat(rollout.next_positions(np.asarray(prompt.positions), np.asarray(prompt.mask)), g)
+  positions = rollout.text_positions(start, tokens.shape[1], np.asarray(prompt.positions))
+  positions = np.where(mask.reshape(*mask.shape, *[1] * (positions.ndim - 2)), positions, 0).astype(np.int32)
+
+  def groups(a):  # [B, ...] rows p*G + g -> [P, G, ...]
+    return np.ascontiguousarray(a).reshape(p, g, *a.shape[1:])
+
+  def per_token(a):  # completion values [B, T] -> suffix values, 0 on the prefix and on padding
+    return None if a is None else groups(np.concatenate([np.zeros((b, n), np.float32), np.where(cmask, a, 0.0)], 1))
+
+  return Segment(tokens=groups(tokens), positions=groups(positions), mask=groups(mask),
+                 loss_mask=groups(np.concatenate([np.zeros((b, n), bool), cmask & valid[:, None]], 1)),
+                 advantages=np.zeros((p, g), np.float32), ref_logp=per_token(ref_logp),
+                 behaviour_logp=per_token(behaviour), mode_id=mode_id)
+
+
+def score_pass(model, params, prompt: base.ModelInputs, segments: Sequence[Segment], *, chunk_size: int = 8192,
+               token_sets=None, anchors=None, mesh=None, axis_rules=None) -> list[dict[str, Array]]:
+  """The grouped teacher-forced pass without gradient (reference, calibration): per segment {'logp' [P, G, T]}
+  and, with `token_sets` [K, C, V] and `anchors` (rollout.AnchorSpec), the category log-mass at the anchors of
+  its suffix ({'logmass' [P, G, A, K, C], 'anchor_mask' [P, G, A]}). The anchors are the suffix positions holding
+  the last <answer> and the separators after it: the states there predict an emotion word's first token, as in
+  the ungrouped scorer (rollout/scorer.py)."""
+  if (token_sets is None) != (anchors is None):
+    raise ValueError("category log-mass needs both token_sets and anchors")
+  check_supported(model)
+  segments = tuple(segments)
+  if mesh is not None:  # the prompts (and with them their whole groups) over the batch axes
+    layout = sharding.BatchLayout.make(mesh, axis_rules)
+    layout.check_rows(prompt.tokens.shape[0])
+    prompt, segments = layout.place((prompt, segments))
+  return _score_jit(model, (chunk_size, anchors), params, prompt, segments, token_sets)
+
+
+def _score(model, spec, params, prompt, segments, token_sets):
+  chunk_size, a = spec
+  _, h_s, preds = grouped_hidden(model, params, prompt, segments)
+  w = model.unembed_weight(params)
+  outs = []
+  for seg, h, h_pred in zip(segments, h_s, preds):
+    logp = rl.token_logprobs(h_pred, w, seg.tokens, chunk_size=chunk_size)
+    out = {"logp": jnp.where(seg.mask, logp, 0.0)}
+    if a is not None:
+      p, g, t = seg.tokens.shape
+      idx, amask = rl.answer_anchors(seg.tokens.reshape(p * g, t), seg.mask.reshape(p * g, t), a.answer_open,
+                                     jnp.asarray(a.separators, jnp.int32), a.answer_close, a.num_anchors)
+      h_at = jnp.take_along_axis(h.reshape(p * g, t, -1), idx[..., None], axis=1)
+      logmass = rl.category_logmass_from_hidden(h_at, w, token_sets, chunk_size=chunk_size)
+      out.update(logmass=logmass.reshape(p, g, *logmass.shape[1:]), anchor_mask=amask.reshape(p, g, -1))
+    outs.append(out)
+  return outs
+
+
+_score_jit = jax.jit(_score, static_argnames=("model", "spec"))

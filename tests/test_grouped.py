@@ -1,0 +1,244 @@
+"""Prefix-grouped passes (merr1_jax/grouped.py) against the ungrouped layout, the reference implementation.
+
+Every comparison builds both batches from the same host rollouts (experience's assembly code): per-token
+log-probs, the RL loss, every gradient leaf, whole update steps (micro- and mini-batches, PPO epochs), and the
+scoring passes (reference log-probs, calibration log-masses), for text-only, multimodal (merged video/audio rows)
+and M-RoPE models, slow and fast segments of different lengths, short and loss-free rows, G = 1, and sharded over
+(8,1,1) and (2,2,2) CPU meshes. Tolerances are float32 rounding of sums taken in another order: rtol 1e-5 (atol
+1e-6) on log-probs and losses, and on gradients relative to each leaf's largest entry.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from merr1_jax import assembly, experience, grouped, rl, rollout, sharding
+from merr1_jax import train_step as ts
+from merr1_jax.models import base, mllm
+
+V, PREFIX = 96, (5, 6, 7)  # vocabulary; the FAST_PREFIX ids of these tests
+VIDEO, AUDIO = 90, 91
+
+
+@functools.lru_cache(maxsize=None)
+def _model(kind: str):
+  kw = dict(vocab_size=V, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, init_std=0.08)
+  if kind == "text":
+    kw.update(video_dim=0, audio_dim=0)
+  elif kind == "mm":
+    kw.update(video_dim=12, audio_dim=10, video_token_id=VIDEO, audio_token_id=AUDIO)
+  elif kind == "mrope":
+    kw.update(video_dim=12, audio_dim=0, video_token_id=VIDEO, mrope_section=(1, 1, 2))
+  m = mllm.build("tiny", **kw)
+  return m, m.init_params(jax.random.key(0))
+
+
+def _prompts(kind: str, p: int, rng) -> base.ModelInputs:
+  """P left-padded prompts of different lengths; placeholders + features (mm, mrope); distinct t/h/w ids (mrope)."""
+  lens = rng.integers(5, 11, p)
+  lens[0] = 10
+  l = 12
+  tok = np.zeros((p, l), np.int32)
+  mask = np.zeros((p, l), bool)
+  n_vid = np.zeros(p, int)
+  for i, n in enumerate(lens):
+    row = rng.integers(10, 80, n)
+    if kind in ("mm", "mrope"):
+      n_vid[i] = int(rng.integers(1, 3))
+      row[1:1 + n_vid[i]] = VIDEO
+    if kind == "mm":
+      row[-2] = AUDIO
+    tok[i, l - n:], mask[i, l - n:] = row, True
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+  feats = {}
+  if kind in ("mm", "mrope"):
+    vm = np.arange(2)[None] < n_vid[:, None]
+    feats.update(video=rng.normal(size=(p, 2, 12)).astype(np.float32), video_mask=vm)
+  if kind == "mm":
+    feats.update(audio=rng.normal(size=(p, 1, 10)).astype(np.float32), audio_mask=np.ones((p, 1), bool))
+  if kind == "mrope":  # video rows share a temporal id, text continues after the largest id
+    pos = np.stack([pos, np.where(tok == VIDEO, 1, pos), np.where(tok == VIDEO, 2, pos)], -1).astype(np.int32)
+  return base.ModelInputs(tokens=tok, positions=pos, mask=mask, **feats)
+
+
+def _rollout(prompts_in, mode, g, t, rng) -> rollout.Rollout:
+  prompt = rollout.prepare_prompts(prompts_in, mode=mode, vocab_size=V, fast_prefix_ids=PREFIX, buckets=(12, 16))
+  b = prompt.tokens.shape[0] * g
+  length = rng.integers(1, t + 1, b)
+  length[0] = t
+  mask = np.arange(t)[None] < length[:, None]
+  comp = np.where(mask, rng.integers(10, 80, (b, t)), 0).astype(np.int32)
+  logp = np.where(mask, -rng.random((b, t)), 0.0).astype(np.float32)
+  return rollout.Rollout(prompt=prompt, completion=comp, completion_mask=mask, logp=logp, logp_sampled=logp,
+                         stop_reason=np.zeros(b, np.int32), length=length, prompt_length=np.full(b, 0),
+                         steps=np.asarray(t), num_samples=g, mode=mode)
+
+
+def _batches(kind, p=3, n_slow=3, n_fast=2, t_slow=6, t_fast=3, seed=0, ref=True, invalid=(1,)):
+  """(model, params, ungrouped RLBatch, GroupedRLBatch) of the same rollouts and advantages."""
+  model, params = _model(kind)
+  rng = np.random.default_rng(seed)
+  inputs = _prompts(kind, p, rng)
+  ros = {}
+  if n_slow:
+    ros["slow"] = _rollout(inputs, "slow", n_slow, t_slow, rng)
+  if n_fast:
+    ros["fast"] = _rollout(inputs, "fast", n_fast, t_fast, rng)
+  b = sum(r.completion.shape[0] for r in ros.values())
+  adv = rng.normal(size=b).astype(np.float32)
+  valid = np.ones(b, bool)
+  valid[list(invalid)] = False  # rows of a group whose ground truth maps nowhere: no loss
+  # Reference log-probs near the model's own (log 1/96 = -4.6), so the k3 KL stays in a realistic range.
+  refs = [np.where(r.completion_mask, -rng.uniform(3.5, 5.5, r.completion.shape), 0.0).astype(np.float32)
+          for r in ros.values()] if ref else None
+  flat = assembly.assemble(list(ros.values()), adv, pad_id=0, ref_logp=refs, valid_B=valid)
+  prompt = assembly.slow_prompt(ros, inputs, vocab_size=V, pad_id=0, buckets=(12, 16))
+  group = assembly.assemble_grouped(list(ros.values()), adv, prompt, fast_prefix_ids=PREFIX, ref_logp=refs,
+                                    valid_B=valid)
+  return model, params, jax.tree.map(jnp.asarray, flat), jax.tree.map(jnp.asarray, group), ros, inputs
+
+
+def _cfg(**kw):
+  return ts.StepConfig(**{"loss": rl.LossConfig(), "beta": 0.04, **kw})
+
+
+def _assert_trees_close(a, b, rtol=1e-5):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = max(np.abs(y).max(), 1e-12)
+    assert np.abs(x - y).max() <= rtol * scale + 1e-9, (jax.tree_util.keystr(path), np.abs(x - y).max(), scale)
+
+
+CASES = [("text", {}), ("mm", {}), ("mrope", {}), ("text", dict(n_slow=1, n_fast=1)),  # G = 1 per segment
+         ("mm", dict(n_fast=0)), ("text", dict(n_slow=0, n_fast=3, invalid=()))]
+
+
+@pytest.mark.parametrize("kind,kw", CASES)
+def test_loss_gradients_and_logprobs_equal_the_ungrouped_layout(kind, kw):
+  model, params, flat, group, ros, _ = _batches(kind, **kw)
+  cfg = _cfg()
+  f_loss, g_loss = ts.make_rl_loss(model, cfg), grouped.make_grouped_loss(model, cfg)
+  (lf, sf), gf = jax.jit(jax.value_and_grad(lambda p: f_loss(p, flat, 0.04), has_aux=True))(params)
+  (lg, sg), gg = jax.jit(jax.value_and_grad(lambda p: g_loss(p, group, 0.04), has_aux=True))(params)
+  np.testing.assert_allclose(lg, lf, rtol=1e-5, atol=1e-6)
+  for k in ("tokens", "kl_sum", "entropy_sum", "tokens/slow", "tokens/fast"):
+    np.testing.assert_allclose(sg[k], sf[k], rtol=1e-5, atol=1e-6)
+  _assert_trees_close(gg, gf)
+  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(gg))
+  # Per-token log-probs: ungrouped column L_m + t of a row is suffix token n_prefix + t of its segment.
+  logp_f = np.asarray(ts._shifted_logp(model, params, flat.inputs, 8192, False))
+  outs = grouped.grouped_logprobs(model, params, group.prompt, group.segments, chunk_size=8192, with_entropy=False)
+  order = assembly.prompt_major_order(np.concatenate([r.prompt_index for r in ros.values()]))
+  start = 0
+  for (mode, ro), seg, (logp_g, _) in zip(ros.items(), group.segments, outs):
+    n = len(PREFIX) if mode == "fast" else 0
+    for k in range(ro.completion.shape[0]):
+      row = int(np.nonzero(order == start + k)[0][0])
+      m = np.asarray(ro.completion_mask[k])
+      lm = ro.prompt.tokens.shape[1]
+      got = np.asarray(logp_g).reshape(-1, logp_g.shape[-1])[k, n:n + m.size][m]
+      want = logp_f[row, lm - 1:lm - 1 + m.size][m]
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    start += ro.completion.shape[0]
+
+
+@pytest.mark.parametrize("micro,minis,epochs", [(1, 1, 1), (3, 1, 1), (1, 3, 2)])
+def test_update_steps_equal_the_ungrouped_layout(micro, minis, epochs):
+  """Whole jitted steps (SGD, so the comparison sees the gradients): micro-batches split prompts (whole groups),
+  mini-batches and epochs as in make_rl_step; the ungrouped step splits its rows in the same groups."""
+  model, params, flat, group, _, _ = _batches("mm", p=3, invalid=())
+  tx = optax.sgd(0.5)
+  cfg = _cfg(micro_batches=micro, mini_batches=minis, ppo_epochs=epochs)
+  got, m_g = ts.make_rl_step(model, tx, cfg)(ts.init_state(jax.tree.map(jnp.copy, params), tx,
+                                                             with_reference=True), group)
+  # The ungrouped step with the same split: it gives part j the rows j, j + 3, ..., so put prompt j's i-th row
+  # (prompt-major row j*G + i) at row j + 3*i; then part j holds exactly prompt j's group, as in the grouped step.
+  g = flat.advantages.shape[0] // 3
+  idx = np.empty(3 * g, int)
+  for j in range(3):
+    idx[j + 3 * np.arange(g)] = j * g + np.arange(g)
+  ref_state = ts.init_state(jax.tree.map(jnp.copy, params), tx, with_reference=True)
+  want, m_f = ts.make_rl_step(model, tx, cfg)(ref_state, jax.tree.map(lambda x: x[idx], flat))
+  # One update: the gradient tolerance. Several: float32 differences of ~1e-6 compound over the updates (6 at
+  # lr 0.5 grow to ~1e-4 of a leaf's largest value), which is rounding, not a different update.
+  _assert_trees_close(got.params, want.params, rtol=1e-5 if minis * epochs == 1 else 2e-4)
+  np.testing.assert_allclose(m_g["loss"], m_f["loss"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m_g["kl"], m_f["kl"], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["mm", "mrope"])
+def test_reference_old_policy_and_calibration_passes_equal_the_ungrouped_scorer(kind):
+  model, params, flat, group, ros, inputs = _batches(kind, ref=False)
+  cfg = _cfg(ppo_epochs=2)
+  old_g, gap_g = grouped.old_logprobs(model, cfg, params, group)
+  old_f, gap_f = ts._old_logprobs(model, cfg, params, flat)
+  np.testing.assert_allclose(gap_g["behaviour_logp_gap"], gap_f["behaviour_logp_gap"], rtol=1e-5)
+  for seg, g_seg in zip(group.segments, old_g.segments):  # the same log-probs as score() gives, position by position
+    m = np.asarray(seg.loss_mask)
+    np.testing.assert_allclose(np.asarray(g_seg.old_logp)[m],
+                               np.asarray(grouped.score_pass(model, params, group.prompt, [seg])[0]["logp"])[m],
+                               rtol=1e-5, atol=1e-6)
+  assert np.asarray(old_f)[np.asarray(flat.completion_mask)].size == sum(int(s.loss_mask.sum()) for s in group.segments)
+  outs = grouped.score_pass(model, params, group.prompt, group.segments)
+  for (mode, ro), out in zip(ros.items(), outs):
+    n = len(PREFIX) if mode == "fast" else 0
+    want = np.asarray(rollout.score(model, params, ro).logp)
+    got = np.asarray(out["logp"])[..., n:].reshape(want.shape)
+    m = np.asarray(ro.completion_mask)
+    np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-6)
+  # Calibration: answers inside <answer> ... </answer>; the slow context and the fast counterfactual.
+  ids = rollout.SpecialIds(eos=2, pad=0, fast_prefix=PREFIX, think=(5, 6), answer_open=7, answer_close=8,
+                           separators=(9,))
+  slow = ros["slow"]
+  comp = np.array(slow.completion)
+  comp[:, :5] = [20, 7, 30, 9, 8]  # reasoning token, <answer>, word, separator, </answer>
+  comp[1, :5] = [7, 31, 9, 32, 8]
+  slow = slow.replace(completion=comp, completion_mask=np.ones(comp.shape, bool), length=np.full(len(comp), 6))
+  ros = {"slow": slow}
+  sets = jnp.asarray(np.random.default_rng(1).random((2, 3, V)) < 0.2)
+  ctx = experience.Context(model=model, tokenizer=None, ids=ids, space=None, token_sets=sets,
+                           cluster_mask=jnp.ones((2, 3), bool))
+  settings = _exp_settings(prompt_buckets=(12, 16))
+  _, lm_g, _ = experience._grouped_passes(ctx, settings, params, None, inputs, ros, True)
+  _, lm_f, _ = experience._ungrouped_passes(ctx, settings, params, None, inputs, ros, True)
+  np.testing.assert_array_equal(lm_g[2], lm_f[2])
+  assert lm_g[2].sum() >= len(comp)  # every row has its anchors
+  for a, b in zip(lm_g[:2], lm_f[:2]):
+    np.testing.assert_allclose(np.where(lm_f[2][..., None, None], a, 0), np.where(lm_f[2][..., None, None], b, 0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _exp_settings(**kw):
+  base_kw = dict(n_slow=3, n_fast=2, max_new_tokens=(("slow", 6), ("fast", 3)), method=None,
+                 advantage=None, calibration="contrastive_gain", cal=rl.CalibrationConfig(), num_anchors=3,
+                 with_reference=False, prompt_buckets=(12, 16), prefix_grouped=True)
+  return experience.ExperienceSettings(**(base_kw | kw))
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_sharded_grouped_step_equals_unsharded(mesh_shape):
+  """Prompts (with their whole groups) over the batch axes, parameters by the partition rules."""
+  model, params, _, group, _, _ = _batches("text", p=8, n_slow=2, n_fast=1, t_slow=4, t_fast=2, invalid=())
+  tx = optax.sgd(0.5)
+  cfg = _cfg()
+  step = ts.make_rl_step(model, tx, cfg)
+  want, _ = step(ts.init_state(jax.tree.map(jnp.copy, params), tx, with_reference=True), group)
+  mesh = sharding.make_mesh(mesh_shape)
+  state = ts.init_state(jax.tree.map(jnp.copy, params), tx, with_reference=True)
+  st_sh = sharding.state_shardings(state, sharding.param_shardings(model, params, mesh), mesh)
+  b_sh = sharding.batch_shardings(group, mesh)
+  sharded_step = ts.make_rl_step(model, tx, cfg, state_shardings=st_sh, batch_shardings=b_sh)
+  got, _ = sharded_step(jax.device_put(state, st_sh), jax.device_put(group, b_sh))
+  _assert_trees_close(got.params, want.params)
+
+
+def test_a_model_without_hidden_grouped_is_a_clear_error():
+  class TextOnly:  # a PolicyModel without the optional member
+    config = None
+
+  with pytest.raises(ValueError, match="has no hidden_grouped.*rl.prefix_grouped=False"):
+    grouped.check_supported(TextOnly())
