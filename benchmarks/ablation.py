@@ -16,8 +16,9 @@ row, seeds as points), interference.png (the probe's statistics over training, p
   * per row: mean, std and min over seeds of slow and fast precision / recall / F (MER-Synth test split, OV
     emotion-wheel level 1, x 100) and of the slow-F gain over SFT; the paper's reported number beside it;
   * paired comparisons: each row against the row it adds a switch to (rd vs grpo_f1, rd_ad vs rd, mer_r1 vs
-    rd_ad, each SFCC variant vs mer_r1; the row above when that one is not in the grid), the difference of the OV F with a 95% interval from a bootstrap that
-    resamples seeds, then clips within a seed, the same clips for both rows (a paired, two-level bootstrap);
+    rd_ad, each SFCC variant vs mer_r1; the row above when that one is not in the grid), the difference of the OV
+    F with a 95% interval from a bootstrap that resamples seeds, then clips within a seed, the same clips for both
+    rows (a paired, two-level bootstrap);
   * the interference probe (method.md "Variance-induced interference") averaged over training, per row;
   * the reasoning check (docs/data.md): on each seed's SFT policy, the mean teacher-forced log-likelihood of the
     ground-truth answer after the clip's own reasoning, after another clip's reasoning, and after an empty one.

@@ -9,11 +9,13 @@ regression in any phase shows up on its own line:
   ref       rollout.score with the frozen reference (teacher-forced, same shared-prefix structure);
   reward    completions -> rewards on the host, group z-score advantages (rl.group_zscore), batch assembly;
   update    train_step.make_rl_step: PPO-clip + beta * k3 KL, one AdamW update on the B full sequences, with the
-            prompt columns skipped (RLBatch.loss_start = L - 1: experience.assemble, as the trainer builds it).
+            prompt columns skipped (RLBatch.loss_start = L - 1: assembly.assemble, as the trainer builds it).
 Variants (all in one run, interleaved per repeat so load drift on a shared machine hits them alike):
   shared    the sampler prefills each prompt once and repeats the cache G times (the default);
   repeated  prompts repeated G times and sampled with num_samples=1 (what TRL, Tunix, R1-Omni do);
-  mm        shared + video/audio features merged at placeholders (--mm_frames / --mm_audio per prompt).
+  mm        shared + video/audio features merged at placeholders (--mm_frames / --mm_audio per prompt);
+  grouped, mm_grouped  shared / mm with the prefix-grouped reference pass and update (rl.prefix_grouped: each
+            prompt computed once, assembly.assemble_grouped; benchmarks/prefix_grouping.py times the passes alone).
 
 --breakdown times the update's parts in isolation instead (no generation), for the same work shape, each one
 jitted call, median over --repeats after --warmup:
@@ -57,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import experience, optim, rl, rollout, sampling, sharding
+from merr1_jax import assembly, grouped, optim, rl, rollout, sampling, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.models import base, mllm, presets, qwen2
 
@@ -80,6 +82,7 @@ class Work:
   beta: float = 0.04
   learning_rate: float = 1e-6
   shared_prefix: bool = True
+  grouped: bool = False  # the prefix-grouped reference pass and update (rl.prefix_grouped)
   pad_id: int = 0
 
 
@@ -154,27 +157,35 @@ class Runner:
                         buckets=(inputs.tokens.shape[1],))
     jax.block_until_ready(ro.completion)
     t1 = time.perf_counter()
-    ref = None
-    if w.beta > 0:
-      ref = rollout.score(self.model, ts.reference_params(self.state), ro).logp
-      jax.block_until_ready(ref)
-    t2 = time.perf_counter()
     ro = sharding.to_host(ro)
+    ref = None
+    if w.beta > 0 and w.grouped:
+      seg = grouped.segment(ro, ro.prompt, fast_prefix_ids=(), mode_id=0)
+      ref = grouped.score_pass(self.model, ts.reference_params(self.state), ro.prompt, [seg])[0]["logp"]
+      ref = np.asarray(ref).reshape(ro.completion.shape)
+    elif w.beta > 0:
+      ref = np.asarray(rollout.score(self.model, ts.reference_params(self.state), ro).logp)
+    t2 = time.perf_counter()
     r_B = self.reward_fn(ro.completion)
     groups = rl.contiguous_groups(len(r_B), g)
     adv_B = np.asarray(rl.group_zscore(jnp.asarray(r_B), jnp.ones(r_B.shape, bool), groups, len(r_B) // g,
                                        group_size=g))
-    # The trainer's own assembly (experience.assemble): full sequences, the prompt columns skipped in the loss.
-    batch = experience.assemble([ro], adv_B, pad_id=w.pad_id, ref_logp=None if ref is None else [np.asarray(ref)])
+    # The trainer's own assembly: full sequences with the prompt columns skipped in the loss, or prefix-grouped.
+    refs = None if ref is None else [ref]
+    if w.grouped:
+      batch = assembly.assemble_grouped([ro], adv_B, ro.prompt, fast_prefix_ids=(), ref_logp=refs)
+    else:
+      batch = assembly.assemble([ro], adv_B, pad_id=w.pad_id, ref_logp=refs)
     t3 = time.perf_counter()
     self.state, metrics = self.update(self.state, batch)
     jax.block_until_ready(metrics["loss"])
     t4 = time.perf_counter()
-    rows, s = batch.inputs.tokens.shape
+    rows = ro.completion.shape[0]
+    s = ro.prompt.tokens.shape[1] + ro.completion.shape[1]
     out = dict(step_s=t4 - t0, gen_s=t1 - t0, ref_s=t2 - t1, reward_s=t3 - t2, score_s=t3 - t1, update_s=t4 - t3,
                gen_tokens=float(np.asarray(ro.length).sum()), loss=float(metrics["loss"]),
                reward_mean=float(r_B.mean()), seq_len=float(s), rows=float(rows),
-               loss_positions=float(s - 1 - batch.loss_start), decode_steps=float(np.asarray(ro.steps)))
+               loss_positions=float(ro.completion.shape[1]), decode_steps=float(np.asarray(ro.steps)))
     if self.split_decode:
       # The same compiled prefill as inside rollout.sample (same statics, same bucketed prompt), timed alone.
       t5 = time.perf_counter()
@@ -263,19 +274,22 @@ def build(name: str, dtype: str, mm: bool):
   return mllm.build(cfg)
 
 
+VARIANTS = ("shared", "repeated", "mm", "grouped", "mm_grouped")
 _VARIANTS_ALIVE = [0]  # train states built in this process so far (the scope of the peak memory figure)
 
 
 def run_preset(name: str, variants: list[str], work: Work, args) -> list[dict]:
   runners, inputs = {}, {}
   for v in variants:
-    if v not in ("shared", "repeated", "mm"):
-      raise ValueError(f"unknown variant {v!r}: expected shared, repeated or mm")
-    model = build(name, args.dtype, v == "mm")
+    if v not in VARIANTS:
+      raise ValueError(f"unknown variant {v!r}: expected one of {', '.join(VARIANTS)}")
+    mm = v.startswith("mm")
+    model = build(name, args.dtype, mm)
     params = model.init_params(jax.random.key(0))
-    runners[v] = Runner(model, params, dataclasses.replace(work, shared_prefix=v != "repeated"), split_decode=True)
-    inputs[v] = random_inputs(model.config, work, seed=1, frames=args.mm_frames if v == "mm" else 0,
-                              audio=args.mm_audio if v == "mm" else 0)
+    runners[v] = Runner(model, params, dataclasses.replace(work, shared_prefix=v != "repeated",
+                                                           grouped=v.endswith("grouped")), split_decode=True)
+    inputs[v] = random_inputs(model.config, work, seed=1, frames=args.mm_frames if mm else 0,
+                              audio=args.mm_audio if mm else 0)
     _VARIANTS_ALIVE[0] += 1
   times = {v: [] for v in variants}
   for i in range(args.warmup + args.repeats):
@@ -366,8 +380,8 @@ def breakdown(name: str, work: Work, args) -> dict:
   params = model.init_params(jax.random.key(0))
   b, t = work.prompts * work.group, work.new_tokens
   rs = np.random.RandomState(2)
-  batch = experience.assemble([synthetic_rollout(cfg, work, rs)], rs.randn(b).astype(np.float32), pad_id=work.pad_id,
-                              ref_logp=[-rs.rand(b, t).astype(np.float32)])
+  batch = assembly.assemble([synthetic_rollout(cfg, work, rs)], rs.randn(b).astype(np.float32), pad_id=work.pad_id,
+                            ref_logp=[-rs.rand(b, t).astype(np.float32)])
   batch = jax.tree.map(jnp.asarray, batch)
   step_cfg = ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=work.beta)
   start, s = batch.loss_start, batch.inputs.tokens.shape[1]

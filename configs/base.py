@@ -287,7 +287,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sft.batch_size, c.rl.prompts_per_step = 64, 8
     c.rl.max_new_tokens_slow, c.rl.max_new_tokens_fast = 1024, 64
     c.eval.max_new_tokens_slow, c.eval.max_new_tokens_fast = 1024, 64
-    c.rl.micro_batches = 8
+    # Grouped updates split whole groups: each device takes its prompts' groups in one pass (docs/scaling.md,
+    # "Prefix grouping"); the ungrouped layout (rl.prefix_grouped=False) needs rl.micro_batches = 8 there.
+    c.rl.micro_batches = 1
   if choice["mesh"] == "v4_32":
     c.rl.prompts_per_step = 16  # the prompts must divide over the 16 batch shards (data x fsdp)
   return c

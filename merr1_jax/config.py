@@ -297,6 +297,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                         ("eval.batch_size", config.eval.batch_size)):
       need(rows % shards == 0, field, f"{rows} rows do not divide over the mesh's {shards} batch shards "
            f"(data x fsdp = {shape[0]} x {shape[1]})")
+    parts = r.mini_batches * r.micro_batches
+    if r.prefix_grouped and (r.prompts_per_step // parts) % shards:  # each part's groups over every batch shard
+      need(False, "rl.micro_batches", f"grouped updates split whole groups: {r.prompts_per_step} prompts in "
+           f"{parts} mini x micro-batches leave {r.prompts_per_step // parts} per part, which do not divide over the "
+           f"mesh's {shards} batch shards; lower rl.micro_batches (docs/scaling.md) or set rl.prefix_grouped=False")
     device_gb = config.mesh.device_memory_gb or device_memory_gb
     if device_gb:
       _check_memory(config, mc, shape, device_gb)

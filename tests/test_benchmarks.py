@@ -78,14 +78,14 @@ def _xla_flops(v: int, b: int, length: int, t: int, loss_start: int) -> tuple[fl
   import jax.numpy as jnp
   import numpy as np
 
-  from merr1_jax import experience, rl
+  from merr1_jax import assembly, rl
   from merr1_jax import train_step as ts
   cfg = rl_step.presets.get("tiny", vocab_size=v, video_dim=0, audio_dim=0)  # no scan, no remat: counts are flat
   model = rl_step.mllm.build(cfg)
   params = model.init_params(jax.random.key(0))
   work = rl_step.Work(prompts=b, prompt_len=length, group=1, new_tokens=t)
   ro = rl_step.synthetic_rollout(cfg, work, np.random.RandomState(2))
-  batch = experience.assemble([ro], np.ones(b, np.float32), pad_id=0, ref_logp=[np.zeros((b, t), np.float32)])
+  batch = assembly.assemble([ro], np.ones(b, np.float32), pad_id=0, ref_logp=[np.zeros((b, t), np.float32)])
   batch = jax.tree.map(jnp.asarray, batch.replace(behaviour_logp=None, loss_start=loss_start))
   loss_fn = ts.make_rl_loss(model, ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=0.04))
   grad = jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04)[0])
