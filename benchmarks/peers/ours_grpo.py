@@ -2,8 +2,9 @@
 
 Loads the checkpoint prepare.py exported (hf_io.load_hf: the same weights the peers load), the same tokenizer
 and the same prompt ids, then runs benchmarks/rl_step.Runner steps: shared-prefix sampling of exactly 64 tokens
-per row (no stop id), reference log-probs by rollout.score, spec.reward on the decoded texts, group z-score
-advantages, one make_rl_step update (PPO-clip + 0.04 x k3 KL, AdamW, grad-norm clip 1.0), float32 on the CPU.
+per row (no stop id), reference log-probs and the update prefix-grouped (the library default, rl.prefix_grouped:
+each prompt computed once per pass), spec.reward on the decoded texts, group z-score advantages, one make_rl_step
+update (PPO-clip + 0.04 x k3 KL, AdamW, grad-norm clip 1.0), float32 on the CPU.
 The step time is spec.StepClock's wall clock from step end to step end; the phases are Runner.step's own timers.
 
   python benchmarks/peers/ours_grpo.py [--warmup 1] [--steps 3] [--out result.json]
@@ -43,7 +44,8 @@ def main(argv=None) -> dict:
 
   work = rl_step.Work(prompts=spec.NUM_PROMPTS, prompt_len=spec.PROMPT_LEN, group=spec.GROUP,
                       new_tokens=spec.NEW_TOKENS, temperature=spec.TEMPERATURE, beta=spec.BETA,
-                      learning_rate=spec.LEARNING_RATE, shared_prefix=True, pad_id=tok.pad_id)
+                      learning_rate=spec.LEARNING_RATE, shared_prefix=True, pad_id=tok.pad_id,
+                      grouped=True)  # the library default (rl.prefix_grouped)
   runner = rl_step.Runner(model, params, work, reward_fn=reward_fn)
   ids = np.asarray(prompts["ids"], np.int32)
   inputs = base.ModelInputs(tokens=ids, positions=np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape),
