@@ -196,6 +196,9 @@ def collect(out: pathlib.Path, rows, seeds) -> dict:
   return {"cells": cells, "clips": clips}
 
 
+_PART_KEYS = ("probe/grad_", "probe/var_adv_")
+
+
 def summarize(data: dict, rows, seeds) -> dict:
   """Per-row statistics over seeds and the paired comparisons (ablation.json's content)."""
   cells, clips = data["cells"], data["clips"]
@@ -211,6 +214,9 @@ def summarize(data: dict, rows, seeds) -> dict:
     entry["reported"] = REPORTED.get(r)
     probes = [cells[(s, r)]["probe"] for s in seeds if (s, r) in cells and cells[(s, r)]["probe"]]
     entry["probe"] = {k: statistics.mean(p[k] for p in probes) for k in probes[0]} if probes else {}
+    if entry["probe"].get("probe/grad_norm_rec") == 0 and entry["probe"].get("probe/grad_norm_prec") == 0:
+      # Cells run before the probe omitted them: zero parts mean the row has no such objectives (grpo_f1).
+      entry["probe"] = {k: v for k, v in entry["probe"].items() if not k.startswith(_PART_KEYS)}
     table[r] = entry
   paired = {}
   for i, r in enumerate(rows):
@@ -314,8 +320,9 @@ def markdown(summary: dict, reasoning: dict, meta: dict) -> str:
             "pred_corr_disentangled", "grad_cos", "var_adv_rec", "var_adv_prec")
     out += ["", "Interference probe (method.md \"Variance-induced interference\"), averaged over training and seeds:",
             "", "| row | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    out += [f"| {r} | " + " | ".join(f"{p.get('probe/' + k, float('nan')):.3f}" for k in keys) + " |"
-            for r, p in probed.items()]
+    # A row without recall and precision objectives (grpo_f1: one F1 reward) has no per-objective parts.
+    fmt = lambda p, k: f"{p['probe/' + k]:.3f}" if "probe/" + k in p else "-"  # noqa: E731
+    out += [f"| {r} | " + " | ".join(fmt(p, k) for k in keys) + " |" for r, p in probed.items()]
   if reasoning:
     out += ["", "Reasoning check on the SFT policy (nats per clip, ground-truth answer log-likelihood; docs/data.md):",
             "", "| seed | own reasoning | another clip's | none (fast) | own - none | none - other |",

@@ -18,6 +18,8 @@ quantities on real rollouts during training (`rl.probe_every`), so the claim is 
 Each objective's contribution to the advantage: disentangled, c_o = w_o z_g(r_o); coupled, the advantage
 z_g(R) = sum_o w_o (r_o - mean_g r_o) / (std_g R + eps) splits linearly into c_o = w_o (r_o - mean_g r_o) /
 (std_g R + eps). The gradient of a part is the RL loss's gradient with that part as the advantage (ratio 1, no KL).
+A run without recall and precision objectives (the GRPO baseline's one F1 reward) logs the reward statistics
+only: it has no parts to take variances or gradients of.
 
 Shape legend: B rows (RLBatch order: prompt-major groups), P groups, O objectives.
 """
@@ -123,6 +125,7 @@ def probe(ctx: experience.Context, settings: experience.ExperienceSettings, para
   weights = np.asarray(settings.advantage.weights, np.float64)[mode]
   c_rec, c_prec = contributions(r_BxO, valid, weights, groups, settings.advantage)
   out = reward_statistics(r_BxO, valid, groups, np.asarray(rl_batch.advantages))
-  out |= {"var_adv_rec": float(c_rec[valid].var()), "var_adv_prec": float(c_prec[valid].var())}
-  out |= gradient_cosine(ctx.model, params, jax.tree.map(jnp.asarray, rl_batch), c_rec, c_prec, freeze)
+  if weights[:, [_REC, _PREC]].any():  # a row without the two objectives (grpo_f1's one F1 reward) has no parts
+    out |= {"var_adv_rec": float(c_rec[valid].var()), "var_adv_prec": float(c_prec[valid].var())}
+    out |= gradient_cosine(ctx.model, params, jax.tree.map(jnp.asarray, rl_batch), c_rec, c_prec, freeze)
   return {f"probe/{k}": v for k, v in out.items()}
