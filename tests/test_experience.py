@@ -231,6 +231,7 @@ def test_calibration_reward_equals_uncached_slow_and_fast_passes(config, tok, po
   texts = [t for ro in ros.values() for t in rollout.completion_texts(tok, ro)]
   rl_batch, metrics, rows = experience.from_rollouts(ctx, exp, params, None, batch, ros, texts)
   r_cal = np.asarray(rows["reward"])[:, experience.OBJECTIVES.index("calibration")]
+  modes = np.asarray(rows["mode"])  # row order of `rows`, whichever layout rl_batch has
   g = N_SLOW + N_FAST
   want = np.zeros(P * g)
   for p in range(P):
@@ -241,8 +242,8 @@ def test_calibration_reward_equals_uncached_slow_and_fast_passes(config, tok, po
   np.testing.assert_allclose(r_cal, want, atol=2e-5)
   if kind != "none":
     assert (want[[0, 1, 4, 5]] != 0).sum() >= 3 and want[4] == 0.0  # real values; the malformed row scores 0
-    assert metrics["reward/slow/calibration"] == pytest.approx(r_cal[rl_batch.mode_ids == 0].mean(), abs=1e-6)
-  assert np.all(r_cal[rl_batch.mode_ids == 1] == 0.0)  # no calibration reward for fast rows
+    assert metrics["reward/slow/calibration"] == pytest.approx(r_cal[modes == "slow"].mean(), abs=1e-6)
+  assert np.all(r_cal[modes == "fast"] == 0.0)  # no calibration reward for fast rows
 
 
 # ------------------------------------------------------------------------------------------- label space

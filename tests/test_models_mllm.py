@@ -48,12 +48,14 @@ def test_merge_puts_the_right_rows_in_the_right_places():
                           np.asarray(inputs.video_mask))
   want = _reference_merge(want, np.asarray(inputs.tokens), AUD, np.asarray(m.project("audio", inputs.audio)),
                           np.asarray(inputs.audio_mask))
-  np.testing.assert_array_equal(x, want)
+  # Projected rows to float32 rounding: eager and jitted projectors may fuse differently (about 1e-9 apart);
+  # a row in the wrong place is off by O(1).
+  np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-7)
   # Text positions keep their token embeddings.
   text = ~np.isin(np.asarray(inputs.tokens), [VID, AUD])
   np.testing.assert_array_equal(x[text], np.asarray(m.decoder.embed_tokens(inputs.tokens))[text])
   # The same under jit (no host check there, same numbers).
-  np.testing.assert_array_equal(np.asarray(jax.jit(model.embed)(params, inputs).x), x)
+  np.testing.assert_allclose(np.asarray(jax.jit(model.embed)(params, inputs).x), x, rtol=1e-5, atol=1e-7)
 
 
 def test_identity_projector_passes_tower_outputs_through():

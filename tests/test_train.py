@@ -482,7 +482,7 @@ def test_every_field_refuses_none(field):
 def test_unknown_preset_in_config_arg():
   with pytest.raises(cfglib.ConfigError, match="unknown model preset 'gpt5'"):
     cfglib.load(SMOKE + ":model=gpt5")
-  with pytest.raises(cfglib.ConfigError, match="expected model=PRESET, data=NAME or mesh=NAME"):
+  with pytest.raises(cfglib.ConfigError, match="expected model=PRESET, data=NAME, mesh=NAME or ablation=ROW"):
     cfglib.load(SMOKE + ":foo=bar")
   with pytest.raises(cfglib.ConfigError, match="config arg data=mer: unknown dataset"):
     cfglib.load(SMOKE + ":data=mer")
@@ -545,11 +545,12 @@ def test_replicating_a_real_model_that_cannot_fit_is_refused(tmp_path):
   c = cfglib.load(f"{BASE}:model=qwen2_5_omni_7b_thinker")
   c.model.hf_path = str(tmp_path)
   c.mesh.shape = (-1, 1, 1)  # the embedded default: every device holds the whole train state
-  # The RL state of the real recipe: 7.62e9 x 14 B (8 micro-batches: float32 accumulators) = 106.6 GB.
+  # With micro-batches the RL state holds float32 gradient accumulators: 7.62e9 x 14 B = 106.6 GB.
+  c.rl.micro_batches, c.rl.prefix_grouped = 8, False  # the ungrouped layout (configs/base.py)
   with pytest.raises(cfglib.ConfigError, match=r"config\.mesh\.shape: mesh \(8, 1, 1\) splits the parameters 1 "
                                                r"way\(s\): the rl train state .*needs 106\.6 GB per device.*80 GB"):
     cfglib.validate(c, 8, 80.0)
-  c.rl.micro_batches = 1  # no accumulators: 7.62e9 x 10 B
+  c.rl.micro_batches = 1  # the recipe's own (a whole group per device): no accumulators, 7.62e9 x 10 B
   with pytest.raises(cfglib.ConfigError, match=r"needs 76\.2 GB per device, more than 75% of the 80 GB"):
     cfglib.validate(c, 8, 80.0)
   c.mesh.device_memory_gb = 141.0  # an H200 holds that (76 GB <= 75% of 141 GB)

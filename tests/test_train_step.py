@@ -398,7 +398,7 @@ def test_metrics_over_micro_batches_and_per_mode_match_independent_values():
   for other in runs[1:]:
     assert other.keys() == runs[0].keys()
     for k, v in runs[0].items():
-      np.testing.assert_allclose(other[k], v, rtol=1e-5 if k in ("loss", "grad_norm") else 1e-6, err_msg=k)
+      np.testing.assert_allclose(other[k], v, rtol=1e-5, atol=1e-8, err_msg=k)  # summation order
 
   mask = np.asarray(batch.completion_mask)[:, 1:]
   adv = np.asarray(batch.advantages, np.float64)[:, None]
