@@ -76,8 +76,41 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, *, with_ref
   if with_reference:
     ref = {base.path_str(path): jnp.array(leaf, dtype=ref_dtype or leaf.dtype, copy=True)
            for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(trainable), ref=ref,
-                    nonfinite=jnp.zeros((), jnp.int32), freeze=freeze)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(trainable), ref=ref,
+                     nonfinite=jnp.zeros((), jnp.int32), freeze=freeze)
+  return _commit_like_params(state, params)
+
+
+def _commit_like_params(state: TrainState, params: Any) -> TrainState:
+  """The state's uncommitted leaves (the step counters, optax's `count`s) committed, replicated, to the devices
+  of committed parameters (hf_io.load_hf's, or any placed ones).
+
+  A jitted step's cache key includes whether each argument is committed. A state mixing committed parameters
+  with uncommitted counters is one signature; the step's outputs are all committed, another; so the second step
+  compiled the whole update again (about 1.9x the time of later steps, in benchmarks/peers/ours_grpo.py). The
+  trainer places the whole state (run_setup.Run.place) and never saw it; this makes a state built straight
+  from loaded parameters as stable. Parameters that are all uncommitted (a fresh init) or abstract (eval_shape)
+  leave the state as it is."""
+  committed = [a.sharding for a in jax.tree.leaves(params) if _committed(a)]
+  if not committed:
+    return state
+  s = committed[0]
+  if not s.is_fully_addressable:
+    return state  # a mesh over several processes: the caller places the state (run_setup.Run.place)
+  if isinstance(s, jax.sharding.NamedSharding):
+    rep = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+  elif len(s.device_set) == 1:
+    rep = jax.sharding.SingleDeviceSharding(next(iter(s.device_set)))
+  else:
+    return state  # another multi-device sharding: the caller places the state (run_setup.Run.place)
+  return jax.tree.map(lambda a: jax.device_put(a, rep) if _committed(a) is False else a, state)
+
+
+def _committed(a) -> bool | None:
+  """Whether a concrete jax array is committed; None for tracers (inside jit / eval_shape) and non-arrays."""
+  if not isinstance(a, jax.Array) or isinstance(a, jax.core.Tracer):
+    return None
+  return a.committed
 
 
 def reference_params(state: TrainState) -> Any:
