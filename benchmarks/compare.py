@@ -1,7 +1,14 @@
 """Side-by-side GRPO step times: merr1_jax against TRL and Tunix on the same work (benchmarks/peers/spec.py).
 
   bash benchmarks/peers/setup.sh            # once: the peers' own virtualenvs under benchmarks/peers/.venvs/
-  python benchmarks/compare.py [--rounds 3] [--warmup 1] [--steps 2] [--impls ours,trl,tunix] [--no_docs]
+  python benchmarks/compare.py [--workload peer|mer] [--rounds 3] [--warmup 1] [--steps 2] [--impls ours,trl,tunix]
+      [--no_docs]
+
+--workload picks one of spec.WORKLOADS: 'peer' (the default; 4 prompts of 128 text tokens, 8 rows of 64 new
+tokens, the shape all three support natively) or 'mer' (the shape of a MER-R1 step: 4 prompts of 1024 tokens, 4
+slow completions of 128 and 4 fast ones of 16 per prompt; spec.py says what each side runs for it, since neither
+peer takes our video/audio features or decodes rows of different lengths in one batch). Each workload has its
+own goals (TARGETS) and its own docs section (Workload.section), so running one never replaces the other's.
 
 Prepares the shared checkpoint, tokenizer and prompts (peers/prepare.py), then runs the implementations in turn,
 alternating A B C A B C ... for --rounds rounds, each run a fresh process (warm-up steps dropped inside it). For
@@ -13,9 +20,10 @@ moves both sides alike; every round's own ratio is listed too), and each process
 
 With docs on, the table, the machine (CPU, cores, load average at the start and at the end of the run), the
 date, the peer environments (each venv's pip freeze checked against benchmarks/peers/requirements-*.txt) and the
-exact commands replace the '## Peers' section of docs/benchmarks.md (appended if absent); --note adds a line
-about the run's conditions, printed as given. Everything in the section comes from this script, so the next run
-replaces all of it. A peer that fails is reported with the tail of its log; the others still run.
+exact commands replace the workload's section of docs/benchmarks.md ('## Peers', '## Peers: MER workload';
+appended if absent); --note adds a line about the run's conditions, printed as given. Everything in the section
+comes from this script, so the next run replaces all of it. A peer that fails is reported with the tail of its
+log; the others still run.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ import report_util  # noqa: E402 - benchmarks/ is on sys.path when run as a scri
 
 FIGURES = (("step_s", "step"), ("gen_s", "generate"), ("score_s", "ref + reward"), ("update_s", "update"))
 NAMES = {"ours": "merr1_jax (ours)", "trl": "TRL", "tunix": "Tunix"}
-TARGETS = {"trl": 5.0, "tunix": 1.5}  # issue 10: end-to-end step speed-up goals on the CPU
+# End-to-end step speed-up goals on the CPU, per workload (issue 10; the MER workload's from its own issue).
+TARGETS = {"peer": {"trl": 5.0, "tunix": 1.5}, "mer": {"trl": 5.0, "tunix": 2.0}}
 
 
 def python_for(impl: str) -> str:
@@ -50,9 +59,10 @@ def python_for(impl: str) -> str:
   return py
 
 
-def command(impl: str, warmup: int, steps: int, out: str) -> list[str]:
+def command(impl: str, warmup: int, steps: int, out: str, workload: str = spec.DEFAULT_WORKLOAD) -> list[str]:
   script = os.path.join(PEERS, f"{impl}_grpo.py")
-  return [python_for(impl), script, "--warmup", str(warmup), "--steps", str(steps), "--out", out]
+  return [python_for(impl), script, "--workload", workload, "--warmup", str(warmup), "--steps", str(steps),
+          "--out", out]
 
 
 def run_one(cmd: list[str], log_path: str, timeout_s: float) -> tuple[int, float]:
@@ -156,16 +166,40 @@ def _mm(t, scale=1.0, fmt="{:.1f}") -> str:
   return f"{fmt.format(med)} ({fmt.format(lo)}-{fmt.format(hi)})"
 
 
+def _work_text(wl: spec.Workload, model: dict) -> str:
+  """The section's first paragraph: what the workload is on each side."""
+  m = model
+  common = (f"a Qwen2-style decoder of {m['params'] / 1e6:.1f}M parameters (vocab {m['vocab']}, d_model "
+            f"{m['d_model']}, {m['layers']} layers, {m['heads']} heads, {m['kv_heads']} KV heads, MLP {m['mlp']}), "
+            "the same random-init weights (exported once as a HF checkpoint) and tokenizer")
+  tail = (f"at temperature {spec.TEMPERATURE}, beta {spec.BETA} with a reference model (k3 KL), one update per "
+          "batch, AdamW, float32 on the CPU.")
+  if not wl.mixed_lengths and not (wl.video_rows or wl.audio_rows):
+    (_, n, t), = wl.modes
+    return (f"One GRPO step on the same work in merr1_jax, TRL and Tunix (benchmarks/peers/spec.py): {common}; "
+            f"{wl.num_prompts} prompts of {wl.prompt_len} tokens, G = {n}, exactly {t} new tokens per row (EOS "
+            f"ignored) {tail} Text only on our side.")
+  modes = " + ".join(f"{n} {mode} completions of {t} new tokens" for mode, n, t in wl.modes)
+  feats = wl.video_rows + wl.audio_rows
+  return (f"One GRPO step of the {wl.name.upper()} workload in merr1_jax, TRL and Tunix (benchmarks/peers/spec.py, "
+          f"`--workload {wl.name}`): {common}; {wl.num_prompts} prompts of {wl.prompt_len} tokens, G = {wl.group} = "
+          f"{modes} per prompt (EOS ignored: {wl.gen_tokens} generated tokens per step) {tail} On our side "
+          f"{feats} of each prompt's {wl.prompt_len} positions are video ({wl.video_rows}) and audio "
+          f"({wl.audio_rows}) feature rows merged at placeholders (the library's multimodal path; random features, "
+          "projectors freshly initialised, as they are not in the HF checkpoint), the fast rows are sampled in the "
+          "library's fast mode (their own rollout, prompt + FAST_PREFIX) and the reference pass and the update are "
+          "prefix-grouped with one segment per mode (the library default). TRL and Tunix take no such features: "
+          f"they get all {wl.prompt_len} prompt tokens as text. Neither decodes rows of different lengths in one "
+          f"batch: both decode every row to {wl.peer_new_tokens} new tokens, the mean, so the generated tokens are "
+          f"the same ({wl.gen_tokens}) in fewer sequential decode steps ({wl.peer_new_tokens} where ours runs "
+          f"{' + '.join(str(t) for _, _, t in wl.modes)}) and with shorter update sequences than padding every row "
+          f"to {max(t for _, _, t in wl.modes)} would give.")
+
+
 def markdown(agg: dict, sp: dict, sp_parts: dict, errors: dict, meta: dict) -> str:
-  lines = ["## Peers", "",
-           f"One GRPO step on the same work in merr1_jax, TRL and Tunix (benchmarks/peers/spec.py): a Qwen2-style "
-           f"decoder of {meta['model']['params'] / 1e6:.1f}M parameters (vocab {meta['model']['vocab']}, d_model "
-           f"{meta['model']['d_model']}, {meta['model']['layers']} layers, {meta['model']['heads']} heads, "
-           f"{meta['model']['kv_heads']} KV heads, MLP {meta['model']['mlp']}), the same random-init weights "
-           f"(exported once as a HF checkpoint) and tokenizer; {spec.NUM_PROMPTS} prompts of {spec.PROMPT_LEN} "
-           f"tokens, G = {spec.GROUP}, exactly {spec.NEW_TOKENS} new tokens per row (EOS ignored) at temperature "
-           f"{spec.TEMPERATURE}, beta {spec.BETA} with a reference model (k3 KL), one update per batch, AdamW, "
-           f"float32 on the CPU. Text only on our side.", "",
+  wl = spec.WORKLOADS[meta.get("workload", spec.DEFAULT_WORKLOAD)]
+  targets = TARGETS[wl.name]
+  lines = [wl.section, "", _work_text(wl, meta["model"]), "",
            f"Machine: {meta['cpu']}, {meta['cores']} cores, load average {_load(meta)}; {meta['date']}. "
            f"{meta['rounds']} rounds, implementations alternated in each round, each run a fresh process with "
            f"{meta['warmup']} warm-up step(s) dropped and {meta['steps']} timed; the step is wall clock from step "
@@ -184,7 +218,7 @@ def markdown(agg: dict, sp: dict, sp_parts: dict, errors: dict, meta: dict) -> s
   lines.append("")
   for impl, t in sp.items():
     parts = ", ".join(f"{label} {sp_parts[impl][k][0]:.2f}x" for k, label in FIGURES[1:] if k in sp_parts.get(impl, {}))
-    goal = TARGETS.get(impl)
+    goal = targets.get(impl)
     verdict = ("" if goal is None else f" Goal >= {goal:.1f}x: " +
                ("met." if t[0] >= goal else f"**missed**, by a factor of {goal / t[0]:.2f}."))
     ratios = meta.get("round_ratios", {}).get(impl)
@@ -192,7 +226,7 @@ def markdown(agg: dict, sp: dict, sp_parts: dict, errors: dict, meta: dict) -> s
               f"{t[1]:.2f}-{t[2]:.2f}x")
     lines.append(f"- Speed-up of the end-to-end step against {NAMES[impl]}: **{t[0]:.2f}x** (median of the "
                  f"per-round ratios; rounds {rounds}); by phase: {parts}.{verdict}")
-  if any(t[0] < TARGETS.get(i, 0) for i, t in sp.items()):
+  if any(t[0] < targets.get(i, 0) for i, t in sp.items()):
     lines.append("- Where the time goes, phase by phase, and what would close the gap: the '## RL step' section.")
   versions = "; ".join(f"{NAMES[i]}: " + ", ".join(f"{k} {v}" for k, v in a["versions"].items())
                        for i, a in agg.items())
@@ -222,6 +256,7 @@ def _env_line(impl: str, env: dict) -> str:
 
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--workload", default=spec.DEFAULT_WORKLOAD, choices=sorted(spec.WORKLOADS))
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--warmup", type=int, default=spec.WARMUP_STEPS)
   ap.add_argument("--steps", type=int, default=2, help="timed steps per run")
@@ -255,11 +290,11 @@ def main(argv=None) -> dict:
   errors = {}
   for rnd in range(args.rounds):
     for impl in impls:
-      out = os.path.join(logs, f"{impl}_{rnd}.json")
-      log = os.path.join(logs, f"{impl}_{rnd}.log")
+      out = os.path.join(logs, f"{args.workload}_{impl}_{rnd}.json")
+      log = os.path.join(logs, f"{args.workload}_{impl}_{rnd}.log")
       if os.path.exists(out):
         os.remove(out)
-      rc, rss = run_one(command(impl, args.warmup, args.steps, out), log, args.timeout_s)
+      rc, rss = run_one(command(impl, args.warmup, args.steps, out, args.workload), log, args.timeout_s)
       if rc == 0 and os.path.exists(out):
         with open(out) as f:
           res = json.load(f)
@@ -278,12 +313,12 @@ def main(argv=None) -> dict:
   cmds = [f"bash {rel(os.path.join(PEERS, 'setup.sh'))}",
           f"python {rel(os.path.abspath(__file__))} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
           "# which runs, per round and implementation:"]
-  cmds += [" ".join(rel(c) if c.startswith(ROOT) else c for c in command(i, args.warmup, args.steps, "X.json"))
-           for i in impls]
+  cmds += [" ".join(rel(c) if c.startswith(ROOT) else c
+                    for c in command(i, args.warmup, args.steps, "X.json", args.workload)) for i in impls]
   cmds = [c.replace(rel(sys.executable), "python") for c in cmds]
   meta = dict(cpu=report_util.cpu_name(), cores=os.cpu_count(), load=load, load_end=os.getloadavg()[0],
               date=datetime.date.today().isoformat(), rounds=args.rounds, warmup=args.warmup, steps=args.steps,
-              impls=impls, commands=cmds, model=model_info, note=args.note,
+              impls=impls, commands=cmds, model=model_info, note=args.note, workload=args.workload,
               envs={i: peer_env(i) for i in impls if i != "ours"})
   meta["errors"] = errors
   if args.json:
@@ -293,7 +328,8 @@ def main(argv=None) -> dict:
 
 
 def report(results: dict[str, list[dict]], meta: dict, docs: str | None) -> dict:
-  """Aggregates, prints the markdown and, with `docs`, writes it as the '## Peers' section."""
+  """Aggregates, prints the markdown and, with `docs`, writes it as the workload's section ('## Peers' for
+  'peer', also for a --json saved before there were workloads)."""
   agg = aggregate(results)
   sp = speedups(results)
   meta = {**meta, "round_ratios": {i: round_ratios(results, i) for i in results if i != "ours"}}
@@ -305,7 +341,7 @@ def report(results: dict[str, list[dict]], meta: dict, docs: str | None) -> dict
   md = markdown(agg, sp, sp_parts, meta.get("errors", {}), meta)
   print("\n" + md)
   if docs:
-    report_util.write_section(docs, "## Peers", md)
+    report_util.write_section(docs, spec.WORKLOADS[meta.get("workload", spec.DEFAULT_WORKLOAD)].section, md)
   return dict(results=results, aggregate=agg, speedups=sp, markdown=md)
 
 

@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import assembly, grouped, optim, rl, rollout, sampling, sharding
+from merr1_jax import assembly, grouped, optim, prompts, rl, rollout, sampling, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.models import base, mllm, presets, qwen2
 
@@ -74,6 +74,11 @@ CARDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Work:
+  """One step's shape. `group` slow completions of `new_tokens` per prompt and, with fast_group > 0, as the MER-R1
+  trainer samples them, fast_group more of fast_new_tokens in the fast mode: a second rollout whose prompts end
+  with FAST_PREFIX (fast_prefix_ids) and which may not write the think tags (fast_ban_ids). The advantage groups
+  hold all of a prompt's completions, both modes together (rl.group = 'prompt')."""
+
   prompts: int = 4
   prompt_len: int = 128
   group: int = 8
@@ -84,6 +89,20 @@ class Work:
   shared_prefix: bool = True
   grouped: bool = False  # the prefix-grouped reference pass and update (rl.prefix_grouped)
   pad_id: int = 0
+  fast_group: int = 0
+  fast_new_tokens: int = 16
+  fast_prefix_ids: tuple[int, ...] = (7, 8, 9)  # any ids do for random prompts; ours_grpo.py gives the real ones
+  fast_ban_ids: tuple[int, ...] = ()
+
+  @property
+  def modes(self) -> tuple[tuple[str, int, int], ...]:
+    """(mode, completions per prompt, new tokens) in rollout order: slow first, as experience.collect samples."""
+    slow = (("slow", self.group, self.new_tokens),)
+    return slow + ((("fast", self.fast_group, self.fast_new_tokens),) if self.fast_group else ())
+
+  @property
+  def total_group(self) -> int:
+    return self.group + self.fast_group
 
 
 def token_reward(completion_BxT: np.ndarray) -> np.ndarray:
@@ -146,51 +165,70 @@ class Runner:
 
   def step(self, inputs: base.ModelInputs, rng: jax.Array) -> dict[str, float]:
     w, g = self.work, self.work.group
+    if w.fast_group and not w.shared_prefix:
+      raise ValueError("fast_group > 0 needs shared_prefix=True (each mode's rollout prefills its prompts once)")
+    if w.fast_group and self.split_decode:
+      raise ValueError("split_decode times one rollout's prefill: not with fast_group > 0")
     t0 = time.perf_counter()
     if w.shared_prefix:
       src, n = inputs, g
     else:
       src, n = repeat_prompts(inputs, g), 1
-    # No stop id: every row decodes exactly new_tokens tokens (same work as the peers' forced length).
-    ro = rollout.sample(self.model, self.state.params, src, mode="slow", num_samples=n,
-                        max_new_tokens=w.new_tokens, method=self.method, stop_ids=(), rng=rng, pad_id=w.pad_id,
-                        buckets=(inputs.tokens.shape[1],))
-    jax.block_until_ready(ro.completion)
+    length = inputs.tokens.shape[1]
+    ros = []
+    for i, (mode, n_mode, t_mode) in enumerate(w.modes):
+      fast = mode == "fast"
+      # No stop id: every row decodes exactly its mode's tokens (same work as the peers' forced length). The
+      # first rollout takes the step's key itself, so a slow-only step draws what it always drew.
+      ro = rollout.sample(self.model, self.state.params, src, mode=mode, num_samples=n_mode if fast else n,
+                          max_new_tokens=t_mode, method=self.method, stop_ids=(),
+                          rng=jax.random.fold_in(rng, i) if i else rng, pad_id=w.pad_id,
+                          ban_ids=w.fast_ban_ids if fast else (), fast_prefix_ids=w.fast_prefix_ids if fast else None,
+                          buckets=(length, length + len(w.fast_prefix_ids)) if fast else (length,))
+      ros.append(ro)
+    jax.block_until_ready([ro.completion for ro in ros])
     t1 = time.perf_counter()
-    ro = sharding.to_host(ro)
-    ref = None
+    ros = [sharding.to_host(ro) for ro in ros]
+    prompt = ros[0].prompt  # slow-rendered: the grouped layout's shared prefix (a fast suffix carries the prefix)
+    refs = None
     if w.beta > 0 and w.grouped:
-      seg = grouped.segment(ro, ro.prompt, fast_prefix_ids=(), mode_id=0)
-      ref = grouped.score_pass(self.model, ts.reference_params(self.state), ro.prompt, [seg])[0]["logp"]
-      ref = np.asarray(ref).reshape(ro.completion.shape)
+      segs = [grouped.segment(ro, prompt, fast_prefix_ids=w.fast_prefix_ids, mode_id=prompts.MODES.index(ro.mode))
+              for ro in ros]
+      outs = grouped.score_pass(self.model, ts.reference_params(self.state), prompt, segs)
+      # Back to completion columns [B_m, T_m]: a fast suffix starts with FAST_PREFIX.
+      refs = [np.asarray(o["logp"])[..., len(w.fast_prefix_ids) if ro.mode == "fast" else 0:]
+              .reshape(ro.completion.shape) for o, ro in zip(outs, ros)]
     elif w.beta > 0:
-      ref = np.asarray(rollout.score(self.model, ts.reference_params(self.state), ro).logp)
+      refs = [np.asarray(rollout.score(self.model, ts.reference_params(self.state), ro).logp) for ro in ros]
     t2 = time.perf_counter()
-    r_B = self.reward_fn(ro.completion)
-    groups = rl.contiguous_groups(len(r_B), g)
-    adv_B = np.asarray(rl.group_zscore(jnp.asarray(r_B), jnp.ones(r_B.shape, bool), groups, len(r_B) // g,
-                                       group_size=g))
+    r_B = np.concatenate([self.reward_fn(ro.completion) for ro in ros])
+    if len(ros) == 1:
+      groups = rl.contiguous_groups(len(r_B), g)
+    else:  # rollout order (the slow block, then the fast block): each row's prompt is its group
+      groups = np.concatenate([ro.prompt_index for ro in ros]).astype(np.int32)
+    adv_B = np.asarray(rl.group_zscore(jnp.asarray(r_B), jnp.ones(r_B.shape, bool), groups, len(r_B) // w.total_group,
+                                       group_size=w.total_group))
     # The trainer's own assembly: full sequences with the prompt columns skipped in the loss, or prefix-grouped.
-    refs = None if ref is None else [ref]
     if w.grouped:
-      batch = assembly.assemble_grouped([ro], adv_B, ro.prompt, fast_prefix_ids=(), ref_logp=refs)
+      batch = assembly.assemble_grouped(ros, adv_B, prompt, fast_prefix_ids=w.fast_prefix_ids, ref_logp=refs)
     else:
-      batch = assembly.assemble([ro], adv_B, pad_id=w.pad_id, ref_logp=refs)
+      batch = assembly.assemble(ros, adv_B, pad_id=w.pad_id, ref_logp=refs)
     t3 = time.perf_counter()
     self.state, metrics = self.update(self.state, batch)
     jax.block_until_ready(metrics["loss"])
     t4 = time.perf_counter()
-    rows = ro.completion.shape[0]
-    s = ro.prompt.tokens.shape[1] + ro.completion.shape[1]
+    rows = sum(ro.completion.shape[0] for ro in ros)
+    s = max(ro.prompt.tokens.shape[1] + ro.completion.shape[1] for ro in ros)
     out = dict(step_s=t4 - t0, gen_s=t1 - t0, ref_s=t2 - t1, reward_s=t3 - t2, score_s=t3 - t1, update_s=t4 - t3,
-               gen_tokens=float(np.asarray(ro.length).sum()), loss=float(metrics["loss"]),
+               gen_tokens=float(sum(np.asarray(ro.length).sum() for ro in ros)), loss=float(metrics["loss"]),
                reward_mean=float(r_B.mean()), seq_len=float(s), rows=float(rows),
-               loss_positions=float(ro.completion.shape[1]), decode_steps=float(np.asarray(ro.steps)))
+               loss_positions=float(max(ro.completion.shape[1] for ro in ros)),
+               decode_steps=float(sum(np.asarray(ro.steps) for ro in ros)))
     if self.split_decode:
       # The same compiled prefill as inside rollout.sample (same statics, same bucketed prompt), timed alone.
       t5 = time.perf_counter()
-      jax.block_until_ready(rollout.prefill(self.model, n, ro.prompt.tokens.shape[1] + w.new_tokens, None,
-                                            self.state.params, ro.prompt))
+      jax.block_until_ready(rollout.prefill(self.model, n, prompt.tokens.shape[1] + w.new_tokens, None,
+                                            self.state.params, prompt))
       prefill_s = time.perf_counter() - t5
       # The decode loop samples token 0 from the prefill logits, then runs decode_steps - 1 one-token forwards.
       out.update(prefill_s=prefill_s, decode_s=max(out["gen_s"] - prefill_s, 1e-9),

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks", "peers"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import compare  # noqa: E402
+import report_util  # noqa: E402
 import rl_step  # noqa: E402
 import spec  # noqa: E402
 
@@ -150,13 +151,18 @@ def test_aggregate_and_speedups():
 
 def test_write_section_replaces_only_its_own(tmp_path):
   doc = tmp_path / "b.md"
-  doc.write_text("# Benchmarks\n\n## Rollout\nkeep me\n\n## Peers\nold\n\n## Other\nkeep too\n")
-  compare.write_section(str(doc), "## Peers", "## Peers\nnew\n")
+  doc.write_text("# Benchmarks\n\n## Rollout\nkeep me\n\n## Peers\nold\n\n## Peers: MER workload\nmer\n\n"
+                 "## Other\nkeep too\n")
+  report_util.write_section(str(doc), "## Peers", "## Peers\nnew\n")
   text = doc.read_text()
   assert "old" not in text and "## Peers\nnew\n" in text
   assert text.index("## Rollout") < text.index("## Peers") < text.index("## Other")
   assert "keep me" in text and "keep too" in text
-  compare.write_section(str(doc), "## RL step", "## RL step\nrows\n")
+  assert "## Peers: MER workload\nmer\n" in text  # a heading that starts like '## Peers' is another section
+  report_util.write_section(str(doc), "## Peers: MER workload", "## Peers: MER workload\nnew mer\n")
+  text = doc.read_text()
+  assert "## Peers\nnew\n" in text and "## Peers: MER workload\nnew mer\n" in text and "\nmer\n" not in text
+  report_util.write_section(str(doc), "## RL step", "## RL step\nrows\n")
   assert doc.read_text().endswith("## RL step\nrows\n")
 
 
@@ -268,3 +274,115 @@ def test_gpu_script_is_valid_bash_and_pins_the_project_versions():
   for name in ("grain", "array-record", "ml-collections"):
     assert f"{name}=={project[name]}" in text, name
   assert "--python-version 3.12" in text and "cp312" in text
+
+
+# ------------------------------------------------------------------------------------------ workloads
+
+
+def test_workload_table():
+  peer, mer = spec.WORKLOADS["peer"], spec.WORKLOADS["mer"]
+  assert spec.DEFAULT_WORKLOAD == "peer"
+  # peer: the original work, its prompts where they always were.
+  assert (peer.num_prompts, peer.prompt_len, peer.modes, peer.group) == (4, 128, (("slow", 8, 64),), 8)
+  assert peer.gen_tokens == 4 * 8 * 64 and peer.peer_new_tokens == 64 and not peer.mixed_lengths
+  assert peer.section == "## Peers" and peer.prompts_file == spec.PROMPTS_FILE
+  assert peer.prompts_file.endswith(os.path.join(".work", "prompts.json"))
+  # mer: 4 x (4 slow of 128 + 4 fast of 16); the peers' equal-work length is the mean, 72.
+  assert (mer.num_prompts, mer.prompt_len, mer.group, mer.rows) == (4, 1024, 8, 32)
+  assert mer.modes == (("slow", 4, 128), ("fast", 4, 16)) and mer.mixed_lengths
+  assert mer.gen_tokens == 4 * (4 * 128 + 4 * 16) == mer.rows * mer.peer_new_tokens and mer.peer_new_tokens == 72
+  assert (mer.video_rows, mer.audio_rows) == (512, 256)  # 768 of the 1024 prompt positions are feature rows
+  assert mer.section == "## Peers: MER workload" and mer.prompts_file.endswith("prompts_mer.json")
+  assert spec.MODEL["max_seq_len"] >= mer.prompt_len + max(t for _, _, t in mer.modes) + 3  # + FAST_PREFIX
+  with pytest.raises(ValueError, match="split evenly"):
+    spec.Workload("odd", num_prompts=1, prompt_len=8, modes=(("slow", 2, 3), ("fast", 1, 2)))
+  with pytest.raises(ValueError, match="start with 'slow'"):
+    spec.Workload("bad", num_prompts=1, prompt_len=8, modes=(("fast", 2, 4),))
+  assert set(compare.TARGETS) == set(spec.WORKLOADS)
+  assert compare.TARGETS["peer"] == {"trl": 5.0, "tunix": 1.5} and compare.TARGETS["mer"] == {"trl": 5.0, "tunix": 2.0}
+
+
+def test_every_script_parses_workload_before_importing_its_library(monkeypatch):
+  # Each script's main() goes through spec.parse first; a fake one stops it there (no torch / tunix needed).
+  class Parsed(Exception):
+    pass
+
+  real = spec.parse
+
+  def fake(description, argv=None):
+    args, wl = real(description, argv)
+    raise Parsed(args, wl)
+
+  monkeypatch.setattr(spec, "parse", fake)
+  for name in ("ours_grpo", "trl_grpo", "tunix_grpo"):
+    mod = importlib.import_module(name)
+    for argv, want in (([], "peer"), (["--workload", "mer", "--steps", "1"], "mer")):
+      with pytest.raises(Parsed) as e:
+        mod.main(argv)
+      args, wl = e.value.args
+      assert wl is spec.WORKLOADS[want] and args.prompts is None, name
+    with pytest.raises(SystemExit):
+      mod.main(["--workload", "nope"])
+
+
+def test_ours_builds_the_mer_step_from_the_workload():
+  import numpy as np
+  import ours_grpo
+  mer = spec.WORKLOADS["mer"]
+  work = ours_grpo.make_work(mer, pad_id=0, fast_prefix_ids=[9, 10, 11], fast_ban_ids=(4, 5))
+  assert work.modes == mer.modes and work.total_group == mer.group and work.grouped and work.shared_prefix
+  assert (work.fast_prefix_ids, work.fast_ban_ids) == ((9, 10, 11), (4, 5))
+  assert ours_grpo.make_work(spec.WORKLOADS["peer"], pad_id=0).modes == (("slow", 8, 64),)
+  cfg = ours_grpo.model_config(mer)
+  assert (cfg.video_dim, cfg.audio_dim) == (64, 64) and cfg.max_seq_len == spec.MODEL["max_seq_len"]
+  assert ours_grpo.model_config(spec.WORKLOADS["peer"]).video_dim == 0  # text only: the checkpoint's own model
+  ids = np.random.RandomState(0).randint(16, 1000, (mer.num_prompts, mer.prompt_len))
+  inputs = ours_grpo.prompt_inputs(mer, ids, cfg)
+  assert ((inputs.tokens == cfg.video_token_id).sum(1) == 512).all()
+  assert ((inputs.tokens == cfg.audio_token_id).sum(1) == 256).all()
+  assert (inputs.tokens[:, 768:] == ids[:, 768:]).all() and inputs.video.shape == (4, 512, 64)
+  assert inputs.audio.shape == (4, 256, 64) and inputs.tokens.shape == (4, 1024)
+  text = ours_grpo.prompt_inputs(spec.WORKLOADS["peer"], ids[:, :128], ours_grpo.model_config(spec.WORKLOADS["peer"]))
+  assert text.video is None and (text.tokens == ids[:, :128]).all()
+
+
+def test_compare_runs_every_impl_on_the_chosen_workload(tmp_path, monkeypatch):
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "model_info.json").write_text(json.dumps(_meta()["model"]))
+  monkeypatch.setattr(spec, "WORK_DIR", str(work))
+  monkeypatch.setattr(compare, "python_for", lambda impl: f"py-{impl}")
+  monkeypatch.setattr(compare, "peer_env", lambda impl: {"freeze": None, "pins": "p", "matches_pins": None})
+  seen = []
+
+  def fake_run(cmd, log_path, timeout_s):
+    seen.append(cmd)
+    impl = os.path.basename(cmd[1]).split("_")[0]
+    step = {"ours": 2.0, "trl": 12.0, "tunix": 3.0}[impl]
+    out = cmd[cmd.index("--out") + 1]
+    with open(out, "w") as f:
+      json.dump(_run(step, 1.0, 0.5, 0.5), f)
+    return 0, 100.0
+
+  monkeypatch.setattr(compare, "run_one", fake_run)
+  doc = tmp_path / "b.md"
+  doc.write_text("# Benchmarks\n\n## Peers\nthe peer workload\n\n## RL step\nkeep\n")
+  out = compare.main(["--workload", "mer", "--rounds", "1", "--warmup", "0", "--steps", "1", "--skip_prepare",
+                      "--docs", str(doc)])
+  assert [c[1].endswith(f"{i}_grpo.py") for c, i in zip(seen, ("ours", "trl", "tunix"))] == [True] * 3
+  for cmd in seen:
+    assert cmd[cmd.index("--workload") + 1] == "mer" and cmd[cmd.index("--steps") + 1] == "1"
+    assert os.path.basename(cmd[cmd.index("--out") + 1]).startswith("mer_")  # its own logs: no clash with peer's
+  md = out["markdown"]
+  assert md.startswith("## Peers: MER workload\n") and "`--workload mer`" in md
+  assert "every row to 72 new tokens" in md and "768 of each prompt's 1024 positions" in md
+  assert "against TRL: **6.00x**" in md and "Goal >= 5.0x: met." in md
+  assert "against Tunix: **1.50x**" in md and "Goal >= 2.0x: **missed**, by a factor of 1.33." in md
+  assert any("--workload mer" in c for c in out["markdown"].splitlines())  # the commands name the workload
+  text = doc.read_text()
+  assert "## Peers\nthe peer workload\n" in text and "## RL step\nkeep\n" in text and md in text
+  # The default is still the peer workload, its own section and goals.
+  seen.clear()
+  out = compare.main(["--rounds", "1", "--warmup", "0", "--steps", "1", "--skip_prepare", "--no_docs"])
+  assert all(c[c.index("--workload") + 1] == "peer" for c in seen)
+  assert out["markdown"].startswith("## Peers\n\nOne GRPO step on the same work") and "Goal >= 1.5x" in out["markdown"]

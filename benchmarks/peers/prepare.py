@@ -1,12 +1,15 @@
-"""Builds what the three GRPO scripts share: the tokenizer, the random-init weights and the four prompts.
+"""Builds what the three GRPO scripts share: the tokenizer, the random-init weights and each workload's prompts.
 
 Run in the project venv (compare.py does it first):
 
   python benchmarks/peers/prepare.py [--out_dir benchmarks/peers/.work]
 
 Writes into <out_dir>/model/ a HF Qwen2 checkpoint (model.safetensors in float32, config.json via
-hf_io.save_hf) with tokenizer.json + tokenizer_config.json beside it, and <out_dir>/prompts.json. Each side
-loads these same files, so vocab, dimensions and the initial weights are identical in all three.
+hf_io.save_hf) with tokenizer.json + tokenizer_config.json beside it, and one prompts file per workload of
+spec.WORKLOADS (<out_dir>/prompts.json for 'peer', prompts_<name>.json for the others: the same corpus texts,
+cut to each workload's prompt length). Each side loads these same files, so vocab, dimensions and the initial
+weights are identical in all three. The checkpoint is text only whatever the workload: the projectors our side
+uses in the 'mer' workload are not in it (ours_grpo.py says how they are initialised).
 
 The tokenizer is the MER-Synth byte-level BPE (no hub is reachable), padded with plain added tokens up to the
 model's 8192-id vocabulary so that every id a random-init model samples decodes to some text.
@@ -94,10 +97,11 @@ def prepare(out_dir: str = spec.WORK_DIR, seed: int = spec.SEED) -> dict:
               f, indent=2)
   with open(os.path.join(ckpt, "generation_config.json"), "w") as f:
     json.dump({"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, f)
-  prompts = make_prompts(tok, spec.NUM_PROMPTS, spec.PROMPT_LEN)
-  prompts.update(eos_id=tok.eos_id, pad_id=tok.pad_id)
-  with open(os.path.join(out_dir, "prompts.json"), "w") as f:
-    json.dump(prompts, f)
+  for wl in spec.WORKLOADS.values():  # every workload's prompts: a few seconds of tokenising
+    prompts = make_prompts(tok, wl.num_prompts, wl.prompt_len)
+    prompts.update(eos_id=tok.eos_id, pad_id=tok.pad_id)
+    with open(os.path.join(out_dir, os.path.basename(wl.prompts_file)), "w") as f:
+      json.dump(prompts, f)
   n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
   info = dict(params=n_params, vocab=cfg.vocab_size, d_model=cfg.d_model, layers=cfg.num_layers,
               heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, mlp=cfg.mlp_dim, ckpt=ckpt)

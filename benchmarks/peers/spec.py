@@ -1,14 +1,25 @@
-"""The one GRPO configuration all three implementations run, and the helpers their scripts share.
+"""The GRPO configurations all three implementations run (one per workload), and the helpers their scripts share.
 
 Standard library only: this module is imported by our script (project venv) and by the TRL and Tunix scripts
 (each in its own venv under .venvs/), so nothing here may import jax, torch or merr1_jax.
 
-The work (issue 10): P = 4 prompts of exactly 128 tokens, G = 8 samples each (B = 32 rows), 64 new tokens at
-temperature 1.0 with EOS ignored (every row decodes exactly 64 tokens in all three, so no one is flattered by an
-early stop), beta 0.04 with a frozen reference model and the k3 KL estimator, one optimizer update per batch
-(the behaviour policy is the current one: no separate old-log-prob pass), AdamW, float32 on the CPU, the same
-reward (`reward`), the same tokenizer and the same random-init weights (exported once by prepare.py as a HF Qwen2
-checkpoint that every side loads).
+Common to every workload (issue 10): temperature 1.0 with EOS ignored (every row decodes exactly its length in
+all three, so no one is flattered by an early stop), beta 0.04 with a frozen reference model and the k3 KL
+estimator, one optimizer update per batch (the behaviour policy is the current one: no separate old-log-prob
+pass), AdamW, float32 on the CPU, the same reward (`reward`), the same tokenizer and the same random-init weights
+(exported once by prepare.py as a HF Qwen2 checkpoint that every side loads).
+
+The workloads (`WORKLOADS`, chosen with --workload in every script and in compare.py):
+  peer  P = 4 prompts of exactly 128 text tokens, G = 8 samples each (B = 32 rows), 64 new tokens per row: the
+        shape all three support natively.
+  mer   the shape of a MER-R1 step: P = 4 prompts of 1024 tokens, G = 8 = 4 slow completions of 128 new tokens +
+        4 fast completions of 16 (576 generated tokens per prompt). Our side gives 768 of the 1024 prompt
+        positions to video (512) and audio (256) feature rows merged at placeholders (the library's multimodal
+        path) and runs the fast rows in the library's fast mode (prompt + FAST_PREFIX); neither peer takes our
+        features, so they get all 1024 prompt tokens as text. Neither peer can decode rows of different lengths
+        in one batch either, so both decode every row to `peer_new_tokens` = 72, the mean of 128 and 16: the same
+        generated tokens per group (8 x 72 = 4 x 128 + 4 x 16), in fewer sequential decode steps (72 rather than
+        128 + 16) and with shorter sequences in their update than padding to 128 would give.
 
 A script prints one JSON line prefixed with RESULT_TAG and also writes it to --out: per timed step the wall
 time of the whole step, from the end of the previous step to the end of this one (StepClock: the same
@@ -19,6 +30,7 @@ measurement in all three, not a sum of phases), and separately the generation, t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -27,10 +39,6 @@ import statistics
 import sys
 import time
 
-NUM_PROMPTS = 4
-PROMPT_LEN = 128
-GROUP = 8
-NEW_TOKENS = 64
 TEMPERATURE = 1.0
 BETA = 0.04
 LEARNING_RATE = 1e-6
@@ -41,13 +49,73 @@ TIMED_STEPS = 3
 RESULT_TAG = "PEER_RESULT "
 
 # Model: the small_20m preset's decoder, text only (no projectors), vocab padded to 8192 by the tokenizer.
+# max_seq_len is a bound, not a weight: the cache-length check and HF's max_position_embeddings (unused by
+# default RoPE); 2048 holds the mer workload's 1024 + 128 (the weights are the same as with the earlier 512).
 MODEL = dict(vocab_size=8192, d_model=384, num_layers=10, num_heads=6, num_kv_heads=2, head_dim=64, mlp_dim=1024,
-             rope_theta=10_000.0, rms_eps=1e-6, tie_embeddings=True, max_seq_len=512)
+             rope_theta=10_000.0, rms_eps=1e-6, tie_embeddings=True, max_seq_len=2048)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK_DIR = os.path.join(HERE, ".work")
 CKPT_DIR = os.path.join(WORK_DIR, "model")  # model.safetensors + config.json + tokenizer.json
-PROMPTS_FILE = os.path.join(WORK_DIR, "prompts.json")  # {"texts": [...], "ids": [[...128 ids], ...]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """One GRPO step's work. `modes` are (mode, completions per prompt, new tokens each) in rollout order: what our
+  side samples, one rollout per mode; the peers decode all `group` rows of a prompt to `peer_new_tokens`."""
+
+  name: str
+  num_prompts: int
+  prompt_len: int
+  modes: tuple[tuple[str, int, int], ...]
+  video_rows: int = 0  # of the prompt_len positions, video feature rows on our side (the peers get text there)
+  audio_rows: int = 0
+  section: str = "## Peers"  # the docs/benchmarks.md section compare.py writes
+
+  def __post_init__(self):
+    if not self.modes or self.modes[0][0] != "slow" or any(m not in ("slow", "fast") for m, _, _ in self.modes):
+      raise ValueError(f"{self.name}: modes must start with 'slow' and be 'slow'/'fast', got {self.modes}")
+    if self.video_rows + self.audio_rows >= self.prompt_len:
+      raise ValueError(f"{self.name}: feature rows must leave text in a {self.prompt_len}-token prompt")
+    if self.gen_tokens % self.rows:
+      raise ValueError(f"{self.name}: {self.gen_tokens} generated tokens do not split evenly over {self.rows} rows")
+
+  @property
+  def group(self) -> int:
+    """G: completions per prompt, over all modes."""
+    return sum(n for _, n, _ in self.modes)
+
+  @property
+  def rows(self) -> int:
+    return self.num_prompts * self.group
+
+  @property
+  def gen_tokens(self) -> int:
+    """Tokens generated per step (every row decodes exactly its length)."""
+    return self.num_prompts * sum(n * t for _, n, t in self.modes)
+
+  @property
+  def peer_new_tokens(self) -> int:
+    """The one completion length of a peer's batch with the same generated tokens: the mean over the rows."""
+    return self.gen_tokens // self.rows
+
+  @property
+  def mixed_lengths(self) -> bool:
+    return len({t for _, _, t in self.modes}) > 1
+
+  @property
+  def prompts_file(self) -> str:
+    """prepare.py's prompts for this workload: {"texts": [...], "ids": [[...prompt_len ids], ...]}."""
+    return os.path.join(WORK_DIR, "prompts.json" if self.name == "peer" else f"prompts_{self.name}.json")
+
+
+WORKLOADS = {
+    "peer": Workload("peer", num_prompts=4, prompt_len=128, modes=(("slow", 8, 64),)),
+    "mer": Workload("mer", num_prompts=4, prompt_len=1024, modes=(("slow", 4, 128), ("fast", 4, 16)),
+                    video_rows=512, audio_rows=256, section="## Peers: MER workload"),
+}
+DEFAULT_WORKLOAD = "peer"
+PROMPTS_FILE = WORKLOADS[DEFAULT_WORKLOAD].prompts_file
 
 
 def reward(text: str) -> float:
@@ -55,11 +123,14 @@ def reward(text: str) -> float:
   return len(set(text.lower()) & set("aeiou")) / 5.0
 
 
-def load_prompts(path: str = PROMPTS_FILE) -> dict:
+def load_prompts(workload: Workload, path: str | None = None) -> dict:
+  path = path or workload.prompts_file
   with open(path) as f:
     prompts = json.load(f)
-  if len(prompts["ids"]) != NUM_PROMPTS or any(len(p) != PROMPT_LEN for p in prompts["ids"]):
-    raise ValueError(f"{path}: expected {NUM_PROMPTS} prompts of {PROMPT_LEN} ids; rerun benchmarks/peers/prepare.py")
+  n, length = workload.num_prompts, workload.prompt_len
+  if len(prompts["ids"]) != n or any(len(p) != length for p in prompts["ids"]):
+    raise ValueError(f"{path}: expected {n} prompts of {length} ids ({workload.name} workload); rerun "
+                     "benchmarks/peers/prepare.py")
   return prompts
 
 
@@ -69,6 +140,13 @@ def check_prompt_ids(ids_per_prompt, prompts: dict, who: str) -> None:
   if got != prompts["ids"]:
     lens = [len(i) for i in got]
     raise ValueError(f"{who}: tokenising the prompt texts gave different ids (lengths {lens}) than prompts.json")
+
+
+def check_gen_tokens(steps: list[dict], workload: Workload, who: str) -> None:
+  """Every step generated the workload's tokens (EOS ignored in all three), or the work differs."""
+  got = [s.get("gen_tokens") for s in steps]
+  if any(g != workload.gen_tokens for g in got):
+    raise ValueError(f"{who}: generated {got} tokens per step, expected {workload.gen_tokens} ({workload.name})")
 
 
 def peak_rss_mib() -> float:
@@ -136,5 +214,12 @@ def arg_parser(description: str):
   ap.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps after the warm-up")
   ap.add_argument("--out", default=None, help="write the result JSON here too")
   ap.add_argument("--ckpt", default=CKPT_DIR)
-  ap.add_argument("--prompts", default=PROMPTS_FILE)
+  ap.add_argument("--workload", default=DEFAULT_WORKLOAD, choices=sorted(WORKLOADS))
+  ap.add_argument("--prompts", default=None, help="default: the workload's file from prepare.py")
   return ap
+
+
+def parse(description: str, argv=None):
+  """(args, Workload) of a peer script's command line."""
+  args = arg_parser(description).parse_args(argv)
+  return args, WORKLOADS[args.workload]

@@ -1,12 +1,19 @@
-"""Tunix's side of the peer comparison: the spec.py GRPO configuration with tunix 0.1.7 GRPOLearner (CPU, float32).
+"""Tunix's side of the peer comparison: a spec.py workload's GRPO step with tunix 0.1.7 GRPOLearner (CPU, float32).
 
 Runs in benchmarks/peers/.venvs/tunix (setup.sh): google-tunix 0.1.7 and the jax/flax it resolves to. Policy and
 reference are tunix.models.qwen2 models loaded from the prepare.py safetensors (params.create_model_from_safe_tensors)
 on a 1x1 (fsdp, tp) mesh; the tokenizer is the same tokenizer.json through transformers. GRPOConfig:
 num_generations 8, num_iterations 1 (no old-log-prob pass), beta 0.04, kl_loss_mode 'low_var_kl' (the k3
-estimator), epsilon 0.2, loss_agg_mode 'token-mean'. The vanilla rollout engine samples 64 tokens at temperature
-1.0 with eos_tokens=[-1], an id no row can emit, so every row decodes exactly 64 tokens. AdamW lr 1e-6 behind
-global-norm clipping at 1.0; one mini-batch of all 32 rows = one update per step.
+estimator), epsilon 0.2, loss_agg_mode 'token-mean'. The vanilla rollout engine samples the workload's
+peer_new_tokens at temperature 1.0 with eos_tokens=[-1], an id no row can emit, so every row decodes exactly that
+many tokens. AdamW lr 1e-6 behind global-norm clipping at 1.0; one mini-batch of all 32 rows = one update per step.
+
+Workloads (--workload): 'peer', 4 prompts of 128 tokens x 8 rows of 64 new tokens. 'mer', 4 prompts of 1024
+text tokens (Tunix's Qwen2 takes no video/audio features: our side's 768 feature rows are text here) x 8 rows of
+72 new tokens. The rollout config has one max_tokens_to_generate per batch, so the mer workload's 4 slow rows of
+128 + 4 fast rows of 16 per prompt become 8 rows of their mean, 72: the same 576 generated tokens per prompt, one
+generate call and one group of 8 per prompt as in ours, in 72 decode steps where ours runs 128 + 16, and update
+sequences of 1024 + 72 where padding every row to the slow 128 would give 1024 + 128.
 
 Timing: the step time is spec.StepClock's wall clock from the end of one `update_actor` to the end of the next
 (the clock starts right before learner.train()), the same measurement as ours and TRL's, not a sum of phases.
@@ -15,7 +22,7 @@ log-probs + rewards + advantages) and on the cluster's `generate` and `update_ac
 (update_actor on the actor's parameters), so JAX's asynchronous dispatch cannot move work from one phase into
 the next.
 
-  .venvs/tunix/bin/python benchmarks/peers/tunix_grpo.py [--warmup 1] [--steps 3] [--out result.json]
+  .venvs/tunix/bin/python benchmarks/peers/tunix_grpo.py [--workload peer|mer] [--warmup 1] [--steps 3] [--out X]
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import spec  # noqa: E402
 
 
 def main(argv=None) -> dict:
-  args = spec.arg_parser(__doc__).parse_args(argv)
+  args, wl = spec.parse(__doc__, argv)
   import jax
   import numpy as np
   import optax
@@ -44,7 +51,7 @@ def main(argv=None) -> dict:
   from tunix.rl.grpo import grpo_learner
   from tunix.rl.rollout import base_rollout
 
-  prompts = spec.load_prompts(args.prompts)
+  prompts = spec.load_prompts(wl, args.prompts)
   tok = transformers.AutoTokenizer.from_pretrained(args.ckpt, local_files_only=True)
   spec.check_prompt_ids(tok(prompts["texts"], add_special_tokens=False)["input_ids"], prompts, "tunix")
   with open(os.path.join(args.ckpt, "config.json")) as f:
@@ -62,14 +69,14 @@ def main(argv=None) -> dict:
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(spec.LEARNING_RATE, weight_decay=0.0))
   clock = spec.StepClock()
   tokens = []
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory():
     training = rl_cluster_lib.RLTrainingConfig(
         actor_optimizer=tx, eval_every_n_steps=10**9, max_steps=n_steps,
-        mini_batch_size=spec.NUM_PROMPTS, train_micro_batch_size=spec.NUM_PROMPTS,
+        mini_batch_size=wl.num_prompts, train_micro_batch_size=wl.num_prompts,
         checkpoint_root_directory=None, metrics_logging_options=None, pbar_description=None)
     rollout = base_rollout.RolloutConfig(
-        max_tokens_to_generate=spec.NEW_TOKENS, max_prompt_length=spec.PROMPT_LEN,
-        kv_cache_size=spec.PROMPT_LEN + spec.NEW_TOKENS + 8, temperature=spec.TEMPERATURE, top_p=1.0, top_k=None,
+        max_tokens_to_generate=wl.peer_new_tokens, max_prompt_length=wl.prompt_len,
+        kv_cache_size=wl.prompt_len + wl.peer_new_tokens + 8, temperature=spec.TEMPERATURE, top_p=1.0, top_k=None,
         eos_tokens=[-1], seed=spec.SEED)  # an int: the sampler makes a fresh key per call (a key array is donated)
     cluster = rl_cluster_lib.RLCluster(
         actor=actor, reference=reference, tokenizer=tok,
@@ -77,7 +84,7 @@ def main(argv=None) -> dict:
             role_to_mesh={rl_cluster_lib.Role.ACTOR: mesh, rl_cluster_lib.Role.REFERENCE: mesh,
                           rl_cluster_lib.Role.ROLLOUT: mesh},
             rollout_engine="vanilla", offload_to_cpu=False, training_config=training, rollout_config=rollout))
-    algo = grpo_learner.GRPOConfig(num_generations=spec.GROUP, num_iterations=1, beta=spec.BETA,
+    algo = grpo_learner.GRPOConfig(num_generations=wl.group, num_iterations=1, beta=spec.BETA,
                                    kl_loss_mode="low_var_kl", epsilon=spec.EPSILON, loss_agg_mode="token-mean")
 
     def reward(prompts, completions, **_):
@@ -94,8 +101,8 @@ def main(argv=None) -> dict:
       clock.add("gen_s", time.perf_counter() - t)
       tokens.append(float(sum(len(x) for x in out.tokens)))
       lens = sorted({int((row != cluster.rollout.pad_id()).sum()) for row in out.left_padded_prompt_tokens})
-      if lens != [spec.PROMPT_LEN]:
-        raise ValueError(f"tunix: generated from prompts of {lens} tokens, expected {spec.PROMPT_LEN}")
+      if lens != [wl.prompt_len]:
+        raise ValueError(f"tunix: generated from prompts of {lens} tokens, expected {wl.prompt_len}")
       return out
 
     cluster.generate = generate
@@ -130,9 +137,11 @@ def main(argv=None) -> dict:
     s["phases_s"] = s["gen_s"] + s["score_s"] + s["update_s"]  # kept for reference; step_s is the wall clock
   import tunix  # noqa: F401
   from importlib import metadata
+  spec.check_gen_tokens(clock.steps, wl, "tunix")
   return spec.emit("tunix", clock.steps, args.warmup, args.out, device=jax.devices()[0].device_kind,
                    threads=os.cpu_count(),
-                   versions={k: metadata.version(k) for k in ("google-tunix", "jax", "flax", "transformers")})
+                   versions={k: metadata.version(k) for k in ("google-tunix", "jax", "flax", "transformers")},
+                   workload=wl.name, new_tokens_per_row=wl.peer_new_tokens)
 
 
 if __name__ == "__main__":
