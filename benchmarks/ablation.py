@@ -12,7 +12,8 @@ any point continues where it was. `--max_cells N` stops after N cells have run (
 
 Outputs in OUT: ablation.json (every number), ablation.md (the tables below), ablation.png (slow and fast F per
 row, seeds as points), interference.png (the probe's statistics over training, per row), and with --write the
-"## Ablation" section of the docs. The tables:
+"## Ablation" section of the docs (--section names another, for a second grid such as the SFCC variants
+over one seed). The tables:
   * per row: mean, std and min over seeds of slow and fast precision / recall / F (MER-Synth test split, OV
     emotion-wheel level 1, x 100) and of the slow-F gain over SFT; the paper's reported number beside it;
   * paired comparisons: each row against the row it adds a switch to (rd vs grpo_f1, rd_ad vs rd, mer_r1 vs
@@ -291,7 +292,7 @@ def _cell(st: dict, digits: int = 2) -> str:
 
 def markdown(summary: dict, reasoning: dict, meta: dict) -> str:
   rows = summary["rows"]
-  out = [f"{SECTION}\n", f"Command: `{meta['command']}`. Machine: {meta['machine']}. Date: {meta['date']}. "
+  out = [f"{meta.get('section', SECTION)}\n", f"Command: `{meta['command']}`. Machine: {meta['machine']}. Date: {meta['date']}. "
          f"Seeds: {', '.join(map(str, meta['seeds']))}. Each RL row starts from its seed's SFT checkpoint.\n",
          "MER-Synth test split, OV emotion-wheel level 1, x 100; mean ± std (min) over seeds. Reported: the paper's "
          "MER-UniBench mean (a second-hand summary; another dataset and model, so only the ordering compares).\n",
@@ -389,7 +390,9 @@ def main(argv=None, *, run: Runner = run_process) -> dict:
   ap.add_argument("--probe_every", type=int, default=20, help="rl.probe_every of every RL cell (0: no probe)")
   ap.add_argument("--max_cells", type=int, default=None, help="stop after this many cells (rerun to continue)")
   ap.add_argument("--no_reasoning_check", action="store_true")
-  ap.add_argument("--write", default="", help="markdown file whose '## Ablation' section is replaced")
+  ap.add_argument("--write", default="", help="markdown file whose --section is replaced")
+  ap.add_argument("--section", default=SECTION, help="the heading written (a second grid, e.g. the SFCC variants "
+                  "over fewer seeds, gets its own section)")
   args, extra = ap.parse_known_args(argv)
   rows = [r for r in args.presets.split(",") if r]
   unknown = [r for r in rows if r not in ROWS]
@@ -405,13 +408,14 @@ def main(argv=None, *, run: Runner = run_process) -> dict:
   summary = summarize(data, rows, seeds)
   reasoning = {} if args.no_reasoning_check else {s: reasoning_check(out, s, args.config, extra) for s in seeds}
   meta = {"command": "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-          "machine": report_util.machine(), "date": datetime.date.today().isoformat(), "seeds": seeds}
+          "machine": report_util.machine(), "date": datetime.date.today().isoformat(), "seeds": seeds,
+          "section": args.section}
   md = markdown(summary, reasoning, meta)
   (out / "ablation.json").write_text(json.dumps({"meta": meta, **summary, "reasoning": reasoning}, indent=1))
   (out / "ablation.md").write_text(md)
   plots(summary, data, out)
   if args.write:
-    report_util.write_section(ROOT / args.write, SECTION, md)
+    report_util.write_section(ROOT / args.write, args.section, md)
   print(md)
   return {"ran": ran, "complete": True, "summary": summary, "reasoning": reasoning}
 

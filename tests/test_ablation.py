@@ -139,3 +139,18 @@ def test_a_half_done_grid_resumes_without_redoing_a_cell(tmp_path):
   assert "| rd_ad vs rd | slow |" in (tmp_path / "ablation.md").read_text()
   third = ablation.main(argv, run=fake)  # everything done: no command runs, the report is rebuilt
   assert third["ran"] == [] and len(fake.commands) == 6
+
+
+def test_a_second_grid_writes_its_own_section(tmp_path):
+  fake = FakeTrainer()
+  doc = tmp_path / "b.md"
+  doc.write_text("# Benchmarks\n\n## Other\nkeep\n")
+  base = ["--out", str(tmp_path / "grid"), "--no_reasoning_check", "--write", str(doc)]
+  ablation.main(["--presets", "rd,rd_ad", "--seeds", "0,1", *base], run=fake)
+  ablation.main(["--presets", "mer_r1,sfcc_word", "--seeds", "0", *base, "--section", "## Ablation: SFCC variants"],
+                run=fake)
+  text = doc.read_text()
+  core, variants = text.index("## Ablation\n"), text.index("## Ablation: SFCC variants\n")
+  assert "## Other\nkeep\n" in text and core < variants
+  assert "| rd_ad vs rd | slow |" in text[core:variants] and "sfcc_word" not in text[core:variants]
+  assert "| sfcc_word vs mer_r1 | slow |" in text[variants:] and "--seeds 0 " in text[variants:]
