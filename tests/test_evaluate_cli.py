@@ -266,6 +266,11 @@ def _run(*cmd, timeout=900):
   return proc.stdout
 
 
+# The tests on the trained workdir run on one xdist worker (pyproject: --dist loadgroup): one training, not one
+# per worker.
+ON_TRAINED = pytest.mark.xdist_group("evaluate_cli_trained")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   w = tmp_path_factory.mktemp("trained") / "w"
@@ -298,6 +303,7 @@ def _plain(x):
   return json.loads(json.dumps(x).replace("NaN", "null"))
 
 
+@ON_TRAINED
 @pytest.mark.parametrize("stage", ["sft", "rl"])
 def test_cli_reproduces_the_trainers_eval_exactly(trained, sft_eval, rl_eval, stage):
   ev = {"sft": sft_eval, "rl": rl_eval}[stage]
@@ -326,6 +332,7 @@ def _paired(samples, key):
   return diffs, skipped
 
 
+@ON_TRAINED
 @pytest.mark.parametrize("stage", ["sft", "rl"])
 def test_fast_vs_slow_analysis_agrees_with_the_samples(sft_eval, rl_eval, stage):
   """At the SFT-only checkpoint and after RL: the per-mode P/R/F and the paired slow-minus-fast precision and
@@ -358,6 +365,7 @@ def test_fast_vs_slow_analysis_agrees_with_the_samples(sft_eval, rl_eval, stage)
   assert cells[6] == f"f {100 * gap:+.2f}"
 
 
+@ON_TRAINED
 def test_rl_report_states_whether_the_slow_mode_closed_the_gap(trained, sft_eval, rl_eval):
   sft = sft_eval["report"]["datasets"]["mer_synth"]["summary"]
   rl = rl_eval["report"]["datasets"]["mer_synth"]["summary"]
@@ -379,6 +387,7 @@ def test_rl_report_states_whether_the_slow_mode_closed_the_gap(trained, sft_eval
   assert _plain(base["datasets"]["mer_synth"]["summary"]) == _plain(sft)
 
 
+@ON_TRAINED
 def test_predictions_csvs_scored_by_the_metrics_cli(rl_eval):
   """`python -m merr1_jax.metrics ov` on the CLI's own labels/predictions CSVs gives the report's numbers."""
   out, report = rl_eval["out"], rl_eval["report"]["datasets"]["mer_synth"]
@@ -394,6 +403,7 @@ def test_predictions_csvs_scored_by_the_metrics_cli(rl_eval):
     assert cli["n_pred_unmatched"] == 0
 
 
+@ON_TRAINED
 def test_hf_export_evaluates_like_the_training_checkpoint(trained, rl_eval, tmp_path):
   """The trainer's export of the final policy (float32, projectors included) gives the same numbers and the
   same completions as its final training checkpoint."""
@@ -405,6 +415,7 @@ def test_hf_export_evaluates_like_the_training_checkpoint(trained, rl_eval, tmp_
   assert [s["completion"] for s in ev["samples"]] == [s["completion"] for s in rl_eval["samples"]]
 
 
+@ON_TRAINED
 def test_num_samples_end_to_end(trained, tmp_path):
   n = 2
   ev = _evaluate(trained, tmp_path / "eval", "--num_samples", str(n), "--temperature", "1.5", "--modes", "fast")

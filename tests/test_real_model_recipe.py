@@ -165,6 +165,10 @@ def run_training(over: dict, work, out, cache_dir=os.path.join(ROOT, ".jax_cache
                         env=env, capture_output=True, text=True, timeout=600)
 
 
+# Every test here reads the one recipe run: keep them on one xdist worker (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("real_model_recipe")
+
+
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
   from safetensors.numpy import load_file

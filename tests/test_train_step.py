@@ -96,7 +96,8 @@ def test_step_zero_is_reinforce():
   ref = rl.logprobs_from_logits(logits[:, :-1], batch.inputs.tokens[:, 1:])
   batch = batch.replace(ref_logp=jnp.pad(ref, ((0, 0), (1, 0))))
   loss_fn = ts.make_rl_loss(model, _step_cfg(beta=0.04))
-  (_, stats), g = jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04), has_aux=True)(params)
+  # Jitted: one compile each, where eager autodiff of the model dispatches (and compiles) op by op.
+  (_, stats), g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04), has_aux=True))(params)
   stats = rl.finalize_stats(stats)
   assert float(stats["ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
   assert float(stats["kl"]) == pytest.approx(0.0, abs=1e-6)
@@ -107,7 +108,7 @@ def test_step_zero_is_reinforce():
     lp = rl.logprobs_from_logits(lg[:, :-1], batch.inputs.tokens[:, 1:])
     return -(batch.advantages[:, None] * lp * mask).sum() / mask.sum()
 
-  g_ref = jax.grad(reinforce)(params)
+  g_ref = jax.jit(jax.grad(reinforce))(params)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -318,8 +319,8 @@ def test_loss_start_skips_prompt_positions_without_changing_the_loss():
   params = model.init_params(jax.random.key(0))
   batch = _batch(old=True, prompt=6)  # completion tokens start at column 6: position 5 predicts the first one
   loss_fn = ts.make_rl_loss(model, _step_cfg(loss=rl.LossConfig(max_len=6)))
-  full = jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04)[0])(params)
-  skip = jax.value_and_grad(lambda p: loss_fn(p, batch.replace(loss_start=5), 0.04)[0])(params)
+  full = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04)[0]))(params)
+  skip = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch.replace(loss_start=5), 0.04)[0]))(params)
   np.testing.assert_allclose(skip[0], full[0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(skip[1]), jax.tree.leaves(full[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
