@@ -33,6 +33,7 @@ import argparse
 import datetime
 import json
 import pathlib
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -292,7 +293,8 @@ def _cell(st: dict, digits: int = 2) -> str:
 
 def markdown(summary: dict, reasoning: dict, meta: dict) -> str:
   rows = summary["rows"]
-  out = [f"{meta.get('section', SECTION)}\n", f"Command: `{meta['command']}`. Machine: {meta['machine']}. Date: {meta['date']}. "
+  out = [f"{meta.get('section', SECTION)}\n",
+         f"Command: `{meta['command']}`. Machine: {meta['machine']}. Date: {meta['date']}. "
          f"Seeds: {', '.join(map(str, meta['seeds']))}. Each RL row starts from its seed's SFT checkpoint.\n",
          "MER-Synth test split, OV emotion-wheel level 1, x 100; mean ± std (min) over seeds. Reported: the paper's "
          "MER-UniBench mean (a second-hand summary; another dataset and model, so only the ordering compares).\n",
@@ -407,7 +409,7 @@ def main(argv=None, *, run: Runner = run_process) -> dict:
   data = collect(out, rows, seeds)
   summary = summarize(data, rows, seeds)
   reasoning = {} if args.no_reasoning_check else {s: reasoning_check(out, s, args.config, extra) for s in seeds}
-  meta = {"command": "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+  meta = {"command": shlex.join(["python", "benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])]),
           "machine": report_util.machine(), "date": datetime.date.today().isoformat(), "seeds": seeds,
           "section": args.section}
   md = markdown(summary, reasoning, meta)

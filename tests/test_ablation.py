@@ -154,3 +154,4 @@ def test_a_second_grid_writes_its_own_section(tmp_path):
   assert "## Other\nkeep\n" in text and core < variants
   assert "| rd_ad vs rd | slow |" in text[core:variants] and "sfcc_word" not in text[core:variants]
   assert "| sfcc_word vs mer_r1 | slow |" in text[variants:] and "--seeds 0 " in text[variants:]
+  assert "--section '## Ablation: SFCC variants'" in text[variants:]  # the command as a shell reads it

@@ -266,8 +266,9 @@ def test_a_crash_before_the_first_checkpoint_leaves_no_duplicate_rows(tmp_path):
 
 def test_sigterm_checkpoints_and_exits_zero_then_continues(tmp_path):
   w = tmp_path / "w"
-  # No cadence saves before step 40: a checkpoint below 40 can only come from the SIGTERM.
-  over = ("--config.rl.steps=40", "--config.checkpoint.every=1000")
+  # No cadence saves before the last step (12): a checkpoint below it can only come from the SIGTERM, which
+  # lands at the first step boundary after the first RL row.
+  over = ("--config.rl.steps=12", "--config.checkpoint.every=1000")
   proc = _train(w, tmp_path, *over, wait=False)
   deadline = time.time() + 400
   while time.time() < deadline and proc.poll() is None:
@@ -281,12 +282,12 @@ def test_sigterm_checkpoints_and_exits_zero_then_continues(tmp_path):
   assert "preempted (SIGTERM)" in out
   stopped = _rows(w)[-1]["step"]
   saved = sorted(int(p.name) for p in (w / "checkpoints" / "rl").iterdir() if p.name.isdigit())
-  assert saved == [stopped] and stopped < 40, (saved, stopped)
+  assert saved == [stopped] and stopped < 12, (saved, stopped)
   assert not (w / "results.json").exists()
   rc, out, _ = _train(w, tmp_path, *over)
   assert rc == 0, out[-3000:]
   assert f"rl: resumed from step {stopped}" in out
-  assert [r["step"] for r in _rows(w)] == list(range(1, 41))
+  assert [r["step"] for r in _rows(w)] == list(range(1, 13))
 
 
 @ON_REFERENCE_RUN
