@@ -28,6 +28,7 @@ from merr1_jax import checkpoint, evaluate, evaluation, metrics, run_setup, sett
 from merr1_jax import config as cfglib
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, hf_io
+from tests.helpers import shared
 from tests.helpers.xla import COMPILE_FAST
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -266,36 +267,49 @@ def _run(*cmd, timeout=900):
   return proc.stdout
 
 
-# The tests on the trained workdir run on one xdist worker (pyproject: --dist loadgroup): one training, not one
-# per worker.
-ON_TRAINED = pytest.mark.xdist_group("evaluate_cli_trained")
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  w = tmp_path_factory.mktemp("trained") / "w"
-  _run("merr1_jax.train", "--config", SMOKE, "--workdir", str(w), *TRAIN)
-  return w
+  """The trained smoke workdir, built once per session (tests/helpers/shared.py); tests only read it."""
+  build = lambda d: _run("merr1_jax.train", "--config", SMOKE, "--workdir", str(d / "w"), *TRAIN)  # noqa: E731
+  return shared.build_once(tmp_path_factory, "evaluate_cli_trained", build) / "w"
 
 
-def _evaluate(workdir, out, *args) -> dict:
-  stdout = _run("merr1_jax.evaluate", "--config", SMOKE, "--workdir", str(workdir), "--out", str(out),
-                "--no_progress", *TRAIN, *args)
+def _run_eval(workdir, out, *args) -> str:
+  """The evaluate CLI on `workdir` with the trainer's settings, writing to `out`; its stdout."""
+  return _run("merr1_jax.evaluate", "--config", SMOKE, "--workdir", str(workdir), "--out", str(out),
+              "--no_progress", *TRAIN, *args)
+
+
+def _read_eval(out, stdout: str) -> dict:
   return {"report": json.loads((out / "report.json").read_text()), "md": (out / "report.md").read_text(),
           "samples": [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()],
           "out": out, "stdout": stdout}
 
 
+def _evaluate(workdir, out, *args) -> dict:
+  return _read_eval(out, _run_eval(workdir, out, *args))
+
+
+def _shared_eval(tmp_path_factory, name: str, workdir, *args) -> dict:
+  """An evaluation of the trained workdir, run once per session like `trained`."""
+
+  def build(d):
+    (d / "stdout.txt").write_text(_run_eval(workdir, d / "eval", *args))
+
+  d = shared.build_once(tmp_path_factory, name, build)
+  return _read_eval(d / "eval", (d / "stdout.txt").read_text())
+
+
 @pytest.fixture(scope="module")
 def sft_eval(trained, tmp_path_factory):
-  return _evaluate(trained, tmp_path_factory.mktemp("sft") / "eval", "--checkpoint", f"sft:{SFT_STEPS}")
+  return _shared_eval(tmp_path_factory, "evaluate_cli_sft_eval", trained, "--checkpoint", f"sft:{SFT_STEPS}")
 
 
 @pytest.fixture(scope="module")
 def rl_eval(trained, sft_eval, tmp_path_factory):
   """The final checkpoint (no --checkpoint), compared with the SFT evaluation."""
-  return _evaluate(trained, tmp_path_factory.mktemp("rl") / "eval", "--baseline",
-                   str(sft_eval["out"] / "report.json"))
+  return _shared_eval(tmp_path_factory, "evaluate_cli_rl_eval", trained, "--baseline",
+                      str(sft_eval["out"] / "report.json"))
 
 
 def _plain(x):
@@ -303,7 +317,6 @@ def _plain(x):
   return json.loads(json.dumps(x).replace("NaN", "null"))
 
 
-@ON_TRAINED
 @pytest.mark.parametrize("stage", ["sft", "rl"])
 def test_cli_reproduces_the_trainers_eval_exactly(trained, sft_eval, rl_eval, stage):
   ev = {"sft": sft_eval, "rl": rl_eval}[stage]
@@ -332,7 +345,6 @@ def _paired(samples, key):
   return diffs, skipped
 
 
-@ON_TRAINED
 @pytest.mark.parametrize("stage", ["sft", "rl"])
 def test_fast_vs_slow_analysis_agrees_with_the_samples(sft_eval, rl_eval, stage):
   """At the SFT-only checkpoint and after RL: the per-mode P/R/F and the paired slow-minus-fast precision and
@@ -365,7 +377,6 @@ def test_fast_vs_slow_analysis_agrees_with_the_samples(sft_eval, rl_eval, stage)
   assert cells[6] == f"f {100 * gap:+.2f}"
 
 
-@ON_TRAINED
 def test_rl_report_states_whether_the_slow_mode_closed_the_gap(trained, sft_eval, rl_eval):
   sft = sft_eval["report"]["datasets"]["mer_synth"]["summary"]
   rl = rl_eval["report"]["datasets"]["mer_synth"]["summary"]
@@ -387,7 +398,6 @@ def test_rl_report_states_whether_the_slow_mode_closed_the_gap(trained, sft_eval
   assert _plain(base["datasets"]["mer_synth"]["summary"]) == _plain(sft)
 
 
-@ON_TRAINED
 def test_predictions_csvs_scored_by_the_metrics_cli(rl_eval):
   """`python -m merr1_jax.metrics ov` on the CLI's own labels/predictions CSVs gives the report's numbers."""
   out, report = rl_eval["out"], rl_eval["report"]["datasets"]["mer_synth"]
@@ -403,7 +413,6 @@ def test_predictions_csvs_scored_by_the_metrics_cli(rl_eval):
     assert cli["n_pred_unmatched"] == 0
 
 
-@ON_TRAINED
 def test_hf_export_evaluates_like_the_training_checkpoint(trained, rl_eval, tmp_path):
   """The trainer's export of the final policy (float32, projectors included) gives the same numbers and the
   same completions as its final training checkpoint."""
@@ -415,7 +424,6 @@ def test_hf_export_evaluates_like_the_training_checkpoint(trained, rl_eval, tmp_
   assert [s["completion"] for s in ev["samples"]] == [s["completion"] for s in rl_eval["samples"]]
 
 
-@ON_TRAINED
 def test_num_samples_end_to_end(trained, tmp_path):
   n = 2
   ev = _evaluate(trained, tmp_path / "eval", "--num_samples", str(n), "--temperature", "1.5", "--modes", "fast")

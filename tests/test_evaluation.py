@@ -23,8 +23,6 @@ from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, mllm
 
 N_TEST = 6  # with batch 4: two batches, the second with two padding rows
-# Most tests read the module's `result` evaluation: one xdist worker runs them all (pyproject: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("evaluation_result")
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ av = pytest.importorskip("av")
 
 from merr1_jax import prompts, rollout, sampling  # noqa: E402
 from merr1_jax.models import base, hf_io, mllm, safetensors_io  # noqa: E402
+from tests.helpers import shared  # noqa: E402
 from tests.helpers.omni import write_omni_tokenizer, write_random_clip  # noqa: E402
 from tests.helpers.torch_init import randomise  # noqa: E402
 from tests.helpers.xla import COMPILE_FAST  # noqa: E402
@@ -165,21 +166,20 @@ def run_training(over: dict, work, out, cache_dir=os.path.join(ROOT, ".jax_cache
                         env=env, capture_output=True, text=True, timeout=600)
 
 
-# Every test here reads the one recipe run: keep them on one xdist worker (pyproject: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("real_model_recipe")
+def _build_recipe(root):
+  build_checkpoint(root / "ckpt")
+  make_records(root, root / "ckpt")
+  proc = run_training(train_overrides(root / "ckpt", root / "records"), root / "work", root / "captured")
+  assert proc.returncode == 0, proc.stderr[-6000:]
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
+  """The recipe's run, once per session (tests/helpers/shared.py): every test only reads it."""
   from safetensors.numpy import load_file
 
-  root = tmp_path_factory.mktemp("recipe")
-  ckpt = root / "ckpt"
-  build_checkpoint(ckpt)
-  make_records(root, ckpt)
-  work, out = root / "work", root / "captured"
-  proc = run_training(train_overrides(ckpt, root / "records"), work, out)
-  assert proc.returncode == 0, proc.stderr[-6000:]
+  root = shared.build_once(tmp_path_factory, "real_model_recipe", _build_recipe)
+  ckpt, work, out = root / "ckpt", root / "work", root / "captured"
   load = lambda name: {k.replace(".", "/"): v for k, v in np.load(out / f"{name}.npz").items()}  # noqa: E731
   config = hf_io.config_from_hf(json.loads((ckpt / "config.json").read_text()))
   return dict(root=root, ckpt=ckpt, export=work / "export", checkpoint=load_file(str(ckpt / "model.safetensors")),

@@ -22,6 +22,7 @@ import pytest
 from merr1_jax import config as cfglib
 from merr1_jax import memory, run_setup
 from merr1_jax.models import mllm, presets
+from tests.helpers import shared
 from tests.helpers.xla import COMPILE_FAST
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -117,18 +118,18 @@ def _tb_scalars(tb_dir: pathlib.Path) -> dict[str, dict[int, float]]:
   return out
 
 
-# The tests that share reference_run run on one xdist worker (pyproject: --dist loadgroup), so the module
-# fixture's training runs once rather than once per worker.
-ON_REFERENCE_RUN = pytest.mark.xdist_group("train_reference_run")
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-  """One uninterrupted smoke run with the network disabled, a clean HF_HOME and TensorBoard on."""
-  tmp = tmp_path_factory.mktemp("ref")
-  rc, out, pid = _train(tmp / "w", tmp, "--config.log.tensorboard=True")
-  assert rc == 0, out[-4000:]
-  return tmp, pid
+  """One uninterrupted smoke run with the network disabled, a clean HF_HOME and TensorBoard on: (its temp dir,
+  the trainer's pid). Built once per session (tests/helpers/shared.py); the tests copy what they change."""
+
+  def build(tmp):
+    rc, out, pid = _train(tmp / "w", tmp, "--config.log.tensorboard=True")
+    assert rc == 0, out[-4000:]
+    (tmp / "pid").write_text(str(pid))
+
+  tmp = shared.build_once(tmp_path_factory, "train_reference_run", build)
+  return tmp, int((tmp / "pid").read_text())
 
 
 def test_network_guard_refuses_lookups_and_connections_in_the_child(tmp_path):
@@ -149,7 +150,6 @@ def test_network_guard_refuses_lookups_and_connections_in_the_child(tmp_path):
   assert (tmp_path / "guard.mark").read_text().split() == [str(proc.pid)]  # the canary of that process
 
 
-@ON_REFERENCE_RUN
 def test_smoke_run_needs_no_network(reference_run):
   tmp, pid = reference_run
   w = tmp / "w"
@@ -185,7 +185,6 @@ _RL_FAMILIES = {
 }
 
 
-@ON_REFERENCE_RUN
 def test_jsonl_and_tensorboard_hold_the_issue_scalars(reference_run):
   w = reference_run[0] / "w"
   rows = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
@@ -211,7 +210,6 @@ def test_jsonl_and_tensorboard_hold_the_issue_scalars(reference_run):
   assert any(tag.startswith("eval_rl/") for tag in tb)
 
 
-@ON_REFERENCE_RUN
 def test_resume_after_sigkill_is_bit_identical(reference_run, tmp_path):
   ref = reference_run[0] / "w"
   w = tmp_path / "w"
@@ -290,7 +288,6 @@ def test_sigterm_checkpoints_and_exits_zero_then_continues(tmp_path):
   assert [r["step"] for r in _rows(w)] == list(range(1, 13))
 
 
-@ON_REFERENCE_RUN
 def test_incompatible_checkpoint_is_refused_unless_forced(reference_run, tmp_path):
   w = tmp_path / "w"
   shutil.copytree(reference_run[0] / "w", w)
@@ -306,7 +303,6 @@ def test_incompatible_checkpoint_is_refused_unless_forced(reference_run, tmp_pat
   assert rc == 0, out[-3000:]
 
 
-@ON_REFERENCE_RUN
 @pytest.mark.parametrize("change,field", [(lambda c: setattr(c.rl, "beta", 0.5), "rl.beta: stored 0.04, now 0.5"),
                                           (lambda c: setattr(c.sft, "learning_rate", 0.5), "sft.learning_rate")])
 def test_incompatible_workdir_is_refused_before_anything_is_built(reference_run, tmp_path, monkeypatch, change,
@@ -580,7 +576,6 @@ def test_a_real_model_needs_a_tokenizer(tmp_path):
   assert cfglib.tokenizer_dir(cfglib.load(BASE)) == ""  # the embedded model builds the MER-Synth one
 
 
-@ON_REFERENCE_RUN
 def test_evaluate_cli_reproduces_the_trainers_final_table(reference_run, tmp_path):
   """`python -m merr1_jax.evaluate` on the final checkpoint gives exactly the trainer's final eval numbers, and
   the report's fast-vs-slow analysis is consistent with its per-sample JSONL."""
