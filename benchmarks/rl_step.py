@@ -110,6 +110,20 @@ def token_reward(completion_BxT: np.ndarray) -> np.ndarray:
   return (completion_BxT % 2 == 0).mean(axis=1).astype(np.float32)
 
 
+def place_features(toks_PxL: np.ndarray, cfg, frames: int, audio: int, rs) -> dict:
+  """Turns the first `frames` then `audio` positions of every prompt into placeholders (in place) and returns
+  random features for them, as ModelInputs fields (none when both are 0)."""
+  p = toks_PxL.shape[0]
+  feats = {}
+  if frames:
+    toks_PxL[:, :frames] = cfg.video_token_id
+    feats.update(video=rs.randn(p, frames, cfg.video_dim).astype(np.float32), video_mask=np.ones((p, frames), bool))
+  if audio:
+    toks_PxL[:, frames:frames + audio] = cfg.audio_token_id
+    feats.update(audio=rs.randn(p, audio, cfg.audio_dim).astype(np.float32), audio_mask=np.ones((p, audio), bool))
+  return feats
+
+
 def random_inputs(cfg, work: Work, seed: int, *, frames: int = 0, audio: int = 0) -> base.ModelInputs:
   """P prompts of exactly L real tokens (ids away from the placeholders), 1-D or M-RoPE text positions; with
   frames/audio > 0, that many placeholders at the start of each prompt and random features for them."""
@@ -117,13 +131,7 @@ def random_inputs(cfg, work: Work, seed: int, *, frames: int = 0, audio: int = 0
   p, length = work.prompts, work.prompt_len
   hi = min(cfg.vocab_size - 16, 1 << 20)
   toks = rs.randint(16, hi, (p, length)).astype(np.int32)
-  feats = {}
-  if frames:
-    toks[:, :frames] = cfg.video_token_id
-    feats.update(video=rs.randn(p, frames, cfg.video_dim).astype(np.float32), video_mask=np.ones((p, frames), bool))
-  if audio:
-    toks[:, frames:frames + audio] = cfg.audio_token_id
-    feats.update(audio=rs.randn(p, audio, cfg.audio_dim).astype(np.float32), audio_mask=np.ones((p, audio), bool))
+  feats = place_features(toks, cfg, frames, audio, rs)
   pos = np.broadcast_to(np.arange(length, dtype=np.int32), (p, length))
   if cfg.mrope_section is not None:
     pos = np.broadcast_to(pos[..., None], (p, length, 3))

@@ -46,20 +46,12 @@ def prompt_inputs(workload: spec.Workload, ids, cfg, seed: int = spec.SEED):
   """ModelInputs of the prompt ids, the first video_rows / audio_rows positions turned into placeholders with
   random features for them (fixed seed: the update's cost does not depend on the values)."""
   import numpy as np
+  import rl_step
 
   from merr1_jax.models import base
   toks = np.array(ids, np.int32)
-  p, length = toks.shape
-  v, a = workload.video_rows, workload.audio_rows
-  rs = np.random.RandomState(seed)
-  feats = {}
-  if v:
-    toks[:, :v] = cfg.video_token_id
-    feats.update(video=rs.randn(p, v, cfg.video_dim).astype(np.float32), video_mask=np.ones((p, v), bool))
-  if a:
-    toks[:, v:v + a] = cfg.audio_token_id
-    feats.update(audio=rs.randn(p, a, cfg.audio_dim).astype(np.float32), audio_mask=np.ones((p, a), bool))
-  pos = np.broadcast_to(np.arange(length, dtype=np.int32), toks.shape).copy()
+  feats = rl_step.place_features(toks, cfg, workload.video_rows, workload.audio_rows, np.random.RandomState(seed))
+  pos = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape).copy()
   return base.ModelInputs(tokens=toks, positions=pos, mask=np.ones(toks.shape, bool), **feats)
 
 
