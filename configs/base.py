@@ -46,6 +46,9 @@ _MODEL_FIELDS = {
     "audio_token_id": "the <|AUDIO|> placeholder id; -1 = from the embedded tokenizer",
     "max_seq_len": "default KV-cache length and a bound on positions",
     "init_std": "stddev of the random init (HF initializer_range)",
+    "lora_rank": "r of the LoRA adapters (0 = none; docs/lora.md): the stages in lora.stages train only them",
+    "lora_alpha": "LoRA scale numerator: the adapters add (lora_alpha / r) (x A) B (PEFT's lora_alpha)",
+    "lora_targets": "regex over the decoder kernels ('layers/q_kernel' ...) that get adapters; default all seven",
 }
 
 # Mesh presets, (data, fsdp, tensor) and the GB of memory one device has (0 = ask the runtime; CPU reports none),
@@ -58,6 +61,9 @@ _MESHES = {
     "gpu8": ((1, 8, 1), 80.0),  # one node of 8 x H100 / A100 80 GB
     "v5p8": ((1, 4, 1), 95.0),  # TPU v5p-8: 4 chips of 95 GB HBM, one host
     "v4_32": ((1, 16, 1), 32.0),  # TPU v4-32: 16 chips of 32 GB HBM over 4 hosts; 16 prompts per step (below)
+    "gpu1": ((1, 1, 1), 80.0),  # one 80 GB GPU (H100 / A100); with LoRA (docs/lora.md); 141 GB H200: override
+    #                             --config.mesh.device_memory_gb=141
+    "v5e8": ((1, 8, 1), 16.0),  # TPU v5e-8: 8 chips of 16 GB HBM, one host; with LoRA (docs/lora.md)
 }
 _DATA = ("mer_synth", "mer_features")
 
@@ -230,6 +236,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.num_anchors = 6  # answer anchors read per completion
   c.rl.max_nonfinite_steps = 3  # stop with a diagnostic after this many skipped (NaN/Inf) steps
   c.rl.freeze = ()  # regexes over parameter paths that RL leaves untouched, e.g. (r"video_proj/",)
+
+  # ---------------------------------------------------------------------------------------------- lora
+  # LoRA (docs/lora.md), on when model.lora_rank > 0. A LoRA stage trains the adapters (and the leaves
+  # train_full names) with the base frozen; its KL reference is the base with the adapters off (no copy); its
+  # checkpoints hold the trainable leaves and the base's fingerprint. Every stage starts from the previous one's
+  # policy with the adapters merged in and fresh (B = 0), so the RL reference is the SFT policy as in method.md.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.stages = ("rl",)  # the stages that train adapters; the others fine-tune in full (adapters off)
+  c.lora.train_full = ""  # regex of base leaves a LoRA stage trains in full too, e.g. r"(video|audio)_proj/"
 
   # ----------------------------------------------------------------------------------------- optimizer
   c.optim = ml_collections.ConfigDict()  # AdamW for both stages (learning rates and warmup per stage above)

@@ -47,11 +47,24 @@ def export_hf(params: Any, model_config: Any, out_dir: str | os.PathLike, *, ove
               **kw: Any) -> list[str]:
   """Writes the policy as a HF checkpoint (``models.hf_io.save_hf``; kw: dtype, layout, hf_config,
   max_shard_bytes, copy_from; ``hf_io.export_kwargs(config.model.hf_path)`` gives layout and copy_from for a
-  run that started from an Omni checkpoint, so that the export carries its towers). Every process calls it:
-  arrays sharded over hosts are gathered, process 0 writes into a tmp directory renamed to `out_dir` at the
-  end (a crash never leaves a half export under the final name).
+  run that started from an Omni checkpoint, so that the export carries its towers). A LoRA policy is written
+  with its adapters merged. Every process calls it: arrays sharded over hosts are gathered, process 0 writes
+  into a tmp directory renamed to `out_dir` at the end (a crash never leaves a half export under the final name).
   Returns the file names (empty on other processes)."""
   from merr1_jax.models import hf_io
+  return _export(params, out_dir, overwrite, lambda p, tmp: hf_io.save_hf(p, model_config, tmp, **kw))
+
+
+def export_peft(params: Any, model_config: Any, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                base_model_name_or_path: str = "") -> list[str]:
+  """Writes a LoRA policy's adapters as a PEFT adapter directory (``models.hf_io.save_peft``), the same way
+  ``export_hf`` writes a checkpoint (gathered, tmp directory renamed at the end)."""
+  from merr1_jax.models import hf_io
+  return _export(params, out_dir, overwrite, lambda p, tmp: hf_io.save_peft(
+      p, model_config, tmp, base_model_name_or_path=base_model_name_or_path))
+
+
+def _export(params: Any, out_dir: str | os.PathLike, overwrite: bool, write) -> list[str]:
   out_dir = os.path.abspath(os.fspath(out_dir))
   multi = jax.process_count() > 1
   if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
@@ -63,7 +76,7 @@ def export_hf(params: Any, model_config: Any, out_dir: str | os.PathLike, *, ove
       raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
     tmp = out_dir + ".export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    files = hf_io.save_hf(params, model_config, tmp, **kw)
+    files = write(params, tmp)
     if os.path.exists(out_dir):
       old = out_dir + ".export-old"
       shutil.rmtree(old, ignore_errors=True)
@@ -74,5 +87,5 @@ def export_hf(params: Any, model_config: Any, out_dir: str | os.PathLike, *, ove
       os.replace(tmp, out_dir)
   if multi:
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"export_hf {out_dir}")
+    multihost_utils.sync_global_devices(f"export {out_dir}")
   return files

@@ -155,6 +155,21 @@ def _regexes(v):
   return None
 
 
+def _lora_stages(v):
+  ok = isinstance(v, (tuple, list)) and all(s in ("sft", "rl") for s in v) and len(set(v)) == len(v)
+  return None if ok else f"must be a tuple of distinct stages from ('sft', 'rl'), got {v!r}"
+
+
+def _regex_or_empty(v):
+  if not isinstance(v, str):
+    return f"must be a regex string ('' = none), got {v!r}"
+  try:
+    re.compile(v)
+  except re.error as e:
+    return f"{v!r} is not a regex: {e}"
+  return None
+
+
 def _mesh_shape(v):
   ok = (isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_int(s) and (s >= 1 or s == -1) for s in v)
         and list(v).count(-1) <= 1)
@@ -211,6 +226,7 @@ _FIELD_RULES: dict[str, Rule] = {
     "rl.cal_space": _one_of("advantage", "reward", "mixed"), "rl.cal_mix": _real(0.0, 1.0),
     "rl.probe_every": _int(0), "rl.prefix_grouped": _bool,
     "rl.freeze": _regexes,
+    "lora.stages": _lora_stages, "lora.train_full": _regex_or_empty,
     # optimizer
     "optim.schedule": _one_of("constant", "cosine"), "optim.b1": _real(0.0, 1.0, hi_open=True),
     "optim.b2": _real(0.0, 1.0, hi_open=True), "optim.weight_decay": _real(0.0), "optim.clip_norm": _real(0.0),
@@ -282,6 +298,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     need(r.prompts_per_step % (r.mini_batches * r.micro_batches) == 0, "rl.prefix_grouped",
          f"grouped updates split prompts: prompts_per_step {r.prompts_per_step} is not divisible by mini_batches x "
          f"micro_batches = {r.mini_batches * r.micro_batches}; change them or set rl.prefix_grouped=False")
+  need(not config.lora.train_full or config.model.lora_rank > 0, "lora.train_full",
+       "is set but model.lora_rank is 0 (no adapters): set model.lora_rank, or use rl.freeze to choose what trains")
+  need(not config.model.lora_rank or bool(set(config.lora.stages) & set(config.stages)), "lora.stages",
+       f"model.lora_rank = {config.model.lora_rank} but none of lora.stages {tuple(config.lora.stages)} runs "
+       f"(stages {tuple(config.stages)}): the adapters would never train")
   need(config.sft.batch_size % config.sft.micro_batches == 0, "sft.micro_batches",
        f"sft.batch_size {config.sft.batch_size} is not divisible by {config.sft.micro_batches} micro-batches")
 
@@ -312,15 +333,21 @@ def _check_memory(config: ml_collections.ConfigDict, mc: ModelConfig, shape, dev
   device (memory.STATE_MEMORY_FRACTION)."""
   r = config.rl
   model_shards = shape[1] * shape[2]
-  stages = [(s, s == "rl" and r.beta > 0, getattr(config, s).micro_batches) for s in config.stages]
-  stage, with_ref, micro = max(stages, key=lambda x: memory.state_gb_per_device(
-      mc, with_reference=x[1], micro_batches=x[2], model_shards=1))
-  need_gb = memory.state_gb_per_device(mc, with_reference=with_ref, micro_batches=micro, model_shards=model_shards)
+  full = memory.train_full_count(mc, config.lora.train_full) if mc.lora_rank else 0
+  gb = {s: memory.state_gb_per_device(
+      mc, with_reference=s == "rl" and r.beta > 0, micro_batches=getattr(config, s).micro_batches,
+      model_shards=model_shards, lora_stage=bool(mc.lora_rank) and s in tuple(config.lora.stages),
+      train_full_params=full) for s in config.stages}
+  stage = max(gb, key=gb.get)
+  need_gb, with_ref, micro = gb[stage], stage == "rl" and r.beta > 0, getattr(config, stage).micro_batches
   if need_gb > memory.STATE_MEMORY_FRACTION * device_gb:
     raise ConfigError(
         f"config.mesh.shape: mesh {tuple(shape)} splits the parameters {model_shards} way(s): the {stage} train "
         f"state of {config.model.preset} ({memory.param_count(mc) / 1e9:.2f} B parameters in {mc.param_dtype}: "
         f"weights, AdamW moments, gradients{' with float32 accumulators' if micro > 1 else ''}"
-        f"{', the KL reference' if with_ref else ''}) needs {need_gb:.1f} GB per device, more than "
+        f"{', the KL reference' if with_ref else ''}"
+        f"{', LoRA: adapters trained, base frozen' if mc.lora_rank and stage in tuple(config.lora.stages) else ''})"
+        f" needs {need_gb:.1f} GB per device, more than "
         f"{memory.STATE_MEMORY_FRACTION:.0%} of the {device_gb:g} GB a device has (mesh.device_memory_gb); shard it "
-        "with a mesh preset (configs/base.py:...,mesh=gpu8|v5p8|v4_32) or --config.mesh.shape='(1,N,1)'")
+        "with a mesh preset (configs/base.py:...,mesh=gpu8|v5p8|v4_32) or --config.mesh.shape='(1,N,1)', or train "
+        "LoRA adapters (--config.model.lora_rank=8, lora.stages; docs/lora.md)")

@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import artifacts, checkpoint, experience, memory, observe, prompts, rewards, rollout, settings
+from merr1_jax import artifacts, checkpoint, experience, memory, observe, optim, prompts, rewards, rollout, settings
 from merr1_jax import grouped, sharding
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
 from merr1_jax.data import pipeline, synth, tfds_builders
 from merr1_jax.data import tokenizer as toklib
-from merr1_jax.models import base, hf_io, mllm
+from merr1_jax.models import base, hf_io, lora, mllm
 
 _log = logging.getLogger("merr1_jax.run")
 
@@ -115,14 +115,63 @@ class Run:
     ckpt.close()
     return latest == getattr(self.config, stage).steps
 
-  def final_params(self, stage: str, template):
-    """The parameters at the end of a finished stage (restored from its last checkpoint)."""
-    state = settings.abstract_state(self.config, stage, self.model.config, template)
+  def final_params(self, stage: str, start):
+    """The parameters at the end of a finished stage, restored from its last checkpoint; `start` is what the stage
+    started from (the previous stage's policy), which holds a LoRA stage's frozen base."""
+    start = self.stage_start(stage, start)
+    state = settings.abstract_state(self.config, stage, self.model.config, start)
     ckpt = self.checkpointer(stage)
-    restored, _, _ = ckpt.restore(ckpt.latest_step(), checkpoint.abstract_with_shardings(
-        state, self.state_shardings(state)))
+    restored, _ = self.restore_state(ckpt, ckpt.latest_step(), state, start, stage)
     ckpt.close()
     return restored.params
+
+  # ------------------------------------------------------------------------------------------- LoRA
+  def stage_start(self, stage: str, params):
+    """A stage's starting parameters. With LoRA adapters (docs/lora.md): the previous policy with its adapters
+    merged into the kernels and fresh ones (B = 0, A from a key of the seed and stage), so a LoRA stage's frozen
+    base, and its KL reference, is the policy the previous stage ended with. Without adapters: `params`."""
+    mc = self.model.config
+    if not mc.lora_rank:
+      return params
+    key = jax.random.fold_in(jax.random.key(self.config.seed), 0x5EED + ("sft", "rl").index(stage))
+    return jax.jit(lambda p: lora.folded(p, mc, key), out_shardings=self.param_shardings(params))(params)
+
+  def lora_base(self, stage: str, params) -> dict | None:
+    """What a LoRA stage's checkpoints say about its frozen base (None outside one): the base's fingerprint
+    (lora.fingerprint of every frozen leaf) and where it came from."""
+    if not settings.lora_stage(self.config, stage):
+      return None
+    c = self.config
+    frozen = optim.split_trainable(params, settings.freeze(c, stage))[1]
+    if stage == "rl" and "sft" in c.stages:
+      source = f"{self.workdir / 'checkpoints' / 'sft'} step {c.sft.steps}, adapters merged"
+    else:
+      source = f"hf:{c.model.hf_path}" if c.model.hf_path else f"random init, seed {c.seed}"
+    return {"fingerprint": lora.fingerprint(frozen, skip=lambda name: False), "source": source}
+
+  def checkpoint_state(self, stage: str, state):
+    """What a stage's checkpoint holds: the whole state, or in a LoRA stage the trainable leaves only."""
+    return ts.trainable_view(state) if settings.lora_stage(self.config, stage) else state
+
+  def restore_state(self, ckpt, step: int, state, params, stage: str, data_iter=None):
+    """(state, rng) of checkpoint `step`, for a template `state` whose parameters are `params`. A LoRA stage's
+    checkpoint holds the trainable leaves only: the frozen base is `params`' own, after checking that it is the
+    base the checkpoint was trained on (its fingerprint); another base raises ConfigError naming both."""
+    target = self.checkpoint_state(stage, state)
+    abstract = checkpoint.abstract_with_shardings(target, self.state_shardings(state) if target is state else
+                                                  ts.trainable_view(self.state_shardings(state)))
+    restored, rng, extra = ckpt.restore(step, abstract, data_iter=data_iter)
+    want = self.lora_base(stage, params)
+    if want is None:
+      return restored, rng
+    got = extra.get("lora_base")
+    if got is None or got.get("fingerprint") != want["fingerprint"]:
+      raise cfglib.ConfigError(
+          f"config.model: the LoRA checkpoint {ckpt.directory}/{step} was trained on another base "
+          f"(stored {(got or {}).get('fingerprint', '<none>')[:16]} from {(got or {}).get('source', '<unknown>')}; "
+          f"now {want['fingerprint'][:16]} from {want['source']}): resume it on the base it was trained on, or "
+          "start in a fresh workdir")
+    return ts.with_frozen(restored, params), rng
 
   def initial_params(self):
     """Random init (the embedded default) or an HF checkpoint, placed on the parameter shardings."""

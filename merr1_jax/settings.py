@@ -25,6 +25,7 @@ from merr1_jax import optim as optimlib
 from merr1_jax import train_step as ts
 from merr1_jax.data import pipeline as pipelib
 from merr1_jax.data import synth as synthlib
+from merr1_jax.models import lora
 from merr1_jax.models.config import ModelConfig
 
 Config = ml_collections.ConfigDict
@@ -134,13 +135,25 @@ def own_metric(config: Config) -> str:
   return "ov" if config.data.label_space == "wheels" and config.data.wheel_level == 1 else "set"
 
 
-def _freeze(config: Config, stage: str) -> tuple[str, ...]:
-  return tuple(config.rl.freeze) if stage == "rl" else ()
+def lora_stage(config: Config, stage: str) -> bool:
+  """Whether `stage` trains LoRA adapters (model.lora_rank > 0 and the stage in lora.stages) with the base frozen."""
+  return bool(config.model.lora_rank) and stage in tuple(config.lora.stages)
+
+
+def freeze(config: Config, stage: str) -> tuple[str, ...]:
+  """The stage's freeze regexes: rl.freeze in RL; a LoRA stage freezes every leaf but the adapters and
+  lora.train_full's; any other stage of a LoRA model freezes the adapters (B stays 0: the base trains in full)."""
+  own = tuple(config.rl.freeze) if stage == "rl" else ()
+  if not config.model.lora_rank:
+    return own
+  if lora_stage(config, stage):
+    return (lora.freeze_rule(config.lora.train_full),) + own
+  return (lora.ADAPTER.pattern,) + own
 
 
 def optimizer(config: Config, stage: str, params: Any) -> optax.GradientTransformation:
   """The stage's optimizer over `params` (arrays or ShapeDtypeStructs), frozen leaves excluded."""
-  return optimlib.make_optimizer(optim_config(config, stage), params, freeze=_freeze(config, stage))
+  return optimlib.make_optimizer(optim_config(config, stage), params, freeze=freeze(config, stage))
 
 
 def make_state(config: Config, stage: str, mc: ModelConfig, params: Any) -> tuple[ts.TrainState, Any]:
@@ -148,7 +161,7 @@ def make_state(config: Config, stage: str, mc: ModelConfig, params: Any) -> tupl
   beta > 0, the frozen reference copy in the compute dtype."""
   tx = optimizer(config, stage, params)
   state = ts.init_state(params, tx, with_reference=stage == "rl" and config.rl.beta > 0,
-                        freeze=_freeze(config, stage), ref_dtype=mc.jnp_compute_dtype)
+                        freeze=freeze(config, stage), ref_dtype=mc.jnp_compute_dtype)
   return state, tx
 
 

@@ -32,7 +32,7 @@ from merr1_jax import artifacts, checkpoint, cli, evaluation, experience, interf
 from merr1_jax import grouped, settings
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
-from merr1_jax.models import hf_io
+from merr1_jax.models import hf_io, lora
 from merr1_jax.run_setup import Run, setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/base.py[:arg].")
@@ -72,9 +72,11 @@ def _fault_injection(ckpt, stage: str, step: int, *, logged_only: bool = False) 
 
 
 def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt, guard,
-                rng=None) -> tuple[object, bool]:
+                rng=None, lora_base=None) -> tuple[object, bool]:
   """Runs `step_fn(state, batch, step) -> (state, metrics)` until `steps`; returns (state, preempted). Each
-  checkpoint stores the stage's rng key `rng` (None: the stage draws no random numbers)."""
+  checkpoint stores the stage's rng key `rng` (None: the stage draws no random numbers); in a LoRA stage it holds
+  the trainable leaves only and `lora_base` (Run.lora_base: the frozen base's fingerprint and source)."""
+  extra = {"stage": stage, **({"lora_base": lora_base} if lora_base else {})}
   start = int(state.step)
   bar = observe.progress(steps, start, stage, run.config.log.progress)
   t_data = time.perf_counter()
@@ -93,7 +95,7 @@ def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt,
     # Agreed over all processes: a signal may reach them at different steps, and saving is collective.
     stop = guard.any_process_requested()
     if ckpt.should_save(step) or step == steps or stop:
-      ckpt.save(step, state, data_iter=batches, rng=rng, extra={"stage": stage}, force=True)
+      ckpt.save(step, run.checkpoint_state(stage, state), data_iter=batches, rng=rng, extra=extra, force=True)
       _fault_injection(ckpt, stage, step)
     if stage == "rl" and run.config.eval.every and step % run.config.eval.every == 0 and step < steps:
       _eval(run, state.params, f"rl_step{step}", step)
@@ -115,14 +117,14 @@ def _restore(run: Run, ckpt, state, batches, stage: str):
   run.writer.truncate_after(stage, latest or 0)
   if latest is None:
     return state, None
-  abstract = checkpoint.abstract_with_shardings(state, run.state_shardings(state))
-  state, rng, _ = ckpt.restore(latest, abstract, data_iter=batches)
+  state, rng = run.restore_state(ckpt, latest, state, state.params, stage, data_iter=batches)
   _log.info("%s: resumed from step %d", stage, latest)
   return state, rng
 
 
 def run_sft(run: Run, params, guard):
   cfg = run.config
+  params = run.stage_start("sft", params)
   state, tx = settings.make_state(cfg, "sft", run.model.config, params)
   state = run.place(state)
   step = ts.make_sft_step(run.model, tx, settings.step_config(cfg, "sft"),
@@ -135,7 +137,8 @@ def run_sft(run: Run, params, guard):
     state, metrics = step(state, run.to_device(run.sft_batch(batch)))
     return state, {k: float(v) for k, v in metrics.items()}
 
-  state, preempted = _stage_loop(run, "sft", state, cfg.sft.steps, sft_step, batches, ckpt, guard)
+  state, preempted = _stage_loop(run, "sft", state, cfg.sft.steps, sft_step, batches, ckpt, guard,
+                                 lora_base=run.lora_base("sft", state.params))
   ckpt.close()
   return state.params, preempted
 
@@ -143,6 +146,7 @@ def run_sft(run: Run, params, guard):
 def run_rl(run: Run, params, guard):
   cfg = run.config
   with_ref = cfg.rl.beta > 0
+  params = run.stage_start("rl", params)
   state, tx = settings.make_state(cfg, "rl", run.model.config, params)
   state = run.place(state)
   step = ts.make_rl_step(run.model, tx, settings.step_config(cfg, "rl"), state_shardings=run.state_shardings(state))
@@ -179,7 +183,8 @@ def run_rl(run: Run, params, guard):
                                         freeze=tuple(cfg.rl.freeze)))
     return state, metrics
 
-  state, preempted = _stage_loop(run, "rl", state, cfg.rl.steps, rl_step, batches, ckpt, guard, rng=base_key)
+  state, preempted = _stage_loop(run, "rl", state, cfg.rl.steps, rl_step, batches, ckpt, guard, rng=base_key,
+                                 lora_base=run.lora_base("rl", state.params))
   ckpt.close()
   return state.params, preempted
 
@@ -217,11 +222,29 @@ def train(config, workdir: str) -> dict:
   if config.log.plots and jax.process_index() == 0:
     observe.plot_curves(run.workdir)
   if config.checkpoint.export_hf:
-    # An Omni starting checkpoint is exported in its own layout, towers copied through unchanged.
+    # An Omni starting checkpoint is exported in its own layout, towers copied through unchanged; a LoRA policy
+    # with its adapters merged.
     artifacts.export_hf(params, run.model.config, run.workdir / "export", overwrite=True,
                         dtype=config.checkpoint.export_dtype, **hf_io.export_kwargs(config.model.hf_path))
+    if settings.lora_stage(config, config.stages[-1]):
+      _export_adapters(run, params)
   run.close()
   return results
+
+
+def _export_adapters(run: Run, params) -> None:
+  """The last stage's adapters as a PEFT adapter (WORKDIR/export_peft) and, unless that base is the unchanged
+  model.hf_path checkpoint, the base they apply to (WORKDIR/export_base: the policy without its adapters)."""
+  config = run.config
+  base_path = config.model.hf_path
+  if not (tuple(config.stages) == ("rl",) and base_path and not config.lora.train_full
+          and hf_io.export_kwargs(base_path).get("layout", "qwen2") == "qwen2"):
+    base_params, base_cfg = lora.base_only(params, run.model.config)
+    base_path = str(run.workdir / "export_base")
+    artifacts.export_hf(base_params, base_cfg, base_path, overwrite=True, dtype=config.checkpoint.export_dtype,
+                        **hf_io.export_kwargs(config.model.hf_path))
+  artifacts.export_peft(params, run.model.config, run.workdir / "export_peft", overwrite=True,
+                        base_model_name_or_path=base_path)
 
 
 def main(argv):

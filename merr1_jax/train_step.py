@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from merr1_jax import grouped, optim, rl
-from merr1_jax.models import base
+from merr1_jax.models import base, lora
 from merr1_jax.rl import loss as rl_loss
 
 Array = jax.Array
@@ -73,9 +73,10 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, *, with_ref
   optim.check_freeze_patterns(params, freeze)
   trainable, _ = optim.split_trainable(params, freeze)
   ref = None
-  if with_reference:
+  if with_reference:  # LoRA adapters are not copied: the reference has them off (reference_params)
     ref = {base.path_str(path): jnp.array(leaf, dtype=ref_dtype or leaf.dtype, copy=True)
-           for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+           for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]
+           if not lora.is_adapter(base.path_str(path))}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(trainable), ref=ref,
                      nonfinite=jnp.zeros((), jnp.int32), freeze=freeze)
   return _commit_like_params(state, params)
@@ -114,11 +115,23 @@ def _committed(a) -> bool | None:
 
 
 def reference_params(state: TrainState) -> Any:
-  """The reference policy: ``state.ref`` for trainable leaves, the policy's own (frozen) arrays elsewhere."""
+  """The reference policy: ``state.ref`` for trainable leaves, the policy's own (frozen) arrays elsewhere, and
+  LoRA adapters off (B = 0, ``lora.disabled``): with LoRA the reference is the frozen base itself, no copy."""
   if state.ref is None:
     raise ValueError("this state has no reference policy (beta = 0 when it was built)")
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: state.ref.get(base.path_str(path), x).astype(x.dtype), state.params)
+  return lora.disabled(jax.tree_util.tree_map_with_path(
+      lambda path, x: state.ref.get(base.path_str(path), x).astype(x.dtype), state.params))
+
+
+def trainable_view(state: TrainState) -> TrainState:
+  """The state with only its trainable parameter leaves (frozen ones are MaskedNodes: no arrays), what a LoRA
+  stage's checkpoint holds; ``with_frozen`` puts the frozen base back."""
+  return state.replace(params=optim.split_trainable(state.params, state.freeze)[0])
+
+
+def with_frozen(view: TrainState, params: Any) -> TrainState:
+  """Inverse of ``trainable_view``: the view's trainable leaves merged with the frozen leaves of ``params``."""
+  return view.replace(params=optim.merge(view.params, optim.split_trainable(params, view.freeze)[1]))
 
 
 @flax.struct.dataclass

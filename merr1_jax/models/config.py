@@ -8,6 +8,7 @@ built and names the offending field.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -49,6 +50,13 @@ class ModelConfig:
     video_token_id / audio_token_id: placeholder token ids replaced by projected features.
     max_seq_len: default cache length and a documentation bound for positions.
     init_std: stddev of the normal initialiser (HF's initializer_range).
+    lora_rank: rank r of the LoRA adapters on the decoder's projections (0: no adapters; models/lora.py). Each
+      targeted kernel W gets A (its input axes x r, float32, random) and B (r x its output axes, float32,
+      zeros), and the projection computes x W + (lora_alpha / r) (x A) B, so at initialisation the model is
+      exactly the base model.
+    lora_alpha: the LoRA scale's numerator (PEFT's lora_alpha; the scale is lora_alpha / lora_rank).
+    lora_targets: regex searched in each decoder kernel's path ('layers/q_kernel', ..., 'layers/down_kernel');
+      the matching kernels get adapters (default: every attention and MLP projection, PEFT's 'all-linear').
   """
 
   vocab_size: int
@@ -74,6 +82,9 @@ class ModelConfig:
   audio_token_id: int = 151646
   max_seq_len: int = 32768
   init_std: float = 0.02
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: str = r"layers/(q|k|v|o|gate|up|down)_kernel$"
 
   def __post_init__(self):
     # Lists from config files/CLI overrides would make the dataclass unhashable; normalise to tuples.
@@ -127,3 +138,27 @@ def validate(cfg: ModelConfig) -> None:
       fail(f, f"placeholder id {getattr(cfg, f)} is outside the vocabulary (vocab_size={cfg.vocab_size})")
   if cfg.video_dim > 0 and cfg.audio_dim > 0 and cfg.video_token_id == cfg.audio_token_id:
     fail("audio_token_id", "video and audio placeholders must be different tokens")
+  if not isinstance(cfg.lora_rank, int) or isinstance(cfg.lora_rank, bool) or cfg.lora_rank < 0:
+    fail("lora_rank", f"must be an int >= 0 (0: no adapters), got {cfg.lora_rank!r}")
+  if cfg.lora_rank:
+    if not cfg.lora_alpha > 0:
+      fail("lora_alpha", f"must be > 0, got {cfg.lora_alpha!r}")
+    try:
+      targets = [n for n in LORA_KERNELS if re.search(cfg.lora_targets, f"layers/{n}_kernel")]
+    except (re.error, TypeError) as e:
+      fail("lora_targets", f"{cfg.lora_targets!r} is not a regex: {e}")
+    if not targets:
+      fail("lora_targets", f"{cfg.lora_targets!r} matches none of the decoder kernels "
+           f"{[f'layers/{n}_kernel' for n in LORA_KERNELS]}")
+
+
+# The decoder projections LoRA can adapt ('layers/<name>_kernel') and how many leading axes of each (unstacked)
+# kernel are its input: q/k/v [D, H|K, Dh], gate/up [D, F], down [F, D] take 1, o [H, Dh, D] takes 2.
+LORA_KERNELS: dict[str, int] = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+
+
+def lora_targets(cfg: ModelConfig) -> tuple[str, ...]:
+  """The kernel names ('q', ..., 'down') that carry adapters under `cfg` (none when lora_rank is 0)."""
+  if not cfg.lora_rank:
+    return ()
+  return tuple(n for n in LORA_KERNELS if re.search(cfg.lora_targets, f"layers/{n}_kernel"))

@@ -31,11 +31,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from merr1_jax.models import base, safetensors_io
+from merr1_jax.models import base, lora, safetensors_io
 from merr1_jax.models.config import ModelConfig
 from merr1_jax.models.hf_config import check_config, hf_config_dict, read_json
 from merr1_jax.models.hf_import import _PICKLE_SUFFIXES, PROJECTOR_FILE, _log, _resolve_files
-from merr1_jax.models.hf_keys import _classify, _expected_keys, _hf_params, _layer_map, _Target
+from merr1_jax.models.hf_keys import P, _classify, _expected_keys, _hf_params, _layer_map, _Target
 
 _Tensor = tuple[str, tuple[int, ...], Any, Callable[[], np.ndarray]]  # (hf name, shape, dtype, thunk -> array)
 
@@ -66,6 +66,8 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str, *, dtype: str = "bfloat
   after gathering in multi-host runs).
   """
   _check_export_args(out_dir, dtype, layout, hf_config, copy_from)
+  if cfg.lora_rank:  # a LoRA policy exports merged (W + (alpha / r) A B): a plain checkpoint any loader reads
+    params, cfg = lora.merged(params, cfg)
   np_dtype = np.dtype(safetensors_io.DTYPES[_EXPORT_DTYPES[dtype]])
   source = _CopySource.open(copy_from, cfg) if copy_from is not None else None
   prefix = "model." if layout == "qwen2" else (source.prefix + "model." if source else "thinker.model.")
@@ -236,3 +238,47 @@ def export_kwargs(hf_path: str) -> dict[str, Any]:
   hf = read_json(config_json)
   omni = str(hf.get("model_type", "")).startswith("qwen2_5_omni") or "thinker_config" in hf
   return {"layout": "omni_thinker", "copy_from": os.path.dirname(config_json)} if omni else {}
+
+
+# --------------------------------------------------------------------------------------------------- PEFT
+
+# Our adapted kernel -> the HF module it adapts (under `model.layers.<i>.`).
+_PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def save_peft(params: Any, cfg: ModelConfig, out_dir: str, *, base_model_name_or_path: str = "") -> list[str]:
+  """Writes the LoRA adapters as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that
+  `peft.PeftModel.from_pretrained` loads onto the transformers Qwen2ForCausalLM of the base (`save_hf` of
+  `lora.base_only(params, cfg)`, or the checkpoint the run started from).
+
+  PEFT's layout per adapted Linear of `in` -> `out` features: lora_A.weight [r, in] and lora_B.weight [out, r],
+  keys `base_model.model.model.layers.<i>.<module>.lora_(A|B).weight`, scale lora_alpha / r (use_rslora off);
+  ours: A [in axes..., r], B [r, out axes...] per layer, flattened in the same (head, head_dim) order as the
+  kernels' HF export. Adapters only: leaves that trained in full are not in a PEFT adapter (export merged with
+  save_hf for those). float32, as trained."""
+  if not cfg.lora_rank:
+    raise ValueError("save_peft: the model has no LoRA adapters (model.lora_rank = 0)")
+  flat = {base.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  targets = lora.lora_targets(cfg)
+  tensors: list[_Tensor] = []
+  for name in targets:
+    a = np.asarray(jax.device_get(flat[f"{P}layers/{name}_lora_a"]), np.float32)  # [N, in..., r]
+    b = np.asarray(jax.device_get(flat[f"{P}layers/{name}_lora_b"]), np.float32)  # [N, r, out...]
+    for i in range(cfg.num_layers):
+      key = f"base_model.model.model.layers.{i}.{_PEFT_MODULES[name]}"
+      a_hf = np.ascontiguousarray(a[i].reshape(-1, cfg.lora_rank).T)  # [r, in]
+      b_hf = np.ascontiguousarray(b[i].reshape(cfg.lora_rank, -1).T)  # [out, r]
+      tensors += [(key + ".lora_A.weight", a_hf.shape, np.dtype(np.float32), lambda x=a_hf: x),
+                  (key + ".lora_B.weight", b_hf.shape, np.dtype(np.float32), lambda x=b_hf: x)]
+  os.makedirs(out_dir, exist_ok=True)
+  safetensors_io.write(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "target_modules": sorted(_PEFT_MODULES[n].split(".")[1] for n in targets),
+            "base_model_name_or_path": base_model_name_or_path, "revision": None}
+  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return ["adapter_model.safetensors", "adapter_config.json"]
+

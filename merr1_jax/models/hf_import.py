@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax.models import base, safetensors_io
+from merr1_jax.models import base, lora, safetensors_io
 from merr1_jax.models.config import ModelConfig
 from merr1_jax.models.hf_config import check_config, read_json
 from merr1_jax.models.hf_keys import P, _classify, _expected_keys, _hf_params, _layer_map, _Target
@@ -268,7 +268,8 @@ def _report_missing(cfg: ModelConfig, plan: _Plan, report: LoadReport) -> dict[_
 def _plan_projectors(path: str, root: str, shapes: dict[str, Any], hf_params: set[str], mode: str,
                      report: LoadReport, dtype_errors: list[str]) -> tuple[str, list[str]]:
   """(PROJECTOR_FILE path, the param names to load from it); fills report.projectors and its problems."""
-  extra = sorted(n for n in shapes if n not in hf_params)
+  # LoRA adapters are neither HF weights nor projectors: they always start fresh (lora.init_adapters, B = 0).
+  extra = sorted(n for n in shapes if n not in hf_params and not lora.is_adapter(n))
   file = os.path.join(root, PROJECTOR_FILE)
   if not os.path.isfile(file):
     if not extra:

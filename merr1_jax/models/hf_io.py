@@ -16,9 +16,9 @@ All of them log to the logger "merr1_jax.models.hf_io".
 
 # _CHECKED and _expected_keys are private, re-exported for the tests (every compared field, every key loaded).
 from merr1_jax.models.hf_config import _CHECKED, check_config, config_from_hf, hf_config_dict, read_json  # noqa: F401
-from merr1_jax.models.hf_export import export_kwargs, save_hf
+from merr1_jax.models.hf_export import export_kwargs, save_hf, save_peft
 from merr1_jax.models.hf_import import PROJECTOR_FILE, LoadReport, load_hf
 from merr1_jax.models.hf_keys import _expected_keys  # noqa: F401
 
 __all__ = ["LoadReport", "PROJECTOR_FILE", "check_config", "config_from_hf", "export_kwargs", "hf_config_dict",
-           "load_hf", "read_json", "save_hf"]
+           "load_hf", "read_json", "save_hf", "save_peft"]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from merr1_jax.models.config import ModelConfig
+from merr1_jax.models.config import LORA_KERNELS, ModelConfig, lora_targets
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "minus infinity": a fully masked row stays NaN-free
 
@@ -141,6 +141,11 @@ def attend_grouped(q_PxGxTxHxDh: jax.Array, k_PxLxKxDh: jax.Array, v_PxLxKxDh: j
   return o.reshape(p, g, t, h, dh).astype(q_PxGxTxHxDh.dtype)
 
 
+# The base projections, written as before LoRA existed (the same XLA dots, so runs without adapters are unchanged).
+_PROJ_EINSUM = {"q": "bld,dhk->blhk", "k": "bld,dhk->blhk", "v": "bld,dhk->blhk", "o": "blhk,hkd->bld",
+                "gate": "bld,df->blf", "up": "bld,df->blf", "down": "blf,fd->bld"}
+
+
 class Block(nnx.Module):
   """Pre-norm decoder block: x + o(attn(norm(x))), then x + down(silu(gate(h)) * up(h)), h = norm(x).
 
@@ -166,21 +171,42 @@ class Block(nnx.Module):
     self.down_kernel = p((f, d), ("mlp", "embed"))
     self.qkv_bias = cfg.qkv_bias
     self.cdt = cfg.jnp_compute_dtype
+    # LoRA adapters (models/lora.py), float32 whatever the base's dtype. A starts at zero here and is drawn by
+    # MultimodalPolicy.init_params from its own key, so the base's initial values do not depend on LoRA.
+    self.lora = lora_targets(cfg)
+    self.lora_scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+    axes = {"q": ("embed", "q_heads", "head_dim"), "k": ("embed", "kv_heads", "head_dim"),
+            "v": ("embed", "kv_heads", "head_dim"), "o": ("q_heads", "head_dim", "embed"),
+            "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
+    for name in self.lora:
+      shape, n_in = getattr(self, f"{name}_kernel").shape[1 if stack is not None else 0:], LORA_KERNELS[name]
+      ax, r = axes[name], cfg.lora_rank
+      setattr(self, f"{name}_lora_a", make_param(None, (*shape[:n_in], r), (*ax[:n_in], "lora"), jnp.float32,
+                                                 "zeros", stack=stack))
+      setattr(self, f"{name}_lora_b", make_param(None, (r, *shape[n_in:]), ("lora", *ax[n_in:]), jnp.float32,
+                                                 "zeros", stack=stack))
 
   def _w(self, param: nnx.Param) -> jax.Array:
     return param[...].astype(self.cdt)
 
+  def _proj(self, name: str, x: jax.Array) -> jax.Array:
+    """x @ <name>_kernel over the kernel's input axes, plus the adapter's (alpha / r) (x A) B when it has one."""
+    n_in = LORA_KERNELS[name]
+    y = jnp.einsum(_PROJ_EINSUM[name], x, self._w(getattr(self, f"{name}_kernel")))
+    if name in self.lora:
+      xa = jnp.tensordot(x, self._w(getattr(self, f"{name}_lora_a")), axes=n_in)
+      y = y + self.lora_scale * jnp.tensordot(xa, self._w(getattr(self, f"{name}_lora_b")), axes=1)
+    return y
+
   def qkv(self, x_BxLxD, cos_BxLxDh, sin_BxLxDh):
     h = self.input_norm(x_BxLxD)
-    q = jnp.einsum("bld,dhk->blhk", h, self._w(self.q_kernel))
-    k = jnp.einsum("bld,dhk->blhk", h, self._w(self.k_kernel))
-    v = jnp.einsum("bld,dhk->blhk", h, self._w(self.v_kernel))
+    q, k, v = self._proj("q", h), self._proj("k", h), self._proj("v", h)
     if self.qkv_bias:
       q, k, v = q + self._w(self.q_bias), k + self._w(self.k_bias), v + self._w(self.v_bias)
     return apply_rope(q, cos_BxLxDh, sin_BxLxDh), apply_rope(k, cos_BxLxDh, sin_BxLxDh), v
 
   def finish(self, x_BxLxD, attn_BxLxHxDh):
-    x = x_BxLxD + jnp.einsum("blhk,hkd->bld", attn_BxLxHxDh, self._w(self.o_kernel))
+    x = x_BxLxD + self._proj("o", attn_BxLxHxDh)
     h = self.post_norm(x)
-    gate = jax.nn.silu(h @ self._w(self.gate_kernel))
-    return x + (gate * (h @ self._w(self.up_kernel))) @ self._w(self.down_kernel)
+    gate = jax.nn.silu(self._proj("gate", h))
+    return x + self._proj("down", gate * self._proj("up", h))

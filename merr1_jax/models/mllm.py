@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from merr1_jax.models import base, qwen2
+from merr1_jax.models import base, lora, qwen2
 from merr1_jax.models.config import ModelConfig
 from merr1_jax.models.layers import make_param
 
@@ -120,6 +120,8 @@ class MultimodalPolicy:
 
   def init_params(self, rng: jax.Array) -> nnx.State:
     _, params = nnx.split(MultimodalLM(self.config, rngs=nnx.Rngs(params=rng)))
+    if self.config.lora_rank:  # A from its own key: the base's values do not depend on LoRA (models/lora.py)
+      params = lora.init_adapters(params, self.config, rng)
     return params
 
   def abstract_params(self) -> nnx.State:

@@ -179,4 +179,12 @@ def partition_rules(prefix: str = "") -> list[tuple[str, tuple[str | None, ...]]
       (rf"{p}layers/o_kernel$", ("layers", "q_heads", "head_dim", "embed")),
       (rf"{p}layers/(gate|up)_kernel$", ("layers", "embed", "mlp")),
       (rf"{p}layers/down_kernel$", ("layers", "mlp", "embed")),
+      # LoRA adapters (models/lora.py): A has the kernel's input axes, B its output axes; the rank is replicated.
+      (rf"{p}layers/(q|k|v|gate|up)_lora_a$", ("layers", "embed", "lora")),
+      (rf"{p}layers/o_lora_a$", ("layers", "q_heads", "head_dim", "lora")),
+      (rf"{p}layers/down_lora_a$", ("layers", "mlp", "lora")),
+      (rf"{p}layers/q_lora_b$", ("layers", "lora", "q_heads", "head_dim")),
+      (rf"{p}layers/(k|v)_lora_b$", ("layers", "lora", "kv_heads", "head_dim")),
+      (rf"{p}layers/(gate|up)_lora_b$", ("layers", "lora", "mlp")),
+      (rf"{p}layers/(o|down)_lora_b$", ("layers", "lora", "embed")),
   ]

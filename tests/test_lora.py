@@ -1,0 +1,324 @@
+"""LoRA (models/lora.py, docs/lora.md): exact base at init, gradients only where the rules say, the reference as the
+base with adapters off, merged and PEFT exports against transformers + peft, sharding, the memory plan, and the
+trainer's adapter-only checkpoints (resume after SIGKILL, refusal of another base or rank)."""
+
+import json
+import re
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from merr1_jax import memory, optim, sharding
+from merr1_jax import config as cfglib
+from merr1_jax import train_step as ts
+from merr1_jax.models import base, hf_io, lora, mllm, presets
+from tests.test_train import BASE, _ckpt_meta, _ckpt_state, _rows, _train
+from tests.test_train_step import V, _batch, _step_cfg
+
+RANK = 4
+
+
+def _model(rank=RANK, **kw):
+  return mllm.build("tiny", vocab_size=V, video_dim=0, audio_dim=0, d_model=64, mlp_dim=128, num_heads=4,
+                    num_kv_heads=2, head_dim=16, lora_rank=rank, **kw)
+
+
+def _flat(params):
+  return {base.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _with_random_b(params, seed=1, scale=0.05):
+  """Adapters that do something: every B drawn at random (at init B = 0 and the adapters are invisible)."""
+  key = jax.random.key(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: scale * jax.random.normal(jax.random.fold_in(key, hash(base.path_str(p)) % 2**31), x.shape)
+      if base.path_str(p).endswith("_lora_b") else x, params)
+
+
+def _inputs(b=2, l=7, seed=0):
+  tokens = np.random.RandomState(seed).randint(0, V, (b, l))
+  return base.ModelInputs(tokens=jnp.asarray(tokens, jnp.int32), positions=jnp.broadcast_to(jnp.arange(l), (b, l)),
+                          mask=jnp.ones((b, l), bool)), tokens
+
+
+def _logits(model, params, inputs):
+  return np.asarray(model.forward(params, model.embed(params, inputs))[0])
+
+
+def test_at_initialisation_the_lora_model_is_exactly_its_base():
+  m, mb = _model(), _model(rank=0)
+  p, pb = m.init_params(jax.random.key(0)), mb.init_params(jax.random.key(0))
+  flat, flat_b = _flat(p), _flat(pb)
+  assert {n for n in flat if lora.is_adapter(n)} == {f"decoder/layers/{k}_lora_{ab}" for k in
+                                                     ("q", "k", "v", "o", "gate", "up", "down") for ab in "ab"}
+  for name, x in flat_b.items():  # the base's values do not depend on LoRA (A draws from its own key)
+    assert np.array_equal(flat[name], x), name
+  for name, x in flat.items():
+    if lora.is_adapter(name):
+      assert x.dtype == np.float32
+      assert (not x.any()) == name.endswith("_lora_b"), name  # B = 0, A random
+  inputs, _ = _inputs()
+  assert np.array_equal(_logits(m, p, inputs), _logits(mb, pb, inputs))
+
+
+def test_the_adapter_forward_is_the_low_rank_update_of_every_kernel():
+  """Independent reference: W + (alpha / r) A B formed here in numpy for each adapted kernel, run by the base
+  model; and `lora.merged` equals it."""
+  m, mb = _model(lora_alpha=8.0), _model(rank=0)
+  p = _with_random_b(m.init_params(jax.random.key(0)))
+  flat = _flat(p)
+  n_in = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+  ref = {}
+  for name, x in flat.items():
+    if lora.is_adapter(name):
+      continue
+    k = re.search(r"layers/(\w+)_kernel$", name)
+    if k and k.group(1) in n_in:
+      a, b = flat[name.replace("_kernel", "_lora_a")], flat[name.replace("_kernel", "_lora_b")]
+      upd = np.stack([np.tensordot(a[i], b[i], axes=1) for i in range(a.shape[0])])
+      assert upd.shape == x.shape
+      x = x + (8.0 / RANK) * upd
+    ref[name] = x
+  pb = jax.tree_util.tree_map_with_path(lambda path, _: jnp.asarray(ref[base.path_str(path)]),
+                                        mb.abstract_params())
+  inputs, _ = _inputs()
+  got = _logits(m, p, inputs)
+  assert np.abs(got - _logits(mb, mb.init_params(jax.random.key(0)), inputs)).max() > 1e-2  # adapters act
+  np.testing.assert_allclose(got, _logits(mb, pb, inputs), rtol=1e-5, atol=1e-5)
+  merged, cfg = lora.merged(p, m.config)
+  assert cfg.lora_rank == 0
+  np.testing.assert_allclose(_logits(mb, merged, inputs), got, rtol=1e-5, atol=1e-5)
+
+
+def _rl_steps(model, params, freeze, n=3, **cfg_kw):
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), params, freeze=freeze)
+  state = ts.init_state(jax.tree.map(jnp.copy, params), tx, with_reference=True, freeze=freeze)
+  step = ts.make_rl_step(model, tx, _step_cfg(**cfg_kw))
+  for s in range(n):
+    state, metrics = step(state, _batch(seed=s))
+    assert int(metrics["skipped"]) == 0
+  return state
+
+
+@pytest.mark.parametrize("train_full", ["", r"embed/embedding"])
+def test_gradients_reach_only_the_adapters_and_the_train_full_leaves(train_full):
+  m = _model()
+  p0 = m.init_params(jax.random.key(0))
+  state = _rl_steps(m, p0, (lora.freeze_rule(train_full),))
+  before, after = _flat(p0), _flat(state.params)
+  trained = {n for n in before if lora.is_adapter(n) or (train_full and re.search(train_full, n))}
+  for name in before:
+    if name in trained:
+      assert not np.array_equal(before[name], after[name]), name
+    else:
+      assert np.array_equal(before[name], after[name]), name  # the base, bit for bit
+  # The optimizer state and the reference hold nothing of the frozen base, and no copy of the adapters.
+  opt_names = {re.sub(r"^.*?(decoder/.*)$", r"\1", base.path_str(p))
+               for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0] if "decoder" in base.path_str(p)}
+  assert opt_names == trained
+  assert set(state.ref) == (trained - {n for n in trained if lora.is_adapter(n)})
+
+
+def test_the_reference_is_the_base_with_the_adapters_off():
+  """After training, reference_params scores like the base model built and loaded on its own (from the base's
+  HF export), and it holds no second copy of the weights."""
+  m, mb = _model(), _model(rank=0)
+  state = _rl_steps(m, m.init_params(jax.random.key(0)), (lora.freeze_rule(),))
+  ref = ts.reference_params(state)
+  flat_ref, flat_pol = _flat(ref), _flat(state.params)
+  assert all(not flat_ref[n].any() for n in flat_ref if n.endswith("_lora_b"))
+  assert state.ref == {}  # nothing trainable but the adapters: the reference copies nothing
+  base_params, base_cfg = lora.base_only(state.params, m.config)
+  assert base_cfg.lora_rank == 0
+  inputs, _ = _inputs()
+  policy = _logits(m, state.params, inputs)
+  reference = _logits(m, ref, inputs)
+  separate = _logits(mb, base_params, inputs)
+  assert np.abs(policy - separate).max() > 1e-3  # the adapters moved the policy
+  np.testing.assert_allclose(reference, separate, rtol=0, atol=1e-6)
+  assert all(np.array_equal(flat_ref[n], flat_pol[n]) for n in flat_ref if not n.endswith("_lora_b"))
+
+
+def test_merged_export_and_peft_adapter_match_the_jax_policy(tmp_path):
+  """save_hf merges the adapters (reloaded: 1e-5 against the adapter forward); save_peft's adapter loads in peft
+  onto transformers' Qwen2ForCausalLM of the base export and gives the JAX policy's logits (1e-4)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  m, mb = _model(tie_embeddings=False), _model(rank=0, tie_embeddings=False)
+  p = _with_random_b(m.init_params(jax.random.key(0)))
+  inputs, tokens = _inputs()
+  want = _logits(m, p, inputs)
+
+  hf_io.save_hf(p, m.config, str(tmp_path / "merged"), dtype="float32")
+  merged, report = hf_io.load_hf(str(tmp_path / "merged"), mb)
+  assert report.clean
+  np.testing.assert_allclose(_logits(mb, merged, inputs), want, rtol=1e-5, atol=1e-5)
+
+  base_params, base_cfg = lora.base_only(p, m.config)
+  hf_io.save_hf(base_params, base_cfg, str(tmp_path / "base"), dtype="float32")
+  files = hf_io.save_peft(p, m.config, str(tmp_path / "adapter"), base_model_name_or_path=str(tmp_path / "base"))
+  assert sorted(files) == ["adapter_config.json", "adapter_model.safetensors"]
+  tm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+  pm = peft.PeftModel.from_pretrained(tm, str(tmp_path / "adapter")).eval()
+  loaded = {k for k, _ in pm.named_parameters() if "lora_" in k}
+  assert len(loaded) == 2 * 7 * m.config.num_layers  # every adapter of every layer found its module
+  with torch.no_grad():
+    got = pm(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  with pm.disable_adapter(), torch.no_grad():  # adapters off in peft = our base
+    np.testing.assert_allclose(pm(torch.tensor(tokens)).logits.numpy(), _logits(mb, base_params, inputs),
+                               rtol=1e-4, atol=1e-4)
+  merged_tm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+  with torch.no_grad():
+    np.testing.assert_allclose(merged_tm(torch.tensor(tokens)).logits.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_export_needs_adapters(tmp_path):
+  m = _model(rank=0)
+  with pytest.raises(ValueError, match="no LoRA adapters"):
+    hf_io.save_peft(m.init_params(jax.random.key(0)), m.config, str(tmp_path))
+
+
+def test_sharded_lora_step_equals_unsharded():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them")
+  m = _model()
+  params = m.init_params(jax.random.key(0))
+  freeze = (lora.freeze_rule(),)
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), params, freeze=freeze)
+  batches = [_batch(seed=s, old=True) for s in (0, 1)]
+  state = ts.init_state(jax.tree.map(jnp.copy, params), tx, with_reference=True, freeze=freeze)
+  step = ts.make_rl_step(m, tx, _step_cfg(micro_batches=2))
+  for b in batches:
+    state, _ = step(state, b)
+  mesh = sharding.make_mesh((8, 1, 1))
+  p_sh = sharding.param_shardings(m, params, mesh)
+  sstate = ts.init_state(jax.device_put(jax.tree.map(jnp.copy, params), p_sh), tx, with_reference=True,
+                         freeze=freeze)
+  st_sh = sharding.state_shardings(sstate, p_sh, mesh)
+  b_sh = sharding.batch_shardings(batches[0], mesh)
+  sstep = ts.make_rl_step(m, tx, _step_cfg(micro_batches=2), state_shardings=st_sh, batch_shardings=b_sh)
+  sstate = jax.device_put(sstate, st_sh)
+  for b in batches:
+    sstate, _ = sstep(sstate, jax.device_put(b, b_sh))
+  got, want = _flat(sstate.params), _flat(state.params)
+  assert any(lora.is_adapter(n) and want[n].any() and n.endswith("_lora_b") for n in want)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_fingerprint_sees_one_ulp_of_the_base_and_ignores_the_adapters():
+  m = _model()
+  p = m.init_params(jax.random.key(0))
+  fp = lora.fingerprint(p)
+  assert fp == lora.fingerprint(jax.tree.map(jnp.copy, p)) and len(fp) == 64
+  assert lora.fingerprint(_with_random_b(p)) == fp
+  bumped = jax.tree_util.tree_map_with_path(
+      lambda path, x: x.at[(0,) * x.ndim].set(jnp.nextafter(x[(0,) * x.ndim], jnp.inf))
+      if base.path_str(path) == "decoder/layers/up_kernel" else x, p)
+  assert lora.fingerprint(bumped) != fp
+  swapped = jax.tree_util.tree_map_with_path(
+      lambda path, x: x[::-1] if base.path_str(path) == "decoder/layers/up_kernel" else x, p)  # layers swapped
+  assert lora.fingerprint(swapped) != fp
+
+
+def test_folding_merges_the_adapters_and_starts_fresh_ones():
+  m = _model()
+  p = _with_random_b(m.init_params(jax.random.key(0)))
+  inputs, _ = _inputs()
+  f = lora.folded(p, m.config, jax.random.key(3))
+  flat = _flat(f)
+  assert all(not flat[n].any() for n in flat if n.endswith("_lora_b"))
+  np.testing.assert_allclose(_logits(m, f, inputs), _logits(m, p, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_config_checks_for_lora():
+  with pytest.raises(ValueError, match="lora_rank: must be an int >= 0"):
+    presets.get("tiny", lora_rank=-1)
+  with pytest.raises(ValueError, match="lora_targets: .*matches none of the decoder kernels"):
+    presets.get("tiny", lora_rank=4, lora_targets="attn")
+  qv = presets.get("tiny", vocab_size=V, lora_rank=2, lora_targets=r"layers/(q|v)_kernel$")
+  d, hd, kd = qv.d_model, qv.num_heads * qv.head_dim, qv.num_kv_heads * qv.head_dim
+  assert lora.count(qv) == qv.num_layers * 2 * ((d + hd) + (d + kd))  # r (in + out) per adapted kernel
+  mc = presets.get("tiny", lora_rank=8)
+  leaves = jax.tree_util.tree_flatten_with_path(mllm.build(mc).abstract_params())[0]
+  assert lora.count(mc) == sum(int(np.prod(x.shape)) for p, x in leaves if lora.is_adapter(base.path_str(p)))
+  c = cfglib.load(BASE)
+  c.lora.train_full = "embed"
+  with pytest.raises(cfglib.ConfigError, match="lora.train_full: is set but model.lora_rank is 0"):
+    cfglib.validate(c)
+  c.model.lora_rank, c.lora.stages, c.stages = 8, ("sft",), ("rl",)
+  with pytest.raises(cfglib.ConfigError, match=r"lora.stages: model.lora_rank = 8 but none of lora.stages"):
+    cfglib.validate(c)
+
+
+def test_memory_plan_with_lora_on_one_gpu(tmp_path):
+  """The 7B thinker, bf16 base: full fine-tuning on one 80 GB GPU is refused; with LoRA the RL state is the
+  frozen base (2 B per weight) plus float32 adapters with their moments and gradient (16 B each), no reference
+  copy, and the gpu1 mesh preset validates."""
+  mc = presets.get("qwen2_5_omni_7b_thinker", lora_rank=8)
+  n, a = memory.param_count(mc), memory.lora_param_count(mc)
+  assert a == lora.count(mc) > 0
+  gb = memory.state_gb_per_device(mc, with_reference=True, micro_batches=1, model_shards=1, lora_stage=True)
+  assert gb == pytest.approx((n * 2 + a * 16) / 1e9)
+  c = cfglib.load(f"{BASE}:model=qwen2_5_omni_7b_thinker,data=mer_features,mesh=gpu1")
+  c.model.hf_path = c.data.records_dir = str(tmp_path)
+  assert tuple(c.mesh.shape) == (1, 1, 1) and c.mesh.device_memory_gb == 80.0
+  with pytest.raises(cfglib.ConfigError, match=r"mesh.shape: .*train LoRA adapters"):
+    cfglib.validate(c, 1)
+  c.model.lora_rank, c.lora.stages = 8, ("sft", "rl")
+  cfglib.validate(c, 1)
+
+
+# ------------------------------------------------------------------------------------------- trainer
+_LORA_RUN = ("--config.model.lora_rank=4", "--config.stages=('rl',)", "--config.rl.steps=2")
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("lora_ref")
+  rc, out, _ = _train(tmp / "w", tmp, *_LORA_RUN)
+  assert rc == 0, out[-4000:]
+  return tmp / "w"
+
+
+def test_lora_resume_after_sigkill_is_bit_identical(lora_reference, tmp_path):
+  ref, w = lora_reference, tmp_path / "w"
+  rc, out, _ = _train(w, tmp_path, *_LORA_RUN, env_extra={"MERR1_SIGKILL_AT": "rl:1"})
+  assert rc == -signal.SIGKILL, out[-3000:]
+  rc, out, _ = _train(w, tmp_path, *_LORA_RUN)
+  assert rc == 0, out[-4000:]
+  assert "rl: resumed from step 1" in out
+  assert _rows(w)[1:] == _rows(ref)[1:]
+  got, want = _ckpt_state(w / "checkpoints" / "rl", 2), _ckpt_state(ref / "checkpoints" / "rl", 2)
+  assert got.keys() == want.keys()
+  params = [k for k in got if "params" in k]
+  assert params and all("lora_" in k for k in params)  # adapter-only: no base weight in the checkpoint
+  for k in want:
+    assert np.array_equal(got[k], want[k]), k
+  meta = _ckpt_meta(w / "checkpoints" / "rl", 2)["extra"]["lora_base"]
+  assert meta == _ckpt_meta(ref / "checkpoints" / "rl", 2)["extra"]["lora_base"]
+  assert meta["source"] == "random init, seed 0" and len(meta["fingerprint"]) == 64
+  for d in ("export", "export_base", "export_peft"):
+    files = sorted(p.name for p in (ref / d).glob("*.safetensors"))
+    assert files, d
+    for name in files:
+      assert (w / d / name).read_bytes() == (ref / d / name).read_bytes(), (d, name)
+  cfg = json.loads((ref / "export_peft" / "adapter_config.json").read_text())
+  assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(ref / "export_base")
+
+
+def test_a_lora_checkpoint_refuses_another_rank_or_base(lora_reference, tmp_path):
+  rc, out, _ = _train(lora_reference, tmp_path, "--config.model.lora_rank=8", "--config.stages=('rl',)",
+                      "--config.rl.steps=2")
+  assert rc == 2 and re.search(r"model\.lora_rank: stored 4, now 8", out), out[-2000:]
+  rc, out, _ = _train(lora_reference, tmp_path, *_LORA_RUN, "--config.seed=1", "--config.resume=force")
+  assert rc == 2, out[-3000:]
+  assert re.search(r"error: config\.model: the LoRA checkpoint .*rl/2 was trained on another base \(stored "
+                   r"[0-9a-f]{16} from random init, seed 0; now [0-9a-f]{16} from random init, seed 1\)", out), \
+      out[-2000:]
