@@ -1,11 +1,12 @@
 """The default run's acceptance figure: SFT vs MER-R1 RL slow-mode F on MER-Synth, over several seeds.
 
     python benchmarks/default_run.py --seeds 0,1,2 [--root /tmp/merr1_default] [--write docs/benchmarks.md]
+        [--section "## Default run: LoRA"] [-- --config.model.lora_rank=8 ...]
 
 Each seed runs the README's main command (`python -m merr1_jax.train --config configs/base.py`) in a fresh
 workdir, timed from process start to exit (compilation included). The script prints one row per seed and the
 mean and spread of the slow-mode F gain (RL minus SFT, percentage points), and with --write replaces the
-"## Default run" section of docs/benchmarks.md with the table, the machine and the command.
+"## Default run" section (or --section) of docs/benchmarks.md with the table, the machine and the command.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--root", default="/tmp/merr1_default")
-  ap.add_argument("--write", default="", help="markdown file whose '## Default run' section is replaced")
+  ap.add_argument("--write", default="", help="markdown file whose section (--section) is replaced")
+  ap.add_argument("--section", default=SECTION, help="the section heading to replace or append (a variant's runs, "
+                  "e.g. '## Default run: LoRA', keep the default run's own section)")
   ap.add_argument("--note", default="", help="a sentence about the conditions (e.g. other load on the machine)")
   ap.add_argument("extra", nargs="*", help="extra --config.x=y overrides passed to every run")
   args = ap.parse_args()
@@ -73,13 +76,13 @@ def main() -> None:
     rows.append(run_seed(seed, root, args.extra))
     print(json.dumps(rows[-1]), flush=True)
   body = table(rows)
-  cmd = "python benchmarks/default_run.py --seeds " + args.seeds + (" " + " ".join(args.extra) if args.extra else "")
+  cmd = "python benchmarks/default_run.py --seeds " + args.seeds + (" -- " + " ".join(args.extra) if args.extra else "")
   body = (f"MER-Synth test split (128 clips), OV emotion-wheel level-1 precision / recall / F x 100, greedy "
           f"decoding; SFT = after cold-start SFT, RL = after MER-R1 RL. Machine: {report_util.machine()}. Date: "
           f"{datetime.date.today()}. Command: `{cmd}`.{(' ' + args.note) if args.note else ''}\n\n{body}")
   print(body)
   if args.write:
-    report_util.write_section(ROOT / args.write, SECTION, f"{SECTION}\n\n{body}\n")
+    report_util.write_section(ROOT / args.write, args.section, f"{args.section}\n\n{body}\n")
 
 
 if __name__ == "__main__":
