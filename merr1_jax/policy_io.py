@@ -180,10 +180,28 @@ def load_params(config, workdir, kind: str, where, model):
     if diffs:
       raise EvalError(f"checkpoint {directory}/{step} was written for another model: " + "; ".join(diffs))
     try:
-      state, _, _ = ckpt.restore(step, _abstract_train_state(config, model, stage, template, mesh))
-    except ValueError as e:  # a leaf missing or reshaped: names every one
+      if settings.lora_stage(config, stage):  # adapters only: the base is rebuilt as the trainer built it
+        start = _stage_start(config, workdir, model, stage, shardings)
+        abstract_state = _abstract_train_state(config, model, stage, start, mesh)
+        state, _ = run_setup.restore_state(config, workdir, ckpt, step, abstract_state, start, stage,
+                                           jax.tree.map(lambda a: a.sharding, abstract_state))
+      else:
+        state, _, _ = ckpt.restore(step, _abstract_train_state(config, model, stage, template, mesh))
+    except ValueError as e:  # a leaf missing or reshaped (names every one), or another LoRA base
       raise EvalError(str(e)) from None
   return state.params
+
+
+def _stage_start(config, workdir, model, stage: str, shardings):
+  """The parameters a stage started from, as train.py chains them: the first stage from model.hf_path or the
+  random init, a later one from the previous stage's last checkpoint; then run_setup.stage_start (LoRA folding)."""
+  stages = list(config.stages)
+  if stages.index(stage) == 0:
+    params = run_setup.initial_params(config, model, shardings)
+  else:
+    prev = stages[stages.index(stage) - 1]
+    params = load_params(config, workdir, "train", (prev, getattr(config, prev).steps), model)
+  return run_setup.stage_start(config, model, stage, params, shardings)
 
 
 def load_policy(config, workdir, checkpoint: str | None):

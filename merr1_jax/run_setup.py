@@ -127,66 +127,79 @@ class Run:
 
   # ------------------------------------------------------------------------------------------- LoRA
   def stage_start(self, stage: str, params):
-    """A stage's starting parameters. With LoRA adapters (docs/lora.md): the previous policy with its adapters
-    merged into the kernels and fresh ones (B = 0, A from a key of the seed and stage), so a LoRA stage's frozen
-    base, and its KL reference, is the policy the previous stage ended with. Without adapters: `params`."""
-    mc = self.model.config
-    if not mc.lora_rank:
-      return params
-    key = jax.random.fold_in(jax.random.key(self.config.seed), 0x5EED + ("sft", "rl").index(stage))
-    return jax.jit(lambda p: lora.folded(p, mc, key), out_shardings=self.param_shardings(params))(params)
+    return stage_start(self.config, self.model, stage, params, self.param_shardings(params))
 
   def lora_base(self, stage: str, params) -> dict | None:
-    """What a LoRA stage's checkpoints say about its frozen base (None outside one): the base's fingerprint
-    (lora.fingerprint of every frozen leaf) and where it came from."""
-    if not settings.lora_stage(self.config, stage):
-      return None
-    c = self.config
-    frozen = optim.split_trainable(params, settings.freeze(c, stage))[1]
-    if stage == "rl" and "sft" in c.stages:
-      source = f"{self.workdir / 'checkpoints' / 'sft'} step {c.sft.steps}, adapters merged"
-    else:
-      source = f"hf:{c.model.hf_path}" if c.model.hf_path else f"random init, seed {c.seed}"
-    return {"fingerprint": lora.fingerprint(frozen, skip=lambda name: False), "source": source}
+    return lora_base(self.config, self.workdir, stage, params)
 
   def checkpoint_state(self, stage: str, state):
     """What a stage's checkpoint holds: the whole state, or in a LoRA stage the trainable leaves only."""
     return ts.trainable_view(state) if settings.lora_stage(self.config, stage) else state
 
   def restore_state(self, ckpt, step: int, state, params, stage: str, data_iter=None):
-    """(state, rng) of checkpoint `step`, for a template `state` whose parameters are `params`. A LoRA stage's
-    checkpoint holds the trainable leaves only: the frozen base is `params`' own, after checking that it is the
-    base the checkpoint was trained on (its fingerprint); another base raises ConfigError naming both."""
-    target = self.checkpoint_state(stage, state)
-    abstract = checkpoint.abstract_with_shardings(target, self.state_shardings(state) if target is state else
-                                                  ts.trainable_view(self.state_shardings(state)))
-    restored, rng, extra = ckpt.restore(step, abstract, data_iter=data_iter)
-    want = self.lora_base(stage, params)
-    if want is None:
-      return restored, rng
-    got = extra.get("lora_base")
-    if got is None or got.get("fingerprint") != want["fingerprint"]:
-      raise cfglib.ConfigError(
-          f"config.model: the LoRA checkpoint {ckpt.directory}/{step} was trained on another base "
-          f"(stored {(got or {}).get('fingerprint', '<none>')[:16]} from {(got or {}).get('source', '<unknown>')}; "
-          f"now {want['fingerprint'][:16]} from {want['source']}): resume it on the base it was trained on, or "
-          "start in a fresh workdir")
-    return ts.with_frozen(restored, params), rng
+    return restore_state(self.config, self.workdir, ckpt, step, state, params, stage, self.state_shardings(state),
+                         data_iter=data_iter)
 
   def initial_params(self):
-    """Random init (the embedded default) or an HF checkpoint, placed on the parameter shardings."""
-    path = self.config.model.hf_path
-    if path:
-      abstract = self.model.abstract_params()
-      params, report = hf_io.load_hf(path, self.model, shardings=self.param_shardings(abstract))
-      _log.info("loaded %s: %s", path, report)
-      return params
-    key = jax.random.key(self.config.seed)
-    abstract = self.model.abstract_params()
-    return jax.jit(self.model.init_params, out_shardings=self.param_shardings(abstract))(key)
+    return initial_params(self.config, self.model, self.param_shardings(self.model.abstract_params()))
 
   def close(self):
     self.writer.close()
+
+
+def initial_params(config, model, shardings):
+  """What the first stage starts from: the HF checkpoint at model.hf_path, or the random init of config.seed (the
+  embedded default), placed on `shardings`."""
+  if config.model.hf_path:
+    params, report = hf_io.load_hf(config.model.hf_path, model, shardings=shardings)
+    _log.info("loaded %s: %s", config.model.hf_path, report)
+    return params
+  return jax.jit(model.init_params, out_shardings=shardings)(jax.random.key(config.seed))
+
+
+def stage_start(config, model, stage: str, params, shardings):
+  """A stage's starting parameters. With LoRA adapters (docs/lora.md): the previous policy with its adapters merged
+  into the kernels and fresh ones (B = 0, A from a key of the seed and stage), so that a LoRA stage's frozen base,
+  and its KL reference, is the policy the previous stage ended with. Without adapters: `params`."""
+  mc = model.config
+  if not mc.lora_rank:
+    return params
+  key = jax.random.fold_in(jax.random.key(config.seed), 0x5EED + ("sft", "rl").index(stage))
+  return jax.jit(lambda p: lora.folded(p, mc, key), out_shardings=shardings)(params)
+
+
+def lora_base(config, workdir, stage: str, params) -> dict | None:
+  """What a LoRA stage's checkpoints record about its frozen base (None outside one): the fingerprint of every
+  frozen leaf (lora.fingerprint) and where the base came from."""
+  if not settings.lora_stage(config, stage):
+    return None
+  frozen = optim.split_trainable(params, settings.freeze(config, stage))[1]
+  if stage == "rl" and "sft" in config.stages:
+    source = f"{pathlib.Path(workdir) / 'checkpoints' / 'sft'} step {config.sft.steps}, adapters merged"
+  else:
+    source = f"hf:{config.model.hf_path}" if config.model.hf_path else f"random init, seed {config.seed}"
+  return {"fingerprint": lora.fingerprint(frozen, skip=lambda name: False), "source": source}
+
+
+def restore_state(config, workdir, ckpt, step: int, state, params, stage: str, state_shardings, data_iter=None):
+  """(state, rng) of checkpoint `step` for a template `state` whose parameters are `params` (its shardings
+  `state_shardings`). A LoRA stage's checkpoint holds the trainable leaves only: the frozen base is `params`'
+  own, once its fingerprint matches the one the checkpoint recorded; another base raises ConfigError naming both."""
+  lora_stage = settings.lora_stage(config, stage)
+  target = ts.trainable_view(state) if lora_stage else state
+  shardings = ts.trainable_view(state_shardings) if lora_stage else state_shardings
+  restored, rng, extra = ckpt.restore(step, checkpoint.abstract_with_shardings(target, shardings),
+                                      data_iter=data_iter)
+  if not lora_stage:
+    return restored, rng
+  want, got = lora_base(config, workdir, stage, params), extra.get("lora_base") or {}
+  if got.get("fingerprint") != want["fingerprint"]:
+    raise cfglib.ConfigError(
+        f"config.model: the LoRA checkpoint {ckpt.directory}/{step} was trained on another base (stored "
+        f"{got.get('fingerprint', '<none>')[:16]} from {got.get('source', '<unknown>')}; now "
+        f"{want['fingerprint'][:16]} from {want['source']}): resume it on the base it was trained on, or start in "
+        "a fresh workdir")
+  return ts.with_frozen(restored, params), rng
 
 
 def open_checkpointer(config, workdir: pathlib.Path, stage: str) -> checkpoint.Checkpointer:

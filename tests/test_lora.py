@@ -4,6 +4,7 @@ trainer's adapter-only checkpoints (resume after SIGKILL, refusal of another bas
 
 import json
 import re
+import shutil
 import signal
 
 import jax
@@ -16,7 +17,8 @@ from merr1_jax import memory, optim, sharding
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
 from merr1_jax.models import base, hf_io, lora, mllm, presets
-from tests.test_train import BASE, _ckpt_meta, _ckpt_state, _rows, _train
+from tests.helpers import shared
+from tests.test_train import BASE, SMOKE, _ckpt_meta, _ckpt_state, _rows, _train
 from tests.test_train_step import V, _batch, _step_cfg
 
 RANK = 4
@@ -281,10 +283,13 @@ _LORA_RUN = ("--config.model.lora_rank=4", "--config.stages=('rl',)", "--config.
 
 @pytest.fixture(scope="module")
 def lora_reference(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("lora_ref")
-  rc, out, _ = _train(tmp / "w", tmp, *_LORA_RUN)
-  assert rc == 0, out[-4000:]
-  return tmp / "w"
+  """One uninterrupted LoRA run (RL only, from the random init), built once per session across xdist workers."""
+
+  def build(tmp):
+    rc, out, _ = _train(tmp / "w", tmp, *_LORA_RUN)
+    assert rc == 0, out[-4000:]
+
+  return shared.build_once(tmp_path_factory, "lora_reference_run", build) / "w"
 
 
 def test_lora_resume_after_sigkill_is_bit_identical(lora_reference, tmp_path):
@@ -314,11 +319,34 @@ def test_lora_resume_after_sigkill_is_bit_identical(lora_reference, tmp_path):
 
 
 def test_a_lora_checkpoint_refuses_another_rank_or_base(lora_reference, tmp_path):
-  rc, out, _ = _train(lora_reference, tmp_path, "--config.model.lora_rank=8", "--config.stages=('rl',)",
+  w = tmp_path / "w"
+  shutil.copytree(lora_reference, w)
+  rc, out, _ = _train(w, tmp_path, "--config.model.lora_rank=8", "--config.stages=('rl',)",
                       "--config.rl.steps=2")
   assert rc == 2 and re.search(r"model\.lora_rank: stored 4, now 8", out), out[-2000:]
-  rc, out, _ = _train(lora_reference, tmp_path, *_LORA_RUN, "--config.seed=1", "--config.resume=force")
+  rc, out, _ = _train(w, tmp_path, *_LORA_RUN, "--config.seed=1", "--config.resume=force")
   assert rc == 2, out[-3000:]
   assert re.search(r"error: config\.model: the LoRA checkpoint .*rl/2 was trained on another base \(stored "
                    r"[0-9a-f]{16} from random init, seed 0; now [0-9a-f]{16} from random init, seed 1\)", out), \
       out[-2000:]
+
+
+def test_the_evaluate_cli_loads_a_lora_checkpoint_onto_its_rebuilt_base(lora_reference):
+  """policy_io (the evaluate CLI's loader) rebuilds an adapter-only checkpoint's base as the trainer did: the
+  policy it loads, merged, is bit for bit the trainer's own float32 merged export."""
+  from merr1_jax import policy_io  # noqa: PLC0415
+
+  c = cfglib.load(SMOKE)
+  c.model.lora_rank, c.stages, c.rl.steps = 4, ("rl",), 2
+  model, params, _ = policy_io.load_policy(c, lora_reference, None)
+  merged, base_cfg = lora.merged(params, model.config)
+  exported, report = hf_io.load_hf(str(lora_reference / "export"), mllm.MultimodalPolicy(base_cfg),
+                                   projectors="require")
+  assert report.clean
+  got, want = _flat(merged), _flat(exported)
+  assert got.keys() == want.keys()
+  for name in want:
+    assert np.array_equal(got[name], want[name]), name
+  c.seed = 1  # another random init: another base, which the checkpoint refuses by its fingerprint
+  with pytest.raises(policy_io.EvalError, match="trained on another base"):
+    policy_io.load_policy(c, lora_reference, None)
