@@ -156,8 +156,8 @@ def _regexes(v):
 
 
 def _lora_stages(v):
-  ok = isinstance(v, (tuple, list)) and all(s in ("sft", "rl") for s in v) and len(set(v)) == len(v)
-  return None if ok else f"must be a tuple of distinct stages from ('sft', 'rl'), got {v!r}"
+  ok = isinstance(v, (tuple, list)) and v and all(s in ("sft", "rl") for s in v) and len(set(v)) == len(v)
+  return None if ok else f"must be a non-empty tuple of distinct stages from ('sft', 'rl'), got {v!r}"
 
 
 def _regex_or_empty(v):

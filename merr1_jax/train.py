@@ -28,7 +28,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from merr1_jax import artifacts, checkpoint, cli, evaluation, experience, interference, observe, preemption, reports
+from merr1_jax import artifacts, cli, evaluation, experience, interference, observe, preemption, reports
 from merr1_jax import grouped, settings
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
@@ -180,7 +180,7 @@ def run_rl(run: Run, params, guard):
       # Before this step's update is applied to the probe (state is the updated one): a fixed key per step.
       metrics.update(interference.probe(run.ctx, exp, state.params, ts.reference_params(state) if with_ref else None,
                                         probe_batch, jax.random.fold_in(base_key, 1_000_000 + i),
-                                        freeze=tuple(cfg.rl.freeze)))
+                                        freeze=settings.freeze(cfg, "rl")))
     return state, metrics
 
   state, preempted = _stage_loop(run, "rl", state, cfg.rl.steps, rl_step, batches, ckpt, guard, rng=base_key,

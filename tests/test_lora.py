@@ -10,7 +10,6 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from merr1_jax import memory, optim, sharding
