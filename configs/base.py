@@ -307,4 +307,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rl.micro_batches = 1
   if choice["mesh"] == "v4_32":
     c.rl.prompts_per_step = 16  # the prompts must divide over the 16 batch shards (data x fsdp)
+  if choice["mesh"] == "gpu1":  # one device holds every row: docs/scaling.md "Memory plan with LoRA"
+    c.rl.prompts_per_step, c.rl.micro_batches = 4, 4  # one prompt group per update micro-batch
+    c.sft.micro_batches = 8
+  if choice["mesh"] == "v5e8":  # 16 GB chips: one prompt per chip, 512-token completions (docs/scaling.md)
+    c.rl.max_new_tokens_slow = c.eval.max_new_tokens_slow = 512
+    c.sft.micro_batches = 8
   return c

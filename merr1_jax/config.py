@@ -302,11 +302,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
        "is set but model.lora_rank is 0 (no adapters): set model.lora_rank, or use rl.freeze to choose what trains")
   need(not config.model.lora_rank or bool(set(config.lora.stages) & set(config.stages)), "lora.stages",
        f"model.lora_rank = {config.model.lora_rank} but none of lora.stages {tuple(config.lora.stages)} runs "
-       f"(stages {tuple(config.stages)}): the adapters would never train")
+       f"(stages {tuple(config.stages)}): the adapters would never train; add one of {tuple(config.stages)} to "
+       "lora.stages")
   need(config.sft.batch_size % config.sft.micro_batches == 0, "sft.micro_batches",
        f"sft.batch_size {config.sft.batch_size} is not divisible by {config.sft.micro_batches} micro-batches")
 
   mc = model_config(config, vocab_size=1024, video_token_id=1, audio_token_id=2)
+  if config.lora.train_full and mc.lora_rank:  # like rl.freeze: a regex that matches nothing is a typo
+    need(memory.train_full_count(mc, config.lora.train_full) > 0, "lora.train_full",
+         f"{config.lora.train_full!r} matches no parameter of the model (paths look like 'decoder/embed/embedding', "
+         "'decoder/layers/q_kernel', 'video_proj/in_kernel')")
   if num_devices is not None:
     from merr1_jax import sharding  # noqa: PLC0415 - keeps jax device queries out of import time
     try:

@@ -196,6 +196,9 @@ def _stage_start(config, workdir, model, stage: str, shardings):
   """The parameters a stage started from, as train.py chains them: the first stage from model.hf_path or the
   random init, a later one from the previous stage's last checkpoint; then run_setup.stage_start (LoRA folding)."""
   stages = list(config.stages)
+  if stage not in stages:
+    raise EvalError(f"checkpoint stage {stage!r} is not in config.stages {tuple(stages)}: its LoRA base cannot be "
+                    "rebuilt; pass the stages the run trained with (--config.stages)")
   if stages.index(stage) == 0:
     params = run_setup.initial_params(config, model, shardings)
   else:

@@ -160,12 +160,14 @@ def initial_params(config, model, shardings):
 def stage_start(config, model, stage: str, params, shardings):
   """A stage's starting parameters. With LoRA adapters (docs/lora.md): the previous policy with its adapters merged
   into the kernels and fresh ones (B = 0, A from a key of the seed and stage), so that a LoRA stage's frozen base,
-  and its KL reference, is the policy the previous stage ended with. Without adapters: `params`."""
+  and its KL reference, is the policy the previous stage ended with. Without adapters: `params`. `params` is
+  donated (its arrays are deleted): use the returned tree."""
   mc = model.config
   if not mc.lora_rank:
     return params
   key = jax.random.fold_in(jax.random.key(config.seed), 0x5EED + ("sft", "rl").index(stage))
-  return jax.jit(lambda p: lora.folded(p, mc, key), out_shardings=shardings)(params)
+  # Donated: the folded kernels reuse the old buffers, so the base is never held twice (callers rebind `params`).
+  return jax.jit(lambda p: lora.folded(p, mc, key), out_shardings=shardings, donate_argnums=0)(params)
 
 
 def lora_base(config, workdir, stage: str, params) -> dict | None:

@@ -234,11 +234,15 @@ def train(config, workdir: str) -> dict:
 
 def _export_adapters(run: Run, params) -> None:
   """The last stage's adapters as a PEFT adapter (WORKDIR/export_peft) and, unless that base is the unchanged
-  model.hf_path checkpoint, the base they apply to (WORKDIR/export_base: the policy without its adapters)."""
+  model.hf_path checkpoint, the base they apply to (WORKDIR/export_base: the policy without its adapters). Not for
+  a Qwen2.5-Omni base (PEFT keys are Qwen2ForCausalLM's; the merged export keeps the Omni layout)."""
   config = run.config
   base_path = config.model.hf_path
-  if not (tuple(config.stages) == ("rl",) and base_path and not config.lora.train_full
-          and hf_io.export_kwargs(base_path).get("layout", "qwen2") == "qwen2"):
+  if hf_io.export_kwargs(base_path).get("layout", "qwen2") != "qwen2":
+    _log.warning("no PEFT adapter written: its keys follow Qwen2ForCausalLM's module tree, and this run's base is a "
+                 "Qwen2.5-Omni checkpoint; use the merged export in %s", run.workdir / "export")
+    return
+  if not (tuple(config.stages) == ("rl",) and base_path and not config.lora.train_full):
     base_params, base_cfg = lora.base_only(params, run.model.config)
     base_path = str(run.workdir / "export_base")
     artifacts.export_hf(base_params, base_cfg, base_path, overwrite=True, dtype=config.checkpoint.export_dtype,

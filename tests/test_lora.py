@@ -105,9 +105,11 @@ def _rl_steps(model, params, freeze, n=3, **cfg_kw):
   return state
 
 
-@pytest.mark.parametrize("train_full", ["", r"embed/embedding"])
-def test_gradients_reach_only_the_adapters_and_the_train_full_leaves(train_full):
-  m = _model()
+@pytest.mark.parametrize("train_full,param_dtype", [("", "float32"), (r"embed/embedding", "float32"),
+                                                    ("", "bfloat16")])
+def test_gradients_reach_only_the_adapters_and_the_train_full_leaves(train_full, param_dtype):
+  """The base (bfloat16 too) is bit-identical after training; adapters and their AdamW moments are float32."""
+  m = _model(param_dtype=param_dtype)
   p0 = m.init_params(jax.random.key(0))
   state = _rl_steps(m, p0, (lora.freeze_rule(train_full),))
   before, after = _flat(p0), _flat(state.params)
@@ -122,6 +124,10 @@ def test_gradients_reach_only_the_adapters_and_the_train_full_leaves(train_full)
                for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0] if "decoder" in base.path_str(p)}
   assert opt_names == trained
   assert set(state.ref) == (trained - {n for n in trained if lora.is_adapter(n)})
+  for p, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+    if lora.is_adapter(base.path_str(p)) and x.ndim:
+      assert x.dtype == jnp.float32, base.path_str(p)
+  assert {after[n].dtype for n in before if not lora.is_adapter(n)} == {np.dtype(jnp.dtype(param_dtype))}
 
 
 def test_the_reference_is_the_base_with_the_adapters_off():
@@ -147,9 +153,9 @@ def test_the_reference_is_the_base_with_the_adapters_off():
 def test_merged_export_and_peft_adapter_match_the_jax_policy(tmp_path):
   """save_hf merges the adapters (reloaded: 1e-5 against the adapter forward); save_peft's adapter loads in peft
   onto transformers' Qwen2ForCausalLM of the base export and gives the JAX policy's logits (1e-4)."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  peft = pytest.importorskip("peft")
+  import peft  # noqa: PLC0415 - the test extra pins it: a missing peft fails here, it is not skipped
+  import torch  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
   m, mb = _model(tie_embeddings=False), _model(rank=0, tie_embeddings=False)
   p = _with_random_b(m.init_params(jax.random.key(0)))
   inputs, tokens = _inputs()
@@ -185,7 +191,9 @@ def test_peft_export_needs_adapters(tmp_path):
     hf_io.save_peft(m.init_params(jax.random.key(0)), m.config, str(tmp_path))
 
 
-def test_sharded_lora_step_equals_unsharded():
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_sharded_lora_step_equals_unsharded(mesh_shape):
+  """(8, 1, 1) replicates the parameters; (2, 2, 2) shards A and B by their partition rules (fsdp and tensor)."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them")
   m = _model()
@@ -197,7 +205,7 @@ def test_sharded_lora_step_equals_unsharded():
   step = ts.make_rl_step(m, tx, _step_cfg(micro_batches=2))
   for b in batches:
     state, _ = step(state, b)
-  mesh = sharding.make_mesh((8, 1, 1))
+  mesh = sharding.make_mesh(mesh_shape)
   p_sh = sharding.param_shardings(m, params, mesh)
   sstate = ts.init_state(jax.device_put(jax.tree.map(jnp.copy, params), p_sh), tx, with_reference=True,
                          freeze=freeze)
@@ -209,6 +217,10 @@ def test_sharded_lora_step_equals_unsharded():
     sstate, _ = sstep(sstate, jax.device_put(b, b_sh))
   got, want = _flat(sstate.params), _flat(state.params)
   assert any(lora.is_adapter(n) and want[n].any() and n.endswith("_lora_b") for n in want)
+  if mesh_shape == (2, 2, 2):  # q's A [N, D, r] over fsdp on D, its B [N, r, H, Dh] over tensor on H
+    a_spec = sstate.params["decoder"]["layers"]["q_lora_a"].get_value().sharding.spec
+    b_spec = sstate.params["decoder"]["layers"]["q_lora_b"].get_value().sharding.spec
+    assert tuple(a_spec)[:2] == (None, "fsdp") and tuple(b_spec)[:3] == (None, None, "tensor"), (a_spec, b_spec)
   for name in want:
     np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-5, err_msg=name)
 
@@ -235,7 +247,24 @@ def test_folding_merges_the_adapters_and_starts_fresh_ones():
   f = lora.folded(p, m.config, jax.random.key(3))
   flat = _flat(f)
   assert all(not flat[n].any() for n in flat if n.endswith("_lora_b"))
+  before = _flat(p)
+  assert all(not np.array_equal(flat[n], before[n]) for n in flat if n.endswith("_lora_a"))  # A drawn afresh
   np.testing.assert_allclose(_logits(m, f, inputs), _logits(m, p, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", presets.names())
+def test_every_preset_takes_adapters_and_their_partition_rules(preset):
+  """lora_rank = 8 on every preset: abstract parameters (nothing allocated), adapters float32 and covered by the
+  partition rules with the rank replicated, their count as memory.lora_param_count says."""
+  mc = presets.get(preset, lora_rank=8, **({"vocab_size": V} if preset in ("tiny", "small_20m") else {}))
+  model = mllm.build(mc)
+  abstract = model.abstract_params()
+  axes = base.logical_axes(abstract, model.partition_rules())
+  named = {base.path_str(p): (x, a) for (p, x), a in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
+                                                        jax.tree.leaves(axes, is_leaf=lambda t: isinstance(t, tuple)))}
+  adapters = {n: v for n, v in named.items() if lora.is_adapter(n)}
+  assert len(adapters) == 14 and all(x.dtype == jnp.float32 and "lora" in a for x, a in adapters.values())
+  assert memory.lora_param_count(mc) == sum(int(np.prod(x.shape)) for x, _ in adapters.values())
 
 
 def test_config_checks_for_lora():
@@ -243,6 +272,8 @@ def test_config_checks_for_lora():
     presets.get("tiny", lora_rank=-1)
   with pytest.raises(ValueError, match="lora_targets: .*matches none of the decoder kernels"):
     presets.get("tiny", lora_rank=4, lora_targets="attn")
+  assert lora.lora_targets(presets.get("tiny", lora_rank=4, lora_targets=r"^decoder/layers/(q|v)_kernel$")) == (
+      "q", "v")  # searched in the full parameter path
   qv = presets.get("tiny", vocab_size=V, lora_rank=2, lora_targets=r"layers/(q|v)_kernel$")
   d, hd, kd = qv.d_model, qv.num_heads * qv.head_dim, qv.num_kv_heads * qv.head_dim
   assert lora.count(qv) == qv.num_layers * 2 * ((d + hd) + (d + kd))  # r (in + out) per adapted kernel
@@ -253,8 +284,13 @@ def test_config_checks_for_lora():
   c.lora.train_full = "embed"
   with pytest.raises(cfglib.ConfigError, match="lora.train_full: is set but model.lora_rank is 0"):
     cfglib.validate(c)
-  c.model.lora_rank, c.lora.stages, c.stages = 8, ("sft",), ("rl",)
-  with pytest.raises(cfglib.ConfigError, match=r"lora.stages: model.lora_rank = 8 but none of lora.stages"):
+  c.model.lora_rank, c.lora.train_full = 8, "embeddings"  # a typo: the path is decoder/embed/embedding
+  with pytest.raises(cfglib.ConfigError, match=r"lora.train_full: 'embeddings' matches no parameter"):
+    cfglib.validate(c)
+  c.lora.train_full = "embed/embedding"
+  cfglib.validate(c)
+  c.lora.stages, c.stages = ("sft",), ("rl",)
+  with pytest.raises(cfglib.ConfigError, match=r"lora.stages: model.lora_rank = 8 but none of lora.stages.*add one"):
     cfglib.validate(c)
 
 

@@ -7,9 +7,6 @@ num_generations 8, num_iterations 1 (no old-log-prob pass), beta 0.04, kl_loss_m
 estimator), epsilon 0.2, loss_agg_mode 'token-mean'. The vanilla rollout engine samples the workload's
 peer_new_tokens at temperature 1.0 with eos_tokens=[-1], an id no row can emit, so every row decodes exactly that
 many tokens. AdamW lr 1e-6 behind global-norm clipping at 1.0; one mini-batch of all 32 rows = one update per step.
-On the mer workload that update accumulates over 4 micro-batches of one prompt (8 rows): in one pass over all 32
-rows of 1,096 tokens Tunix asks XLA for a 44 GB buffer, more than the 23 GB box has (the same gradient and one
-optimizer update either way; ours runs it as one pass).
 
 Workloads (--workload): 'peer', 4 prompts of 128 tokens x 8 rows of 64 new tokens. 'mer', 4 prompts of 1024
 text tokens (Tunix's Qwen2 takes no video/audio features: our side's 768 feature rows are text here) x 8 rows of
@@ -39,12 +36,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spec  # noqa: E402
-
-
-def _micro_prompts(wl) -> int:
-  """Prompts per gradient-accumulation micro-batch of the update: the whole batch, except on the mer workload
-  (one prompt: see the module docstring)."""
-  return 1 if wl.name == "mer" else wl.num_prompts
 
 
 def main(argv=None) -> dict:
@@ -81,7 +72,7 @@ def main(argv=None) -> dict:
   with tempfile.TemporaryDirectory():
     training = rl_cluster_lib.RLTrainingConfig(
         actor_optimizer=tx, eval_every_n_steps=10**9, max_steps=n_steps,
-        mini_batch_size=wl.num_prompts, train_micro_batch_size=_micro_prompts(wl),
+        mini_batch_size=wl.num_prompts, train_micro_batch_size=wl.num_prompts,
         checkpoint_root_directory=None, metrics_logging_options=None, pbar_description=None)
     rollout = base_rollout.RolloutConfig(
         max_tokens_to_generate=wl.peer_new_tokens, max_prompt_length=wl.prompt_len,

@@ -55,8 +55,9 @@ class ModelConfig:
       zeros), and the projection computes x W + (lora_alpha / r) (x A) B, so at initialisation the model is
       exactly the base model.
     lora_alpha: the LoRA scale's numerator (PEFT's lora_alpha; the scale is lora_alpha / lora_rank).
-    lora_targets: regex searched in each decoder kernel's path ('layers/q_kernel', ..., 'layers/down_kernel');
-      the matching kernels get adapters (default: every attention and MLP projection, PEFT's 'all-linear').
+    lora_targets: regex searched in each decoder kernel's parameter path ('decoder/layers/q_kernel', ...,
+      'decoder/layers/down_kernel'); the matching kernels get adapters (default: every attention and MLP
+      projection, PEFT's 'all-linear').
   """
 
   vocab_size: int
@@ -144,21 +145,22 @@ def validate(cfg: ModelConfig) -> None:
     if not cfg.lora_alpha > 0:
       fail("lora_alpha", f"must be > 0, got {cfg.lora_alpha!r}")
     try:
-      targets = [n for n in LORA_KERNELS if re.search(cfg.lora_targets, f"layers/{n}_kernel")]
+      targets = lora_targets(cfg)
     except (re.error, TypeError) as e:
       fail("lora_targets", f"{cfg.lora_targets!r} is not a regex: {e}")
     if not targets:
       fail("lora_targets", f"{cfg.lora_targets!r} matches none of the decoder kernels "
-           f"{[f'layers/{n}_kernel' for n in LORA_KERNELS]}")
+           f"{[LORA_PATH.format(n) for n in LORA_KERNELS]}")
 
 
 # The decoder projections LoRA can adapt ('layers/<name>_kernel') and how many leading axes of each (unstacked)
 # kernel are its input: q/k/v [D, H|K, Dh], gate/up [D, F], down [F, D] take 1, o [H, Dh, D] takes 2.
 LORA_KERNELS: dict[str, int] = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+LORA_PATH = "decoder/layers/{}_kernel"  # a kernel's path in the policy's parameter tree, what lora_targets searches
 
 
 def lora_targets(cfg: ModelConfig) -> tuple[str, ...]:
   """The kernel names ('q', ..., 'down') that carry adapters under `cfg` (none when lora_rank is 0)."""
   if not cfg.lora_rank:
     return ()
-  return tuple(n for n in LORA_KERNELS if re.search(cfg.lora_targets, f"layers/{n}_kernel"))
+  return tuple(n for n in LORA_KERNELS if re.search(cfg.lora_targets, LORA_PATH.format(n)))

@@ -53,7 +53,7 @@ def _flat(params) -> dict[str, Any]:
 
 
 def init_adapters(params, cfg: ModelConfig, rng: jax.Array):
-  """`params` with every A drawn afresh (normal, std 1 / sqrt(fan_in), PEFT's scale) and every B zero.
+  """`params` with every A drawn afresh (normal, std 1 / sqrt(fan_in)) and every B zero.
 
   The draw uses its own key (fold_in(rng, kernel index)), so a model's base initial values are the same with and
   without adapters. Leaves keep their dtype (float32) and sharding."""
@@ -85,7 +85,10 @@ def delta(a, b, n_in: int, scale: float):
   n = a.shape[0]
   a2 = a.astype(jnp.float32).reshape(n, -1, a.shape[-1])  # [N, in, r]
   b2 = b.astype(jnp.float32).reshape(n, b.shape[1], -1)  # [N, r, out]
-  return (scale * jnp.einsum("nir,nro->nio", a2, b2)).reshape(*a.shape[:-1], *b.shape[2:])
+  # HIGHEST: a float32 product on every backend (TPU's default is one bfloat16 pass, GPU's may be TF32), so the
+  # merged export and the stage fold do not depend on where they ran.
+  prod = jnp.einsum("nir,nro->nio", a2, b2, precision=jax.lax.Precision.HIGHEST)
+  return (scale * prod).reshape(*a.shape[:-1], *b.shape[2:])
 
 
 def merged(params, cfg: ModelConfig) -> tuple[Any, ModelConfig]:
@@ -125,12 +128,17 @@ def base_only(params, cfg: ModelConfig) -> tuple[Any, ModelConfig]:
 @jax.jit
 def _leaf_hashes(leaves):
   """Two 32-bit position-mixed sums of each leaf's bits (wrapping uint32 arithmetic), on device: any changed
-  value, swapped position or other dtype changes them with overwhelming probability."""
+  value, swapped position or other dtype changes them with overwhelming probability. The flat position comes
+  from per-axis iotas, so a sharded leaf is reduced where it lies (a reshape to 1-D would gather it)."""
   out = []
   for x in leaves:
     bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
-    bits = bits.astype(jnp.uint32).reshape(-1)
-    idx = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+    bits = bits.astype(jnp.uint32)
+    idx = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(x.ndim)):
+      idx = idx + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+      stride *= x.shape[axis]
     h1 = jnp.sum((bits ^ (idx * jnp.uint32(0x9E3779B1))) * jnp.uint32(0x85EBCA6B), dtype=jnp.uint32)
     h2 = jnp.sum((bits + idx * jnp.uint32(0xC2B2AE35)) * (idx | jnp.uint32(1)), dtype=jnp.uint32)
     out.append(jnp.stack([h1, h2]))
@@ -162,7 +170,9 @@ def count(cfg: ModelConfig) -> int:
 def folded(params, cfg: ModelConfig, rng: jax.Array):
   """`params` with the adapters merged into their kernels (`merged`) and fresh adapters (`init_adapters`, B = 0):
   the same policy, whose base is now the whole of it. A LoRA stage starts here, so its base (and its reference)
-  is the policy the previous stage ended with. A no-op on the base when every B is already zero."""
+  is the policy the previous stage ended with. When every B is zero the base's values are unchanged (W + 0, up
+  to the sign of a zero). The sum is rounded to the kernel's dtype: with a bfloat16 base, updates below half a
+  bfloat16 ulp of their weight are lost in the fold (docs/lora.md, "Stages")."""
   flat = _flat(merged(params, cfg)[0])
   out = jax.tree_util.tree_map_with_path(lambda p, x: flat.get(base.path_str(p), x), params)
   return init_adapters(out, cfg, rng)
