@@ -165,9 +165,11 @@ def test_update_steps_equal_the_ungrouped_layout(micro, minis, epochs):
   want, m_f = ts.make_rl_step(model, tx, cfg)(ref_state, jax.tree.map(lambda x: x[idx], flat))
   # One update: the gradient tolerance. Several: float32 differences of ~1e-6 compound over the updates (6 at
   # lr 0.5 grow to ~1e-4 of a leaf's largest value), which is rounding, not a different update.
-  _assert_trees_close(got.params, want.params, rtol=1e-5 if minis * epochs == 1 else 2e-4)
-  np.testing.assert_allclose(m_g["loss"], m_f["loss"], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(m_g["kl"], m_f["kl"], rtol=1e-4, atol=1e-7)
+  # The loss and KL metrics average over the updates, so after the first they see the same compounded rounding.
+  rtol = 1e-5 if minis * epochs == 1 else 2e-4
+  _assert_trees_close(got.params, want.params, rtol=rtol)
+  np.testing.assert_allclose(m_g["loss"], m_f["loss"], rtol=rtol, atol=1e-6)
+  np.testing.assert_allclose(m_g["kl"], m_f["kl"], rtol=max(rtol, 1e-4), atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["mm", "mrope"])
