@@ -177,7 +177,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ------------------------------------------------------------------------------------------------ rl
   c.rl = ml_collections.ConfigDict()
-  c.rl.steps = 400  # 3,200 prompts x 8 rollouts; about 7 minutes for the whole run on 2 idle CPU cores
+  c.rl.steps = 400  # 3,200 prompts x 8 rollouts; 3-5 minutes for the whole run on 2 idle CPU cores
   c.rl.prompts_per_step = 8  # P; the batch is P * (n_slow + n_fast) completions
   c.rl.n_slow = 4  # slow samples per prompt (method.md defaults 4 + 4)
   c.rl.n_fast = 4  # fast samples per prompt; a group G = n_slow + n_fast completions share one prompt
