@@ -84,11 +84,12 @@ def _embed_suffix(model, params, seg: Segment) -> base.Embedded:
   return base.Embedded(x=e.x.reshape(p, g, t, -1), positions=seg.positions, mask=seg.mask)
 
 
-def grouped_hidden(model, params, prompt: base.ModelInputs, segments: Sequence[Segment]):
+def grouped_hidden(model, params, prompt: base.ModelInputs, segments: Sequence[Segment], dropout_key=None):
   """(h_prompt [P, L, D], per segment h [P, G, T, D], per segment h_pred [P, G, T, D]): h[..., t, :] is the state
   after suffix token t, h_pred[..., t, :] the one that predicts it (the prompt's last column for t = 0)."""
+  kw = {} if dropout_key is None else {"dropout_key": dropout_key}  # only models that train with dropout take it
   h_p, h_s = model.hidden_grouped(params, model.embed(params, prompt), [_embed_suffix(model, params, s)
-                                                                        for s in segments])
+                                                                        for s in segments], **kw)
   preds = []
   for seg, h in zip(segments, h_s):
     p, g = seg.tokens.shape[:2]
@@ -98,9 +99,9 @@ def grouped_hidden(model, params, prompt: base.ModelInputs, segments: Sequence[S
 
 
 def grouped_logprobs(model, params, prompt: base.ModelInputs, segments: Sequence[Segment], *, chunk_size: int,
-                     with_entropy: bool) -> list[tuple[Array, Array | None]]:
+                     with_entropy: bool, dropout_key=None) -> list[tuple[Array, Array | None]]:
   """Per segment, (logp [P, G, T], entropy [P, G, T] or None) of its suffix tokens, float32."""
-  _, _, preds = grouped_hidden(model, params, prompt, segments)
+  _, _, preds = grouped_hidden(model, params, prompt, segments, dropout_key)
   w = model.unembed_weight(params)
   out = []
   for seg, h in zip(segments, preds):
@@ -116,19 +117,19 @@ def token_counts(batch: GroupedRLBatch) -> tuple[Array, Array]:
 
 
 def make_grouped_loss(model, cfg) -> Callable:
-  """``loss(params, batch, beta, num_tokens, num_seqs) -> (loss, summed stats)`` on a GroupedRLBatch; `cfg` is a
-  train_step.StepConfig. Each segment adds its share of the aggregated loss (the normalisers are global, so the
-  sum is the loss of all segments together) and its summed statistics."""
+  """``loss(params, batch, beta, num_tokens, num_seqs, dropout_key) -> (loss, summed stats)`` on a
+  GroupedRLBatch; `cfg` is a train_step.StepConfig. Each segment adds its share of the aggregated loss (the
+  normalisers are global, so the sum is the loss of all segments together) and its summed statistics."""
   lc = cfg.loss
 
-  def loss_fn(params, batch: GroupedRLBatch, beta, num_tokens=None, num_seqs=None):
+  def loss_fn(params, batch: GroupedRLBatch, beta, num_tokens=None, num_seqs=None, dropout_key=None):
     if num_tokens is None:
       num_tokens, num_seqs = token_counts(batch)
     if cfg.beta > 0 and any(s.ref_logp is None for s in batch.segments):
       raise ValueError(f"StepConfig.beta = {cfg.beta} > 0 but a segment has no ref_logp: the KL penalty needs the "
                        "reference log-probs, or set beta = 0")
     outs = grouped_logprobs(model, params, batch.prompt, batch.segments, chunk_size=cfg.vocab_chunk,
-                            with_entropy=True)
+                            with_entropy=True, dropout_key=dropout_key)
     total, stats = jnp.zeros((), jnp.float32), None
     for seg, (logp, ent) in zip(batch.segments, outs):
       flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731

@@ -38,10 +38,18 @@ def step_config(config: Config, stage: str) -> ts.StepConfig:
   loss = rl.LossConfig(eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip or None,
                        kl_estimator=r.kl_estimator, aggregation=r.aggregation, entropy_coef=r.entropy_coef,
                        max_len=max(r.max_new_tokens_slow, r.max_new_tokens_fast))  # Dr.GRPO's constant
+  # LoRA input dropout acts only where adapters train; each stage its own stream (seed, stage index).
+  dropout = _dropout_seed(config.seed, stage) if config.model.lora_dropout and lora_stage(config, stage) else None
   if stage == "sft":
-    return ts.StepConfig(loss=loss, beta=0.0, micro_batches=config.sft.micro_batches)
+    return ts.StepConfig(loss=loss, beta=0.0, micro_batches=config.sft.micro_batches, dropout_seed=dropout)
   return ts.StepConfig(loss=loss, beta=r.beta, beta_decay_steps=r.beta_decay_steps, beta_final=r.beta_final,
-                       micro_batches=r.micro_batches, ppo_epochs=r.ppo_epochs, mini_batches=r.mini_batches)
+                       micro_batches=r.micro_batches, ppo_epochs=r.ppo_epochs, mini_batches=r.mini_batches,
+                       dropout_seed=dropout)
+
+
+def _dropout_seed(seed: int, stage: str) -> int:
+  """A stage's dropout seed: the run's seed and the stage, so SFT and RL never share masks (fits a uint32)."""
+  return (int(seed) * 1_000_003 + {"sft": 1, "rl": 2}[stage]) % (2 ** 31)
 
 
 def updates_per_step(config: Config, stage: str) -> int:

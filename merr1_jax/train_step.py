@@ -171,6 +171,9 @@ class StepConfig:
   mini_batches: int = 1  # optimizer updates per pass (each on 1/mini_batches of the rows)
   vocab_chunk: int = 8192  # vocabulary chunk of the streaming log-softmax
   mode_names: tuple[str, ...] = ("slow", "fast")  # RLBatch.mode_ids -> metric suffix (prompts.MODES order)
+  # LoRA input dropout (ModelConfig.lora_dropout) in the loss passes: None = off. The key of update u of step s,
+  # micro-batch m is fold_in(fold_in(fold_in(key(dropout_seed), s), u), m), so a resumed run draws the same masks.
+  dropout_seed: int | None = None
 
 
 def _micro_split(tree: Any, m: int) -> Any:
@@ -186,9 +189,11 @@ def _micro_split(tree: Any, m: int) -> Any:
   return jax.tree.map(split, tree)
 
 
-def _shifted_logp(model, params, inputs: base.ModelInputs, chunk: int, with_entropy: bool, start: int = 0):
+def _shifted_logp(model, params, inputs: base.ModelInputs, chunk: int, with_entropy: bool, start: int = 0,
+                  dropout_key: Array | None = None):
   """log p(token_{t+1} | tokens_<=t) for t = start .. L-2 (and the entropy), float32 [B, L-1-start]."""
-  h, _ = model.hidden(params, model.embed(params, inputs))
+  kw = {} if dropout_key is None else {"dropout_key": dropout_key}  # only models that train with dropout take it
+  h, _ = model.hidden(params, model.embed(params, inputs), **kw)
   return rl.token_logprobs(h[:, start:-1], model.unembed_weight(params), inputs.tokens[:, start + 1:],
                            chunk_size=chunk, with_entropy=with_entropy)
 
@@ -211,32 +216,42 @@ def _apply(optimizer, state: TrainState, trainable: Any, frozen: Any, loss: Arra
   return new_state, metrics
 
 
-def _accumulate(loss_fn: Callable, trainable: Any, frozen: Any, batch: Any, m: int):
+def _accumulate(loss_fn: Callable, trainable: Any, frozen: Any, batch: Any, m: int, key: Array | None = None):
   """Sums loss, gradients and statistics over M micro-batches (one lax.scan, float32 accumulators).
 
-  ``loss_fn(params, micro_batch) -> (loss, stats)`` sees the merged parameters; the gradient is taken with
-  respect to ``trainable`` only, so accumulators exist only for trainable leaves. Statistics are combined with
+  ``loss_fn(params, micro_batch, dropout_key) -> (loss, stats)`` sees the merged parameters and, when ``key`` is
+  given, micro-batch i's key fold_in(key, i) (else None); the gradient is taken with respect to ``trainable``
+  only, so accumulators exist only for trainable leaves. Statistics are combined with
   ``rl.loss.combine_stats`` (sums add, ``*_max`` / ``*_min`` take the max / min).
   """
-  grad_fn = jax.value_and_grad(lambda t, f, mb: loss_fn(optim.merge(t, f), mb), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda t, f, mb, k: loss_fn(optim.merge(t, f), mb, k), has_aux=True)
+  micro_key = lambda i: None if key is None else jax.random.fold_in(key, i)  # noqa: E731
   if m == 1:
-    (loss, stats), grads = grad_fn(trainable, frozen, batch)
+    (loss, stats), grads = grad_fn(trainable, frozen, batch, micro_key(0))
     return loss, grads, stats
   micro = _micro_split(batch, m)
   first = jax.tree.map(lambda x: x[0], micro)
-  (_, stats0), _ = jax.eval_shape(grad_fn, trainable, frozen, first)
+  (_, stats0), _ = jax.eval_shape(grad_fn, trainable, frozen, first, micro_key(0))
   g0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
 
-  def body(carry, mb):
+  def body(carry, xs):
+    mb, i = xs
     loss_acc, g_acc, s_acc = carry
-    (loss, stats), grads = grad_fn(trainable, frozen, mb)
+    (loss, stats), grads = grad_fn(trainable, frozen, mb, micro_key(i))
     g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
     return (loss_acc + loss, g_acc, rl_loss.combine_stats(s_acc, stats)), None
 
   init = (jnp.zeros((), jnp.float32), g0, rl_loss.stats_identity(stats0))
-  (loss, grads, stats), _ = jax.lax.scan(body, init, micro)
+  (loss, grads, stats), _ = jax.lax.scan(body, init, (micro, jnp.arange(m)))
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
   return loss, grads, stats
+
+
+def _dropout_key(cfg: StepConfig, step: Array) -> Array | None:
+  """The step's dropout key (StepConfig.dropout_seed), or None when dropout is off."""
+  if cfg.dropout_seed is None:
+    return None
+  return jax.random.fold_in(jax.random.key(cfg.dropout_seed), step)
 
 
 def _jit(step_fn, state_shardings, batch_shardings):
@@ -256,12 +271,13 @@ def make_rl_loss(model: base.PolicyModel, cfg: StepConfig) -> Callable:
   """
   lc = cfg.loss
 
-  def loss_fn(params, batch: RLBatch, beta, num_tokens=None, num_seqs=None):
+  def loss_fn(params, batch: RLBatch, beta, num_tokens=None, num_seqs=None, dropout_key=None):
     if cfg.beta > 0 and batch.ref_logp is None:
       raise ValueError(f"StepConfig.beta = {cfg.beta} > 0 but RLBatch.ref_logp is None: the KL penalty needs the "
                        "reference log-probs (score the rollouts with train_step.reference_params), or set beta = 0")
     k = batch.loss_start
-    logp, ent = _shifted_logp(model, params, batch.inputs, cfg.vocab_chunk, with_entropy=True, start=k)
+    logp, ent = _shifted_logp(model, params, batch.inputs, cfg.vocab_chunk, with_entropy=True, start=k,
+                              dropout_key=dropout_key)
     if not lc.entropy_coef:
       ent = jax.lax.stop_gradient(ent)  # logged only: build no gradient for it
     mask = batch.completion_mask[:, k + 1:]
@@ -326,23 +342,25 @@ def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformatio
   losses = {False: make_rl_loss(model, cfg), True: grouped.make_grouped_loss(model, cfg)}
   updates = cfg.ppo_epochs * cfg.mini_batches
 
-  def one_update(state: TrainState, batch: RLBatch, beta):
+  def one_update(state: TrainState, batch: RLBatch, beta, key):
     is_grouped = isinstance(batch, grouped.GroupedRLBatch)
     if is_grouped:
       num_tokens, num_seqs = grouped.token_counts(batch)
     else:
       mask = batch.completion_mask[:, 1:].astype(jnp.float32)
       num_tokens, num_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
-    fn = lambda p, mb: losses[is_grouped](p, mb, beta, num_tokens, num_seqs)
+    fn = lambda p, mb, k: losses[is_grouped](p, mb, beta, num_tokens, num_seqs, k)  # noqa: E731
     trainable, frozen = optim.split_trainable(state.params, state.freeze)
-    loss, grads, stats = _accumulate(fn, trainable, frozen, batch, cfg.micro_batches)
+    loss, grads, stats = _accumulate(fn, trainable, frozen, batch, cfg.micro_batches, key)
     return _apply(optimizer, state, trainable, frozen, loss, grads, stats)
 
   def step(state: TrainState, batch: RLBatch):
     beta = rl.beta_at(state.step, cfg.beta, decay_steps=cfg.beta_decay_steps, final_beta=cfg.beta_final)
     extra = {"beta": beta, **rl.advantage_stats(batch.advantages)}
+    key = _dropout_key(cfg, state.step)
+    update_key = lambda u: None if key is None else jax.random.fold_in(key, u)  # noqa: E731
     if updates == 1:
-      state, m = one_update(state, batch, beta)
+      state, m = one_update(state, batch, beta, update_key(0))
       return state, {**{k: m[k] for k in _UPDATE_KEYS}, **rl.finalize_stats(_loss_stats(m)), **extra}
     if isinstance(batch, grouped.GroupedRLBatch):
       with_old, gap = grouped.old_logprobs(model, cfg, state.params, batch)
@@ -354,7 +372,7 @@ def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformatio
 
     def body(state, i):
       mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i % cfg.mini_batches, keepdims=False), parts)
-      return one_update(state, mb, beta)
+      return one_update(state, mb, beta, update_key(i))
 
     state, ms = jax.lax.scan(body, state, jnp.arange(updates))
     stats = functools.reduce(rl_loss.combine_stats, [jax.tree.map(lambda x, j=j: x[j], _loss_stats(ms))
@@ -379,8 +397,8 @@ def make_sft_step(model: base.PolicyModel, optimizer: optax.GradientTransformati
                   state_shardings: Any = None, batch_shardings: Any = None) -> Callable:
   """Cold-start SFT: token-mean cross-entropy on the assistant tokens, same accumulation, freezing and skipping."""
 
-  def loss_fn(params, mb: SFTBatch, num_tokens):
-    logp = _shifted_logp(model, params, mb.inputs, cfg.vocab_chunk, with_entropy=False)
+  def loss_fn(params, mb: SFTBatch, num_tokens, key):
+    logp = _shifted_logp(model, params, mb.inputs, cfg.vocab_chunk, with_entropy=False, dropout_key=key)
     mask = mb.loss_mask[:, 1:].astype(jnp.float32)
     nll = -(logp * mask).sum()
     return nll / jnp.maximum(num_tokens, 1.0), {"tokens": mask.sum(), "nll_sum": nll}
@@ -388,8 +406,10 @@ def make_sft_step(model: base.PolicyModel, optimizer: optax.GradientTransformati
   def step(state: TrainState, batch: SFTBatch):
     num_tokens = batch.loss_mask[:, 1:].astype(jnp.float32).sum()
     trainable, frozen = optim.split_trainable(state.params, state.freeze)
-    loss, grads, stats = _accumulate(lambda p, mb: loss_fn(p, mb, num_tokens), trainable, frozen, batch,
-                                     cfg.micro_batches)
+    key = _dropout_key(cfg, state.step)
+    key = None if key is None else jax.random.fold_in(key, 0)  # update 0: the same key layout as the RL step
+    loss, grads, stats = _accumulate(lambda p, mb, k: loss_fn(p, mb, num_tokens, k), trainable, frozen, batch,
+                                     cfg.micro_batches, key)
     return _apply(optimizer, state, trainable, frozen, loss, grads, {"tokens": stats["tokens"]})
 
   return _jit(step, state_shardings, batch_shardings)

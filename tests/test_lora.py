@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from merr1_jax import memory, optim, sharding
 from merr1_jax import config as cfglib
@@ -93,6 +94,130 @@ def test_the_adapter_forward_is_the_low_rank_update_of_every_kernel():
   merged, cfg = lora.merged(p, m.config)
   assert cfg.lora_rank == 0
   np.testing.assert_allclose(_logits(mb, merged, inputs), got, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- dropout
+def test_lora_dropout_drops_only_the_adapter_inputs():
+  """Block._proj with a key against the formula written here: x W + (alpha / r) (m * x / (1 - p)) A B with m the
+  documented mask bernoulli(fold_in(key, kernel index), 1 - p); the base path sees x; no key = no dropout."""
+  from merr1_jax.models import layers  # noqa: PLC0415
+
+  m = _model(lora_dropout=0.25)
+  p = _with_random_b(m.init_params(jax.random.key(0)))
+  blk = m._module(p).decoder.layers
+  graphdef, stacked = nnx.split(blk)
+  blk0 = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))  # layer 0, unstacked
+  x = jax.random.normal(jax.random.key(5), (2, 3, 64))
+  key = jax.random.key(9)
+  w, a, b = (np.asarray(getattr(blk0, f"up_{n}")[...], np.float64) for n in ("kernel", "lora_a", "lora_b"))
+  keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 5), 0.75, x.shape))  # 'up' is kernel 5
+  xn = np.asarray(x, np.float64)
+  want = xn @ w + (16.0 / RANK) * ((np.where(keep, xn / 0.75, 0.0) @ a) @ b)
+  np.testing.assert_allclose(np.asarray(blk0._proj("up", x, key)), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(blk0._proj("up", x)), xn @ w + (16.0 / RANK) * ((xn @ a) @ b),
+                             rtol=1e-5, atol=1e-5)
+  assert 0.6 < keep.mean() < 0.9
+  # Inverted dropout keeps the projection's expectation: the mean over 256 masks is ~1/16 as far from the
+  # no-dropout output as one mask (a missing 1 / (1 - p) would leave a quarter of the adapter's output off).
+  proj = jax.jit(lambda k: blk0._proj("up", x, k))
+  one_err = np.abs(np.asarray(proj(key)) - np.asarray(proj(None))).mean()
+  mean = np.mean([np.asarray(proj(jax.random.key(100 + k))) for k in range(256)], axis=0)
+  assert np.abs(mean - np.asarray(proj(None))).mean() < 0.2 * one_err
+  assert np.array_equal(np.asarray(layers.lora_dropout_input(x, key, 0.0, "up")), np.asarray(x))
+
+
+def test_lora_dropout_in_the_model_is_seeded_and_invisible_at_b_zero():
+  m = _model(lora_dropout=0.5)
+  p0 = m.init_params(jax.random.key(0))
+  p = _with_random_b(p0, scale=0.2)
+  inputs, _ = _inputs()
+  hidden = jax.jit(lambda prm, k: m.hidden(prm, m.embed(prm, inputs), dropout_key=k)[0])
+  plain = np.asarray(hidden(p, None))  # no key: no dropout (the same program, so bit-comparable)
+  # B = 0: the adapters add nothing, with or without their inputs dropped.
+  assert np.array_equal(np.asarray(hidden(p0, jax.random.key(1))), np.asarray(hidden(p0, None)))
+  h1, h1b, h2 = (np.asarray(hidden(p, jax.random.key(k))) for k in (1, 1, 2))
+  assert np.array_equal(h1, h1b) and np.abs(h1 - h2).max() > 1e-3 and np.abs(h1 - plain).max() > 1e-3
+
+
+def test_dropout_in_the_train_steps_is_seeded_and_keeps_the_first_ratio_at_one():
+  """The RL step with dropout: the same seed gives the same update, another seed another; one update has ratio
+  exactly 1 (the old log-probs are the update's own, dropout and all); no seed = the dropout-free step."""
+  m = _model(lora_dropout=0.3)
+  p = _with_random_b(m.init_params(jax.random.key(0)))
+  freeze = (lora.freeze_rule(""),)
+
+  def run(seed, **kw):
+    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), p, freeze=freeze)
+    state = ts.init_state(jax.tree.map(jnp.copy, p), tx, with_reference=True, freeze=freeze)
+    new, metrics = ts.make_rl_step(m, tx, _step_cfg(dropout_seed=seed, **kw))(state, _batch(seed=0))
+    return _flat(new.params), metrics
+
+  a, ma = run(3)
+  b, _ = run(3)
+  c, _ = run(4)
+  off, _ = run(None)
+  assert all(np.array_equal(a[n], b[n]) for n in a)
+  assert any(not np.array_equal(a[n], c[n]) for n in a if lora.is_adapter(n))
+  assert any(not np.array_equal(a[n], off[n]) for n in a if lora.is_adapter(n))
+  assert float(ma["ratio_mean"]) == 1.0 and float(ma["ratio_min"]) == 1.0
+  assert int(ma["skipped"]) == 0
+  # Micro-batches draw their own masks but the step stays deterministic.
+  d, _ = run(3, micro_batches=2)
+  e, _ = run(3, micro_batches=2)
+  assert all(np.array_equal(d[n], e[n]) for n in d)
+  # The SFT step (a LoRA SFT stage) the same way.
+  b0 = _batch(seed=0)
+  sft = ts.SFTBatch(inputs=b0.inputs, loss_mask=b0.completion_mask)
+
+  def run_sft(seed):
+    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), p, freeze=freeze)
+    state = ts.init_state(jax.tree.map(jnp.copy, p), tx, with_reference=False, freeze=freeze)
+    return _flat(ts.make_sft_step(m, tx, _step_cfg(beta=0.0, dropout_seed=seed))(state, sft)[0].params)
+
+  s3, s3b, s_off = run_sft(3), run_sft(3), run_sft(None)
+  assert all(np.array_equal(s3[n], s3b[n]) for n in s3)
+  assert any(not np.array_equal(s3[n], s_off[n]) for n in s3 if lora.is_adapter(n))
+
+
+def test_dropout_in_the_prefix_grouped_step():
+  """The grouped layout (the RL default) with dropout: seeded, active (another update than without), ratio 1."""
+  from tests import test_grouped as tg  # noqa: PLC0415
+
+  _, _, _, group, _, _ = tg._batches("mm", p=2)
+  m = mllm.build("tiny", vocab_size=tg.V, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                 init_std=0.08, video_dim=12, audio_dim=10, video_token_id=tg.VIDEO, audio_token_id=tg.AUDIO,
+                 lora_rank=RANK, lora_dropout=0.3)
+  p = _with_random_b(m.init_params(jax.random.key(0)))
+  freeze = (lora.freeze_rule(""),)
+
+  def run(seed):
+    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), p, freeze=freeze)
+    state = ts.init_state(jax.tree.map(jnp.copy, p), tx, with_reference=True, freeze=freeze)
+    new, metrics = ts.make_rl_step(m, tx, _step_cfg(dropout_seed=seed))(state, group)
+    return _flat(new.params), metrics
+
+  (a, ma), (b, _), (off, _) = run(3), run(3), run(None)
+  assert all(np.array_equal(a[n], b[n]) for n in a)
+  assert any(not np.array_equal(a[n], off[n]) for n in a if lora.is_adapter(n))
+  assert float(ma["ratio_mean"]) == 1.0 and int(ma["skipped"]) == 0
+
+
+def test_the_trainer_turns_dropout_on_only_in_lora_stages():
+  from merr1_jax import settings  # noqa: PLC0415
+
+  c = cfglib.load(SMOKE)
+  c.model.lora_rank, c.model.lora_dropout = 4, 0.1
+  assert settings.step_config(c, "sft").dropout_seed is None  # SFT fine-tunes in full: the adapters are frozen
+  rl_seed = settings.step_config(c, "rl").dropout_seed
+  assert isinstance(rl_seed, int)
+  c.lora.stages = ("sft", "rl")
+  assert settings.step_config(c, "sft").dropout_seed not in (None, rl_seed)
+  c.model.lora_dropout = 0.0
+  assert settings.step_config(c, "rl").dropout_seed is None
+  with pytest.raises(ValueError, match="lora_dropout"):
+    _model(rank=0, lora_dropout=0.1)
+  with pytest.raises(ValueError, match="lora_dropout"):
+    _model(lora_dropout=1.0)
 
 
 def _rl_steps(model, params, freeze, n=3, **cfg_kw):

@@ -111,7 +111,11 @@ class PolicyModel(Protocol):
 
   def hidden(self, params: Params, x: Embedded,
              cache: Any | None = None) -> tuple[jax.Array, Any | None]:
-    """Final-normed hidden states h_BxLxD (compute dtype) and the updated cache (None without one)."""
+    """Final-normed hidden states h_BxLxD (compute dtype) and the updated cache (None without one).
+
+    Optional: a `dropout_key=` keyword (a PRNG key) that turns on training-time dropout, e.g. LoRA's input
+    dropout (ModelConfig.lora_dropout). The train steps pass it only when the config asks for dropout, so a
+    model without the keyword works everywhere else."""
     ...
 
   def forward(self, params: Params, x: Embedded,

@@ -58,6 +58,9 @@ class ModelConfig:
     lora_targets: regex searched in each decoder kernel's parameter path ('decoder/layers/q_kernel', ...,
       'decoder/layers/down_kernel'); the matching kernels get adapters (default: every attention and MLP
       projection, PEFT's 'all-linear').
+    lora_dropout: probability p of zeroing each input element of an adapter (PEFT's lora_dropout: the adapter
+      computes (alpha / r) (dropout(x) A) B, the base path x W sees x), in the training passes that pass a
+      `dropout_key` only (SFT and RL loss; never sampling or scoring). Survivors are scaled by 1 / (1 - p).
   """
 
   vocab_size: int
@@ -86,6 +89,7 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: str = r"layers/(q|k|v|o|gate|up|down)_kernel$"
+  lora_dropout: float = 0.0
 
   def __post_init__(self):
     # Lists from config files/CLI overrides would make the dataclass unhashable; normalise to tuples.
@@ -141,6 +145,10 @@ def validate(cfg: ModelConfig) -> None:
     fail("audio_token_id", "video and audio placeholders must be different tokens")
   if not isinstance(cfg.lora_rank, int) or isinstance(cfg.lora_rank, bool) or cfg.lora_rank < 0:
     fail("lora_rank", f"must be an int >= 0 (0: no adapters), got {cfg.lora_rank!r}")
+  if not (isinstance(cfg.lora_dropout, (int, float)) and 0.0 <= cfg.lora_dropout < 1.0):
+    fail("lora_dropout", f"must be a probability in [0, 1), got {cfg.lora_dropout!r}")
+  if cfg.lora_dropout and not cfg.lora_rank:
+    fail("lora_dropout", f"is {cfg.lora_dropout} but lora_rank is 0: there are no adapters to drop inputs of")
   if cfg.lora_rank:
     if not cfg.lora_alpha > 0:
       fail("lora_alpha", f"must be > 0, got {cfg.lora_alpha!r}")

@@ -274,7 +274,8 @@ def save_peft(params: Any, cfg: ModelConfig, out_dir: str, *, base_model_name_or
   os.makedirs(out_dir, exist_ok=True)
   safetensors_io.write(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
   config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "lora_dropout": float(cfg.lora_dropout),
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
             "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
             "target_modules": sorted(_PEFT_MODULES[n].split(".")[1] for n in targets),
             "base_model_name_or_path": base_model_name_or_path, "revision": None}

@@ -146,6 +146,16 @@ _PROJ_EINSUM = {"q": "bld,dhk->blhk", "k": "bld,dhk->blhk", "v": "bld,dhk->blhk"
                 "gate": "bld,df->blf", "up": "bld,df->blf", "down": "blf,fd->bld"}
 
 
+def lora_dropout_input(x: jax.Array, key: jax.Array, rate: float, name: str) -> jax.Array:
+  """Inverted dropout of an adapter's input: each element of x kept with probability 1 - rate and scaled by
+  1 / (1 - rate), else 0. The mask is jax.random.bernoulli(fold_in(key, i), 1 - rate, x.shape) with i the
+  kernel's index in LORA_KERNELS, so each projection of a layer draws its own mask (PEFT: one Dropout each)."""
+  if not rate:
+    return x
+  keep = jax.random.bernoulli(jax.random.fold_in(key, list(LORA_KERNELS).index(name)), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
 class Block(nnx.Module):
   """Pre-norm decoder block: x + o(attn(norm(x))), then x + down(silu(gate(h)) * up(h)), h = norm(x).
 
@@ -175,6 +185,7 @@ class Block(nnx.Module):
     # MultimodalPolicy.init_params from its own key, so the base's initial values do not depend on LoRA.
     self.lora = lora_targets(cfg)
     self.lora_scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+    self.lora_dropout = float(cfg.lora_dropout)
     axes = {"q": ("embed", "q_heads", "head_dim"), "k": ("embed", "kv_heads", "head_dim"),
             "v": ("embed", "kv_heads", "head_dim"), "o": ("q_heads", "head_dim", "embed"),
             "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
@@ -189,24 +200,28 @@ class Block(nnx.Module):
   def _w(self, param: nnx.Param) -> jax.Array:
     return param[...].astype(self.cdt)
 
-  def _proj(self, name: str, x: jax.Array) -> jax.Array:
-    """x @ <name>_kernel over the kernel's input axes, plus the adapter's (alpha / r) (x A) B when it has one."""
+  def _proj(self, name: str, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """x @ <name>_kernel over the kernel's input axes, plus the adapter's (alpha / r) (x A) B when it has one.
+
+    With a `dropout_key` and lora_dropout > 0 the adapter sees lora_dropout_input(x, key, p, name) instead of x
+    (the base path never does)."""
     n_in = LORA_KERNELS[name]
     y = jnp.einsum(_PROJ_EINSUM[name], x, self._w(getattr(self, f"{name}_kernel")))
     if name in self.lora:
-      xa = jnp.tensordot(x, self._w(getattr(self, f"{name}_lora_a")), axes=n_in)
+      xd = x if dropout_key is None else lora_dropout_input(x, dropout_key, self.lora_dropout, name)
+      xa = jnp.tensordot(xd, self._w(getattr(self, f"{name}_lora_a")), axes=n_in)
       y = y + self.lora_scale * jnp.tensordot(xa, self._w(getattr(self, f"{name}_lora_b")), axes=1)
     return y
 
-  def qkv(self, x_BxLxD, cos_BxLxDh, sin_BxLxDh):
+  def qkv(self, x_BxLxD, cos_BxLxDh, sin_BxLxDh, dropout_key=None):
     h = self.input_norm(x_BxLxD)
-    q, k, v = self._proj("q", h), self._proj("k", h), self._proj("v", h)
+    q, k, v = (self._proj(n, h, dropout_key) for n in ("q", "k", "v"))
     if self.qkv_bias:
       q, k, v = q + self._w(self.q_bias), k + self._w(self.k_bias), v + self._w(self.v_bias)
     return apply_rope(q, cos_BxLxDh, sin_BxLxDh), apply_rope(k, cos_BxLxDh, sin_BxLxDh), v
 
-  def finish(self, x_BxLxD, attn_BxLxHxDh):
-    x = x_BxLxD + self._proj("o", attn_BxLxHxDh)
+  def finish(self, x_BxLxD, attn_BxLxHxDh, dropout_key=None):
+    x = x_BxLxD + self._proj("o", attn_BxLxHxDh, dropout_key)
     h = self.post_norm(x)
-    gate = jax.nn.silu(self._proj("gate", h))
-    return x + self._proj("down", gate * self._proj("up", h))
+    gate = jax.nn.silu(self._proj("gate", h, dropout_key))
+    return x + self._proj("down", gate * self._proj("up", h, dropout_key), dropout_key)

@@ -98,7 +98,7 @@ def merged(params, cfg: ModelConfig) -> tuple[Any, ModelConfig]:
   (lora_rank 0), so it exports, loads and runs like any base policy."""
   from merr1_jax.models import mllm  # noqa: PLC0415 - mllm builds Blocks, which import this package's config
 
-  base_cfg = cfg.replace(lora_rank=0)
+  base_cfg = cfg.replace(lora_rank=0, lora_dropout=0.0)
   flat = _flat(params)
   out = {}
   for name, x in flat.items():
@@ -119,7 +119,7 @@ def base_only(params, cfg: ModelConfig) -> tuple[Any, ModelConfig]:
   """(the parameters without their adapters, the base's ModelConfig): the base model, as it was loaded."""
   from merr1_jax.models import mllm  # noqa: PLC0415
 
-  base_cfg = cfg.replace(lora_rank=0)
+  base_cfg = cfg.replace(lora_rank=0, lora_dropout=0.0)
   flat = _flat(params)
   abstract = mllm.MultimodalPolicy(base_cfg).abstract_params()
   return jax.tree_util.tree_map_with_path(lambda p, _: flat[base.path_str(p)], abstract), base_cfg

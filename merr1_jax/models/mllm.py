@@ -144,14 +144,15 @@ class MultimodalPolicy:
       x = merge_placeholders(x, inputs.tokens, tok_id, m.project(name, feats), getattr(inputs, f"{name}_mask"))
     return base.Embedded(x=x, positions=inputs.positions, mask=inputs.mask.astype(bool))
 
-  def hidden(self, params, x: base.Embedded, cache: base.KVCache | None = None):
-    return self._module(params).decoder.hidden(x.x, x.positions, x.mask, cache)
+  def hidden(self, params, x: base.Embedded, cache: base.KVCache | None = None,
+             dropout_key: jax.Array | None = None):
+    return self._module(params).decoder.hidden(x.x, x.positions, x.mask, cache, dropout_key)
 
-  def hidden_grouped(self, params, prefix: base.Embedded, suffixes):
+  def hidden_grouped(self, params, prefix: base.Embedded, suffixes, dropout_key: jax.Array | None = None):
     """Prefix grouping (base.PolicyModel, optional): qwen2.Decoder.hidden_grouped on embedded inputs; each suffix
     is an Embedded of [P, G, T, D] (text: its tokens embedded, no features)."""
     return self._module(params).decoder.hidden_grouped(prefix.x, prefix.positions, prefix.mask,
-                                                       [(s.x, s.positions, s.mask) for s in suffixes])
+                                                       [(s.x, s.positions, s.mask) for s in suffixes], dropout_key)
 
   def unembed_weight(self, params) -> jax.Array:
     return self._module(params).decoder.unembed_weight()

@@ -58,8 +58,10 @@ class Decoder(nnx.Module):
     return self.lm_head[...]
 
   def hidden(self, x_BxLxD: jax.Array, positions: jax.Array, mask_BxL: jax.Array,
-             cache: base.KVCache | None = None) -> tuple[jax.Array, base.KVCache | None]:
-    """Final-normed hidden states and the updated cache (None in, None out)."""
+             cache: base.KVCache | None = None, dropout_key: jax.Array | None = None
+             ) -> tuple[jax.Array, base.KVCache | None]:
+    """Final-normed hidden states and the updated cache (None in, None out). A `dropout_key` turns on the LoRA
+    adapters' input dropout (cfg.lora_dropout), layer i drawing from fold_in(dropout_key, i)."""
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     x = x_BxLxD.astype(cfg.jnp_compute_dtype)
@@ -81,7 +83,8 @@ class Decoder(nnx.Module):
 
     def layer(i, layer_params, x, k_all, v_all):
       blk = nnx.merge(graphdef, layer_params)
-      q, k, v = blk.qkv(x, cos, sin)
+      key = _layer_key(dropout_key, i)
+      q, k, v = blk.qkv(x, cos, sin, key)
       if k_all is None:
         keys, vals = k, v
       else:
@@ -90,7 +93,7 @@ class Decoder(nnx.Module):
         v_all = jax.lax.dynamic_update_slice(v_all, v[:, None].astype(v_all.dtype), (0, i, idx, 0, 0))
         keys = jax.lax.dynamic_index_in_dim(k_all, i, axis=1, keepdims=False).astype(q.dtype)
         vals = jax.lax.dynamic_index_in_dim(v_all, i, axis=1, keepdims=False).astype(q.dtype)
-      return blk.finish(x, attend(q, keys, vals, attn_mask)), k_all, v_all
+      return blk.finish(x, attend(q, keys, vals, attn_mask), key), k_all, v_all
 
     k_all = None if cache is None else cache.k
     v_all = None if cache is None else cache.v
@@ -119,14 +122,17 @@ class Decoder(nnx.Module):
     return carry
 
   def hidden_grouped(self, x_PxLxD: jax.Array, positions: jax.Array, mask_PxL: jax.Array,
-                     suffixes: Sequence[tuple[jax.Array, jax.Array, jax.Array]]
-                     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+                     suffixes: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
+                     dropout_key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Final-normed hidden states of P prefixes and of each segment of G suffixes per prefix (prefix grouping).
 
     `suffixes` holds (x_PxGxTxD, positions [P, G, T] or [P, G, T, 3], mask_PxGxT) per segment (e.g. one per
     thinking mode, each with its own G and T). Every suffix token attends to its prefix's valid tokens and
     causally to its own suffix's valid tokens (layers.attend_grouped): the prefix is computed once per group, and
     the hidden states equal those of `hidden` on each prefix + suffix sequence (up to the order of float sums).
+    With a `dropout_key` (LoRA input dropout) layer i's prefix draws from fold_in(fold_in(key, i), 0) and segment
+    j's suffixes from fold_in(fold_in(key, i), 1 + j): one prefix mask per group, which the G ungrouped rows would
+    each have drawn anew (the same in expectation, not bit for bit).
     """
     cfg = self.cfg
     dt = cfg.jnp_compute_dtype
@@ -144,19 +150,25 @@ class Decoder(nnx.Module):
     graphdef, layer_state = nnx.split(self.layers)
 
     def layer(i, layer_params, x_p, xs):
-      del i
       blk = nnx.merge(graphdef, layer_params)
-      q, k, v = blk.qkv(x_p, cos_p, sin_p)
+      key = _layer_key(dropout_key, i)
+      pk = _layer_key(key, 0)
+      q, k, v = blk.qkv(x_p, cos_p, sin_p, pk)
       out = []
-      for x_s, (g, t, cos, sin, self_mask) in zip(xs, segs):
-        qs, ks, vs = blk.qkv(x_s.reshape(p * g, t, d), cos, sin)
+      for j, (x_s, (g, t, cos, sin, self_mask)) in enumerate(zip(xs, segs)):
+        sk = _layer_key(key, 1 + j)
+        qs, ks, vs = blk.qkv(x_s.reshape(p * g, t, d), cos, sin, sk)
         split = lambda a: a.reshape(p, g, t, *a.shape[2:])  # noqa: E731
         o = attend_grouped(split(qs), k, v, mask_PxL, split(ks), split(vs), self_mask)
-        out.append(blk.finish(x_s.reshape(p * g, t, d), o.reshape(p * g, t, *o.shape[3:])).reshape(p, g, t, d))
-      return blk.finish(x_p, attend(q, k, v, pref_mask)), tuple(out)
+        out.append(blk.finish(x_s.reshape(p * g, t, d), o.reshape(p * g, t, *o.shape[3:]), sk).reshape(p, g, t, d))
+      return blk.finish(x_p, attend(q, k, v, pref_mask), pk), tuple(out)
 
     x_p, xs = self._run_layers(layer, layer_state, (x_PxLxD.astype(dt), tuple(x.astype(dt) for x, _, _ in suffixes)))
     return self.final_norm(x_p), tuple(self.final_norm(x) for x in xs)
+
+
+def _layer_key(key: jax.Array | None, i) -> jax.Array | None:
+  return None if key is None else jax.random.fold_in(key, i)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any | None = None) -> base.KVCache:
