@@ -438,7 +438,9 @@ def test_memory_plan_with_lora_on_one_gpu(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- trainer
-_LORA_RUN = ("--config.model.lora_rank=4", "--config.stages=('rl',)", "--config.rl.steps=2")
+# With dropout, so that resuming is shown to draw the same masks.
+_LORA_RUN = ("--config.model.lora_rank=4", "--config.model.lora_dropout=0.1", "--config.stages=('rl',)",
+             "--config.rl.steps=2")
 
 
 @pytest.fixture(scope="module")
@@ -481,8 +483,8 @@ def test_lora_resume_after_sigkill_is_bit_identical(lora_reference, tmp_path):
 def test_a_lora_checkpoint_refuses_another_rank_or_base(lora_reference, tmp_path):
   w = tmp_path / "w"
   shutil.copytree(lora_reference, w)
-  rc, out, _ = _train(w, tmp_path, "--config.model.lora_rank=8", "--config.stages=('rl',)",
-                      "--config.rl.steps=2")
+  rc, out, _ = _train(w, tmp_path, "--config.model.lora_rank=8", "--config.model.lora_dropout=0.1",
+                      "--config.stages=('rl',)", "--config.rl.steps=2")
   assert rc == 2 and re.search(r"model\.lora_rank: stored 4, now 8", out), out[-2000:]
   rc, out, _ = _train(w, tmp_path, *_LORA_RUN, "--config.seed=1", "--config.resume=force")
   assert rc == 2, out[-3000:]
@@ -497,7 +499,7 @@ def test_the_evaluate_cli_loads_a_lora_checkpoint_onto_its_rebuilt_base(lora_ref
   from merr1_jax import policy_io  # noqa: PLC0415
 
   c = cfglib.load(SMOKE)
-  c.model.lora_rank, c.stages, c.rl.steps = 4, ("rl",), 2
+  c.model.lora_rank, c.model.lora_dropout, c.stages, c.rl.steps = 4, 0.1, ("rl",), 2
   model, params, _ = policy_io.load_policy(c, lora_reference, None)
   merged, base_cfg = lora.merged(params, model.config)
   exported, report = hf_io.load_hf(str(lora_reference / "export"), mllm.MultimodalPolicy(base_cfg),
