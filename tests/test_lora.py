@@ -146,10 +146,15 @@ def test_dropout_in_the_train_steps_is_seeded_and_keeps_the_first_ratio_at_one()
   p = _with_random_b(m.init_params(jax.random.key(0)))
   freeze = (lora.freeze_rule(""),)
 
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), p, freeze=freeze)
+  steps = {}  # one compiled step per setting, reused for the repeat
+
   def run(seed, **kw):
-    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), p, freeze=freeze)
+    key = (seed, tuple(kw.items()))
+    if key not in steps:
+      steps[key] = ts.make_rl_step(m, tx, _step_cfg(dropout_seed=seed, **kw))
     state = ts.init_state(jax.tree.map(jnp.copy, p), tx, with_reference=True, freeze=freeze)
-    new, metrics = ts.make_rl_step(m, tx, _step_cfg(dropout_seed=seed, **kw))(state, _batch(seed=0))
+    new, metrics = steps[key](state, _batch(seed=0))
     return _flat(new.params), metrics
 
   a, ma = run(3)
@@ -169,10 +174,11 @@ def test_dropout_in_the_train_steps_is_seeded_and_keeps_the_first_ratio_at_one()
   b0 = _batch(seed=0)
   sft = ts.SFTBatch(inputs=b0.inputs, loss_mask=b0.completion_mask)
 
+  sft_steps = {seed: ts.make_sft_step(m, tx, _step_cfg(beta=0.0, dropout_seed=seed)) for seed in (3, None)}
+
   def run_sft(seed):
-    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), p, freeze=freeze)
     state = ts.init_state(jax.tree.map(jnp.copy, p), tx, with_reference=False, freeze=freeze)
-    return _flat(ts.make_sft_step(m, tx, _step_cfg(beta=0.0, dropout_seed=seed))(state, sft)[0].params)
+    return _flat(sft_steps[seed](state, sft)[0].params)
 
   s3, s3b, s_off = run_sft(3), run_sft(3), run_sft(None)
   assert all(np.array_equal(s3[n], s3b[n]) for n in s3)
@@ -190,10 +196,12 @@ def test_dropout_in_the_prefix_grouped_step():
   p = _with_random_b(m.init_params(jax.random.key(0)))
   freeze = (lora.freeze_rule(""),)
 
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), p, freeze=freeze)
+  steps = {seed: ts.make_rl_step(m, tx, _step_cfg(dropout_seed=seed)) for seed in (3, None)}
+
   def run(seed):
-    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), p, freeze=freeze)
     state = ts.init_state(jax.tree.map(jnp.copy, p), tx, with_reference=True, freeze=freeze)
-    new, metrics = ts.make_rl_step(m, tx, _step_cfg(dropout_seed=seed))(state, group)
+    new, metrics = steps[seed](state, group)
     return _flat(new.params), metrics
 
   (a, ma), (b, _), (off, _) = run(3), run(3), run(None)
