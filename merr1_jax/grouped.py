@@ -87,9 +87,9 @@ def _embed_suffix(model, params, seg: Segment) -> base.Embedded:
 def grouped_hidden(model, params, prompt: base.ModelInputs, segments: Sequence[Segment], dropout_key=None):
   """(h_prompt [P, L, D], per segment h [P, G, T, D], per segment h_pred [P, G, T, D]): h[..., t, :] is the state
   after suffix token t, h_pred[..., t, :] the one that predicts it (the prompt's last column for t = 0)."""
-  kw = {} if dropout_key is None else {"dropout_key": dropout_key}  # only models that train with dropout take it
   h_p, h_s = model.hidden_grouped(params, model.embed(params, prompt), [_embed_suffix(model, params, s)
-                                                                        for s in segments], **kw)
+                                                                        for s in segments],
+                                  **base.dropout_kwargs(dropout_key))
   preds = []
   for seg, h in zip(segments, h_s):
     p, g = seg.tokens.shape[:2]

@@ -192,8 +192,7 @@ def _micro_split(tree: Any, m: int) -> Any:
 def _shifted_logp(model, params, inputs: base.ModelInputs, chunk: int, with_entropy: bool, start: int = 0,
                   dropout_key: Array | None = None):
   """log p(token_{t+1} | tokens_<=t) for t = start .. L-2 (and the entropy), float32 [B, L-1-start]."""
-  kw = {} if dropout_key is None else {"dropout_key": dropout_key}  # only models that train with dropout take it
-  h, _ = model.hidden(params, model.embed(params, inputs), **kw)
+  h, _ = model.hidden(params, model.embed(params, inputs), **base.dropout_kwargs(dropout_key))
   return rl.token_logprobs(h[:, start:-1], model.unembed_weight(params), inputs.tokens[:, start + 1:],
                            chunk_size=chunk, with_entropy=with_entropy)
 
@@ -225,19 +224,18 @@ def _accumulate(loss_fn: Callable, trainable: Any, frozen: Any, batch: Any, m: i
   ``rl.loss.combine_stats`` (sums add, ``*_max`` / ``*_min`` take the max / min).
   """
   grad_fn = jax.value_and_grad(lambda t, f, mb, k: loss_fn(optim.merge(t, f), mb, k), has_aux=True)
-  micro_key = lambda i: None if key is None else jax.random.fold_in(key, i)  # noqa: E731
   if m == 1:
-    (loss, stats), grads = grad_fn(trainable, frozen, batch, micro_key(0))
+    (loss, stats), grads = grad_fn(trainable, frozen, batch, base.fold_key(key, 0))
     return loss, grads, stats
   micro = _micro_split(batch, m)
   first = jax.tree.map(lambda x: x[0], micro)
-  (_, stats0), _ = jax.eval_shape(grad_fn, trainable, frozen, first, micro_key(0))
+  (_, stats0), _ = jax.eval_shape(grad_fn, trainable, frozen, first, base.fold_key(key, 0))
   g0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
 
   def body(carry, xs):
     mb, i = xs
     loss_acc, g_acc, s_acc = carry
-    (loss, stats), grads = grad_fn(trainable, frozen, mb, micro_key(i))
+    (loss, stats), grads = grad_fn(trainable, frozen, mb, base.fold_key(key, i))
     g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
     return (loss_acc + loss, g_acc, rl_loss.combine_stats(s_acc, stats)), None
 
@@ -249,9 +247,7 @@ def _accumulate(loss_fn: Callable, trainable: Any, frozen: Any, batch: Any, m: i
 
 def _dropout_key(cfg: StepConfig, step: Array) -> Array | None:
   """The step's dropout key (StepConfig.dropout_seed), or None when dropout is off."""
-  if cfg.dropout_seed is None:
-    return None
-  return jax.random.fold_in(jax.random.key(cfg.dropout_seed), step)
+  return None if cfg.dropout_seed is None else jax.random.fold_in(jax.random.key(cfg.dropout_seed), step)
 
 
 def _jit(step_fn, state_shardings, batch_shardings):
@@ -358,9 +354,8 @@ def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformatio
     beta = rl.beta_at(state.step, cfg.beta, decay_steps=cfg.beta_decay_steps, final_beta=cfg.beta_final)
     extra = {"beta": beta, **rl.advantage_stats(batch.advantages)}
     key = _dropout_key(cfg, state.step)
-    update_key = lambda u: None if key is None else jax.random.fold_in(key, u)  # noqa: E731
     if updates == 1:
-      state, m = one_update(state, batch, beta, update_key(0))
+      state, m = one_update(state, batch, beta, base.fold_key(key, 0))
       return state, {**{k: m[k] for k in _UPDATE_KEYS}, **rl.finalize_stats(_loss_stats(m)), **extra}
     if isinstance(batch, grouped.GroupedRLBatch):
       with_old, gap = grouped.old_logprobs(model, cfg, state.params, batch)
@@ -372,7 +367,7 @@ def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformatio
 
     def body(state, i):
       mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i % cfg.mini_batches, keepdims=False), parts)
-      return one_update(state, mb, beta, update_key(i))
+      return one_update(state, mb, beta, base.fold_key(key, i))
 
     state, ms = jax.lax.scan(body, state, jnp.arange(updates))
     stats = functools.reduce(rl_loss.combine_stats, [jax.tree.map(lambda x, j=j: x[j], _loss_stats(ms))
@@ -406,8 +401,7 @@ def make_sft_step(model: base.PolicyModel, optimizer: optax.GradientTransformati
   def step(state: TrainState, batch: SFTBatch):
     num_tokens = batch.loss_mask[:, 1:].astype(jnp.float32).sum()
     trainable, frozen = optim.split_trainable(state.params, state.freeze)
-    key = _dropout_key(cfg, state.step)
-    key = None if key is None else jax.random.fold_in(key, 0)  # update 0: the same key layout as the RL step
+    key = base.fold_key(_dropout_key(cfg, state.step), 0)  # update 0: the same key layout as the RL step
     loss, grads, stats = _accumulate(lambda p, mb, k: loss_fn(p, mb, num_tokens, k), trainable, frozen, batch,
                                      cfg.micro_batches, key)
     return _apply(optimizer, state, trainable, frozen, loss, grads, {"tokens": stats["tokens"]})

@@ -143,6 +143,17 @@ class PolicyModel(Protocol):
     ...
 
 
+def fold_key(key: jax.Array | None, i: Any) -> jax.Array | None:
+  """fold_in(key, i), or None for no key: the dropout keys (layer, update, micro-batch) derive this way."""
+  return None if key is None else jax.random.fold_in(key, i)
+
+
+def dropout_kwargs(key: jax.Array | None) -> dict[str, jax.Array]:
+  """The optional `dropout_key=` of PolicyModel.hidden / hidden_grouped, passed only when there is a key, so a
+  model without the keyword runs every dropout-free pass."""
+  return {} if key is None else {"dropout_key": key}
+
+
 def logits_from_hidden(h_BxLxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
   """The unembedding every adapter uses: float32 accumulation and output (log-probs need the range)."""
   return jnp.einsum("bld,dv->blv", h_BxLxD, w_DxV.astype(h_BxLxD.dtype),

@@ -83,7 +83,7 @@ class Decoder(nnx.Module):
 
     def layer(i, layer_params, x, k_all, v_all):
       blk = nnx.merge(graphdef, layer_params)
-      key = _layer_key(dropout_key, i)
+      key = base.fold_key(dropout_key, i)
       q, k, v = blk.qkv(x, cos, sin, key)
       if k_all is None:
         keys, vals = k, v
@@ -151,12 +151,12 @@ class Decoder(nnx.Module):
 
     def layer(i, layer_params, x_p, xs):
       blk = nnx.merge(graphdef, layer_params)
-      key = _layer_key(dropout_key, i)
-      pk = _layer_key(key, 0)
+      key = base.fold_key(dropout_key, i)
+      pk = base.fold_key(key, 0)
       q, k, v = blk.qkv(x_p, cos_p, sin_p, pk)
       out = []
       for j, (x_s, (g, t, cos, sin, self_mask)) in enumerate(zip(xs, segs)):
-        sk = _layer_key(key, 1 + j)
+        sk = base.fold_key(key, 1 + j)
         qs, ks, vs = blk.qkv(x_s.reshape(p * g, t, d), cos, sin, sk)
         split = lambda a: a.reshape(p, g, t, *a.shape[2:])  # noqa: E731
         o = attend_grouped(split(qs), k, v, mask_PxL, split(ks), split(vs), self_mask)
@@ -165,10 +165,6 @@ class Decoder(nnx.Module):
 
     x_p, xs = self._run_layers(layer, layer_state, (x_PxLxD.astype(dt), tuple(x.astype(dt) for x, _, _ in suffixes)))
     return self.final_norm(x_p), tuple(self.final_norm(x) for x in xs)
-
-
-def _layer_key(key: jax.Array | None, i) -> jax.Array | None:
-  return None if key is None else jax.random.fold_in(key, i)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any | None = None) -> base.KVCache:
