@@ -154,6 +154,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.synth_validation = 64  # read only with data.eval_split='validation' (for tuning off the test split)
   c.data.synth_test = 128  # the held-out split behind the results table
   c.data.synth_noise = 1.0  # MER-Synth difficulty (docs/data.md)
+  c.data.synth_version = 1  # 1: the original world; 2: corroboration, where the reasoning integrates (docs/data.md)
   c.data.on_bad_record = "raise"  # 'raise' | 'skip' (counted and reported)
   c.data.worker_count = 0  # Grain multiprocess prefetch workers; 0 = in-process (enough for small records)
   c.data.eval_split = "test"  # 'train' | 'validation' | 'test': the split behind results.md

@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 
 from merr1_jax import memory, rl
+from merr1_jax.data import synth
 from merr1_jax.models import presets
 from merr1_jax.models.config import ModelConfig
 
@@ -201,7 +202,8 @@ _FIELD_RULES: dict[str, Rule] = {
     # data
     "data.name": _one_of("mer_synth", "mer_features"), "data.data_dir": _str, "data.records_dir": _str,
     "data.tokenizer_dir": _dir_or_empty, "data.synth_train": _int(1), "data.synth_validation": _int(1),
-    "data.synth_test": _int(1), "data.synth_noise": _real(0.0), "data.on_bad_record": _one_of("raise", "skip"),
+    "data.synth_test": _int(1), "data.synth_noise": _real(0.0),
+    "data.synth_version": _one_of(*synth.VERSIONS), "data.on_bad_record": _one_of("raise", "skip"),
     "data.worker_count": _int(0), "data.eval_split": _one_of("train", "validation", "test"),
     "data.prompt_buckets": _buckets, "data.label_space": _one_of("wheels", "identity"),
     "data.wheel_level": _one_of(1, 2),

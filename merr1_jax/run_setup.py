@@ -263,6 +263,8 @@ def _builder(config, data_dir: str):
     # TFDS reuses prepared data by config name: name it after the generator settings.
     name = "s{}_n{}_{}_{}_noise{}".format(synth_cfg.seed, synth_cfg.n_train, synth_cfg.n_validation,
                                          synth_cfg.n_test, str(synth_cfg.noise).replace(".", "p"))
+    if synth_cfg.version != 1:  # version 1 keeps its earlier name, so data prepared before versions still loads
+      name += f"_v{synth_cfg.version}"
     return tfds_builders.MerSynth(config=tfds_builders.MerSynthConfig(name=name, synth=synth_cfg),
                                   data_dir=data_dir)
   return tfds_builders.MerFeatures(records_dir=config.data.records_dir, data_dir=data_dir)

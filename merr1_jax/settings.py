@@ -104,7 +104,7 @@ def synth_config(config: Config) -> synthlib.SynthConfig:
   """The MER-Synth generator of the run (the same records and tokenizer corpus for trainer and CLI)."""
   d = config.data
   return synthlib.SynthConfig(n_train=d.synth_train, n_validation=d.synth_validation, n_test=d.synth_test,
-                              noise=d.synth_noise)
+                              noise=d.synth_noise, version=d.synth_version)
 
 
 def pipeline_config(config: Config, kind: str, mc: ModelConfig, *, shard_index: int, shard_count: int,

@@ -21,6 +21,14 @@ distractors for real):
         higher recall, extra wrong words.
 Both are imperfect on purpose, so RL has room to improve the slow mode.
 
+Version 2 (`SynthConfig(version=2)`, docs/data.md "Version 2: corroboration") changes the world so that the slow
+mode's reasoning carries an integration step the fast answer lacks: every true emotion shows in at least two
+modalities, and strong, uncorroborated distractors (as strong as a true cue) show in one. The rule "an emotion is
+true when two modalities show it" is then the whole answer given the per-modality readings that the slow demo's
+reasoning writes out; sarcasm becomes a case of it (the surface emotion of "Oh great, ..." shows only in the words).
+The v2 slow demo applies the rule to its reading; the v2 fast demo is the union of the readings (every
+distractor too). Version 1 (the default) is unchanged, byte for byte.
+
 Everything is a pure function of (config, split, index): clip i of a split is generated from its own
 SeedSequence, so generation is random-access, order-free and byte-for-byte reproducible.
 
@@ -102,6 +110,7 @@ class SynthConfig:
   slow_keep_single: float = 0.35  # slow annotator: keep an emotion read in only one modality
   fast_keep_true: float = 0.95  # fast annotator: keep each true emotion read anywhere
   fast_extra: float = 0.6  # fast annotator: add a distractor/neighbour word
+  version: int = 1  # 1: the original world; 2: corroboration (true = shown in >= 2 modalities), see above
 
   def n(self, split: str) -> int:
     return {"train": self.n_train, "validation": self.n_validation, "test": self.n_test}[_check_split(split)]
@@ -114,6 +123,11 @@ class ClipPlan:
   cues: dict  # modality -> tuple of true emotions shown there
   distractors: dict  # modality -> tuple of wrong emotions shown weakly (words: the sarcastic surface emotion)
   sarcastic: str | None  # the true emotion the subtitle carries sarcastically, if any
+
+
+VERSIONS = (1, 2)
+V2_DISTRACTOR = 0.5  # v2: chance (x noise) that face / voice show an uncorroborated distractor
+V2_WORDS_DISTRACTOR = 0.3  # v2: chance (x noise) that a subtitle with no true emotion shows a wrong one's phrase
 
 
 def _check_split(split: str) -> str:
@@ -145,9 +159,12 @@ def _canonical(words) -> tuple[str, ...]:
   return tuple(e for e in EMOTIONS if e in present)
 
 
-def plan_clip(config: SynthConfig, split: str, index: int) -> ClipPlan:
-  """Draws the latent truth of clip `index` of `split`."""
-  rng = _rng(config, SPLITS.index(_check_split(split)), index, 0)
+def _check_version(config: SynthConfig) -> None:
+  if config.version not in VERSIONS:
+    raise ValueError(f"SynthConfig.version={config.version!r}; expected one of {VERSIONS}")
+
+
+def _draw_emotions(rng) -> tuple[str, ...]:
   k = int(rng.choice([1, 2, 3], p=[0.45, 0.4, 0.15]))
   prior = np.array([PRIOR[e] for e in EMOTIONS])
   first = int(rng.choice(len(EMOTIONS), p=prior / prior.sum()))
@@ -158,7 +175,16 @@ def plan_clip(config: SynthConfig, split: str, index: int) -> ClipPlan:
     w = prior * np.where(same, 4.0, 1.0)
     w[chosen] = 0.0
     chosen.append(int(rng.choice(len(EMOTIONS), p=w / w.sum())))
-  emotions = _canonical(EMOTIONS[i] for i in chosen)
+  return _canonical(EMOTIONS[i] for i in chosen)
+
+
+def plan_clip(config: SynthConfig, split: str, index: int) -> ClipPlan:
+  """Draws the latent truth of clip `index` of `split`."""
+  _check_version(config)
+  rng = _rng(config, SPLITS.index(_check_split(split)), index, 0)
+  emotions = _draw_emotions(rng)
+  if config.version == 2:
+    return _plan_v2(rng, config, emotions)
   cues = {m: [] for m in MODALITIES}
   for e in emotions:
     shown = rng.random(len(MODALITIES)) < config.p_modality
@@ -190,13 +216,60 @@ def plan_clip(config: SynthConfig, split: str, index: int) -> ClipPlan:
                   distractors=distractors, sarcastic=sarcastic)
 
 
+def _plan_v2(rng, config: SynthConfig, emotions: tuple[str, ...]) -> ClipPlan:
+  """Version 2: each true emotion in >= 2 modalities, each distractor in exactly one (and different per modality)."""
+  cues = {m: [] for m in MODALITIES}
+  for e in emotions:
+    shown = rng.random(len(MODALITIES)) < config.p_modality
+    while shown.sum() < 2:
+      shown[int(rng.choice(np.flatnonzero(~shown)))] = True
+    for m, s in zip(MODALITIES, shown):
+      if s:
+        cues[m].append(e)
+  # One emotional subtitle line at most: the words keep one true emotion; the others show in face and voice.
+  if len(cues["words"]) > 1:
+    keep = cues["words"][int(rng.integers(len(cues["words"])))]
+    cues["words"] = [keep]
+  for e in emotions:
+    if e not in cues["words"]:
+      for m in ("face", "voice"):
+        if e not in cues[m]:
+          cues[m].append(e)
+  wrong = [e for e in EMOTIONS if e not in emotions]
+  distractors = {m: () for m in MODALITIES}
+  for m in ("face", "voice"):
+    if rng.random() < min(1.0, V2_DISTRACTOR * config.noise):
+      free = [e for e in wrong if e not in distractors["face"]]
+      distractors[m] = (free[int(rng.integers(len(free)))],)
+  taken = set(distractors["face"]) | set(distractors["voice"])
+  sarcastic = None
+  sources = [e for e in SARCASM_SOURCES if e not in emotions and e not in taken]
+  if cues["words"] and cues["words"][0] in SARCASM_TARGETS and sources and rng.random() < config.p_sarcasm:
+    # The line says a positive surface emotion; the true one is then read from face and voice only.
+    sarcastic = cues["words"][0]
+    cues["words"] = []
+    for m in ("face", "voice"):
+      if sarcastic not in cues[m]:
+        cues[m].append(sarcastic)
+    distractors["words"] = (sources[int(rng.integers(len(sources)))],)
+  elif not cues["words"] and rng.random() < min(1.0, V2_WORDS_DISTRACTOR * config.noise):
+    free = [e for e in wrong if e not in taken]
+    distractors["words"] = (free[int(rng.integers(len(free)))],)
+  return ClipPlan(emotions=emotions, cues={m: _canonical(v) for m, v in cues.items()},
+                  distractors=distractors, sarcastic=sarcastic)
+
+
 def _features(rng, plan: ClipPlan, modality: str, protos: np.ndarray, config: SynthConfig) -> np.ndarray:
-  """[T, D] float16: windows of each cued prototype + weak distractor + clip offset + row noise."""
+  """[T, D] float16: windows of each cued prototype + distractor + clip offset + row noise.
+
+  Version 1's distractors are weak (amplitude 0.25-0.45 against 0.8-1.3); version 2's are as strong as a true cue.
+  """
   t = int(rng.integers(config.min_rows, config.max_rows + 1))
   d = protos.shape[1]
+  lo, hi = (0.25, 0.45) if config.version == 1 else (0.8, 1.3)
   x = 0.3 * config.noise * rng.standard_normal(d)[None, :] + 0.5 * config.noise * rng.standard_normal((t, d))
   for e, amp_lo, amp_hi in ([(e, 0.8, 1.3) for e in plan.cues[modality]]
-                            + [(e, 0.25, 0.45) for e in plan.distractors[modality]]):
+                            + [(e, lo, hi) for e in plan.distractors[modality]]):
     length = int(rng.integers((t + 1) // 2, t + 1))  # an expression lasts at least half the clip
     start = int(rng.integers(0, t - length + 1))
     x[start:start + length] += rng.uniform(amp_lo, amp_hi) * protos[EMOTIONS.index(e)]
@@ -210,6 +283,8 @@ def _subtitle(rng, plan: ClipPlan) -> str:
     return f"{SARCASM_PREFIX} {phrase[0].lower()}{phrase[1:]}"
   if plan.cues["words"]:
     return PHRASES[plan.cues["words"][0]][int(rng.integers(3))]
+  if plan.distractors["words"]:  # version 2 only: a wrong emotion's line, uncorroborated
+    return PHRASES[plan.distractors["words"][0]][int(rng.integers(3))]
   return FILLERS[int(rng.integers(len(FILLERS)))]
 
 
@@ -241,6 +316,22 @@ def _annotate(rng, plan: ClipPlan, config: SynthConfig) -> tuple[dict, tuple[str
   return reading, _canonical(slow) or (plan.emotions[0],), fast[:4]
 
 
+def _annotate_v2(rng, plan: ClipPlan, config: SynthConfig) -> tuple[dict, tuple[str, ...], tuple[str, ...]]:
+  """Version 2's annotator: reads each modality literally (a distractor is as visible as a true cue; the sarcastic
+  line reads as its surface emotion), missing each cue with probability 0.12 x noise. Slow: the corroboration rule
+  on that reading (never empty: else the single reading of the highest prior). Fast: the union of the readings."""
+  miss = min(0.9, 0.12 * config.noise)
+  reading = {m: _canonical(e for e in (*plan.cues[m], *plan.distractors[m]) if rng.random() >= miss)
+             for m in MODALITIES}
+  votes = {e: sum(e in reading[m] for m in MODALITIES) for e in EMOTIONS}
+  read = [e for e in EMOTIONS if votes[e]]
+  slow = [e for e in read if votes[e] >= 2]
+  if not slow and read:
+    slow = [max(read, key=lambda e: (PRIOR[e], -EMOTIONS.index(e)))]
+  fast = sorted(read, key=lambda e: (-votes[e], EMOTIONS.index(e)))[:4]
+  return reading, _canonical(slow) or (plan.emotions[0],), _canonical(fast) or (plan.emotions[0],)
+
+
 def render_think(reading: dict) -> str:
   """"face angry; voice none; words sad, lonely." (short: about 10-20 tokens)."""
   return "; ".join(f"{m} {', '.join(reading[m]) or 'none'}" for m in MODALITIES) + "."
@@ -256,7 +347,7 @@ def generate_clip(config: SynthConfig, split: str, index: int) -> schema.ClipRec
   video = _features(rng, plan, "face", face_protos, config)
   audio = _features(rng, plan, "voice", voice_protos, config)
   subtitle = _subtitle(rng, plan)
-  reading, slow, fast = _annotate(rng, plan, config)
+  reading, slow, fast = (_annotate if config.version == 1 else _annotate_v2)(rng, plan, config)
   primary = max(plan.emotions, key=lambda e: (PRIOR[e], -EMOTIONS.index(e)))
   return schema.ClipRecord(
       id=f"{DATASET}-{split}-{index:06d}", dataset=DATASET, video=video, audio=audio, subtitle=subtitle,

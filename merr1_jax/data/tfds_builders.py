@@ -101,6 +101,8 @@ class MerSynth(_RecordBuilder):
   def check_config(self) -> None:
     """TFDS reuses a prepared dataset by config name alone; refuse one built from other generator knobs."""
     built = self.info.metadata.get("synth_config")
+    if built is not None and "version" not in built:  # prepared before MER-Synth had versions: version 1
+      built = {**built, "version": 1}
     want = dataclasses.asdict(self.builder_config.synth)
     if self.data_path.exists() and built != want:
       raise ValueError(f"{self.data_path} holds MER-Synth built with {built}, not {want}: use another config "
