@@ -8,7 +8,9 @@ For each seed, one cold-start SFT (`--config.stages=('sft',)`) in OUT/seed<S>/sf
 in: the trainer finds the SFT stage done and restores its final weights), so every row of a seed starts from the
 same weights and reads the same data. A cell is done when its results.json exists; rerunning the same command
 skips done cells and resumes a half-done one from its own checkpoints (the trainer's resume), so a grid stopped at
-any point continues where it was. `--max_cells N` stops after N cells have run (tests, partial runs).
+any point continues where it was. `--max_cells N` stops after N cells have run (tests, partial runs). OUT/grid.json
+records the config file and pass-through flags (e.g. --config.data.synth_version=2, docs/data.md): a later run in
+the same OUT with other flags is refused, since it would reuse SFT checkpoints made under another setting.
 
 Outputs in OUT: ablation.json (every number), ablation.md (the tables below), ablation.png (slow and fast F per
 row, seeds as points), interference.png (the probe's statistics over training, per row), and with --write the
@@ -83,9 +85,25 @@ def _copy_sft(sft: pathlib.Path, cell: pathlib.Path) -> None:
     (cell / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
 
 
+def _check_flags(out: pathlib.Path, config: str, extra) -> None:
+  """A grid directory holds one setting: its config file and pass-through flags, recorded in OUT/grid.json on the
+  first run. Another setting in the same directory would mix cells (one seed's SFT reused under other data), so it
+  is refused; the row and seed lists may differ (a second grid of SFCC variants shares the SFT of its seeds)."""
+  want = {"config": config, "flags": list(extra)}
+  path = out / "grid.json"
+  if path.exists():
+    got = json.loads(path.read_text())
+    if got != want:
+      raise SystemExit(f"{out} holds a grid run with {got}, not {want}: use another --out, or the same flags")
+  else:
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(want, indent=1))
+
+
 def run_grid(rows, seeds, out: pathlib.Path, config: str, extra, *, run: Runner = run_process,
              max_cells: int | None = None) -> list[str]:
   """Runs every cell not done yet (see the module docstring); returns the cells it ran, as 'seed/row'."""
+  _check_flags(out, config, extra)
   cells = [(s, None) for s in seeds] + [(s, r) for s in seeds for r in rows]
   todo = [(s, r) for s, r in cells if not _done(out, s, r)]
   print(f"ablation grid: {len(cells)} cells ({len(seeds)} SFT + {len(seeds)} x {len(rows)} RL), "
@@ -279,6 +297,14 @@ def reasoning_check(out: pathlib.Path, seed: int, config_spec: str, extra) -> di
           "own_minus_other": diff("own", "other")}
 
 
+def dataset_name(config_spec: str, extra) -> str:
+  """"MER-Synth version V, noise N" of the grid's config (docs/data.md), for the report's header."""
+  from merr1_jax import evaluate  # noqa: PLC0415
+
+  d = evaluate.build_config(f"{config_spec}:ablation={ROWS[0]}", list(extra)).data
+  return f"MER-Synth version {d.synth_version}, noise {d.synth_noise}" if d.name == "mer_synth" else d.name
+
+
 def _mean_ci(xs: list[float]) -> dict:
   m, se = statistics.mean(xs), statistics.stdev(xs) / len(xs) ** 0.5
   return {"mean": m, "ci95": [m - 1.96 * se, m + 1.96 * se]}
@@ -296,7 +322,8 @@ def markdown(summary: dict, reasoning: dict, meta: dict) -> str:
   out = [f"{meta.get('section', SECTION)}\n",
          f"Command: `{meta['command']}`. Machine: {meta['machine']}. Date: {meta['date']}. "
          f"Seeds: {', '.join(map(str, meta['seeds']))}. Each RL row starts from its seed's SFT checkpoint.\n",
-         "MER-Synth test split, OV emotion-wheel level 1, x 100; mean ± std (min) over seeds. Reported: the paper's "
+         f"{meta.get('dataset', 'MER-Synth')} test split, OV emotion-wheel level 1, x 100; mean ± std (min) over "
+         "seeds. Reported: the paper's "
          "MER-UniBench mean (a second-hand summary; another dataset and model, so only the ordering compares).\n",
          "| row | reported | slow P | slow R | slow F | fast P | fast R | fast F | slow F gain over SFT |",
          "|---|---|---|---|---|---|---|---|---|"]
@@ -411,7 +438,7 @@ def main(argv=None, *, run: Runner = run_process) -> dict:
   reasoning = {} if args.no_reasoning_check else {s: reasoning_check(out, s, args.config, extra) for s in seeds}
   meta = {"command": shlex.join(["python", "benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])]),
           "machine": report_util.machine(), "date": datetime.date.today().isoformat(), "seeds": seeds,
-          "section": args.section}
+          "section": args.section, "dataset": dataset_name(args.config, extra)}
   md = markdown(summary, reasoning, meta)
   (out / "ablation.json").write_text(json.dumps({"meta": meta, **summary, "reasoning": reasoning}, indent=1))
   (out / "ablation.md").write_text(md)

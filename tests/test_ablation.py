@@ -155,3 +155,21 @@ def test_a_second_grid_writes_its_own_section(tmp_path):
   assert "| rd_ad vs rd | slow |" in text[core:variants] and "sfcc_word" not in text[core:variants]
   assert "| sfcc_word vs mer_r1 | slow |" in text[variants:] and "--seeds 0 " in text[variants:]
   assert "--section '## Ablation: SFCC variants'" in text[variants:]  # the command as a shell reads it
+  assert "MER-Synth version 1, noise 1.0 test split" in text[core:variants]  # the dataset each grid ran on
+
+
+def test_a_grid_directory_refuses_other_flags_and_names_the_dataset_version(tmp_path):
+  fake = FakeTrainer()
+  doc = tmp_path / "b.md"
+  base = ["--presets", "rd", "--seeds", "0", "--no_reasoning_check", "--write", str(doc)]
+  ablation.main([*base, "--out", str(tmp_path / "v1")], run=fake)
+  n = len(fake.commands)
+  with pytest.raises(SystemExit, match="synth_version=2"):  # would reuse version 1's SFT under version 2
+    ablation.main([*base, "--out", str(tmp_path / "v1"), "--config.data.synth_version=2"], run=fake)
+  assert len(fake.commands) == n
+  ablation.main([*base, "--out", str(tmp_path / "v2"), "--config.data.synth_version=2", "--section", "## V2"],
+                run=fake)
+  assert all("--config.data.synth_version=2" in c for c in fake.commands[n:]) and len(fake.commands) == n + 2
+  text = doc.read_text()
+  assert "MER-Synth version 1, noise 1.0 test split" in text[:text.index("## V2")]
+  assert "MER-Synth version 2, noise 1.0 test split" in text[text.index("## V2"):]

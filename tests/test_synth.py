@@ -216,3 +216,108 @@ def test_oracle_scores_one_and_majority_scores_clearly_lower(train):
   # The demos sit in between: informative but imperfect.
   slow = metrics.ov_score(gt, [sorted(_answer_words(r.demo_slow)) for r in train])
   assert majority["f"] < slow["f"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------- version 2: corroboration
+
+CFG2 = dataclasses.replace(CFG, version=2)
+
+
+def _reading(demo_slow: str) -> dict[str, set[str]]:
+  # An independent parse of the slow demo's reasoning: "<think>face a, b; voice none; words c.</think>...".
+  m = re.fullmatch(r"<think>face ([a-z, ]+); voice ([a-z, ]+); words ([a-z, ]+)\.</think>.*", demo_slow)
+  assert m, demo_slow
+  return {mod: set() if g == "none" else {w.strip() for w in g.split(",")} for mod, g in zip(synth.MODALITIES,
+                                                                                            m.groups())}
+
+
+@pytest.fixture(scope="module")
+def train2():
+  return [(synth.plan_clip(CFG2, "train", i), synth.generate_clip(CFG2, "train", i)) for i in range(CFG2.n_train)]
+
+
+def test_v2_true_emotions_are_corroborated_and_distractors_are_not(train2):
+  n_distractors = 0
+  for plan, _ in train2:
+    shows = collections.Counter(e for m in synth.MODALITIES for e in plan.cues[m])
+    assert {e for e, c in shows.items() if c >= 2} == set(plan.emotions)  # true <=> in two or more modalities
+    assert len(plan.cues["words"]) <= 1  # one emotional subtitle line at most
+    wrong = [e for m in synth.MODALITIES for e in plan.distractors[m]]
+    n_distractors += len(wrong)
+    assert len(set(wrong)) == len(wrong) and not set(wrong) & set(plan.emotions)  # each in one modality only
+  assert n_distractors > 0.5 * len(train2)
+
+
+def test_v2_slow_demo_is_the_corroboration_rule_on_its_own_reasoning(train2):
+  for plan, rec in train2:
+    reading = _reading(rec.demo_slow)
+    votes = collections.Counter(e for m in synth.MODALITIES for e in reading[m])
+    rule = {e for e, c in votes.items() if c >= 2}
+    answer = _answer_words(rec.demo_slow)
+    if rule:
+      assert answer == rule, (reading, answer)
+    else:  # nothing corroborated: one single reading, never an empty answer
+      assert len(answer) == 1 and (answer <= set(votes) or answer == {plan.emotions[0]})
+    # The fast demo is the union of the same readings (at most 4 words, the most-read first).
+    union = set(votes)
+    fast = _answer_words(rec.demo_fast)
+    assert fast <= union or not union
+    assert fast == union or len(fast) == 4
+
+
+def test_v2_reading_holds_every_distractor_the_sarcastic_surface_included(train2):
+  n_sarcastic = 0
+  for plan, rec in train2:
+    if plan.sarcastic:
+      n_sarcastic += 1
+      src = plan.distractors["words"][0]
+      assert rec.subtitle.startswith(synth.SARCASM_PREFIX) and src not in rec.openset
+      assert plan.sarcastic in plan.cues["face"] and plan.sarcastic in plan.cues["voice"]  # the truth is read there
+    elif plan.cues["words"]:
+      assert rec.subtitle in synth.PHRASES[plan.cues["words"][0]]
+    elif plan.distractors["words"]:
+      assert rec.subtitle in synth.PHRASES[plan.distractors["words"][0]]
+    else:
+      assert rec.subtitle in synth.FILLERS
+  assert n_sarcastic > 0
+
+
+def test_v2_distractors_are_as_strong_as_true_cues():
+  # The same least-squares read-out as for version 1: here a distractor must not be told apart by its strength.
+  face, _ = synth._prototypes(CFG2)
+  pinv = np.linalg.pinv(face)
+  cue, distractor = [], []
+  for i in range(150):
+    rec, plan = synth.generate_clip(CFG2, "train", i), synth.plan_clip(CFG2, "train", i)
+    coef = np.sort(rec.video.astype(np.float32) @ pinv, axis=0)[-2:].mean(0)
+    for c, e in enumerate(synth.EMOTIONS):
+      (cue if e in plan.cues["face"] else distractor if e in plan.distractors["face"] else []).append(coef[c])
+  assert len(distractor) > 30 and abs(np.mean(cue) - np.mean(distractor)) < 0.15, (np.mean(cue), np.mean(distractor))
+
+
+def test_v2_demos_are_imperfect_in_the_paper_direction_and_noise_controls_them(train2):
+  slow = [(_answer_words(r.demo_slow), set(r.openset)) for _, r in train2]
+  fast = [(_answer_words(r.demo_fast), set(r.openset)) for _, r in train2]
+  (ps, rs), (pf, rf) = _pr(slow), _pr(fast)
+  assert ps > pf + 0.1 and rf > rs + 0.05 and rs < 0.95 and pf < 0.9
+
+  def f(noise, mode):
+    cfg = dataclasses.replace(CFG2, noise=noise)
+    p, r = _pr([(_answer_words(getattr(synth.generate_clip(cfg, "train", i), "demo_" + mode)),
+                 set(synth.plan_clip(cfg, "train", i).emotions)) for i in range(200)])
+    return 2 * p * r / (p + r)
+  assert f(0.0, "slow") == pytest.approx(1.0)  # no noise: no miss and no distractor but the sarcastic surface
+  clean = dataclasses.replace(CFG2, noise=0.0)
+  for i in range(200):  # ... which only the fast answer, reading every modality at face value, takes for real
+    plan, rec = synth.plan_clip(clean, "train", i), synth.generate_clip(clean, "train", i)
+    assert _answer_words(rec.demo_fast) == set(plan.emotions) | set(plan.distractors["words"])
+  assert f(0.0, "slow") > f(1.0, "slow") > f(2.5, "slow")
+
+
+def test_v2_is_its_own_reproducible_world_and_versions_are_checked(train2):
+  again = [schema.to_bytes(synth.generate_clip(CFG2, "train", i)) for i in range(50)]
+  assert again == [schema.to_bytes(r) for _, r in train2[:50]]
+  v1 = [schema.to_bytes(synth.generate_clip(CFG, "train", i)) for i in range(50)]
+  assert sum(a != b for a, b in zip(again, v1)) == 50
+  with pytest.raises(ValueError, match="version"):
+    synth.plan_clip(dataclasses.replace(CFG, version=3), "train", 0)

@@ -56,6 +56,24 @@ def test_stale_synth_config_is_refused(tmp_path):
     tb.prepare(other)
 
 
+def test_synth_versions_are_told_apart_and_data_prepared_before_versions_reads_as_version_1(tmp_path):
+  import dataclasses
+  import json
+  b = _synth_builder(tmp_path)
+  v2 = tb.MerSynth(config=tb.MerSynthConfig(name="tiny", synth=dataclasses.replace(SYNTH, version=2)),
+                   data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="'version': 1"):
+    tb.prepare(v2)
+  # Metadata written before SynthConfig had a version: the same knobs without it still load as version 1.
+  meta = b.data_path / "metadata.json"
+  old = json.loads(meta.read_text())
+  del old["synth_config"]["version"]
+  meta.write_text(json.dumps(old))
+  again = tb.MerSynth(config=tb.MerSynthConfig(name="tiny", synth=SYNTH), data_dir=str(tmp_path))
+  tb.prepare(again)
+  assert len(tb.TfdsSource(again, "train")) == 24
+
+
 def _corrupt(path, how):
   data = bytearray(path.read_bytes())
   if how == "truncate":
@@ -242,3 +260,14 @@ def test_features_beyond_float16_name_the_feature_file(tmp_path):
   b = tb.MerManual(config="ovmerd", data_dir=str(tmp_path / "d2"), on_bad_record="skip")
   tb.prepare(b, manual_dir=tmp_path / "manual")
   assert b.bad.count == 1 and sorted(_records(b)) == ["sample_000", "sample_002"]
+
+
+def test_the_run_names_prepared_synth_data_after_its_version(tmp_path):
+  from merr1_jax import config as cfglib
+  from merr1_jax import run_setup
+  c = cfglib.load("configs/base.py")
+  v1 = run_setup._builder(c, str(tmp_path)).builder_config
+  assert v1.name == "s0_n640_64_128_noise1p0" and v1.synth.version == 1  # the name data prepared before had
+  c.data.synth_version = 2
+  v2 = run_setup._builder(c, str(tmp_path)).builder_config
+  assert v2.name == v1.name + "_v2" and v2.synth.version == 2
