@@ -112,6 +112,10 @@ class SynthConfig:
   fast_extra: float = 0.6  # fast annotator: add a distractor/neighbour word
   version: int = 1  # 1: the original world; 2: corroboration (true = shown in >= 2 modalities), see above
 
+  def __post_init__(self):
+    if self.version not in VERSIONS:  # at construction, so a bad config fails before any clip is drawn
+      raise ValueError(f"SynthConfig.version={self.version!r}; expected one of {VERSIONS}")
+
   def n(self, split: str) -> int:
     return {"train": self.n_train, "validation": self.n_validation, "test": self.n_test}[_check_split(split)]
 
@@ -125,7 +129,7 @@ class ClipPlan:
   sarcastic: str | None  # the true emotion the subtitle carries sarcastically, if any
 
 
-VERSIONS = (1, 2)
+VERSIONS = (1, 2)  # SynthConfig.version (checked in its __post_init__)
 V2_DISTRACTOR = 0.5  # v2: chance (x noise) that face / voice show an uncorroborated distractor
 V2_WORDS_DISTRACTOR = 0.3  # v2: chance (x noise) that a subtitle with no true emotion shows a wrong one's phrase
 
@@ -159,11 +163,6 @@ def _canonical(words) -> tuple[str, ...]:
   return tuple(e for e in EMOTIONS if e in present)
 
 
-def _check_version(config: SynthConfig) -> None:
-  if config.version not in VERSIONS:
-    raise ValueError(f"SynthConfig.version={config.version!r}; expected one of {VERSIONS}")
-
-
 def _draw_emotions(rng) -> tuple[str, ...]:
   k = int(rng.choice([1, 2, 3], p=[0.45, 0.4, 0.15]))
   prior = np.array([PRIOR[e] for e in EMOTIONS])
@@ -180,7 +179,6 @@ def _draw_emotions(rng) -> tuple[str, ...]:
 
 def plan_clip(config: SynthConfig, split: str, index: int) -> ClipPlan:
   """Draws the latent truth of clip `index` of `split`."""
-  _check_version(config)
   rng = _rng(config, SPLITS.index(_check_split(split)), index, 0)
   emotions = _draw_emotions(rng)
   if config.version == 2:
