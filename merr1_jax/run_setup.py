@@ -271,7 +271,9 @@ def _builder(config, data_dir: str):
 
 
 def open_data(config, workdir, tok, model_config) -> Data:
-  """The config's dataset, prepared in data.data_dir (default WORKDIR/data) by process 0 if needed, as a Data."""
+  """The config's dataset, prepared in data.data_dir (default WORKDIR/data) by process 0 if needed, as a Data.
+  A copy prepared before is checked against its sources first (tfds_builders.prepare): rebuilt when the `.rec`
+  files changed, refused when built with other MER-Synth settings."""
   data_dir = config.data.data_dir or str(pathlib.Path(workdir) / "data")
   builder = _builder(config, data_dir)
   if jax.process_index() == 0:

@@ -44,7 +44,9 @@ _log = logging.getLogger(__name__)
 
 
 class RecordSource(Protocol):
-  """Random access to serialised records. `read` raises BadRecordError naming the file on a bad read."""
+  """Random access to serialised records. `read` raises BadRecordError naming the file on a bad read. A source
+  may also have `origin(index, rec_id) -> str`, the file a decoded record is to be fixed in (`where` otherwise):
+  transforms.record_where."""
 
   def __len__(self) -> int: ...
   def read(self, index: int) -> bytes: ...

@@ -22,6 +22,17 @@ in the dataset's metadata (`builder.info.metadata["bad_records"]`), so skips sta
 A clip id seen twice in one split (within a label file, across the files of a glob, or across `.rec` files) is
 such a bad item, named with both places; the second one is the one left out. (TFDS itself would fail on the
 duplicate key with an unrelated error.)
+
+Derived data follows its sources (`prepare`). A prepared dataset records what it was built from in its metadata
+(`metadata.json`, written with the dataset): mer_features and mer_manual a fingerprint of their source files
+(path relative to records_dir / manual_dir, size, mtime, ctime and SHA-256), MER-Synth its generator settings
+(`synth_config`). Preparing again compares: a file whose size and times are those recorded is taken as unchanged
+unread (unless it changed within `_RACY_NS` of the recording, as mtimes are coarse); any other is hashed and its
+SHA-256 decides. Changed sources rebuild the dataset beside the old one and swap it in only once the build has
+succeeded (one log line names the files changed, added and removed); other MER-Synth settings are refused with a
+message naming the fields. Data prepared before fingerprints were recorded is rebuilt once, to record them.
+The metadata also maps every clip id to its source file (`sources`), so that an error about a record read back
+from the copy names the file to fix (`TfdsSource.origin`), not only the ArrayRecord file in the data_dir.
 """
 
 from __future__ import annotations
@@ -29,7 +40,13 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import glob
+import hashlib
+import logging
 import os
+import shutil
+import socket
+import tempfile
+import time
 from typing import Iterator
 
 import numpy as np
@@ -38,6 +55,50 @@ import tensorflow_datasets as tfds
 from merr1_jax.data import labels, schema, synth
 
 _VERSION = tfds.core.Version("1.0.0")
+_log = logging.getLogger(__name__)
+# A source file whose mtime or ctime is this close to (or after) the moment its fingerprint was taken is hashed
+# again on every check: file times are coarse (a clock tick), so a rewrite within it can keep the same times.
+_RACY_NS = 2_000_000_000
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()  # reads in chunks: record files may be large
+
+
+def _entry(st: os.stat_result, sha256: str) -> dict:
+  return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "sha256": sha256}
+
+
+def _fingerprint(kind: str) -> dict:
+  """An empty fingerprint, timed now (before any source file is read), to be filled with `_entry`s."""
+  return {"kind": kind, "taken_ns": time.time_ns(), "files": {}}
+
+
+def _changes(fp: dict, files: dict[str, str]) -> dict[str, list[str]]:
+  """The source files (relative name -> path) that differ from the fingerprint: changed, added, removed."""
+  old = fp.get("files") or {}
+  out = {"changed": [], "added": sorted(set(files) - set(old)), "removed": sorted(set(old) - set(files))}
+  for rel in sorted(set(files) & set(old)):
+    st, was = os.stat(files[rel]), old[rel]
+    if st.st_size != was["size"]:
+      out["changed"].append(rel)
+      continue
+    same_times = (st.st_mtime_ns, st.st_ctime_ns) == (was["mtime_ns"], was["ctime_ns"])
+    if same_times and max(st.st_mtime_ns, st.st_ctime_ns) < fp["taken_ns"] - _RACY_NS:
+      continue  # untouched since well before the fingerprint: not read again
+    if _sha256(files[rel]) != was["sha256"]:
+      out["changed"].append(rel)
+  return out
+
+
+def _describe(changes: dict[str, list[str]], shown: int = 5) -> str:
+  parts = []
+  for what, names in changes.items():
+    if names:
+      more = f", +{len(names) - shown} more" if len(names) > shown else ""
+      parts.append(f"{len(names)} {what} ({', '.join(names[:shown])}{more})")
+  return "; ".join(parts)
 
 
 def _features() -> tfds.features.FeaturesDict:
@@ -56,7 +117,48 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.on_bad_record = on_bad_record
     self.bad = schema.BadRecordLog()
     kwargs.setdefault("file_format", "array_record")
+    self._init_kwargs = dict(kwargs, on_bad_record=on_bad_record)  # `fresh` makes the same builder elsewhere
     super().__init__(**kwargs)
+
+  def fresh(self, data_dir: str) -> "_RecordBuilder":
+    """The same builder (class, config, sources, policy) over another data_dir: where a rebuild is made."""
+    return type(self)(**{**self._init_kwargs, "data_dir": data_dir})
+
+  def source_files(self, manual_dir: str | os.PathLike | None = None) -> dict[str, str] | None:
+    """{name relative to the sources' root: path} of every file the dataset is built from; None: unknown now."""
+    del manual_dir
+    return None
+
+  def source_root(self, manual_dir: str | os.PathLike | None = None) -> str:
+    del manual_dir
+    return "?"
+
+  def stale_reason(self, manual_dir: str | os.PathLike | None = None) -> str | None:
+    """Why the prepared dataset no longer matches its sources (None: it does, or the sources are not here)."""
+    files = self.source_files(manual_dir)
+    if files is None:  # e.g. only the data_dir was copied to this machine: nothing to compare with, or rebuild from
+      _log.warning("%s: its sources (%s) are not here, so it cannot be checked against them; using it as built",
+                   self.data_path, self.source_root(manual_dir))
+      return None
+    meta = self.info.metadata
+    fp = meta.get("fingerprint")
+    if fp is None:
+      return "it was prepared before datasets recorded what they were built from (rebuilt once to record it)"
+    changes = _changes(fp, files)
+    if any(changes.values()):
+      return f"{self.source_root(manual_dir)} changed since it was built: {_describe(changes)}"
+    skipped = (meta.get("bad_records") or {}).get("count", 0)
+    if skipped and self.on_bad_record == "raise":
+      return (f"it was built with on_bad_record='skip' and left out {skipped} bad records; now "
+              "on_bad_record='raise'")
+    return None
+
+  def _sources(self, root: str, splits) -> tuple[dict, dict]:
+    """Starts this build's record of its sources in the metadata: (fingerprint files, {split: {id: file}})."""
+    fp = self.info.metadata["fingerprint"] = _fingerprint(self.name)
+    ids = {s: {} for s in splits}
+    self.info.metadata["sources"] = {"root": os.path.abspath(root), "splits": ids}
+    return fp["files"], ids
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_features(),
@@ -98,15 +200,29 @@ class MerSynth(_RecordBuilder):
     info.metadata["synth_config"] = dataclasses.asdict(self.builder_config.synth)
     return info
 
-  def check_config(self) -> None:
-    """TFDS reuses a prepared dataset by config name alone; refuse one built from other generator knobs."""
+  def check_config(self, *, unrecorded_ok: bool = False) -> None:
+    """TFDS reuses a prepared dataset by config name alone; refuse one built from other generator knobs, or (unless
+    `unrecorded_ok`: prepare rebuilds it) one that records none."""
     built = self.info.metadata.get("synth_config")
+    if built is None and self.data_path.exists() and not unrecorded_ok:
+      raise ValueError(f"{self.data_path} records no MER-Synth generator settings (prepared before they were "
+                       "recorded): prepare it again (tfds_builders.prepare) to rebuild it")
     if built is not None and "version" not in built:  # prepared before MER-Synth had versions: version 1
       built = {**built, "version": 1}
     want = dataclasses.asdict(self.builder_config.synth)
-    if self.data_path.exists() and built != want:
-      raise ValueError(f"{self.data_path} holds MER-Synth built with {built}, not {want}: use another config "
-                       "name or data_dir")
+    if self.data_path.exists() and built is not None and built != want:
+      changed = ", ".join(f"{k} {built.get(k, '<unset>')!r} -> {want.get(k, '<unset>')!r}"
+                          for k in sorted(set(built) | set(want)) if built.get(k) != want.get(k))
+      raise ValueError(f"{self.data_path} holds MER-Synth built with other generator settings ({changed}; built "
+                       f"with {built}, not {want}): use another config name or data_dir")
+
+  def stale_reason(self, manual_dir=None) -> str | None:
+    """The generator settings are MER-Synth's fingerprint (check_config refuses others); data that records none
+    was prepared before they were recorded and is rebuilt once."""
+    del manual_dir
+    if self.info.metadata.get("synth_config") is None:
+      return "it records no generator settings (prepared before they were recorded; rebuilt once to record them)"
+    return None
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
@@ -123,27 +239,50 @@ class MerFeatures(_RecordBuilder):
   def __init__(self, *, records_dir: str | os.PathLike, **kwargs):
     self.records_dir = os.fspath(records_dir)
     super().__init__(**kwargs)
+    self._init_kwargs["records_dir"] = self.records_dir
+
+  def _splits(self) -> list[str]:
+    return sorted(d for d in os.listdir(self.records_dir) if os.path.isdir(os.path.join(self.records_dir, d)))
+
+  def _rec_files(self, split: str) -> list[tuple[str, str]]:
+    """(name relative to records_dir, path) of a split's record files, in build order."""
+    paths = sorted(glob.glob(os.path.join(glob.escape(self.records_dir), glob.escape(split), "*.rec")))
+    return [(f"{split}/{os.path.basename(p)}", p) for p in paths]
+
+  def source_files(self, manual_dir=None) -> dict[str, str] | None:
+    del manual_dir
+    if not os.path.isdir(self.records_dir):
+      return None
+    return {rel: path for split in self._splits() for rel, path in self._rec_files(split)}
+
+  def source_root(self, manual_dir=None) -> str:
+    del manual_dir
+    return f"records_dir {self.records_dir}"
 
   def _split_generators(self, dl_manager):
     del dl_manager
     if not os.path.isdir(self.records_dir):
       raise FileNotFoundError(f"records_dir {self.records_dir} does not exist")
-    splits = sorted(d for d in os.listdir(self.records_dir) if os.path.isdir(os.path.join(self.records_dir, d)))
+    splits = self._splits()
     if not splits:
       raise FileNotFoundError(f"records_dir {self.records_dir} has no split folders (train/, test/, ...)")
-    return {s: self._generate_examples(os.path.join(self.records_dir, s)) for s in splits}
+    files, ids = self._sources(self.records_dir, splits)
+    return {s: self._generate_examples(s, files, ids[s]) for s in splits}
 
-  def _generate_examples(self, folder: str):
+  def _generate_examples(self, split: str, files: dict, ids: dict):
     seen: dict[str, str] = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.rec"))):
+    for rel, path in self._rec_files(split):
       with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
         data = f.read()
+      files[rel] = _entry(st, hashlib.sha256(data).hexdigest())  # the bytes built, skipped ones too
       try:
-        rec = schema.from_bytes(data, source=path)
+        rec = schema.from_bytes(data, source=path, index=0)  # one record per file: record 0 until its id is read
       except schema.BadRecordError as err:
         self._bad(err)
         continue
       if self._unique(seen, rec.id, path):
+        ids[rec.id] = rel
         yield self._example(rec)
 
 
@@ -188,15 +327,32 @@ class MerManual(_RecordBuilder):
       _manual("mme_emotion", "mme_json", "*.json", description="MME-Emotion items"),
   ]
 
+  def source_files(self, manual_dir=None) -> dict[str, str] | None:
+    """The label files of every split, the subtitle file and the per-clip feature files."""
+    if manual_dir is None or not os.path.isdir(manual_dir):
+      return None
+    root = glob.escape(os.fspath(manual_dir))
+    paths = [p for pattern, _ in self.builder_config.files.values() for p in glob.glob(os.path.join(root, pattern))]
+    paths += glob.glob(os.path.join(root, "subtitle_chieng.csv")) + glob.glob(os.path.join(root, "features", "*.npz"))
+    return {os.path.relpath(p, manual_dir): p for p in sorted(set(paths))}
+
+  def source_root(self, manual_dir=None) -> str:
+    return f"manual_dir {manual_dir}"
+
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
+    files, ids = self._sources(manual_dir, self.builder_config.files)
+    # The readers open the files themselves, so they are hashed first; a file that changes after this reads
+    # as changed at the next check (its times fall within _RACY_NS of the fingerprint, or after it).
+    for rel, path in (self.source_files(manual_dir) or {}).items():
+      files[rel] = _entry(os.stat(path), _sha256(path))
     out = {}
     for split, (pattern, corpus) in self.builder_config.files.items():
       paths = sorted(glob.glob(os.path.join(manual_dir, pattern)))
       if not paths:
         raise FileNotFoundError(f"{self.name}/{self.builder_config.name}: missing manual_dir file "
                                 f"{os.path.join(manual_dir, pattern)}.{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-      out[split] = self._generate_examples(manual_dir, paths, corpus)
+      out[split] = self._generate_examples(manual_dir, paths, corpus, ids[split])
     return out
 
   def _read(self, path: str, corpus: str | None) -> list[labels.Annotation]:
@@ -211,7 +367,7 @@ class MerManual(_RecordBuilder):
       return labels.read_mme_json(path, **kw)
     raise ValueError(f"unknown reader {cfg.reader!r}")
 
-  def _generate_examples(self, manual_dir: str, paths: list[str], corpus: str | None):
+  def _generate_examples(self, manual_dir: str, paths: list[str], corpus: str | None, ids: dict):
     subtitle_file = os.path.join(manual_dir, "subtitle_chieng.csv")
     subtitles = labels.read_subtitles_csv(subtitle_file) if os.path.isfile(subtitle_file) else {}
     feature_dir = os.path.join(manual_dir, "features")
@@ -232,6 +388,7 @@ class MerManual(_RecordBuilder):
         except schema.BadRecordError as err:
           self._bad(err)
           continue
+        ids[ann.id] = os.path.relpath(path, manual_dir)
         yield self._example(rec)
 
 
@@ -247,17 +404,54 @@ def _load_features(feature_dir: str, name: str) -> tuple[np.ndarray, np.ndarray]
                                 field="features") from e
 
 
-def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | os.PathLike | None = None) -> None:
-  """download_and_prepare offline: nothing is fetched (no GCS lookup), progress bars off."""
-  tfds.disable_progress_bar()
-  if isinstance(builder, MerSynth):
-    builder.check_config()
+def _download_and_prepare(builder: tfds.core.DatasetBuilder, manual_dir) -> None:
   config = tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual_dir)
   builder.download_and_prepare(download_config=config)
 
 
+def _rebuild(builder: _RecordBuilder, manual_dir) -> None:
+  """Builds the dataset again beside the old one (a hidden folder in the same data_dir root) and swaps it in
+  once built: a failed build leaves the old copy where it was. `builder` then reads the new copy."""
+  root = os.fspath(builder.data_dir_root)
+  staging = tempfile.mkdtemp(prefix=f".rebuild-{builder.name}-{socket.gethostname()}-{os.getpid()}-", dir=root)
+  try:
+    fresh = builder.fresh(staging)
+    _download_and_prepare(fresh, manual_dir)
+    live, aside = os.fspath(builder.data_path), os.path.join(staging, "replaced")
+    os.rename(live, aside)
+    try:
+      os.rename(fresh.data_path, live)
+    except BaseException:
+      os.rename(aside, live)
+      raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  builder.info.read_from_directory(builder.data_path)  # splits and metadata of the new copy
+  builder.bad = fresh.bad
+
+
+def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | os.PathLike | None = None) -> None:
+  """download_and_prepare offline (nothing is fetched, no GCS lookup; progress bars off), keeping a prepared
+  dataset in step with its sources: other MER-Synth settings are refused, and a dataset whose sources changed
+  (or that records none) is rebuilt, logging why. mer_manual is checked only when `manual_dir` is given."""
+  tfds.disable_progress_bar()
+  if isinstance(builder, MerSynth):
+    builder.check_config(unrecorded_ok=True)
+  if isinstance(builder, _RecordBuilder) and builder.data_path.exists():
+    reason = builder.stale_reason(manual_dir)
+    if reason is None:
+      return
+    _log.warning("%s is stale: %s; rebuilding it", builder.data_path, reason)
+    _rebuild(builder, manual_dir)
+    return
+  _download_and_prepare(builder, manual_dir)
+
+
 class TfdsSource:
-  """The pipeline's RecordSource over `builder.as_data_source(split)`. Picklable (Grain workers)."""
+  """The pipeline's RecordSource over `builder.as_data_source(split)`. Picklable (Grain workers).
+
+  `where(index)` names the ArrayRecord file and record of the copy; `origin(index, rec_id)` the source file the
+  record was built from (the one to fix), with the copy's place, when the dataset recorded its sources."""
 
   def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
     if isinstance(builder, MerSynth):
@@ -268,6 +462,10 @@ class TfdsSource:
     self.files = [os.path.basename(fi.filename) for fi in instructions]
     self.dir = os.path.dirname(instructions[0].filename) if instructions else ""
     self.starts = list(np.cumsum([0] + [fi.take for fi in instructions])[:-1])
+    sources = builder.info.metadata.get("sources") or {}
+    # records_dir as configured now (the fingerprint vouches that its files are those built), else as recorded.
+    self.source_root = getattr(builder, "records_dir", None) or sources.get("root", "")
+    self.source_files = dict((sources.get("splits") or {}).get(split) or {})  # clip id -> file under the root
 
   def __len__(self) -> int:
     return len(self.data)
@@ -276,16 +474,24 @@ class TfdsSource:
     k = bisect.bisect_right(self.starts, index) - 1
     return f"{os.path.join(self.dir, self.files[k])} record {index - self.starts[k]} (split {self.split!r} #{index})"
 
+  def origin(self, index: int, rec_id: str) -> str:
+    """The record's source file (and its place in the copy), or the copy alone when it has no recorded source."""
+    rel = self.source_files.get(rec_id)
+    if rel is None:
+      return self.where(index)
+    return f"{os.path.join(self.source_root, rel)} (prepared copy: {self.where(index)})"
+
   def read(self, index: int) -> bytes:
     try:
       ex = self.data[index]
     except RuntimeError as e:  # array_record/riegeli: corrupt chunk, short file, bad header
-      raise schema.BadRecordError(f"unreadable ArrayRecord data ({e})", source=self.where(index), record=index,
-                                  field="<array_record>") from e
+      raise schema.BadRecordError(f"unreadable ArrayRecord data ({e}); delete {self.dir} to prepare it again",
+                                  source=self.where(index), record=index, field="<array_record>") from e
     data = ex.get("record") if isinstance(ex, dict) else None
     if not data:  # a truncated ArrayRecord file reads back as empty records instead of failing
-      raise schema.BadRecordError("empty record: the ArrayRecord file is truncated or was not written by "
-                                  "these builders", source=self.where(index), record=index, field="record")
+      raise schema.BadRecordError(f"empty record: the ArrayRecord file is truncated or was not written by these "
+                                  f"builders; delete {self.dir} to prepare it again", source=self.where(index),
+                                  record=index, field="record")
     return data
 
 

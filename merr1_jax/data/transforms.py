@@ -37,8 +37,9 @@ string such as "V8A50V8A50": Omni's interleaved block). Either way the k-th VIDE
 takes its k-th feature row in the model's merge, so `video`/`audio` are never reordered.
 
 Record checks (all in `MakeExample.record` / `__call__`, so both bad-record policies see them, and each error
-names the source file and record): the schema checks (`schema.check`); labels: with a closed `label_vocab`
-every open-set word must be in it, otherwise (`check_label_wheels`) a record scored on its open set alone (no
+names the source file and record; for a prepared TFDS copy that is the `.rec` file it was built from:
+`record_where`): the schema checks (`schema.check`); labels: with a closed `label_vocab` every open-set word
+must be in it, otherwise (`check_label_wheels`) a record scored on its open set alone (no
 one-hot label, no valence) must have a word that maps through the emotion wheels, so "[qwertyuiop]" is a bad
 record, not an empty ground truth; feature widths: the configured `video_dim`/`audio_dim`, or else the width
 of the first decodable record with rows of that modality (`reference_dims`, read before sharding, so every
@@ -97,6 +98,13 @@ class ReferenceDims:
   origin: tuple[tuple[str, str], ...] = ()  # (modality, "record ID at WHERE") for inferred widths
 
 
+def record_where(source: RecordSource, index: int, rec_id: str) -> str:
+  """Where a decoded record is to be fixed: its source file when the source knows it (a prepared TFDS copy keeps
+  each clip's `.rec` or label file: tfds_builders.TfdsSource.origin), else the source's own place for it."""
+  origin = getattr(source, "origin", None)
+  return origin(index, rec_id) if origin is not None else source.where(index)
+
+
 def reference_dims(source: RecordSource, cfg: PipelineConfig) -> ReferenceDims:
   """The configured widths, else those of the first decodable record (in source order, over the whole source,
   so all processes agree) with rows of that modality. Undecodable records are passed over here; the record
@@ -112,7 +120,7 @@ def reference_dims(source: RecordSource, cfg: PipelineConfig) -> ReferenceDims:
       x = getattr(rec, name)
       if dims[name] is None and x.ndim == 2 and x.shape[0]:
         dims[name] = int(x.shape[1])
-        origin.append((name, f"record {rec.id!r} at {source.where(i)}"))
+        origin.append((name, f"record {rec.id!r} at {record_where(source, i, rec.id)}"))
     if None not in dims.values():
       break
   return ReferenceDims(video=dims["video"], audio=dims["audio"], origin=tuple(origin))
@@ -134,8 +142,8 @@ class MakeExample:
     return len(self.source) * self.n_modes
 
   def record(self, index: int) -> schema.ClipRecord:
-    where = self.source.where(index)
-    rec = schema.from_bytes(self.source.read(index), source=where, index=index)
+    rec = schema.from_bytes(self.source.read(index), source=self.source.where(index), index=index)
+    where = record_where(self.source, index, rec.id)
     bad = lambda field, why: schema.BadRecordError(why, source=where, record=rec.id, field=field)  # noqa: E731
     # Records scored by HIT or WAF carry a one-hot label or a valence; only open-set-only records need a word
     # that the wheels map (a one-hot set's "neutral" maps nowhere, and that is its metric's business).
@@ -186,7 +194,7 @@ class MakeExample:
       return {"pad": True}
     rec_index, mode_index = divmod(index, self.n_modes)
     rec = self.record(rec_index)
-    where = self.source.where(rec_index)
+    where = record_where(self.source, rec_index, rec.id)
     ex = {"pad": False, "rec": rec}
     if self.cfg.kind == "sft":
       mode = self.cfg.sft_modes[mode_index]
