@@ -52,11 +52,15 @@ sys.path.insert(0, str(ROOT))
 
 from merr1_jax import emotion  # noqa: E402
 
-ROWS = ("grpo_f1", "rd", "rd_ad", "mer_r1", "sfcc_word", "sfcc_no_prec", "sfcc_reward", "sfcc_mixed")
+ROWS = ("grpo_f1", "rd", "rd_ad", "mer_r1", "mer_r1_cg", "sfcc_max", "sfcc_word", "sfcc_no_prec", "sfcc_reward",
+        "sfcc_mixed")
 # The paper's MER-UniBench official-protocol means (a second-hand summary of its body: "reported").
 REPORTED = {"grpo_f1": 77.87, "rd": 80.18, "rd_ad": 82.20, "mer_r1": 83.50, "sfcc_word": 81.81,
             "sfcc_no_prec": 82.87, "sfcc_reward": 81.91, "sfcc_mixed": 83.11}
-PARENT = {"rd": "grpo_f1", "rd_ad": "rd", "mer_r1": "rd_ad", **{r: "mer_r1" for r in ROWS[4:]}}
+PARENT = {"rd": "grpo_f1", "rd_ad": "rd", "mer_r1": "rd_ad", "mer_r1_cg": "rd_ad", **{r: "mer_r1" for r in ROWS[5:]}}
+# Comparisons beyond each row's parent that the verdicts need (row, other), made when both ran: the paper's
+# chain MER-R1 > RD+AD > GRPO, and the one-sided calibration against the contrastive form it replaces.
+EXTRA_PAIRS = (("rd_ad", "grpo_f1"), ("mer_r1", "grpo_f1"), ("mer_r1", "mer_r1_cg"))
 SECTION = "## Ablation"
 RUN_FLAGS = ("--config.log.progress=False", "--config.checkpoint.export_hf=False", "--config.log.plots=False")
 Runner = Callable[[list[str], pathlib.Path], int]  # (command, log file) -> exit status
@@ -205,7 +209,8 @@ def collect(out: pathlib.Path, rows, seeds) -> dict:
       cells[(s, r)] = {"results": res, "probe": {k: statistics.mean(p[k] for p in probes)
                                                   for k in (probes[0] if probes else {}) if k.startswith("probe/")},
                        "probe_curve": [{k: v for k, v in p.items() if k == "step" or k.startswith("probe/")}
-                                       for p in probes]}
+                                       for p in probes],
+                       "diagnostics": cell_diagnostics(cell)}
       samples = _read_jsonl(cell / "eval_rl_samples.jsonl")
       gt = {x["id"]: x["gt"] for x in samples}
       for mode in ("slow", "fast"):
@@ -234,6 +239,10 @@ def summarize(data: dict, rows, seeds) -> dict:
     entry["reported"] = REPORTED.get(r)
     probes = [cells[(s, r)]["probe"] for s in seeds if (s, r) in cells and cells[(s, r)]["probe"]]
     entry["probe"] = {k: statistics.mean(p[k] for p in probes) for k in probes[0]} if probes else {}
+    diags = [cells[(s, r)].get("diagnostics", {}) for s in seeds if (s, r) in cells]
+    entry["diagnostics"] = {k: statistics.mean(d[k] for d in diags if d.get(k) is not None)
+                            for k in sorted({k for d in diags for k in d})
+                            if any(d.get(k) is not None for d in diags)}
     if entry["probe"].get("probe/grad_norm_rec") == 0 and entry["probe"].get("probe/grad_norm_prec") == 0:
       # Cells run before the probe omitted them: zero parts mean the row has no such objectives (grpo_f1).
       entry["probe"] = {k: v for k, v in entry["probe"].items() if not k.startswith(_PART_KEYS)}
@@ -249,7 +258,73 @@ def summarize(data: dict, rows, seeds) -> dict:
       b = {s: clips[(s, parent, mode)] for s in seeds if (s, parent, mode) in clips}
       if set(a) & set(b):
         paired[f"{r}_vs_{parent}_{mode}"] = {"row": r, "parent": parent, "mode": mode, **paired_bootstrap(a, b)}
-  return {"rows": table, "paired": paired}
+  for r, other in EXTRA_PAIRS:
+    if r in table and other in table and f"{r}_vs_{other}_slow" not in paired:
+      for mode in ("slow", "fast"):
+        a = {s: clips[(s, r, mode)] for s in seeds if (s, r, mode) in clips}
+        b = {s: clips[(s, other, mode)] for s in seeds if (s, other, mode) in clips}
+        if set(a) & set(b):
+          paired[f"{r}_vs_{other}_{mode}"] = {"row": r, "parent": other, "mode": mode, **paired_bootstrap(a, b)}
+  for p in paired.values():
+    p["mde80"] = detectable_effect(p["per_seed"])
+  # Slow minus fast within each row, paired by clip: "slow overtakes fast only after MER-R1".
+  gap = {}
+  for r in table:
+    a = {s: clips[(s, r, "slow")] for s in seeds if (s, r, "slow") in clips}
+    b = {s: clips[(s, r, "fast")] for s in seeds if (s, r, "fast") in clips}
+    if a and b:
+      gap[r] = paired_bootstrap(a, b)
+      gap[r]["mde80"] = detectable_effect(gap[r]["per_seed"])
+  return {"rows": table, "paired": paired, "slow_minus_fast": gap}
+
+
+def detectable_effect(per_seed: list[float], power: float = 0.8, alpha: float = 0.05) -> float | None:
+  """The smallest true mean paired difference that a two-sided t-test at `alpha` over these many seeds detects
+  with `power`, taking the observed between-seed standard deviation of the paired differences as the truth:
+  (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n). None with fewer than 2 seeds."""
+  n = len(per_seed)
+  if n < 2:
+    return None
+  from scipy import stats  # noqa: PLC0415
+
+  sd = statistics.stdev(per_seed)
+  return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / n ** 0.5)
+
+
+def omission_rate(samples: list[dict], gt_by_id: dict, fmt: str = "2025") -> float | None:
+  """The paper's premise on one evaluation (docs/method.md E3 "Diagnostics"): the share of clips where the fast
+  answer names a correct level-1 cluster (in any wheel) that the slow answer does not (first sample of each)."""
+  ew = emotion.load(fmt)
+  by_id = {}
+  for x in samples:
+    if x["sample"] == 0:
+      by_id.setdefault(x["id"], {})[x["mode"]] = x["words"]
+  hits = []
+  for i, modes in by_id.items():
+    if "slow" not in modes or "fast" not in modes:
+      continue
+    omitted = False
+    for k in range(1, 6):
+      g = ew.map_words(gt_by_id[i], k)
+      if g and (ew.map_words(modes["fast"], k) & g) - ew.map_words(modes["slow"], k):
+        omitted = True
+    hits.append(omitted)
+  return statistics.mean(hits) if hits else None
+
+
+def cell_diagnostics(cell: pathlib.Path, last: int = 100) -> dict:
+  """What the calibration pays for, from one RL cell (docs/method.md E3 "Diagnostics"): the calibration metrics
+  (cal/*) and the slow answer's length averaged over the last `last` RL steps, and the premise (omission_rate)
+  on the SFT and the RL evaluations."""
+  rows = [m for m in _read_jsonl(cell / "metrics.jsonl") if m.get("stage") == "rl"][-last:]
+  keys = sorted({k for m in rows for k in m if k.startswith("cal/")} | {"answer/slow/num_words"})
+  out = {k: statistics.mean(m[k] for m in rows if k in m) for k in keys if any(k in m for m in rows)}
+  for stage in ("sft", "rl"):
+    path = cell / f"eval_{stage}_samples.jsonl"
+    if path.exists():
+      samples = _read_jsonl(path)
+      out[f"omits/{stage}"] = omission_rate(samples, {x["id"]: x["gt"] for x in samples})
+  return out
 
 
 # ------------------------------------------------------------------------------------------ reasoning check
@@ -337,13 +412,31 @@ def markdown(summary: dict, reasoning: dict, meta: dict) -> str:
     out.append(f"| (SFT) | | {cells} | |")
   out += ["", "Paired comparisons (row minus the row it adds a switch to; OV F points; 95% interval from a paired "
           "bootstrap over seeds, then clips):", "",
-          "| comparison | mode | difference | 95% interval | per seed | reported difference |",
-          "|---|---|---|---|---|---|"]
+          "| comparison | mode | difference | 95% interval | per seed | detectable (80%) | reported difference |",
+          "|---|---|---|---|---|---|---|"]
+  mde = lambda p: f"{p['mde80']:.2f}" if p.get("mde80") is not None else "-"  # noqa: E731
   for p in summary["paired"].values():
     rep = REPORTED.get(p["row"]), REPORTED.get(p["parent"])
     rep_s = f"{rep[0] - rep[1]:+.2f}" if None not in rep and p["mode"] == "slow" else "-"
     out.append(f"| {p['row']} vs {p['parent']} | {p['mode']} | {p['diff']:+.2f} | [{p['ci95'][0]:+.2f}, "
-               f"{p['ci95'][1]:+.2f}] | {', '.join(f'{x:+.2f}' for x in p['per_seed'])} | {rep_s} |")
+               f"{p['ci95'][1]:+.2f}] | {', '.join(f'{x:+.2f}' for x in p['per_seed'])} | {mde(p)} | {rep_s} |")
+  out += ["", "Detectable (80%): the smallest true paired difference a two-sided t-test over these seeds would find "
+          "with 80% power, taking the observed between-seed spread as the truth.", ""]
+  if summary.get("slow_minus_fast"):
+    out += ["Slow F minus fast F within each row (paired by clip):", "",
+            "| row | slow - fast | 95% interval | per seed | detectable (80%) |", "|---|---|---|---|---|"]
+    for r, p in summary["slow_minus_fast"].items():
+      out.append(f"| {r} | {p['diff']:+.2f} | [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | "
+                 f"{', '.join(f'{x:+.2f}' for x in p['per_seed'])} | {mde(p)} |")
+  diag = {r: e.get("diagnostics", {}) for r, e in rows.items() if e.get("diagnostics")}
+  if diag:
+    keys = ["answer/slow/num_words", "cal/len_corr", "cal/only_signal_frac", "cal/anchor_gain/a0",
+            "cal/anchor_gain/a1", "cal/anchor_gain/a2", "omits/sft", "omits/rl"]
+    out += ["", "Calibration diagnostics (method.md E3 \"Diagnostics\"; training metrics over the last 100 RL steps, "
+            "omits/*: the share of test clips whose slow answer omits a correct cluster the fast answer names), "
+            "mean over seeds:", "", "| row | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    fmt_d = lambda d, k: f"{d[k]:.3f}" if d.get(k) is not None else "-"  # noqa: E731
+    out += [f"| {r} | " + " | ".join(fmt_d(d, k) for k in keys) + " |" for r, d in diag.items()]
   probed = {r: e["probe"] for r, e in rows.items() if e["probe"]}
   if probed:
     keys = ("s_rec", "s_prec", "rho", "corr_adv_rec", "corr_adv_prec", "pred_corr_coupled_rec",

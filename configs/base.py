@@ -73,16 +73,19 @@ _DATA = ("mer_synth", "mer_features")
 # coming only from the calibration's teacher-forced fast pass (the reported ~20% extra compute). Each row adds
 # one switch to the row above it; the SFCC variants each change one switch of mer_r1.
 _ABLATION_LAYOUT = {"n_slow": 4, "n_fast": 0, "calibration": "none", "disentangle": True, "w_f1": 0.0}
+_SFCC = {"calibration": "one_sided", "cal_reading": "first", "cal_std_floor": 0.05}
 _ABLATIONS = {
     "grpo_f1": {"disentangle": False, "w_f1": 1.0, "w_rec_slow": 0.0, "w_rec_fast": 0.0, "w_prec_slow": 0.0,
                 "w_prec_fast": 0.0},  # GRPO with one F1 reward (+ the format reward every row has)
     "rd": {"disentangle": False},  # recall and precision as two rewards, normalised together (coupled)
     "rd_ad": {},  # ... normalised separately, in advantage space: DOD
-    "mer_r1": {"calibration": "contrastive_gain"},  # + SFCC: the full method
-    "sfcc_word": {"calibration": "contrastive_gain", "cal_level": "word"},  # word-level confidence
-    "sfcc_no_prec": {"calibration": "contrastive_gain", "cal_precision_side": False},  # no precision side
-    "sfcc_reward": {"calibration": "contrastive_gain", "cal_space": "reward"},  # calibration in reward space
-    "sfcc_mixed": {"calibration": "contrastive_gain", "cal_space": "mixed"},  # half in each space
+    "mer_r1": _SFCC,  # + SFCC (the one-sided, category-level form): the full method
+    "mer_r1_cg": {"calibration": "contrastive_gain"},  # + SFCC in the precursor's contrastive form (wave 2)
+    "sfcc_max": _SFCC | {"cal_reading": "max"},  # confidence read as the maximum over the answer's anchors
+    "sfcc_word": _SFCC | {"cal_level": "word"},  # word-level confidence
+    "sfcc_no_prec": _SFCC | {"cal_precision_side": False},  # no precision side
+    "sfcc_reward": _SFCC | {"cal_space": "reward"},  # calibration in reward space
+    "sfcc_mixed": _SFCC | {"cal_space": "mixed"},  # half in each space
 }
 
 
@@ -217,7 +220,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.w_f1 = 0.0  # w_f1 (both modes): the single F1 reward of the GRPO baseline (ablation=grpo_f1)
   c.rl.w_fmt = 0.1  # w_fmt: format matters only until the model has learned it
   c.rl.w_cal = 0.5  # w_cal (slow rows only)
-  c.rl.calibration = "contrastive_gain"  # 'contrastive_gain' | 'fast_prior_kl' | 'none' (method.md E3)
+  # 'contrastive_gain' | 'one_sided' | 'fast_prior_kl' | 'none' (method.md E3)
+  c.rl.calibration = "contrastive_gain"
+  c.rl.cal_reading = "first"  # one_sided's confidence: 'first' (answer position 1) | 'max' (over the anchors)
+  # The calibration objective's std floor in its group normalisation: a spread below it gives sub-unit advantages
+  # (method.md E3 "Defects fixed"); 0 = plain z-score.
+  c.rl.cal_std_floor = 0.0
   c.rl.cal_tau = 1.0  # contrastive_gain: r_cal = tanh(gain / tau)
   c.rl.cal_alpha = 1.0  # fast_prior_kl: r_cal = -KL(q || p_slow), q ∝ p_fast exp(+alpha on GT, -alpha elsewhere)
   # SFCC variants (method.md E3 "Variants"): 'category' confidence (the log-mass of a category's words) or

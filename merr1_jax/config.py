@@ -226,6 +226,7 @@ _FIELD_RULES: dict[str, Rule] = {
     "rl.cal_alpha": _real(0.0), "rl.num_anchors": _int(1), "rl.max_nonfinite_steps": _int(0),
     "rl.w_f1": _W, "rl.cal_level": _one_of("category", "word"), "rl.cal_precision_side": _bool,
     "rl.cal_space": _one_of("advantage", "reward", "mixed"), "rl.cal_mix": _real(0.0, 1.0),
+    "rl.cal_reading": _one_of(*rl.READINGS), "rl.cal_std_floor": _real(0.0),
     "rl.probe_every": _int(0), "rl.prefix_grouped": _bool,
     "rl.freeze": _regexes,
     "lora.stages": _lora_stages, "lora.train_full": _regex_or_empty,

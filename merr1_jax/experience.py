@@ -50,6 +50,8 @@ class AdvantageSettings:
   # The share of w_cal * r_cal added to the task rewards before their normalisation (method.md E3 "Variants"):
   # 0 = calibration in advantage space (its own objective), 1 = in reward space, between = mixed.
   cal_in_reward: float
+  # The calibration objective's std floor in its group normalisation (rl.group_zscore's std_floor): 0 = none.
+  cal_std_floor: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,21 +141,31 @@ def advantages_and_calibration(rewards_BxO: jax.Array, valid_B: jax.Array, mode_
                                format_ok_Bs: jax.Array | None, cluster_mask: jax.Array | None, *,
                                adv: AdvantageSettings, kind: str, cal: rl.CalibrationConfig, num_groups: int,
                                group_size: int):
-  """(adv_B, r_cal_B) from the host rewards [B, 3] (recall, precision, format) and the calibration log-masses.
+  """(adv_B, r_cal_B, diagnostics) from the host rewards [B, 4] (recall, precision, F1, format) and the
+  calibration log-masses.
 
   r_cal (E3 step 5) exists for the B_s slow rows (the first rows) that are well formed, 0 elsewhere; its
-  objective is valid on those rows only, so it is normalised over the slow rows of each group (E3 step 6). With
-  ``adv.cal_in_reward`` = lambda > 0, lambda * w_cal * r_cal is added to the task rewards (recall, precision, F1)
-  first and the calibration objective keeps (1 - lambda) * w_cal (method.md E3 "Variants").
+  objective is valid on exactly those rows (a malformed row neither enters the calibration's statistics nor gets a
+  calibration advantage), so it is normalised over the well-formed slow rows of each group (E3 step 6), with the
+  std floor ``adv.cal_std_floor``. With ``adv.cal_in_reward`` = lambda > 0, lambda * w_cal * r_cal is added to the
+  task rewards (recall, precision, F1) first and the calibration objective keeps (1 - lambda) * w_cal (method.md
+  E3 "Variants").
+
+  diagnostics: ``adv_task_B`` (the advantage without the calibration objective), ``anchor_gain_A`` and
+  ``anchor_rows_A`` (contrastive_gain's per-anchor term summed over rows, and the rows with that anchor);
+  the last two are absent without calibration.
   """
   b = rewards_BxO.shape[0]
   r_cal_B = jnp.zeros((b,), jnp.float32)
   cal_valid_B = jnp.zeros((b,), bool)
+  diag = {}
   if logmass is not None:
     r_cal = rl.CALIBRATIONS[kind](*logmass, gt_BsxKxC, cluster_mask, cal)
     bs = r_cal.shape[0]
-    r_cal_B = r_cal_B.at[:bs].set(jnp.where(format_ok_Bs, r_cal, 0.0))
-    cal_valid_B = cal_valid_B.at[:bs].set(True)
+    fmt_ok = format_ok_Bs.astype(bool)
+    r_cal_B = r_cal_B.at[:bs].set(jnp.where(fmt_ok, r_cal, 0.0))
+    cal_valid_B = cal_valid_B.at[:bs].set(fmt_ok)
+    diag["anchor_gain_A"], diag["anchor_rows_A"] = rl.anchor_gains(*logmass, gt_BsxKxC, cluster_mask)
   weights_BxO = rl.mode_weights(mode_ids_B, jnp.asarray(adv.weights, jnp.float32))
   task = jnp.asarray([o in TASK_OBJECTIVES for o in OBJECTIVES[:-1]])
   w_cal_B = weights_BxO[:, -1]
@@ -165,9 +177,13 @@ def advantages_and_calibration(rewards_BxO: jax.Array, valid_B: jax.Array, mode_
   rewards_BxO = jnp.concatenate([rewards_BxO, r_cal_B[:, None]], axis=1)
   valid_BxO = jnp.concatenate([jnp.broadcast_to(valid_B[:, None], (b, len(OBJECTIVES) - 1)),
                                (valid_B & cal_valid_B)[:, None]], axis=1)
-  a = rl.dod_advantages(rewards_BxO, valid_BxO, weights_BxO, group_ids_B, num_groups, group_size=group_size,
-                        disentangle=adv.disentangle, scale=adv.scale, eps=adv.eps, ddof=adv.ddof)
-  return a, r_cal_B
+  floor_O = jnp.asarray([0.0] * (len(OBJECTIVES) - 1) + [adv.cal_std_floor], jnp.float32)
+  dod = functools.partial(rl.dod_advantages, group_ids_B=group_ids_B, num_groups=num_groups, group_size=group_size,
+                          disentangle=adv.disentangle, scale=adv.scale, eps=adv.eps, ddof=adv.ddof,
+                          std_floor_O=floor_O)
+  a = dod(rewards_BxO, valid_BxO, weights_BxO)
+  diag["adv_task_B"] = dod(rewards_BxO, valid_BxO.at[:, -1].set(False), weights_BxO)
+  return a, r_cal_B, diag
 
 
 # ----------------------------------------------------------------------------------------------------- collect
@@ -234,13 +250,13 @@ def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params
   per_prompt = settings.advantage.group == "prompt"
   num_groups = num_prompts * (1 if per_prompt else len(prompts.MODES))
   group_size = settings.n_slow + settings.n_fast if per_prompt else max(settings.n_slow, settings.n_fast)
-  adv, r_cal = advantages_and_calibration(
+  adv, r_cal, diag = advantages_and_calibration(
       r, scored.valid_B, mode_ids, group_ids(mode_ids, prompt_ids, num_prompts, settings.advantage.group),
       tuple(logmass) if use_cal else None, _calibration_gt(ctx, scored, gts, bs) if use_cal else None,
       scored.format_ok_B[:bs] if use_cal else None, ctx.cluster_mask if use_cal else None,
       adv=settings.advantage, kind=settings.calibration, cal=settings.cal, num_groups=num_groups,
       group_size=group_size)
-  adv, r_cal = np.asarray(adv), np.asarray(r_cal)
+  adv, r_cal, diag = np.asarray(adv), np.asarray(r_cal), sharding.to_host(diag)
   rewards_BxO = np.concatenate([r, r_cal[:, None]], axis=1).astype(np.float32)
   if settings.prefix_grouped:
     rl_batch = assembly.assemble_grouped(list(ros.values()), adv, prompt, fast_prefix_ids=ctx.ids.fast_prefix,
@@ -249,6 +265,14 @@ def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params
     rl_batch = assembly.assemble(list(ros.values()), adv, pad_id=ctx.ids.pad, ref_logp=ref, valid_B=scored.valid_B,
                                  mode_ids_B=mode_ids)
   metrics = _metrics(settings, ros, rewards_BxO, scored, mode_ids, prompt_ids, adv)
+  if use_cal:
+    metrics |= calibration_diagnostics(r_cal[:bs], scored.num_words_B[:bs], scored.format_ok_B[:bs],
+                                       prompt_ids[:bs], adv, diag["adv_task_B"], prompt_ids,
+                                       diag["anchor_gain_A"], diag["anchor_rows_A"])
+  if "slow" in ros and "fast" in ros:
+    metrics["cal/slow_omits_fast_correct"] = slow_omits_fast_correct(
+        scored.pred_BxKxC[scored.valid_B], scored.gt_BxKxC[scored.valid_B], mode_ids[scored.valid_B],
+        prompt_ids[scored.valid_B])
   metrics["time/scoring"] = time.perf_counter() - t1  # reference, calibration, rewards, advantages, assembly
   order = assembly.prompt_major_order(prompt_ids)
   return rl_batch, metrics, {"text": [texts[i] for i in order], "mode": [modes[i] for i in order],
@@ -294,6 +318,55 @@ def _grouped_passes(ctx: Context, settings: ExperienceSettings, params, ref_para
   flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731 ([P, G, ...] -> rows p*G + g)
   return ref, (flat(s_slow["logmass"]), flat(s_fast["logmass"]),
                flat(s_slow["anchor_mask"]) & flat(s_fast["anchor_mask"])), prompt
+
+
+def _within_group_corr(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float | None:
+  """Mean over groups of the Pearson correlation of x and y (groups where both vary); None when none does."""
+  cs = []
+  for g in np.unique(groups):
+    xs, ys = x[groups == g].astype(np.float64), y[groups == g].astype(np.float64)
+    if len(xs) > 1 and xs.std() > 0 and ys.std() > 0:
+      cs.append(float(np.corrcoef(xs, ys)[0, 1]))
+  return float(np.mean(cs)) if cs else None
+
+
+def calibration_diagnostics(r_cal_Bs, num_words_Bs, format_ok_Bs, prompt_ids_Bs, adv_B, adv_task_B, prompt_ids_B,
+                            anchor_gain_A, anchor_rows_A) -> dict[str, float]:
+  """What the calibration pays for (docs/method.md E3 "Diagnostics"), per step:
+    cal/len_corr: within-group correlation of r_cal with the number of answer words (well-formed slow rows);
+    cal/only_signal_frac: the share of groups where the calibration term is the only non-zero advantage term;
+    cal/anchor_gain/aI: contrastive_gain's mean per-anchor term at anchor index I (rows that have that anchor).
+  """
+  ok = np.asarray(format_ok_Bs, bool)
+  out = {}
+  corr = _within_group_corr(np.asarray(r_cal_Bs)[ok], np.asarray(num_words_Bs)[ok], np.asarray(prompt_ids_Bs)[ok])
+  if corr is not None:
+    out["cal/len_corr"] = corr
+  cal_term = np.asarray(adv_B) - np.asarray(adv_task_B)
+  groups = np.unique(prompt_ids_B)
+  only = [np.any(cal_term[prompt_ids_B == g] != 0) and not np.any(np.asarray(adv_task_B)[prompt_ids_B == g] != 0)
+          for g in groups]
+  out["cal/only_signal_frac"] = float(np.mean(only))
+  for i, (s, n) in enumerate(zip(np.asarray(anchor_gain_A), np.asarray(anchor_rows_A))):
+    if n > 0:
+      out[f"cal/anchor_gain/a{i}"] = float(s / n)
+  return out
+
+
+def slow_omits_fast_correct(pred_BxKxC, gt_BxKxC, mode_ids_B, prompt_ids_B) -> float:
+  """The paper's premise on the rollouts: over the (slow row, fast row) pairs of each prompt, the share where the
+  fast answer names a correct cluster (in any wheel) that the slow answer does not; 0 without such pairs."""
+  pred, gt = np.asarray(pred_BxKxC, bool), np.asarray(gt_BxKxC, bool)
+  slow, fast = prompts.MODES.index("slow"), prompts.MODES.index("fast")
+  hits = []
+  for p in np.unique(prompt_ids_B):
+    rows = prompt_ids_B == p
+    s_rows = np.flatnonzero(rows & (mode_ids_B == slow))
+    f_rows = np.flatnonzero(rows & (mode_ids_B == fast))
+    for i in s_rows:
+      for j in f_rows:
+        hits.append(bool(np.any(pred[j] & gt[j] & ~pred[i])))
+  return float(np.mean(hits)) if hits else 0.0
 
 
 def _metrics(settings, ros, rewards_BxO, scored, mode_ids, prompt_ids, adv) -> dict[str, float]:

@@ -76,7 +76,7 @@ def advantage_settings(config: Config) -> experience.AdvantageSettings:
   in_reward = {"advantage": 0.0, "reward": 1.0, "mixed": float(r.cal_mix)}[r.cal_space]
   return experience.AdvantageSettings(disentangle=r.disentangle, scale=r.scale, eps=r.adv_eps, ddof=r.adv_ddof,
                                       group=r.group, weights=tuple(per_mode[m] for m in prompts.MODES),
-                                      cal_in_reward=in_reward)
+                                      cal_in_reward=in_reward, cal_std_floor=float(r.cal_std_floor))
 
 
 def experience_settings(config: Config) -> experience.ExperienceSettings:
@@ -87,7 +87,8 @@ def experience_settings(config: Config) -> experience.ExperienceSettings:
       n_slow=r.n_slow, n_fast=r.n_fast,
       max_new_tokens=(("slow", r.max_new_tokens_slow), ("fast", r.max_new_tokens_fast)), method=method,
       advantage=advantage_settings(config), calibration=r.calibration,
-      cal=rl.CalibrationConfig(tau=r.cal_tau, alpha=r.cal_alpha, precision_side=r.cal_precision_side),
+      cal=rl.CalibrationConfig(tau=r.cal_tau, alpha=r.cal_alpha, precision_side=r.cal_precision_side,
+                               reading=r.cal_reading),
       num_anchors=r.num_anchors,
       with_reference=r.beta > 0, prompt_buckets=tuple(config.data.prompt_buckets), prefix_grouped=r.prefix_grouped)
 

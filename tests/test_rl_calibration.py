@@ -320,7 +320,8 @@ def test_calibration_registry_is_a_plain_mapping_with_one_signature():
   s_slow, s_fast = (jnp.asarray(-rng.random((3, 2, 2, 3)), jnp.float32) for _ in range(2))
   mask, gt = jnp.ones((3, 2), bool), jnp.asarray(rng.random((3, 2, 3)) < 0.4)
   cfg = rl.CalibrationConfig(tau=0.5, alpha=2.0)
-  assert rl.CALIBRATIONS == {"contrastive_gain": rl.calibration_gain, "fast_prior_kl": rl.fast_prior_kl}
+  assert rl.CALIBRATIONS == {"contrastive_gain": rl.calibration_gain, "fast_prior_kl": rl.fast_prior_kl,
+                             "one_sided": rl.one_sided_calibration}
   for fn in rl.CALIBRATIONS.values():  # every kind takes the same arguments
     assert fn(s_slow, s_fast, mask, gt, None, cfg).shape == (3,)
   # A user-added kind is an entry of the mapping, selectable by name in the config check.
@@ -328,7 +329,7 @@ def test_calibration_registry_is_a_plain_mapping_with_one_signature():
   config = cfglib.load(str(REPO / "configs" / "base.py"))
   try:
     rl.CALIBRATIONS["slow_gt_mass"] = lambda s, f, m, g, cm, c: (s * g[:, None]).sum((1, 2, 3))
-    for kind in ("none", "contrastive_gain", "fast_prior_kl", "slow_gt_mass"):
+    for kind in ("none", "contrastive_gain", "fast_prior_kl", "one_sided", "slow_gt_mass"):
       config.rl.calibration = kind
       cfglib.validate(config)
   finally:

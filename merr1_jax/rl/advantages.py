@@ -53,6 +53,7 @@ def group_zscore(
     scale: bool = True,
     eps: float = 1e-4,
     ddof: int = 1,
+    std_floor: float | Array = 0.0,
 ) -> Array:
   """(E2) Normalises ``x`` within the groups given by ``group_ids_B``: method.md's z_g.
 
@@ -69,6 +70,8 @@ def group_zscore(
     scale: divide by (std + eps). ``False`` is the Dr.GRPO form: ``x - mean`` only.
     eps: added to the std, not to the variance.
     ddof: delta degrees of freedom of the std.
+    std_floor: divide by max(std, std_floor) + eps: a spread smaller than the floor gives advantages smaller than
+      one instead of unit-size ones (for a continuous reward whose tiny differences would otherwise be noise).
 
   Returns:
     z_B, float32, 0 on invalid rows and on groups without spread.
@@ -85,7 +88,7 @@ def group_zscore(
   has_spread_P1 = (hi_P1 > lo_P1) & (n_P1 > ddof)
   if scale:
     var_P1 = (dev_PxG**2).sum(axis=1, keepdims=True) / jnp.maximum(n_P1 - ddof, 1)
-    dev_PxG = dev_PxG / (jnp.sqrt(var_P1) + eps)
+    dev_PxG = dev_PxG / (jnp.maximum(jnp.sqrt(var_P1), std_floor) + eps)
   z_PxG = jnp.where(has_spread_P1 & m_PxG, dev_PxG, 0.0)
   return z_PxG[ids, slot]
 
@@ -102,6 +105,7 @@ def dod_advantages(
     scale: bool = True,
     eps: float = 1e-4,
     ddof: int = 1,
+    std_floor_O: Array | None = None,
 ) -> Array:
   """(E2) Per-completion advantages from several reward objectives.
 
@@ -118,6 +122,7 @@ def dod_advantages(
     weights_BxO: per-row weights (per-mode weights already gathered by the caller, see ``mode_weights``).
     group_ids_B, num_groups, group_size: the group of each row and the groups' capacity (``group_zscore``).
     disentangle, scale, eps, ddof: see the module docstring and ``group_zscore``.
+    std_floor_O: per-objective ``group_zscore`` std floors [O] (None: 0, no floor); disentangled form only.
 
   Returns:
     adv_B, float32.
@@ -125,10 +130,11 @@ def dod_advantages(
   rewards_BxO = rewards_BxO.astype(jnp.float32)
   valid_BxO = valid_BxO.astype(bool)
   weights_BxO = jnp.broadcast_to(weights_BxO, rewards_BxO.shape).astype(jnp.float32)
-  norm = lambda x, v: group_zscore(x, v, group_ids_B, num_groups, group_size=group_size, scale=scale, eps=eps,
-                                   ddof=ddof)
+  norm = lambda x, v, f=0.0: group_zscore(x, v, group_ids_B, num_groups, group_size=group_size, scale=scale,
+                                          eps=eps, ddof=ddof, std_floor=f)
   if disentangle:
-    z_OxB = jax.vmap(norm, in_axes=(1, 1))(rewards_BxO, valid_BxO)
+    floor_O = jnp.zeros(rewards_BxO.shape[1], jnp.float32) if std_floor_O is None else jnp.asarray(std_floor_O)
+    z_OxB = jax.vmap(norm, in_axes=(1, 1, 0))(rewards_BxO, valid_BxO, floor_O)
     return (weights_BxO * z_OxB.T).sum(axis=1)
   total_B = jnp.where(valid_BxO, weights_BxO * rewards_BxO, 0.0).sum(axis=1)
   return norm(total_B, valid_BxO.any(axis=1))

@@ -35,6 +35,8 @@ Array = jax.Array
 
 # log of the smallest positive normal float32 (~1.2e-38). A category less likely than that counts as this.
 LOGMASS_FLOOR = -87.3
+# one_sided's readings of a set-level confidence per category (CalibrationConfig.reading; docs/method.md E3).
+READINGS = ("first", "max")
 
 
 def _floor(logmass: Array) -> Array:
@@ -130,13 +132,18 @@ class CalibrationConfig:
   alpha: fast_prior_kl's GT tilt exp(+-alpha) of the fast prior; finite and >= 0.
   precision_side: keep the term on the wrong (non-GT) categories, the side that raises precision by suppressing
     them (method.md E3 "Variants"); False keeps only the GT side.
+  reading: one_sided's set-level confidence (``READINGS``): 'first', the category's probability at the first
+    answer position only; 'max', its largest probability over the answer's anchors.
   """
 
   tau: float = 1.0
   alpha: float = 1.0
   precision_side: bool = True
+  reading: str = "first"
 
   def __post_init__(self):
+    if self.reading not in READINGS:
+      raise ValueError(f"calibration reading must be one of {READINGS}, got {self.reading!r}")
     if not (isinstance(self.tau, (int, float)) and self.tau > 0):  # also rejects NaN
       raise ValueError(f"calibration tau must be > 0, got {self.tau}")
     if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0):
@@ -222,6 +229,67 @@ def fast_prior_kl(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask=None,  
   return (-kl_B, kl_B) if return_kl else -kl_B
 
 
+def set_confidence(S_BxAxKxC: Array, anchor_mask_BxA: Array, reading: str) -> tuple[Array, Array]:
+  """One confidence per category and completion, a probability in [0, 1] ([B, K, C]), and whether it exists ([B]).
+
+  'first': exp(S) at the first anchor (the position of ``<answer>``, which predicts the first answer word): the
+  slow and the fast context then see the same answer prefix (none), so the number of words said cannot move it.
+  'max': the largest exp(S) over the valid anchors (the best chance the category had to be named).
+  """
+  p = jnp.exp(S_BxAxKxC.astype(jnp.float32))  # LOGMASS_FLOOR -> ~1e-38: no mass
+  m = anchor_mask_BxA.astype(bool)
+  if reading == "first":
+    return jnp.where(m[:, 0, None, None], p[:, 0], 0.0), m[:, 0]
+  if reading == "max":
+    return jnp.where(m[:, :, None, None], p, 0.0).max(axis=1), m.any(axis=1)
+  raise ValueError(f"unknown calibration reading {reading!r}; known: {READINGS}")
+
+
+def one_sided_calibration(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask=None,  # noqa: N803 (method symbols)
+                          cfg: CalibrationConfig = CalibrationConfig(), *, return_parts: bool = False):
+  """(E3, ``rl.calibration = 'one_sided'``) r_cal = -(shortfall on correct categories + excess on wrong ones).
+
+  With c_slow(c), c_fast(c) the set-level confidences of ``set_confidence`` (``cfg.reading``), per wheel:
+    shortfall = sum over GT clusters c of max(0, c_fast(c) - c_slow(c))      (slow wrongly deleting a correct one)
+    excess    = sum over the other clusters of max(0, c_slow(c) - c_fast(c))  (slow losing its suppression)
+  r_cal = -(shortfall + excess), averaged over the wheels that hold a GT cluster; without the precision side
+  (``cfg.precision_side`` False) the excess is dropped. Nothing is paid for exceeding fast on a correct category
+  or for suppressing a wrong one further: a floor, not a contrast. Probabilities, not log-masses, so one
+  category that the slow mode rules out (log-mass near the floor) costs at most its fast probability.
+
+  Args: as ``calibration_gain``. ``return_parts`` also returns (shortfall_B, excess_B).
+
+  Returns:
+    r_cal_B in [-2, 0] for 'first' (each sum is at most a probability mass), float32; 0 where a row has no
+    anchor or no GT wheel.
+  """
+  c_slow, has_B = set_confidence(S_slow, anchor_mask, cfg.reading)
+  c_fast, _ = set_confidence(S_fast, anchor_mask, cfg.reading)
+  gt, neg, _ = _gt_and_neg(gt_multihot, cluster_mask)
+  short_BxK = jnp.where(gt, jax.nn.relu(c_fast - c_slow), 0.0).sum(axis=-1)
+  excess_BxK = jnp.where(neg, jax.nn.relu(c_slow - c_fast), 0.0).sum(axis=-1)
+  pen_BxK = short_BxK + excess_BxK if cfg.precision_side else short_BxK
+  has_wheel_BxK = gt.any(axis=-1)
+  per_row = lambda x: _masked_mean(x, has_wheel_BxK, axis=1)  # noqa: E731
+  (pen_B, has_gt_B), (short_B, _), (excess_B, _) = per_row(pen_BxK), per_row(short_BxK), per_row(excess_BxK)
+  ok_B = has_B & has_gt_B
+  r_cal_B = jnp.where(ok_B, -pen_B, 0.0)
+  if return_parts:
+    return r_cal_B, jnp.where(ok_B, short_B, 0.0), jnp.where(ok_B, excess_B, 0.0)
+  return r_cal_B
+
+
+def anchor_gains(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask=None) -> tuple[Array, Array]:  # noqa: N803
+  """Diagnostic: contrastive_gain's per-anchor term [(S_slow - S_fast)(GT) - (S_slow - S_fast)(Neg)], averaged
+  over the wheels that hold a GT cluster, per anchor index: (sum over rows [A], rows with that anchor [A])."""
+  d = S_slow.astype(jnp.float32) - S_fast.astype(jnp.float32)
+  gt, neg, _ = _gt_and_neg(gt_multihot, cluster_mask)
+  term_BxAxK = _masked_mean(d, gt[:, None], axis=-1)[0] - _masked_mean(d, neg[:, None], axis=-1)[0]
+  per_BxA, has_BxA = _masked_mean(term_BxAxK, gt.any(axis=-1)[:, None, :], axis=2)
+  m = anchor_mask.astype(bool) & has_BxA
+  return jnp.where(m, per_BxA, 0.0).sum(axis=0), m.sum(axis=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The calibration kinds ``rl.calibration`` selects: a plain mapping of pure functions with one signature,
 #   fn(S_slow_BxAxKxC, S_fast_BxAxKxC, anchor_mask_BxA, gt_multihot_BxKxC, cluster_mask_KxC, cfg) -> r_cal_B,
@@ -232,4 +300,5 @@ CalibrationFn = Callable[..., Array]
 CALIBRATIONS: dict[str, CalibrationFn] = {
     "contrastive_gain": calibration_gain,
     "fast_prior_kl": fast_prior_kl,
+    "one_sided": one_sided_calibration,
 }
