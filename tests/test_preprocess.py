@@ -5,6 +5,7 @@ The job tests use a small numpy encoder defined here (a test double: no torch, n
 tower encoder is covered end to end by tests/test_omni_parity.py.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -337,9 +338,43 @@ def test_retry_failed_reruns_only_the_failed_clips_of_a_finished_shard(tmp_path,
     assert f.read() == ""  # the shard's failures file now lists what is still failing: nothing
   # The TFDS dataset built before the retry is stale: the next build sees the records changed and rebuilds.
   builder = preprocess.build_tfds(cfg)
-  assert len(tfds_builders.TfdsSource(builder, "train")) == 3
-  with open(preprocess.tfds_state_path(cfg)) as f:
-    assert json.load(f)["fingerprint"] == preprocess.records_fingerprint(cfg.output_dir)
+  source = tfds_builders.TfdsSource(builder, "train")
+  assert sorted(schema.from_bytes(source.read(i)).id for i in range(len(source))) == ["a", "b", "c"]
+  # The copy itself records the records it was built from (no state file beside them): each one's SHA-256.
+  out = tmp_path / "out" / "train"
+  want = {f"train/{n}.rec": hashlib.sha256((out / f"{n}.rec").read_bytes()).hexdigest() for n in "abc"}
+  files = builder.info.metadata["fingerprint"]["files"]
+  assert {rel: e["sha256"] for rel, e in files.items()} == want
+  assert sorted(os.listdir(tmp_path / "out")) == ["train"]  # no _tfds_build.json, and the lock was released
+
+
+def _copy_files(builder):
+  """{path under the prepared copy: bytes}: what a failed rebuild must leave as it was."""
+  root = str(builder.data_path)
+  return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+          for d, _, names in os.walk(root) for n in names}
+
+
+def test_a_failed_tfds_rebuild_keeps_the_old_copy(tmp_path, tok):
+  _inputs(tmp_path, {"a": {"n_frames": 4}, "c": {"n_frames": 4}})
+  cfg = _cfg(tmp_path, tfds_data_dir=str(tmp_path / "tfds"))
+  preprocess.run(cfg, encoder=MeanColourEncoder(), tokenizer=tok)
+  builder = preprocess.build_tfds(cfg)
+  before = _copy_files(builder)
+  out = tmp_path / "out" / "train"
+  good = (out / "c.rec").read_bytes()
+  (out / "c.rec").write_bytes(good[:-7])  # a record rewritten badly: the rebuild fails on it
+  with pytest.raises(schema.BadRecordError, match="c.rec"):
+    preprocess.build_tfds(cfg)
+  assert not os.path.exists(preprocess.tfds_lock_path(cfg))  # released after the failure too
+  assert not [p for p in (tmp_path / "tfds").iterdir() if p.name.startswith(".")]  # no staging folder left
+  builder = tfds_builders.MerFeatures(records_dir=cfg.output_dir, data_dir=cfg.tfds_data_dir)
+  assert _copy_files(builder) == before  # the old copy, byte for byte, and it still reads
+  source = tfds_builders.TfdsSource(builder, "train")
+  recs = {r.id: r for r in (schema.from_bytes(source.read(i)) for i in range(len(source)))}
+  assert sorted(recs) == ["a", "c"] and schema.records_equal(recs["c"], schema.from_bytes(good))
+  (out / "c.rec").write_bytes(good)  # fixed: the same bytes as the copy was built from, so it is reused as it is
+  assert _copy_files(preprocess.build_tfds(cfg)) == before
 
 
 def test_tfds_build_is_refused_while_another_process_holds_the_lock(tmp_path, tok):

@@ -19,14 +19,14 @@ it is, after the failures file is written). Label rows that fail to parse are no
 alone reports them (field `openset` or `name`), so summing the shards' counts counts each once; under 'raise'
 every shard stops on them. Each shard writes `_summary.shard-*.json` with the counts.
 TFDS: `build_tfds` runs under an O_EXCL lock file, so two shards finishing at once cannot build it together,
-and rebuilds only when the records changed since the last build; the CLI's --finalize runs it on its own.
+and rebuilds (beside the old copy, swapped in once built) only when the records changed since the last build
+(`tfds_builders.prepare`); the CLI's --finalize runs it on its own.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -227,20 +227,6 @@ def tfds_lock_path(cfg) -> str:
   return os.path.join(cfg.output_dir, "_tfds_build.lock")
 
 
-def tfds_state_path(cfg) -> str:
-  return os.path.join(cfg.output_dir, "_tfds_build.json")
-
-
-def records_fingerprint(output_dir: str) -> str:
-  """A hash of every split's record files (name, size, mtime): changes when a record is added or rewritten."""
-  h = hashlib.sha256()
-  for split in sorted(d for d in os.listdir(output_dir) if os.path.isdir(os.path.join(output_dir, d))):
-    for name in sorted(n for n in os.listdir(os.path.join(output_dir, split)) if n.endswith(".rec")):
-      st = os.stat(os.path.join(output_dir, split, name))
-      h.update(f"{split}/{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-  return h.hexdigest()
-
-
 class TfdsBuildBusy(RuntimeError):
   """Another process holds the TFDS build lock."""
 
@@ -250,10 +236,9 @@ def build_tfds(cfg):
 
   Safe to call from every shard: the build runs under `{output_dir}/_tfds_build.lock`, created with O_EXCL
   (TfdsBuildBusy when another process holds it; a lock left by a killed process names its pid and host, and
-  is removed by hand). A dataset already built from the same records is reused; one built from other records
-  (e.g. before a retry_failed rerun) is removed and rebuilt."""
-  import shutil
-
+  is removed by hand). `tfds_builders.prepare` keeps the dataset in step with the records: one built from the
+  same records is reused; one built from other records (e.g. before a retry_failed rerun) is rebuilt beside
+  the old copy and swapped in once built, so a failed rebuild leaves the old copy as it was."""
   from merr1_jax.data import tfds_builders
   lock = tfds_lock_path(cfg)
   try:
@@ -266,24 +251,9 @@ def build_tfds(cfg):
   try:
     with os.fdopen(fd, "w") as f:
       f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    fingerprint = records_fingerprint(cfg.output_dir)
     builder = tfds_builders.MerFeatures(records_dir=cfg.output_dir, data_dir=cfg.tfds_data_dir,
                                         on_bad_record="raise")
-    state = {}
-    if os.path.isfile(tfds_state_path(cfg)):
-      with open(tfds_state_path(cfg)) as f:
-        state = json.load(f)
-    if builder.is_prepared():
-      if state.get("fingerprint") == fingerprint and state.get("data_dir") == builder.data_dir:
-        _log.info("TFDS dataset %s is up to date with the records", builder.data_dir)
-        return builder
-      _log.info("records changed since %s was built: rebuilding it", builder.data_dir)
-      shutil.rmtree(builder.data_dir)
-      builder = tfds_builders.MerFeatures(records_dir=cfg.output_dir, data_dir=cfg.tfds_data_dir,
-                                          on_bad_record="raise")
     tfds_builders.prepare(builder)
-    _write_atomic(tfds_state_path(cfg), json.dumps({"data_dir": builder.data_dir,
-                                                    "fingerprint": fingerprint}).encode())
     return builder
   finally:
     os.remove(lock)
