@@ -26,9 +26,14 @@ equal the trainer's by construction; and the prepared MER-UniBench sets of data/
 mer2024, meld, iemocap4: HIT; mosi, mosei, sims, simsv2: WAF; ovmerd, mme_emotion: OV), batched with the same
 settings.
 
-Reports go to WORKDIR/eval/ (reports.write_reports), including predictions CSVs for `python -m merr1_jax.metrics`
-and the official tools. `--baseline` (an earlier report.json, or the trainer's WORKDIR/eval_<stage>.json) adds a
-computed statement of whether the slow-minus-fast gap closed since then (reports.gap_change).
+Reports go to WORKDIR/eval/ or --out (reports.write_reports), including predictions CSVs for
+`python -m merr1_jax.metrics` and the official tools, and the records each split skipped as bad (count and ids).
+`--baseline` (an earlier report.json, or the trainer's WORKDIR/eval_<stage>.json) adds a computed statement of
+whether the slow-minus-fast gap closed since then (reports.gap_change).
+
+Nothing is lost (`check_paths`, before anything is built): the workdir must exist (a mistyped one is refused,
+never created), and --out must be a folder that a report may replace whole: not the workdir, a folder around it
+or inside its checkpoints, nor a non-empty folder that is not an earlier report (reports.check_report_dir).
 
 MME-Emotion: `--mme_items` (the benchmark's items JSON, data/labels.read_mme_json: ids, GT and an optional task
 per item) has the slow-mode completion of every item's id judged (merr1_jax/mme.py) by `--judge` (default `rule`,
@@ -36,10 +41,10 @@ the offline mme_judges.RuleJudge, NOT the benchmark's LLM judge; `module:Class` 
 a cache (`--judge_cache`, default WORKDIR/mme_judge_cache.jsonl, outside the report directory that each run
 replaces) so that a rerun never asks again; the scores go to mme.json, mme_judge.jsonl and a report.md section.
 
-Bad input (a config that cannot be built, a bad --config override, a missing checkpoint, an unknown dataset, an
-empty split, a checkpoint of another model, disagreeing tokenizers, an unreadable baseline, a missing or bad
-MME items file, items that match no sample, a bad --judge spec, a bad judge cache line) prints one
-`error: ...` line and exits with status 2.
+Bad input (a missing workdir, an --out that is not a report folder, a config that cannot be built, a bad
+--config override, a missing checkpoint, an unknown dataset, an empty split, a checkpoint of another model,
+disagreeing tokenizers, an unreadable baseline, a missing or bad MME items file, items that match no sample, a
+bad --judge spec, a bad judge cache line) prints one `error: ...` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -270,7 +275,30 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def check_paths(args) -> tuple[pathlib.Path, pathlib.Path]:
+  """(workdir, report folder), checked before anything is built or written: the workdir must exist (a mistyped
+  one is not created), the report folder must be one that a report may replace (reports.check_report_dir: not
+  the workdir, not around it, not in its checkpoints, not someone else's non-empty folder), and the MME judge
+  cache must not be inside it (the next report would remove it)."""
+  workdir = pathlib.Path(args.workdir)
+  if not workdir.exists():
+    raise EvalError(f"--workdir {workdir}: no such folder")
+  if not workdir.is_dir():
+    raise EvalError(f"--workdir {workdir}: not a folder")
+  out = args.out or workdir / "eval"
+  try:
+    resolved = reports.check_report_dir(out, workdir=workdir)
+  except reports.ReportDirError as e:
+    raise EvalError(f"--out {out}: {e.reason}") from None
+  cache = getattr(args, "judge_cache", None)
+  if cache and resolved in pathlib.Path(cache).expanduser().resolve().parents:
+    raise EvalError(f"--judge_cache {cache}: is inside the report folder {out}, which each run replaces whole; keep "
+                    f"it outside (default {workdir / 'mme_judge_cache.jsonl'})")
+  return workdir, resolved
+
+
 def run(args, overrides: Sequence[str]) -> dict:
+  workdir, out = check_paths(args)
   config = build_config(args.config, overrides)
   try:
     cfglib.validate(config, jax.device_count())
@@ -282,7 +310,6 @@ def run(args, overrides: Sequence[str]) -> dict:
                     "shards of the mesh (data x fsdp); use a multiple")
   if jax.process_count() > 1:
     raise EvalError("the evaluate CLI runs on one process (per-sample results are not gathered across hosts)")
-  workdir = pathlib.Path(args.workdir)
   names = [n for n in (args.datasets or config.data.name).split(",") if n]
   modes = tuple(m for m in args.modes.split(",") if m)
   try:
@@ -309,17 +336,22 @@ def run(args, overrides: Sequence[str]) -> dict:
   token_sets = rewards.category_token_sets(settings.space, tok.encode, model.config.vocab_size)
   try:
     results = evaluation.evaluate(model, params, tok, datasets, settings=settings, token_sets=token_sets,
-                                  mesh=_mesh(config), progress=not args.no_progress)
+                                  mesh=_mesh(config), progress=not args.no_progress, split=config.data.eval_split)
   except ValueError as e:
     raise EvalError(str(e)) from None
   meta = {"checkpoint": str(where) if kind == "hf" else f"{workdir}/checkpoints/{where[0]}/{where[1]}",
           "checkpoint_kind": kind, "config": args.config, "overrides": list(overrides),
           "datasets": {n: m for n, (_, m) in datasets.items()}}
   scores = judge_mme(judging, results) if judging else None
-  files = reports.write_reports(results, args.out or workdir / "eval", meta=meta, baseline=baseline, mme=scores)
+  try:
+    files = reports.write_reports(results, out, meta=meta, baseline=baseline, mme=scores, workdir=workdir)
+  except reports.ReportDirError as e:  # something appeared in the folder while we evaluated
+    raise EvalError(f"--out {args.out or out}: {e.reason}") from None
   for name, r in results.items():
     for mode in r.summary:
       print(f"{name} [{mode}] {r.metric}: {reports.headline(r, mode)}")
+  for line in reports.skipped_lines({n: r.skipped for n, r in results.items()}):
+    print(f"skipped as bad records: {line}")
   if baseline is not None:
     for line in reports.gap_lines(results, baseline):
       print(line)

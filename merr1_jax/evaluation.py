@@ -18,6 +18,9 @@ answer word). Per wheel with a non-empty GT: mass on the predicted clusters sum_
 is its mean over those wheels and `correct` is the per-sample precision on the same wheels, so a calibrated model
 has mean confidence ~ mean correctness in every confidence bin. `gt_mass` is the same mass on the GT clusters.
 
+Records that the data pipeline skipped as bad (data.on_bad_record='skip') are part of the result:
+DatasetResult.skipped holds their count and ids per split (`skipped_records`), and the reports carry them.
+
 With num_samples N > 1, every record keeps its sample index and the summary adds `best_of_n`: the dataset metric
 on the per-prompt best sample (the highest per-sample F1 / hit / sentiment match), a pass@N-style upper bound.
 
@@ -123,6 +126,8 @@ class DatasetResult:
   settings: dict  # EvalSettings.describe()
   n_examples: int
   analysis: dict = dataclasses.field(default_factory=dict)  # fast_vs_slow(...) when both modes ran
+  # {split: {'count', 'ids'}}: the split's records that the data pipeline skipped as bad (`skipped_records`)
+  skipped: dict = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------- host helpers
@@ -226,14 +231,28 @@ def _check_batch(batch: Mapping[str, np.ndarray], dataset: str, index: int) -> N
                      "with mode='slow' (fast mode appends the prefix to slow prompts itself)")
 
 
+def skipped_records(batches) -> dict:
+  """{'count', 'ids'} of the records that the pipeline of `batches` skipped as bad (data.on_bad_record='skip'),
+  from its `bad` log (data/schema.BadRecordLog): an id is the clip's, or the record's index in its source where no
+  id could be read; ids None where the log does not keep them. Batches without a log (a list) skipped none."""
+  log = getattr(batches, "bad", None)
+  if log is None:
+    return {"count": 0, "ids": []}
+  ids = getattr(log, "records", None)
+  if ids is None:
+    return {"count": int(log.count), "ids": None if log.count else []}
+  return {"count": int(log.count), "ids": [int(r) if isinstance(r, (int, np.integer)) else str(r) for r in ids]}
+
+
 def _method(settings: EvalSettings):
   return sampling.Greedy() if settings.num_samples == 1 else sampling.Temperature(float(settings.temperature))
 
 
 def evaluate_dataset(model, params, tokenizer, batches: Iterable[Mapping[str, np.ndarray]], *, dataset: str,
                      metric: str, settings: EvalSettings, token_sets: np.ndarray | None = None, mesh=None,
-                     progress: bool = True) -> DatasetResult:
-  """Generates, parses and scores one dataset in every mode of `settings` (see the module docstring).
+                     progress: bool = True, split: str = "eval") -> DatasetResult:
+  """Generates, parses and scores one dataset in every mode of `settings` (see the module docstring); `split`
+  names the split that `batches` read, for the record of its skipped records (DatasetResult.skipped).
 
   With a mesh over several processes every process must pass the same batches (the whole split, not a shard):
   the device work is split over the mesh, the outputs are gathered, and every process gets the same result.
@@ -307,7 +326,8 @@ def evaluate_dataset(model, params, tokenizer, batches: Iterable[Mapping[str, np
   samples = [r for m in settings.modes for r in records[m]]
   analysis = {"fast_vs_slow": eval_stats.fast_vs_slow(samples)} if set(settings.modes) >= {"fast", "slow"} else {}
   return DatasetResult(dataset=dataset, metric=metric, summary=summary, samples=samples,
-                       settings=settings.describe(), n_examples=n_examples, analysis=analysis)
+                       settings=settings.describe(), n_examples=n_examples, analysis=analysis,
+                       skipped={split: skipped_records(batches)})
 
 
 _VADER: dict[str, emotion.VaderSentimentMapper] = {}
@@ -321,10 +341,10 @@ def _vader(format_version: str) -> emotion.VaderSentimentMapper:
 
 def evaluate(model, params, tokenizer, datasets: Mapping[str, tuple[Iterable[Mapping[str, np.ndarray]], str]], *,
              settings: EvalSettings, token_sets: np.ndarray | None = None, mesh=None,
-             progress: bool = True) -> dict[str, DatasetResult]:
-  """`evaluate_dataset` over `datasets`: name -> (batches, metric), in order."""
+             progress: bool = True, split: str = "eval") -> dict[str, DatasetResult]:
+  """`evaluate_dataset` over `datasets`: name -> (batches, metric), in order; `split` names their split."""
   if not datasets:
     raise ValueError("evaluate needs at least one dataset")
   return {name: evaluate_dataset(model, params, tokenizer, batches, dataset=name, metric=metric, settings=settings,
-                                 token_sets=token_sets, mesh=mesh, progress=progress)
+                                 token_sets=token_sets, mesh=mesh, progress=progress, split=split)
           for name, (batches, metric) in datasets.items()}

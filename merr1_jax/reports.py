@@ -24,7 +24,9 @@ baseline, computed from the two sets of numbers (`gap_change`, `gap_verdict`).
 
 The directory is written atomically: everything goes into a sibling temp directory that replaces `out_dir` at
 the end, so an interrupted run leaves the previous report (or none), never a half-written one that looks done.
-`out_dir` belongs to the report: other files in it are replaced with it.
+Only a report folder may be replaced: every report holds a marker file (`MARKER`), and `check_report_dir` refuses
+an `out_dir` that is the workdir, contains it, lies inside its checkpoints, is not a folder, or is a non-empty
+folder without the marker; an earlier report of ours is replaced whole (other files in it go with it).
 
 Conventions: scores are fractions in report.json and points (x 100) in report.md (MME-Emotion's are 0-100 in
 both, as the benchmark reports them); a gap is slow minus fast.
@@ -136,7 +138,7 @@ def gap_lines(results: Mapping[str, evaluation.DatasetResult], baseline: Mapping
 
 def _report_json(results, meta: dict, baseline: Mapping[str, Any] | None, csvs: dict) -> dict:
   datasets = {name: {"metric": r.metric, "headline": evaluation.HEADLINE[r.metric], "n_examples": r.n_examples,
-                     "settings": r.settings, "summary": r.summary, "analysis": r.analysis,
+                     "skipped": r.skipped, "settings": r.settings, "summary": r.summary, "analysis": r.analysis,
                      **({"csv": csvs[name]} if name in csvs else {})}
               for name, r in results.items()}
   out = {"meta": meta, "datasets": datasets, "mean": benchmark_means(results)}
@@ -215,6 +217,9 @@ def _report_md(results, meta: dict, baseline: Mapping[str, Any] | None = None) -
   for key in ("checkpoint", "extractor", "sentiment_mapper", "decoding"):
     if key in meta:
       lines.append(f"- **{key.replace('_', ' ')}**: {meta[key]}")
+  skips = skipped_lines({n: r.skipped for n, r in results.items()})
+  if skips:
+    lines.append("- **skipped as bad records**: " + "; ".join(skips))
   lines += ["", "Scores in % (OV: EW F level 1; HIT: hit rate; WAF: weighted F1). Mean: plain mean over the "
             "columns (MER-UniBench).", ""]
   lines.append("| mode | " + " | ".join(f"{n} ({results[n].metric.upper()})" for n in names) + " | Mean |")
@@ -255,14 +260,74 @@ def _report_md(results, meta: dict, baseline: Mapping[str, Any] | None = None) -
   return "\n".join(lines) + "\n"
 
 
+def skipped_lines(skipped: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
+  """'dataset split: N (ids ...)' for every split of {dataset: {split: {'count', 'ids'}}} that skipped records."""
+  out = []
+  for name, splits in skipped.items():
+    for split, s in (splits or {}).items():
+      if s.get("count"):
+        ids = "ids not recorded" if s.get("ids") is None else "ids " + ", ".join(map(str, s["ids"]))
+        out.append(f"{name} {split}: {s['count']} ({ids})")
+  return out
+
+
 def _safe_name(name: str) -> str:
   return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+MARKER = ".merr1_report"  # in every report folder: what marks it as one that a later report may replace
+
+
+class ReportDirError(ValueError):
+  """An `out_dir` that write_reports must not replace: `path` (as given) and `reason`."""
+
+  def __init__(self, path, reason: str):
+    self.path, self.reason = str(path), reason
+    super().__init__(f"report folder {path}: {reason}")
+
+
+def _inside(path: pathlib.Path, root: pathlib.Path) -> bool:
+  return path == root or root in path.parents
+
+
+def check_report_dir(out_dir: str | os.PathLike, *, workdir: str | os.PathLike | None = None) -> pathlib.Path:
+  """The report folder `out_dir` with symlinks and `.`/`..` resolved, or ReportDirError (a ValueError) saying why
+  writing a report there would lose something: it is the workdir, contains it, or lies inside (or contains) the
+  workdir's checkpoints; it exists and is not a folder; it is a non-empty folder without `MARKER` (not a report
+  of ours). An absent or empty folder, or an earlier report of ours, may be replaced."""
+  out = pathlib.Path(out_dir).expanduser().resolve()
+
+  def refuse(reason: str):
+    raise ReportDirError(out_dir, reason)
+
+  if workdir is not None:
+    w = pathlib.Path(workdir).expanduser().resolve()
+    ckpts = (w / "checkpoints").resolve()  # it may be a symlink to another disk
+    whole = "a report folder is replaced whole, so give the report one of its own"
+    if out == w:
+      refuse(f"is the workdir {w}; {whole} (default {w / 'eval'})")
+    if _inside(w, out):
+      refuse(f"contains the workdir {w} (resolved: {out}); {whole}")
+    if _inside(out, ckpts):
+      refuse(f"is inside the workdir's checkpoints {ckpts}")
+    if _inside(ckpts, out):
+      refuse(f"contains the workdir's checkpoints {ckpts} (resolved: {out}); {whole}")
+  if out.exists() and not out.is_dir():
+    refuse(f"exists and is not a folder (resolved: {out})")
+  if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+    refuse(f"is a non-empty folder that is not a report of merr1_jax.evaluate (no {MARKER} in {out}); a report "
+           "folder is replaced whole, so name a new or empty folder, or move this one away yourself (a report "
+           f"written before the marker existed: create {out / MARKER} to let it be replaced)")
+  return out
+
+
 def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str | os.PathLike, *,
                   meta: Mapping[str, Any], baseline: Mapping[str, Any] | None = None,
-                  mme: Mapping[str, Any] | None = None) -> dict[str, pathlib.Path]:
+                  mme: Mapping[str, Any] | None = None,
+                  workdir: str | os.PathLike | None = None) -> dict[str, pathlib.Path]:
   """Writes every report file atomically into `out_dir` (see the module docstring); returns name -> final path.
+  `out_dir` must pass `check_report_dir` (with `workdir`, the run it must not touch), else ReportDirError before
+  anything is written.
 
   `meta` is stored in report.json; the extractor, sentiment mapper and decoding of the first result are added
   when absent, so a report always says how its words were obtained. `baseline` ({'source', 'datasets': {name:
@@ -274,7 +339,7 @@ def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str 
   first = next(iter(results.values())).settings
   meta = {"extractor": first.get("extractor"), "sentiment_mapper": first.get("sentiment_mapper"),
           "decoding": first.get("decoding"), "settings": first} | dict(meta)
-  out = pathlib.Path(out_dir).absolute()
+  out = check_report_dir(out_dir, workdir=workdir)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   try:
@@ -284,6 +349,7 @@ def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str 
       (tmp / name).write_text(text, encoding="utf-8")
       files[name] = out / name
 
+    put(MARKER, json.dumps({"written_by": "merr1_jax.reports.write_reports"}) + "\n")
     csvs = {}
     for name, r in results.items():
       texts, info = prediction_csvs(r)
@@ -311,6 +377,7 @@ def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str 
       png = f"calibration_{mode}.png"
       report_plots.calibration_plot(results, mode, tmp / png)
       files[png] = out / png
+    check_report_dir(out, workdir=workdir)  # again: something may have been put there while we evaluated
     _swap(tmp, out)
   except BaseException:  # Ctrl-C included: never leave the temp directory behind
     shutil.rmtree(tmp, ignore_errors=True)
@@ -319,8 +386,9 @@ def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str 
 
 
 def _swap(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Replaces `out` by `tmp`: a directory rename cannot overwrite a non-empty directory, so the old one is moved
-  aside first; at every instant `out` is either the complete old report, absent, or the complete new one."""
+  """Replaces `out` (absent, empty, or a report of ours: check_report_dir) by `tmp`: a directory rename cannot
+  overwrite a non-empty directory, so the old one is moved aside first; at every instant `out` is either the
+  complete old report, absent, or the complete new one."""
   if out.exists():
     old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.replace(out, old / "report")
@@ -359,12 +427,22 @@ def training_gap_lines(evals: Mapping[str, Mapping], data: str) -> str:
 
 
 def training_results(evals: Mapping[str, Mapping], data: str) -> dict:
-  """results.json's content from the trainer's per-stage evaluations (eval_<stage>.json)."""
-  return {stage: {mode: {k: float(v[k]) for k in ("precision", "recall", "f")}
-                  for mode, v in ev["summary"][data].items()} for stage, ev in evals.items()}
+  """results.json's content from the trainer's per-stage evaluations (eval_<stage>.json): per stage, each mode's
+  numbers and `skipped`, the records of each evaluated split skipped as bad ({split: {'count', 'ids'}}; absent
+  for an eval_<stage>.json written before it was recorded)."""
+  out = {}
+  for stage, ev in evals.items():
+    out[stage] = {mode: {k: float(v[k]) for k in ("precision", "recall", "f")}
+                  for mode, v in ev["summary"][data].items()}
+    if data in ev.get("skipped", {}):
+      out[stage]["skipped"] = ev["skipped"][data]
+  return out
 
 
 def results_markdown(evals: Mapping[str, Mapping], data: str, split: str) -> str:
-  """WORKDIR/results.md: the final table and the fast-vs-slow lines."""
+  """WORKDIR/results.md: the final table, the fast-vs-slow lines and the records skipped as bad, if any."""
+  skips = [f"- {stage}: {line}" for stage, ev in evals.items()
+           for line in skipped_lines({data: ev.get("skipped", {}).get(data, {})})]
   return (f"# MER-R1 results ({data}, {split} split, OV emotion-wheel level 1, fractions x 100)\n\n"
-          f"{results_table(training_results(evals, data))}\n\nFast vs slow:\n{training_gap_lines(evals, data)}\n")
+          f"{results_table(training_results(evals, data))}\n\nFast vs slow:\n{training_gap_lines(evals, data)}\n"
+          + ("\nSkipped as bad records:\n" + "\n".join(skips) + "\n" if skips else ""))

@@ -12,10 +12,12 @@ report states, from the numbers, whether the slow mode closed the gap; the predi
 checkpoint; --num_samples works end to end.
 """
 
+import dataclasses
 import json
 import math
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from merr1_jax import checkpoint, evaluate, evaluation, metrics, run_setup, settings
+from merr1_jax import checkpoint, evaluate, evaluation, metrics, reports, run_setup, settings
 from merr1_jax import config as cfglib
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, hf_io
@@ -247,6 +249,117 @@ def test_end_to_end_writes_reports(tmp_path, capsys):
   assert "mer_synth [fast] ov:" in out.out
   lines = (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()
   assert len(lines) == 8 and {json.loads(l)["mode"] for l in lines} == {"fast", "slow"}
+
+
+# ------------------------------------------------------------- what --out and --workdir may touch (issue 23)
+
+
+@pytest.fixture(scope="module")
+def evaluable(tmp_path_factory):
+  """A workdir template that evaluates (an HF export and the run's tokenizer) and holds the files of a run."""
+  w = tmp_path_factory.mktemp("evaluable") / "w"
+  config = _config()
+  model, params = _model_and_params(config, w)
+  hf_io.save_hf(params, model.config, str(w / "export"), dtype="float32")
+  for name, text in (("results.json", '{"sft": {}}\n'), ("metrics.jsonl", '{"step": 1}\n'),
+                     ("config.json", "{}\n"), ("checkpoints/sft/3/state", "weights\n")):
+    (w / name).parent.mkdir(parents=True, exist_ok=True)
+    (w / name).write_text(text)
+  return w
+
+
+def _tree(root: pathlib.Path) -> dict:
+  """Every path under root (symlinks not followed) -> its bytes (None for a directory)."""
+  return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def _copy_workdir(evaluable, tmp_path) -> pathlib.Path:
+  w = tmp_path / "w"
+  shutil.copytree(evaluable, w)
+  return w
+
+
+@pytest.mark.parametrize("case, why", [
+    ("workdir", "is the workdir"), ("dot", "is the workdir"), ("symlink", "is the workdir"),
+    ("parent", "contains the workdir"), ("checkpoints", "is inside the workdir's checkpoints"),
+    ("foreign", "is a non-empty folder that is not a report of merr1_jax.evaluate"),
+    ("file", "is not a folder")])
+def test_out_that_is_not_a_report_folder_is_refused(evaluable, tmp_path, capsys, monkeypatch, case, why):
+  """`--out` is refused, naming the path and why, before anything is built; nothing on disk changes (before
+  issue 23 the report writer moved the folder aside and removed it: the workdir, its parent, a user's folder)."""
+  w = _copy_workdir(evaluable, tmp_path)
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("mine\n")
+  (tmp_path / "link").symlink_to(w, target_is_directory=True)
+  out = {"workdir": str(w), "dot": ".", "symlink": str(tmp_path / "link"), "parent": str(tmp_path),
+         "checkpoints": str(w / "checkpoints" / "sft" / "report"), "foreign": str(tmp_path / "mine"),
+         "file": str(tmp_path / "mine" / "notes.txt")}[case]
+  monkeypatch.chdir(w if case == "dot" else tmp_path)
+  before = _tree(tmp_path)
+  code, err = _cli(capsys, w, "--checkpoint", str(w / "export"), "--out", out)
+  assert code == 2 and err.startswith(f"error: --out {out}: ") and why in err, err
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert _tree(tmp_path) == before  # nothing removed, nothing created (no report, no temp folder)
+
+
+def test_an_earlier_report_is_replaced_whole(evaluable, tmp_path, capsys):
+  """A report folder of ours (its marker file) is replaced atomically by the next run: nothing of the old one
+  stays (its slow-mode plot), and the new one is marked again."""
+  w = _copy_workdir(evaluable, tmp_path)
+  out = tmp_path / "report"
+  code, err = _cli(capsys, w, "--checkpoint", str(w / "export"), "--out", str(out))
+  assert code == 0, err
+  assert (out / reports.MARKER).is_file() and (out / "calibration_slow.png").exists()
+  code, err = _cli(capsys, w, "--checkpoint", str(w / "export"), "--out", str(out), "--modes", "fast")
+  assert code == 0, err
+  assert (out / reports.MARKER).is_file() and not (out / "calibration_slow.png").exists()
+  assert set(json.loads((out / "report.json").read_text())["datasets"]["mer_synth"]["summary"]) == {"fast"}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "w"]  # no temp or old folder left
+
+
+def test_a_mistyped_workdir_is_refused_and_not_created(tmp_path, capsys):
+  w = tmp_path / "runs" / "typo"
+  code, err = _cli(capsys, w)
+  assert code == 2 and err == f"error: --workdir {w}: no such folder\n", err
+  assert list(tmp_path.iterdir()) == []  # not created, and no dataset built in it
+  (tmp_path / "file").write_text("x")
+  code, err = _cli(capsys, tmp_path / "file")
+  assert code == 2 and err == f"error: --workdir {tmp_path / 'file'}: not a folder\n", err
+
+
+def test_a_judge_cache_inside_the_report_folder_is_refused(evaluable, tmp_path, capsys):
+  """The report folder is replaced whole by every run: a judge cache kept there would be lost each time (before
+  issue 23 the run went ahead, and the swap removed the cache it had just written)."""
+  w = _copy_workdir(evaluable, tmp_path)
+  items = tmp_path / "items.json"
+  items.write_text(json.dumps([{"video_id": f"mer_synth-test-{i:06d}", "label": "happy", "label_set": "[happy]"}
+                               for i in range(4)]))
+  cache = tmp_path / "report" / "cache.jsonl"
+  before = _tree(tmp_path)
+  code, err = _cli(capsys, w, "--checkpoint", str(w / "export"), "--out", str(tmp_path / "report"),
+                   "--mme_items", str(items), "--judge_cache", str(cache))
+  assert code == 2 and err.startswith(f"error: --judge_cache {cache}: is inside the report folder ") and (
+      "which each run replaces whole" in err), err
+  assert _tree(tmp_path) == before
+
+
+def test_skipped_records_are_in_the_report(tmp_path, capsys, monkeypatch):
+  """Records skipped as bad (data.on_bad_record=skip) are counted and named per split in report.json, not only
+  on the console: one that cannot be read (named by its index in the source) and one whose label maps nowhere
+  (named by its id)."""
+  config = _config()
+  model, params = _model_and_params(config, tmp_path)
+  hf_io.save_hf(params, model.config, str(tmp_path / "export"), dtype="float32")
+  good = list(synth.generate_split(settings.synth_config(config), "test"))
+  bad = dataclasses.replace(good[0], id="clip_no_label", openset=("xyzzy",))
+  records = [good[0], b"not a record", good[1], bad, good[2], good[3]]
+  monkeypatch.setattr(evaluate, "_own_data", lambda config, workdir, tok, model: run_setup.Data(
+      config, tok, model.config, {"test": pipeline.BytesSource(records, name="mer_synth/test")}))
+  code, err = _cli(capsys, tmp_path, "--checkpoint", str(tmp_path / "export"), "--config.data.on_bad_record=skip")
+  assert code == 0, err
+  rep = json.loads((tmp_path / "eval" / "report.json").read_text())["datasets"]["mer_synth"]
+  assert rep["n_examples"] == 4
+  assert rep["skipped"] == {"test": {"count": 2, "ids": [1, "clip_no_label"]}}
 
 
 # ------------------------------------------------------------------------- a trained smoke run (subprocesses)

@@ -486,3 +486,110 @@ def test_reports_are_atomic(tmp_path, result, monkeypatch):
 
 def test_json_safe():
   assert reports.json_safe({"a": float("nan"), "b": (np.float32(0.5), math.inf)}) == {"a": None, "b": [0.5, None]}
+
+
+# ------------------------------------------------------------------ skipped records and report folders (issue 23)
+
+
+def test_skipped_records_are_counted_and_named_in_the_result_and_report(tmp_path, tok, policy, records):
+  """Records the eval pipeline skips as bad are part of the result (count and ids per split) and of
+  report.json/report.md: one unreadable record (named by its index in the source), one whose video features
+  have the wrong width (named by its id)."""
+  model, params = policy
+  bad = dataclasses.replace(records[0], id="clip_narrow", video=records[0].video[:, :16])
+  source = pipeline.BytesSource([records[0], b"not a record", records[1], bad, records[2], records[3]])
+  pcfg = pipeline.PipelineConfig(kind="eval", mode="slow", batch_size=4, shuffle=False, num_epochs=1,
+                                 drop_remainder=False, video_dim=32, audio_dim=32, feature_dtype="float32",
+                                 on_bad_record="skip")
+  batches = pipeline.build(source, tok, pcfg)
+  r = evaluation.evaluate_dataset(model, params, tok, batches, dataset="mer_synth", metric="ov",
+                                  settings=evaluation.EvalSettings(modes=("fast",), **SETTINGS), progress=False,
+                                  split="test")
+  want = {"test": {"count": 2, "ids": [1, "clip_narrow"]}}
+  assert r.n_examples == 4 and r.skipped == want
+  reports.write_reports({"mer_synth": r}, tmp_path / "eval", meta={})
+  assert json.loads((tmp_path / "eval" / "report.json").read_text())["datasets"]["mer_synth"]["skipped"] == want
+  assert "- **skipped as bad records**: mer_synth test: 2 (ids 1, clip_narrow)" in (
+      tmp_path / "eval" / "report.md").read_text()
+  # Batches without a pipeline's log (a list) skipped nothing here.
+  listed = evaluation.evaluate_dataset(model, params, tok, list(batches), dataset="mer_synth", metric="ov",
+                                       settings=evaluation.EvalSettings(modes=("fast",), **SETTINGS),
+                                       progress=False, split="test")
+  assert listed.skipped == {"test": {"count": 0, "ids": []}}
+
+
+class _Writer:
+  def __init__(self):
+    self.rows = []
+
+  def write(self, stage, step, metrics):
+    self.rows.append((stage, step))
+
+
+def test_trainer_eval_and_results_record_skipped_records(tmp_path, tok, policy, records, token_sets):
+  """The trainer's eval_<stage>.json, results.json and results.md carry the eval split's skipped records."""
+  import types  # noqa: PLC0415
+
+  from merr1_jax import train  # noqa: PLC0415
+
+  model, params = policy
+  source = pipeline.BytesSource([records[0], b"not a record", records[1]])
+  pcfg = pipeline.PipelineConfig(kind="eval", mode="slow", batch_size=4, shuffle=False, num_epochs=1,
+                                 drop_remainder=False, video_dim=32, audio_dim=32, feature_dtype="float32",
+                                 on_bad_record="skip")
+  ns = types.SimpleNamespace
+  config = ns(data=ns(name="mer_synth", eval_split="test"), log=ns(progress=False))
+  data = ns(eval_datasets=lambda: {"mer_synth": (pipeline.build(source, tok, pcfg), "ov")})
+  run = ns(model=model, tokenizer=tok, data=data, eval_settings=evaluation.EvalSettings(**SETTINGS),
+           eval_token_sets=token_sets, mesh=None, config=config, writer=_Writer(), workdir=tmp_path)
+  ev = train._eval(run, params, "sft", 3)
+  want = {"test": {"count": 1, "ids": [1]}}
+  assert json.loads((tmp_path / "eval_sft.json").read_text())["skipped"] == {"mer_synth": want}
+  train._write_results(run, {"sft": ev})
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["sft"]["skipped"] == want and set(results["sft"]) == {"fast", "slow", "skipped"}
+  assert "Skipped as bad records:\n- sft: mer_synth test: 1 (ids 1)\n" in (tmp_path / "results.md").read_text()
+
+
+def _tree(root) -> dict:
+  return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def test_reports_never_replace_a_folder_that_is_not_a_report(tmp_path, result, monkeypatch):
+  """write_reports replaces only an absent or empty folder or an earlier report (its marker file); it refuses
+  the workdir, a folder around it or in its checkpoints, a file and someone else's folder, changing nothing."""
+  w = tmp_path / "w"
+  (w / "checkpoints" / "sft").mkdir(parents=True)
+  (w / "results.json").write_text("{}")
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("mine")
+  cases = [(w, "is the workdir"), (tmp_path, "contains the workdir"), (w / "checkpoints" / "sft" / "r",
+           "is inside the workdir's checkpoints"), (tmp_path / "mine", "not a report of merr1_jax.evaluate"),
+           (tmp_path / "mine" / "notes.txt", "is not a folder"), (w / "eval" / "..", "is the workdir")]
+  before = _tree(tmp_path)
+  for out, why in cases:
+    with pytest.raises(reports.ReportDirError, match=why) as e:
+      reports.write_reports({"mer_synth": result}, out, meta={}, workdir=w)
+    assert str(e.value).startswith(f"report folder {out}: ")
+    assert _tree(tmp_path) == before, out
+  # A file that appears in an empty folder while the report is written: refused at the swap, the file kept.
+  (tmp_path / "empty").mkdir()
+  real = reports.report_plots.sizes_plot
+
+  def meanwhile(*a, **k):
+    (tmp_path / "empty" / "theirs.txt").write_text("theirs")
+    return real(*a, **k)
+
+  monkeypatch.setattr(reports.report_plots, "sizes_plot", meanwhile)
+  with pytest.raises(reports.ReportDirError, match="not a report"):
+    reports.write_reports({"mer_synth": result}, tmp_path / "empty", meta={})
+  assert [p.name for p in (tmp_path / "empty").iterdir()] == ["theirs.txt"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "w"]  # no temp folder left
+  monkeypatch.undo()
+  # An earlier report of ours is replaced whole; so is a folder marked by hand.
+  files = reports.write_reports({"mer_synth": result}, w / "eval", meta={"checkpoint": "first"}, workdir=w)
+  assert files[reports.MARKER].is_file()
+  (w / "eval" / "stale.txt").write_text("from the first report")
+  reports.write_reports({"mer_synth": result}, w / "eval", meta={"checkpoint": "second"}, workdir=w)
+  assert json.loads((w / "eval" / "report.json").read_text())["meta"]["checkpoint"] == "second"
+  assert not (w / "eval" / "stale.txt").exists() and (w / "eval" / reports.MARKER).is_file()

@@ -234,7 +234,7 @@ def test_two_process_smoke_training_run(tmp_path):
   assert "[p0]" in out and "[p1]" in out
   assert "all 2 processes exited 0" in out
   results = json.loads((work / "results.json").read_text())
-  assert set(results) == {"sft", "rl"} and all(set(v) == {"fast", "slow"} for v in results.values())
+  assert set(results) == {"sft", "rl"} and all(set(v) == {"fast", "slow", "skipped"} for v in results.values())
   rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
   assert [(r["stage"], r["step"]) for r in rows if r["stage"] in ("sft", "rl")] == [
       ("sft", 1), ("sft", 2), ("rl", 1), ("rl", 2)]  # process 0 alone writes the logs

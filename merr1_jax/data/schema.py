@@ -249,9 +249,11 @@ class BadRecordLog:
     self.count = 0
     self.by_field: collections.Counter[str] = collections.Counter()
     self.examples: list[str] = []  # the first few messages, for a report
+    self.records: list = []  # every skipped record's id (its index in the source when no id could be read)
 
   def add(self, err: BadRecordError) -> None:
     self.count += 1
+    self.records.append(err.record)
     self.by_field[err.field] += 1
     if len(self.examples) < 10:
       self.examples.append(str(err))
