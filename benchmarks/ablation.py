@@ -52,11 +52,11 @@ sys.path.insert(0, str(ROOT))
 
 from merr1_jax import emotion  # noqa: E402
 
-ROWS = ("grpo_f1", "rd", "rd_ad", "mer_r1", "mer_r1_cg", "sfcc_max", "sfcc_word", "sfcc_no_prec", "sfcc_reward",
-        "sfcc_mixed")
+ROWS = ("grpo_f1", "rd", "rd_ad", "mer_r1", "mer_r1_cg", "sfcc_max", "sfcc_word", "sfcc_emitted", "sfcc_no_prec",
+        "sfcc_reward", "sfcc_mixed")
 # The paper's MER-UniBench official-protocol means (a second-hand summary of its body: "reported").
 REPORTED = {"grpo_f1": 77.87, "rd": 80.18, "rd_ad": 82.20, "mer_r1": 83.50, "sfcc_word": 81.81,
-            "sfcc_no_prec": 82.87, "sfcc_reward": 81.91, "sfcc_mixed": 83.11}
+            "sfcc_emitted": 81.81, "sfcc_no_prec": 82.87, "sfcc_reward": 81.91, "sfcc_mixed": 83.11}
 PARENT = {"rd": "grpo_f1", "rd_ad": "rd", "mer_r1": "rd_ad", "mer_r1_cg": "rd_ad", **{r: "mer_r1" for r in ROWS[5:]}}
 # Comparisons beyond each row's parent that the verdicts need (row, other), made when both ran: the paper's
 # chain MER-R1 > RD+AD > GRPO, and the one-sided calibration against the contrastive form it replaces.

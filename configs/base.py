@@ -82,7 +82,9 @@ _ABLATIONS = {
     "mer_r1": _SFCC,  # + SFCC (the one-sided, category-level form): the full method
     "mer_r1_cg": {"calibration": "contrastive_gain"},  # + SFCC in the precursor's contrastive form (wave 2)
     "sfcc_max": _SFCC | {"cal_reading": "max"},  # confidence read as the maximum over the answer's anchors
-    "sfcc_word": _SFCC | {"cal_level": "word"},  # word-level confidence
+    "sfcc_word": _SFCC | {"cal_level": "word"},  # word-level confidence: each label word its own category
+    # word level as the emitted word's own probability at its slot (method.md E3 "Word level")
+    "sfcc_emitted": _SFCC | {"cal_level": "word", "cal_reading": "emitted"},
     "sfcc_no_prec": _SFCC | {"cal_precision_side": False},  # no precision side
     "sfcc_reward": _SFCC | {"cal_space": "reward"},  # calibration in reward space
     "sfcc_mixed": _SFCC | {"cal_space": "mixed"},  # half in each space

@@ -288,6 +288,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if r.group == "mode":
     need(r.n_slow != 1 and r.n_fast != 1, "rl.group", "per-mode groups need n_slow and n_fast != 1")
   need(r.calibration == "none" or r.n_slow > 0, "rl.calibration", f"{r.calibration} needs slow rollouts")
+  need(r.cal_reading == "first" or r.calibration == "one_sided", "rl.cal_reading",
+       f"{r.cal_reading!r} is read by rl.calibration='one_sided' only (now {r.calibration!r})")
   need(r.cal_level == "category" or config.data.name == "mer_synth", "rl.cal_level",
        f"'word' needs a dataset with a closed label list (mer_synth), not {config.data.name!r}")
   batch = r.prompts_per_step * (r.n_slow + r.n_fast)

@@ -110,6 +110,24 @@ def answer_tokens(completion: np.ndarray, length: int, ids: rollout.SpecialIds) 
   return rest[:rest.index(ids.answer_close) + 1] if ids.answer_close in rest else []
 
 
+def emitted_categories(completion_BxT: np.ndarray, lengths_B: np.ndarray, anchors: rollout.AnchorSpec,
+                       token_sets_KxCxV: np.ndarray) -> np.ndarray:
+  """[B, A, K, C] bool: the categories of the token that follows each answer anchor of the slow completions (the
+  emitted word's first token), in the anchor order of rl.answer_anchors; all False past a row's anchors. The
+  'emitted' calibration reading reads each emitted word's own probability with it (method.md E3)."""
+  comp = np.asarray(completion_BxT)
+  b, t = comp.shape
+  valid = np.arange(t)[None, :] < np.asarray(lengths_B)[:, None]
+  idx, mask = (np.asarray(x) for x in rl.answer_anchors(comp, valid, anchors.answer_open,
+                                                         np.asarray(anchors.separators, np.int32),
+                                                         anchors.answer_close, anchors.num_anchors))
+  nxt = idx + 1
+  ok = mask & (nxt < np.asarray(lengths_B)[:, None])
+  tok = np.take_along_axis(comp, np.minimum(nxt, t - 1), axis=1)  # [B, A]
+  sets = np.asarray(token_sets_KxCxV, bool)
+  return np.moveaxis(sets[:, :, tok], (2, 3), (0, 1)) & ok[:, :, None, None]
+
+
 def calibration_logmass(ctx: Context, params, inputs: base.ModelInputs, slow: rollout.Rollout, num_anchors: int,
                         buckets: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(S_slow, S_fast [B_s, A, K, C], anchor_mask [B_s, A]) on the host (method.md E3 steps 1-4): the slow
@@ -138,7 +156,8 @@ def group_ids(mode_ids_B: np.ndarray, prompt_ids_B: np.ndarray, num_prompts: int
 @functools.partial(jax.jit, static_argnames=("adv", "kind", "cal", "num_groups", "group_size"))
 def advantages_and_calibration(rewards_BxO: jax.Array, valid_B: jax.Array, mode_ids_B: jax.Array,
                                group_ids_B: jax.Array, logmass: tuple | None, gt_BsxKxC: jax.Array | None,
-                               format_ok_Bs: jax.Array | None, cluster_mask: jax.Array | None, *,
+                               format_ok_Bs: jax.Array | None, cluster_mask: jax.Array | None,
+                               emitted_BsxAxKxC: jax.Array | None = None, *,
                                adv: AdvantageSettings, kind: str, cal: rl.CalibrationConfig, num_groups: int,
                                group_size: int):
   """(adv_B, r_cal_B, diagnostics) from the host rewards [B, 4] (recall, precision, F1, format) and the
@@ -160,7 +179,8 @@ def advantages_and_calibration(rewards_BxO: jax.Array, valid_B: jax.Array, mode_
   cal_valid_B = jnp.zeros((b,), bool)
   diag = {}
   if logmass is not None:
-    r_cal = rl.CALIBRATIONS[kind](*logmass, gt_BsxKxC, cluster_mask, cal)
+    extra = {} if emitted_BsxAxKxC is None else {"emitted": emitted_BsxAxKxC}  # the 'emitted' reading only
+    r_cal = rl.CALIBRATIONS[kind](*logmass, gt_BsxKxC, cluster_mask, cal, **extra)
     bs = r_cal.shape[0]
     fmt_ok = format_ok_Bs.astype(bool)
     r_cal_B = r_cal_B.at[:bs].set(jnp.where(fmt_ok, r_cal, 0.0))
@@ -222,6 +242,11 @@ def collect(ctx: Context, settings: ExperienceSettings, params, ref_params, batc
   return rl_batch, metrics, rows
 
 
+def _emitted(ctx: Context, settings: ExperienceSettings, ros) -> np.ndarray:
+  slow = ros["slow"]
+  return emitted_categories(slow.completion, slow.length, ctx.ids.anchors(settings.num_anchors), ctx.token_sets)
+
+
 def _calibration_gt(ctx: Context, scored: rewards.ScoredBatch, gts: Sequence[tuple[str, ...]], bs: int):
   """[B_s, K, C] GT multi-hot of the slow rows in the calibration's categories (the rewards' own, or words)."""
   if ctx.cal_space is None:
@@ -254,6 +279,7 @@ def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params
       r, scored.valid_B, mode_ids, group_ids(mode_ids, prompt_ids, num_prompts, settings.advantage.group),
       tuple(logmass) if use_cal else None, _calibration_gt(ctx, scored, gts, bs) if use_cal else None,
       scored.format_ok_B[:bs] if use_cal else None, ctx.cluster_mask if use_cal else None,
+      _emitted(ctx, settings, ros) if use_cal and settings.cal.reading == "emitted" else None,
       adv=settings.advantage, kind=settings.calibration, cal=settings.cal, num_groups=num_groups,
       group_size=group_size)
   adv, r_cal, diag = np.asarray(adv), np.asarray(r_cal), sharding.to_host(diag)

@@ -36,7 +36,7 @@ Array = jax.Array
 # log of the smallest positive normal float32 (~1.2e-38). A category less likely than that counts as this.
 LOGMASS_FLOOR = -87.3
 # one_sided's readings of a set-level confidence per category (CalibrationConfig.reading; docs/method.md E3).
-READINGS = ("first", "max")
+READINGS = ("first", "max", "emitted")
 
 
 def _floor(logmass: Array) -> Array:
@@ -132,8 +132,9 @@ class CalibrationConfig:
   alpha: fast_prior_kl's GT tilt exp(+-alpha) of the fast prior; finite and >= 0.
   precision_side: keep the term on the wrong (non-GT) categories, the side that raises precision by suppressing
     them (method.md E3 "Variants"); False keeps only the GT side.
-  reading: one_sided's set-level confidence (``READINGS``): 'first', the category's probability at the first
-    answer position only; 'max', its largest probability over the answer's anchors.
+  reading: one_sided's confidence (``READINGS``): 'first', the category's probability at the first answer
+    position only; 'max', its largest probability over the answer's anchors; 'emitted', word level as the paper
+    may mean it: the probability of each emitted word at the anchor before it (needs the emitted categories).
   """
 
   tau: float = 1.0
@@ -245,8 +246,22 @@ def set_confidence(S_BxAxKxC: Array, anchor_mask_BxA: Array, reading: str) -> tu
   raise ValueError(f"unknown calibration reading {reading!r}; known: {READINGS}")
 
 
+def _one_sided_emitted(S_slow, S_fast, anchor_mask, gt, neg, emitted, precision_side):  # noqa: N803
+  """'emitted': per emitted word (anchor a, its category), shortfall if correct, excess if wrong; per wheel the
+  mean over the emitted words, then over the wheels with a GT cluster. Returns (pen, short, excess, has) [B, K]."""
+  e = emitted.astype(bool) & anchor_mask.astype(bool)[:, :, None, None]  # [B, A, K, C]
+  ps, pf = jnp.exp(S_slow.astype(jnp.float32)), jnp.exp(S_fast.astype(jnp.float32))
+  short = jnp.where(e & gt[:, None], jax.nn.relu(pf - ps), 0.0).sum(axis=(1, 3))
+  excess = jnp.where(e & neg[:, None], jax.nn.relu(ps - pf), 0.0).sum(axis=(1, 3))
+  n_BxK = (e & (gt | neg)[:, None]).sum(axis=(1, 3))
+  d = jnp.maximum(n_BxK, 1)
+  pen = (short + excess if precision_side else short) / d
+  return pen, short / d, excess / d, n_BxK > 0
+
+
 def one_sided_calibration(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask=None,  # noqa: N803 (method symbols)
-                          cfg: CalibrationConfig = CalibrationConfig(), *, return_parts: bool = False):
+                          cfg: CalibrationConfig = CalibrationConfig(), *, return_parts: bool = False,
+                          emitted=None):
   """(E3, ``rl.calibration = 'one_sided'``) r_cal = -(shortfall on correct categories + excess on wrong ones).
 
   With c_slow(c), c_fast(c) the set-level confidences of ``set_confidence`` (``cfg.reading``), per wheel:
@@ -257,19 +272,33 @@ def one_sided_calibration(S_slow, S_fast, anchor_mask, gt_multihot, cluster_mask
   or for suppressing a wrong one further: a floor, not a contrast. Probabilities, not log-masses, so one
   category that the slow mode rules out (log-mass near the floor) costs at most its fast probability.
 
-  Args: as ``calibration_gain``. ``return_parts`` also returns (shortfall_B, excess_B).
+  'emitted' (word level as the paper may mean it) reads instead each emitted word's own probability at the anchor
+  before it, in both contexts, and averages the same hinges over the emitted words: a correct word said with less
+  confidence than fast costs, a wrong word said with more confidence than fast costs. It reads only the words said,
+  so it cannot see a correct category left out, and a mean over the words said can favour short answers (the hand
+  example in tests/test_calibration_forms.py).
+
+  Args: as ``calibration_gain``. ``return_parts`` also returns (shortfall_B, excess_B). ``emitted`` [B, A, K, C]
+  bool: the categories of the word that follows each anchor (experience.emitted_categories); 'emitted' only.
 
   Returns:
     r_cal_B in [-2, 0] for 'first' (each sum is at most a probability mass), float32; 0 where a row has no
     anchor or no GT wheel.
   """
-  c_slow, has_B = set_confidence(S_slow, anchor_mask, cfg.reading)
-  c_fast, _ = set_confidence(S_fast, anchor_mask, cfg.reading)
   gt, neg, _ = _gt_and_neg(gt_multihot, cluster_mask)
-  short_BxK = jnp.where(gt, jax.nn.relu(c_fast - c_slow), 0.0).sum(axis=-1)
-  excess_BxK = jnp.where(neg, jax.nn.relu(c_slow - c_fast), 0.0).sum(axis=-1)
-  pen_BxK = short_BxK + excess_BxK if cfg.precision_side else short_BxK
   has_wheel_BxK = gt.any(axis=-1)
+  if cfg.reading == "emitted":
+    if emitted is None:
+      raise ValueError("calibration reading 'emitted' needs the emitted categories (emitted=[B, A, K, C])")
+    pen_BxK, short_BxK, excess_BxK, has_BxK = _one_sided_emitted(S_slow, S_fast, anchor_mask, gt, neg, emitted,
+                                                                 cfg.precision_side)
+    has_B, has_wheel_BxK = has_BxK.any(axis=1), has_wheel_BxK & has_BxK
+  else:
+    c_slow, has_B = set_confidence(S_slow, anchor_mask, cfg.reading)
+    c_fast, _ = set_confidence(S_fast, anchor_mask, cfg.reading)
+    short_BxK = jnp.where(gt, jax.nn.relu(c_fast - c_slow), 0.0).sum(axis=-1)
+    excess_BxK = jnp.where(neg, jax.nn.relu(c_slow - c_fast), 0.0).sum(axis=-1)
+    pen_BxK = short_BxK + excess_BxK if cfg.precision_side else short_BxK
   per_row = lambda x: _masked_mean(x, has_wheel_BxK, axis=1)  # noqa: E731
   (pen_B, has_gt_B), (short_B, _), (excess_B, _) = per_row(pen_BxK), per_row(short_BxK), per_row(excess_BxK)
   ok_B = has_B & has_gt_B
