@@ -41,8 +41,11 @@ REC_PREC = {"rl.w_rec_slow", "rl.w_rec_fast", "rl.w_prec_slow", "rl.w_prec_fast"
 @pytest.mark.parametrize("row,other,keys", [
     ("rd", "grpo_f1", REC_PREC | {"rl.w_f1"}),  # one F1 reward -> recall and precision as two rewards
     ("rd_ad", "rd", {"rl.disentangle"}),  # ... normalised separately (DOD)
-    ("mer_r1", "rd_ad", {"rl.calibration"}),  # + SFCC
+    ("mer_r1", "rd_ad", {"rl.calibration", "rl.cal_std_floor"}),  # + SFCC (one-sided, with its std floor)
+    ("mer_r1_cg", "rd_ad", {"rl.calibration"}),  # + SFCC in the contrastive form
+    ("sfcc_max", "mer_r1", {"rl.cal_reading"}),
     ("sfcc_word", "mer_r1", {"rl.cal_level"}),
+    ("sfcc_emitted", "sfcc_word", {"rl.cal_reading"}),
     ("sfcc_no_prec", "mer_r1", {"rl.cal_precision_side"}),
     ("sfcc_reward", "mer_r1", {"rl.cal_space"}),
     ("sfcc_mixed", "mer_r1", {"rl.cal_space"}),
@@ -81,6 +84,72 @@ def test_paired_bootstrap():
   better = {s: (np.minimum(p + 0.2, 1.0), np.minimum(r + 0.2, 1.0)) for s, (p, r) in pr.items()}
   up = ablation.paired_bootstrap(better, pr, reps=200)
   assert up["diff"] > 5 and up["ci95"][0] > 0 and len(up["per_seed"]) == 3
+
+
+def _f_ref(p, r):
+  """OV F from per-clip P/R [N, 5] (metrics.md §2), written here: per wheel the F of the clip means (NaN rows of a
+  wheel skipped), then the mean over the 5 wheels."""
+  fs = []
+  for k in range(p.shape[1]):
+    keep = ~np.isnan(p[:, k])
+    pm, rm = p[keep, k].mean(), r[keep, k].mean()
+    fs.append(2 * pm * rm / (pm + rm) if pm + rm > 0 else 0.0)
+  return sum(fs) / len(fs)
+
+
+def _bootstrap_ref(a, b, reps, seed):
+  """The paired bootstrap as a plain loop, with the same draws as benchmarks/ablation.py: per replicate
+  rng.choice over the sorted seeds, then per drawn seed rng.integers for its clips (shared by a and b); the interval
+  is the 2.5th and 97.5th percentile of the replicate means, in percent."""
+  seeds = sorted(set(a) & set(b))
+  rng = np.random.default_rng(seed)
+  draws = []
+  for _ in range(reps):
+    drawn = rng.choice(seeds, len(seeds))
+    diffs = []
+    for s in drawn:
+      n = len(a[s][0])
+      idx = rng.integers(0, n, n)
+      diffs.append(_f_ref(a[s][0][idx], a[s][1][idx]) - _f_ref(b[s][0][idx], b[s][1][idx]))
+    draws.append(sum(diffs) / len(diffs))
+  draws.sort()
+  return [100 * q for q in np.percentile(draws, [2.5, 97.5])]
+
+
+def _pr_pair(rng, deltas, n=40):
+  """(a, b) seed -> (P, R) [n, 5]: b is a with every P and R lowered by that seed's delta plus a little clip noise
+  (some entries NaN, as for a GT that maps nowhere in a wheel)."""
+  a, b = {}, {}
+  for s, d in enumerate(deltas):
+    p, r = rng.uniform(0.3, 0.9, (n, 5)), rng.uniform(0.3, 0.9, (n, 5))
+    p[rng.random((n, 5)) < 0.1] = np.nan
+    r[np.isnan(p)] = np.nan
+    noise = rng.normal(0, 0.02, (2, n, 5))
+    a[s], b[s] = (p, r), (np.clip(p - d + noise[0], 0, 1), np.clip(r - d + noise[1], 0, 1))
+  return a, b
+
+
+def test_paired_bootstrap_interval_equals_a_loop_written_here():
+  # Pins the interval itself (percentiles, both resampling levels, the draw order), not only its sign.
+  a, b = _pr_pair(np.random.default_rng(2), [0.02, 0.08, 0.05])
+  got = ablation.paired_bootstrap(a, b, reps=300, seed=7)
+  want = _bootstrap_ref(a, b, reps=300, seed=7)
+  assert got["ci95"] == pytest.approx(want, abs=1e-9)
+  per_seed = [100 * (_f_ref(*a[s]) - _f_ref(*b[s])) for s in sorted(a)]
+  assert got["per_seed"] == pytest.approx(per_seed, abs=1e-9)
+  assert got["diff"] == pytest.approx(np.mean(per_seed), abs=1e-9)
+  assert want[0] < got["diff"] < want[1]
+
+
+def test_spreading_the_per_seed_values_widens_the_interval():
+  # Same mean gap (5 points of P and R), same clips and noise: once spread evenly over the seeds, once unevenly.
+  # The clip-level spread is small, so a seed-level resample must widen the interval several times.
+  even = ablation.paired_bootstrap(*_pr_pair(np.random.default_rng(3), [0.05] * 4), reps=400)
+  spread = ablation.paired_bootstrap(*_pr_pair(np.random.default_rng(3), [0.0, 0.02, 0.08, 0.10]), reps=400)
+  width = lambda d: d["ci95"][1] - d["ci95"][0]  # noqa: E731
+  assert abs(even["diff"] - spread["diff"]) < 0.5, (even["diff"], spread["diff"])
+  assert width(spread) > 3 * width(even), (even["ci95"], spread["ci95"])
+  assert spread["ci95"][0] < min(spread["per_seed"]) + 3 and spread["ci95"][1] > max(spread["per_seed"]) - 3
 
 
 class FakeTrainer:

@@ -11,6 +11,7 @@
 import dataclasses
 import math
 import pathlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,24 @@ def test_collect_lays_out_groups_sequences_and_reference_like_an_independent_bui
 
 # ------------------------------------------------------------------------------------------- calibration
 
+def test_answer_tokens_by_hand():
+  """The fast counterfactual's tokens: after the last <answer> up to and including the first </answer> after it,
+  within the completion's length; [] without such a span."""
+  ids = types.SimpleNamespace(answer_open=3, answer_close=4)
+  cases = [
+      ([9, 3, 20, 21, 4, 7, 0, 0], 6, [20, 21, 4]),  # every answer word kept, the close included, padding cut
+      ([3, 20, 4, 3, 22, 5, 23, 4, 8], 9, [22, 5, 23, 4]),  # the last <answer>
+      ([3, 20, 4, 21, 4], 5, [20, 4]),  # up to the first </answer> after it
+      ([3, 4], 2, [4]),  # an empty answer: the close alone
+      ([3, 20, 4, 3, 22], 5, []),  # the last <answer> is never closed
+      ([20, 21, 4], 3, []),  # no <answer>
+      ([3, 20, 21, 4], 3, []),  # the close lies past the length
+      ([20, 21, 3, 22, 4], 2, []),  # so does the <answer>
+  ]
+  for comp, length, want in cases:
+    assert experience.answer_tokens(np.asarray(comp, np.int32), length, ids) == want, (comp, length)
+
+
 SLOW_TEXTS = ["<think>a calm voice</think><answer>happy, sad</answer>", "<think>x</think><answer>angry</answer>",
               "<think>y</think>no answer here", "<think>z</think><answer>sad; worried, happy</answer>"]
 FAST_TEXTS = ["happy</answer>", "sad, angry</answer>", "calm</answer>", "happy</answer>"]
@@ -182,14 +201,22 @@ def _anchor_rows(tokens, ids, num_anchors):
   return out[:num_anchors]
 
 
-def _ref_calibration(model, params, batch, ctx, slow, p, k, num_anchors, tau):
-  """r_cal of slow row k (prompt p) from two uncached forward passes, float64 (method.md E3 steps 1-5)."""
+def _answer_span(text):
+  """The text after the last <answer> up to and including the first </answer> after it (written here from the
+  completion's text, not with experience.answer_tokens, which the production passes use)."""
+  rest = text[text.rindex(prompts.ANSWER_OPEN) + len(prompts.ANSWER_OPEN):]
+  return rest[:rest.index(prompts.ANSWER_CLOSE) + len(prompts.ANSWER_CLOSE)]
+
+
+def _ref_calibration(model, params, batch, ctx, slow, p, k, num_anchors, tau, source):
+  """r_cal of slow row k (prompt p, completion text `source`) from two uncached forward passes, float64
+  (method.md E3 steps 1-5)."""
   comp = [int(t) for t in np.asarray(slow.completion[k][:slow.length[k]])]
   n_prompt = int(batch["prompt_mask"][p].sum())
   text = ctx.tokenizer.decode(comp[:-1])
   if not rewards.format_ok(text, "slow"):
     return 0.0
-  answer = experience.answer_tokens(np.asarray(comp), len(comp), ctx.ids)  # the span after <answer>, closed
+  answer = ctx.tokenizer.encode(_answer_span(source))  # the fast counterfactual: the same answer, from its text
   fast_tokens = list(ctx.ids.fast_prefix) + answer
   sets = np.asarray(ctx.token_sets, np.float64)  # [K, C, V]
   exists = np.asarray(ctx.cluster_mask)
@@ -238,7 +265,8 @@ def test_calibration_reward_equals_uncached_slow_and_fast_passes(config, tok, po
     for j in range(N_SLOW):
       k = p * N_SLOW + j
       if kind != "none":
-        want[p * g + j] = _ref_calibration(model, params, batch, ctx, ros["slow"], p, k, exp.num_anchors, 0.5)
+        want[p * g + j] = _ref_calibration(model, params, batch, ctx, ros["slow"], p, k, exp.num_anchors, 0.5,
+                                           SLOW_TEXTS[k])
   np.testing.assert_allclose(r_cal, want, atol=2e-5)
   if kind != "none":
     assert (want[[0, 1, 4, 5]] != 0).sum() >= 3 and want[4] == 0.0  # real values; the malformed row scores 0
@@ -309,7 +337,7 @@ def test_calibration_in_advantage_reward_and_mixed_space(config, space, lam):
   gt[:, 0, 0] = True
   fmt = rng.random(bs) < 0.8
   valid = np.ones(b, bool)
-  got, r_cal = experience.advantages_and_calibration(
+  got, r_cal, _ = experience.advantages_and_calibration(
       r, valid, mode, prompt, (s_slow, s_fast, amask), gt, fmt, None, adv=adv, kind="contrastive_gain",
       cal=rl.CalibrationConfig(), num_groups=p, group_size=ns + nf)
   want_cal = np.zeros(b)
@@ -320,7 +348,8 @@ def test_calibration_in_advantage_reward_and_mixed_space(config, space, lam):
   r64[:, :3] += lam * w[:, 4:5] * want_cal[:, None]  # folded into the task rewards (only slow rows have r_cal)
   w[:, 4] *= 1 - lam
   v = np.ones_like(r64, bool)
-  v[:, 4] = mode == 0
+  v[:, 4] = False
+  v[:bs, 4] = fmt  # the calibration objective: the well-formed slow rows only
   np.testing.assert_allclose(got, _np_dod(r64, v, w, prompt), rtol=2e-5, atol=2e-5)
 
 

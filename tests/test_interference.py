@@ -84,3 +84,42 @@ def test_gradient_cosine_of_parts():
   assert same["grad_cos"] == pytest.approx(1.0, abs=1e-5) and opposite["grad_cos"] == pytest.approx(-1.0, abs=1e-5)
   assert same["grad_norm_prec"] == pytest.approx(2 * same["grad_norm_rec"], rel=1e-4)
   assert -1.0 < other["grad_cos"] < 1.0
+
+
+def test_gradient_cosine_equals_one_over_every_leaf_computed_here():
+  """The probe's cosine and norms against a policy gradient written here: at ratio 1 without KL the PPO-clip
+  loss's gradient is that of -sum_t A_b log p_t / num_tokens (token mean over the completion targets), over every
+  parameter leaf, flattened together in float64; on advantages with no forced answer (c vs an independent d)."""
+  model = mllm.build("tiny", vocab_size=48, video_dim=0, audio_dim=0, d_model=32, num_heads=2, num_kv_heads=1,
+                     head_dim=16, mlp_dim=64)
+  params = model.init_params(jax.random.key(0))
+  rng = np.random.default_rng(4)
+  b, l = 6, 10
+  tok = rng.integers(0, 46, (b, l)).astype(np.int32)
+  inputs = base.ModelInputs(tokens=tok, positions=np.tile(np.arange(l, dtype=np.int32), (b, 1)),
+                            mask=np.ones((b, l), bool))
+  cmask = np.arange(l)[None].repeat(b, 0) >= 5
+  cmask[2, 8:] = False  # a shorter completion
+  batch = jax.tree.map(jnp.asarray, ts.RLBatch(inputs=inputs, completion_mask=cmask,
+                                               advantages=np.zeros(b, np.float32)))
+  target_mask = jnp.asarray(cmask[:, 1:], jnp.float32)  # logits at t predict token t + 1
+
+  def surrogate(p, adv):
+    logits = model.forward(p, model.embed(p, jax.tree.map(jnp.asarray, inputs)))[0][:, :-1].astype(jnp.float32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(tok[:, 1:, None]), -1)[..., 0]
+    return -(adv[:, None] * logp * target_mask).sum() / target_mask.sum()
+
+  def flat_grad(adv):
+    g = jax.grad(surrogate)(params, jnp.asarray(adv, jnp.float32))
+    leaves = jax.tree.leaves(g)
+    assert len(leaves) == len(jax.tree.leaves(params)) > 1
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+
+  c, d = rng.normal(size=b), rng.normal(size=b)
+  g_c, g_d = flat_grad(c), flat_grad(d)
+  want = g_c @ g_d / (np.linalg.norm(g_c) * np.linalg.norm(g_d))
+  got = interference.gradient_cosine(model, params, batch, c, d)
+  assert abs(want) < 0.9  # a genuinely free cosine, not one forced to +-1
+  assert got["grad_cos"] == pytest.approx(want, abs=1e-4)
+  assert got["grad_norm_rec"] == pytest.approx(np.linalg.norm(g_c), rel=1e-3)
+  assert got["grad_norm_prec"] == pytest.approx(np.linalg.norm(g_d), rel=1e-3)

@@ -295,6 +295,28 @@ def test_v2_distractors_are_as_strong_as_true_cues():
   assert len(distractor) > 30 and abs(np.mean(cue) - np.mean(distractor)) < 0.15, (np.mean(cue), np.mean(distractor))
 
 
+def test_v2_features_carry_every_cue_and_distractor_with_version_1_bounds(train2):
+  # The v1 read-out on v2's rendered features: a cue reads as strongly as in v1 (> 0.8), a distractor now as
+  # strongly as a cue, an emotion shown nowhere stays low; and per clip, thresholding the coefficients at 0.6
+  # recovers exactly the emotions the plan shows in that modality (cues and distractors) on almost every clip.
+  face, voice = synth._prototypes(CFG2)
+  for protos, mod in ((face, "face"), (voice, "voice")):
+    pinv = np.linalg.pinv(protos)
+    cue, distractor, absent, exact = [], [], [], []
+    for plan, rec in train2[:150]:
+      x = (rec.video if mod == "face" else rec.audio).astype(np.float32)
+      coef = np.sort(x @ pinv, axis=0)[-2:].mean(0)
+      for c, e in enumerate(synth.EMOTIONS):
+        (cue if e in plan.cues[mod] else distractor if e in plan.distractors[mod] else absent).append(coef[c])
+      shown = set(plan.cues[mod]) | set(plan.distractors[mod])
+      exact.append({e for c, e in enumerate(synth.EMOTIONS) if coef[c] > 0.6} == shown)
+    cue, distractor, absent = np.array(cue), np.array(distractor), np.array(absent)
+    assert len(cue) > 100 and len(distractor) > 30, mod
+    assert cue.mean() > 0.8 and distractor.mean() > 0.8 and absent.mean() < 0.25, mod
+    assert (cue > 0.6).mean() > 0.95 and (distractor > 0.6).mean() > 0.95 and (absent > 0.6).mean() < 0.02, mod
+    assert np.mean(exact) > 0.9, (mod, np.mean(exact))
+
+
 def test_v2_demos_are_imperfect_in_the_paper_direction_and_noise_controls_them(train2):
   slow = [(_answer_words(r.demo_slow), set(r.openset)) for _, r in train2]
   fast = [(_answer_words(r.demo_fast), set(r.openset)) for _, r in train2]

@@ -237,15 +237,20 @@ def test_sft_step_lowers_the_loss():
   assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
-def test_sharded_equals_unsharded(mesh_shape):
+def test_sharded_equals_unsharded(mesh_shape, opt):
+  """The training optimizer (clipping + AdamW, its moments sharded like the parameters) and SGD with momentum:
+  Adam's update is invariant to a constant scale of the gradient (and clipping removes one), so only an
+  optimizer linear in the gradient sees a sharded step whose gradient is off by a constant factor."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them")
   model = _model()
   params = model.init_params(jax.random.key(0))
   # Adam's update is ~lr * sign(g) where g ~ 0, so float32 reduction-order noise in such entries shows up at
-  # the scale of lr: keep lr at 1e-3 to compare at 1e-5.
-  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), params)
+  # the scale of lr: keep lr at 1e-3 to compare at 1e-5. SGD's update is lr * g: no such amplification.
+  tx = (optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), params) if opt == "adamw"
+        else optax.sgd(0.5, momentum=0.9))
   cfg = _step_cfg(micro_batches=2)
   batches = [_batch(seed=s, old=True) for s in (0, 1)]
 
@@ -267,6 +272,9 @@ def test_sharded_equals_unsharded(mesh_shape):
     sstate, _ = sstep(sstate, jax.device_put(b, b_sh))
   emb = sstate.params["decoder"]["layers"]["q_kernel"].get_value()
   assert emb.sharding.spec == p_sh["decoder"]["layers"]["q_kernel"].get_value().spec  # stayed sharded
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(want),
+                                                                                 jax.tree.leaves(params)))
+  assert moved > 1e-3  # the steps moved the parameters far beyond the tolerance below
   for a, b in zip(jax.tree.leaves(sstate.params), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 

@@ -1,0 +1,87 @@
+"""The format gate on the calibration reward (method.md E3 step 5): a slow completion that is not well formed gets
+r_cal = 0, even when its answer span is complete and has anchors (text after </answer>), so the gate, not a missing
+answer, is what zeroes it. Hand-written completions through `experience.from_rollouts` on a tiny model."""
+
+import dataclasses
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from merr1_jax import config as cfglib
+from merr1_jax import experience, prompts, rewards, rollout, run_setup, settings
+from merr1_jax.data import pipeline, synth
+from merr1_jax.models import mllm
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+P, N_SLOW, N_FAST = 2, 2, 1
+GOOD = ["<think>a calm voice</think><answer>angry, sad</answer>", "<think>x</think><answer>happy, worried</answer>"]
+# The same completions with text after </answer>: the anchors (the <answer> and its separators) and the context
+# they see are unchanged, only the format is broken.
+BAD = [t + " and more" for t in GOOD]
+SLOW_TEXTS = [GOOD[0], BAD[0], GOOD[1], BAD[1]]  # prompt p owns rows 2p (well formed) and 2p + 1 (not)
+FAST_TEXTS = ["happy</answer>", "sad, angry</answer>"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return synth.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+  records = list(synth.generate_split(synth.SynthConfig(n_train=1, n_validation=1, n_test=P), "test"))
+  pcfg = pipeline.PipelineConfig(kind="rl", batch_size=P, shuffle=False, num_epochs=1, video_dim=32, audio_dim=32,
+                                 feature_dtype="float32", label_vocab=synth.EMOTIONS)
+  return next(iter(pipeline.build(pipeline.BytesSource(records), tok, pcfg)))
+
+
+@pytest.fixture(scope="module")
+def policy(tok):
+  model = mllm.build("tiny", vocab_size=tok.vocab_size, video_dim=32, audio_dim=32, d_model=64, num_heads=2,
+                     num_kv_heads=1, head_dim=32, mlp_dim=128, init_std=0.3, max_seq_len=256,
+                     video_token_id=tok.id_of(prompts.VIDEO_TOKEN), audio_token_id=tok.id_of(prompts.AUDIO_TOKEN))
+  return model, model.init_params(jax.random.key(0))
+
+
+def _hand_rollout(tok, ids, inputs, texts, mode, n):
+  """A host Rollout of given completion texts (EOS after slow answers), as the sampler would return them."""
+  prompt = rollout.prepare_prompts(inputs, mode=mode, vocab_size=tok.vocab_size, fast_prefix_ids=ids.fast_prefix,
+                                   pad_id=ids.pad)
+  seqs = [tok.encode(t) + ([tok.eos_id] if mode == "slow" else []) for t in texts]
+  t = max(map(len, seqs))
+  comp = np.full((len(seqs), t), ids.pad, np.int32)
+  for i, q in enumerate(seqs):
+    comp[i, :len(q)] = q
+  length = np.asarray([len(q) for q in seqs], np.int32)
+  reason = np.full(len(seqs), rollout.StopReason.EOS if mode == "slow" else rollout.StopReason.STOP, np.int32)
+  zeros = np.zeros(comp.shape, np.float32)
+  return rollout.Rollout(prompt=prompt, completion=comp, completion_mask=np.arange(t)[None] < length[:, None],
+                         logp=zeros, logp_sampled=zeros, stop_reason=reason, length=length,
+                         prompt_length=np.repeat(prompt.mask.sum(1), n), steps=np.asarray(t), num_samples=n, mode=mode)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_complete_answer_in_a_malformed_completion_gets_no_calibration_reward(tok, batch, policy, grouped):
+  assert all(rewards.format_ok(t, "slow") for t in GOOD) and not any(rewards.format_ok(t, "slow") for t in BAD)
+  model, params = policy
+  config = cfglib.load(str(ROOT / "configs" / "base.py"))
+  config.rl.n_slow, config.rl.n_fast, config.rl.prompts_per_step = N_SLOW, N_FAST, P
+  config.rl.calibration, config.rl.cal_tau, config.rl.beta = "contrastive_gain", 0.5, 0.0
+  ctx = run_setup.experience_context(config, tok, model, None)
+  exp = dataclasses.replace(settings.experience_settings(config), prefix_grouped=grouped)
+  inputs = rollout.batch_inputs(batch, "slow")
+  ros = {"slow": _hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
+         "fast": _hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
+  texts = [t for ro in ros.values() for t in rollout.completion_texts(tok, ro)]
+  _, _, rows = experience.from_rollouts(ctx, exp, params, None, batch, ros, texts)
+  reward = np.asarray(rows["reward"])
+  r_cal, r_fmt = reward[:, experience.OBJECTIVES.index("calibration")], reward[:, experience.OBJECTIVES.index("format")]
+  g = N_SLOW + N_FAST  # rows: prompt-major, each prompt's slow rows (good, bad) then its fast row
+  good, bad = [p * g for p in range(P)], [p * g + 1 for p in range(P)]
+  assert [rows["text"][i] for i in good] == GOOD and [rows["text"][i] for i in bad] == BAD
+  assert np.all(r_fmt[good] == 1.0) and np.all(r_fmt[bad] == 0.0)
+  # The well-formed twins score a real r_cal; without the gate each malformed row would score its twin's value.
+  assert np.all(np.abs(r_cal[good]) > 1e-3), r_cal
+  assert np.all(r_cal[bad] == 0.0), r_cal
