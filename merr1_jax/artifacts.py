@@ -9,6 +9,7 @@ Training checkpoints are orbax's business (checkpoint.py), which finalises its s
 
 API:
   write_text_atomic(path, text)
+  read_json(path) -> the decoded value; ValueError naming the file (and line, column) when it is not JSON
   export_hf(params, model_config, out_dir, *, overwrite=False, **save_hf_kwargs) -> list[str] (file names)
 
 Multi-host: export_hf is a collective (arrays sharded over hosts are gathered, then every process waits at a
@@ -18,6 +19,7 @@ barrier for the write); only process 0 writes. write_text_atomic is called by th
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from typing import Any
@@ -41,6 +43,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """The JSON value in `path`. A file that is not UTF-8 JSON raises ValueError naming it (json's own error
+  names no file); a missing one raises FileNotFoundError, which does."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{os.fspath(path)}: not UTF-8 text ({e})") from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{os.fspath(path)}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 def export_hf(params: Any, model_config: Any, out_dir: str | os.PathLike, *, overwrite: bool = False,

@@ -2,13 +2,15 @@
 
 The JSONL file (``WORKDIR/metrics.jsonl``) holds one object per logged step: ``{"stage", "step", ...scalars}``.
 Keys under ``time/`` are wall-clock measurements; everything else is a deterministic function of the run, which
-the resume test relies on. On resume, lines past the restored step are dropped so a resumed run rewrites them.
-Only process 0 writes.
+the resume test relies on. On resume, lines past the restored step are dropped so a resumed run rewrites them,
+and so is a torn last line (a crash in the middle of an append), with a warning; any other line that is not a
+JSON object with a stage and a step is an error naming the file and line. Only process 0 writes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -18,6 +20,8 @@ import jax
 import numpy as np
 
 from merr1_jax import artifacts
+
+_log = logging.getLogger(__name__)
 
 
 def _scalar(v) -> float | int:
@@ -37,11 +41,10 @@ class MetricsWriter:
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
 
   def truncate_after(self, stage: str, step: int) -> None:
-    """Drops lines of ``stage`` with a step > ``step`` (a resumed run logs them again)."""
+    """Drops lines of ``stage`` with a step > ``step`` (a resumed run logs them again) and a torn last line."""
     if not self.enabled or not self.path.exists():
       return
-    keep = [line for line in self.path.read_text().splitlines()
-            if line.strip() and not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > step)]
+    keep = [line for line, row in _parse(self.path) if not (row["stage"] == stage and row["step"] > step)]
     artifacts.write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
   def write(self, stage: str, step: int, scalars: Mapping[str, float]) -> None:
@@ -61,9 +64,30 @@ class MetricsWriter:
       self._tb.close()
 
 
+def _parse(path: pathlib.Path) -> list[tuple[str, dict]]:
+  """(line, row) of every non-blank line. A last line that does not parse is torn (the process died in the middle
+  of an append): dropped with a warning. Any other bad line raises ValueError naming the file and line."""
+  lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+  out = []
+  for i, (n, line) in enumerate(lines):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:
+        _log.warning("%s: line %d is torn (%s: %.60r); dropped", path, n, e.msg, line)
+        break
+      raise ValueError(f"{path}, line {n}: not JSON ({e.msg} at column {e.colno}); only a torn last line is "
+                       "dropped by itself: remove this one by hand") from None
+    if not (isinstance(row, dict) and isinstance(row.get("stage"), str) and isinstance(row.get("step"), int)):
+      raise ValueError(f"{path}, line {n}: expected a JSON object with a string 'stage' and an integer 'step'")
+    out.append((line, row))
+  return out
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl ([] without one), a torn last line dropped with a warning."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+  return [row for _, row in _parse(path)] if path.exists() else []
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool = True):

@@ -13,7 +13,10 @@ differing fields named. The tokenizer is the HF directory's when it has one, els
 chooses it; when both exist they must agree on the vocabulary and the special/tag token ids.
 
 Every failure is an `EvalError` whose message names the file, checkpoint or field (the CLI prints it as one
-`error:` line, exit status 2).
+`error:` line, exit status 2). A damaged training checkpoint (it fails its checksum manifest or cannot be read,
+checkpoint.DamagedCheckpointError) is named with what is wrong, followed by the run's checkpoints that pass
+their check (`good checkpoints: rl:2, sft:2`), so the user can pick one with --checkpoint; nothing is evaluated
+in its place.
 """
 
 from __future__ import annotations
@@ -61,7 +64,10 @@ def _run_tokenizer(config, workdir) -> tuple[object | None, str]:
                       f"cannot load a tokenizer: {e}") from None
   path = pathlib.Path(workdir) / "tokenizer.json"
   if path.is_file():
-    return toklib.load(path), str(path)
+    try:
+      return toklib.load(path), str(path)
+    except ValueError as e:  # names the file
+      raise EvalError(f"the run's tokenizer: {e}") from None
   return None, ""
 
 
@@ -75,7 +81,10 @@ def load_tokenizer(config, workdir: str | os.PathLike, hf_dir: str | os.PathLike
   run_tok, run_where = _run_tokenizer(config, workdir)
   hf_file = pathlib.Path(hf_dir) / "tokenizer.json" if hf_dir else None
   if hf_file is not None and hf_file.is_file():
-    hf_tok = toklib.load_hf(hf_file.parent)
+    try:
+      hf_tok = toklib.load_hf(hf_file.parent)
+    except ValueError as e:  # names the file
+      raise EvalError(f"the policy's tokenizer: {e}") from None
     if run_tok is not None:
       want, have = tokenizer_signature(hf_tok), tokenizer_signature(run_tok)
       diffs = [f"{k}: {want[k]} vs {have[k]}" for k in want if want[k] != have[k]]
@@ -176,7 +185,10 @@ def load_params(config, workdir, kind: str, where, model):
   # No config_json: the trainer's whole-config check would refuse any changed field (rl.steps, ...); only the
   # model section decides whether these weights fit, and it is compared here, naming each differing field.
   with ckptlib.Checkpointer(directory, save_every=1, keep=1_000_000, async_save=False) as ckpt:
-    diffs = _model_differences(ckpt.stored_config(step), config)
+    try:
+      diffs = _model_differences(ckpt.stored_config(step), config)
+    except ckptlib.DamagedCheckpointError as e:
+      raise EvalError(damaged_message(config, workdir, e)) from None
     if diffs:
       raise EvalError(f"checkpoint {directory}/{step} was written for another model: " + "; ".join(diffs))
     try:
@@ -187,9 +199,41 @@ def load_params(config, workdir, kind: str, where, model):
                                            jax.tree.map(lambda a: a.sharding, abstract_state))
       else:
         state, _, _ = ckpt.restore(step, _abstract_train_state(config, model, stage, template, mesh))
+    except ckptlib.DamagedCheckpointError as e:
+      raise EvalError(damaged_message(config, workdir, e)) from None
     except ValueError as e:  # a leaf missing or reshaped (names every one), or another LoRA base
       raise EvalError(str(e)) from None
   return state.params
+
+
+def good_checkpoints(config, workdir, exclude: str = "") -> list[str]:
+  """'STAGE:STEP' of every training checkpoint of the run's stages that passes its check (checksum manifest,
+  items present), newest stage and step first, but the step directory `exclude`. Reads every file of every
+  step: for error messages."""
+  out = []
+  for stage in reversed(list(config.stages)):
+    steps = _stage_steps(pathlib.Path(workdir), stage)
+    if not steps:
+      continue
+    with ckptlib.Checkpointer(pathlib.Path(workdir) / "checkpoints" / stage, save_every=1, keep=1_000_000,
+                              async_save=False) as ckpt:
+      for step in reversed(steps):
+        if ckpt.step_dir(step) == exclude:
+          continue
+        try:
+          ckpt.check(step)
+        except ckptlib.DamagedCheckpointError:
+          continue
+        out.append(f"{stage}:{step}")
+  return out
+
+
+def damaged_message(config, workdir, err: ckptlib.DamagedCheckpointError) -> str:
+  """One line: the damaged checkpoint and what is wrong (`err`), then the run's good checkpoints."""
+  good = good_checkpoints(config, workdir, exclude=err.path)
+  tail = (f"good checkpoints: {', '.join(good)} (pass one with --checkpoint)" if good
+          else "no other checkpoint of this run passes its check")
+  return f"{err}; {tail}"
 
 
 def _stage_start(config, workdir, model, stage: str, shardings):

@@ -10,8 +10,9 @@ results.md, results.json ({"sft": {"fast": {"precision", "recall", "f"}, "slow":
 (the final policy as HF safetensors).
 
 Bad input (a config field, a config-file argument, an override, an incompatible workdir) ends the run before
-anything is compiled with one line `error: <field>: <what is wrong>` on stderr and exit status 2; anything else
-is a bug and keeps its traceback.
+anything is compiled with one line `error: <field>: <what is wrong>` on stderr and exit status 2, and so does a
+stage whose every checkpoint is damaged (a damaged step with a good older one is named in one line and the run
+falls back to that one); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from merr1_jax import artifacts, cli, evaluation, experience, interference, observe, preemption, reports
+from merr1_jax import checkpoint as ckptlib
 from merr1_jax import grouped, settings
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
@@ -42,23 +44,25 @@ _log = logging.getLogger("merr1_jax.train")
 
 
 def _eval(run: Run, params, stage: str, step: int) -> dict:
-  """Both modes on the eval split; summary saved as WORKDIR/eval_<stage>.json (and reused on resume), the
-  per-clip records as WORKDIR/eval_<stage>_samples.jsonl (what paired comparisons of runs read)."""
+  """Both modes on the eval split; summary, analysis and the records skipped as bad ({dataset: {split: {count,
+  ids}}}) saved as WORKDIR/eval_<stage>.json (and reused on resume), the per-clip records as
+  WORKDIR/eval_<stage>_samples.jsonl (what paired comparisons of runs read)."""
   result = evaluation.evaluate(run.model, params, run.tokenizer, run.data.eval_datasets(),
                                settings=run.eval_settings, token_sets=run.eval_token_sets, mesh=run.mesh,
-                               progress=run.config.log.progress)
+                               progress=run.config.log.progress, split=run.config.data.eval_split)
   summary = {name: r.summary for name, r in result.items()}
   analysis = {name: r.analysis for name, r in result.items()}
+  skipped = {name: r.skipped for name, r in result.items()}
   flat = {f"eval/{d}/{m}/{k}": v for d, s in summary.items() for m, vals in s.items() for k, v in vals.items()
           if isinstance(v, (int, float))}
   run.writer.write(f"eval_{stage}", step, flat)
   if jax.process_index() == 0:
     artifacts.write_text_atomic(run.workdir / f"eval_{stage}.json", json.dumps(
-        {"step": step, "summary": summary, "analysis": analysis}, indent=1, default=float))
+        {"step": step, "summary": summary, "analysis": analysis, "skipped": skipped}, indent=1, default=float))
     keep = ("dataset", "id", "mode", "sample", "gt", "precision", "recall", "words", "format_ok", "confidence")
     artifacts.write_text_atomic(run.workdir / f"eval_{stage}_samples.jsonl", "".join(
         json.dumps({k: s[k] for k in keep}) + "\n" for r in result.values() for s in r.samples))
-  return {"summary": summary, "analysis": analysis}
+  return {"summary": summary, "analysis": analysis, "skipped": skipped}
 
 
 def _fault_injection(ckpt, stage: str, step: int, *, logged_only: bool = False) -> None:
@@ -108,18 +112,35 @@ def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt,
 
 
 def _restore(run: Run, ckpt, state, batches, stage: str):
-  """(state, rng) of the latest checkpoint, the data iterator moved to its position; (state, None) if none.
+  """(state, rng) of the newest checkpoint that restores, the data iterator moved to its position; (state, None)
+  if none exists. A damaged step is named in one line and the next older one used (Checkpointer.restore_newest:
+  state, data position and rng all come from the step chosen); none usable raises NoUsableCheckpointError.
 
-  Either way the stage's metrics.jsonl rows past the committed step (0 when no checkpoint exists yet) are
-  dropped first: a step's row is written before its asynchronous checkpoint commits, so a crash can leave rows
-  of steps that the rerun computes again (docs/reliability.md)."""
-  latest = ckpt.latest_step()
-  run.writer.truncate_after(stage, latest or 0)
-  if latest is None:
+  Either way the stage's metrics.jsonl rows past the step restored (0 when no checkpoint exists yet) are
+  dropped: a step's row is written before its asynchronous checkpoint commits, so a crash (or a fallback past
+  a damaged step) leaves rows of steps that the rerun computes again (docs/reliability.md)."""
+  found = ckpt.restore_newest(
+      lambda step: run.restore_state(ckpt, step, state, state.params, stage, data_iter=batches))
+  run.writer.truncate_after(stage, found[0] if found else 0)
+  if found is None:
     return state, None
-  state, rng = run.restore_state(ckpt, latest, state, state.params, stage, data_iter=batches)
-  _log.info("%s: resumed from step %d", stage, latest)
+  step, (state, rng) = found
+  _log.info("%s: resumed from step %d", stage, step)
   return state, rng
+
+
+def _final_checkpoint_ok(run: Run, stage: str) -> bool:
+  """Whether a finished stage's last checkpoint passes its check (manifest, items); a damaged one is named and
+  the stage runs again from its newest good step (the rerun is bit-identical: docs/reliability.md)."""
+  ckpt = run.checkpointer(stage)
+  try:
+    ckpt.check(ckpt.latest_step())
+    return True
+  except ckptlib.DamagedCheckpointError as e:
+    _log.warning("%s; the stage runs again from its newest good step", e)
+    return False
+  finally:
+    ckpt.close()
 
 
 def run_sft(run: Run, params, guard):
@@ -207,7 +228,7 @@ def train(config, workdir: str) -> dict:
   summaries: dict[str, dict] = {}
   with preemption.PreemptionGuard() as guard:
     for stage in config.stages:
-      done = run.stage_done(stage)
+      done = run.stage_done(stage) and _final_checkpoint_ok(run, stage)
       if not done:
         params, preempted = (run_sft if stage == "sft" else run_rl)(run, params, guard)
         if preempted:
@@ -217,7 +238,7 @@ def train(config, workdir: str) -> dict:
         summaries[stage] = _eval(run, params, stage, getattr(config, stage).steps)
       else:
         params = run.final_params(stage, params)
-        summaries[stage] = json.loads((run.workdir / f"eval_{stage}.json").read_text())
+        summaries[stage] = artifacts.read_json(run.workdir / f"eval_{stage}.json")
   results = _write_results(run, summaries)
   if config.log.plots and jax.process_index() == 0:
     observe.plot_curves(run.workdir)
@@ -263,6 +284,8 @@ def main(argv):
   try:
     train(config, workdir)
   except cfglib.ConfigError as e:  # validate() or the workdir check: before anything was compiled
+    cli.usage_error(str(e))
+  except ckptlib.NoUsableCheckpointError as e:  # every step of a stage damaged: names each, one line
     cli.usage_error(str(e))
 
 

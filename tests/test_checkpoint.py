@@ -1,8 +1,12 @@
 """Checkpoints: bit-identical round trip, restore onto mesh shardings, exact data resume, retention, config
 compatibility, a crash before finalisation, preemption signals, and HF export."""
 
+import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -396,3 +400,218 @@ def test_two_processes_save_and_restore_their_shards_and_streams(tmp_path):
   # One data-position file per process, under the same step.
   files = [n for n in os.listdir(tmp_path / "ck" / "5" / "data") if n.endswith(".json")]
   assert sorted(files) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoints
+
+
+def _small(step: int) -> dict:
+  """A state whose values say which step saved it (big enough for several KB of TensorStore data files)."""
+  return {"w": jnp.arange(8192, dtype=jnp.float32) * step, "b": {"c": jnp.full((16, 16), float(step))}}
+
+
+def _small_target() -> dict:
+  return _single_device_target(_small(0))
+
+
+def _stream():
+  cfg = synth.SynthConfig(n_train=16, n_validation=4, n_test=4)
+  tok = synth.build_tokenizer(cfg, vocab_size=512)
+  pcfg = pipeline.PipelineConfig(kind="rl", batch_size=4, label_vocab=synth.EMOTIONS, video_dim=cfg.video_dim,
+                                 audio_dim=cfg.audio_dim, seed=5)
+  records = list(synth.generate_split(cfg, "train"))
+  return lambda: iter(pipeline.build(pipeline.BytesSource(records), tok, pcfg))
+
+
+def _save_three(directory, make_iter=None, **kw) -> tuple:
+  """Steps 1, 2, 3 (one batch read between saves), each with its own rng key; returns (checkpointer, the three
+  batches that follow step 2's position)."""
+  ck = checkpoint.Checkpointer(directory, save_every=1, keep=5, **kw)
+  it = make_iter() if make_iter else None
+  after_two = None
+  for step in (1, 2, 3):
+    if it is not None:
+      next(it)
+    ck.save(step, _small(step), data_iter=it, rng=jax.random.key(100 + step), extra={"step": step})
+    if step == 2 and it is not None:
+      ck.wait()
+      after_two = [next(it) for _ in range(3)]
+      it = make_iter()  # step 3 saves another stream's position
+      for _ in range(3):
+        next(it)
+  ck.wait()
+  return ck, after_two
+
+
+def _biggest_data_file(step_dir):
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _damage(step_dir, how: str) -> str:
+  """Damages a committed step as the issue's cases did; returns a regex for what the one-line error must say."""
+  data = _biggest_data_file(step_dir)
+  rel = re.escape(data.relative_to(step_dir).as_posix())
+  size = data.stat().st_size
+  if how == "truncated":
+    data.write_bytes(data.read_bytes()[:size // 2])
+    return rf"{rel}: {size // 2} bytes, the manifest says {size} \(truncated\)"
+  if how == "missing_folder":
+    n = sum(p.is_file() for p in (step_dir / "state").rglob("*"))
+    shutil.rmtree(step_dir / "state")
+    return rf"state/: missing \({n} files\)"
+  if how == "corrupt_metadata":  # same length, not JSON any more
+    meta = step_dir / "meta" / "metadata"
+    meta.write_bytes(b"\x00" * meta.stat().st_size)
+    return r"meta/metadata: SHA-256 differs from the manifest \(contents changed\)"
+  if how == "flipped_bytes":  # eight bytes overwritten in the middle of the largest data file
+    raw = bytearray(data.read_bytes())
+    raw[size // 2:size // 2 + 8] = bytes(b ^ 0xFF for b in raw[size // 2:size // 2 + 8])
+    data.write_bytes(bytes(raw))
+    return rf"{rel}: SHA-256 differs from the manifest \(contents changed\)"
+  raise ValueError(how)
+
+
+DAMAGE = ["truncated", "missing_folder", "corrupt_metadata", "flipped_bytes"]
+
+
+def test_the_manifest_lists_every_file_with_its_size_and_sha256(tmp_path):
+  for async_save in (True, False):
+    d = tmp_path / f"async{async_save}"
+    ck = checkpoint.Checkpointer(d, save_every=1, keep=5, async_save=async_save)
+    ck.save(1, _small(1))
+    ck.wait()
+    manifest = json.loads((d / "1" / checkpoint.MANIFEST).read_text())
+    on_disk = sorted(p.relative_to(d / "1").as_posix() for p in (d / "1").rglob("*") if p.is_file())
+    # Everything but the manifest and the two files orbax writes after it (commit time, commit marker).
+    assert sorted(manifest["files"]) == [f for f in on_disk if f not in (
+        checkpoint.MANIFEST, "_CHECKPOINT_METADATA", "commit_success.txt")]
+    assert "meta/metadata" in manifest["files"] and any(f.startswith("state/") for f in manifest["files"])
+    for rel, entry in manifest["files"].items():  # an independent hash of each file
+      raw = (d / "1" / rel).read_bytes()
+      assert entry == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}, rel
+    assert checkpoint.manifest_problems(d / "1") == []
+    assert json.loads((d / "1" / "meta" / "metadata").read_text())["manifest"] is True
+    ck.close()
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_each_kind_of_damage_is_named_in_one_line(tmp_path, how):
+  """The issue's four cases: a truncated data file (61 lines of TensorStore), a missing state/ folder
+  (`KeyError: Unknown key: state`), corrupt metadata (a JSON error naming no file), flipped bytes (not noticed
+  at all). Each must raise one line naming the step and the file."""
+  ck, _ = _save_three(tmp_path)
+  want = _damage(tmp_path / "3", how)
+  with pytest.raises(Exception) as err:
+    ck.restore(3, _small_target())
+  msg = str(err.value)
+  assert "\n" not in msg and re.fullmatch(rf"checkpoint {re.escape(str(tmp_path))}/3: {want}", msg), msg
+  assert type(err.value).__name__ == "DamagedCheckpointError" and err.value.step == 3
+  np.testing.assert_array_equal(ck.restore(2, _small_target())[0]["w"], np.arange(8192, dtype=np.float32) * 2)
+  ck.close()
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_restore_newest_falls_back_to_the_newest_good_step(tmp_path, how, caplog):
+  make = _stream()
+  ck, after_two = _save_three(tmp_path, make)
+  want = _damage(tmp_path / "3", how)
+  kept = sorted(p.relative_to(tmp_path / "3").as_posix() for p in (tmp_path / "3").rglob("*") if p.is_file())
+  it = make()
+  with caplog.at_level(logging.WARNING, logger="merr1_jax.checkpoint"):
+    step, (state, rng, extra) = ck.restore_newest(lambda s: ck.restore(s, _small_target(), data_iter=it))
+  # State, rng, extra and the data position all come from step 2.
+  assert step == 2 and extra == {"step": 2}
+  _assert_identical(state, _host(_small(2)))
+  np.testing.assert_array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(102)))
+  _batches_equal([next(it) for _ in range(3)], after_two)
+  lines = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+  assert len(lines) == 1 and re.fullmatch(
+      rf"checkpoint {re.escape(str(tmp_path))}/3: {want}; falling back to step 2", lines[0]), lines
+  # Step 3 is kept aside, whole, and out of the way: the resumed run saves its step 3 again.
+  assert sorted(p.relative_to(tmp_path / "3.damaged").as_posix()
+                for p in (tmp_path / "3.damaged").rglob("*") if p.is_file()) == kept
+  assert ck.all_steps() == [1, 2]
+  assert ck.save(3, _small(30))
+  ck.close()
+  again = checkpoint.Checkpointer(tmp_path, save_every=1, keep=5)
+  assert again.all_steps() == [1, 2, 3]
+  np.testing.assert_array_equal(again.restore(3, _small_target())[0]["w"], np.arange(8192, dtype=np.float32) * 30)
+  again.close()
+
+
+def test_no_usable_step_is_one_error_naming_each_and_moves_nothing(tmp_path, caplog):
+  ck, _ = _save_three(tmp_path)
+  wants = {3: _damage(tmp_path / "3", "flipped_bytes"), 2: _damage(tmp_path / "2", "missing_folder"),
+           1: _damage(tmp_path / "1", "truncated")}
+  with caplog.at_level(logging.WARNING, logger="merr1_jax.checkpoint"):
+    with pytest.raises(checkpoint.NoUsableCheckpointError) as err:
+      ck.restore_newest(lambda s: ck.restore(s, _small_target()))
+  msg = str(err.value)
+  assert "\n" not in msg and msg.startswith(f"no usable checkpoint in {tmp_path} (step 3: ")
+  for step, want in wants.items():
+    assert re.search(rf"step {step}: {want}", msg), (step, msg)
+  assert [r.getMessage().rsplit("; ", 1)[-1] for r in caplog.records if "checkpoint" in r.getMessage()] == [
+      "falling back to step 2", "falling back to step 1", "no older step to fall back to"]
+  assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]  # nothing set aside when nothing loaded
+  # An empty directory is no error: a fresh stage.
+  assert checkpoint.Checkpointer(tmp_path / "empty", save_every=1, keep=1).restore_newest(lambda s: s) is None
+  ck.close()
+
+
+def test_steps_saved_before_manifests_load_unverified_and_damage_still_reads_as_one_line(tmp_path, caplog):
+  ck, _ = _save_three(tmp_path, manifest=False)
+  assert not (tmp_path / "3" / checkpoint.MANIFEST).exists()
+  with caplog.at_level(logging.WARNING, logger="merr1_jax.checkpoint"):
+    got = ck.restore(3, _small_target())[0]
+  _assert_identical(got, _host(_small(3)))
+  assert any("saved before checksum manifests; loading it unverified" in r.getMessage() for r in caplog.records)
+  shutil.rmtree(tmp_path / "3" / "state")
+  with pytest.raises(checkpoint.DamagedCheckpointError, match=r"^checkpoint .*/3: state/: missing$"):
+    ck.restore(3, _small_target())
+  data = _biggest_data_file(tmp_path / "2")
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  with pytest.raises(checkpoint.DamagedCheckpointError, match=r"^checkpoint .*/2: cannot be read \(") as err:
+    ck.restore(2, _small_target())
+  assert "\n" not in str(err.value) and len(str(err.value)) < 500
+  (tmp_path / "1" / "meta" / "metadata").write_text('{"format": 1, "ste')
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=r"^checkpoint .*/1: meta/metadata: cannot be read \(JSONDecodeError: "):
+    ck.restore(1, _small_target())
+  ck.close()
+  # A step saved with a manifest that lost it is damaged, not "old".
+  ck2, _ = _save_three(tmp_path / "new")
+  os.remove(tmp_path / "new" / "3" / checkpoint.MANIFEST)
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=r"/3: merr1_manifest\.json: missing \(the step was saved with one\)$"):
+    ck2.restore(3, _small_target())
+  ck2.close()
+
+
+def test_a_damaged_latest_meta_does_not_block_opening_or_the_config_check(tmp_path, caplog):
+  cfg = json.dumps({"rl": {"beta": 0.04}})
+  ck = checkpoint.Checkpointer(tmp_path, save_every=1, keep=5, config_json=cfg)
+  for step in (1, 2):
+    ck.save(step, _small(step))
+  ck.close()
+  (tmp_path / "2" / "meta" / "metadata").write_text("{not json")
+  with caplog.at_level(logging.WARNING, logger="merr1_jax.checkpoint"):
+    reopened = checkpoint.Checkpointer(tmp_path, save_every=1, keep=5, config_json=cfg)
+  assert any(re.match(rf"checkpoint {re.escape(str(tmp_path))}/2: meta/metadata: .*; comparing the config with "
+                      "an older step$", r.getMessage()) for r in caplog.records)
+  reopened.close()
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"\(latest step 1\).*rl\.beta"):
+    checkpoint.Checkpointer(tmp_path, save_every=1, keep=5, config_json=json.dumps({"rl": {"beta": 0.1}}))
+
+
+def test_read_json_names_the_file(tmp_path):
+  path = tmp_path / "eval_rl.json"
+  path.write_text('{"step": 3, "summary": ')
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not valid JSON \(Expecting value at line 1 "
+                                       r"column 24\)$"):
+    artifacts.read_json(path)
+  path.write_bytes(b"\xff\xfe")
+  with pytest.raises(ValueError, match=r"eval_rl\.json: not UTF-8 text"):
+    artifacts.read_json(path)
+  path.write_text('{"a": [1, 2]}')
+  assert artifacts.read_json(path) == {"a": [1, 2]}

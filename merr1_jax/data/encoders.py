@@ -103,8 +103,11 @@ def _thinker_config_dict(checkpoint_dir: str) -> dict:
   path = os.path.join(checkpoint_dir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{checkpoint_dir}: no config.json (expected a Qwen2.5-Omni checkpoint directory)")
-  with open(path) as f:
-    cfg = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      cfg = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
   cfg = cfg.get("thinker_config", cfg)  # a full Omni checkpoint nests the thinker's config
   for key in ("vision_config", "audio_config", "text_config"):
     if not isinstance(cfg.get(key), dict):

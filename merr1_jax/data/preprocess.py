@@ -161,8 +161,11 @@ def run(cfg, *, encoder: encoders.Encoder | None = None, tokenizer=None) -> dict
   out_dir = os.path.join(cfg.output_dir, cfg.split)
   os.makedirs(out_dir, exist_ok=True)
   if cfg.resume and not cfg.retry_failed and os.path.isfile(summary_path(cfg)):
-    with open(summary_path(cfg)) as f:
-      done = json.load(f)
+    try:
+      with open(summary_path(cfg), encoding="utf-8") as f:
+        done = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{summary_path(cfg)}: not a valid shard summary ({e}); delete it to redo the shard") from None
     _log.info("shard %s already finished (%s); skipping (retry_failed=True retries its failed clips)",
               _shard_tag(cfg), summary_path(cfg))
     return {**done, "resumed_finished_shard": True}

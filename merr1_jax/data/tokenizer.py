@@ -93,7 +93,15 @@ def load(path: str | os.PathLike) -> Tokenizer:
     path = path / _FILE
   if not path.is_file():
     raise FileNotFoundError(f"no tokenizer file at {path}")
-  return Tokenizer(tokenizers.Tokenizer.from_file(str(path)))
+  return Tokenizer(_from_file(path))
+
+
+def _from_file(path: pathlib.Path) -> tokenizers.Tokenizer:
+  """tokenizers' parse, its error naming the file (the library's reads e.g. `expected value at line 1 column 1`)."""
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises a plain Exception carrying serde's message
+    raise ValueError(f"{path}: not a valid tokenizer file ({e})") from None
 
 
 def load_hf(directory: str | os.PathLike, *, eos_token: str = prompts.IM_END,
@@ -103,10 +111,13 @@ def load_hf(directory: str | os.PathLike, *, eos_token: str = prompts.IM_END,
   if not directory.is_dir():
     raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
   if (directory / _FILE).is_file():
-    tok = tokenizers.Tokenizer.from_file(str(directory / _FILE))
+    tok = _from_file(directory / _FILE)
   else:
     import transformers  # Only for directories with vocab/merges files or a sentencepiece model.
-    hf = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:
+      hf = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a corrupt tokenizer_config.json / vocab.json ...
+      raise ValueError(f"{directory}: transformers cannot load a tokenizer from it ({e})") from None
     tok = hf.backend_tokenizer
   return Tokenizer(tok, eos_token=eos_token, pad_token=pad_token)
 
