@@ -85,3 +85,42 @@ def test_a_complete_answer_in_a_malformed_completion_gets_no_calibration_reward(
   # The well-formed twins score a real r_cal; without the gate each malformed row would score its twin's value.
   assert np.all(np.abs(r_cal[good]) > 1e-3), r_cal
   assert np.all(r_cal[bad] == 0.0), r_cal
+
+
+def test_emitted_categories_follow_the_answer_words(tok, batch, policy):
+  """The 'emitted' reading's categories, on real tokens: after '<answer>' comes 'angry', after ',' comes 'sad'
+  (word-level categories: each label word its own), and nothing past the answer's anchors."""
+  model, _ = policy
+  config = cfglib.load(str(ROOT / "configs" / "base.py:ablation=sfcc_emitted"))
+  ctx = run_setup.experience_context(config, tok, model, None)
+  ro = _hand_rollout(tok, ctx.ids, rollout.batch_inputs(batch, "slow"), SLOW_TEXTS, "slow", N_SLOW)
+  e = experience.emitted_categories(ro.completion, ro.length, ctx.ids.anchors(4), ctx.token_sets)
+  names = ctx.cal_space.cluster_names[0]
+  said = [[[names[c] for c in np.flatnonzero(e[r, a, 0])] for a in range(4)] for r in range(len(SLOW_TEXTS))]
+  assert said[0] == said[1] == [["angry"], ["sad"], [], []]
+  assert said[2] == said[3] == [["happy"], ["worried"], [], []]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_emitted_reading_runs_through_the_experience_step(tok, batch, policy, grouped):
+  """rl.cal_reading='emitted' end to end: the well-formed rows get a one-sided r_cal (<= 0, finite), the malformed
+  ones 0, in both layouts, with the same values in both."""
+  model, params = policy
+  config = cfglib.load(str(ROOT / "configs" / "base.py:ablation=sfcc_emitted"))
+  config.rl.n_slow, config.rl.n_fast, config.rl.prompts_per_step, config.rl.beta = N_SLOW, N_FAST, P, 0.0
+  ctx = run_setup.experience_context(config, tok, model, None)
+  inputs = rollout.batch_inputs(batch, "slow")
+  ros = {"slow": _hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
+         "fast": _hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
+  texts = [t for ro in ros.values() for t in rollout.completion_texts(tok, ro)]
+  got = {}
+  for g in (False, True):
+    exp = dataclasses.replace(settings.experience_settings(config), prefix_grouped=g)
+    _, _, rows = experience.from_rollouts(ctx, exp, params, None, batch, ros, texts)
+    got[g] = np.asarray(rows["reward"])[:, experience.OBJECTIVES.index("calibration")]
+  r_cal = got[grouped]
+  step = N_SLOW + N_FAST
+  good, bad = [p * step for p in range(P)], [p * step + 1 for p in range(P)]
+  assert np.all(r_cal[good] <= 0) and np.all(np.isfinite(r_cal)) and np.all(r_cal[bad] == 0.0), r_cal
+  assert np.any(r_cal[good] < -1e-4), r_cal  # a real value, not the zero of an empty reading
+  np.testing.assert_allclose(got[True], got[False], atol=1e-5)
