@@ -41,8 +41,8 @@ REC_PREC = {"rl.w_rec_slow", "rl.w_rec_fast", "rl.w_prec_slow", "rl.w_prec_fast"
 @pytest.mark.parametrize("row,other,keys", [
     ("rd", "grpo_f1", REC_PREC | {"rl.w_f1"}),  # one F1 reward -> recall and precision as two rewards
     ("rd_ad", "rd", {"rl.disentangle"}),  # ... normalised separately (DOD)
-    ("mer_r1", "rd_ad", {"rl.calibration", "rl.cal_std_floor"}),  # + SFCC (one-sided, with its std floor)
-    ("mer_r1_cg", "rd_ad", {"rl.calibration"}),  # + SFCC in the contrastive form
+    ("mer_r1", "rd_ad", {"rl.calibration"}),  # + SFCC (one-sided, with the default std floor)
+    ("mer_r1_cg", "rd_ad", {"rl.calibration", "rl.cal_std_floor"}),  # + SFCC in the contrastive form, no floor
     ("sfcc_max", "mer_r1", {"rl.cal_reading"}),
     ("sfcc_word", "mer_r1", {"rl.cal_level"}),
     ("sfcc_emitted", "sfcc_word", {"rl.cal_reading"}),
