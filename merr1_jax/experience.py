@@ -167,8 +167,9 @@ def advantages_and_calibration(rewards_BxO: jax.Array, valid_B: jax.Array, mode_
   objective is valid on exactly those rows (a malformed row neither enters the calibration's statistics nor gets a
   calibration advantage), so it is normalised over the well-formed slow rows of each group (E3 step 6), with the
   std floor ``adv.cal_std_floor``. With ``adv.cal_in_reward`` = lambda > 0, lambda * w_cal * r_cal is added to the
-  task rewards (recall, precision, F1) first and the calibration objective keeps (1 - lambda) * w_cal (method.md
-  E3 "Variants").
+  task rewards (recall, precision, F1) first, r_cal centred over the well-formed slow rows of each group (so a
+  malformed row gains nothing from it), and the calibration objective keeps (1 - lambda) * w_cal (method.md E3
+  "Variants").
 
   diagnostics: ``adv_task_B`` (the advantage without the calibration objective), ``anchor_gain_A`` and
   ``anchor_rows_A`` (contrastive_gain's per-anchor term summed over rows, and the rows with that anchor);
@@ -190,20 +191,34 @@ def advantages_and_calibration(rewards_BxO: jax.Array, valid_B: jax.Array, mode_
   task = jnp.asarray([o in TASK_OBJECTIVES for o in OBJECTIVES[:-1]])
   w_cal_B = weights_BxO[:, -1]
   rewards_BxO = rewards_BxO.astype(jnp.float32)
-  if adv.cal_in_reward:  # a static float: the default (advantage space) leaves the task rewards untouched
-    folded_B = adv.cal_in_reward * w_cal_B * r_cal_B
-    rewards_BxO = rewards_BxO + jnp.where(task[None], folded_B[:, None], 0.0)
-    weights_BxO = weights_BxO.at[:, -1].multiply(1.0 - adv.cal_in_reward)
-  rewards_BxO = jnp.concatenate([rewards_BxO, r_cal_B[:, None]], axis=1)
   valid_BxO = jnp.concatenate([jnp.broadcast_to(valid_B[:, None], (b, len(OBJECTIVES) - 1)),
                                (valid_B & cal_valid_B)[:, None]], axis=1)
   floor_O = jnp.asarray([0.0] * (len(OBJECTIVES) - 1) + [adv.cal_std_floor], jnp.float32)
   dod = functools.partial(rl.dod_advantages, group_ids_B=group_ids_B, num_groups=num_groups, group_size=group_size,
                           disentangle=adv.disentangle, scale=adv.scale, eps=adv.eps, ddof=adv.ddof,
                           std_floor_O=floor_O)
+  # The advantage from the task objectives alone, before any calibration is folded into them (diagnostics).
+  diag["adv_task_B"] = dod(jnp.concatenate([rewards_BxO, r_cal_B[:, None]], axis=1), valid_BxO.at[:, -1].set(False),
+                           weights_BxO)
+  if adv.cal_in_reward:  # a static float: the default (advantage space) leaves the task rewards untouched
+    # r_cal centred over the well-formed slow rows of each group, 0 elsewhere: a malformed row (r_cal 0, task
+    # rewards 0) then gains nothing from the fold, where a raw one-sided r_cal (<= 0) would rank it above the
+    # well-formed rows it pulls down.
+    centred_B = r_cal_B - _group_mean(r_cal_B, valid_B & cal_valid_B, group_ids_B, num_groups)
+    folded_B = adv.cal_in_reward * w_cal_B * jnp.where(valid_B & cal_valid_B, centred_B, 0.0)
+    rewards_BxO = rewards_BxO + jnp.where(task[None], folded_B[:, None], 0.0)
+    weights_BxO = weights_BxO.at[:, -1].multiply(1.0 - adv.cal_in_reward)
+  rewards_BxO = jnp.concatenate([rewards_BxO, r_cal_B[:, None]], axis=1)
   a = dod(rewards_BxO, valid_BxO, weights_BxO)
-  diag["adv_task_B"] = dod(rewards_BxO, valid_BxO.at[:, -1].set(False), weights_BxO)
   return a, r_cal_B, diag
+
+
+def _group_mean(x_B: jax.Array, valid_B: jax.Array, group_ids_B: jax.Array, num_groups: int) -> jax.Array:
+  """Each row's group mean of x over the group's valid rows (0 for a group without any)."""
+  ids = jnp.asarray(group_ids_B, jnp.int32)
+  total = jax.ops.segment_sum(jnp.where(valid_B, x_B, 0.0), ids, num_segments=num_groups)
+  count = jax.ops.segment_sum(valid_B.astype(jnp.float32), ids, num_segments=num_groups)
+  return (total / jnp.maximum(count, 1.0))[ids]
 
 
 # ----------------------------------------------------------------------------------------------------- collect

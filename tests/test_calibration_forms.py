@@ -309,3 +309,27 @@ def test_emitted_categories_by_hand():
   want[0, 1, 0, [0, 2]] = True
   want[1, 0, 0, 1] = True
   np.testing.assert_array_equal(e, want)
+
+
+@pytest.mark.parametrize("space", ["reward", "mixed"])
+def test_a_malformed_row_gains_nothing_when_the_calibration_is_folded_into_the_rewards(space):
+  """Calibration in reward space: rows 0-2 well formed with task rewards .2/.3/.2 and r_cal -0.8 (fast puts .45 on
+  each of the two GT categories at the first slot, slow .05), row 3 malformed (its task rewards and r_cal are 0).
+  Folding the raw r_cal (<= 0) would give the well-formed rows -.2/-.1/-.2 against row 3's 0 and rank row 3 first;
+  the fold uses r_cal centred over the well-formed rows (here all equal, so it folds 0), and row 3 ranks last, as
+  in advantage space. The diagnostics' task-only advantage is the one before any fold."""
+  fmt = np.asarray([True, True, True, False])
+  r = np.asarray([[.2, .2, .2, 1], [.3, .3, .3, 1], [.2, .2, .2, 1], [0, 0, 0, 0]], np.float32)
+  lam = 1.0 if space == "reward" else 0.5
+  adv = experience.AdvantageSettings(disentangle=True, scale=True, eps=1e-4, ddof=1, group="prompt",
+                                     weights=((1, 1, 0, 0.1, 0.5), (1, 1, 0, 0.1, 0.0)), cal_in_reward=lam,
+                                     cal_std_floor=0.05)
+  fast = np.log(np.tile([[.45, .45, .05, .05]], (4, 1)))[:, None, None, :].astype(np.float32)
+  slow = np.log(np.tile([[.05, .05, .45, .45]], (4, 1)))[:, None, None, :].astype(np.float32)
+  logmass = (slow, fast, np.ones((4, 1), bool))
+  a, r_cal, diag = experience.advantages_and_calibration(
+      r, np.ones(4, bool), np.zeros(4, np.int32), np.zeros(4, np.int32), logmass, np.tile(GT, (4, 1, 1)), fmt,
+      None, adv=adv, kind="one_sided", cal=rl.CalibrationConfig(precision_side=False), num_groups=1, group_size=4)
+  np.testing.assert_allclose(r_cal, [-0.8, -0.8, -0.8, 0.0], atol=1e-6)
+  assert np.argmin(a) == 3 and np.argmax(a) == 1
+  np.testing.assert_allclose(a, diag["adv_task_B"], atol=1e-5)  # equal r_cal: centred to 0, the fold adds nothing

@@ -345,7 +345,14 @@ def test_calibration_in_advantage_reward_and_mixed_space(config, space, lam):
   np.testing.assert_allclose(r_cal, want_cal, rtol=1e-6, atol=1e-7)
   w = np.asarray([[1, 1, 0.3, 0.1, 0.5] if m == 0 else [1, 1, 0.3, 0.1, 0.0] for m in mode], np.float64)
   r64 = np.concatenate([r.astype(np.float64), want_cal[:, None]], 1)
-  r64[:, :3] += lam * w[:, 4:5] * want_cal[:, None]  # folded into the task rewards (only slow rows have r_cal)
+  # Folded into the task rewards: r_cal centred over each prompt's well-formed slow rows, 0 on every other row.
+  ok = np.zeros(b, bool)
+  ok[:bs] = fmt
+  centred = np.zeros(b)
+  for g in range(p):
+    rows = ok & (prompt == g)
+    centred[rows] = want_cal[rows] - want_cal[rows].mean()
+  r64[:, :3] += lam * w[:, 4:5] * centred[:, None]
   w[:, 4] *= 1 - lam
   v = np.ones_like(r64, bool)
   v[:, 4] = False
