@@ -13,6 +13,7 @@ from merr1_jax import config as cfglib
 from merr1_jax import experience, prompts, rewards, rollout, run_setup, settings
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import mllm
+from tests.helpers.rollouts import hand_rollout
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 P, N_SLOW, N_FAST = 2, 2, 1
@@ -45,23 +46,6 @@ def policy(tok):
   return model, model.init_params(jax.random.key(0))
 
 
-def _hand_rollout(tok, ids, inputs, texts, mode, n):
-  """A host Rollout of given completion texts (EOS after slow answers), as the sampler would return them."""
-  prompt = rollout.prepare_prompts(inputs, mode=mode, vocab_size=tok.vocab_size, fast_prefix_ids=ids.fast_prefix,
-                                   pad_id=ids.pad)
-  seqs = [tok.encode(t) + ([tok.eos_id] if mode == "slow" else []) for t in texts]
-  t = max(map(len, seqs))
-  comp = np.full((len(seqs), t), ids.pad, np.int32)
-  for i, q in enumerate(seqs):
-    comp[i, :len(q)] = q
-  length = np.asarray([len(q) for q in seqs], np.int32)
-  reason = np.full(len(seqs), rollout.StopReason.EOS if mode == "slow" else rollout.StopReason.STOP, np.int32)
-  zeros = np.zeros(comp.shape, np.float32)
-  return rollout.Rollout(prompt=prompt, completion=comp, completion_mask=np.arange(t)[None] < length[:, None],
-                         logp=zeros, logp_sampled=zeros, stop_reason=reason, length=length,
-                         prompt_length=np.repeat(prompt.mask.sum(1), n), steps=np.asarray(t), num_samples=n, mode=mode)
-
-
 @pytest.mark.parametrize("grouped", [False, True])
 def test_a_complete_answer_in_a_malformed_completion_gets_no_calibration_reward(tok, batch, policy, grouped):
   assert all(rewards.format_ok(t, "slow") for t in GOOD) and not any(rewards.format_ok(t, "slow") for t in BAD)
@@ -72,8 +56,8 @@ def test_a_complete_answer_in_a_malformed_completion_gets_no_calibration_reward(
   ctx = run_setup.experience_context(config, tok, model, None)
   exp = dataclasses.replace(settings.experience_settings(config), prefix_grouped=grouped)
   inputs = rollout.batch_inputs(batch, "slow")
-  ros = {"slow": _hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
-         "fast": _hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
+  ros = {"slow": hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
+         "fast": hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
   texts = [t for ro in ros.values() for t in rollout.completion_texts(tok, ro)]
   _, _, rows = experience.from_rollouts(ctx, exp, params, None, batch, ros, texts)
   reward = np.asarray(rows["reward"])
@@ -93,7 +77,7 @@ def test_emitted_categories_follow_the_answer_words(tok, batch, policy):
   model, _ = policy
   config = cfglib.load(str(ROOT / "configs" / "base.py:ablation=sfcc_emitted"))
   ctx = run_setup.experience_context(config, tok, model, None)
-  ro = _hand_rollout(tok, ctx.ids, rollout.batch_inputs(batch, "slow"), SLOW_TEXTS, "slow", N_SLOW)
+  ro = hand_rollout(tok, ctx.ids, rollout.batch_inputs(batch, "slow"), SLOW_TEXTS, "slow", N_SLOW)
   e = experience.emitted_categories(ro.completion, ro.length, ctx.ids.anchors(4), ctx.token_sets)
   names = ctx.cal_space.cluster_names[0]
   said = [[[names[c] for c in np.flatnonzero(e[r, a, 0])] for a in range(4)] for r in range(len(SLOW_TEXTS))]
@@ -110,8 +94,8 @@ def test_emitted_reading_runs_through_the_experience_step(tok, batch, policy, gr
   config.rl.n_slow, config.rl.n_fast, config.rl.prompts_per_step, config.rl.beta = N_SLOW, N_FAST, P, 0.0
   ctx = run_setup.experience_context(config, tok, model, None)
   inputs = rollout.batch_inputs(batch, "slow")
-  ros = {"slow": _hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
-         "fast": _hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
+  ros = {"slow": hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
+         "fast": hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
   texts = [t for ro in ros.values() for t in rollout.completion_texts(tok, ro)]
   got = {}
   for g in (False, True):

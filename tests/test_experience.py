@@ -22,6 +22,7 @@ from merr1_jax import config as cfglib
 from merr1_jax import experience, prompts, rewards, rl, rollout, run_setup, settings
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, mllm
+from tests.helpers.rollouts import hand_rollout
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 P, N_SLOW, N_FAST = 2, 2, 2
@@ -168,23 +169,6 @@ SLOW_TEXTS = ["<think>a calm voice</think><answer>happy, sad</answer>", "<think>
 FAST_TEXTS = ["happy</answer>", "sad, angry</answer>", "calm</answer>", "happy</answer>"]
 
 
-def _hand_rollout(tok, ids, inputs, texts, mode, n):
-  """A host Rollout of given completion texts (EOS after slow answers), as the sampler would return them."""
-  prompt = rollout.prepare_prompts(inputs, mode=mode, vocab_size=tok.vocab_size, fast_prefix_ids=ids.fast_prefix,
-                                   pad_id=ids.pad)
-  seqs = [tok.encode(t) + ([tok.eos_id] if mode == "slow" else []) for t in texts]
-  t = max(map(len, seqs))
-  comp = np.full((len(seqs), t), ids.pad, np.int32)
-  for i, q in enumerate(seqs):
-    comp[i, :len(q)] = q
-  length = np.asarray([len(q) for q in seqs], np.int32)
-  reason = np.full(len(seqs), rollout.StopReason.EOS if mode == "slow" else rollout.StopReason.STOP, np.int32)
-  zeros = np.zeros(comp.shape, np.float32)
-  return rollout.Rollout(prompt=prompt, completion=comp, completion_mask=np.arange(t)[None] < length[:, None],
-                         logp=zeros, logp_sampled=zeros, stop_reason=reason, length=length,
-                         prompt_length=np.repeat(prompt.mask.sum(1), n), steps=np.asarray(t), num_samples=n, mode=mode)
-
-
 def _anchor_rows(tokens, ids, num_anchors):
   """Positions (in `tokens`) whose next-token distribution predicts an emotion word: the last <answer>, then the
   separators before the first </answer> after it (method.md E3 step 2), at most `num_anchors`."""
@@ -253,8 +237,8 @@ def test_calibration_reward_equals_uncached_slow_and_fast_passes(config, tok, po
   assert (ctx.cal_space is None) == (level == "category")
   exp = settings.experience_settings(config)
   inputs = rollout.batch_inputs(batch, "slow")
-  ros = {"slow": _hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
-         "fast": _hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
+  ros = {"slow": hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
+         "fast": hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
   texts = [t for ro in ros.values() for t in rollout.completion_texts(tok, ro)]
   rl_batch, metrics, rows = experience.from_rollouts(ctx, exp, params, None, batch, ros, texts)
   r_cal = np.asarray(rows["reward"])[:, experience.OBJECTIVES.index("calibration")]
