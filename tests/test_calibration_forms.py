@@ -333,3 +333,15 @@ def test_a_malformed_row_gains_nothing_when_the_calibration_is_folded_into_the_r
   np.testing.assert_allclose(r_cal, [-0.8, -0.8, -0.8, 0.0], atol=1e-6)
   assert np.argmin(a) == 3 and np.argmax(a) == 1
   np.testing.assert_allclose(a, diag["adv_task_B"], atol=1e-5)  # equal r_cal: centred to 0, the fold adds nothing
+
+
+def test_a_reading_for_another_kind_is_refused_by_the_config_check():
+  import pathlib  # noqa: PLC0415
+
+  from merr1_jax import config as cfglib  # noqa: PLC0415
+  config = cfglib.load(str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "base.py"))
+  config.rl.calibration, config.rl.cal_reading = "contrastive_gain", "max"
+  with pytest.raises(cfglib.ConfigError, match=r"rl\.cal_reading: 'max' is read by rl\.calibration='one_sided' only"):
+    cfglib.validate(config)
+  config.rl.calibration = "one_sided"
+  cfglib.validate(config)
