@@ -9,31 +9,50 @@
 # peak_bytes_in_use, a process-wide high-water mark that is never reset) is that variant's own, with no other
 # variant's train state alive. The per-run JSON files are merged into $OUT/rl_step_gpu.json at the end.
 #
-# rl_step.py imports none of grain, array-record or ml-collections, but the package's other modules do and the
-# GPU image lacks them. Carry them as wheels in .whl/ (git-ignored): the GPU image's python3 is CPython 3.12, so
-# fetch the cp312 builds here, in the repository root, with the project's exact pins (pyproject.toml):
+# What the image lacks is installed from wheels carried in .whl/ (git-ignored; no network on the GPU machine). The
+# CUDA 13 image has Python 3.12, its own jax (0.11.x) and flax, and no grain, array-record or ml-collections
+# (../shared/docs/ecosystem.md); a flax <= 0.12.8 there cannot run on jax >= 0.11.1. Fetch the cp312 builds here,
+# in the repository root, at the versions of requirements/lock-py3.12.txt (the tested newest set):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64 \
-#     --platform manylinux_2_28_x86_64 -d .whl grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0
-# (grain and array-record are cp312 manylinux wheels, ml-collections a py3-none-any wheel; add
-# `--platform manylinux_2_N_x86_64` for another N if pip finds no match). Then, on the GPU machine, from the
-# repository root with .whl carried:
+#     --platform manylinux_2_28_x86_64 -d .whl grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 \
+#     flax==0.12.12
+# (grain and array-record are cp312 manylinux wheels, ml-collections and flax py3-none-any wheels; add
+# `--platform manylinux_2_N_x86_64` for another N if pip finds no match). Only what the image lacks is installed
+# (flax only when missing or in a broken pair with the image's jax; merr1_jax/_versions.py decides), into
+# /tmp/site, ahead of the image's own packages. Then, on the GPU machine, from the repository root with .whl
+# carried:
 #   bash benchmarks/gpu.sh            (writes $OUT/rl_step_gpu.{txt,json} when OUT is set, else /tmp)
-# The image's own jax (0.11.x there, not the project's 0.10.2) runs it: the script prints the version it used.
+# The image's own jax runs it; the versions it ran with are printed first. A pair that cannot work stops the
+# script with the import guard's message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
+for name in $(python3 merr1_jax/_versions.py grain array-record ml-collections); do
+  wheel=$(compgen -G ".whl/${name//-/_}-*.whl" | head -n 1 || true)
+  if [[ -z "$wheel" ]]; then
+    echo "gpu.sh: the image lacks $name (or has a flax that cannot run on its jax) and .whl/ holds no ${name//-/_}" \
+      "wheel: fetch it as this script's header says" >&2
+    exit 1
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
+done
+export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp}"
 presets="${PRESETS:-qwen2_0p5b qwen2_5_omni_3b_thinker}"
 variants="${VARIANTS:-shared repeated}"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+  # Read from the installed metadata first: a broken pair must still print its versions.
+  python3 -c "import sys, importlib.metadata as m; print('python', sys.version.split()[0],
+*(f'{n} {m.version(n)}' for n in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain')))"
+  python3 -c "import jax; print(jax.devices())" || true
 } 2>&1 | tee "$out/rl_step_gpu.txt"
+if ! python3 -c "import merr1_jax" 2>&1 | tee -a "$out/rl_step_gpu.txt"; then
+  echo "gpu.sh: stopped: merr1_jax cannot run on these versions (the line above names them and the fix)" \
+    | tee -a "$out/rl_step_gpu.txt" >&2
+  exit 1
+fi
 # Work per step: 8 prompts x G 8 = 64 rows, prompt 256, 128 new tokens; 1 warm-up + 3 timed steps.
 for preset in $presets; do
   for variant in $variants; do

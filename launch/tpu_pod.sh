@@ -75,7 +75,7 @@ case "$ACTION" in
     run tar -C "$ROOT" --exclude=.venv --exclude=.jax_cache --exclude=.git --exclude=workdir -czf "$tarball" .
     run "${GCLOUD[@]}" scp "$tarball" "$TPU_NAME:/tmp/merr1_src.tar.gz" "${LOC[@]}" --worker=all
     on_all_workers "mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf /tmp/merr1_src.tar.gz && cd $REMOTE_DIR && \
-python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]==0.10.2'"
+python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]>=0.10.2,<0.13'"
     [[ "${DRY_RUN:-0}" == 1 ]] || rm -r "$(dirname "$tarball")"
     ;;
   train)

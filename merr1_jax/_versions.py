@@ -38,3 +38,21 @@ def check() -> None:
   message = broken_pair(_installed("jax"), _installed("flax"))
   if message:
     raise ImportError(message)
+
+
+def to_install(installed: dict, needed: tuple[str, ...]) -> list[str]:
+  """Which of `needed` (distribution names) to install from carried wheels, given {name: version or None}: the
+  missing ones, and flax when it is missing or would form a broken pair with the installed jax. For
+  benchmarks/gpu.sh on an image with its own jax."""
+  out = [n for n in needed if installed.get(n) is None and n != "flax"]
+  if installed.get("flax") is None or broken_pair(installed.get("jax"), installed.get("flax")):
+    out.append("flax")
+  return out
+
+
+if __name__ == "__main__":
+  # `python3 merr1_jax/_versions.py NAME ...` (run as a file, so the package's own import guard does not fire):
+  # prints what to install, space separated (benchmarks/gpu.sh).
+  import sys
+  names = tuple(sys.argv[1:])
+  print(" ".join(to_install({n: _installed(n) for n in (*names, "jax", "flax")}, names)))

@@ -253,8 +253,7 @@ def test_peer_pins_are_exact_and_torch_is_the_cpu_build():
   assert pins["trl"]["trl"] == "1.16.0" and pins["trl"]["torch"] == "2.13.0+cpu"
   assert pins["trl"]["transformers"] == "5.24.0"  # the project's own
   assert pins["tunix"]["google-tunix"] == "0.1.7" and "torch" not in pins["tunix"]
-  with open(os.path.join(ROOT, "pyproject.toml")) as f:
-    project = dict(re.findall(r'"([a-z0-9_.-]+)==([^"]+)"', f.read()))
+  project = _lock("3.11")
   assert pins["tunix"]["jax"] == project["jax"] and pins["tunix"]["flax"] == project["flax"]
   script = os.path.join(ROOT, "benchmarks", "peers", "setup.sh")
   subprocess.run(["bash", "-n", script], check=True)
@@ -263,17 +262,42 @@ def test_peer_pins_are_exact_and_torch_is_the_cpu_build():
   assert "--no-deps" in text and "torch.version.cuda" in text and "check_torch_cpu" in text
 
 
-def test_gpu_script_is_valid_bash_and_pins_the_project_versions():
+def _lock(python: str) -> dict:
+  """{distribution: version} of requirements/lock-py<python>.txt (names lower-case, '_' as '-')."""
+  with open(os.path.join(ROOT, "requirements", f"lock-py{python}.txt")) as f:
+    lines = [l.split("#")[0].strip() for l in f if l.split("#")[0].strip()]
+  return {n.lower().replace("_", "-"): v for n, v in (l.split("==") for l in lines)}
+
+
+def test_gpu_script_is_valid_bash_and_pins_the_tested_newest_versions():
   path = os.path.join(ROOT, "benchmarks", "gpu.sh")
   subprocess.run(["bash", "-n", path], check=True)
   with open(path) as f:
     text = f.read()
   assert "<pinned>" not in text
-  with open(os.path.join(ROOT, "pyproject.toml")) as f:
-    project = dict(re.findall(r'"([a-z0-9_.-]+)==([^"]+)"', f.read()))
-  for name in ("grain", "array-record", "ml-collections"):
+  project = _lock("3.12")  # the image's Python is 3.12
+  for name in ("grain", "array-record", "ml-collections", "flax"):
     assert f"{name}=={project[name]}" in text, name
   assert "--python-version 3.12" in text and "cp312" in text
+
+
+def test_gpu_script_prologue_runs_here_and_reports_the_versions(tmp_path):
+  """On this lane's own interpreter nothing is missing: gpu.sh prints the versions, passes the import guard and
+  reaches the benchmark loop (a preset that does not exist fails there, is reported, and the script goes on)."""
+  shim = tmp_path / "bin"
+  shim.mkdir()
+  (shim / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+  (shim / "python3").chmod(0o755)
+  env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "OUT": str(tmp_path), "PRESETS": "no_such_preset",
+         "VARIANTS": "shared", "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")], env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  report = (tmp_path / "rl_step_gpu.txt").read_text()
+  import jax
+  assert f"jax {jax.__version__}" in report and "flax " in report, report
+  assert "rl_step.py --presets no_such_preset --variants shared FAILED" in report, report
+  assert json.loads((tmp_path / "rl_step_gpu.json").read_text()) == []
 
 
 # ------------------------------------------------------------------------------------------ workloads

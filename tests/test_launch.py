@@ -163,7 +163,7 @@ def test_tpu_pod_dry_run_setup_stop_and_missing_settings():
   lines = [shlex.split(line) for line in log.strip().splitlines()]
   assert [w[0] for w in lines] == ["tar", "gcloud", "gcloud"]
   assert "scp" in lines[1] and "--worker=all" in lines[2]
-  assert "jax[tpu]==0.10.2" in lines[2][lines[2].index("--command") + 1]
+  assert "'jax[tpu]>=0.10.2,<0.13'" in lines[2][lines[2].index("--command") + 1]
   rc, log = _tpu("stop")
   assert rc == 0 and "kill -TERM" in log, log
   rc, log = _run([str(LAUNCH / "tpu_pod.sh"), "train", "--workdir", "/w"], {"DRY_RUN": "1", "ZONE": "z",

@@ -1,5 +1,6 @@
 """The import-time guard against known-broken dependency pairs (merr1_jax/_versions.py)."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -38,3 +39,72 @@ def test_importing_with_a_broken_pair_fails_at_once_with_the_message():
           "  print('refused:', e); print('flax' in sys.modules)\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
   assert "refused: merr1_jax: flax 0.12.8 cannot run on jax 0.11.2" in out and out.strip().endswith("False"), out
+
+
+@pytest.mark.parametrize("installed,expected", [
+    ({"jax": "0.11.2", "flax": "0.12.3", "grain": None, "array-record": None}, ["grain", "array-record", "flax"]),
+    ({"jax": "0.11.2", "flax": "0.12.9", "grain": "0.2.18", "array-record": None}, ["array-record"]),
+    ({"jax": "0.10.2", "flax": "0.12.8", "grain": "0.2.18", "array-record": "0.8.6"}, []),
+    ({"jax": "0.12.0.1", "flax": None, "grain": "0.2.18", "array-record": "0.8.6"}, ["flax"]),
+])
+def test_what_the_gpu_script_installs(installed, expected):
+  assert _versions.to_install(installed, ("grain", "array-record")) == expected
+
+
+def test_the_gpu_scripts_helper_runs_as_a_file_on_the_installed_set():
+  """benchmarks/gpu.sh runs the module as a file: here, with the lane's own working set, nothing is missing."""
+  out = subprocess.run([sys.executable, _versions.__file__, "grain", "array-record", "ml-collections"],
+                       capture_output=True, text=True, check=True).stdout
+  assert out.strip() == ""
+
+
+def _pyproject_requirements():
+  import tomllib
+  from packaging.requirements import Requirement
+  root = pathlib.Path(__file__).resolve().parent.parent
+  project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+  return root, [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["test"]]]
+
+
+def _lock(root, python):
+  lines = [l.split("#")[0].strip() for l in (root / "requirements" / f"lock-py{python}.txt").read_text().splitlines()]
+  return {n.lower().replace("_", "-"): v for n, v in (l.split("==") for l in lines if l)}
+
+
+@pytest.mark.parametrize("python", ["3.11", "3.12"])
+def test_each_lock_file_lies_inside_the_declared_ranges(python):
+  """The lock files are what CI and the README install: every requirement that applies on that Python is locked,
+  at a version its range admits (so a tested set never contradicts the package's metadata)."""
+  root, reqs = _pyproject_requirements()
+  lock = _lock(root, python)
+  env = {"python_version": python, "python_full_version": f"{python}.0", "extra": "test"}
+  applied = [r for r in reqs if r.marker is None or r.marker.evaluate(env)]
+  assert len(applied) >= 30
+  for r in applied:
+    name = r.name.lower().replace("_", "-")
+    assert name in lock, f"{name} is not in lock-py{python}.txt"
+    assert r.specifier.contains(lock[name], prereleases=False), f"{name}=={lock[name]} is outside {r.specifier}"
+  if python == "3.12":  # torch stays off the 3.12 lane: PyPI has only CUDA builds there
+    assert "torch" not in lock and not any(r.name == "torch" for r in applied)
+
+
+def test_each_runtime_floor_is_the_oldest_tested_release():
+  """A floor is the version the Python 3.11 lane (the oldest set) installs: the suite has passed on it."""
+  root, reqs = _pyproject_requirements()
+  lock = _lock(root, "3.11")
+  for r in reqs:
+    if r.marker is not None and not r.marker.evaluate({"python_version": "3.11", "extra": "test"}):
+      continue
+    floors = [s.version for s in r.specifier if s.operator in (">=", "==")]
+    assert floors == [lock[r.name.lower().replace("_", "-")]], (r.name, floors)
+
+
+def test_ci_runs_the_readmes_test_command_and_a_python_3_12_lane_over_existing_tests():
+  root = pathlib.Path(__file__).resolve().parent.parent
+  readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
+  test_cmd = next(l for l in readme.splitlines() if l.startswith("python3 -m venv") and "pytest" in l)
+  assert "-c requirements/lock-py3.11.txt" in test_cmd and test_cmd in ci.splitlines()
+  assert "-c requirements/lock-py3.12.txt" in ci
+  listed = [l.split("#")[0].strip() for l in (root / ".ci" / "py312_tests.txt").read_text().splitlines()]
+  listed = [l for l in listed if l]
+  assert listed and all((root / l.split("::")[0]).is_file() for l in listed), listed
