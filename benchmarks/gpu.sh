@@ -22,35 +22,53 @@
 # (flax only when missing or in a broken pair with the image's jax; merr1_jax/_versions.py decides), into
 # /tmp/site, ahead of the image's own packages. Then, on the GPU machine, from the repository root with .whl
 # carried:
-#   bash benchmarks/gpu.sh            (writes $OUT/rl_step_gpu.{txt,json} when OUT is set, else /tmp)
+#   bash benchmarks/gpu.sh   (writes $OUT/rl_step_gpu.{txt,json}, OUT default /tmp; PRESETS, VARIANTS and WHEELS,
+#                             the wheel folder, default .whl, override the defaults below)
 # The image's own jax runs it; the versions it ran with are printed first. A pair that cannot work stops the
 # script with the import guard's message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for name in $(python3 merr1_jax/_versions.py grain array-record ml-collections); do
-  wheel=$(compgen -G ".whl/${name//-/_}-*.whl" | head -n 1 || true)
-  if [[ -z "$wheel" ]]; then
-    echo "gpu.sh: the image lacks $name (or has a flax that cannot run on its jax) and .whl/ holds no ${name//-/_}" \
-      "wheel: fetch it as this script's header says" >&2
-    exit 1
-  fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
-done
-export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp}"
+wheels="${WHEELS:-.whl}"
 presets="${PRESETS:-qwen2_0p5b qwen2_5_omni_3b_thinker}"
 variants="${VARIANTS:-shared repeated}"
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  # Read from the installed metadata first: a broken pair must still print its versions.
-  python3 -c "import sys, importlib.metadata as m; print('python', sys.version.split()[0],
-*(f'{n} {m.version(n)}' for n in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain')))"
-  python3 -c "import jax; print(jax.devices())" || true
-} 2>&1 | tee "$out/rl_step_gpu.txt"
-if ! python3 -c "import merr1_jax" 2>&1 | tee -a "$out/rl_step_gpu.txt"; then
-  echo "gpu.sh: stopped: merr1_jax cannot run on these versions (the line above names them and the fix)" \
-    | tee -a "$out/rl_step_gpu.txt" >&2
+log() { tee -a "$out/rl_step_gpu.txt"; }
+versions() {  # from the installed metadata, so that a broken pair still prints its versions
+  python3 - <<'EOF'
+import importlib.metadata as m, sys
+def v(n):
+  try:
+    return m.version(n)
+  except m.PackageNotFoundError:
+    return "(not installed)"
+names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "array-record", "ml-collections")
+print("python", sys.version.split()[0], *(f"{n} {v(n)}" for n in names))
+EOF
+}
+: > "$out/rl_step_gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; versions; } 2>&1 | log
+why=$(mktemp)
+need=$(python3 merr1_jax/_versions.py grain array-record ml-collections 2>"$why")  # a crash here stops the script
+log < "$why"
+if [[ -n "$need" ]]; then
+  site=$(mktemp -d)  # this run's own: nothing left by an earlier run shadows the image
+  for name in $need; do
+    wheel=$(compgen -G "$wheels/${name//-/_}-*.whl" | head -n 1 || true)
+    if [[ -z "$wheel" ]]; then
+      echo "gpu.sh: stopped: $name is needed (the line above says why) and $wheels/ holds no ${name//-/_} wheel:" \
+        "fetch it as this script's header says" | log >&2
+      exit 1
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheel"
+  done
+  export PYTHONPATH="$site:${PYTHONPATH:-}"
+  echo "installed from $wheels/: $need; now:" | log
+  versions 2>&1 | log
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+python3 -c "import jax; print(jax.devices())" 2>&1 | log || true
+if ! python3 -c "import merr1_jax" 2>&1 | log; then
+  echo "gpu.sh: stopped: merr1_jax cannot run on these versions (the line above names them and the fix)" | log >&2
   exit 1
 fi
 # Work per step: 8 prompts x G 8 = 64 rows, prompt 256, 128 new tokens; 1 warm-up + 3 timed steps.

@@ -52,7 +52,12 @@ def to_install(installed: dict, needed: tuple[str, ...]) -> list[str]:
 
 if __name__ == "__main__":
   # `python3 merr1_jax/_versions.py NAME ...` (run as a file, so the package's own import guard does not fire):
-  # prints what to install, space separated (benchmarks/gpu.sh).
+  # prints what to install, space separated, and why to stderr (benchmarks/gpu.sh).
   import sys
   names = tuple(sys.argv[1:])
-  print(" ".join(to_install({n: _installed(n) for n in (*names, "jax", "flax")}, names)))
+  installed = {n: _installed(n) for n in (*names, "jax", "flax")}
+  need = to_install(installed, names)
+  for n in need:
+    print(broken_pair(installed["jax"], installed["flax"]) if n == "flax" and installed["flax"] else
+          f"merr1_jax: {n} is not installed", file=sys.stderr)
+  print(" ".join(need))

@@ -281,23 +281,63 @@ def test_gpu_script_is_valid_bash_and_pins_the_tested_newest_versions():
   assert "--python-version 3.12" in text and "cp312" in text
 
 
-def test_gpu_script_prologue_runs_here_and_reports_the_versions(tmp_path):
-  """On this lane's own interpreter nothing is missing: gpu.sh prints the versions, passes the import guard and
-  reaches the benchmark loop (a preset that does not exist fails there, is reported, and the script goes on)."""
-  shim = tmp_path / "bin"
-  shim.mkdir()
+def _gpu_sh(tmp_path, fake: dict[str, str] = (), wheels: dict[str, str] = ()):
+  """Runs benchmarks/gpu.sh on this lane's interpreter, with a preset that does not exist (it fails in the benchmark
+  loop, is reported, and the script goes on). `fake`: {distribution: version} dist-info folders put ahead on
+  PYTHONPATH (an image's versions, as the metadata reports them); `wheels`: {distribution: version} wheels
+  holding only their metadata, in the folder the script installs from."""
+  shim, site, whl = tmp_path / "bin", tmp_path / "image", tmp_path / "whl"
+  for d in (shim, site, whl):
+    d.mkdir()
   (shim / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
   (shim / "python3").chmod(0o755)
+  for name, version in dict(fake).items():
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+  for name, version in dict(wheels).items():
+    import zipfile
+    stem = f"{name.replace('-', '_')}-{version}"
+    with zipfile.ZipFile(whl / f"{stem}-py3-none-any.whl", "w") as z:
+      z.writestr(f"{stem}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+      z.writestr(f"{stem}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                 "Tag: py3-none-any\n")
+      z.writestr(f"{stem}.dist-info/RECORD", "")
   env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "OUT": str(tmp_path), "PRESETS": "no_such_preset",
-         "VARIANTS": "shared", "JAX_PLATFORMS": "cpu"}
+         "VARIANTS": "shared", "JAX_PLATFORMS": "cpu", "WHEELS": str(whl),
+         "PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}"}
   r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")], env=env, capture_output=True,
                      text=True, timeout=300)
+  return r, (tmp_path / "rl_step_gpu.txt").read_text()
+
+
+def test_gpu_script_prologue_runs_here_and_reports_the_versions(tmp_path):
+  """On this lane's own set nothing is missing: the versions are printed, the guard passes, the loop runs."""
+  r, report = _gpu_sh(tmp_path)
   assert r.returncode == 0, r.stderr
-  report = (tmp_path / "rl_step_gpu.txt").read_text()
   import jax
-  assert f"jax {jax.__version__}" in report and "flax " in report, report
+  assert f"jax {jax.__version__}" in report and "flax " in report and "installed from" not in report, report
   assert "rl_step.py --presets no_such_preset --variants shared FAILED" in report, report
   assert json.loads((tmp_path / "rl_step_gpu.json").read_text()) == []
+
+
+def test_gpu_script_stops_on_a_broken_pair_it_has_no_wheel_for(tmp_path):
+  r, report = _gpu_sh(tmp_path, fake={"jax": "0.11.2", "flax": "0.12.3"})
+  assert r.returncode == 1
+  assert "jax 0.11.2" in report and "flax 0.12.3" in report  # the versions, printed before anything else
+  assert "flax 0.12.3 cannot run on jax 0.11.2" in report  # why flax is needed
+  assert "gpu.sh: stopped: flax is needed" in report and "no flax wheel" in r.stderr
+  assert "no_such_preset" not in report
+
+
+def test_gpu_script_installs_the_carried_flax_over_the_images(tmp_path):
+  """The image's flax 0.12.3 on jax 0.11.2 is replaced, for this run, by the carried 0.12.12: the guard passes."""
+  r, report = _gpu_sh(tmp_path, fake={"jax": "0.11.2", "flax": "0.12.3"}, wheels={"flax": "0.12.12"})
+  assert r.returncode == 0, r.stderr + report
+  assert "installed from" in report and ": flax; now:" in report
+  before, after = report.split(": flax; now:")
+  assert "flax 0.12.3 optax" in before and "jax 0.11.2 jaxlib" in after and "flax 0.12.12 optax" in after
+  assert "rl_step.py --presets no_such_preset --variants shared FAILED" in report, report
 
 
 # ------------------------------------------------------------------------------------------ workloads

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import signal
+import sys
 import zlib
 
 import jax
@@ -290,7 +291,9 @@ def test_the_reference_is_the_base_with_the_adapters_off():
 def test_merged_export_and_peft_adapter_match_the_jax_policy(tmp_path):
   """save_hf merges the adapters (reloaded: 1e-5 against the adapter forward); save_peft's adapter loads in peft
   onto transformers' Qwen2ForCausalLM of the base export and gives the JAX policy's logits (1e-4)."""
-  import peft  # noqa: PLC0415 - the test extra pins it: a missing peft fails here, it is not skipped
+  if sys.version_info >= (3, 12):  # the 3.12 lane installs no torch (docs/install.md); on 3.11 a missing peft fails
+    pytest.importorskip("peft", reason="torch and peft are installed on the Python 3.11 lane only")
+  import peft  # noqa: PLC0415 - the test extra pins it on 3.11: a missing peft fails here, it is not skipped
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
   m, mb = _model(tie_embeddings=False), _model(rank=0, tie_embeddings=False)
