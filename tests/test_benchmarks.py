@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from tests.helpers.locks import lock
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks", "peers"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -253,7 +255,7 @@ def test_peer_pins_are_exact_and_torch_is_the_cpu_build():
   assert pins["trl"]["trl"] == "1.16.0" and pins["trl"]["torch"] == "2.13.0+cpu"
   assert pins["trl"]["transformers"] == "5.24.0"  # the project's own
   assert pins["tunix"]["google-tunix"] == "0.1.7" and "torch" not in pins["tunix"]
-  project = _lock("3.11")
+  project = lock("3.11")
   assert pins["tunix"]["jax"] == project["jax"] and pins["tunix"]["flax"] == project["flax"]
   script = os.path.join(ROOT, "benchmarks", "peers", "setup.sh")
   subprocess.run(["bash", "-n", script], check=True)
@@ -262,20 +264,13 @@ def test_peer_pins_are_exact_and_torch_is_the_cpu_build():
   assert "--no-deps" in text and "torch.version.cuda" in text and "check_torch_cpu" in text
 
 
-def _lock(python: str) -> dict:
-  """{distribution: version} of requirements/lock-py<python>.txt (names lower-case, '_' as '-')."""
-  with open(os.path.join(ROOT, "requirements", f"lock-py{python}.txt")) as f:
-    lines = [l.split("#")[0].strip() for l in f if l.split("#")[0].strip()]
-  return {n.lower().replace("_", "-"): v for n, v in (l.split("==") for l in lines)}
-
-
 def test_gpu_script_is_valid_bash_and_pins_the_tested_newest_versions():
   path = os.path.join(ROOT, "benchmarks", "gpu.sh")
   subprocess.run(["bash", "-n", path], check=True)
   with open(path) as f:
     text = f.read()
   assert "<pinned>" not in text
-  project = _lock("3.12")  # the image's Python is 3.12
+  project = lock("3.12")  # the image's Python is 3.12
   for name in ("grain", "array-record", "ml-collections", "flax"):
     assert f"{name}=={project[name]}" in text, name
   assert "--python-version 3.12" in text and "cp312" in text

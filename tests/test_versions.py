@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from merr1_jax import _versions
+from tests.helpers.locks import lock
 
 
 @pytest.mark.parametrize("jax_v,flax_v,broken", [
@@ -66,37 +67,32 @@ def _pyproject_requirements():
   return root, [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["test"]]]
 
 
-def _lock(root, python):
-  lines = [l.split("#")[0].strip() for l in (root / "requirements" / f"lock-py{python}.txt").read_text().splitlines()]
-  return {n.lower().replace("_", "-"): v for n, v in (l.split("==") for l in lines if l)}
-
-
 @pytest.mark.parametrize("python", ["3.11", "3.12"])
 def test_each_lock_file_lies_inside_the_declared_ranges(python):
   """The lock files are what CI and the README install: every requirement that applies on that Python is locked,
   at a version its range admits (so a tested set never contradicts the package's metadata)."""
   root, reqs = _pyproject_requirements()
-  lock = _lock(root, python)
+  locked = lock(python)
   env = {"python_version": python, "python_full_version": f"{python}.0", "extra": "test"}
   applied = [r for r in reqs if r.marker is None or r.marker.evaluate(env)]
   assert len(applied) >= 30
   for r in applied:
     name = r.name.lower().replace("_", "-")
-    assert name in lock, f"{name} is not in lock-py{python}.txt"
-    assert r.specifier.contains(lock[name], prereleases=False), f"{name}=={lock[name]} is outside {r.specifier}"
+    assert name in locked, f"{name} is not in lock-py{python}.txt"
+    assert r.specifier.contains(locked[name], prereleases=False), f"{name}=={locked[name]} is outside {r.specifier}"
   if python == "3.12":  # torch stays off the 3.12 lane: PyPI has only CUDA builds there
-    assert "torch" not in lock and not any(r.name == "torch" for r in applied)
+    assert "torch" not in locked and not any(r.name == "torch" for r in applied)
 
 
 def test_each_runtime_floor_is_the_oldest_tested_release():
   """A floor is the version the Python 3.11 lane (the oldest set) installs: the suite has passed on it."""
   root, reqs = _pyproject_requirements()
-  lock = _lock(root, "3.11")
+  locked = lock("3.11")
   for r in reqs:
     if r.marker is not None and not r.marker.evaluate({"python_version": "3.11", "extra": "test"}):
       continue
     floors = [s.version for s in r.specifier if s.operator in (">=", "==")]
-    assert floors == [lock[r.name.lower().replace("_", "-")]], (r.name, floors)
+    assert floors == [locked[r.name.lower().replace("_", "-")]], (r.name, floors)
 
 
 def test_ci_runs_the_readmes_test_command_and_a_python_3_12_lane_over_existing_tests():
