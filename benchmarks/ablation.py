@@ -335,7 +335,7 @@ def reasoning_check(out: pathlib.Path, seed: int, config_spec: str, extra) -> di
   (own) the clip's own reasoning (its annotator reading, as in the slow demonstrations), (other) another clip's
   reasoning, (none) the empty think of fast mode. own > none > other says the reasoning carries information that
   the fast answer lacks (docs/data.md, "Does the reasoning carry information?")."""
-  from merr1_jax import evaluate, policy_io, prompts, rollout, run_setup, settings  # noqa: PLC0415 (jax: slow)
+  from merr1_jax import evaluate, grouped, policy_io, prompts, rollout, run_setup, settings  # noqa: PLC0415 (jax)
   from merr1_jax.data import synth  # noqa: PLC0415
 
   sft = out / f"seed{seed}" / "sft"
@@ -347,11 +347,10 @@ def reasoning_check(out: pathlib.Path, seed: int, config_spec: str, extra) -> di
   think = {i: records[i].demo_slow.split(prompts.THINK_OPEN, 1)[1].split(prompts.THINK_CLOSE, 1)[0] for i in order}
   other = {i: think[order[(k + 1) % len(order)]] for k, i in enumerate(order)}
   ids = rollout.SpecialIds.from_tokenizer(tok)
-  kw = dict(vocab_size=tok.vocab_size, fast_prefix_ids=ids.fast_prefix, pad_id=ids.pad,
-            buckets=tuple(config.data.prompt_buckets))
   got = {"own": [], "other": [], "none": []}
   for batch in run_setup.open_data(config, sft, tok, model.config).pipeline("eval", config.data.eval_split):
-    inputs = rollout.batch_inputs(batch, "slow")
+    prompt = rollout.prepare_prompts(rollout.batch_inputs(batch, "slow"), mode="slow", vocab_size=tok.vocab_size,
+                                     pad_id=ids.pad, buckets=tuple(config.data.prompt_buckets))
     rows = [str(i) if m else order[0] for i, m in zip(batch["ids"], batch["example_mask"])]
     answer = {i: tok.encode(prompts.render_answer(records[i].openset) + prompts.ANSWER_CLOSE) for i in rows}
     for name, mode in (("own", "slow"), ("other", "slow"), ("none", "fast")):
@@ -360,9 +359,10 @@ def reasoning_check(out: pathlib.Path, seed: int, config_spec: str, extra) -> di
         heads = [tok.encode(prompts.THINK_OPEN + src[i] + prompts.THINK_CLOSE + prompts.ANSWER_OPEN) for i in rows]
       else:
         heads = [[] for _ in rows]
-      seqs = rollout.make_sequences(inputs, [h + answer[i] for h, i in zip(heads, rows)], mode=mode, num_samples=1,
-                                    **kw)
-      logp = np.asarray(rollout.score(model, params, seqs).logp)
+      pre = ids.fast_prefix if mode == "fast" else ()  # the fast context: the prompt + FAST_PREFIX
+      seg = grouped.token_segment([h + answer[i] for h, i in zip(heads, rows)], prompt, num_samples=1,
+                                  prefix_ids=pre, mode_id=0, pad_id=ids.pad)
+      logp = np.asarray(grouped.score_pass(model, params, prompt, [seg])[0]["logp"])[:, 0, len(pre):]
       for j, (h, i) in enumerate(zip(heads, rows)):
         if batch["example_mask"][j]:
           got[name].append(float(logp[j, len(h):len(h) + len(answer[i])].sum()))

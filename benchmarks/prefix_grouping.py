@@ -5,13 +5,14 @@
 
 For r = L / T in --ratios (prompt length L = r x T), on random weights and random tokens (the cost of a pass does
 not depend on the values), with P prompts x G completions of T tokens:
-  update       one RL update (train_step.make_rl_step: PPO-clip + k3 KL, one AdamW step) on the RLBatch of full
-               sequences vs the GroupedRLBatch (each prompt once, its completions as suffixes);
-  old policy   the old-policy log-prob pass of PPO iterations (train_step._old_logprobs vs grouped.old_logprobs);
-  reference    the reference log-probs (rollout.score, which prefills each prompt once and then repeats its cache
-               G times, vs grouped.score_pass);
+  update       one RL update (PPO-clip + k3 KL, one AdamW step): the oracle's step on the RLBatch of full sequences
+               (tests/oracles/ungrouped.py, the layout the trainer ran before) vs train_step.make_rl_step on the
+               GroupedRLBatch (each prompt once, its completions as suffixes);
+  old policy   the old-policy log-prob pass of PPO iterations (the oracle's old_logprobs vs grouped.old_logprobs);
+  reference    the reference log-probs (the oracle's scorer, which prefills each prompt once and then repeats its
+               cache G times, vs grouped.score_pass);
   calibration  the slow answers' category log-mass in their own context and teacher-forced in the fast context
-               (two rollout.score passes with anchors vs one grouped.score_pass over both segments);
+               (two oracle scorer passes with anchors vs one grouped.score_pass over both segments);
   step         the four together (what the RL step spends outside generation, which both layouts share).
 Each time is the median over --repeats runs after --warmup runs (compilation excluded), the two layouts
 interleaved in every repeat, and each ratio is the median of the per-repeat ratios (load drift on a shared machine
@@ -42,6 +43,9 @@ from merr1_jax import assembly, grouped, rl, rollout
 from merr1_jax import train_step as ts
 from merr1_jax.models import presets
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # the repository: tests.oracles
+from tests.oracles import ungrouped  # noqa: E402
+
 SECTION = "## Prefix grouping"
 PARTS = ("update", "old policy", "reference", "calibration", "step")
 
@@ -60,36 +64,37 @@ def passes(model, params, work: rl_step.Work, rs) -> dict[str, dict]:
   b, t = ro.completion.shape
   adv = rs.randn(b).astype(np.float32)
   ref = [-rs.rand(b, t).astype(np.float32)]
-  flat = jax.tree.map(jnp.asarray, assembly.assemble([ro], adv, pad_id=0, ref_logp=ref))
-  group = jax.tree.map(jnp.asarray, assembly.assemble_grouped([ro], adv, ro.prompt, fast_prefix_ids=(),
-                                                              ref_logp=ref))
+  flat = jax.tree.map(jnp.asarray, ungrouped.assemble([ro], adv, pad_id=0, ref_logp=ref))
+  segs = assembly.segments([ro], ro.prompt, fast_prefix_ids=())
+  group = jax.tree.map(jnp.asarray, assembly.assemble(segs, ro.prompt, adv, [ref[0].reshape(segs[0].tokens.shape)]))
   tx = optax.adamw(1e-6)
   step_cfg = ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=work.beta, ppo_epochs=1)
-  update = ts.make_rl_step(model, tx, step_cfg)
+  update = {"ungrouped": ungrouped.rl_step(model, tx, step_cfg), "grouped": ts.make_rl_step(model, tx, step_cfg)}
   # Each update donates its state: give both layouts their own copy of the weights.
   state = {k: ts.init_state(jax.tree.map(jnp.copy, params), tx, with_reference=True) for k in ("ungrouped", "grouped")}
 
   def run_update(kind, batch):
     def fn():
-      state[kind], m = update(state[kind], batch)
+      state[kind], m = update[kind](state[kind], batch)
       return m["loss"]
     return fn
 
-  old_f = jax.jit(lambda p, bt: ts._old_logprobs(model, step_cfg, p, bt))
+  old_f = jax.jit(lambda p, bt: ungrouped.old_logprobs(model, step_cfg, p, bt))
   old_g = jax.jit(lambda p, bt: grouped.old_logprobs(model, step_cfg, p, bt))
   sets = jnp.asarray(rs.rand(1, 8, cfg.vocab_size) < 0.05)
   anchors = rollout.AnchorSpec(answer_open=7, separators=(9,), answer_close=8, num_anchors=4)
   fast_prefix = (4, 5, 7)  # <think> </think> <answer>
   answers = [list(c[-4:]) for c in np.asarray(ro.completion)]  # w , w </answer>
-  fast_seqs = rollout.make_sequences(ro.prompt, answers, mode="fast", num_samples=work.group, vocab_size=cfg.vocab_size,
-                                     fast_prefix_ids=fast_prefix, buckets=(work.prompt_len + 3, 4 * work.prompt_len))
+  fast_seqs = ungrouped.make_sequences(ro.prompt, answers, mode="fast", num_samples=work.group,
+                                       vocab_size=cfg.vocab_size, fast_prefix_ids=fast_prefix,
+                                       buckets=(work.prompt_len + 3, 4 * work.prompt_len))
   prompt = ro.prompt
   own = grouped.segment(ro, prompt, fast_prefix_ids=(), mode_id=0)
   cf = grouped.token_segment(answers, prompt, num_samples=work.group, prefix_ids=fast_prefix, mode_id=1)
 
   def calib_f():
-    a = rollout.score(model, params, ro, token_sets=sets, anchors=anchors)
-    c = rollout.score(model, params, fast_seqs, token_sets=sets, anchors=anchors)
+    a = ungrouped.score(model, params, ro, token_sets=sets, anchors=anchors)
+    c = ungrouped.score(model, params, fast_seqs, token_sets=sets, anchors=anchors)
     return a.logmass, c.logmass
 
   def calib_g():
@@ -99,7 +104,7 @@ def passes(model, params, work: rl_step.Work, rs) -> dict[str, dict]:
   fns = {
       "update": {"ungrouped": run_update("ungrouped", flat), "grouped": run_update("grouped", group)},
       "old policy": {"ungrouped": lambda: old_f(params, flat), "grouped": lambda: old_g(params, group)},
-      "reference": {"ungrouped": lambda: rollout.score(model, params, ro).logp,
+      "reference": {"ungrouped": lambda: ungrouped.score(model, params, ro).logp,
                     "grouped": lambda: grouped.score_pass(model, params, prompt, [own])[0]["logp"]},
       "calibration": {"ungrouped": calib_f, "grouped": calib_g},
   }

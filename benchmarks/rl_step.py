@@ -6,23 +6,21 @@ regression in any phase shows up on its own line:
             `new_tokens` tokens), temperature 1.0; split into the prompt prefill and the decode loop (the
             prefill is timed again on its own after the step, outside the step time, and decode = generate -
             prefill);
-  ref       rollout.score with the frozen reference (teacher-forced, same shared-prefix structure);
+  ref       grouped.score_pass with the frozen reference (teacher-forced, each prompt once);
   reward    completions -> rewards on the host, group z-score advantages (rl.group_zscore), batch assembly;
-  update    train_step.make_rl_step: PPO-clip + beta * k3 KL, one AdamW update on the B full sequences, with the
-            prompt columns skipped (RLBatch.loss_start = L - 1: assembly.assemble, as the trainer builds it).
+  update    train_step.make_rl_step: PPO-clip + beta * k3 KL, one AdamW update on the prefix-grouped batch (each
+            prompt once, its completions as suffixes: assembly.assemble, as the trainer builds it).
 Variants (all in one run, interleaved per repeat so load drift on a shared machine hits them alike):
   shared    the sampler prefills each prompt once and repeats the cache G times (the default);
   repeated  prompts repeated G times and sampled with num_samples=1 (what TRL, Tunix, R1-Omni do);
   mm        shared + video/audio features merged at placeholders (--mm_frames / --mm_audio per prompt);
-  grouped, mm_grouped  shared / mm with the prefix-grouped reference pass and update (rl.prefix_grouped: each
-            prompt computed once, assembly.assemble_grouped; benchmarks/prefix_grouping.py times the passes alone).
 
 --breakdown times the update's parts in isolation instead (no generation), for the same work shape, each one
 jitted call, median over --repeats after --warmup:
-  hidden          decoder forward + backward of the hidden states only (all B x S positions);
-  hidden+logp     + the log-prob path the RL loss uses (train_step._shifted_logp from loss_start: the LM head on
-                  the T completion positions, log-softmax, entropy without gradient);
-  loss            the whole RL loss's value and gradient (make_rl_loss: + PPO-clip and the k3 KL);
+  hidden          decoder forward + backward of the hidden states only (P prompts + B suffixes, grouped);
+  hidden+logp     + the log-prob path the RL loss uses (grouped.grouped_logprobs: the LM head on the T completion
+                  positions, log-softmax, entropy without gradient);
+  loss            the whole RL loss's value and gradient (grouped.make_grouped_loss: + PPO-clip and the k3 KL);
   update          the whole make_rl_step update (+ gradient clipping and AdamW, state donated);
   hidden/noattn, update/noattn  the same with attention replaced by the identity (qwen2.attend returns q), so
                   the difference is what attention costs (the numbers mean nothing else: the model is broken).
@@ -59,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import assembly, grouped, optim, prompts, rl, rollout, sampling, sharding
+from merr1_jax import assembly, grouped, optim, rl, rollout, sampling, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.models import base, mllm, presets, qwen2
 
@@ -87,7 +85,6 @@ class Work:
   beta: float = 0.04
   learning_rate: float = 1e-6
   shared_prefix: bool = True
-  grouped: bool = False  # the prefix-grouped reference pass and update (rl.prefix_grouped)
   pad_id: int = 0
   fast_group: int = 0
   fast_new_tokens: int = 16
@@ -199,15 +196,10 @@ class Runner:
     ros = [sharding.to_host(ro) for ro in ros]
     prompt = ros[0].prompt  # slow-rendered: the grouped layout's shared prefix (a fast suffix carries the prefix)
     refs = None
-    if w.beta > 0 and w.grouped:
-      segs = [grouped.segment(ro, prompt, fast_prefix_ids=w.fast_prefix_ids, mode_id=prompts.MODES.index(ro.mode))
-              for ro in ros]
+    segs = assembly.segments(ros, prompt, fast_prefix_ids=w.fast_prefix_ids)
+    if w.beta > 0:
       outs = grouped.score_pass(self.model, ts.reference_params(self.state), prompt, segs)
-      # Back to completion columns [B_m, T_m]: a fast suffix starts with FAST_PREFIX.
-      refs = [np.asarray(o["logp"])[..., len(w.fast_prefix_ids) if ro.mode == "fast" else 0:]
-              .reshape(ro.completion.shape) for o, ro in zip(outs, ros)]
-    elif w.beta > 0:
-      refs = [np.asarray(rollout.score(self.model, ts.reference_params(self.state), ro).logp) for ro in ros]
+      refs = [np.asarray(o["logp"]) for o in outs]
     t2 = time.perf_counter()
     r_B = np.concatenate([self.reward_fn(ro.completion) for ro in ros])
     if len(ros) == 1:
@@ -216,11 +208,7 @@ class Runner:
       groups = np.concatenate([ro.prompt_index for ro in ros]).astype(np.int32)
     adv_B = np.asarray(rl.group_zscore(jnp.asarray(r_B), jnp.ones(r_B.shape, bool), groups, len(r_B) // w.total_group,
                                        group_size=w.total_group))
-    # The trainer's own assembly: full sequences with the prompt columns skipped in the loss, or prefix-grouped.
-    if w.grouped:
-      batch = assembly.assemble_grouped(ros, adv_B, prompt, fast_prefix_ids=w.fast_prefix_ids, ref_logp=refs)
-    else:
-      batch = assembly.assemble(ros, adv_B, pad_id=w.pad_id, ref_logp=refs)
+    batch = assembly.assemble(segs, prompt, adv_B, refs)  # the trainer's own assembly
     t3 = time.perf_counter()
     self.state, metrics = self.update(self.state, batch)
     jax.block_until_ready(metrics["loss"])
@@ -320,7 +308,7 @@ def build(name: str, dtype: str, mm: bool):
   return mllm.build(cfg)
 
 
-VARIANTS = ("shared", "repeated", "mm", "grouped", "mm_grouped")
+VARIANTS = ("shared", "repeated", "mm")
 _VARIANTS_ALIVE = [0]  # train states built in this process so far (the scope of the peak memory figure)
 
 
@@ -332,8 +320,7 @@ def run_preset(name: str, variants: list[str], work: Work, args) -> list[dict]:
     mm = v.startswith("mm")
     model = build(name, args.dtype, mm)
     params = model.init_params(jax.random.key(0))
-    runners[v] = Runner(model, params, dataclasses.replace(work, shared_prefix=v != "repeated",
-                                                           grouped=v.endswith("grouped")), split_decode=True)
+    runners[v] = Runner(model, params, dataclasses.replace(work, shared_prefix=v != "repeated"), split_decode=True)
     inputs[v] = random_inputs(model.config, work, seed=1, frames=args.mm_frames if mm else 0,
                               audio=args.mm_audio if mm else 0)
     _VARIANTS_ALIVE[0] += 1
@@ -426,23 +413,27 @@ def breakdown(name: str, work: Work, args) -> dict:
   params = model.init_params(jax.random.key(0))
   b, t = work.prompts * work.group, work.new_tokens
   rs = np.random.RandomState(2)
-  batch = assembly.assemble([synthetic_rollout(cfg, work, rs)], rs.randn(b).astype(np.float32), pad_id=work.pad_id,
-                            ref_logp=[-rs.rand(b, t).astype(np.float32)])
+  ro = synthetic_rollout(cfg, work, rs)
+  segs = assembly.segments([ro], ro.prompt, fast_prefix_ids=())
+  batch = assembly.assemble(segs, ro.prompt, rs.randn(b).astype(np.float32),
+                            [-rs.rand(work.prompts, work.group, t).astype(np.float32)])
   batch = jax.tree.map(jnp.asarray, batch)
   step_cfg = ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=work.beta)
-  start, s = batch.loss_start, batch.inputs.tokens.shape[1]
-  ct_BxSxD = jnp.asarray(rs.randn(b, s, cfg.d_model), cfg.jnp_compute_dtype)
-  mask = batch.completion_mask[:, start + 1:].astype(jnp.float32)
+  s = work.prompt_len + t
+  ct = [jnp.asarray(rs.randn(work.prompts, work.prompt_len, cfg.d_model), cfg.jnp_compute_dtype),
+        jnp.asarray(rs.randn(work.prompts, work.group, t, cfg.d_model), cfg.jnp_compute_dtype)]
+  mask = batch.segments[0].loss_mask.astype(jnp.float32)
 
   def hidden_loss(p):
-    h, _ = model.hidden(p, model.embed(p, batch.inputs))
-    return (h.astype(jnp.float32) * ct_BxSxD).sum()
+    h_p, (h_s,), _ = grouped.grouped_hidden(model, p, batch.prompt, batch.segments)
+    return (h_p.astype(jnp.float32) * ct[0]).sum() + (h_s.astype(jnp.float32) * ct[1]).sum()
 
   def logp_loss(p):
-    logp, ent = ts._shifted_logp(model, p, batch.inputs, step_cfg.vocab_chunk, with_entropy=True, start=start)
+    ((logp, ent),) = grouped.grouped_logprobs(model, p, batch.prompt, batch.segments,
+                                              chunk_size=step_cfg.vocab_chunk, with_entropy=True)
     return (logp * mask).sum() + jax.lax.stop_gradient(ent).mean()  # the entropy is logged, not differentiated
 
-  rl_loss = ts.make_rl_loss(model, step_cfg)
+  rl_loss = grouped.make_grouped_loss(model, step_cfg)
   grads = {"hidden": hidden_loss, "hidden+logp": logp_loss, "loss": lambda p: rl_loss(p, batch, work.beta)[0]}
   parts = [p for p in args.breakdown_parts.split(",") if p]
   bad = sorted(set(parts) - set(BREAKDOWN_PARTS))
@@ -464,7 +455,7 @@ def breakdown(name: str, work: Work, args) -> dict:
       else:
         fn = jax.jit(jax.value_and_grad(grads[base_part]))
         out[part] = _median_s(lambda fn=fn: fn(params), args.warmup, args.repeats)
-  return dict(preset=name, dtype=args.dtype, rows=b, seq_len=s, loss_positions=s - 1 - start,
+  return dict(preset=name, dtype=args.dtype, rows=b, seq_len=s, loss_positions=t,
               vocab=cfg.vocab_size, params=int(sum(a.size for a in jax.tree.leaves(params))),
               device=card(jax.devices()[0])[0], parts={k: v[0] for k, v in out.items()},
               parts_min_max={k: [v[1], v[2]] for k, v in out.items()})

@@ -203,12 +203,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.entropy_coef = 0.0  # c_ent, entropy bonus; 0 as in the precursor (temperature 1 keeps exploring)
   c.rl.learning_rate = 3e-4  # tiny model; 1e-3 made the KL spike past 2 (docs/benchmarks.md, tuning)
   c.rl.warmup_steps = 0  # the policy is warm after SFT; the first RL steps need no ramp
-  c.rl.micro_batches = 1  # gradient accumulation splits of each update; must divide a mini-batch's rows
+  c.rl.micro_batches = 1  # gradient accumulation splits of each update; must divide a mini-batch's prompts
   # PPO iterations (method.md E4, mu): passes over each step's rollouts, and optimizer updates per pass (verl's
   # ppo_epochs / ppo_mini_batch_size, TRL's num_iterations). With 1 x 1 the ratio is exactly 1, so eps_low,
   # eps_high and dual_clip cannot act; with more, the old log-probs come from a scoring pass at the rollout weights.
   c.rl.ppo_epochs = 1
-  c.rl.mini_batches = 1  # must divide prompts_per_step * (n_slow + n_fast)
+  c.rl.mini_batches = 1  # must divide prompts_per_step (updates split whole groups)
   c.rl.disentangle = True  # DOD (method.md E2); False = the coupled R1-Omni baseline
   c.rl.scale = True  # divide by the group std; False = Dr.GRPO centring only
   c.rl.adv_eps = 1e-4  # eps in (x - mean) / (std + eps)
@@ -245,10 +245,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The variance-interference probe (method.md "Variance-induced interference"): every probe_every RL steps,
   # per-objective advantage and gradient statistics on a fixed probe batch (probe/* metrics); 0 = off.
   c.rl.probe_every = 0
-  # Prefix grouping (docs/method.md "Prefix-grouped passes"): the update, the old-policy, reference and
-  # calibration passes compute each prompt once and let its completions attend to it; False = every completion
-  # carries its own copy of the prompt (the reference implementation, same numbers up to float rounding).
-  c.rl.prefix_grouped = True
   c.rl.num_anchors = 6  # answer anchors read per completion
   c.rl.max_nonfinite_steps = 3  # stop with a diagnostic after this many skipped (NaN/Inf) steps
   c.rl.freeze = ()  # regexes over parameter paths that RL leaves untouched, e.g. (r"video_proj/",)
@@ -318,8 +314,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sft.batch_size, c.rl.prompts_per_step = 64, 8
     c.rl.max_new_tokens_slow, c.rl.max_new_tokens_fast = 1024, 64
     c.eval.max_new_tokens_slow, c.eval.max_new_tokens_fast = 1024, 64
-    # Grouped updates split whole groups: each device takes its prompts' groups in one pass (docs/scaling.md,
-    # "Prefix grouping"); the ungrouped layout (rl.prefix_grouped=False) needs rl.micro_batches = 8 there.
+    # Updates split whole groups: each device takes its prompts' groups in one pass (docs/scaling.md,
+    # "Prefix grouping").
     c.rl.micro_batches = 1
   if choice["mesh"] == "v4_32":
     c.rl.prompts_per_step = 16  # the prompts must divide over the 16 batch shards (data x fsdp)

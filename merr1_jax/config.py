@@ -227,7 +227,7 @@ _FIELD_RULES: dict[str, Rule] = {
     "rl.w_f1": _W, "rl.cal_level": _one_of("category", "word"), "rl.cal_precision_side": _bool,
     "rl.cal_space": _one_of("advantage", "reward", "mixed"), "rl.cal_mix": _real(0.0, 1.0),
     "rl.cal_reading": _one_of(*rl.READINGS), "rl.cal_std_floor": _real(0.0),
-    "rl.probe_every": _int(0), "rl.prefix_grouped": _bool,
+    "rl.probe_every": _int(0),
     "rl.freeze": _regexes,
     "lora.stages": _lora_stages, "lora.train_full": _regex_or_empty,
     # optimizer
@@ -292,17 +292,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
        f"{r.cal_reading!r} is read by rl.calibration='one_sided' only (now {r.calibration!r})")
   need(r.cal_level == "category" or config.data.name == "mer_synth", "rl.cal_level",
        f"'word' needs a dataset with a closed label list (mer_synth), not {config.data.name!r}")
-  batch = r.prompts_per_step * (r.n_slow + r.n_fast)
-  need(batch % r.mini_batches == 0, "rl.mini_batches",
-       f"the RL batch of {batch} rows (prompts_per_step x (n_slow + n_fast)) is not divisible by "
-       f"{r.mini_batches} mini-batches")
-  need((batch // r.mini_batches) % r.micro_batches == 0, "rl.micro_batches",
-       f"a mini-batch of {batch // r.mini_batches} rows (prompts_per_step x (n_slow + n_fast) / mini_batches) is "
-       f"not divisible by {r.micro_batches} micro-batches")
-  if r.prefix_grouped:  # mini- and micro-batches split whole groups (prompts) in the grouped layout
-    need(r.prompts_per_step % (r.mini_batches * r.micro_batches) == 0, "rl.prefix_grouped",
-         f"grouped updates split prompts: prompts_per_step {r.prompts_per_step} is not divisible by mini_batches x "
-         f"micro_batches = {r.mini_batches * r.micro_batches}; change them or set rl.prefix_grouped=False")
+  # Mini- and micro-batches split whole groups (prompts, each with its completions).
+  need(r.prompts_per_step % r.mini_batches == 0, "rl.mini_batches",
+       f"updates split prompts: prompts_per_step {r.prompts_per_step} is not divisible by {r.mini_batches} "
+       "mini-batches")
+  need(r.prompts_per_step % (r.mini_batches * r.micro_batches) == 0, "rl.micro_batches",
+       f"updates split prompts: prompts_per_step {r.prompts_per_step} is not divisible by mini_batches x "
+       f"micro_batches = {r.mini_batches * r.micro_batches}")
   need(not config.lora.train_full or config.model.lora_rank > 0, "lora.train_full",
        "is set but model.lora_rank is 0 (no adapters): set model.lora_rank, or use rl.freeze to choose what trains")
   need(not config.model.lora_rank or bool(set(config.lora.stages) & set(config.stages)), "lora.stages",
@@ -329,10 +325,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
       need(rows % shards == 0, field, f"{rows} rows do not divide over the mesh's {shards} batch shards "
            f"(data x fsdp = {shape[0]} x {shape[1]})")
     parts = r.mini_batches * r.micro_batches
-    if r.prefix_grouped and (r.prompts_per_step // parts) % shards:  # each part's groups over every batch shard
+    if (r.prompts_per_step // parts) % shards:  # each part's groups over every batch shard
       need(False, "rl.micro_batches", f"grouped updates split whole groups: {r.prompts_per_step} prompts in "
            f"{parts} mini x micro-batches leave {r.prompts_per_step // parts} per part, which do not divide over the "
-           f"mesh's {shards} batch shards; lower rl.micro_batches (docs/scaling.md) or set rl.prefix_grouped=False")
+           f"mesh's {shards} batch shards; lower rl.micro_batches (docs/scaling.md)")
     device_gb = config.mesh.device_memory_gb or device_memory_gb
     if device_gb:
       _check_memory(config, mc, shape, device_gb)

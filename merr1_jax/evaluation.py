@@ -13,7 +13,7 @@ Dataset numbers are computed by metrics.py on the parsed words, never re-impleme
 averaged over the wheels whose GT maps somewhere (metrics.md §2 per sample; None when no wheel does).
 
 Confidence (needs `token_sets`, rewards.category_token_sets over LabelSpace.emotion_wheel(format_version)):
-rollout.score reads the category log-mass S(c) at the first answer anchor (the state that predicts the first
+grouped.score_pass reads the category log-mass S(c) at the first answer anchor (the state that predicts the first
 answer word). Per wheel with a non-empty GT: mass on the predicted clusters sum_{c in P} exp S(c); `confidence`
 is its mean over those wheels and `correct` is the per-sample precision on the same wheels, so a calibrated model
 has mean confidence ~ mean correctness in every confidence bin. `gt_mass` is the same mass on the GT clusters.
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from merr1_jax import emotion, eval_stats, metrics, prompts, rewards, rollout, sampling, sharding
+from merr1_jax import assembly, emotion, eval_stats, grouped, metrics, prompts, rewards, rollout, sampling, sharding
 
 METRICS = ("ov", "set", "hit", "waf")
 HEADLINE = {"ov": "f", "set": "f", "hit": "hit", "waf": "waf"}  # the one number a benchmark table shows per dataset
@@ -64,7 +64,7 @@ class EvalSettings:
   # emotion wheels of format_version at level 1, the field's OV space.
   label_space: rewards.LabelSpace | None = None
   sentiment_mapper: Callable[[Sequence[str]], int] | None = None  # None = metrics' VADER default
-  chunk_size: int = 8192  # vocabulary chunk of the confidence pass (rollout.score)
+  chunk_size: int = 8192  # vocabulary chunk of the confidence pass (grouped.score_pass)
 
   def validate(self) -> None:
     modes = tuple(self.modes)
@@ -292,9 +292,7 @@ def evaluate_dataset(model, params, tokenizer, batches: Iterable[Mapping[str, np
       texts = rollout.completion_texts(tokenizer, roll)
       logmass = anchor_ok = None
       if sets is not None:
-        sc = rollout.score(model, params, roll, token_sets=sets, anchors=ids.anchors(1), mesh=mesh,
-                           chunk_size=settings.chunk_size)
-        logmass, anchor_ok = sharding.to_host((sc.logmass[:, 0], sc.anchor_mask[:, 0]))
+        logmass, anchor_ok = _first_anchor_logmass(model, params, inputs, roll, ids, sets, mesh, settings.chunk_size)
       toks, lengths = np.asarray(roll.completion), np.asarray(roll.length)
       reasons = np.asarray(roll.stop_reason)
       for row, text in enumerate(texts):
@@ -348,3 +346,15 @@ def evaluate(model, params, tokenizer, datasets: Mapping[str, tuple[Iterable[Map
   return {name: evaluate_dataset(model, params, tokenizer, batches, dataset=name, metric=metric, settings=settings,
                                  token_sets=token_sets, mesh=mesh, progress=progress, split=split)
           for name, (batches, metric) in datasets.items()}
+
+
+def _first_anchor_logmass(model, params, inputs, roll, ids, token_sets, mesh, chunk_size):
+  """(S [B, K, C], anchor_ok [B]) at each completion's first answer anchor: one grouped pass over the rollout's
+  rows against the slow-rendered prompts (a fast row's suffix carries FAST_PREFIX, whose <answer> is the anchor)."""
+  prompt = assembly.slow_prompt({roll.mode: roll}, inputs, vocab_size=model.config.vocab_size, pad_id=ids.pad,
+                                buckets=rollout.PROMPT_BUCKETS)
+  seg = grouped.segment(roll, prompt, fast_prefix_ids=ids.fast_prefix, mode_id=prompts.MODES.index(roll.mode))
+  out = sharding.to_host(grouped.score_pass(model, params, prompt, [seg], chunk_size=chunk_size,
+                                            token_sets=token_sets, anchors=ids.anchors(1), mesh=mesh))[0]
+  b = roll.completion.shape[0]
+  return out["logmass"].reshape(b, *out["logmass"].shape[2:])[:, 0], out["anchor_mask"].reshape(b, -1)[:, 0]

@@ -1,21 +1,14 @@
-"""One RL step's experience, in one direction: rollouts -> host rewards -> one jitted call -> one RLBatch.
+"""One RL step's experience, in one direction: rollouts -> host rewards -> one jitted call -> one GroupedRLBatch.
 
-This is the part of the MER-R1 step that runs before the gradient step (docs/method.md "Training recipe" 2):
-  1. `sample` n_slow slow and n_fast fast completions per prompt (shared-prefix prefill), gathered to the host;
-  2. device passes without gradient, each `rollout.score`: the reference log-probs (when beta > 0) and, for the
-     calibration (E3), the category log-mass at the answer anchors of each slow completion in its own context
-     and of the same answer teacher-forced in the fast context;
-  3. the host parses the texts and maps the words to clusters (rewards.score_completions) -> r_rec, r_prec, r_fmt;
-  4. `advantages_and_calibration`: one jitted call from the gathered score arrays to r_cal and the DOD
-     advantages (E2), with groups given as ids (segment statistics), so per-mode groups need no reordering;
-  5. `assemble`: the RLBatch of full sequences that the trainer and the benchmarks share.
-
-Row order. Until `assemble`, rows are in rollout order: the slow block (prompt p owns rows p*n_slow ..) then the
-fast block, so the slow-only calibration arrays are the first rows. `assemble` lays the batch out prompt-major
-(prompt p's group is contiguous: its slow rows, then its fast rows) with one permutation.
+The part of the MER-R1 step before the gradient step (docs/method.md "Training recipe" 2): `sample` both modes;
+score the texts on the host (r_rec, r_prec, r_f1, r_fmt); the grouped passes without gradient (the reference
+log-probs when beta > 0, and the calibration's category log-mass of each slow answer in its own and in the fast
+context); `advantages_and_calibration`, one jitted call to r_cal and the DOD advantages (E2); `assembly.assemble`.
+Rows are in rollout order (the slow block, prompt p's rows at p*n_slow .., then the fast block) until the batch
+holds them as [P, G] per mode.
 
 Shape legend: P prompts, G = n_slow + n_fast, B = P*G rows (B_s slow rows first), L prompt bucket, T completion
-length, S = L + T (padded to the longer mode), O objectives, K wheels, C clusters, A anchors, M modes.
+length, O objectives (recall, precision, F1, format, calibration), K wheels, C clusters, A anchors, M modes.
 """
 
 from __future__ import annotations
@@ -30,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from merr1_jax import assembly, grouped, prompts, rewards, rl, rollout, sharding
-from merr1_jax import train_step as ts
 from merr1_jax.models import base
 
 OBJECTIVES = ("recall", "precision", "f1", "format", "calibration")
@@ -69,7 +61,6 @@ class ExperienceSettings:
   num_anchors: int
   with_reference: bool
   prompt_buckets: tuple[int, ...]  # few buckets = few compiled shapes
-  prefix_grouped: bool  # the passes and the update in the grouped layout (merr1_jax/grouped.py)
 
   @property
   def modes(self) -> tuple[str, ...]:
@@ -126,23 +117,6 @@ def emitted_categories(completion_BxT: np.ndarray, lengths_B: np.ndarray, anchor
   tok = np.take_along_axis(comp, np.minimum(nxt, t - 1), axis=1)  # [B, A]
   sets = np.asarray(token_sets_KxCxV, bool)
   return np.moveaxis(sets[:, :, tok], (2, 3), (0, 1)) & ok[:, :, None, None]
-
-
-def calibration_logmass(ctx: Context, params, inputs: base.ModelInputs, slow: rollout.Rollout, num_anchors: int,
-                        buckets: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(S_slow, S_fast [B_s, A, K, C], anchor_mask [B_s, A]) on the host (method.md E3 steps 1-4): the slow
-  answers scored in their own context, then teacher-forced in the fast context (prompt + FAST_PREFIX)."""
-  kw = dict(token_sets=ctx.token_sets, anchors=ctx.ids.anchors(num_anchors), mesh=ctx.mesh,
-            axis_rules=ctx.axis_rules)
-  s_slow = rollout.score(ctx.model, params, slow, **kw)
-  comp, lengths = np.asarray(slow.completion), np.asarray(slow.length)
-  answers = [answer_tokens(comp[r], int(lengths[r]), ctx.ids) for r in range(len(comp))]
-  seqs = rollout.make_sequences(inputs, answers, mode="fast", num_samples=slow.num_samples,
-                                vocab_size=ctx.model.config.vocab_size, fast_prefix_ids=ctx.ids.fast_prefix,
-                                pad_id=ctx.ids.pad, buckets=buckets)
-  s_fast = rollout.score(ctx.model, params, seqs, **kw)
-  # The host values on every process: the reward is host work like the others.
-  return sharding.to_host((s_slow.logmass, s_fast.logmass, s_slow.anchor_mask & s_fast.anchor_mask))
 
 
 # ------------------------------------------------------------------------------------ rewards -> advantages
@@ -232,20 +206,20 @@ def _sample_all(ctx: Context, settings: ExperienceSettings, params, inputs, rng)
                         max_new_tokens=max_new[mode], method=settings.method, rng=jax.random.fold_in(rng, i),
                         mesh=ctx.mesh, axis_rules=ctx.axis_rules, buckets=settings.prompt_buckets,
                         **ctx.ids.sample_kwargs(mode))
-    # The whole global batch on every process: the host work below (texts, rewards, advantages, the RLBatch)
+    # The whole global batch on every process: the host work below (texts, rewards, advantages, the batch)
     # is deterministic, so every process computes the same values without further communication.
     out[mode] = sharding.to_host(ro)
   return out
 
 
 def collect(ctx: Context, settings: ExperienceSettings, params, ref_params, batch: Mapping[str, Any],
-            rng: jax.Array) -> tuple[ts.RLBatch, dict[str, float], dict[str, list]]:
+            rng: jax.Array) -> tuple[grouped.GroupedRLBatch, dict[str, float], dict[str, list]]:
   """Steps 1-5 of the module docstring for one data batch (an RL pipeline batch of P prompts).
 
   With a mesh over several processes, every process passes the same global batch: the rollouts are split over
-  the mesh and gathered back, and every process builds the same RLBatch (place it with sharding.from_global).
+  the mesh and gathered back, and every process builds the same batch (place it with sharding.from_global).
 
-  Returns the RLBatch (host arrays), scalar metrics, and per-row texts/modes/rewards (RLBatch row order).
+  Returns the batch (host arrays), scalar metrics, and per-row texts/modes/rewards/advantages, prompt-major.
   """
   t0 = time.perf_counter()
   inputs = rollout.batch_inputs(batch, "slow")
@@ -271,20 +245,24 @@ def _calibration_gt(ctx: Context, scored: rewards.ScoredBatch, gts: Sequence[tup
 
 def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params, batch: Mapping[str, Any],
                   ros: Mapping[str, rollout.Rollout], texts: Sequence[str]
-                  ) -> tuple[ts.RLBatch, dict[str, float], dict[str, list]]:
+                  ) -> tuple[grouped.GroupedRLBatch, dict[str, float], dict[str, list]]:
   """Steps 2-5 on host rollouts per mode (in settings.modes order) and their completion texts (rollout order)."""
   t1 = time.perf_counter()
   inputs = rollout.batch_inputs(batch, "slow")
   num_prompts = inputs.tokens.shape[0]
   use_cal = settings.calibration != "none" and settings.n_slow > 0
-  passes = _grouped_passes if settings.prefix_grouped else _ungrouped_passes
-  ref, logmass, prompt = passes(ctx, settings, params, ref_params if settings.with_reference else None, inputs, ros,
-                                use_cal)
   modes = [ro.mode for ro in ros.values() for _ in range(ro.completion.shape[0])]
   mode_ids = np.asarray([prompts.MODES.index(m) for m in modes], np.int32)
   prompt_ids = np.concatenate([ro.prompt_index for ro in ros.values()])
   gts = [tuple(batch["openset"][p]) for p in prompt_ids]
   scored = rewards.score_completions(list(texts), modes, gts, ctx.space)
+  prompt = assembly.slow_prompt(ros, inputs, vocab_size=ctx.model.config.vocab_size, pad_id=ctx.ids.pad,
+                                buckets=settings.prompt_buckets)
+  segs = assembly.segments(list(ros.values()), prompt, fast_prefix_ids=ctx.ids.fast_prefix, valid_B=scored.valid_B)
+  ref = _reference(ctx, ref_params, prompt, segs) if settings.with_reference else None
+  logmass = None
+  if use_cal:
+    logmass = _calibration_logmass(ctx, settings, params, prompt, ros["slow"], segs[list(ros).index("slow")])
   r = np.asarray(rewards.compute_rewards(OBJECTIVES[:-1], rewards.RewardInputs.from_scored(scored)))
   bs = settings.n_slow * num_prompts if use_cal else 0
   per_prompt = settings.advantage.group == "prompt"
@@ -292,19 +270,14 @@ def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params
   group_size = settings.n_slow + settings.n_fast if per_prompt else max(settings.n_slow, settings.n_fast)
   adv, r_cal, diag = advantages_and_calibration(
       r, scored.valid_B, mode_ids, group_ids(mode_ids, prompt_ids, num_prompts, settings.advantage.group),
-      tuple(logmass) if use_cal else None, _calibration_gt(ctx, scored, gts, bs) if use_cal else None,
+      logmass, _calibration_gt(ctx, scored, gts, bs) if use_cal else None,
       scored.format_ok_B[:bs] if use_cal else None, ctx.cluster_mask if use_cal else None,
       _emitted(ctx, settings, ros) if use_cal and settings.cal.reading == "emitted" else None,
       adv=settings.advantage, kind=settings.calibration, cal=settings.cal, num_groups=num_groups,
       group_size=group_size)
   adv, r_cal, diag = np.asarray(adv), np.asarray(r_cal), sharding.to_host(diag)
   rewards_BxO = np.concatenate([r, r_cal[:, None]], axis=1).astype(np.float32)
-  if settings.prefix_grouped:
-    rl_batch = assembly.assemble_grouped(list(ros.values()), adv, prompt, fast_prefix_ids=ctx.ids.fast_prefix,
-                                         ref_logp=ref, valid_B=scored.valid_B)
-  else:
-    rl_batch = assembly.assemble(list(ros.values()), adv, pad_id=ctx.ids.pad, ref_logp=ref, valid_B=scored.valid_B,
-                                 mode_ids_B=mode_ids)
+  rl_batch = assembly.assemble(segs, prompt, adv, ref)
   metrics = _metrics(settings, ros, rewards_BxO, scored, mode_ids, prompt_ids, adv)
   if use_cal:
     metrics |= calibration_diagnostics(r_cal[:bs], scored.num_words_B[:bs], scored.format_ok_B[:bs],
@@ -320,45 +293,32 @@ def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params
                              "reward": rewards_BxO[order].tolist(), "advantage": adv[order].tolist()}
 
 
-def _ungrouped_passes(ctx: Context, settings: ExperienceSettings, params, ref_params, inputs, ros, use_cal):
-  """(reference log-probs per rollout [B_m, T] or None, calibration log-masses or None, None): rollout.score over
-  each rollout's own (repeated) prompt."""
-  ref = None if ref_params is None else [sharding.to_host(rollout.score(
-      ctx.model, ref_params, ro, mesh=ctx.mesh, axis_rules=ctx.axis_rules).logp) for ro in ros.values()]
-  logmass = calibration_logmass(ctx, params, inputs, ros["slow"], settings.num_anchors,
-                                settings.prompt_buckets) if use_cal else None
-  return ref, logmass, None
+def _reference(ctx: Context, ref_params, prompt: base.ModelInputs, segs: Sequence[grouped.Segment]
+               ) -> list[np.ndarray]:
+  """Per segment the reference log-probs [P, G, T] of its suffix tokens, 0 on the fast prefix (which carries no
+  loss) and on padding: one grouped pass over every mode's completions, each prompt once."""
+  outs = sharding.to_host(grouped.score_pass(ctx.model, ref_params, prompt, segs, mesh=ctx.mesh,
+                                             axis_rules=ctx.axis_rules))
+  n = len(ctx.ids.fast_prefix)
+  return [np.where(np.arange(o["logp"].shape[-1]) < (n if prompts.MODES[s.mode_id] == "fast" else 0), 0.0,
+                   o["logp"]).astype(np.float32) for o, s in zip(outs, segs)]
 
 
-def _grouped_passes(ctx: Context, settings: ExperienceSettings, params, ref_params, inputs, ros, use_cal):
-  """The same passes prefix-grouped (grouped.score_pass): the reference over every mode's completions with each
-  prompt once, and the calibration's slow context and fast counterfactual in one pass (they share the prompt).
-  Returns them as `_ungrouped_passes` does, and the shared (slow-rendered) prompt."""
-  prompt = assembly.slow_prompt(ros, inputs, vocab_size=ctx.model.config.vocab_size, pad_id=ctx.ids.pad,
-                                buckets=settings.prompt_buckets)
-  kw = dict(mesh=ctx.mesh, axis_rules=ctx.axis_rules)
-  ref = None
-  if ref_params is not None:
-    segs = [grouped.segment(ro, prompt, fast_prefix_ids=ctx.ids.fast_prefix, mode_id=prompts.MODES.index(m))
-            for m, ro in ros.items()]
-    outs = sharding.to_host(grouped.score_pass(ctx.model, ref_params, prompt, segs, **kw))
-    # Back to completion columns [B, T]: a fast suffix starts with FAST_PREFIX.
-    ref = [o["logp"][..., len(ctx.ids.fast_prefix) if m == "fast" else 0:].reshape(ro.completion.shape)
-           for o, (m, ro) in zip(outs, ros.items())]
-  if not use_cal:
-    return ref, None, prompt
-  slow = ros["slow"]
+def _calibration_logmass(ctx: Context, settings: ExperienceSettings, params, prompt: base.ModelInputs,
+                         slow: rollout.Rollout, own: grouped.Segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(S_slow, S_fast [B_s, A, K, C], anchor_mask [B_s, A]) on the host (method.md E3 steps 1-4), rows p*G + g:
+  the slow answers scored in their own context and, in the same grouped pass, teacher-forced in the fast context
+  (prompt + FAST_PREFIX)."""
   comp, lengths = np.asarray(slow.completion), np.asarray(slow.length)
   answers = [answer_tokens(comp[r], int(lengths[r]), ctx.ids) for r in range(len(comp))]
   counterfactual = grouped.token_segment(answers, prompt, num_samples=slow.num_samples,
                                          prefix_ids=ctx.ids.fast_prefix, mode_id=1, pad_id=ctx.ids.pad)
-  own = grouped.segment(slow, prompt, fast_prefix_ids=(), mode_id=0)
   s_slow, s_fast = sharding.to_host(grouped.score_pass(
       ctx.model, params, prompt, [own, counterfactual], token_sets=ctx.token_sets,
-      anchors=ctx.ids.anchors(settings.num_anchors), **kw))
+      anchors=ctx.ids.anchors(settings.num_anchors), mesh=ctx.mesh, axis_rules=ctx.axis_rules))
   flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731 ([P, G, ...] -> rows p*G + g)
-  return ref, (flat(s_slow["logmass"]), flat(s_fast["logmass"]),
-               flat(s_slow["anchor_mask"]) & flat(s_fast["anchor_mask"])), prompt
+  return (flat(s_slow["logmass"]), flat(s_fast["logmass"]),
+          flat(s_slow["anchor_mask"]) & flat(s_fast["anchor_mask"]))
 
 
 def _within_group_corr(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float | None:

@@ -1,30 +1,22 @@
-"""Prefix-grouped teacher-forced passes: each group's prompt is computed once, its completions attend to it.
+"""The RL step's one batch layout: each prompt once, its completions as suffixes (prefix grouping).
 
 In MER the prompt is the long part (hundreds to thousands of video/audio rows), a fast answer about 10 tokens and
-a slow one 100-300. The ungrouped RLBatch carries every completion with its own copy of the prompt through the
-forward and the backward; a `GroupedRLBatch` holds each prompt once and its completions as suffixes, in one
-segment per thinking mode (each with its own G and T, so short fast answers are not padded to the slow length).
-`PolicyModel.hidden_grouped` runs the prompt once and lets every suffix attend to the prompt's keys and causally
-to itself (models/layers.attend_grouped): the prompt's activations exist once per group in the forward and the
-backward, and their gradient is the sum over the group's suffixes (autodiff through the broadcast).
-
-  grouped_logprobs    per segment, log p(token_t | prompt, suffix_<t) (the RL loss, old policy, reference)
-  make_grouped_loss   the RL loss (method.md E4) on a GroupedRLBatch: the same numbers as train_step's ungrouped
-                      loss on the equivalent RLBatch (tests/test_grouped.py), token_mean normalised by the whole
-                      update's tokens over all segments
-  old_logprobs        the old-policy log-probs and the sampler-vs-trainer gap (train_step.make_rl_step)
-A segment's suffix starts right after the prompt: a fast segment's suffix is FAST_PREFIX + the completion (the
-prefix carries no loss), and positions continue from the prompt exactly as in the ungrouped layout.
+a slow one 100-300. A `GroupedRLBatch` holds each prompt once and its completions in one `Segment` per thinking
+mode (each with its own G and T, so fast answers are not padded to the slow length); `base.hidden_grouped` lets
+every suffix attend to its prompt and causally to itself, so the prompt's activations exist once per group in the
+forward and the backward. The passes here are the update's loss (`make_grouped_loss`), the old-policy pass
+(`old_logprobs`) and the scoring pass without gradient (`score_pass`: reference log-probs, calibration log-mass).
+A fast segment's suffix is FAST_PREFIX + the completion (the prefix carries no loss). tests/oracles/ungrouped.py
+is the row-per-sequence oracle these are tested against; docs/method.md "Prefix-grouped passes" says more.
 
 Shape legend: P prompts (groups), L prompt bucket, G suffixes of a segment per prompt, T its suffix length,
-D d_model, V vocab.
+D d_model, V vocab, A anchors, K wheels, C clusters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import flax.struct
 import jax
@@ -62,18 +54,17 @@ class GroupedRLBatch:
 
   @property
   def advantages(self) -> Array:
+    """[B] in rollout order: segment by segment, prompt p's rows of a segment at p*G .."""
     return jnp.concatenate([s.advantages.reshape(-1) for s in self.segments])
 
-
-def supports(model) -> bool:
-  """Whether `model` implements the optional PolicyModel member `hidden_grouped`."""
-  return callable(getattr(model, "hidden_grouped", None))
-
-
-def check_supported(model) -> None:
-  if not supports(model):
-    raise ValueError(f"{type(model).__name__} has no hidden_grouped (base.PolicyModel, optional): it cannot run "
-                     "prefix-grouped passes; set rl.prefix_grouped=False to use the ungrouped layout")
+  def with_advantages(self, advantages_B) -> GroupedRLBatch:
+    """The batch with the rows' advantages (rollout order, as `advantages` reads them) set per segment."""
+    out, start = [], 0
+    for seg in self.segments:
+      n = seg.advantages.size
+      out.append(seg.replace(advantages=advantages_B[start:start + n].reshape(seg.advantages.shape)))
+      start += n
+    return self.replace(segments=tuple(out))
 
 
 def _embed_suffix(model, params, seg: Segment) -> base.Embedded:
@@ -87,9 +78,8 @@ def _embed_suffix(model, params, seg: Segment) -> base.Embedded:
 def grouped_hidden(model, params, prompt: base.ModelInputs, segments: Sequence[Segment], dropout_key=None):
   """(h_prompt [P, L, D], per segment h [P, G, T, D], per segment h_pred [P, G, T, D]): h[..., t, :] is the state
   after suffix token t, h_pred[..., t, :] the one that predicts it (the prompt's last column for t = 0)."""
-  h_p, h_s = model.hidden_grouped(params, model.embed(params, prompt), [_embed_suffix(model, params, s)
-                                                                        for s in segments],
-                                  **base.dropout_kwargs(dropout_key))
+  h_p, h_s = base.hidden_grouped(model, params, model.embed(params, prompt),
+                                 [_embed_suffix(model, params, s) for s in segments], dropout_key)
   preds = []
   for seg, h in zip(segments, h_s):
     p, g = seg.tokens.shape[:2]
@@ -169,11 +159,6 @@ def old_logprobs(model, cfg, params, batch: GroupedRLBatch) -> tuple[GroupedRLBa
   return batch.replace(segments=tuple(segments)), gaps
 
 
-def tree_rows(batch: Any) -> int:
-  """The rows that micro- and mini-batches split: prompts for a GroupedRLBatch (groups stay whole)."""
-  return batch.prompt.tokens.shape[0] if isinstance(batch, GroupedRLBatch) else batch.inputs.tokens.shape[0]
-
-
 # --------------------------------------------------------------------------------------------- assembling
 
 
@@ -228,10 +213,9 @@ def score_pass(model, params, prompt: base.ModelInputs, segments: Sequence[Segme
   and, with `token_sets` [K, C, V] and `anchors` (rollout.AnchorSpec), the category log-mass at the anchors of
   its suffix ({'logmass' [P, G, A, K, C], 'anchor_mask' [P, G, A]}). The anchors are the suffix positions holding
   the last <answer> and the separators after it: the states there predict an emotion word's first token, as in
-  the ungrouped scorer (rollout/scorer.py)."""
+  the oracle's scorer (tests/oracles/ungrouped.py)."""
   if (token_sets is None) != (anchors is None):
     raise ValueError("category log-mass needs both token_sets and anchors")
-  check_supported(model)
   segments = tuple(segments)
   if mesh is not None:  # the prompts (and with them their whole groups) over the batch axes
     layout = sharding.BatchLayout.make(mesh, axis_rules)

@@ -21,19 +21,18 @@ z_g(R) = sum_o w_o (r_o - mean_g r_o) / (std_g R + eps) splits linearly into c_o
 A run without recall and precision objectives (the GRPO baseline's one F1 reward) logs the reward statistics
 only: it has no parts to take variances or gradients of.
 
-Shape legend: B rows (RLBatch order: prompt-major groups), P groups, O objectives.
+Shape legend: B rows (prompt-major groups), P groups, O objectives.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import experience, optim, rl
+from merr1_jax import assembly, experience, grouped, optim, prompts, rl
 from merr1_jax import train_step as ts
 
 _REC, _PREC = experience.OBJECTIVES.index("recall"), experience.OBJECTIVES.index("precision")
@@ -89,17 +88,18 @@ def reward_statistics(rewards_BxO: np.ndarray, valid_B: np.ndarray, groups_B: np
           "pred_corr_disentangled": math.sqrt(max((1 + rho) / 2, 0.0))}
 
 
-def gradient_cosine(model, params, batch: ts.RLBatch, c_rec: np.ndarray, c_prec: np.ndarray, freeze=()
+def gradient_cosine(model, params, batch: grouped.GroupedRLBatch, c_rec: np.ndarray, c_prec: np.ndarray, freeze=()
                     ) -> dict[str, float]:
   """cos(g_rec, g_prec) and the norms of the policy gradients with each part as the advantage (ratio 1, no KL),
-  over the trainable leaves."""
-  loss_fn = ts.make_rl_loss(model, ts.StepConfig(loss=rl.LossConfig(), beta=0.0))
+  over the trainable leaves; the parts are per row in the batch's rollout order (GroupedRLBatch.advantages)."""
+  loss_fn = grouped.make_grouped_loss(model, ts.StepConfig(loss=rl.LossConfig(), beta=0.0))
   trainable, frozen = optim.split_trainable(params, tuple(freeze))
-  base = batch.replace(old_logp=None, ref_logp=None, behaviour_logp=None)
+  base = batch.replace(segments=tuple(s.replace(old_logp=None, ref_logp=None, behaviour_logp=None)
+                                      for s in batch.segments))
 
   @jax.jit
   def flat_grad(trainable, frozen, batch, adv_B):
-    g = jax.grad(lambda t: loss_fn(optim.merge(t, frozen), batch.replace(advantages=adv_B), 0.0)[0])(trainable)
+    g = jax.grad(lambda t: loss_fn(optim.merge(t, frozen), batch.with_advantages(adv_B), 0.0)[0])(trainable)
     return jnp.concatenate([x.ravel().astype(jnp.float32) for x in jax.tree.leaves(g)])
 
   g_rec, g_prec = (np.asarray(flat_grad(trainable, frozen, base, jnp.asarray(c, jnp.float32)), np.float64)
@@ -113,19 +113,23 @@ def probe(ctx: experience.Context, settings: experience.ExperienceSettings, para
           freeze=()) -> dict[str, float]:
   """The probe's statistics (module docstring) on one fresh experience step over `batch` (a fixed probe batch of
   prompts, new rollouts from the current policy): {'probe/<name>': value}."""
-  # The ungrouped layout: the probe reads row-wise arrays (the grouped one holds the same numbers).
-  settings = dataclasses.replace(settings, prefix_grouped=False)
   rl_batch, _, rows = experience.collect(ctx, settings, params, ref_params, batch, rng)
+  # Rows prompt-major, as `rows` holds them: `order` takes the batch's rollout order there.
+  segs = rl_batch.segments
+  order = assembly.prompt_major_order(np.concatenate([np.repeat(np.arange(s.tokens.shape[0]), s.tokens.shape[1])
+                                                      for s in segs]))
   r_BxO = np.asarray(rows["reward"])
-  mode = np.asarray(rl_batch.mode_ids)
+  mode = np.asarray([prompts.MODES.index(m) for m in rows["mode"]])
   n_prompts = len(batch["openset"])
   prompt_ids = np.repeat(np.arange(n_prompts), settings.n_slow + settings.n_fast)
   groups = experience.group_ids(mode, prompt_ids, n_prompts, settings.advantage.group)
-  valid = np.asarray(rl_batch.completion_mask).any(1)
+  valid = np.concatenate([np.asarray(s.loss_mask).any(-1).reshape(-1) for s in segs])[order]
   weights = np.asarray(settings.advantage.weights, np.float64)[mode]
   c_rec, c_prec = contributions(r_BxO, valid, weights, groups, settings.advantage)
-  out = reward_statistics(r_BxO, valid, groups, np.asarray(rl_batch.advantages))
+  out = reward_statistics(r_BxO, valid, groups, np.asarray(rl_batch.advantages)[order])
   if weights[:, [_REC, _PREC]].any():  # a row without the two objectives (grpo_f1's one F1 reward) has no parts
     out |= {"var_adv_rec": float(c_rec[valid].var()), "var_adv_prec": float(c_prec[valid].var())}
-    out |= gradient_cosine(ctx.model, params, jax.tree.map(jnp.asarray, rl_batch), c_rec, c_prec, freeze)
+    back = lambda c: np.asarray(c)[np.argsort(order)]  # noqa: E731 (prompt-major -> rollout order)
+    out |= gradient_cosine(ctx.model, params, jax.tree.map(jnp.asarray, rl_batch), back(c_rec), back(c_prec),
+                           freeze)
   return {f"probe/{k}": v for k, v in out.items()}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from merr1_jax import artifacts, checkpoint, experience, memory, observe, optim, prompts, rewards, rollout, settings
-from merr1_jax import grouped, sharding
+from merr1_jax import sharding
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
 from merr1_jax.data import pipeline, synth, tfds_builders
@@ -317,9 +317,6 @@ def setup(config, workdir) -> Run:
     artifacts.write_text_atomic(workdir / "config.json", json.dumps(config.to_dict(), indent=1, default=str))
   tok = _tokenizer(config, workdir)
   model = build_model(config, tok)
-  if config.rl.prefix_grouped and "rl" in config.stages and not grouped.supports(model):
-    raise cfglib.ConfigError(f"config.rl.prefix_grouped: {type(model).__name__} has no hidden_grouped "
-                             "(base.PolicyModel, optional); set rl.prefix_grouped=False")
   mesh = sharding.make_mesh(config.mesh.shape)
   ctx = experience_context(config, tok, model, mesh)
   return Run(config=config, workdir=workdir, tokenizer=tok, model=model, mesh=mesh,

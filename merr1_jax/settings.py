@@ -90,7 +90,7 @@ def experience_settings(config: Config) -> experience.ExperienceSettings:
       cal=rl.CalibrationConfig(tau=r.cal_tau, alpha=r.cal_alpha, precision_side=r.cal_precision_side,
                                reading=r.cal_reading),
       num_anchors=r.num_anchors,
-      with_reference=r.beta > 0, prompt_buckets=tuple(config.data.prompt_buckets), prefix_grouped=r.prefix_grouped)
+      with_reference=r.beta > 0, prompt_buckets=tuple(config.data.prompt_buckets))
 
 
 def evaluation_settings(config: Config, **overrides: Any) -> evaluation.EvalSettings:

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from merr1_jax import artifacts, cli, evaluation, experience, interference, observe, preemption, reports
 from merr1_jax import checkpoint as ckptlib
-from merr1_jax import grouped, settings
+from merr1_jax import settings
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
 from merr1_jax.models import hf_io, lora
@@ -191,9 +191,7 @@ def run_rl(run: Run, params, guard):
     state, update = step(state, run.global_to_device(rl_batch))
     update = {k: float(v) for k, v in update.items()}  # waits for the device
     t2 = time.perf_counter()
-    masks = ([s.loss_mask for s in rl_batch.segments] if isinstance(rl_batch, grouped.GroupedRLBatch)
-             else [rl_batch.completion_mask])
-    tokens = float(sum(np.asarray(m).sum() for m in masks))
+    tokens = float(sum(np.asarray(s.loss_mask).sum() for s in rl_batch.segments))
     metrics.update(update)
     metrics.update({"time/update": t2 - t1,
                     "time/tokens_per_s": tokens / max(t2 - t0, 1e-9)})

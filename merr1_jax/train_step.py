@@ -14,18 +14,12 @@ state donated and, when shardings are given, explicit in/out shardings. Both sha
 The RL step runs ``ppo_epochs x mini_batches`` updates over its batch (PPO's mu inner iterations, verl's
 ppo_epochs / ppo_mini_batch_size, TRL's num_iterations); see ``make_rl_step`` for when clipping can act.
 
-Metrics of the RL step: loss and grad_norm (trainable leaves, before clipping; means over the updates), skipped,
-nonfinite_total, beta, the ``rl.finalize_stats`` statistics (kl, clip_frac_low/high, dual_clip_frac, entropy,
-ratio_mean/max/min, tokens, behaviour_logp_gap: the mean |sampler - trainer| log-prob at the rollout weights)
-combined over micro-batches and updates, the same per thinking mode (``kl/slow``, ``clip_frac_high/fast``, ...)
-when the batch carries ``mode_ids``, and the advantage statistics.
+Metrics of the RL step: loss and grad_norm (means over the updates), skipped, nonfinite_total, beta, the
+``rl.finalize_stats`` statistics (overall and per thinking mode: ``kl/slow``, ...) and the advantage statistics.
 
-Shape legend: B rows in the step, M micro-batches, K mini-batches, L sequence positions (prompt + completion), D
-width.
-
-Sequence convention: ``inputs.tokens`` is the whole sequence, prompt left-padded and completion right-padded.
-Position t's hidden state predicts token t + 1, so per-token arrays aligned with ``tokens`` (masks, old and
-reference log-probs) are shifted by one inside the loss.
+Shape legend: P prompts (groups) in the step, M micro-batches, K mini-batches, L positions, D width. The RL batch
+is a ``grouped.GroupedRLBatch``; the SFT batch's per-token arrays are aligned with ``tokens`` and shifted by one
+inside the loss (position t predicts token t + 1).
 """
 
 from __future__ import annotations
@@ -135,24 +129,6 @@ def with_frozen(view: TrainState, params: Any) -> TrainState:
 
 
 @flax.struct.dataclass
-class RLBatch:
-  """One RL step's rollouts. Arrays aligned with ``inputs.tokens`` are [B, L]."""
-
-  inputs: base.ModelInputs
-  completion_mask: Array  # bool: generated tokens, which carry loss (the fast prefix is prompt: no loss)
-  advantages: Array  # [B] float32
-  # Old-policy log-probs of the PPO ratio. None: the step takes its own (stop_gradient of the current log-probs
-  # with one update per step; a scoring pass before the first update otherwise, see make_rl_step).
-  old_logp: Array | None = None
-  behaviour_logp: Array | None = None  # the sampler's log-probs, for the logged sampler-vs-trainer gap only
-  ref_logp: Array | None = None  # reference log-probs; required when StepConfig.beta > 0, ignored when it is 0
-  mode_ids: Array | None = None  # [B] int32 index into StepConfig.mode_names (0 slow, 1 fast): per-mode metrics
-  # Static: the first column whose next token can carry loss (the shortest prompt bucket - 1). Positions before
-  # it are never unembedded: with long multimodal prompts most of the sequence is prompt.
-  loss_start: int = flax.struct.field(pytree_node=False, default=0)
-
-
-@flax.struct.dataclass
 class SFTBatch:
   inputs: base.ModelInputs
   loss_mask: Array  # bool [B, L]: assistant tokens (the targets), aligned with tokens
@@ -170,7 +146,7 @@ class StepConfig:
   ppo_epochs: int = 1  # mu: passes over the step's rollouts
   mini_batches: int = 1  # optimizer updates per pass (each on 1/mini_batches of the rows)
   vocab_chunk: int = 8192  # vocabulary chunk of the streaming log-softmax
-  mode_names: tuple[str, ...] = ("slow", "fast")  # RLBatch.mode_ids -> metric suffix (prompts.MODES order)
+  mode_names: tuple[str, ...] = ("slow", "fast")  # Segment.mode_id -> metric suffix (prompts.MODES order)
   # LoRA input dropout (ModelConfig.lora_dropout) in the loss passes: None = off. The key of update u of step s,
   # micro-batch m is fold_in(fold_in(fold_in(key(dropout_seed), s), u), m), so a resumed run draws the same masks.
   dropout_seed: int | None = None
@@ -189,7 +165,7 @@ def _micro_split(tree: Any, m: int) -> Any:
   return jax.tree.map(split, tree)
 
 
-def _shifted_logp(model, params, inputs: base.ModelInputs, chunk: int, with_entropy: bool, start: int = 0,
+def shifted_logprobs(model, params, inputs: base.ModelInputs, chunk: int, with_entropy: bool, start: int = 0,
                   dropout_key: Array | None = None):
   """log p(token_{t+1} | tokens_<=t) for t = start .. L-2 (and the entropy), float32 [B, L-1-start]."""
   h, _ = model.hidden(params, model.embed(params, inputs), **base.dropout_kwargs(dropout_key))
@@ -258,68 +234,6 @@ def _jit(step_fn, state_shardings, batch_shardings):
                  out_shardings=(state_shardings, rep), donate_argnums=0)
 
 
-def make_rl_loss(model: base.PolicyModel, cfg: StepConfig) -> Callable:
-  """``loss(params, batch, beta, num_tokens=None, num_seqs=None) -> (loss, summed stats)``.
-
-  Normalisers default to the batch's own counts; the step passes the update's counts to each micro-batch.
-  Raises ValueError (at trace time) when ``cfg.beta > 0`` but the batch has no ``ref_logp``: the KL term would
-  otherwise vanish without a word.
-  """
-  lc = cfg.loss
-
-  def loss_fn(params, batch: RLBatch, beta, num_tokens=None, num_seqs=None, dropout_key=None):
-    if cfg.beta > 0 and batch.ref_logp is None:
-      raise ValueError(f"StepConfig.beta = {cfg.beta} > 0 but RLBatch.ref_logp is None: the KL penalty needs the "
-                       "reference log-probs (score the rollouts with train_step.reference_params), or set beta = 0")
-    k = batch.loss_start
-    logp, ent = _shifted_logp(model, params, batch.inputs, cfg.vocab_chunk, with_entropy=True, start=k,
-                              dropout_key=dropout_key)
-    if not lc.entropy_coef:
-      ent = jax.lax.stop_gradient(ent)  # logged only: build no gradient for it
-    mask = batch.completion_mask[:, k + 1:]
-    # No old log-probs: one update per step, the ratio is exactly 1 (method.md E4, mu = 1) and these log-probs
-    # are the trainer's at the rollout weights, so the sampler-vs-trainer gap is measured here.
-    old = jax.lax.stop_gradient(logp) if batch.old_logp is None else batch.old_logp[:, k + 1:]
-    behaviour = None if batch.old_logp is not None or batch.behaviour_logp is None else batch.behaviour_logp[:, k + 1:]
-    ref = None if cfg.beta == 0 else batch.ref_logp[:, k + 1:]
-    lcfg = lc if lc.max_len is not None else dataclasses.replace(lc, max_len=mask.shape[1])
-    return rl.policy_loss(logp, old, ref, batch.advantages, mask, lcfg, beta=beta, entropy_BxT=ent,
-                          num_tokens=num_tokens, num_seqs=num_seqs, group_B=batch.mode_ids,
-                          group_names=cfg.mode_names, behaviour_BxT=behaviour)
-
-  return loss_fn
-
-
-def _old_logprobs(model, cfg: StepConfig, params, batch: RLBatch) -> tuple[Array, dict[str, Array]]:
-  """The trainer's log-probs at the rollout weights, [B, L] aligned with the tokens (0 on the first loss_start + 1
-  columns), computed once before the first of several updates (no gradient, micro-batched like the update); and
-  the summed sampler-vs-trainer gap statistics (``behaviour_gap_sum`` in total and per mode)."""
-  k = batch.loss_start
-
-  def one(mb: RLBatch):
-    logp = jax.lax.stop_gradient(_shifted_logp(model, params, mb.inputs, cfg.vocab_chunk, False, start=k))
-    mask = mb.completion_mask[:, k + 1:].astype(jnp.float32)
-    beh = jnp.zeros_like(logp) if mb.behaviour_logp is None else mb.behaviour_logp[:, k + 1:]
-    gap = jnp.abs(logp - beh) * mask
-    groups = [("", mask)] + ([(f"/{name}", mask * (mb.mode_ids == gi)[:, None])
-                              for gi, name in enumerate(cfg.mode_names)] if mb.mode_ids is not None else [])
-    sums = {}
-    for suffix, w in groups:
-      sums[f"gap{suffix}"], sums[f"n{suffix}"] = (gap * w).sum(), w.sum()
-    return jnp.pad(logp, ((0, 0), (k + 1, 0))), sums
-
-  m = cfg.micro_batches
-  if m == 1:
-    logp, sums = one(batch)
-  else:
-    logp_MxbxL, sums = jax.lax.map(one, _micro_split(batch, m))
-    logp = logp_MxbxL.swapaxes(0, 1).reshape(batch.advantages.shape[0], -1)  # row i went to part i % M
-    sums = jax.tree.map(lambda x: x.sum(0), sums)
-  gaps = {"behaviour_logp_gap" + key[3:]: sums[key] / jnp.maximum(sums["n" + key[3:]], 1.0)
-          for key in sums if key.startswith("gap")}
-  return logp, gaps
-
-
 def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformation, cfg: StepConfig, *,
                  state_shardings: Any = None, batch_shardings: Any = None) -> Callable:
   """The MER-R1 policy-gradient step (docs/method.md, Policy loss (E4)): PPO-clip + beta * KL - entropy bonus.
@@ -327,41 +241,31 @@ def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformatio
   One step is ``cfg.ppo_epochs`` passes over the batch, each split into ``cfg.mini_batches`` optimizer updates
   (mini-batch j holds rows j, j + K, ...), each update accumulated over ``cfg.micro_batches``. With more than one
   update the old-policy log-probs come from a scoring pass of the trainer's own forward at the rollout weights
-  (``_old_logprobs``), so the first update's ratio is exactly 1 and clipping acts from the second update on;
+  (``grouped.old_logprobs``), so the first update's ratio is exactly 1 and clipping acts from the second update on;
   with one update the ratio is 1 and clipping cannot act. ``state.step`` counts RL steps (one per call), the
   optimizer's schedule counts updates. ``optimizer`` must be the one ``init_state`` initialised.
 
-  The batch is an ``RLBatch`` (every row its whole sequence) or a ``grouped.GroupedRLBatch`` (each prompt once,
-  its completions as per-mode suffixes; the model must implement ``hidden_grouped``); micro- and mini-batches
-  split rows, or prompts with their whole groups.
+  The batch is a ``grouped.GroupedRLBatch`` (each prompt once, its completions as per-mode suffixes); micro- and
+  mini-batches split prompts, each with its whole group.
   """
-  losses = {False: make_rl_loss(model, cfg), True: grouped.make_grouped_loss(model, cfg)}
+  loss_fn = grouped.make_grouped_loss(model, cfg)
   updates = cfg.ppo_epochs * cfg.mini_batches
 
-  def one_update(state: TrainState, batch: RLBatch, beta, key):
-    is_grouped = isinstance(batch, grouped.GroupedRLBatch)
-    if is_grouped:
-      num_tokens, num_seqs = grouped.token_counts(batch)
-    else:
-      mask = batch.completion_mask[:, 1:].astype(jnp.float32)
-      num_tokens, num_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
-    fn = lambda p, mb, k: losses[is_grouped](p, mb, beta, num_tokens, num_seqs, k)  # noqa: E731
+  def one_update(state: TrainState, batch: grouped.GroupedRLBatch, beta, key):
+    num_tokens, num_seqs = grouped.token_counts(batch)
+    fn = lambda p, mb, k: loss_fn(p, mb, beta, num_tokens, num_seqs, k)  # noqa: E731
     trainable, frozen = optim.split_trainable(state.params, state.freeze)
     loss, grads, stats = _accumulate(fn, trainable, frozen, batch, cfg.micro_batches, key)
     return _apply(optimizer, state, trainable, frozen, loss, grads, stats)
 
-  def step(state: TrainState, batch: RLBatch):
+  def step(state: TrainState, batch: grouped.GroupedRLBatch):
     beta = rl.beta_at(state.step, cfg.beta, decay_steps=cfg.beta_decay_steps, final_beta=cfg.beta_final)
     extra = {"beta": beta, **rl.advantage_stats(batch.advantages)}
     key = _dropout_key(cfg, state.step)
     if updates == 1:
       state, m = one_update(state, batch, beta, base.fold_key(key, 0))
       return state, {**{k: m[k] for k in _UPDATE_KEYS}, **rl.finalize_stats(_loss_stats(m)), **extra}
-    if isinstance(batch, grouped.GroupedRLBatch):
-      with_old, gap = grouped.old_logprobs(model, cfg, state.params, batch)
-    else:
-      old, gap = _old_logprobs(model, cfg, state.params, batch)
-      with_old = batch.replace(old_logp=old)
+    with_old, gap = grouped.old_logprobs(model, cfg, state.params, batch)
     parts = _micro_split(with_old, cfg.mini_batches)
     start_step = state.step
 
@@ -393,7 +297,7 @@ def make_sft_step(model: base.PolicyModel, optimizer: optax.GradientTransformati
   """Cold-start SFT: token-mean cross-entropy on the assistant tokens, same accumulation, freezing and skipping."""
 
   def loss_fn(params, mb: SFTBatch, num_tokens, key):
-    logp = _shifted_logp(model, params, mb.inputs, cfg.vocab_chunk, with_entropy=False, dropout_key=key)
+    logp = shifted_logprobs(model, params, mb.inputs, cfg.vocab_chunk, with_entropy=False, dropout_key=key)
     mask = mb.loss_mask[:, 1:].astype(jnp.float32)
     nll = -(logp * mask).sum()
     return nll / jnp.maximum(num_tokens, 1.0), {"tokens": mask.sum(), "nll_sum": nll}

@@ -81,16 +81,18 @@ def _xla_flops(v: int, b: int, length: int, t: int, loss_start: int) -> tuple[fl
   import jax.numpy as jnp
   import numpy as np
 
-  from merr1_jax import assembly, rl
+  from merr1_jax import grouped, rl
   from merr1_jax import train_step as ts
+  from tests.oracles import ungrouped
   cfg = rl_step.presets.get("tiny", vocab_size=v, video_dim=0, audio_dim=0)  # no scan, no remat: counts are flat
   model = rl_step.mllm.build(cfg)
   params = model.init_params(jax.random.key(0))
   work = rl_step.Work(prompts=b, prompt_len=length, group=1, new_tokens=t)
   ro = rl_step.synthetic_rollout(cfg, work, np.random.RandomState(2))
-  batch = assembly.assemble([ro], np.ones(b, np.float32), pad_id=0, ref_logp=[np.zeros((b, t), np.float32)])
-  batch = jax.tree.map(jnp.asarray, batch.replace(behaviour_logp=None, loss_start=loss_start))
-  loss_fn = ts.make_rl_loss(model, ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=0.04))
+  # The library's batch with the prompt ending at column loss_start (the rows cut there: ungrouped.as_grouped).
+  batch = ungrouped.assemble([ro], np.ones(b, np.float32), pad_id=0, ref_logp=[np.zeros((b, t), np.float32)])
+  batch = ungrouped.as_grouped(jax.tree.map(jnp.asarray, batch.replace(behaviour_logp=None, loss_start=loss_start)))
+  loss_fn = grouped.make_grouped_loss(model, ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=0.04))
   grad = jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04)[0])
   cost = jax.jit(grad).lower(params).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -389,7 +391,7 @@ def test_ours_builds_the_mer_step_from_the_workload():
   import ours_grpo
   mer = spec.WORKLOADS["mer"]
   work = ours_grpo.make_work(mer, pad_id=0, fast_prefix_ids=[9, 10, 11], fast_ban_ids=(4, 5))
-  assert work.modes == mer.modes and work.total_group == mer.group and work.grouped and work.shared_prefix
+  assert work.modes == mer.modes and work.total_group == mer.group and work.shared_prefix
   assert (work.fast_prefix_ids, work.fast_ban_ids) == ((9, 10, 11), (4, 5))
   assert ours_grpo.make_work(spec.WORKLOADS["peer"], pad_id=0).modes == (("slow", 8, 64),)
   cfg = ours_grpo.model_config(mer)

@@ -2,7 +2,6 @@
 r_cal = 0, even when its answer span is complete and has anchors (text after </answer>), so the gate, not a missing
 answer, is what zeroes it. Hand-written completions through `experience.from_rollouts` on a tiny model."""
 
-import dataclasses
 import pathlib
 
 import jax
@@ -14,6 +13,7 @@ from merr1_jax import experience, prompts, rewards, rollout, run_setup, settings
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import mllm
 from tests.helpers.rollouts import hand_rollout
+from tests.oracles import ungrouped
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 P, N_SLOW, N_FAST = 2, 2, 1
@@ -46,15 +46,14 @@ def policy(tok):
   return model, model.init_params(jax.random.key(0))
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_a_complete_answer_in_a_malformed_completion_gets_no_calibration_reward(tok, batch, policy, grouped):
+def test_a_complete_answer_in_a_malformed_completion_gets_no_calibration_reward(tok, batch, policy):
   assert all(rewards.format_ok(t, "slow") for t in GOOD) and not any(rewards.format_ok(t, "slow") for t in BAD)
   model, params = policy
   config = cfglib.load(str(ROOT / "configs" / "base.py"))
   config.rl.n_slow, config.rl.n_fast, config.rl.prompts_per_step = N_SLOW, N_FAST, P
   config.rl.calibration, config.rl.cal_tau, config.rl.beta = "contrastive_gain", 0.5, 0.0
   ctx = run_setup.experience_context(config, tok, model, None)
-  exp = dataclasses.replace(settings.experience_settings(config), prefix_grouped=grouped)
+  exp = settings.experience_settings(config)
   inputs = rollout.batch_inputs(batch, "slow")
   ros = {"slow": hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
          "fast": hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
@@ -85,10 +84,9 @@ def test_emitted_categories_follow_the_answer_words(tok, batch, policy):
   assert said[2] == said[3] == [["happy"], ["worried"], [], []]
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_emitted_reading_runs_through_the_experience_step(tok, batch, policy, grouped):
+def test_emitted_reading_runs_through_the_experience_step(tok, batch, policy, monkeypatch):
   """rl.cal_reading='emitted' end to end: the well-formed rows get a one-sided r_cal (<= 0, finite), the malformed
-  ones 0, in both layouts, with the same values in both."""
+  ones 0, with the same values as through the ungrouped oracle's calibration passes."""
   model, params = policy
   config = cfglib.load(str(ROOT / "configs" / "base.py:ablation=sfcc_emitted"))
   config.rl.n_slow, config.rl.n_fast, config.rl.prompts_per_step, config.rl.beta = N_SLOW, N_FAST, P, 0.0
@@ -97,14 +95,18 @@ def test_emitted_reading_runs_through_the_experience_step(tok, batch, policy, gr
   ros = {"slow": hand_rollout(tok, ctx.ids, inputs, SLOW_TEXTS, "slow", N_SLOW),
          "fast": hand_rollout(tok, ctx.ids, inputs, FAST_TEXTS, "fast", N_FAST)}
   texts = [t for ro in ros.values() for t in rollout.completion_texts(tok, ro)]
+  exp = settings.experience_settings(config)
   got = {}
-  for g in (False, True):
-    exp = dataclasses.replace(settings.experience_settings(config), prefix_grouped=g)
+  for name in ("library", "oracle"):
+    if name == "oracle":
+      monkeypatch.setattr(experience, "_calibration_logmass", lambda ctx, settings, params, prompt, slow, own:
+                          ungrouped.calibration_logmass(ctx, params, inputs, slow, settings.num_anchors,
+                                                        settings.prompt_buckets))
     _, _, rows = experience.from_rollouts(ctx, exp, params, None, batch, ros, texts)
-    got[g] = np.asarray(rows["reward"])[:, experience.OBJECTIVES.index("calibration")]
-  r_cal = got[grouped]
+    got[name] = np.asarray(rows["reward"])[:, experience.OBJECTIVES.index("calibration")]
+  r_cal = got["library"]
   step = N_SLOW + N_FAST
   good, bad = [p * step for p in range(P)], [p * step + 1 for p in range(P)]
   assert np.all(r_cal[good] <= 0) and np.all(np.isfinite(r_cal)) and np.all(r_cal[bad] == 0.0), r_cal
   assert np.any(r_cal[good] < -1e-4), r_cal  # a real value, not the zero of an empty reading
-  np.testing.assert_allclose(got[True], got[False], atol=1e-5)
+  np.testing.assert_allclose(got["library"], got["oracle"], atol=1e-5)

@@ -34,8 +34,11 @@ class Grammar:
   """PolicyModel: logits = 0.5 * tiny-model logits + `bias` * G[previous token], G a 0/1 bigram table.
 
   embed() appends one_hot(token) to the embedding; hidden() runs the inner decoder on the first D columns and
-  carries the one-hot along, so forward == hidden @ unembed_weight holds and rollout.score sees the same policy.
+  carries the one-hot along, so forward == hidden @ unembed_weight holds and the scoring pass sees the same policy
+  (through base.hidden_grouped's fallback on hidden(): the inner model's hidden_grouped would skip the one-hot).
   """
+
+  hidden_grouped = None
 
   def __init__(self, inner, grammar_VxV, bias=30.0):
     self.inner, self.config = inner, inner.config

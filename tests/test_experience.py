@@ -1,14 +1,13 @@
 """One RL step's experience (merr1_jax/experience.py) on a tiny model, without mocks.
 
-* `collect` with the real sampler: the RLBatch's row layout (prompt-major groups, slow rows first), mode ids,
-  sequences, positions, masks and reference log-probs against an independent construction from the same
-  rollouts and an uncached forward pass; the advantages against a float64 re-derivation of method.md E2.
+* `collect` with the real sampler: the batch's segments (one per mode), suffix tokens, positions, masks and
+  reference log-probs against an independent construction from the same rollouts and an uncached forward pass;
+  the advantages against a float64 re-derivation of method.md E2; its passes against the ungrouped oracle's.
 * `from_rollouts` on hand-written, well-formed completions: the calibration reward r_cal of every slow row against
   an independent reference built from uncached forward passes of the slow context and of the fast counterfactual
   (prompt + FAST_PREFIX + the same answer), in float64 (method.md E3 steps 1-5).
 """
 
-import dataclasses
 import math
 import pathlib
 import types
@@ -19,10 +18,11 @@ import numpy as np
 import pytest
 
 from merr1_jax import config as cfglib
-from merr1_jax import experience, prompts, rewards, rl, rollout, run_setup, settings
+from merr1_jax import assembly, experience, prompts, rewards, rl, rollout, run_setup, settings
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, mllm
 from tests.helpers.rollouts import hand_rollout
+from tests.oracles import ungrouped
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 P, N_SLOW, N_FAST = 2, 2, 2
@@ -92,39 +92,42 @@ def _log_softmax(x):
 
 def test_collect_lays_out_groups_sequences_and_reference_like_an_independent_build(config, ctx, policy, batch):
   model, params, ref_params = policy
-  exp = dataclasses.replace(settings.experience_settings(config), prefix_grouped=False)  # the row-wise layout
+  exp = settings.experience_settings(config)
   rng = jax.random.key(3)
   rl_batch, metrics, rows = experience.collect(ctx, exp, params, ref_params, batch, rng)
   ros = experience._sample_all(ctx, exp, params, rollout.batch_inputs(batch, "slow"), rng)  # same key, same draws
   g = N_SLOW + N_FAST
-  b, s = rl_batch.inputs.tokens.shape
-  assert b == P * g and rl_batch.mode_ids.tolist() == ([0] * N_SLOW + [1] * N_FAST) * P
+  b = P * g
+  assert [s.mode_id for s in rl_batch.segments] == [0, 1]
+  assert [s.tokens.shape[:2] for s in rl_batch.segments] == [(P, N_SLOW), (P, N_FAST)]
   assert rows["mode"] == ["slow"] * N_SLOW + ["fast"] * N_FAST + ["slow"] * N_SLOW + ["fast"] * N_FAST
-  for p in range(P):
-    for j in range(g):
-      r, mode = p * g + j, "slow" if j < N_SLOW else "fast"
-      ro, k = ros[mode], p * exp.n(mode) + (j if j < N_SLOW else j - N_SLOW)
-      prompt, length = np.asarray(ro.prompt.tokens[p]), int(ro.length[k])
-      want = np.concatenate([prompt, np.asarray(ro.completion[k][:length])])
-      np.testing.assert_array_equal(rl_batch.inputs.tokens[r, :len(want)], want)
-      assert (rl_batch.inputs.tokens[r, len(want):] == ctx.ids.pad).all()  # right padding to the common length
-      cmask = rl_batch.completion_mask[r]
-      assert cmask[:len(prompt)].sum() == 0 and cmask.sum() == length  # generated tokens only, all of them
-      # Positions: the prompt's own, then the completion continuing from its last real position.
-      pm = np.asarray(ro.prompt.mask[p])
-      pos = rl_batch.inputs.positions[r]
-      np.testing.assert_array_equal(pos[:len(prompt)][pm], np.arange(pm.sum()))
-      np.testing.assert_array_equal(pos[len(prompt):len(want)], pm.sum() + np.arange(length))
-      # Reference log-probs of the generated tokens = an uncached forward of the reference policy on the same
-      # context (fast rows: the slow prompt + FAST_PREFIX, which their prompt already holds).
-      comp = np.asarray(ro.completion[k][:length])
-      n_slow_prompt = int(batch["prompt_mask"][p].sum())
-      extra = prompt[pm][n_slow_prompt:]  # FAST_PREFIX for fast rows, nothing for slow ones
-      logits, _ = _forward(model, ref_params, batch, p, np.concatenate([extra, comp]))
-      lp = _log_softmax(logits)
-      first = n_slow_prompt + len(extra) - 1  # the state that predicts the first generated token
-      want_ref = lp[np.arange(first, first + length), comp]
-      np.testing.assert_allclose(rl_batch.ref_logp[r, len(prompt):len(want)], want_ref, atol=2e-4)
+  # The shared prompt is the slow-rendered one; a fast suffix starts with FAST_PREFIX (no loss on it).
+  np.testing.assert_array_equal(rl_batch.prompt.tokens, ros["slow"].prompt.tokens)
+  pre = np.asarray(ctx.ids.fast_prefix)
+  for seg, mode in zip(rl_batch.segments, ("slow", "fast")):
+    ro, n = ros[mode], (len(pre) if mode == "fast" else 0)
+    for p in range(P):
+      for j in range(exp.n(mode)):
+        k = p * exp.n(mode) + j
+        length = int(ro.length[k])
+        comp = np.asarray(ro.completion[k][:length])
+        np.testing.assert_array_equal(seg.tokens[p, j, :n], pre[:n])
+        np.testing.assert_array_equal(seg.tokens[p, j, n:n + length], comp)
+        lm, m = np.asarray(seg.loss_mask[p, j]), np.asarray(seg.mask[p, j])
+        assert lm[:n].sum() == 0 and lm.sum() == length and lm[n:n + length].all()  # generated tokens only
+        assert m[:n + length].all() and not m[n + length:].any()
+        # Positions continue the prompt's last real position.
+        n_prompt = int(np.asarray(rl_batch.prompt.mask[p]).sum())
+        np.testing.assert_array_equal(np.asarray(seg.positions[p, j])[:n + length], n_prompt + np.arange(n + length))
+        # Reference log-probs of the generated tokens = an uncached forward of the reference policy on the same
+        # context (fast rows: the slow prompt + FAST_PREFIX).
+        logits, n_slow_prompt = _forward(model, ref_params, batch, p, np.concatenate([pre[:n], comp]))
+        assert n_slow_prompt == n_prompt
+        lp = _log_softmax(logits)
+        first = n_slow_prompt + n - 1  # the state that predicts the first generated token
+        want_ref = lp[np.arange(first, first + length), comp]
+        np.testing.assert_allclose(np.asarray(seg.ref_logp[p, j, n:n + length]), want_ref, atol=2e-4)
+        assert not np.asarray(seg.ref_logp[p, j, :n]).any() and not np.asarray(seg.ref_logp[p, j, n + length:]).any()
   # Advantages: method.md E2 in float64 from the same rewards, groups = prompts.
   r_BxO = np.asarray(rows["reward"], np.float64)
   assert experience.OBJECTIVES == ("recall", "precision", "f1", "format", "calibration")
@@ -139,7 +142,8 @@ def test_collect_lays_out_groups_sequences_and_reference_like_an_independent_bui
       if v.sum() > 1 and x[v].max() > x[v].min():
         z = np.where(v, (x - x[v].mean()) / (x[v].std(ddof=1) + 1e-4), 0.0)
         want_adv[sl] += w[sl, o] * z
-  np.testing.assert_allclose(rl_batch.advantages, want_adv, rtol=1e-4, atol=1e-5)
+  order = assembly.prompt_major_order(np.concatenate([np.repeat(np.arange(P), n) for n in (N_SLOW, N_FAST)]))
+  np.testing.assert_allclose(np.asarray(rl_batch.advantages)[order], want_adv, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(rows["advantage"], want_adv, rtol=1e-4, atol=1e-5)
   assert metrics["time/rollout"] > 0 and "reward/slow/calibration" in metrics
 
@@ -344,30 +348,33 @@ def test_calibration_in_advantage_reward_and_mixed_space(config, space, lam):
   np.testing.assert_allclose(got, _np_dod(r64, v, w, prompt), rtol=2e-5, atol=2e-5)
 
 
-def test_collect_in_the_grouped_layout_gives_the_same_experience(config, ctx, policy, batch):
-  """rl.prefix_grouped: the same rollouts, rewards, r_cal and advantages as the ungrouped layout, and a
-  GroupedRLBatch whose segments hold the RLBatch's completions, masks, advantages and reference log-probs."""
+def test_collect_with_the_oracles_passes_gives_the_same_experience(config, ctx, policy, batch, monkeypatch):
+  """The grouped passes (reference log-probs, the calibration's two log-masses) against the ungrouped oracle's
+  (tests/oracles/ungrouped.py) inside the same experience step: the same rewards, advantages and reference
+  log-probs. (This random policy writes no well-formed answer, so r_cal is 0 here; test_calibration_gate compares
+  a non-zero r_cal through both passes on hand-written answers.)"""
   model, params, ref_params = policy
   rng = jax.random.key(5)
-  base_settings = settings.experience_settings(config)
-  flat, m_f, rows_f = experience.collect(ctx, dataclasses.replace(base_settings, prefix_grouped=False), params,
-                                         ref_params, batch, rng)
-  group, m_g, rows_g = experience.collect(ctx, dataclasses.replace(base_settings, prefix_grouped=True), params,
-                                          ref_params, batch, rng)
+  exp = settings.experience_settings(config)
+  inputs = rollout.batch_inputs(batch, "slow")
+  group, _, rows_g = experience.collect(ctx, exp, params, ref_params, batch, rng)
+  ros = experience._sample_all(ctx, exp, params, inputs, rng)
+  n = len(ctx.ids.fast_prefix)
+
+  def oracle_reference(ctx, ref_params, prompt, segs):  # per rollout [B_m, T] -> per segment [P, G, n + T]
+    return [np.pad(np.asarray(ungrouped.score(model, ref_params, ro).logp), ((0, 0), (n if m == "fast" else 0, 0)))
+            .reshape(s.tokens.shape) for (m, ro), s in zip(ros.items(), segs)]
+
+  def oracle_calibration(ctx, settings, params, prompt, slow, own):
+    return ungrouped.calibration_logmass(ctx, params, inputs, slow, settings.num_anchors, settings.prompt_buckets)
+
+  monkeypatch.setattr(experience, "_reference", oracle_reference)
+  monkeypatch.setattr(experience, "_calibration_logmass", oracle_calibration)
+  flat, _, rows_f = experience.collect(ctx, exp, params, ref_params, batch, rng)
   assert rows_g["text"] == rows_f["text"]
-  np.testing.assert_allclose(np.asarray(rows_g["reward"]), np.asarray(rows_f["reward"]), atol=1e-5)
+  r_g, r_f = np.asarray(rows_g["reward"]), np.asarray(rows_f["reward"])
+  np.testing.assert_allclose(r_g, r_f, atol=1e-5)
   np.testing.assert_allclose(rows_g["advantage"], rows_f["advantage"], atol=1e-5)
-  g = N_SLOW + N_FAST
-  for seg, mode, lo in zip(group.segments, ("slow", "fast"), (0, N_SLOW)):
-    n = seg.tokens.shape[1]
-    rows = (np.arange(P)[:, None] * g + lo + np.arange(n)[None]).reshape(-1)  # prompt-major RLBatch rows
-    np.testing.assert_allclose(np.asarray(seg.advantages).reshape(-1), np.asarray(flat.advantages)[rows], atol=0)
-    pre = len(ctx.ids.fast_prefix) if mode == "fast" else 0
-    cm = np.asarray(flat.completion_mask)[rows]
-    for k, r in enumerate(rows):
-      lm = seg.loss_mask.reshape(-1, seg.loss_mask.shape[-1])[k]
-      assert lm[:pre].sum() == 0 and lm.sum() == cm[k].sum()
-      np.testing.assert_array_equal(seg.tokens.reshape(-1, seg.tokens.shape[-1])[k][lm],
-                                    np.asarray(flat.inputs.tokens)[r][cm[k]])
-      np.testing.assert_allclose(seg.ref_logp.reshape(-1, seg.ref_logp.shape[-1])[k][lm],
-                                 np.asarray(flat.ref_logp)[r][cm[k]], rtol=1e-5, atol=1e-5)
+  for a, b in zip(group.segments, flat.segments):
+    m = np.asarray(a.loss_mask)
+    np.testing.assert_allclose(np.asarray(a.ref_logp)[m], np.asarray(b.ref_logp)[m], rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
-"""Prefix-grouped passes (merr1_jax/grouped.py) against the ungrouped layout, the reference implementation.
+"""The library's RL layout (merr1_jax/grouped.py) against the ungrouped oracle (tests/oracles/ungrouped.py).
 
-Every comparison builds both batches from the same host rollouts (experience's assembly code): per-token
+Every comparison builds both batches from the same host rollouts (the library's and the oracle's assembly): per-token
 log-probs, the RL loss, every gradient leaf, whole update steps (micro- and mini-batches, PPO epochs), and the
 scoring passes (reference log-probs, calibration log-masses), for text-only, multimodal (merged video/audio rows)
 and M-RoPE models, slow and fast segments of different lengths, short and loss-free rows, G = 1, and sharded over
@@ -19,6 +19,7 @@ import pytest
 from merr1_jax import assembly, experience, grouped, rl, rollout, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.models import base, mllm
+from tests.oracles import ungrouped
 
 V, PREFIX = 96, (5, 6, 7)  # vocabulary; the FAST_PREFIX ids of these tests
 VIDEO, AUDIO = 90, 91
@@ -95,10 +96,13 @@ def _batches(kind, p=3, n_slow=3, n_fast=2, t_slow=6, t_fast=3, seed=0, ref=True
   # Reference log-probs near the model's own (log 1/96 = -4.6), so the k3 KL stays in a realistic range.
   refs = [np.where(r.completion_mask, -rng.uniform(3.5, 5.5, r.completion.shape), 0.0).astype(np.float32)
           for r in ros.values()] if ref else None
-  flat = assembly.assemble(list(ros.values()), adv, pad_id=0, ref_logp=refs, valid_B=valid)
+  flat = ungrouped.assemble(list(ros.values()), adv, pad_id=0, ref_logp=refs, valid_B=valid)
   prompt = assembly.slow_prompt(ros, inputs, vocab_size=V, pad_id=0, buckets=(12, 16))
-  group = assembly.assemble_grouped(list(ros.values()), adv, prompt, fast_prefix_ids=PREFIX, ref_logp=refs,
-                                    valid_B=valid)
+  segs = assembly.segments(list(ros.values()), prompt, fast_prefix_ids=PREFIX, valid_B=valid)
+  if refs is not None:  # suffix-aligned, 0 on the fast prefix, as experience's reference pass gives them
+    refs = [np.pad(r, ((0, 0), (len(PREFIX) if m == "fast" else 0, 0))).reshape(s.tokens.shape)
+            for r, m, s in zip(refs, ros, segs)]
+  group = assembly.assemble(segs, prompt, adv, refs)
   return model, params, jax.tree.map(jnp.asarray, flat), jax.tree.map(jnp.asarray, group), ros, inputs
 
 
@@ -118,10 +122,10 @@ CASES = [("text", {}), ("mm", {}), ("mrope", {}), ("text", dict(n_slow=1, n_fast
 
 
 @pytest.mark.parametrize("kind,kw", CASES)
-def test_loss_gradients_and_logprobs_equal_the_ungrouped_layout(kind, kw):
+def test_loss_gradients_and_logprobs_equal_the_oracle(kind, kw):
   model, params, flat, group, ros, _ = _batches(kind, **kw)
   cfg = _cfg()
-  f_loss, g_loss = ts.make_rl_loss(model, cfg), grouped.make_grouped_loss(model, cfg)
+  f_loss, g_loss = ungrouped.make_rl_loss(model, cfg), grouped.make_grouped_loss(model, cfg)
   (lf, sf), gf = jax.jit(jax.value_and_grad(lambda p: f_loss(p, flat, 0.04), has_aux=True))(params)
   (lg, sg), gg = jax.jit(jax.value_and_grad(lambda p: g_loss(p, group, 0.04), has_aux=True))(params)
   np.testing.assert_allclose(lg, lf, rtol=1e-5, atol=1e-6)
@@ -130,7 +134,7 @@ def test_loss_gradients_and_logprobs_equal_the_ungrouped_layout(kind, kw):
   _assert_trees_close(gg, gf)
   assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(gg))
   # Per-token log-probs: ungrouped column L_m + t of a row is suffix token n_prefix + t of its segment.
-  logp_f = np.asarray(ts._shifted_logp(model, params, flat.inputs, 8192, False))
+  logp_f = np.asarray(ts.shifted_logprobs(model, params, flat.inputs, 8192, False))
   outs = grouped.grouped_logprobs(model, params, group.prompt, group.segments, chunk_size=8192, with_entropy=False)
   order = assembly.prompt_major_order(np.concatenate([r.prompt_index for r in ros.values()]))
   start = 0
@@ -147,7 +151,7 @@ def test_loss_gradients_and_logprobs_equal_the_ungrouped_layout(kind, kw):
 
 
 @pytest.mark.parametrize("micro,minis,epochs", [(1, 1, 1), (3, 1, 1), (1, 3, 2)])
-def test_update_steps_equal_the_ungrouped_layout(micro, minis, epochs):
+def test_update_steps_equal_the_oracle(micro, minis, epochs):
   """Whole jitted steps (SGD, so the comparison sees the gradients): micro-batches split prompts (whole groups),
   mini-batches and epochs as in make_rl_step; the ungrouped step splits its rows in the same groups."""
   model, params, flat, group, _, _ = _batches("mm", p=3, invalid=())
@@ -162,7 +166,7 @@ def test_update_steps_equal_the_ungrouped_layout(micro, minis, epochs):
   for j in range(3):
     idx[j + 3 * np.arange(g)] = j * g + np.arange(g)
   ref_state = ts.init_state(jax.tree.map(jnp.copy, params), tx, with_reference=True)
-  want, m_f = ts.make_rl_step(model, tx, cfg)(ref_state, jax.tree.map(lambda x: x[idx], flat))
+  want, m_f = ungrouped.rl_step(model, tx, cfg)(ref_state, jax.tree.map(lambda x: x[idx], flat))
   # One update: the gradient tolerance. Several: float32 differences of ~1e-6 compound over the updates (6 at
   # lr 0.5 grow to ~1e-4 of a leaf's largest value), which is rounding, not a different update.
   # The loss and KL metrics average over the updates, so after the first they see the same compounded rounding.
@@ -173,11 +177,11 @@ def test_update_steps_equal_the_ungrouped_layout(micro, minis, epochs):
 
 
 @pytest.mark.parametrize("kind", ["mm", "mrope"])
-def test_reference_old_policy_and_calibration_passes_equal_the_ungrouped_scorer(kind):
+def test_reference_old_policy_and_calibration_passes_equal_the_oracle(kind):
   model, params, flat, group, ros, inputs = _batches(kind, ref=False)
   cfg = _cfg(ppo_epochs=2)
   old_g, gap_g = grouped.old_logprobs(model, cfg, params, group)
-  old_f, gap_f = ts._old_logprobs(model, cfg, params, flat)
+  old_f, gap_f = ungrouped.old_logprobs(model, cfg, params, flat)
   np.testing.assert_allclose(gap_g["behaviour_logp_gap"], gap_f["behaviour_logp_gap"], rtol=1e-5)
   for seg, g_seg in zip(group.segments, old_g.segments):  # the same log-probs as score() gives, position by position
     m = np.asarray(seg.loss_mask)
@@ -188,7 +192,7 @@ def test_reference_old_policy_and_calibration_passes_equal_the_ungrouped_scorer(
   outs = grouped.score_pass(model, params, group.prompt, group.segments)
   for (mode, ro), out in zip(ros.items(), outs):
     n = len(PREFIX) if mode == "fast" else 0
-    want = np.asarray(rollout.score(model, params, ro).logp)
+    want = np.asarray(ungrouped.score(model, params, ro).logp)
     got = np.asarray(out["logp"])[..., n:].reshape(want.shape)
     m = np.asarray(ro.completion_mask)
     np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-6)
@@ -205,8 +209,10 @@ def test_reference_old_policy_and_calibration_passes_equal_the_ungrouped_scorer(
   ctx = experience.Context(model=model, tokenizer=None, ids=ids, space=None, token_sets=sets,
                            cluster_mask=jnp.ones((2, 3), bool))
   settings = _exp_settings(prompt_buckets=(12, 16))
-  _, lm_g, _ = experience._grouped_passes(ctx, settings, params, None, inputs, ros, True)
-  _, lm_f, _ = experience._ungrouped_passes(ctx, settings, params, None, inputs, ros, True)
+  prompt = assembly.slow_prompt(ros, inputs, vocab_size=V, pad_id=0, buckets=(12, 16))
+  own = assembly.segments([slow], prompt, fast_prefix_ids=PREFIX)[0]
+  lm_g = experience._calibration_logmass(ctx, settings, params, prompt, slow, own)
+  _, lm_f = ungrouped.passes(ctx, settings, params, None, inputs, ros, True)[:2]
   np.testing.assert_array_equal(lm_g[2], lm_f[2])
   assert lm_g[2].sum() >= len(comp)  # every row has its anchors
   for a, b in zip(lm_g[:2], lm_f[:2]):
@@ -217,7 +223,7 @@ def test_reference_old_policy_and_calibration_passes_equal_the_ungrouped_scorer(
 def _exp_settings(**kw):
   base_kw = dict(n_slow=3, n_fast=2, max_new_tokens=(("slow", 6), ("fast", 3)), method=None,
                  advantage=None, calibration="contrastive_gain", cal=rl.CalibrationConfig(), num_anchors=3,
-                 with_reference=False, prompt_buckets=(12, 16), prefix_grouped=True)
+                 with_reference=False, prompt_buckets=(12, 16))
   return experience.ExperienceSettings(**(base_kw | kw))
 
 
@@ -238,9 +244,26 @@ def test_sharded_grouped_step_equals_unsharded(mesh_shape):
   _assert_trees_close(got.params, want.params)
 
 
-def test_a_model_without_hidden_grouped_is_a_clear_error():
-  class TextOnly:  # a PolicyModel without the optional member
-    config = None
+def test_a_model_without_hidden_grouped_runs_the_same_passes():
+  """A port that implements only `hidden` (no hidden_grouped member) gets base.hidden_grouped's fallback: the
+  prompt repeated per suffix. Its loss, gradients and scoring passes equal the native grouped ones."""
+  model, params, _, group, _, _ = _batches("mm", invalid=())
 
-  with pytest.raises(ValueError, match="has no hidden_grouped.*rl.prefix_grouped=False"):
-    grouped.check_supported(TextOnly())
+  class HiddenOnly:  # the same model seen through PolicyModel's required members only
+    config = model.config
+    embed, unembed_weight = model.embed, model.unembed_weight
+
+    def hidden(self, params, x, cache=None):
+      return model.hidden(params, x, cache)
+
+  assert not hasattr(HiddenOnly(), "hidden_grouped")
+  cfg = _cfg()
+  grads = {}
+  for name, m in (("native", model), ("fallback", HiddenOnly())):
+    loss = grouped.make_grouped_loss(m, cfg)
+    grads[name] = jax.jit(jax.value_and_grad(lambda p, loss=loss: loss(p, group, 0.04)[0]))(params)
+  np.testing.assert_allclose(grads["fallback"][0], grads["native"][0], rtol=1e-5, atol=1e-6)
+  _assert_trees_close(grads["fallback"][1], grads["native"][1])
+  for a, b in zip(grouped.score_pass(HiddenOnly(), params, group.prompt, group.segments),
+                  grouped.score_pass(model, params, group.prompt, group.segments)):
+    np.testing.assert_allclose(a["logp"], b["logp"], rtol=1e-5, atol=1e-6)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from merr1_jax import experience, interference, rl
-from merr1_jax import train_step as ts
 from merr1_jax.models import base, mllm
+from tests.oracles import ungrouped
 
 ADV = experience.AdvantageSettings(disentangle=True, scale=True, eps=1e-4, ddof=1, group="prompt",
                                    weights=((1.0, 1.0, 0.0, 0.0, 0.0),), cal_in_reward=0.0)
@@ -73,10 +73,10 @@ def test_gradient_cosine_of_parts():
   rng = np.random.default_rng(0)
   b, l = 6, 10
   tok = rng.integers(0, 46, (b, l)).astype(np.int32)
-  batch = ts.RLBatch(inputs=base.ModelInputs(tokens=tok, positions=np.tile(np.arange(l, dtype=np.int32), (b, 1)),
-                                             mask=np.ones((b, l), bool)),
-                     completion_mask=np.arange(l)[None].repeat(b, 0) >= 5, advantages=np.zeros(b, np.float32))
-  batch = jax.tree.map(jnp.asarray, batch)
+  batch = ungrouped.as_grouped(jax.tree.map(jnp.asarray, ungrouped.RLBatch(
+      inputs=base.ModelInputs(tokens=tok, positions=np.tile(np.arange(l, dtype=np.int32), (b, 1)),
+                              mask=np.ones((b, l), bool)),
+      completion_mask=np.arange(l)[None].repeat(b, 0) >= 5, advantages=np.zeros(b, np.float32))))
   c = rng.normal(size=b)
   same = interference.gradient_cosine(model, params, batch, c, 2 * c)
   opposite = interference.gradient_cosine(model, params, batch, c, -c)
@@ -100,8 +100,8 @@ def test_gradient_cosine_equals_one_over_every_leaf_computed_here():
                             mask=np.ones((b, l), bool))
   cmask = np.arange(l)[None].repeat(b, 0) >= 5
   cmask[2, 8:] = False  # a shorter completion
-  batch = jax.tree.map(jnp.asarray, ts.RLBatch(inputs=inputs, completion_mask=cmask,
-                                               advantages=np.zeros(b, np.float32)))
+  batch = ungrouped.as_grouped(jax.tree.map(jnp.asarray, ungrouped.RLBatch(inputs=inputs, completion_mask=cmask,
+                                                                           advantages=np.zeros(b, np.float32))))
   target_mask = jnp.asarray(cmask[:, 1:], jnp.float32)  # logits at t predict token t + 1
 
   def surrogate(p, adv):

@@ -22,6 +22,7 @@ from merr1_jax import train_step as ts
 from merr1_jax.models import base, hf_io, lora, mllm, presets
 from tests.helpers import shared
 from tests.test_train import BASE, SMOKE, _ckpt_meta, _ckpt_state, _rows, _train
+from tests.oracles import ungrouped
 from tests.test_train_step import V, _batch, _step_cfg
 
 RANK = 4
@@ -159,7 +160,7 @@ def test_dropout_in_the_train_steps_is_seeded_and_keeps_the_first_ratio_at_one()
     if key not in steps:
       steps[key] = ts.make_rl_step(m, tx, _step_cfg(dropout_seed=seed, **kw))
     state = ts.init_state(jax.tree.map(jnp.copy, p), tx, with_reference=True, freeze=freeze)
-    new, metrics = steps[key](state, _batch(seed=0))
+    new, metrics = steps[key](state, ungrouped.as_grouped(_batch(seed=0)))
     return _flat(new.params), metrics
 
   a, ma = run(3)
@@ -190,8 +191,8 @@ def test_dropout_in_the_train_steps_is_seeded_and_keeps_the_first_ratio_at_one()
   assert any(not np.array_equal(s3[n], s_off[n]) for n in s3 if lora.is_adapter(n))
 
 
-def test_dropout_in_the_prefix_grouped_step():
-  """The grouped layout (the RL default) with dropout: seeded, active (another update than without), ratio 1."""
+def test_dropout_in_the_rl_step():
+  """The RL step with dropout: seeded, active (another update than without), ratio 1."""
   from tests import test_grouped as tg  # noqa: PLC0415
 
   _, _, _, group, _, _ = tg._batches("mm", p=2)
@@ -238,7 +239,7 @@ def _rl_steps(model, params, freeze, n=3, **cfg_kw):
   state = ts.init_state(jax.tree.map(jnp.copy, params), tx, with_reference=True, freeze=freeze)
   step = ts.make_rl_step(model, tx, _step_cfg(**cfg_kw))
   for s in range(n):
-    state, metrics = step(state, _batch(seed=s))
+    state, metrics = step(state, ungrouped.as_grouped(_batch(seed=s)))
     assert int(metrics["skipped"]) == 0
   return state
 
@@ -343,7 +344,7 @@ def test_sharded_lora_step_equals_unsharded(mesh_shape, opt):
   freeze = (lora.freeze_rule(),)
   tx = (optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), params, freeze=freeze) if opt == "adamw"
         else optax.sgd(0.5, momentum=0.9))  # init_state initialises it on the trainable (adapter) leaves only
-  batches = [_batch(seed=s, old=True) for s in (0, 1)]
+  batches = [ungrouped.as_grouped(_batch(seed=s, old=True)) for s in (0, 1)]
   state = ts.init_state(jax.tree.map(jnp.copy, params), tx, with_reference=True, freeze=freeze)
   step = ts.make_rl_step(m, tx, _step_cfg(micro_batches=2))
   for b in batches:

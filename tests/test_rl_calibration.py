@@ -86,7 +86,7 @@ def test_category_logmass_with_minus_inf_chunks_is_chunk_independent(chunk):
 
 
 def test_category_logmass_from_hidden_jit_equals_eager_and_reference():
-  """The function training uses (rollout.score): jit == eager == the numpy reference of softmax(h @ w)."""
+  """The function training uses (grouped.score_pass): jit == eager == the numpy reference of softmax(h @ w)."""
   rng = np.random.default_rng(5)
   h = rng.normal(size=(2, 3, 8)).astype(np.float32)
   w = rng.normal(size=(8, 23)).astype(np.float32)  # 23 = 2 chunks of 10 + a padded one

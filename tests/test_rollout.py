@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from merr1_jax import prompts, rewards, rollout, sampling, sharding
+from merr1_jax import grouped, prompts, rewards, rollout, sampling, sharding
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, mllm
 
@@ -110,6 +110,13 @@ def _log_softmax(x):
   return x - (np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) + x.max(-1, keepdims=True))
 
 
+def _score(model, params, ro, **kw) -> np.ndarray:
+  """[B, T] teacher-forced log-probs of a rollout's completions in its own prompt (grouped.score_pass)."""
+  seg = grouped.segment(ro, ro.prompt, fast_prefix_ids=(), mode_id=0)
+  (out,) = grouped.score_pass(model, params, ro.prompt, [seg], **kw)
+  return np.asarray(out["logp"]).reshape(ro.completion.shape)
+
+
 def _sample(model, params, inputs, **kw):
   base_kw = dict(mode="slow", num_samples=1, max_new_tokens=6, method=sampling.Greedy(), stop_ids=(),
                  rng=jax.random.key(7))
@@ -120,7 +127,7 @@ class Scripted:
   """A PolicyModel whose state at absolute position p adds `bias` to the logit of script[p].
 
   hidden() appends a one-hot of the position to h and unembed_weight() appends one bias row per position, so
-  forward == hidden @ unembed still holds and score() sees the same policy as the sampler.
+  forward == hidden @ unembed still holds and the scoring pass sees the same policy as the sampler.
   """
 
   def __init__(self, inner, script, bias=60.0, span=128):
@@ -129,6 +136,8 @@ class Scripted:
     for p, t in script.items():
       rows[p, t] = bias
     self.rows = jnp.asarray(rows)
+
+  hidden_grouped = None  # not the inner model's: the scoring pass runs base.hidden_grouped's fallback on hidden()
 
   def __getattr__(self, name):  # embed, init_cache, init_params, partition_rules
     return getattr(self.inner, name)
@@ -204,16 +213,20 @@ def test_behaviour_logprobs_equal_score(tok, ids, text_model):
               stop_ids=(int(first[0]),), eos_id=None)
   mask, lengths = np.asarray(r.completion_mask), np.asarray(r.length)
   assert lengths.min() < 12, "no row stopped: the test lost its early-stop case"
-  s = rollout.score(model, params, r, chunk_size=300, with_entropy=True)  # 836 = 2 full chunks + a ragged one
-  np.testing.assert_allclose(np.asarray(s.logp)[mask], np.asarray(r.logp)[mask], atol=1e-4)
-  assert not np.asarray(s.logp)[~mask].any() and not np.asarray(r.logp)[~mask].any()
-  # score() against the independent reference, entropy included.
+  s = _score(model, params, r, chunk_size=300)  # 836 = 2 full chunks + a ragged one
+  np.testing.assert_allclose(s[mask], np.asarray(r.logp)[mask], atol=1e-4)
+  assert not s[~mask].any() and not np.asarray(r.logp)[~mask].any()
+  # The scoring pass and the loss's entropy (grouped.grouped_logprobs) against the independent reference.
+  seg = grouped.segment(r, r.prompt, fast_prefix_ids=(), mode_id=0)
+  ((_, ent),) = grouped.grouped_logprobs(model, params, jax.tree.map(jnp.asarray, r.prompt),
+                                         [jax.tree.map(jnp.asarray, seg)], chunk_size=300, with_entropy=True)
+  ent = np.asarray(ent).reshape(mask.shape)
   comp = np.asarray(r.completion)
   for row in (0, 3, 5):
     lp = _log_softmax(_ref_logits(model, params, inputs, row // 2, comp[row][:lengths[row]]))[:lengths[row]]
-    np.testing.assert_allclose(np.asarray(s.logp)[row, :lengths[row]],
+    np.testing.assert_allclose(s[row, :lengths[row]],
                                np.take_along_axis(lp, comp[row, :lengths[row], None], 1)[:, 0], atol=1e-4)
-    np.testing.assert_allclose(np.asarray(s.entropy)[row, :lengths[row]], -(np.exp(lp) * lp).sum(-1), atol=1e-4)
+    np.testing.assert_allclose(ent[row, :lengths[row]], -(np.exp(lp) * lp).sum(-1), atol=1e-4)
 
 
 def test_stop_reasons_lengths_and_early_exit(tok, ids, text_model):
@@ -290,9 +303,9 @@ def test_fast_mode_never_writes_a_think_block(tok, ids, text_model):
       assert prompts.THINK_OPEN not in text and prompts.THINK_CLOSE not in text
   # The ban is a sampler device: the behaviour log-prob stays that of the plain policy (tiny for a row that
   # the ban pushed off its argmax), so it still equals score().
-  s = rollout.score(thinker, params, fast)
+  s = _score(thinker, params, fast)
   m = np.asarray(fast.completion_mask)
-  np.testing.assert_allclose(np.asarray(s.logp)[m], np.asarray(fast.logp)[m], atol=1e-4)
+  np.testing.assert_allclose(s[m], np.asarray(fast.logp)[m], atol=1e-4)
 
 
 def test_append_fast_prefix_positions_1d_and_3d():
@@ -358,26 +371,31 @@ def test_bad_input_is_refused_before_compilation(tok, ids, text_model, monkeypat
 
 
 def test_score_category_logmass_at_fast_anchors(tok, ids, text_model):
+  """grouped.score_pass on answers teacher-forced in the fast context (the slow-rendered prompt, then FAST_PREFIX
+  and the answer as the suffix): log-probs and the category log-mass at the anchors against uncached logits."""
   model, params = text_model
   rows = _rows(tok, [8, 13], seed=6)
   enc = tok.encode
   completions = [enc("happy") + enc(", sad") + [ids.answer_close], enc("calm") + [ids.answer_close]]
-  seqs = rollout.make_sequences(_left_pad(rows, 13), completions, mode="fast", num_samples=1,
-                                vocab_size=tok.vocab_size, fast_prefix_ids=ids.fast_prefix, pad_id=ids.pad)
+  prompt = rollout.prepare_prompts(_left_pad(rows, 13), mode="slow", vocab_size=tok.vocab_size, pad_id=ids.pad)
+  seg = grouped.token_segment(completions, prompt, num_samples=1, prefix_ids=ids.fast_prefix, mode_id=1,
+                              pad_id=ids.pad)
   sets = (np.random.RandomState(0).rand(1, 3, tok.vocab_size) < 0.1).astype(np.float32)
-  s = rollout.score(model, params, seqs, token_sets=jnp.asarray(sets), anchors=ids.anchors(4), chunk_size=256)
-  # By hand: index 0 is the state on the prefix's <answer>; in row 0 the ',' sits at completion index 1, so
-  # the state on it predicts completion index 2.
-  np.testing.assert_array_equal(np.asarray(s.anchor_mask), [[1, 1, 0, 0], [1, 0, 0, 0]])
-  np.testing.assert_array_equal(np.asarray(s.anchor_index)[0, :2], [0, 2])
-  prompt = seqs.prompt
+  (s,) = grouped.score_pass(model, params, prompt, [seg], token_sets=jnp.asarray(sets), anchors=ids.anchors(4),
+                            chunk_size=256)
+  # By hand: anchor 0 is the state on the prefix's <answer> (it predicts completion index 0); in row 0 the ','
+  # sits at completion index 1, so the state on it predicts completion index 2.
+  np.testing.assert_array_equal(np.asarray(s["anchor_mask"])[:, 0], [[1, 1, 0, 0], [1, 0, 0, 0]])
+  predicts = [[0, 2], [0]]
+  n = len(ids.fast_prefix)
+  fast_prompt = rollout.prepare_prompts(_left_pad(rows, 13), mode="fast", vocab_size=tok.vocab_size,
+                                        fast_prefix_ids=ids.fast_prefix, pad_id=ids.pad)
   for b, c in enumerate(completions):
-    lp = _log_softmax(_ref_logits(model, params, prompt, b, np.asarray(c)))
-    for a in range(int(np.asarray(s.anchor_mask)[b].sum())):
-      j = int(np.asarray(s.anchor_index)[b, a])
+    lp = _log_softmax(_ref_logits(model, params, fast_prompt, b, np.asarray(c)))
+    for a, j in enumerate(predicts[b]):
       want = np.log((np.exp(lp[j])[None] * sets[0]).sum(-1))
-      np.testing.assert_allclose(np.asarray(s.logmass)[b, a, 0], want, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(s.logp)[b, :len(c)],
+      np.testing.assert_allclose(np.asarray(s["logmass"])[b, 0, a, 0], want, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(s["logp"])[b, 0, n:n + len(c)],
                                np.take_along_axis(lp[:len(c)], np.asarray(c)[:, None], 1)[:, 0], atol=1e-4)
 
 
@@ -418,8 +436,8 @@ def test_sharded_equals_unsharded(tok, text_model):
   layout = sharding.BatchLayout.make(mesh, rules)
   cache, logits, _ = rollout.prefill(model, 2, 40, layout, sharded, got.prompt)
   assert spec(cache.k) == (("data", "fsdp"), None, None, "tensor", None) and spec(logits)[0] == ("data", "fsdp")
-  s_ref, s_got = rollout.score(model, params, ref), rollout.score(model, sharded, got, mesh=mesh, axis_rules=rules)
-  np.testing.assert_allclose(s_got.logp, s_ref.logp, atol=1e-4)
+  s_ref, s_got = _score(model, params, ref), _score(model, sharded, got, mesh=mesh, axis_rules=rules)
+  np.testing.assert_allclose(s_got, s_ref, atol=1e-4)
 
 
 def test_decode_donates_the_prefill_cache(tok, text_model):
@@ -436,40 +454,3 @@ def test_decode_donates_the_prefill_cache(tok, text_model):
   assert all(b.is_deleted() for b in buffers)
   assert not logits.is_deleted() and not next_pos.is_deleted()
   assert not any(b.is_deleted() for b in jax.tree.leaves(out.cache))
-
-
-def test_score_refuses_bad_sequences_before_compilation(tok, ids, text_model, monkeypatch):
-  model, params = text_model
-  vocab = tok.vocab_size
-
-  def boom(*a, **k):
-    raise AssertionError("compiled")
-
-  monkeypatch.setattr(rollout.scorer, "_score_jit", boom)
-  seqs = rollout.make_sequences(_left_pad(_rows(tok, [5, 7]), 7), [[5, 6, 7], [8]], mode="slow", num_samples=1,
-                                vocab_size=vocab, pad_id=ids.pad)
-  comp, ptok = np.asarray(seqs.completion), np.asarray(seqs.prompt.tokens)
-  bucket = ptok.shape[1]
-  too_long = model.config.max_seq_len - bucket + 1
-  pmask = np.asarray(seqs.prompt.mask)
-  cases = [
-      (dict(seqs=seqs.replace(completion=np.where(np.arange(comp.shape[1]) == 1, vocab, comp))),
-       r"seqs.completion holds ids outside the vocabulary \[0, %d\): \[%d\] in rows \[0, 1\]" % (vocab, vocab)),
-      (dict(seqs=seqs.replace(completion=comp.copy() * 0 - 1)), r"seqs.completion holds ids outside.*\[-1\]"),
-      (dict(seqs=seqs.replace(prompt=seqs.prompt.replace(tokens=np.where(pmask, ptok + vocab, ptok)))),
-       "seqs.prompt.tokens holds ids outside the vocabulary"),
-      (dict(seqs=seqs.replace(completion_mask=np.asarray(seqs.completion_mask)[:, :-1])), r"must both be \[B, T\]"),
-      (dict(seqs=seqs.replace(completion=np.zeros((2, too_long), np.int32),
-                              completion_mask=np.ones((2, too_long), bool))),
-       f"prompt bucket {bucket} \\+ completion length {too_long} = {bucket + too_long} exceeds the cache length "
-       f"{model.config.max_seq_len}"),
-      (dict(seqs=seqs, max_cache_len=bucket + 2), "exceeds the cache length"),
-      (dict(seqs=seqs.replace(num_samples=2)), "completion rows for 2 prompts x 2 samples"),
-      (dict(seqs=seqs.replace(prompt=seqs.prompt.replace(mask=pmask[:, ::-1].copy()))), "not left-padded"),
-      (dict(seqs=seqs, anchors=ids.anchors(2)), "needs both token_sets and anchors"),
-  ]
-  for kw, msg in cases:
-    with pytest.raises(ValueError, match=msg):
-      rollout.score(model, params, **kw)
-  with pytest.raises(AssertionError, match="compiled"):  # the valid input passes every check
-    rollout.score(model, params, seqs)

@@ -22,7 +22,7 @@ def _tiny():
   return mllm.build(cfg)
 
 
-def _batch(b: int = 2, length: int = 6, t: int = 3) -> ts.RLBatch:
+def _batch(b: int = 2, length: int = 6, t: int = 3):
   rs = np.random.RandomState(0)
   pos = np.broadcast_to(np.arange(length, dtype=np.int32), (b, length))
   from merr1_jax import rollout
@@ -34,7 +34,8 @@ def _batch(b: int = 2, length: int = 6, t: int = 3) -> ts.RLBatch:
                        completion_mask=np.ones((b, t), bool), logp=zeros, logp_sampled=zeros,
                        stop_reason=np.zeros(b, np.int32), length=np.full(b, t), prompt_length=np.full(b, length),
                        steps=np.asarray(t), num_samples=1)
-  return assembly.assemble([ro], rs.randn(b).astype(np.float32), pad_id=0, ref_logp=[-rs.rand(b, t).astype(np.float32)])
+  segs = assembly.segments([ro], prompt, fast_prefix_ids=())
+  return assembly.assemble(segs, prompt, rs.randn(b).astype(np.float32), [-rs.rand(b, 1, t).astype(np.float32)])
 
 
 def test_state_from_load_hf_is_committed_like_its_params(tmp_path):

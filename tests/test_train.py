@@ -463,8 +463,10 @@ def _set(c, dotted, value):
     "field,value,message",
     [
         ("model.preset", "gpt5", "config.model.preset: 'gpt5'"),
-        ("rl.micro_batches", 3, "config.rl.micro_batches: a mini-batch of 8 rows"),
-        ("rl.mini_batches", 3, "config.rl.mini_batches: the RL batch of 8 rows"),
+        ("rl.micro_batches", 3, "config.rl.micro_batches: updates split prompts: prompts_per_step 2 is not divisible "
+                                "by mini_batches x micro_batches = 3"),
+        ("rl.mini_batches", 3, "config.rl.mini_batches: updates split prompts: prompts_per_step 2 is not divisible "
+                               "by 3 mini-batches"),
         ("rl.ppo_epochs", 0, "config.rl.ppo_epochs: must be an int >= 1"),
         ("rl.aggregation", "mean", "config.rl.aggregation: 'mean'"),
         ("mesh.shape", (3, 1, 1), "config.mesh.shape: mesh shape (3, 1, 1) needs 3 devices but 2"),
@@ -633,7 +635,7 @@ def test_replicating_a_real_model_that_cannot_fit_is_refused(tmp_path):
   c.model.hf_path = str(tmp_path)
   c.mesh.shape = (-1, 1, 1)  # the embedded default: every device holds the whole train state
   # With micro-batches the RL state holds float32 gradient accumulators: 7.62e9 x 14 B = 106.6 GB.
-  c.rl.micro_batches, c.rl.prefix_grouped = 8, False  # the ungrouped layout (configs/base.py)
+  c.rl.micro_batches, c.rl.prompts_per_step = 8, 64  # each micro-batch's 8 prompts over the 8 batch shards
   with pytest.raises(cfglib.ConfigError, match=r"config\.mesh\.shape: mesh \(8, 1, 1\) splits the parameters 1 "
                                                r"way\(s\): the rl train state .*needs 106\.6 GB per device.*80 GB"):
     cfglib.validate(c, 8, 80.0)

@@ -1,7 +1,8 @@
 """The jitted RL/SFT steps: gradients, step-0 REINFORCE, micro-batch invariance, metrics (totals and per mode),
 sharding and the reference copy, NaN/Inf skipping, freezing and clipping, the beta schedule, and a bandit training
 signal. Expected values come from independent computations in the test (full-vocabulary float64 log-softmax,
-hand-written Adam, hand-computed schedules)."""
+hand-written Adam, hand-computed schedules). Batches are written as rows of whole sequences (the oracle's RLBatch)
+and handed to the library as its grouped batch with one suffix per row (`ungrouped.as_grouped`)."""
 
 import re
 
@@ -11,9 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from merr1_jax import optim, rl, sharding
+from merr1_jax import grouped, optim, rl, sharding
 from merr1_jax import train_step as ts
 from merr1_jax.models import base, mllm
+from tests.oracles import ungrouped
 
 V = 64
 
@@ -28,6 +30,18 @@ def _model(**kw):
                     num_kv_heads=2, head_dim=16, **kw)
 
 
+def _rl_loss(model, cfg):
+  """The library's RL loss on a row batch (its grouped form)."""
+  f = grouped.make_grouped_loss(model, cfg)
+  return lambda params, batch, *a, **kw: f(params, ungrouped.as_grouped(batch), *a, **kw)
+
+
+def _rl_step(model, tx, cfg):
+  """The library's jitted RL step on a row batch (its grouped form)."""
+  step = ts.make_rl_step(model, tx, cfg)
+  return lambda state, batch: step(state, ungrouped.as_grouped(batch))
+
+
 def _batch(b=8, l=12, prompt=6, seed=0, ref=True, old=False):
   rng = np.random.default_rng(seed)
   tok = jnp.asarray(rng.integers(0, V - 2, (b, l)), jnp.int32)
@@ -35,7 +49,7 @@ def _batch(b=8, l=12, prompt=6, seed=0, ref=True, old=False):
   pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   cm = jnp.zeros((b, l), bool).at[:, prompt:].set(True).at[1, l - 2:].set(False)  # a shorter completion
   logp = lambda: jnp.asarray(np.log(rng.uniform(0.01, 0.2, (b, l))), jnp.float32)
-  return ts.RLBatch(
+  return ungrouped.RLBatch(
       inputs=base.ModelInputs(tokens=tok, positions=pos, mask=mask),
       completion_mask=cm,
       advantages=jnp.asarray(rng.normal(size=b), jnp.float32),
@@ -60,7 +74,7 @@ def test_gradient_matches_finite_differences():
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch(old=True)
-  loss_fn = ts.make_rl_loss(model, _step_cfg(beta=0.04, loss=rl.LossConfig(entropy_coef=0.01)))
+  loss_fn = _rl_loss(model, _step_cfg(beta=0.04, loss=rl.LossConfig(entropy_coef=0.01)))
   f = lambda p: loss_fn(p, batch, 0.04)[0]
   g = jax.jit(jax.grad(f))(params)
   leaves, treedef = jax.tree.flatten(params)
@@ -95,7 +109,7 @@ def test_step_zero_is_reinforce():
   logits, _ = model.forward(params, model.embed(params, batch.inputs))
   ref = rl.logprobs_from_logits(logits[:, :-1], batch.inputs.tokens[:, 1:])
   batch = batch.replace(ref_logp=jnp.pad(ref, ((0, 0), (1, 0))))
-  loss_fn = ts.make_rl_loss(model, _step_cfg(beta=0.04))
+  loss_fn = _rl_loss(model, _step_cfg(beta=0.04))
   # Jitted: one compile each, where eager autodiff of the model dispatches (and compiles) op by op.
   (_, stats), g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04), has_aux=True))(params)
   stats = rl.finalize_stats(stats)
@@ -125,7 +139,7 @@ def test_micro_batch_invariance(agg):
   for m in (1, 2, 4):
     cfg = _step_cfg(micro_batches=m, loss=rl.LossConfig(aggregation=agg))
     state = ts.init_state(_copy(params), tx, with_reference=False)
-    new, metrics = ts.make_rl_step(model, tx, cfg)(state, batch)
+    new, metrics = _rl_step(model, tx, cfg)(state, batch)
     deltas.append(jax.tree.map(lambda a, b: a - b, new.params, params))
     assert int(metrics["skipped"]) == 0
   # Each delta is (params + update) - params in float32, so it carries up to one spacing of the updated
@@ -153,9 +167,17 @@ class _NaNGradient:
   def __getattr__(self, name):
     return getattr(self.inner, name)
 
+  @staticmethod
+  def _zero(params):
+    return jnp.sqrt(0.0 * jnp.abs(params["decoder"]["final_norm"]["scale"][...]).sum())
+
   def hidden(self, params, x, cache=None):
     h, cache = self.inner.hidden(params, x, cache)
-    return h + jnp.sqrt(0.0 * jnp.abs(params["decoder"]["final_norm"]["scale"][...]).sum()), cache
+    return h + self._zero(params), cache
+
+  def hidden_grouped(self, params, prefix, suffixes):
+    h_p, h_s = self.inner.hidden_grouped(params, prefix, suffixes)
+    return h_p + self._zero(params), [h + self._zero(params) for h in h_s]
 
 
 def test_inf_loss_and_nan_gradient_with_finite_loss_are_each_skipped_and_counted():
@@ -167,13 +189,13 @@ def test_inf_loss_and_nan_gradient_with_finite_loss_are_each_skipped_and_counted
   # Inf loss, finite gradient: a reference log-prob of -inf on one loss token makes its k3 term +inf
   # (delta = logp - ref = +inf: exp(-delta) - 1 + delta), while d k3 / d logp = 1 - exp(-delta) = 1.
   assert bool(good.completion_mask[2, 8])
-  state, m = ts.make_rl_step(model, tx, _step_cfg())(state, good.replace(ref_logp=good.ref_logp.at[2, 8].set(
+  state, m = _rl_step(model, tx, _step_cfg())(state, good.replace(ref_logp=good.ref_logp.at[2, 8].set(
       -jnp.inf)))
   assert np.isposinf(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
   assert int(m["skipped"]) == 1 and int(state.nonfinite) == 1 and int(state.step) == 1
   _assert_same_params(state.params, params)
   # NaN gradient, finite loss.
-  state, m = ts.make_rl_step(_NaNGradient(model), tx, _step_cfg())(state, good)
+  state, m = _rl_step(_NaNGradient(model), tx, _step_cfg())(state, good)
   assert np.isfinite(float(m["loss"])) and np.isnan(float(m["grad_norm"]))
   assert int(m["skipped"]) == 1 and int(state.nonfinite) == 2 and int(m["nonfinite_total"]) == 2
   _assert_same_params(state.params, params)
@@ -185,7 +207,7 @@ def test_nonfinite_step_is_skipped_and_counted():
   model = _model()
   params = model.init_params(jax.random.key(0))
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), params)
-  step = ts.make_rl_step(model, tx, _step_cfg())
+  step = _rl_step(model, tx, _step_cfg())
   state = ts.init_state(_copy(params), tx, with_reference=False)
   bad = _batch()
   bad = bad.replace(advantages=bad.advantages.at[0].set(jnp.nan))
@@ -208,7 +230,7 @@ def test_freezing_keeps_subtree_and_shares_reference():
   state = ts.init_state(_copy(params), tx, with_reference=True, freeze=freeze)
   assert not any(k.startswith("decoder/embed") for k in state.ref)
   assert "decoder/final_norm/scale" in state.ref
-  new, _ = ts.make_rl_step(model, tx, _step_cfg())(state, _batch())
+  new, _ = _rl_step(model, tx, _step_cfg())(state, _batch())
   old_emb = params["decoder"]["embed"]["embedding"].get_value()
   np.testing.assert_array_equal(new.params["decoder"]["embed"]["embedding"].get_value(), old_emb)
   assert not np.array_equal(new.params["decoder"]["layers"]["q_kernel"].get_value(),
@@ -252,7 +274,7 @@ def test_sharded_equals_unsharded(mesh_shape, opt):
   tx = (optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), params) if opt == "adamw"
         else optax.sgd(0.5, momentum=0.9))
   cfg = _step_cfg(micro_batches=2)
-  batches = [_batch(seed=s, old=True) for s in (0, 1)]
+  batches = [ungrouped.as_grouped(_batch(seed=s, old=True)) for s in (0, 1)]
 
   state = ts.init_state(_copy(params), tx, with_reference=True)
   step = ts.make_rl_step(model, tx, cfg)
@@ -294,7 +316,7 @@ def test_bandit_training_signal():
   model = _model()
   params = model.init_params(jax.random.key(0))
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=3e-3), params)
-  step = ts.make_rl_step(model, tx, _step_cfg(beta=0.0))
+  step = _rl_step(model, tx, _step_cfg(beta=0.0))
   state = ts.init_state(params, tx, with_reference=False)
   prompts, group, target = 4, 8, 17
   rng = np.random.default_rng(0)
@@ -318,19 +340,20 @@ def test_bandit_training_signal():
     adv = rl.dod_advantages(r[:, None], jnp.ones((b, 1), bool), jnp.ones((b, 1)), rl.contiguous_groups(b, group),
                             prompts)
     seq = jnp.concatenate([prompt_tok, tok[:, None]], axis=1)
-    batch = ts.RLBatch(inputs=base.ModelInputs(seq, pos, jnp.ones((b, 6), bool)),
+    batch = ungrouped.RLBatch(inputs=base.ModelInputs(seq, pos, jnp.ones((b, 6), bool)),
                        completion_mask=jnp.zeros((b, 6), bool).at[:, 5].set(True), advantages=adv)
     state, _ = step(state, batch)
   assert np.mean(rewards[:5]) < 0.1
   assert np.mean(rewards[-5:]) > 0.5, rewards
 
 
-def test_loss_start_skips_prompt_positions_without_changing_the_loss():
-  """Unembedding only from `loss_start` gives the same loss and gradient when no earlier position carries loss."""
+def test_where_the_prompt_ends_does_not_change_the_loss():
+  """The same rows cut into prompt + suffix at column 1 or at column 6 (loss_start 0 or 5) give the same loss and
+  gradient when no earlier position carries loss: the grouped attention joins the two parts exactly."""
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch(old=True, prompt=6)  # completion tokens start at column 6: position 5 predicts the first one
-  loss_fn = ts.make_rl_loss(model, _step_cfg(loss=rl.LossConfig(max_len=6)))
+  loss_fn = _rl_loss(model, _step_cfg(loss=rl.LossConfig(max_len=6)))
   full = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04)[0]))(params)
   skip = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch.replace(loss_start=5), 0.04)[0]))(params)
   np.testing.assert_allclose(skip[0], full[0], rtol=1e-6)
@@ -355,7 +378,7 @@ def test_freeze_and_clip_cover_trainable_leaves_only():
     tx.init(params)  # the full tree: its frozen leaves would get state
 
   batch = _batch()
-  loss_fn = ts.make_rl_loss(model, _step_cfg())
+  loss_fn = _rl_loss(model, _step_cfg())
   g = jax.jit(jax.grad(lambda p: loss_fn(p, batch, 0.04)[0]))(params)
   g = {base.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
   p0 = {base.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -365,7 +388,7 @@ def test_freeze_and_clip_cover_trainable_leaves_only():
   scale = min(1.0, clip / norm_trainable)
   assert scale < 0.1  # clipping is active
 
-  step = ts.make_rl_step(model, tx, _step_cfg())
+  step = _rl_step(model, tx, _step_cfg())
   new, metrics = step(state, batch)
   np.testing.assert_allclose(float(metrics["grad_norm"]), norm_trainable, rtol=1e-5)
   got = {base.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_flatten_with_path(new.params)[0]}
@@ -406,7 +429,7 @@ def test_metrics_over_micro_batches_and_per_mode_match_independent_values():
   runs = []
   for m in (1, 2, 4):
     cfg = _step_cfg(micro_batches=m, loss=rl.LossConfig(eps_low=eps, eps_high=eps))
-    _, metrics = ts.make_rl_step(model, tx, cfg)(ts.init_state(_copy(params), tx, with_reference=False), batch)
+    _, metrics = _rl_step(model, tx, cfg)(ts.init_state(_copy(params), tx, with_reference=False), batch)
     runs.append({k: float(v) for k, v in metrics.items()})
   for other in runs[1:]:
     assert other.keys() == runs[0].keys()
@@ -437,10 +460,10 @@ def test_beta_schedule_as_the_step_applies_it():
   params = model.init_params(jax.random.key(0))
   cfg = _step_cfg(beta=0.04, beta_decay_steps=4, beta_final=0.01)
   tx = optax.sgd(0.0)  # the parameters stay put, so step s's loss is L(params, beta_s)
-  step = ts.make_rl_step(model, tx, cfg)
+  step = _rl_step(model, tx, cfg)
   state = ts.init_state(_copy(params), tx, with_reference=False)
   batch = _batch(old=True)
-  loss_at = jax.jit(lambda beta: ts.make_rl_loss(model, cfg)(params, batch, beta)[0])
+  loss_at = jax.jit(lambda beta: _rl_loss(model, cfg)(params, batch, beta)[0])
   # By hand: beta_s = 0.04 + (0.01 - 0.04) * min(s / 4, 1).
   want = [0.04, 0.0325, 0.025, 0.0175, 0.01, 0.01]
   losses = []
@@ -456,14 +479,14 @@ def test_kl_without_reference_logprobs_is_an_error():
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch(ref=False)
-  loss_fn = ts.make_rl_loss(model, _step_cfg(beta=0.04))
-  with pytest.raises(ValueError, match=r"beta = 0.04 > 0 but RLBatch.ref_logp is None"):
+  loss_fn = _rl_loss(model, _step_cfg(beta=0.04))
+  with pytest.raises(ValueError, match=r"beta = 0.04 > 0 but a segment has no ref_logp"):
     jax.eval_shape(lambda p: loss_fn(p, batch, 0.04), params)  # trace time: nothing compiled
   tx = optax.sgd(1e-3)
-  with pytest.raises(ValueError, match="ref_logp is None"):
-    ts.make_rl_step(model, tx, _step_cfg(beta=0.04))(ts.init_state(_copy(params), tx, with_reference=False),
+  with pytest.raises(ValueError, match="has no ref_logp"):
+    _rl_step(model, tx, _step_cfg(beta=0.04))(ts.init_state(_copy(params), tx, with_reference=False),
                                                          batch)
-  jax.eval_shape(lambda p: ts.make_rl_loss(model, _step_cfg(beta=0.0))(p, batch, 0.0), params)  # beta 0: fine
+  jax.eval_shape(lambda p: _rl_loss(model, _step_cfg(beta=0.0))(p, batch, 0.0), params)  # beta 0: fine
 
 
 def test_reference_copy_dtype_and_sharding_on_a_mesh():
@@ -520,12 +543,12 @@ def test_ppo_iterations_equal_sequential_updates_against_the_rollout_policy(epoc
   batch = _batch(b=8, seed=4)
   cfg = _step_cfg(ppo_epochs=epochs, mini_batches=minis, micro_batches=micro)
   state = ts.init_state(_copy(params), tx, with_reference=True)
-  got, metrics = ts.make_rl_step(model, tx, cfg)(state, batch)
+  got, metrics = _rl_step(model, tx, cfg)(state, batch)
   assert int(got.step) == 1 and int(metrics["updates"]) == epochs * minis
   assert int(got.opt_state[0].count) == epochs * minis
 
   old = jnp.asarray(_full_logp(model, params, batch), jnp.float32)
-  single = ts.make_rl_step(model, tx, _step_cfg(micro_batches=micro))
+  single = _rl_step(model, tx, _step_cfg(micro_batches=micro))
   ref = ts.init_state(_copy(params), tx, with_reference=True)
   for i in range(epochs * minis):
     j = i % minis
@@ -545,7 +568,7 @@ def test_clipping_acts_only_with_several_updates_and_is_logged():
   stats = {}
   for epochs in (1, 4):
     state = ts.init_state(_copy(params), tx, with_reference=True)
-    _, m = ts.make_rl_step(model, tx, _step_cfg(ppo_epochs=epochs, mini_batches=2 if epochs > 1 else 1,
+    _, m = _rl_step(model, tx, _step_cfg(ppo_epochs=epochs, mini_batches=2 if epochs > 1 else 1,
                                                 loss=rl.LossConfig(eps_low=0.05, eps_high=0.05)))(state, batch)
     stats[epochs] = {k: float(v) for k, v in m.items()}
   assert stats[1]["clip_frac_low"] == 0.0 and stats[1]["clip_frac_high"] == 0.0
@@ -565,7 +588,7 @@ def test_behaviour_logprob_gap_is_the_mean_absolute_difference_at_the_rollout_we
   mode = np.asarray([0, 1] * 4, np.int32)
   batch = batch.replace(behaviour_logp=jnp.asarray(beh, jnp.float32), mode_ids=jnp.asarray(mode))
   state = ts.init_state(_copy(params), tx, with_reference=True)
-  _, m = ts.make_rl_step(model, tx, _step_cfg(ppo_epochs=epochs))(state, batch)
+  _, m = _rl_step(model, tx, _step_cfg(ppo_epochs=epochs))(state, batch)
   cm = np.array(batch.completion_mask)
   cm[:, 0] = False  # the first column predicts nothing
   gap = np.abs(beh - trainer)

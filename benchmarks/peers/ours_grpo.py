@@ -2,8 +2,8 @@
 
 Loads the checkpoint prepare.py exported (hf_io.load_hf: the same weights the peers load), the same tokenizer
 and the same prompt ids, then runs benchmarks/rl_step.Runner steps: shared-prefix sampling with no stop id (every
-row decodes exactly its length), reference log-probs and the update prefix-grouped (the library default,
-rl.prefix_grouped: each prompt computed once per pass), spec.reward on the decoded texts, group z-score
+row decodes exactly its length), reference log-probs and the update prefix-grouped (the library's one layout:
+each prompt computed once per pass), spec.reward on the decoded texts, group z-score
 advantages, one make_rl_step update (PPO-clip + 0.04 x k3 KL, AdamW, grad-norm clip 1.0), float32 on the CPU.
 The step time is spec.StepClock's wall clock from step end to step end; the phases are Runner.step's own timers.
 
@@ -63,7 +63,7 @@ def make_work(workload: spec.Workload, pad_id: int, fast_prefix_ids=(), fast_ban
   fast_n, fast_t = modes.get("fast", (0, 16))
   return rl_step.Work(prompts=workload.num_prompts, prompt_len=workload.prompt_len, group=slow_n, new_tokens=slow_t,
                       temperature=spec.TEMPERATURE, beta=spec.BETA, learning_rate=spec.LEARNING_RATE,
-                      shared_prefix=True, pad_id=pad_id, grouped=True,  # the library default (rl.prefix_grouped)
+                      shared_prefix=True, pad_id=pad_id,
                       fast_group=fast_n, fast_new_tokens=fast_t, fast_prefix_ids=tuple(fast_prefix_ids),
                       fast_ban_ids=tuple(fast_ban_ids))
 

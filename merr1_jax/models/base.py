@@ -154,6 +154,35 @@ def dropout_kwargs(key: jax.Array | None) -> dict[str, jax.Array]:
   return {} if key is None else {"dropout_key": key}
 
 
+def hidden_grouped(model: PolicyModel, params: Params, prefix: Embedded, suffixes: Sequence[Embedded],
+                   dropout_key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """(h_PxLxD, per segment h_PxGxTxD): P prefixes and segments of G suffixes each, every suffix attending to its
+  prefix and causally to itself (the RL step's passes, merr1_jax/grouped.py).
+
+  A model with a `hidden_grouped` member computes each prefix once per group (models/layers.attend_grouped). Any
+  other PolicyModel gets the same numbers from `hidden` on each prefix + suffix sequence: the prefix repeated per
+  suffix, slower, but no method to write (docs/porting.md)."""
+  if callable(getattr(model, "hidden_grouped", None)):
+    h_p, h_s = model.hidden_grouped(params, prefix, list(suffixes), **dropout_kwargs(dropout_key))
+    return h_p, tuple(h_s)
+  if not suffixes:
+    return model.hidden(params, prefix, **dropout_kwargs(dropout_key))[0], ()
+  p, l = prefix.mask.shape
+  h_p, outs = None, []
+  for j, s in enumerate(suffixes):
+    g, t = s.mask.shape[1:3]
+    rep = lambda a: jnp.repeat(a, g, axis=0)  # noqa: E731 ([P, L, ...] -> rows p*G + g)
+    flat = lambda a: a.reshape(p * g, t, *a.shape[3:])  # noqa: E731
+    seq = Embedded(x=jnp.concatenate([rep(prefix.x), flat(s.x).astype(prefix.x.dtype)], 1),
+                   positions=jnp.concatenate([rep(prefix.positions), flat(s.positions)], 1),
+                   mask=jnp.concatenate([rep(prefix.mask), flat(s.mask)], 1).astype(bool))
+    h, _ = model.hidden(params, seq, **dropout_kwargs(fold_key(dropout_key, j)))
+    h = h.reshape(p, g, l + t, -1)
+    h_p = h[:, 0, :l] if h_p is None else h_p
+    outs.append(h[:, :, l:])
+  return h_p, tuple(outs)
+
+
 def logits_from_hidden(h_BxLxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
   """The unembedding every adapter uses: float32 accumulation and output (log-probs need the range)."""
   return jnp.einsum("bld,dv->blv", h_BxLxD, w_DxV.astype(h_BxLxD.dtype),

@@ -1,6 +1,6 @@
-"""Rollouts: prompt batches (prompt_batch), the shared-prefix prefill (shared_prefix), the KV-cache sampler (sampler)
-and the teacher-forced scorer (scorer). The names below are the public surface: ``rollout.sample``,
-``rollout.score``, ``rollout.SpecialIds``, ...
+"""Rollouts: prompt batches (prompt_batch), the shared-prefix prefill (shared_prefix) and the KV-cache sampler
+(sampler). The names below are the public surface: ``rollout.sample``, ``rollout.SpecialIds``, ...
+Teacher-forced scoring of given completions is merr1_jax/grouped.py's ``score_pass``.
 
 The RL step and evaluation only call these through the `models.base.PolicyModel` protocol; no concrete model is
 imported here.
@@ -30,11 +30,9 @@ from merr1_jax.rollout.sampler import (
     prefill,
     sample,
 )
-from merr1_jax.rollout.scorer import Scores, Sequences, make_sequences, score
 
 __all__ = [
     "COMPLETION_BUCKETS", "PROMPT_BUCKETS", "AnchorSpec", "SpecialIds", "append_fast_prefix", "batch_inputs",
     "bucket", "next_positions", "prepare_prompts", "text_positions", "DecodeSpec", "DecodeState", "Rollout",
-    "StopReason", "completion_texts", "decode", "decode_step", "init_decode_state", "prefill", "sample", "Scores",
-    "Sequences", "make_sequences", "score",
+    "StopReason", "completion_texts", "decode", "decode_step", "init_decode_state", "prefill", "sample",
 ]

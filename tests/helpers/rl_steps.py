@@ -18,18 +18,20 @@ V, B, L = 32, 4, 8
 
 
 def global_batch(seed):
-  from merr1_jax import train_step as ts  # noqa: PLC0415
+  """The library's batch of B rows, each its own prompt (4 tokens) and completion (4 tokens)."""
   from merr1_jax.models import base  # noqa: PLC0415
+  from tests.oracles import ungrouped  # noqa: PLC0415
   rng = np.random.default_rng(seed)
   tok = rng.integers(0, V - 2, (B, L)).astype(np.int32)
-  return ts.RLBatch(
+  return ungrouped.as_grouped(ungrouped.RLBatch(
       inputs=base.ModelInputs(tokens=tok, positions=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
                               mask=np.ones((B, L), bool)),
       completion_mask=np.arange(L)[None, :].repeat(B, 0) >= 4,
       advantages=rng.normal(size=B).astype(np.float32),
       old_logp=None,
       ref_logp=np.log(rng.uniform(0.01, 0.2, (B, L))).astype(np.float32),
-  )
+      loss_start=3,
+  ))
 
 
 def run(devices=None) -> dict[str, np.ndarray]:
