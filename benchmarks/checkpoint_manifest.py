@@ -38,7 +38,7 @@ def default_state(spec: str, stage: str):
   tok = synth.build_tokenizer(settings.synth_config(config))
   model = run_setup.build_model(config, tok)
   params = jax.jit(model.init_params)(jax.random.key(config.seed))
-  state, _ = settings.make_state(config, stage, model.config, params)
+  state, _ = settings.stage(config, stage).init_state(params, model.config.jnp_compute_dtype)
   return config, jax.block_until_ready(state)
 
 

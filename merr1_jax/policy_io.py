@@ -179,8 +179,9 @@ def load_params(config, workdir, kind: str, where, model):
       raise EvalError(f"{where}: does not match the model of this config: {e}") from None
     _log.info("loaded HF policy %s: %s", where, report)
     return params
-  stage, step = where
-  directory = pathlib.Path(workdir) / "checkpoints" / stage
+  name, step = where
+  stage = settings.stage(config, name)  # resolved once: LoRA, freezing, reference, as the trainer had them
+  directory = pathlib.Path(workdir) / "checkpoints" / name
   template = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   # No config_json: the trainer's whole-config check would refuse any changed field (rl.steps, ...); only the
   # model section decides whether these weights fit, and it is compared here, naming each differing field.
@@ -192,13 +193,13 @@ def load_params(config, workdir, kind: str, where, model):
     if diffs:
       raise EvalError(f"checkpoint {directory}/{step} was written for another model: " + "; ".join(diffs))
     try:
-      if settings.lora_stage(config, stage):  # adapters only: the base is rebuilt as the trainer built it
+      if stage.lora:  # adapters only: the base is rebuilt as the trainer built it
         start = _stage_start(config, workdir, model, stage, shardings)
-        abstract_state = _abstract_train_state(config, model, stage, start, mesh)
+        abstract_state = _abstract_train_state(model, stage, start, mesh)
         state, _ = run_setup.restore_state(config, workdir, ckpt, step, abstract_state, start, stage,
                                            jax.tree.map(lambda a: a.sharding, abstract_state))
       else:
-        state, _, _ = ckpt.restore(step, _abstract_train_state(config, model, stage, template, mesh))
+        state, _, _ = ckpt.restore(step, _abstract_train_state(model, stage, template, mesh))
     except ckptlib.DamagedCheckpointError as e:
       raise EvalError(damaged_message(config, workdir, e)) from None
     except ValueError as e:  # a leaf missing or reshaped (names every one), or another LoRA base
@@ -236,19 +237,19 @@ def damaged_message(config, workdir, err: ckptlib.DamagedCheckpointError) -> str
   return f"{err}; {tail}"
 
 
-def _stage_start(config, workdir, model, stage: str, shardings):
+def _stage_start(config, workdir, model, stage, shardings):
   """The parameters a stage started from, as train.py chains them: the first stage from model.hf_path or the
   random init, a later one from the previous stage's last checkpoint; then run_setup.stage_start (LoRA folding)."""
   stages = list(config.stages)
-  if stage not in stages:
-    raise EvalError(f"checkpoint stage {stage!r} is not in config.stages {tuple(stages)}: its LoRA base cannot be "
+  if stage.name not in stages:
+    raise EvalError(f"checkpoint stage {stage.name!r} is not in config.stages {tuple(stages)}: its LoRA base cannot be "
                     "rebuilt; pass the stages the run trained with (--config.stages)")
-  if stages.index(stage) == 0:
+  if stages.index(stage.name) == 0:
     params = run_setup.initial_params(config, model, shardings)
   else:
-    prev = stages[stages.index(stage) - 1]
+    prev = stages[stages.index(stage.name) - 1]
     params = load_params(config, workdir, "train", (prev, getattr(config, prev).steps), model)
-  return run_setup.stage_start(config, model, stage, params, shardings)
+  return run_setup.stage_start(model, stage, params, shardings)
 
 
 def load_policy(config, workdir, checkpoint: str | None):
@@ -262,9 +263,9 @@ def load_policy(config, workdir, checkpoint: str | None):
   return model, load_params(config, workdir, kind, where, model), tok
 
 
-def _abstract_train_state(config, model, stage: str, template, mesh):
-  """The stage's TrainState layout as the trainer builds it (settings.abstract_state), with shardings: the
+def _abstract_train_state(model, stage, template, mesh):
+  """The stage's TrainState layout as the trainer builds it (Stage.abstract_state), with shardings: the
   checkpoint holds the whole state, and restore names every leaf that differs."""
-  state = settings.abstract_state(config, stage, model.config, template)
+  state = stage.abstract_state(template, model.config.jnp_compute_dtype)
   param_shardings = jax.tree.map(lambda a: a.sharding, template)
   return ckptlib.abstract_with_shardings(state, sharding.state_shardings(state, param_shardings, mesh))

@@ -71,6 +71,8 @@ class Run:
   ctx: experience.Context
   eval_settings: Any
   eval_token_sets: Any  # [K, C, V]: the evaluation's confidence read-out (the label space's categories)
+  stages: tuple[ts.Stage, ...] = ()  # the configured stages, resolved once (settings.stages)
+  experience: experience.ExperienceSettings | None = None  # an RL step's settings (settings.experience_settings)
 
   # -------------------------------------------------------------------------------------- placement
   def param_shardings(self, params):
@@ -103,40 +105,36 @@ class Run:
                        loss_mask=b["loss_mask"])
 
   # ------------------------------------------------------------------------------------ checkpoints
-  def checkpointer(self, stage: str) -> checkpoint.Checkpointer:
-    return open_checkpointer(self.config, self.workdir, stage)
+  def checkpointer(self, stage: ts.Stage) -> checkpoint.Checkpointer:
+    return open_checkpointer(self.config, self.workdir, stage.name)
 
-  def stage_done(self, stage: str) -> bool:
+  def stage_done(self, stage: ts.Stage) -> bool:
     """A stage is done when its final checkpoint and its evaluation exist."""
-    if not (self.workdir / f"eval_{stage}.json").exists():
+    if not (self.workdir / f"eval_{stage.name}.json").exists():
       return False
     ckpt = self.checkpointer(stage)
     latest = ckpt.latest_step()
     ckpt.close()
-    return latest == getattr(self.config, stage).steps
+    return latest == stage.steps
 
-  def final_params(self, stage: str, start):
+  def final_params(self, stage: ts.Stage, start):
     """The parameters at the end of a finished stage, restored from its last checkpoint; `start` is what the stage
     started from (the previous stage's policy), which holds a LoRA stage's frozen base."""
     start = self.stage_start(stage, start)
-    state = settings.abstract_state(self.config, stage, self.model.config, start)
+    state = stage.abstract_state(start, self.model.config.jnp_compute_dtype)
     ckpt = self.checkpointer(stage)
     restored, _ = self.restore_state(ckpt, ckpt.latest_step(), state, start, stage)
     ckpt.close()
     return restored.params
 
   # ------------------------------------------------------------------------------------------- LoRA
-  def stage_start(self, stage: str, params):
-    return stage_start(self.config, self.model, stage, params, self.param_shardings(params))
+  def stage_start(self, stage: ts.Stage, params):
+    return stage_start(self.model, stage, params, self.param_shardings(params))
 
-  def lora_base(self, stage: str, params) -> dict | None:
+  def lora_base(self, stage: ts.Stage, params) -> dict | None:
     return lora_base(self.config, self.workdir, stage, params)
 
-  def checkpoint_state(self, stage: str, state):
-    """What a stage's checkpoint holds: the whole state, or in a LoRA stage the trainable leaves only."""
-    return ts.trainable_view(state) if settings.lora_stage(self.config, stage) else state
-
-  def restore_state(self, ckpt, step: int, state, params, stage: str, data_iter=None):
+  def restore_state(self, ckpt, step: int, state, params, stage: ts.Stage, data_iter=None):
     return restore_state(self.config, self.workdir, ckpt, step, state, params, stage, self.state_shardings(state),
                          data_iter=data_iter)
 
@@ -157,7 +155,7 @@ def initial_params(config, model, shardings):
   return jax.jit(model.init_params, out_shardings=shardings)(jax.random.key(config.seed))
 
 
-def stage_start(config, model, stage: str, params, shardings):
+def stage_start(model, stage: ts.Stage, params, shardings):
   """A stage's starting parameters. With LoRA adapters (docs/lora.md): the previous policy with its adapters merged
   into the kernels and fresh ones (B = 0, A from a key of the seed and stage), so that a LoRA stage's frozen base,
   and its KL reference, is the policy the previous stage ended with. Without adapters: `params`. `params` is
@@ -165,34 +163,33 @@ def stage_start(config, model, stage: str, params, shardings):
   mc = model.config
   if not mc.lora_rank:
     return params
-  key = jax.random.fold_in(jax.random.key(config.seed), 0x5EED + ("sft", "rl").index(stage))
+  key = jax.random.fold_in(jax.random.key(stage.seed), 0x5EED + stage.index)
   # Donated: the folded kernels reuse the old buffers, so the base is never held twice (callers rebind `params`).
   return jax.jit(lambda p: lora.folded(p, mc, key), out_shardings=shardings, donate_argnums=0)(params)
 
 
-def lora_base(config, workdir, stage: str, params) -> dict | None:
+def lora_base(config, workdir, stage: ts.Stage, params) -> dict | None:
   """What a LoRA stage's checkpoints record about its frozen base (None outside one): the fingerprint of every
   frozen leaf (lora.fingerprint) and where the base came from."""
-  if not settings.lora_stage(config, stage):
+  if not stage.lora:
     return None
-  frozen = optim.split_trainable(params, settings.freeze(config, stage))[1]
-  if stage == "rl" and "sft" in config.stages:
+  frozen = optim.split_trainable(params, stage.freeze)[1]
+  if stage.name == "rl" and "sft" in config.stages:
     source = f"{pathlib.Path(workdir) / 'checkpoints' / 'sft'} step {config.sft.steps}, adapters merged"
   else:
     source = f"hf:{config.model.hf_path}" if config.model.hf_path else f"random init, seed {config.seed}"
   return {"fingerprint": lora.fingerprint(frozen, skip=lambda name: False), "source": source}
 
 
-def restore_state(config, workdir, ckpt, step: int, state, params, stage: str, state_shardings, data_iter=None):
+def restore_state(config, workdir, ckpt, step: int, state, params, stage: ts.Stage, state_shardings,
+                  data_iter=None):
   """(state, rng) of checkpoint `step` for a template `state` whose parameters are `params` (its shardings
   `state_shardings`). A LoRA stage's checkpoint holds the trainable leaves only: the frozen base is `params`'
   own, once its fingerprint matches the one the checkpoint recorded; another base raises ConfigError naming both."""
-  lora_stage = settings.lora_stage(config, stage)
-  target = ts.trainable_view(state) if lora_stage else state
-  shardings = ts.trainable_view(state_shardings) if lora_stage else state_shardings
+  target, shardings = stage.checkpoint_view(state), stage.checkpoint_view(state_shardings)
   restored, rng, extra = ckpt.restore(step, checkpoint.abstract_with_shardings(target, shardings),
                                       data_iter=data_iter)
-  if not lora_stage:
+  if not stage.lora:
     return restored, rng
   want, got = lora_base(config, workdir, stage, params), extra.get("lora_base") or {}
   if got.get("fingerprint") != want["fingerprint"]:
@@ -323,4 +320,5 @@ def setup(config, workdir) -> Run:
              axis_rules=dict(config.mesh.axis_rules), data=open_data(config, workdir, tok, model.config),
              writer=observe.MetricsWriter(workdir, tensorboard=config.log.tensorboard), ctx=ctx,
              eval_settings=settings.evaluation_settings(config),
-             eval_token_sets=eval_token_sets(config, tok, model, ctx))
+             eval_token_sets=eval_token_sets(config, tok, model, ctx), stages=settings.stages(config),
+             experience=settings.experience_settings(config))

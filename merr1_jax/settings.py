@@ -1,23 +1,19 @@
 """The one seam between the run config (a ConfigDict, configs/base.py) and the library's typed settings.
 
 Every frozen settings object the library takes is built here from a validated config, and nowhere else:
-`model_config` (ModelConfig), `step_config` (the jitted step's StepConfig with its LossConfig), `optim_config`
-(OptimConfig), `experience_settings` (what one RL step's rollouts, rewards and advantages need),
-`evaluation_settings` (EvalSettings), `synth_config` (the MER-Synth generator) and `pipeline_config` (a Grain
-pipeline). `make_state` and `abstract_state` build a stage's
-train state the same way for the trainer, the evaluate CLI and the benchmarks. The library dataclasses hold no
-copy of the config's defaults: configs/base.py is the single place that sets them.
-
-Conventions: `stage` is 'sft' or 'rl'; nothing below the trainer reads the ConfigDict.
+`model_config` (ModelConfig), `stage` (a train_step.Stage: steps, freezing, LoRA, reference, step and optimizer
+settings; its `init_state` builds the stage's train state for the trainer, the evaluate CLI and the benchmarks),
+`experience_settings` (what one RL step's rollouts, rewards and advantages need), `evaluation_settings`
+(EvalSettings), `synth_config` (the MER-Synth generator) and `pipeline_config` (a Grain pipeline). The library
+dataclasses hold no copy of the config's defaults: configs/base.py is the single place that sets them. Nothing
+below the trainer reads the ConfigDict.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import jax
 import ml_collections
-import optax
 
 from merr1_jax import config as cfglib
 from merr1_jax import evaluation, experience, prompts, rewards, rl, sampling
@@ -32,36 +28,46 @@ Config = ml_collections.ConfigDict
 model_config = cfglib.model_config  # ModelConfig of config.model (config.validate needs it, so it lives there)
 
 
-def step_config(config: Config, stage: str) -> ts.StepConfig:
+def stage(config: Config, name: str) -> ts.Stage:
+  """The stage `name` ('sft' or 'rl') of the run: its steps, freezing, LoRA, reference, step and optimizer
+  settings, each decided here once."""
+  lora_stage = bool(config.model.lora_rank) and name in tuple(config.lora.stages)
+  return ts.Stage(name=name, steps=int(getattr(config, name).steps), lora=lora_stage,
+                  freeze=_freeze(config, name, lora_stage), with_reference=name == "rl" and config.rl.beta > 0,
+                  step=_step_config(config, name, lora_stage), optim=_optim_config(config, name), seed=int(config.seed))
+
+
+def stages(config: Config) -> tuple[ts.Stage, ...]:
+  """The configured stages, in order."""
+  return tuple(stage(config, name) for name in config.stages)
+
+
+def _step_config(config: Config, name: str, lora_stage: bool) -> ts.StepConfig:
   """The jitted step's settings: the PPO-clip + KL loss (method.md E4) and how an update is split."""
   r = config.rl
   loss = rl.LossConfig(eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip or None,
                        kl_estimator=r.kl_estimator, aggregation=r.aggregation, entropy_coef=r.entropy_coef,
                        max_len=max(r.max_new_tokens_slow, r.max_new_tokens_fast))  # Dr.GRPO's constant
   # LoRA input dropout acts only where adapters train; each stage its own stream (seed, stage index).
-  dropout = _dropout_seed(config.seed, stage) if config.model.lora_dropout and lora_stage(config, stage) else None
-  if stage == "sft":
+  dropout = _dropout_seed(config.seed, name) if config.model.lora_dropout and lora_stage else None
+  if name == "sft":
     return ts.StepConfig(loss=loss, beta=0.0, micro_batches=config.sft.micro_batches, dropout_seed=dropout)
   return ts.StepConfig(loss=loss, beta=r.beta, beta_decay_steps=r.beta_decay_steps, beta_final=r.beta_final,
                        micro_batches=r.micro_batches, ppo_epochs=r.ppo_epochs, mini_batches=r.mini_batches,
                        dropout_seed=dropout)
 
 
-def _dropout_seed(seed: int, stage: str) -> int:
+def _dropout_seed(seed: int, name: str) -> int:
   """A stage's dropout seed: the run's seed and the stage, so SFT and RL never share masks (fits a uint32)."""
-  return (int(seed) * 1_000_003 + {"sft": 1, "rl": 2}[stage]) % (2 ** 31)
+  return (int(seed) * 1_000_003 + {"sft": 1, "rl": 2}[name]) % (2 ** 31)
 
 
-def updates_per_step(config: Config, stage: str) -> int:
-  """Optimizer updates per training step: ppo_epochs x mini_batches in RL, 1 in SFT."""
-  return config.rl.ppo_epochs * config.rl.mini_batches if stage == "rl" else 1
-
-
-def optim_config(config: Config, stage: str) -> optimlib.OptimConfig:
-  """AdamW for a stage. The schedule counts optimizer updates, so warmup and the cosine horizon are the stage's
-  steps times its updates per step."""
-  s = config.sft if stage == "sft" else config.rl
-  o, k = config.optim, updates_per_step(config, stage)
+def _optim_config(config: Config, name: str) -> optimlib.OptimConfig:
+  """AdamW for a stage. The schedule counts optimizer updates (ppo_epochs x mini_batches per RL step, 1 per SFT
+  step), so warmup and the cosine horizon are the stage's steps times its updates per step."""
+  s = config.sft if name == "sft" else config.rl
+  o = config.optim
+  k = config.rl.ppo_epochs * config.rl.mini_batches if name == "rl" else 1
   return optimlib.OptimConfig(learning_rate=s.learning_rate, schedule=o.schedule, warmup_steps=s.warmup_steps * k,
                               total_steps=max(s.steps, s.warmup_steps + 1) * k, b1=o.b1, b2=o.b2,
                               weight_decay=o.weight_decay, clip_norm=o.clip_norm or None)
@@ -90,7 +96,7 @@ def experience_settings(config: Config) -> experience.ExperienceSettings:
       cal=rl.CalibrationConfig(tau=r.cal_tau, alpha=r.cal_alpha, precision_side=r.cal_precision_side,
                                reading=r.cal_reading),
       num_anchors=r.num_anchors,
-      with_reference=r.beta > 0, prompt_buckets=tuple(config.data.prompt_buckets))
+      with_reference=stage(config, "rl").with_reference, prompt_buckets=tuple(config.data.prompt_buckets))
 
 
 def evaluation_settings(config: Config, **overrides: Any) -> evaluation.EvalSettings:
@@ -144,36 +150,12 @@ def own_metric(config: Config) -> str:
   return "ov" if config.data.label_space == "wheels" and config.data.wheel_level == 1 else "set"
 
 
-def lora_stage(config: Config, stage: str) -> bool:
-  """Whether `stage` trains LoRA adapters (model.lora_rank > 0 and the stage in lora.stages) with the base frozen."""
-  return bool(config.model.lora_rank) and stage in tuple(config.lora.stages)
-
-
-def freeze(config: Config, stage: str) -> tuple[str, ...]:
+def _freeze(config: Config, name: str, lora_stage: bool) -> tuple[str, ...]:
   """The stage's freeze regexes: rl.freeze in RL; a LoRA stage freezes every leaf but the adapters and
   lora.train_full's; any other stage of a LoRA model freezes the adapters (B stays 0: the base trains in full)."""
-  own = tuple(config.rl.freeze) if stage == "rl" else ()
+  own = tuple(config.rl.freeze) if name == "rl" else ()
   if not config.model.lora_rank:
     return own
-  if lora_stage(config, stage):
+  if lora_stage:
     return (lora.freeze_rule(config.lora.train_full),) + own
   return (lora.ADAPTER.pattern,) + own
-
-
-def optimizer(config: Config, stage: str, params: Any) -> optax.GradientTransformation:
-  """The stage's optimizer over `params` (arrays or ShapeDtypeStructs), frozen leaves excluded."""
-  return optimlib.make_optimizer(optim_config(config, stage), params, freeze=freeze(config, stage))
-
-
-def make_state(config: Config, stage: str, mc: ModelConfig, params: Any) -> tuple[ts.TrainState, Any]:
-  """(train state, optimizer) of a stage, as the trainer builds it: AdamW on the trainable leaves and, in RL with
-  beta > 0, the frozen reference copy in the compute dtype."""
-  tx = optimizer(config, stage, params)
-  state = ts.init_state(params, tx, with_reference=stage == "rl" and config.rl.beta > 0,
-                        freeze=freeze(config, stage), ref_dtype=mc.jnp_compute_dtype)
-  return state, tx
-
-
-def abstract_state(config: Config, stage: str, mc: ModelConfig, template: Any) -> ts.TrainState:
-  """The ShapeDtypeStruct layout of `make_state` for parameters shaped like `template` (nothing allocated)."""
-  return jax.eval_shape(lambda p: make_state(config, stage, mc, p)[0], template)

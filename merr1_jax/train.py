@@ -31,7 +31,6 @@ from ml_collections import config_flags
 
 from merr1_jax import artifacts, cli, evaluation, experience, interference, observe, preemption, reports
 from merr1_jax import checkpoint as ckptlib
-from merr1_jax import settings
 from merr1_jax import config as cfglib
 from merr1_jax import train_step as ts
 from merr1_jax.models import hf_io, lora
@@ -75,14 +74,15 @@ def _fault_injection(ckpt, stage: str, step: int, *, logged_only: bool = False) 
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt, guard,
+def _stage_loop(run: Run, stage: ts.Stage, state, step_fn, batches, ckpt, guard,
                 rng=None, lora_base=None) -> tuple[object, bool]:
-  """Runs `step_fn(state, batch, step) -> (state, metrics)` until `steps`; returns (state, preempted). Each
+  """Runs `step_fn(state, batch, step) -> (state, metrics)` until the stage's steps; returns (state, preempted). Each
   checkpoint stores the stage's rng key `rng` (None: the stage draws no random numbers); in a LoRA stage it holds
   the trainable leaves only and `lora_base` (Run.lora_base: the frozen base's fingerprint and source)."""
-  extra = {"stage": stage, **({"lora_base": lora_base} if lora_base else {})}
+  name, steps = stage.name, stage.steps
+  extra = {"stage": name, **({"lora_base": lora_base} if lora_base else {})}
   start = int(state.step)
-  bar = observe.progress(steps, start, stage, run.config.log.progress)
+  bar = observe.progress(steps, start, name, run.config.log.progress)
   t_data = time.perf_counter()
   for step in range(start + 1, steps + 1):
     batch = next(batches)
@@ -90,18 +90,18 @@ def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt,
     state, metrics = step_fn(state, batch, step)
     metrics["time/data"] = t0 - t_data
     metrics["time/step"] = time.perf_counter() - t0
-    ts.check_nonfinite(metrics, run.config.rl.max_nonfinite_steps, where=f" in {stage} step {step}")
+    ts.check_nonfinite(metrics, run.config.rl.max_nonfinite_steps, where=f" in {name} step {step}")
     if step % run.config.log.every == 0 or step == steps:
-      run.writer.write(stage, step, metrics)
-    _fault_injection(ckpt, stage, step, logged_only=True)
+      run.writer.write(name, step, metrics)
+    _fault_injection(ckpt, name, step, logged_only=True)
     bar.update(1)
     bar.set_postfix({k: f"{float(metrics[k]):.3f}" for k in ("loss", "reward/slow/f1") if k in metrics})
     # Agreed over all processes: a signal may reach them at different steps, and saving is collective.
     stop = guard.any_process_requested()
     if ckpt.should_save(step) or step == steps or stop:
-      ckpt.save(step, run.checkpoint_state(stage, state), data_iter=batches, rng=rng, extra=extra, force=True)
-      _fault_injection(ckpt, stage, step)
-    if stage == "rl" and run.config.eval.every and step % run.config.eval.every == 0 and step < steps:
+      ckpt.save(step, stage.checkpoint_view(state), data_iter=batches, rng=rng, extra=extra, force=True)
+      _fault_injection(ckpt, name, step)
+    if name == "rl" and run.config.eval.every and step % run.config.eval.every == 0 and step < steps:
       _eval(run, state.params, f"rl_step{step}", step)
     if stop:
       bar.close()
@@ -111,7 +111,7 @@ def _stage_loop(run: Run, stage: str, state, steps: int, step_fn, batches, ckpt,
   return state, False
 
 
-def _restore(run: Run, ckpt, state, batches, stage: str):
+def _restore(run: Run, ckpt, state, batches, stage: ts.Stage):
   """(state, rng) of the newest checkpoint that restores, the data iterator moved to its position; (state, None)
   if none exists. A damaged step is named in one line and the next older one used (Checkpointer.restore_newest:
   state, data position and rng all come from the step chosen); none usable raises NoUsableCheckpointError.
@@ -121,15 +121,15 @@ def _restore(run: Run, ckpt, state, batches, stage: str):
   a damaged step) leaves rows of steps that the rerun computes again (docs/reliability.md)."""
   found = ckpt.restore_newest(
       lambda step: run.restore_state(ckpt, step, state, state.params, stage, data_iter=batches))
-  run.writer.truncate_after(stage, found[0] if found else 0)
+  run.writer.truncate_after(stage.name, found[0] if found else 0)
   if found is None:
     return state, None
   step, (state, rng) = found
-  _log.info("%s: resumed from step %d", stage, step)
+  _log.info("%s: resumed from step %d", stage.name, step)
   return state, rng
 
 
-def _final_checkpoint_ok(run: Run, stage: str) -> bool:
+def _final_checkpoint_ok(run: Run, stage: ts.Stage) -> bool:
   """Whether a finished stage's last checkpoint passes its check (manifest, items); a damaged one is named and
   the stage runs again from its newest good step (the rerun is bit-identical: docs/reliability.md)."""
   ckpt = run.checkpointer(stage)
@@ -143,38 +143,35 @@ def _final_checkpoint_ok(run: Run, stage: str) -> bool:
     ckpt.close()
 
 
-def run_sft(run: Run, params, guard):
-  cfg = run.config
-  params = run.stage_start("sft", params)
-  state, tx = settings.make_state(cfg, "sft", run.model.config, params)
+def run_sft(run: Run, stage: ts.Stage, params, guard):
+  params = run.stage_start(stage, params)
+  state, tx = stage.init_state(params, run.model.config.jnp_compute_dtype)
   state = run.place(state)
-  step = ts.make_sft_step(run.model, tx, settings.step_config(cfg, "sft"),
-                          state_shardings=run.state_shardings(state))
+  step = ts.make_sft_step(run.model, tx, stage.step, state_shardings=run.state_shardings(state))
   batches = iter(run.data.pipeline("sft"))
-  ckpt = run.checkpointer("sft")
-  state, _ = _restore(run, ckpt, state, batches, "sft")  # SFT draws no random numbers: no rng to carry
+  ckpt = run.checkpointer(stage)
+  state, _ = _restore(run, ckpt, state, batches, stage)  # SFT draws no random numbers: no rng to carry
 
   def sft_step(state, batch, i):
     state, metrics = step(state, run.to_device(run.sft_batch(batch)))
     return state, {k: float(v) for k, v in metrics.items()}
 
-  state, preempted = _stage_loop(run, "sft", state, cfg.sft.steps, sft_step, batches, ckpt, guard,
-                                 lora_base=run.lora_base("sft", state.params))
+  state, preempted = _stage_loop(run, stage, state, sft_step, batches, ckpt, guard,
+                                 lora_base=run.lora_base(stage, state.params))
   ckpt.close()
   return state.params, preempted
 
 
-def run_rl(run: Run, params, guard):
+def run_rl(run: Run, stage: ts.Stage, params, guard):
   cfg = run.config
-  with_ref = cfg.rl.beta > 0
-  params = run.stage_start("rl", params)
-  state, tx = settings.make_state(cfg, "rl", run.model.config, params)
+  params = run.stage_start(stage, params)
+  state, tx = stage.init_state(params, run.model.config.jnp_compute_dtype)
   state = run.place(state)
-  step = ts.make_rl_step(run.model, tx, settings.step_config(cfg, "rl"), state_shardings=run.state_shardings(state))
+  step = ts.make_rl_step(run.model, tx, stage.step, state_shardings=run.state_shardings(state))
   batches = iter(run.data.pipeline("rl"))
-  ckpt = run.checkpointer("rl")
-  state, saved_key = _restore(run, ckpt, state, batches, "rl")
-  exp = settings.experience_settings(cfg)
+  ckpt = run.checkpointer(stage)
+  state, saved_key = _restore(run, ckpt, state, batches, stage)
+  exp = run.experience
   # The interference probe's fixed prompts: the first batch of a fresh RL stream (the same on every resume).
   probe_batch = next(iter(run.data.pipeline("rl"))) if cfg.rl.probe_every else None
   # The stage's key: a fresh run derives it from the seed, a resumed one takes the checkpoint's (saved with
@@ -183,7 +180,7 @@ def run_rl(run: Run, params, guard):
 
   def rl_step(state, batch, i):
     t0 = time.perf_counter()
-    ref = ts.reference_params(state) if with_ref else None
+    ref = ts.reference_params(state) if stage.with_reference else None
     # Step i's key is fold_in(stage key, i): a resumed run draws the same rollouts as an uninterrupted one.
     rl_batch, metrics, _ = experience.collect(run.ctx, exp, state.params, ref, batch,
                                               jax.random.fold_in(base_key, i))
@@ -197,13 +194,12 @@ def run_rl(run: Run, params, guard):
                     "time/tokens_per_s": tokens / max(t2 - t0, 1e-9)})
     if probe_batch is not None and (i == 1 or i % cfg.rl.probe_every == 0):
       # Before this step's update is applied to the probe (state is the updated one): a fixed key per step.
-      metrics.update(interference.probe(run.ctx, exp, state.params, ts.reference_params(state) if with_ref else None,
-                                        probe_batch, jax.random.fold_in(base_key, 1_000_000 + i),
-                                        freeze=settings.freeze(cfg, "rl")))
+      metrics.update(interference.probe(run.ctx, exp, state.params, ref, probe_batch,
+                                        jax.random.fold_in(base_key, 1_000_000 + i), freeze=stage.freeze))
     return state, metrics
 
-  state, preempted = _stage_loop(run, "rl", state, cfg.rl.steps, rl_step, batches, ckpt, guard, rng=base_key,
-                                 lora_base=run.lora_base("rl", state.params))
+  state, preempted = _stage_loop(run, stage, state, rl_step, batches, ckpt, guard, rng=base_key,
+                                 lora_base=run.lora_base(stage, state.params))
   ckpt.close()
   return state.params, preempted
 
@@ -225,18 +221,18 @@ def train(config, workdir: str) -> dict:
   params = run.initial_params()
   summaries: dict[str, dict] = {}
   with preemption.PreemptionGuard() as guard:
-    for stage in config.stages:
+    for stage in run.stages:
       done = run.stage_done(stage) and _final_checkpoint_ok(run, stage)
       if not done:
-        params, preempted = (run_sft if stage == "sft" else run_rl)(run, params, guard)
+        params, preempted = {"sft": run_sft, "rl": run_rl}[stage.name](run, stage, params, guard)
         if preempted:
           _log.warning("preempted (SIGTERM): checkpoint saved; rerun the same command to continue")
           run.close()
           return {}
-        summaries[stage] = _eval(run, params, stage, getattr(config, stage).steps)
+        summaries[stage.name] = _eval(run, params, stage.name, stage.steps)
       else:
         params = run.final_params(stage, params)
-        summaries[stage] = artifacts.read_json(run.workdir / f"eval_{stage}.json")
+        summaries[stage.name] = artifacts.read_json(run.workdir / f"eval_{stage.name}.json")
   results = _write_results(run, summaries)
   if config.log.plots and jax.process_index() == 0:
     observe.plot_curves(run.workdir)
@@ -245,7 +241,7 @@ def train(config, workdir: str) -> dict:
     # with its adapters merged.
     artifacts.export_hf(params, run.model.config, run.workdir / "export", overwrite=True,
                         dtype=config.checkpoint.export_dtype, **hf_io.export_kwargs(config.model.hf_path))
-    if settings.lora_stage(config, config.stages[-1]):
+    if run.stages[-1].lora:
       _export_adapters(run, params)
   run.close()
   return results

@@ -152,6 +152,42 @@ class StepConfig:
   dropout_seed: int | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One training stage ('sft' or 'rl'), resolved once from the config (settings.stage) and passed to state
+  creation, restore, the step, export and evaluation's policy loading: nothing re-reads the stage's name."""
+
+  name: str
+  steps: int
+  lora: bool  # trains LoRA adapters only, the base frozen (its checkpoints hold the trainable leaves)
+  freeze: tuple[str, ...]  # regexes of the frozen parameter leaves
+  with_reference: bool  # holds a frozen reference copy (RL with beta > 0)
+  step: StepConfig  # the jitted step's settings, the dropout seed among them
+  optim: optim.OptimConfig
+  seed: int  # the run's seed: the stage's LoRA key derives from it and the stage's index
+
+  @property
+  def index(self) -> int:
+    return ("sft", "rl").index(self.name)
+
+  def optimizer(self, params: Any) -> optax.GradientTransformation:
+    """AdamW (OptimConfig) on the trainable leaves of `params` (arrays or ShapeDtypeStructs)."""
+    return optim.make_optimizer(self.optim, params, freeze=self.freeze)
+
+  def init_state(self, params: Any, ref_dtype: Any = None) -> tuple[TrainState, optax.GradientTransformation]:
+    """(state, optimizer): the optimizer on the trainable leaves and, with a reference, its frozen copy."""
+    tx = self.optimizer(params)
+    return init_state(params, tx, with_reference=self.with_reference, freeze=self.freeze, ref_dtype=ref_dtype), tx
+
+  def abstract_state(self, template: Any, ref_dtype: Any = None) -> TrainState:
+    """The ShapeDtypeStruct layout of `init_state` for parameters shaped like `template` (nothing allocated)."""
+    return jax.eval_shape(lambda p: self.init_state(p, ref_dtype)[0], template)
+
+  def checkpoint_view(self, state: TrainState) -> TrainState:
+    """What the stage's checkpoint holds: the whole state, or in a LoRA stage its trainable leaves only."""
+    return trainable_view(state) if self.lora else state
+
+
 def _micro_split(tree: Any, m: int) -> Any:
   """[B, ...] -> [M, B/M, ...] with part i holding rows i, i + M, ... (each device's contiguous rows then feed
   every part, so no part sits on a subset of the devices). Every leaf is batch-major (positions too)."""

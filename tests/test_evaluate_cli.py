@@ -160,7 +160,7 @@ def test_hf_export_loads_and_mismatch_is_refused(tmp_path):
 
 
 def _save_train_checkpoint(config, workdir, stage, step, model, params):
-  state, _ = settings.make_state(config, stage, model.config, params)
+  state, _ = settings.stage(config, stage).init_state(params, model.config.jnp_compute_dtype)
   with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints" / stage, save_every=1, keep=5,
                                async_save=False, config_json=cfglib.to_json(config)) as ckpt:
     assert ckpt.save(step, state, force=True)

@@ -221,13 +221,13 @@ def test_the_trainer_turns_dropout_on_only_in_lora_stages():
 
   c = cfglib.load(SMOKE)
   c.model.lora_rank, c.model.lora_dropout = 4, 0.1
-  assert settings.step_config(c, "sft").dropout_seed is None  # SFT fine-tunes in full: the adapters are frozen
-  rl_seed = settings.step_config(c, "rl").dropout_seed
+  assert settings.stage(c, "sft").step.dropout_seed is None  # SFT fine-tunes in full: the adapters are frozen
+  rl_seed = settings.stage(c, "rl").step.dropout_seed
   assert isinstance(rl_seed, int)
   c.lora.stages = ("sft", "rl")
-  assert settings.step_config(c, "sft").dropout_seed not in (None, rl_seed)
+  assert settings.stage(c, "sft").step.dropout_seed not in (None, rl_seed)
   c.model.lora_dropout = 0.0
-  assert settings.step_config(c, "rl").dropout_seed is None
+  assert settings.stage(c, "rl").step.dropout_seed is None
   with pytest.raises(ValueError, match="lora_dropout"):
     _model(rank=0, lora_dropout=0.1)
   with pytest.raises(ValueError, match="lora_dropout"):

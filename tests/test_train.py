@@ -20,8 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from merr1_jax import config as cfglib
-from merr1_jax import memory, run_setup
-from merr1_jax.models import mllm, presets
+from merr1_jax import memory, run_setup, settings
+from merr1_jax.models import lora, mllm, presets
 from tests.helpers import shared
 from tests.helpers.xla import COMPILE_FAST
 
@@ -508,6 +508,28 @@ def test_bad_configs_fail_before_anything_is_built(field, value, message):
   with pytest.raises(cfglib.ConfigError) as e:
     cfglib.validate(c, num_devices=2)
   assert message in str(e.value), str(e.value)
+
+
+def test_a_stage_is_resolved_once_from_the_config():
+  """settings.stage decides each stage's meaning in one place: LoRA, freezing, the reference, dropout, the step
+  and the optimizer's horizon (updates = steps x ppo_epochs x mini_batches in RL)."""
+  c = _smoke()
+  c.rl.beta, c.rl.ppo_epochs, c.rl.mini_batches, c.rl.freeze = 0.04, 2, 2, ("final_norm",)
+  sft, rl_stage = settings.stages(c)
+  assert (sft.name, sft.index, sft.steps, sft.lora, sft.with_reference) == ("sft", 0, c.sft.steps, False, False)
+  assert sft.freeze == () and sft.step.beta == 0.0 and sft.optim.total_steps == c.sft.steps
+  assert (rl_stage.name, rl_stage.index, rl_stage.with_reference, rl_stage.freeze) == ("rl", 1, True, ("final_norm",))
+  assert rl_stage.step.beta == 0.04 and (rl_stage.step.ppo_epochs, rl_stage.step.mini_batches) == (2, 2)
+  assert rl_stage.optim.total_steps == c.rl.steps * 4 and rl_stage.step.dropout_seed is None
+  c.rl.beta = 0.0
+  assert not settings.stage(c, "rl").with_reference
+  c.model.lora_rank, c.model.lora_dropout, c.lora.stages = 4, 0.1, ("rl",)
+  sft, rl_stage = settings.stages(c)
+  assert not sft.lora and sft.freeze == (lora.ADAPTER.pattern,) and sft.step.dropout_seed is None
+  assert rl_stage.lora and rl_stage.freeze == (lora.freeze_rule(c.lora.train_full), "final_norm")
+  assert rl_stage.step.dropout_seed is not None
+  c.stages = ("rl",)
+  assert [s.name for s in settings.stages(c)] == ["rl"]
 
 
 def test_cross_field_checks():
