@@ -44,7 +44,6 @@ import time
 from typing import Callable
 
 import numpy as np
-
 import report_util
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -335,8 +334,15 @@ def reasoning_check(out: pathlib.Path, seed: int, config_spec: str, extra) -> di
   (own) the clip's own reasoning (its annotator reading, as in the slow demonstrations), (other) another clip's
   reasoning, (none) the empty think of fast mode. own > none > other says the reasoning carries information that
   the fast answer lacks (docs/data.md, "Does the reasoning carry information?")."""
-  from merr1_jax import evaluate, grouped, policy_io, prompts, rollout, run_setup, settings  # noqa: PLC0415 (jax)
+  from merr1_jax import evaluate, rollout  # noqa: PLC0415 (jax)
   from merr1_jax.data import synth  # noqa: PLC0415
+  from merr1_jax.rollout import passes as grouped  # noqa: PLC0415
+  from merr1_jax.task import prompts  # noqa: PLC0415
+  from merr1_jax.training import (
+    policy_io,  # noqa: PLC0415
+    settings,  # noqa: PLC0415
+  )
+  from merr1_jax.training import setup as run_setup  # noqa: PLC0415
 
   sft = out / f"seed{seed}" / "sft"
   config = evaluate.build_config(f"{config_spec}:ablation={ROWS[0]}", [

@@ -25,9 +25,11 @@ import time
 
 import jax
 
-from merr1_jax import checkpoint, run_setup, settings
 from merr1_jax import config as cfglib
 from merr1_jax.data import synth
+from merr1_jax.infra import checkpoint
+from merr1_jax.training import settings
+from merr1_jax.training import setup as run_setup
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ not depend on the values), with P prompts x G completions of T tokens:
   update       one RL update (PPO-clip + k3 KL, one AdamW step): the oracle's step on the RLBatch of full sequences
                (tests/oracles/ungrouped.py, the layout the trainer ran before) vs train_step.make_rl_step on the
                GroupedRLBatch (each prompt once, its completions as suffixes);
-  old policy   the old-policy log-prob pass of PPO iterations (the oracle's old_logprobs vs grouped.old_logprobs);
+  old policy   the old-policy log-prob pass of PPO iterations (the oracle's old_logprobs vs batch_loss.old_logprobs);
   reference    the reference log-probs (the oracle's scorer, which prefills each prompt once and then repeats its
                cache G times, vs grouped.score_pass);
   calibration  the slow answers' category log-mass in their own context and teacher-forced in the fast context
@@ -35,13 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 import report_util
 import rl_step
 
-from merr1_jax import assembly, grouped, rl, rollout
-from merr1_jax import train_step as ts
+from merr1_jax import rl, rollout
 from merr1_jax.models import presets
+from merr1_jax.rollout import passes as grouped
+from merr1_jax.training import assembly, batch_loss
+from merr1_jax.training import step as ts
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # the repository: tests.oracles
 from tests.oracles import ungrouped  # noqa: E402
@@ -80,7 +81,7 @@ def passes(model, params, work: rl_step.Work, rs) -> dict[str, dict]:
     return fn
 
   old_f = jax.jit(lambda p, bt: ungrouped.old_logprobs(model, step_cfg, p, bt))
-  old_g = jax.jit(lambda p, bt: grouped.old_logprobs(model, step_cfg, p, bt))
+  old_g = jax.jit(lambda p, bt: batch_loss.old_logprobs(model, step_cfg, p, bt))
   sets = jnp.asarray(rs.rand(1, 8, cfg.vocab_size) < 0.05)
   anchors = rollout.AnchorSpec(answer_open=7, separators=(9,), answer_close=8, num_anchors=4)
   fast_prefix = (4, 5, 7)  # <think> </think> <answer>

@@ -20,7 +20,7 @@ jitted call, median over --repeats after --warmup:
   hidden          decoder forward + backward of the hidden states only (P prompts + B suffixes, grouped);
   hidden+logp     + the log-prob path the RL loss uses (grouped.grouped_logprobs: the LM head on the T completion
                   positions, log-softmax, entropy without gradient);
-  loss            the whole RL loss's value and gradient (grouped.make_grouped_loss: + PPO-clip and the k3 KL);
+  loss            the whole RL loss's value and gradient (batch_loss.make_grouped_loss: + PPO-clip and the k3 KL);
   update          the whole make_rl_step update (+ gradient clipping and AdamW, state donated);
   hidden/noattn, update/noattn  the same with attention replaced by the identity (qwen2.attend returns q), so
                   the difference is what attention costs (the numbers mean nothing else: the model is broken).
@@ -57,9 +57,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import assembly, grouped, optim, rl, rollout, sampling, sharding
-from merr1_jax import train_step as ts
+from merr1_jax import rl, rollout
+from merr1_jax.infra import sharding
 from merr1_jax.models import base, mllm, presets, qwen2
+from merr1_jax.rollout import passes as grouped
+from merr1_jax.rollout import sampling
+from merr1_jax.training import assembly, batch_loss
+from merr1_jax.training import optimizer as optim
+from merr1_jax.training import step as ts
 
 # Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) by device_kind substring: vendor datasheet figures (SXM
 # parts where a card has several forms; the PCIe H100 is listed separately because it is much lower).
@@ -433,7 +438,7 @@ def breakdown(name: str, work: Work, args) -> dict:
                                               chunk_size=step_cfg.vocab_chunk, with_entropy=True)
     return (logp * mask).sum() + jax.lax.stop_gradient(ent).mean()  # the entropy is logged, not differentiated
 
-  rl_loss = grouped.make_grouped_loss(model, step_cfg)
+  rl_loss = batch_loss.make_grouped_loss(model, step_cfg)
   grads = {"hidden": hidden_loss, "hidden+logp": logp_loss, "loss": lambda p: rl_loss(p, batch, work.beta)[0]}
   parts = [p for p in args.breakdown_parts.split(",") if p]
   bad = sorted(set(parts) - set(BREAKDOWN_PARTS))

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import report_util
 
-from merr1_jax import rollout, sampling
+from merr1_jax import rollout
 from merr1_jax.models import base, mllm
+from merr1_jax.rollout import sampling
 
 
 def _prompts(vocab: int, p: int, length: int, seed: int) -> base.ModelInputs:

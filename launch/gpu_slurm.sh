@@ -15,7 +15,7 @@
 # the prompts of a step must divide over them (16 on 2 nodes). The tokenizer is read from model.hf_path.
 # Expected memory per GPU for the 7B thinker: docs/running_at_scale.md.
 #
-# PER=gpu (default): one process per GPU. jax.distributed auto-detects SLURM (merr1_jax.sharding.init_distributed
+# PER=gpu (default): one process per GPU. jax.distributed auto-detects SLURM (merr1_jax.infra.sharding.init_distributed
 #   calls it when SLURM_NTASKS > 1): coordinator = the first node of the step, rank = SLURM_PROCID, and each
 #   process takes GPU number SLURM_LOCALID. So the tasks must all see every GPU of their node: no
 #   --gpus-per-task binding.

@@ -6,7 +6,7 @@
 #   launch/local_multiprocess.sh 2 --config configs/smoke.py --workdir /tmp/mp
 #
 # Each process gets MERR1_COORDINATOR=127.0.0.1:PORT, MERR1_NUM_PROCESSES=N and MERR1_PROCESS_ID=i, which
-# merr1_jax.sharding.init_distributed reads. Process i's output is prefixed with "[p<i>] ".
+# merr1_jax.infra.sharding.init_distributed reads. Process i's output is prefixed with "[p<i>] ".
 # The script waits for all of them and exits with the first non-zero status; when one process fails the
 # others are stopped (they would otherwise wait forever in a collective).
 #

@@ -13,7 +13,7 @@
 # train: the same command on every worker. On a pod slice (more than one worker) the script gives every process
 #   MERR1_COORDINATOR (worker 0's internal IP), MERR1_NUM_PROCESSES (the worker count) and MERR1_PROCESS_ID
 #   (the worker's number from the GCE metadata server, the same source jax.distributed's own TPU detection uses);
-#   merr1_jax.sharding.init_distributed starts jax.distributed from them. A single-host slice needs nothing.
+#   merr1_jax.infra.sharding.init_distributed starts jax.distributed from them. A single-host slice needs nothing.
 # The workdir (checkpoints are written by all workers together) and any data/model paths must be the same
 # shared filesystem on every worker: a Filestore/NFS or gcsfuse mount.
 #

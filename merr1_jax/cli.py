@@ -2,7 +2,7 @@
 
 A config field, a config-file argument, an override of a field that does not exist, or a config file that is
 missing ends the run before anything is compiled with one line naming what is wrong; anything else is a bug and
-keeps its traceback. `parse_flags` is the `flags_parser` of `absl.app.run` (merr1_jax/train.py).
+keeps its traceback. `parse_flags` is the `flags_parser` of `absl.app.run` (merr1_jax/training/trainer.py).
 """
 
 from __future__ import annotations

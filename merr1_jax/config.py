@@ -3,8 +3,8 @@
 `validate(config, num_devices, device_memory_gb)` runs before anything is built and raises `ConfigError` with a
 message that names the field: every field has a rule (type, range or choices; `_FIELD_RULES`), then the checks
 that tie fields together (batch divisibility, the mesh against the devices, whether the train state fits, from
-merr1_jax/memory.py). `model_config` resolves the model section into a ModelConfig (validate needs it); every
-other typed setting is built in merr1_jax/settings.py, the one seam between the ConfigDict and the library.
+merr1_jax/infra/memory.py). `model_config` resolves the model section into a ModelConfig (validate needs it); every
+other typed setting is built in merr1_jax/training/settings.py, the one seam between the ConfigDict and the library.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any
 
 import ml_collections
 
-from merr1_jax import memory, rl
+from merr1_jax import rl
 from merr1_jax.data import synth
+from merr1_jax.infra import memory
 from merr1_jax.models import presets
 from merr1_jax.models.config import ModelConfig
 
@@ -314,7 +315,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
          f"{config.lora.train_full!r} matches no parameter of the model (paths look like 'decoder/embed/embedding', "
          "'decoder/layers/q_kernel', 'video_proj/in_kernel')")
   if num_devices is not None:
-    from merr1_jax import sharding  # noqa: PLC0415 - keeps jax device queries out of import time
+    from merr1_jax.infra import sharding  # noqa: PLC0415 - keeps jax device queries out of import time
     try:
       shape = sharding.mesh_shape_for(config.mesh.shape, num_devices)
     except ValueError as e:

@@ -36,7 +36,7 @@ never created), and --out must be a folder that a report may replace whole: not 
 or inside its checkpoints, nor a non-empty folder that is not an earlier report (reports.check_report_dir).
 
 MME-Emotion: `--mme_items` (the benchmark's items JSON, data/labels.read_mme_json: ids, GT and an optional task
-per item) has the slow-mode completion of every item's id judged (merr1_jax/mme.py) by `--judge` (default `rule`,
+per item) has the slow-mode completion of every item's id judged (evaluation/mme.py) by `--judge` (default `rule`,
 the offline mme_judges.RuleJudge, NOT the benchmark's LLM judge; `module:Class` plugs in another one), through
 a cache (`--judge_cache`, default WORKDIR/mme_judge_cache.jsonl, outside the report directory that each run
 replaces) so that a rerun never asks again; the scores go to mme.json, mme_judge.jsonl and a report.md section.
@@ -62,10 +62,21 @@ import jax
 import numpy as np
 
 from merr1_jax import config as cfglib
-from merr1_jax import evaluation, mme, mme_judges, reports, rewards, run_setup, sharding
-from merr1_jax import settings as settingslib
-from merr1_jax.policy_io import EvalError, build_model, load_params, load_tokenizer, resolve_checkpoint
-from merr1_jax.policy_io import load_policy  # noqa: F401 - part of this module's API (tests, notebooks)
+from merr1_jax.evaluation import core as evaluation
+from merr1_jax.evaluation import reports
+from merr1_jax.infra import sharding
+from merr1_jax.evaluation import mme, mme_judges
+from merr1_jax.task import rewards
+from merr1_jax.training import settings as settingslib
+from merr1_jax.training import setup as run_setup
+from merr1_jax.training.policy_io import (
+  EvalError,
+  build_model,
+  load_params,
+  load_policy,  # noqa: F401 - part of this module's API (tests, notebooks)
+  load_tokenizer,
+  resolve_checkpoint,
+)
 
 _log = logging.getLogger("merr1_jax.evaluate")
 

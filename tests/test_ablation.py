@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from merr1_jax import config as cfglib
-from merr1_jax import metrics
 from merr1_jax.data import synth
+from merr1_jax.task import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

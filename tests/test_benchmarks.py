@@ -81,8 +81,9 @@ def _xla_flops(v: int, b: int, length: int, t: int, loss_start: int) -> tuple[fl
   import jax.numpy as jnp
   import numpy as np
 
-  from merr1_jax import grouped, rl
-  from merr1_jax import train_step as ts
+  from merr1_jax import rl
+  from merr1_jax.training import batch_loss
+  from merr1_jax.training import step as ts
   from tests.oracles import ungrouped
   cfg = rl_step.presets.get("tiny", vocab_size=v, video_dim=0, audio_dim=0)  # no scan, no remat: counts are flat
   model = rl_step.mllm.build(cfg)
@@ -92,7 +93,7 @@ def _xla_flops(v: int, b: int, length: int, t: int, loss_start: int) -> tuple[fl
   # The library's batch with the prompt ending at column loss_start (the rows cut there: ungrouped.as_grouped).
   batch = ungrouped.assemble([ro], np.ones(b, np.float32), pad_id=0, ref_logp=[np.zeros((b, t), np.float32)])
   batch = ungrouped.as_grouped(jax.tree.map(jnp.asarray, batch.replace(behaviour_logp=None, loss_start=loss_start)))
-  loss_fn = grouped.make_grouped_loss(model, ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=0.04))
+  loss_fn = batch_loss.make_grouped_loss(model, ts.StepConfig(loss=rl.LossConfig(kl_estimator="k3"), beta=0.04))
   grad = jax.value_and_grad(lambda p: loss_fn(p, batch, 0.04)[0])
   cost = jax.jit(grad).lower(params).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -5,9 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-from merr1_jax import experience, rl
+from merr1_jax import rl
 
 # One wheel, categories [sad, angry, worried, happy]; ground truth {sad, angry}. Probabilities of each category's
+from merr1_jax.training import experience
+
 # first tokens at the answer slots (the rest of the mass is on other tokens such as </answer>): slot 0 follows
 # <answer>, slot 1 follows "sad,", slot 2 follows "sad, angry,". The fast context is the same answer teacher-forced
 # after an empty think; the slow one follows the reasoning.

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from merr1_jax import config as cfglib
-from merr1_jax import experience, prompts, rewards, rollout, run_setup, settings
+from merr1_jax import rollout
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import mllm
+from merr1_jax.task import prompts, rewards
+from merr1_jax.training import experience, settings
+from merr1_jax.training import setup as run_setup
 from tests.helpers.rollouts import hand_rollout
 from tests.oracles import ungrouped
 

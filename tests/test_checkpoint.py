@@ -20,10 +20,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from merr1_jax import artifacts, checkpoint, optim, preemption, sharding
-from merr1_jax import train_step as ts
 from merr1_jax.data import pipeline, synth
+from merr1_jax.infra import artifacts, checkpoint, preemption, sharding
 from merr1_jax.models import base, hf_io, mllm
+from merr1_jax.training import optimizer as optim
+from merr1_jax.training import step as ts
 from tests.helpers.xla import COMPILE_FAST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,8 +249,7 @@ _CRASH = r"""
 import os, sys
 import jax.numpy as jnp
 from orbax.checkpoint._src.path import atomicity
-from merr1_jax import checkpoint
-
+from merr1_jax.infra import checkpoint
 ck = checkpoint.Checkpointer(sys.argv[1], save_every=1, keep=5)
 ck.save(1, {"w": jnp.full((4,), 1.0)})
 ck.wait()
@@ -344,8 +344,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 directory, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-from merr1_jax import checkpoint, preemption
-
+from merr1_jax.infra import checkpoint
+from merr1_jax.infra import preemption
 mesh = Mesh(np.asarray(jax.devices()), ("x",))
 host_w = np.arange(24, dtype=np.float32).reshape(8, 3)
 make = lambda x, spec: jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
@@ -518,7 +518,7 @@ def test_restore_newest_falls_back_to_the_newest_good_step(tmp_path, how, caplog
   want = _damage(tmp_path / "3", how)
   kept = sorted(p.relative_to(tmp_path / "3").as_posix() for p in (tmp_path / "3").rglob("*") if p.is_file())
   it = make()
-  with caplog.at_level(logging.WARNING, logger="merr1_jax.checkpoint"):
+  with caplog.at_level(logging.WARNING, logger="merr1_jax.infra.checkpoint"):
     step, (state, rng, extra) = ck.restore_newest(lambda s: ck.restore(s, _small_target(), data_iter=it))
   # State, rng, extra and the data position all come from step 2.
   assert step == 2 and extra == {"step": 2}
@@ -544,7 +544,7 @@ def test_no_usable_step_is_one_error_naming_each_and_moves_nothing(tmp_path, cap
   ck, _ = _save_three(tmp_path)
   wants = {3: _damage(tmp_path / "3", "flipped_bytes"), 2: _damage(tmp_path / "2", "missing_folder"),
            1: _damage(tmp_path / "1", "truncated")}
-  with caplog.at_level(logging.WARNING, logger="merr1_jax.checkpoint"):
+  with caplog.at_level(logging.WARNING, logger="merr1_jax.infra.checkpoint"):
     with pytest.raises(checkpoint.NoUsableCheckpointError) as err:
       ck.restore_newest(lambda s: ck.restore(s, _small_target()))
   msg = str(err.value)
@@ -562,7 +562,7 @@ def test_no_usable_step_is_one_error_naming_each_and_moves_nothing(tmp_path, cap
 def test_steps_saved_before_manifests_load_unverified_and_damage_still_reads_as_one_line(tmp_path, caplog):
   ck, _ = _save_three(tmp_path, manifest=False)
   assert not (tmp_path / "3" / checkpoint.MANIFEST).exists()
-  with caplog.at_level(logging.WARNING, logger="merr1_jax.checkpoint"):
+  with caplog.at_level(logging.WARNING, logger="merr1_jax.infra.checkpoint"):
     got = ck.restore(3, _small_target())[0]
   _assert_identical(got, _host(_small(3)))
   assert any("saved before checksum manifests; loading it unverified" in r.getMessage() for r in caplog.records)
@@ -595,7 +595,7 @@ def test_a_damaged_latest_meta_does_not_block_opening_or_the_config_check(tmp_pa
     ck.save(step, _small(step))
   ck.close()
   (tmp_path / "2" / "meta" / "metadata").write_text("{not json")
-  with caplog.at_level(logging.WARNING, logger="merr1_jax.checkpoint"):
+  with caplog.at_level(logging.WARNING, logger="merr1_jax.infra.checkpoint"):
     reopened = checkpoint.Checkpointer(tmp_path, save_every=1, keep=5, config_json=cfg)
   assert any(re.match(rf"checkpoint {re.escape(str(tmp_path))}/2: meta/metadata: .*; comparing the config with "
                       "an older step$", r.getMessage()) for r in caplog.records)

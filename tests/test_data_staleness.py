@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from merr1_jax import config as cfglib
-from merr1_jax import run_setup
 from merr1_jax.data import pipeline, schema, synth
 from merr1_jax.data import tfds_builders as tb
+from merr1_jax.training import setup as run_setup
 
 SYNTH = synth.SynthConfig(n_train=8, n_validation=2, n_test=4)
 

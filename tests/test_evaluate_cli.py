@@ -26,10 +26,16 @@ import jax
 import numpy as np
 import pytest
 
-from merr1_jax import checkpoint, evaluate, evaluation, metrics, reports, run_setup, settings
 from merr1_jax import config as cfglib
+from merr1_jax import evaluate
 from merr1_jax.data import pipeline, synth
+from merr1_jax.evaluation import core as evaluation
+from merr1_jax.evaluation import reports
+from merr1_jax.infra import checkpoint
 from merr1_jax.models import base, hf_io
+from merr1_jax.task import metrics
+from merr1_jax.training import settings
+from merr1_jax.training import setup as run_setup
 from tests.helpers import shared
 from tests.helpers.xla import COMPILE_FAST
 

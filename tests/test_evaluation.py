@@ -18,9 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from merr1_jax import eval_stats, evaluation, metrics, metrics_cli, mme, mme_judges, prompts, reports, rewards
+from merr1_jax import metrics as metrics_cli
 from merr1_jax.data import pipeline, synth
+from merr1_jax.evaluation import core as evaluation
+from merr1_jax.evaluation import reports
+from merr1_jax.evaluation import stats as eval_stats
 from merr1_jax.models import base, mllm
+from merr1_jax.evaluation import mme, mme_judges
+from merr1_jax.task import metrics, prompts, rewards
 
 N_TEST = 6  # with batch 4: two batches, the second with two padding rows
 
@@ -533,7 +538,7 @@ def test_trainer_eval_and_results_record_skipped_records(tmp_path, tok, policy, 
   """The trainer's eval_<stage>.json, results.json and results.md carry the eval split's skipped records."""
   import types  # noqa: PLC0415
 
-  from merr1_jax import train  # noqa: PLC0415
+  from merr1_jax.training import trainer as train  # noqa: PLC0415
 
   model, params = policy
   source = pipeline.BytesSource([records[0], b"not a record", records[1]])

@@ -1,4 +1,4 @@
-"""One RL step's experience (merr1_jax/experience.py) on a tiny model, without mocks.
+"""One RL step's experience (merr1_jax/training/experience.py) on a tiny model, without mocks.
 
 * `collect` with the real sampler: the batch's segments (one per mode), suffix tokens, positions, masks and
   reference log-probs against an independent construction from the same rollouts and an uncached forward pass;
@@ -18,9 +18,12 @@ import numpy as np
 import pytest
 
 from merr1_jax import config as cfglib
-from merr1_jax import assembly, experience, prompts, rewards, rl, rollout, run_setup, settings
+from merr1_jax import rl, rollout
 from merr1_jax.data import pipeline, synth
 from merr1_jax.models import base, mllm
+from merr1_jax.task import prompts, rewards
+from merr1_jax.training import assembly, experience, settings
+from merr1_jax.training import setup as run_setup
 from tests.helpers.rollouts import hand_rollout
 from tests.oracles import ungrouped
 

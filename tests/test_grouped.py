@@ -1,4 +1,4 @@
-"""The library's RL layout (merr1_jax/grouped.py) against the ungrouped oracle (tests/oracles/ungrouped.py).
+"""The library's RL layout (merr1_jax/rollout/passes.py) against the ungrouped oracle (tests/oracles/ungrouped.py).
 
 Every comparison builds both batches from the same host rollouts (the library's and the oracle's assembly): per-token
 log-probs, the RL loss, every gradient leaf, whole update steps (micro- and mini-batches, PPO epochs), and the
@@ -16,9 +16,13 @@ import numpy as np
 import optax
 import pytest
 
-from merr1_jax import assembly, experience, grouped, rl, rollout, sharding
-from merr1_jax import train_step as ts
+from merr1_jax import rl, rollout
+from merr1_jax.training import batch_loss
+from merr1_jax.infra import sharding
 from merr1_jax.models import base, mllm
+from merr1_jax.rollout import passes as grouped
+from merr1_jax.training import assembly, experience
+from merr1_jax.training import step as ts
 from tests.oracles import ungrouped
 
 V, PREFIX = 96, (5, 6, 7)  # vocabulary; the FAST_PREFIX ids of these tests
@@ -97,7 +101,7 @@ def _batches(kind, p=3, n_slow=3, n_fast=2, t_slow=6, t_fast=3, seed=0, ref=True
   refs = [np.where(r.completion_mask, -rng.uniform(3.5, 5.5, r.completion.shape), 0.0).astype(np.float32)
           for r in ros.values()] if ref else None
   flat = ungrouped.assemble(list(ros.values()), adv, pad_id=0, ref_logp=refs, valid_B=valid)
-  prompt = assembly.slow_prompt(ros, inputs, vocab_size=V, pad_id=0, buckets=(12, 16))
+  prompt = grouped.slow_prompt(ros, inputs, vocab_size=V, pad_id=0, buckets=(12, 16))
   segs = assembly.segments(list(ros.values()), prompt, fast_prefix_ids=PREFIX, valid_B=valid)
   if refs is not None:  # suffix-aligned, 0 on the fast prefix, as experience's reference pass gives them
     refs = [np.pad(r, ((0, 0), (len(PREFIX) if m == "fast" else 0, 0))).reshape(s.tokens.shape)
@@ -125,7 +129,7 @@ CASES = [("text", {}), ("mm", {}), ("mrope", {}), ("text", dict(n_slow=1, n_fast
 def test_loss_gradients_and_logprobs_equal_the_oracle(kind, kw):
   model, params, flat, group, ros, _ = _batches(kind, **kw)
   cfg = _cfg()
-  f_loss, g_loss = ungrouped.make_rl_loss(model, cfg), grouped.make_grouped_loss(model, cfg)
+  f_loss, g_loss = ungrouped.make_rl_loss(model, cfg), batch_loss.make_grouped_loss(model, cfg)
   (lf, sf), gf = jax.jit(jax.value_and_grad(lambda p: f_loss(p, flat, 0.04), has_aux=True))(params)
   (lg, sg), gg = jax.jit(jax.value_and_grad(lambda p: g_loss(p, group, 0.04), has_aux=True))(params)
   np.testing.assert_allclose(lg, lf, rtol=1e-5, atol=1e-6)
@@ -180,7 +184,7 @@ def test_update_steps_equal_the_oracle(micro, minis, epochs):
 def test_reference_old_policy_and_calibration_passes_equal_the_oracle(kind):
   model, params, flat, group, ros, inputs = _batches(kind, ref=False)
   cfg = _cfg(ppo_epochs=2)
-  old_g, gap_g = grouped.old_logprobs(model, cfg, params, group)
+  old_g, gap_g = batch_loss.old_logprobs(model, cfg, params, group)
   old_f, gap_f = ungrouped.old_logprobs(model, cfg, params, flat)
   np.testing.assert_allclose(gap_g["behaviour_logp_gap"], gap_f["behaviour_logp_gap"], rtol=1e-5)
   for seg, g_seg in zip(group.segments, old_g.segments):  # the same log-probs as score() gives, position by position
@@ -209,7 +213,7 @@ def test_reference_old_policy_and_calibration_passes_equal_the_oracle(kind):
   ctx = experience.Context(model=model, tokenizer=None, ids=ids, space=None, token_sets=sets,
                            cluster_mask=jnp.ones((2, 3), bool))
   settings = _exp_settings(prompt_buckets=(12, 16))
-  prompt = assembly.slow_prompt(ros, inputs, vocab_size=V, pad_id=0, buckets=(12, 16))
+  prompt = grouped.slow_prompt(ros, inputs, vocab_size=V, pad_id=0, buckets=(12, 16))
   own = assembly.segments([slow], prompt, fast_prefix_ids=PREFIX)[0]
   lm_g = experience._calibration_logmass(ctx, settings, params, prompt, slow, own)
   _, lm_f = ungrouped.passes(ctx, settings, params, None, inputs, ros, True)[:2]
@@ -260,7 +264,7 @@ def test_a_model_without_hidden_grouped_runs_the_same_passes():
   cfg = _cfg()
   grads = {}
   for name, m in (("native", model), ("fallback", HiddenOnly())):
-    loss = grouped.make_grouped_loss(m, cfg)
+    loss = batch_loss.make_grouped_loss(m, cfg)
     grads[name] = jax.jit(jax.value_and_grad(lambda p, loss=loss: loss(p, group, 0.04)[0]))(params)
   np.testing.assert_allclose(grads["fallback"][0], grads["native"][0], rtol=1e-5, atol=1e-6)
   _assert_trees_close(grads["fallback"][1], grads["native"][1])

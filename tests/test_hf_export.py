@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from merr1_jax import rollout, sampling
+from merr1_jax import rollout
 from merr1_jax.models import base, hf_io, mllm, safetensors_io
+from merr1_jax.rollout import sampling
 from tests.helpers.torch_init import randomise
 
 torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""The variance-interference probe (merr1_jax/interference.py): the split of the advantage into its recall and
+"""The variance-interference probe (merr1_jax/training/interference.py): the split of the advantage into its recall and
 precision parts, the measured correlations against method.md's formulas, and the gradient cosine."""
 
 import dataclasses
@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from merr1_jax import experience, interference, rl
+from merr1_jax import rl
 from merr1_jax.models import base, mllm
+from merr1_jax.training import experience, interference
 from tests.oracles import ungrouped
 
 ADV = experience.AdvantageSettings(disentangle=True, scale=True, eps=1e-4, ddof=1, group="prompt",

@@ -16,13 +16,14 @@ import optax
 import pytest
 from flax import nnx
 
-from merr1_jax import memory, optim, sharding
 from merr1_jax import config as cfglib
-from merr1_jax import train_step as ts
+from merr1_jax.infra import memory, sharding
 from merr1_jax.models import base, hf_io, lora, mllm, presets
+from merr1_jax.training import optimizer as optim
+from merr1_jax.training import step as ts
 from tests.helpers import shared
-from tests.test_train import BASE, SMOKE, _ckpt_meta, _ckpt_state, _rows, _train
 from tests.oracles import ungrouped
+from tests.test_train import BASE, SMOKE, _ckpt_meta, _ckpt_state, _rows, _train
 from tests.test_train_step import V, _batch, _step_cfg
 
 RANK = 4
@@ -217,7 +218,7 @@ def test_dropout_in_the_rl_step():
 
 
 def test_the_trainer_turns_dropout_on_only_in_lora_stages():
-  from merr1_jax import settings  # noqa: PLC0415
+  from merr1_jax.training import settings  # noqa: PLC0415
 
   c = cfglib.load(SMOKE)
   c.model.lora_rank, c.model.lora_dropout = 4, 0.1
@@ -517,7 +518,7 @@ def test_a_lora_checkpoint_refuses_another_rank_or_base(lora_reference, tmp_path
 def test_the_evaluate_cli_loads_a_lora_checkpoint_onto_its_rebuilt_base(lora_reference):
   """policy_io (the evaluate CLI's loader) rebuilds an adapter-only checkpoint's base as the trainer did: the
   policy it loads, merged, is bit for bit the trainer's own float32 merged export."""
-  from merr1_jax import policy_io  # noqa: PLC0415
+  from merr1_jax.training import policy_io  # noqa: PLC0415
 
   c = cfglib.load(SMOKE)
   c.model.lora_rank, c.model.lora_dropout, c.stages, c.rl.steps = 4, 0.1, ("rl",), 2

@@ -9,9 +9,12 @@ import sys
 
 import pytest
 
-from merr1_jax import emotion, metrics, metrics_cli
+from merr1_jax import emotion
+from merr1_jax import metrics as metrics_cli
 
 # ---------------------------------------------------------------------------------------------------------------
+from merr1_jax.task import metrics
+
 # OV score
 
 

@@ -1,4 +1,4 @@
-"""MME-Emotion (merr1_jax/mme.py, mme_judges.py, the evaluate CLI's --mme_items): step extraction and the offline
+"""MME-Emotion (evaluation/mme.py, mme_judges.py, the evaluate CLI's --mme_items): step extraction and the offline
 RuleJudge by hand; the judge cache (a rerun asks nothing, a torn last line is dropped with a warning, a corrupt
 line is an error naming file:line); run_mme equals mme_report of its own JSONL; mme_report's line checks; the
 served-judge example with a fake send(); the CLI's items/judge checks and its judging step on fake samples.
@@ -13,8 +13,9 @@ import types
 
 import pytest
 
-from merr1_jax import evaluate, mme, mme_judges
-from merr1_jax.policy_io import EvalError
+from merr1_jax import evaluate
+from merr1_jax.evaluation import mme, mme_judges
+from merr1_jax.training.policy_io import EvalError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "base.py")
@@ -179,10 +180,10 @@ def test_served_judge_with_a_fake_send(tmp_path):
 
 def test_load_judge_specs():
   assert isinstance(mme_judges.load_judge("rule"), mme_judges.RuleJudge)
-  assert isinstance(mme_judges.load_judge("merr1_jax.mme_judges:RuleJudge"), mme_judges.RuleJudge)
+  assert isinstance(mme_judges.load_judge("merr1_jax.evaluation.mme_judges:RuleJudge"), mme_judges.RuleJudge)
   for spec, match in (("gpt", "expected 'rule' or 'module:Class'"), ("no_such_mod:J", "cannot import module"),
-                      ("merr1_jax.mme:Nope", "module 'merr1_jax.mme' has no callable 'Nope'"),
-                      ("merr1_jax.mme_judges:OpenAICompatibleJudge", "OpenAICompatibleJudge\\(\\) failed")):
+                      ("merr1_jax.evaluation.mme:Nope", "module 'merr1_jax.evaluation.mme' has no callable 'Nope'"),
+                      ("merr1_jax.evaluation.mme_judges:OpenAICompatibleJudge", "OpenAICompatibleJudge\\(\\) failed")):
     with pytest.raises(ValueError, match=f"--judge {spec!r}: {match}"):
       mme_judges.load_judge(spec)
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from merr1_jax import sharding
+from merr1_jax.infra import sharding
 from tests.helpers.xla import COMPILE_FAST
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

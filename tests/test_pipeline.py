@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from absl import flags
 
-from merr1_jax import prompts
 from merr1_jax.data import pipeline, schema, synth, transforms
 from merr1_jax.models import mllm
+from merr1_jax.task import prompts
 
 SYNTH = synth.SynthConfig(n_train=48, n_validation=8, n_test=8)
 

@@ -17,9 +17,9 @@ import pytest
 
 av = pytest.importorskip("av")
 
-from merr1_jax import prompts  # noqa: E402
 from merr1_jax.data import encoders, featurize, media, pipeline, preprocess, schema, tfds_builders  # noqa: E402
 from merr1_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from merr1_jax.task import prompts  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

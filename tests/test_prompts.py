@@ -6,7 +6,7 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 
-from merr1_jax import prompts as P
+from merr1_jax.task import prompts as P
 
 # Free text without template markers (markers are rejected, tested separately).
 _TEXT = st.text(max_size=60).filter(lambda s: not any(m in s for m in P.TAG_TOKENS + P.SPECIAL_TOKENS))

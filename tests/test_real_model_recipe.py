@@ -33,8 +33,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 av = pytest.importorskip("av")
 
-from merr1_jax import prompts, rollout, sampling  # noqa: E402
+from merr1_jax import rollout  # noqa: E402
 from merr1_jax.models import base, hf_io, mllm, safetensors_io  # noqa: E402
+from merr1_jax.rollout import sampling  # noqa: E402
+from merr1_jax.task import prompts  # noqa: E402
 from tests.helpers import shared  # noqa: E402
 from tests.helpers.omni import write_omni_tokenizer, write_random_clip  # noqa: E402
 from tests.helpers.torch_init import randomise  # noqa: E402
@@ -53,7 +55,9 @@ _DRIVER = r"""
 import json, sys
 import numpy as np
 import jax
-from merr1_jax import artifacts, run_setup, train
+from merr1_jax.infra import artifacts
+from merr1_jax.training import setup as run_setup
+from merr1_jax.training import trainer as train
 from merr1_jax import config as cfglib
 from merr1_jax.models import base
 

@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merr1_jax import rewards
-from merr1_jax.rewards import LabelSpace
-
+from merr1_jax.task import rewards
+from merr1_jax.task.rewards import LabelSpace
 
 # --- parsing -----------------------------------------------------------------------------------------------
 

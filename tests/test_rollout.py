@@ -12,9 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from merr1_jax import grouped, prompts, rewards, rollout, sampling, sharding
+from merr1_jax import rollout
 from merr1_jax.data import pipeline, synth
+from merr1_jax.infra import sharding
 from merr1_jax.models import base, mllm
+from merr1_jax.rollout import passes as grouped
+from merr1_jax.rollout import sampling
+from merr1_jax.task import prompts, rewards
 
 REF_LEN = 64
 STD = 0.3  # a wider init than the default so a random model's greedy path varies (0.02 repeats one token)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from merr1_jax import sampling
+from merr1_jax.rollout import sampling
 
 LOGITS = np.array([2.0, 1.5, 0.5, 0.0, -1.0, -3.0], np.float32)
 N = 40_000

@@ -11,9 +11,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from merr1_jax import assembly, optim, rl
-from merr1_jax import train_step as ts
+from merr1_jax import rl
 from merr1_jax.models import hf_io, mllm, presets
+from merr1_jax.training import assembly
+from merr1_jax.training import optimizer as optim
+from merr1_jax.training import step as ts
 
 
 def _tiny():

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from merr1_jax import prompts
 from merr1_jax.data import schema, synth
+from merr1_jax.task import prompts
 
 CFG = synth.SynthConfig(n_train=300, n_validation=60, n_test=60)
 
@@ -205,7 +205,7 @@ def test_noise_parameter_controls_difficulty():
 
 
 def test_oracle_scores_one_and_majority_scores_clearly_lower(train):
-  from merr1_jax import metrics
+  from merr1_jax.task import metrics
   gt = [list(r.openset) for r in train]
   oracle = metrics.ov_score(gt, gt)
   assert oracle["f"] == pytest.approx(1.0) and oracle["precision"] == pytest.approx(1.0)

@@ -264,7 +264,7 @@ def test_features_beyond_float16_name_the_feature_file(tmp_path):
 
 def test_the_run_names_prepared_synth_data_after_its_version(tmp_path):
   from merr1_jax import config as cfglib
-  from merr1_jax import run_setup
+  from merr1_jax.training import setup as run_setup
   c = cfglib.load("configs/base.py")
   v1 = run_setup._builder(c, str(tmp_path)).builder_config
   assert v1.name == "s0_n640_64_128_noise1p0" and v1.synth.version == 1  # the name data prepared before had

@@ -8,9 +8,9 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 
-from merr1_jax import prompts as P
 from merr1_jax.data import synth
 from merr1_jax.data import tokenizer as T
+from merr1_jax.task import prompts as P
 
 _CFG = synth.SynthConfig(n_train=120, n_validation=10, n_test=10)
 

@@ -20,8 +20,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from merr1_jax import config as cfglib
-from merr1_jax import memory, run_setup, settings
+from merr1_jax.infra import memory
 from merr1_jax.models import lora, mllm, presets
+from merr1_jax.training import settings
+from merr1_jax.training import setup as run_setup
 from tests.helpers import shared
 from tests.helpers.xla import COMPILE_FAST
 
@@ -279,7 +281,7 @@ def test_a_damaged_final_checkpoint_is_named_and_the_run_falls_back_bit_identica
   damaged step and the good ones; the rerun names it in one line, falls back to step 2 (state, data position and
   rng from step 2), drops the torn line, keeps the damaged step as 3.damaged and ends bit-identical to the
   uninterrupted run."""
-  from merr1_jax import policy_io  # noqa: PLC0415
+  from merr1_jax.training import policy_io  # noqa: PLC0415
 
   ref = reference_run[0] / "w"
   w = tmp_path / "w"
@@ -316,7 +318,7 @@ def test_a_damaged_final_checkpoint_is_named_and_the_run_falls_back_bit_identica
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
-  from merr1_jax import observe  # noqa: PLC0415
+  from merr1_jax.infra import observe  # noqa: PLC0415
 
   writer = observe.MetricsWriter(tmp_path, tensorboard=False)
   for stage, step in (("sft", 1), ("sft", 2), ("rl", 1), ("rl", 2)):
@@ -324,7 +326,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
   path = tmp_path / "metrics.jsonl"
   whole = path.read_text()
   path.write_text(whole + '{"stage": "rl", "step": 3, "lo')  # the process died in the middle of an append
-  with caplog.at_level("WARNING", logger="merr1_jax.observe"):
+  with caplog.at_level("WARNING", logger="merr1_jax.infra.observe"):
     assert [(r["stage"], r["step"]) for r in observe.read_metrics(tmp_path)] == [
         ("sft", 1), ("sft", 2), ("rl", 1), ("rl", 2)]
     writer.truncate_after("rl", 1)

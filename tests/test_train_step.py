@@ -12,9 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from merr1_jax import grouped, optim, rl, sharding
-from merr1_jax import train_step as ts
+from merr1_jax import rl
+from merr1_jax.training import batch_loss
+from merr1_jax.infra import sharding
 from merr1_jax.models import base, mllm
+from merr1_jax.training import optimizer as optim
+from merr1_jax.training import step as ts
 from tests.oracles import ungrouped
 
 V = 64
@@ -32,7 +35,7 @@ def _model(**kw):
 
 def _rl_loss(model, cfg):
   """The library's RL loss on a row batch (its grouped form)."""
-  f = grouped.make_grouped_loss(model, cfg)
+  f = batch_loss.make_grouped_loss(model, cfg)
   return lambda params, batch, *a, **kw: f(params, ungrouped.as_grouped(batch), *a, **kw)
 
 

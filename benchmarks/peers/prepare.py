@@ -29,9 +29,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spec  # noqa: E402
 
-from merr1_jax import prompts as prompt_fmt  # noqa: E402
 from merr1_jax.data import synth  # noqa: E402
 from merr1_jax.models import hf_io, mllm, presets  # noqa: E402
+from merr1_jax.task import prompts as prompt_fmt  # noqa: E402
 
 _MARKERS = re.compile("|".join(re.escape(m) for m in prompt_fmt.SPECIAL_TOKENS + prompt_fmt.TAG_TOKENS))
 

@@ -30,8 +30,8 @@ from typing import Sequence
 import ml_dtypes
 import numpy as np
 
-from merr1_jax import prompts
 from merr1_jax.data import encoders, media, schema
+from merr1_jax.task import prompts
 
 FEATURE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                   "float32": np.dtype(np.float32)}  # config.feature_dtype -> the dtype of the stored rows

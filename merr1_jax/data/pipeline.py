@@ -36,8 +36,8 @@ from typing import Protocol, Sequence
 import grain
 import numpy as np
 
-from merr1_jax import prompts
 from merr1_jax.data import schema, transforms
+from merr1_jax.task import prompts
 
 KINDS = ("sft", "rl", "eval")
 _log = logging.getLogger(__name__)

@@ -43,8 +43,8 @@ from typing import Iterator
 
 import numpy as np
 
-from merr1_jax import prompts
 from merr1_jax.data import schema
+from merr1_jax.task import prompts
 
 DATASET = "mer_synth"
 SPLITS = ("train", "validation", "test")

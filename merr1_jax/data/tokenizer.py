@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from merr1_jax import prompts
+from merr1_jax.task import prompts
 
 DEFAULT_SYNTH_VOCAB = 1024
 _FILE = "tokenizer.json"

@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from merr1_jax import prompts
 from merr1_jax.data import schema
+from merr1_jax.task import prompts
 
 if TYPE_CHECKING:  # annotations only: pipeline.py imports this module
   from merr1_jax.data.pipeline import PipelineConfig, RecordSource

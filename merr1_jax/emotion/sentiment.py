@@ -10,7 +10,7 @@ or neutral. That needs a large model, so this module offers an offline stand-in,
 3. A word nothing knows is ignored. The list's score is the mean over scored words (0 if none), and it is
    +1 above 0.05, -1 below -0.05, else 0 (VADER's usual thresholds).
 
-``SentimentMapper`` is the interface :func:`merr1_jax.metrics.waf` takes: any callable words -> -1/0/+1 will do
+``SentimentMapper`` is the interface :func:`merr1_jax.task.metrics.waf` takes: any callable words -> -1/0/+1 will do
 (e.g. one that wraps an LLM judge).
 """
 

@@ -157,7 +157,7 @@ def dropout_kwargs(key: jax.Array | None) -> dict[str, jax.Array]:
 def hidden_grouped(model: PolicyModel, params: Params, prefix: Embedded, suffixes: Sequence[Embedded],
                    dropout_key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """(h_PxLxD, per segment h_PxGxTxD): P prefixes and segments of G suffixes each, every suffix attending to its
-  prefix and causally to itself (the RL step's passes, merr1_jax/grouped.py).
+  prefix and causally to itself (the RL step's passes, merr1_jax/rollout/passes.py).
 
   A model with a `hidden_grouped` member computes each prefix once per group (models/layers.attend_grouped). Any
   other PolicyModel gets the same numbers from `hidden` on each prefix + suffix sequence: the prefix repeated per

@@ -11,7 +11,7 @@ Shape legend:
 
 Conventions:
   * ``token_sets_KxCxV`` is a 0/1 mask: token v is a first token of some word of cluster c in wheel k
-    (built host-side by ``merr1_jax.rewards.category_token_sets``).
+    (built host-side by ``merr1_jax.task.rewards.category_token_sets``).
   * Log-mass is computed in float32 by the one streaming pass over the vocabulary (``rl.vocab.vocab_stream``,
     shared with the RL log-probs), so at most one [B, T, N] float32 chunk exists at a time.
   * A category whose probability mass underflows float32 (or whose token set is empty) gets ``LOGMASS_FLOOR``

@@ -1,6 +1,6 @@
 """Rollouts: prompt batches (prompt_batch), the shared-prefix prefill (shared_prefix) and the KV-cache sampler
 (sampler). The names below are the public surface: ``rollout.sample``, ``rollout.SpecialIds``, ...
-Teacher-forced scoring of given completions is merr1_jax/grouped.py's ``score_pass``.
+Teacher-forced scoring of given completions is merr1_jax/rollout/passes.py's ``score_pass``.
 
 The RL step and evaluation only call these through the `models.base.PolicyModel` protocol; no concrete model is
 imported here.

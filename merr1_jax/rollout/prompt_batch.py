@@ -21,8 +21,8 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import prompts
 from merr1_jax.models import base
+from merr1_jax.task import prompts
 
 PROMPT_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 COMPLETION_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import sharding
+from merr1_jax.infra import sharding
 from merr1_jax.models import base
-from merr1_jax.rollout import shared_prefix
-from merr1_jax.rollout import prompt_batch
+from merr1_jax.rollout import prompt_batch, shared_prefix
 from merr1_jax.rollout.prompt_batch import PROMPT_BUCKETS
 
 

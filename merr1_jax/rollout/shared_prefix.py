@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from merr1_jax import sharding
+from merr1_jax.infra import sharding
 from merr1_jax.models import base
 from merr1_jax.rollout import prompt_batch
 

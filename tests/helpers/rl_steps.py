@@ -40,9 +40,10 @@ def run(devices=None) -> dict[str, np.ndarray]:
   import jax  # noqa: PLC0415
   import optax  # noqa: PLC0415
 
-  from merr1_jax import rl, sharding  # noqa: PLC0415
-  from merr1_jax import train_step as ts  # noqa: PLC0415
+  from merr1_jax import rl  # noqa: PLC0415
+  from merr1_jax.infra import sharding  # noqa: PLC0415
   from merr1_jax.models import base, mllm  # noqa: PLC0415
+  from merr1_jax.training import step as ts  # noqa: PLC0415
 
   model = mllm.build("tiny", vocab_size=V, video_dim=0, audio_dim=0, d_model=32, num_layers=1, num_heads=2,
                      num_kv_heads=1, head_dim=16, mlp_dim=64)
@@ -76,7 +77,7 @@ def main(out, port, nproc, pid):
   import jax  # noqa: PLC0415
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  from merr1_jax import sharding  # noqa: PLC0415
+  from merr1_jax.infra import sharding  # noqa: PLC0415
 
   sharding.init_distributed(f"127.0.0.1:{port}", int(nproc), int(pid))
   flat = run()

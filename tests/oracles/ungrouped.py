@@ -2,7 +2,7 @@
 
 Every row carries its whole sequence (prompt repeated per completion, then the completion): the most direct way
 to write the RL loss, the old-policy pass, the scorer and the calibration's passes, and the layout the trainer ran
-before prefix grouping. `merr1_jax.grouped` must give the same log-probs, losses, gradients and updates
+before prefix grouping. `merr1_jax.rollout.passes` must give the same log-probs, losses, gradients and updates
 (tests/test_grouped.py); `as_grouped` turns a hand-built row batch into the library's batch (one suffix per row).
 
 Shape legend: B rows, L = prompt + completion positions, P prompts, G completions per prompt, T completion length,
@@ -21,12 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import assembly, experience, grouped, prompts, rl, rollout, sharding
-from merr1_jax import train_step as ts
+from merr1_jax import rl, rollout
+from merr1_jax.infra import sharding
 from merr1_jax.models import base
 from merr1_jax.rl import loss as rl_loss
+from merr1_jax.rollout import passes as grouped
 from merr1_jax.rollout import prompt_batch, shared_prefix
 from merr1_jax.rollout.prompt_batch import COMPLETION_BUCKETS, PROMPT_BUCKETS, AnchorSpec
+from merr1_jax.task import prompts
+from merr1_jax.training import assembly, experience
+from merr1_jax.training import step as ts
 
 Array = jax.Array
 

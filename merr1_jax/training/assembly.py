@@ -1,5 +1,5 @@
 """The update's batch from one step's host rollouts: a GroupedRLBatch (each prompt once, the completions as
-per-mode suffixes; merr1_jax/grouped.py).
+per-mode suffixes; merr1_jax/rollout/passes.py).
 
 Rollouts come in rollout order (the slow block, then the fast block; prompt p's samples of a mode at p*G_m ..) with
 their advantages, and become one segment per mode of [P, G_m] rows.
@@ -13,21 +13,15 @@ from typing import Sequence
 
 import numpy as np
 
-from merr1_jax import grouped, prompts, rollout
+from merr1_jax import rollout
 from merr1_jax.models import base
+from merr1_jax.rollout import passes as grouped
+from merr1_jax.task import prompts
 
 
 def prompt_major_order(prompt_ids_B: np.ndarray) -> np.ndarray:
   """The permutation that makes each prompt's rows contiguous, keeping their order (slow rows, then fast)."""
   return np.argsort(prompt_ids_B, kind="stable")
-
-
-def slow_prompt(ros, inputs: base.ModelInputs, *, vocab_size: int, pad_id: int, buckets) -> base.ModelInputs:
-  """The prompts in slow mode as the sampler prepares them (the grouped layout's shared prefix: a fast suffix
-  carries FAST_PREFIX itself), from the slow rollout when there is one."""
-  if "slow" in ros:
-    return ros["slow"].prompt
-  return rollout.prepare_prompts(inputs, mode="slow", vocab_size=vocab_size, pad_id=pad_id, buckets=buckets)
 
 
 def segments(rollouts: Sequence[rollout.Rollout], prompt: base.ModelInputs, *, fast_prefix_ids: Sequence[int],

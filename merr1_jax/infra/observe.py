@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from merr1_jax import artifacts
+from merr1_jax.infra import artifacts
 
 _log = logging.getLogger(__name__)
 

@@ -23,13 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import artifacts, checkpoint, experience, memory, observe, optim, prompts, rewards, rollout, settings
-from merr1_jax import sharding
 from merr1_jax import config as cfglib
-from merr1_jax import train_step as ts
+from merr1_jax import rollout
 from merr1_jax.data import pipeline, synth, tfds_builders
 from merr1_jax.data import tokenizer as toklib
+from merr1_jax.infra import artifacts, checkpoint, memory, observe, sharding
 from merr1_jax.models import base, hf_io, lora, mllm
+from merr1_jax.task import prompts, rewards
+from merr1_jax.training import experience, settings
+from merr1_jax.training import optimizer as optim
+from merr1_jax.training import step as ts
 
 _log = logging.getLogger("merr1_jax.run")
 

@@ -16,13 +16,17 @@ from typing import Any
 import ml_collections
 
 from merr1_jax import config as cfglib
-from merr1_jax import evaluation, experience, prompts, rewards, rl, sampling
-from merr1_jax import optim as optimlib
-from merr1_jax import train_step as ts
+from merr1_jax import rl
 from merr1_jax.data import pipeline as pipelib
 from merr1_jax.data import synth as synthlib
+from merr1_jax.evaluation import core as evaluation
 from merr1_jax.models import lora
 from merr1_jax.models.config import ModelConfig
+from merr1_jax.rollout import sampling
+from merr1_jax.task import prompts, rewards
+from merr1_jax.training import experience
+from merr1_jax.training import optimizer as optimlib
+from merr1_jax.training import step as ts
 
 Config = ml_collections.ConfigDict
 model_config = cfglib.model_config  # ModelConfig of config.model (config.validate needs it, so it lives there)
@@ -86,7 +90,7 @@ def advantage_settings(config: Config) -> experience.AdvantageSettings:
 
 
 def experience_settings(config: Config) -> experience.ExperienceSettings:
-  """What one RL step's experience needs (merr1_jax/experience.py)."""
+  """What one RL step's experience needs (merr1_jax/training/experience.py)."""
   r = config.rl
   method = sampling.TopP(r.temperature, p=r.top_p) if r.top_p < 1 else sampling.Temperature(r.temperature)
   return experience.ExperienceSettings(

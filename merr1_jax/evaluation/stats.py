@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from merr1_jax import emotion, metrics, rewards, rollout
+from merr1_jax import emotion, rollout
+from merr1_jax.task import metrics, rewards
 
 
 def fast_vs_slow(samples: Sequence[dict]) -> dict:

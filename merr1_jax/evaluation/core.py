@@ -39,7 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from merr1_jax import assembly, emotion, eval_stats, grouped, metrics, prompts, rewards, rollout, sampling, sharding
+from merr1_jax import emotion, rollout
+from merr1_jax.evaluation import stats as eval_stats
+from merr1_jax.infra import sharding
+from merr1_jax.rollout import passes as grouped
+from merr1_jax.rollout import sampling
+from merr1_jax.task import metrics, prompts, rewards
 
 METRICS = ("ov", "set", "hit", "waf")
 HEADLINE = {"ov": "f", "set": "f", "hit": "hit", "waf": "waf"}  # the one number a benchmark table shows per dataset
@@ -351,7 +356,7 @@ def evaluate(model, params, tokenizer, datasets: Mapping[str, tuple[Iterable[Map
 def _first_anchor_logmass(model, params, inputs, roll, ids, token_sets, mesh, chunk_size):
   """(S [B, K, C], anchor_ok [B]) at each completion's first answer anchor: one grouped pass over the rollout's
   rows against the slow-rendered prompts (a fast row's suffix carries FAST_PREFIX, whose <answer> is the anchor)."""
-  prompt = assembly.slow_prompt({roll.mode: roll}, inputs, vocab_size=model.config.vocab_size, pad_id=ids.pad,
+  prompt = grouped.slow_prompt({roll.mode: roll}, inputs, vocab_size=model.config.vocab_size, pad_id=ids.pad,
                                 buckets=rollout.PROMPT_BUCKETS)
   seg = grouped.segment(roll, prompt, fast_prefix_ids=ids.fast_prefix, mode_id=prompts.MODES.index(roll.mode))
   out = sharding.to_host(grouped.score_pass(model, params, prompt, [seg], chunk_size=chunk_size,

@@ -30,7 +30,7 @@ folder without the marker; an earlier report of ours is replaced whole (other fi
 
 Conventions: scores are fractions in report.json and points (x 100) in report.md (MME-Emotion's are 0-100 in
 both, as the benchmark reports them); a gap is slow minus fast.
-The plots are drawn by merr1_jax/report_plots.py.
+The plots are drawn by merr1_jax/evaluation/plots.py.
 
 `results_markdown` renders the trainer's WORKDIR/results.md (the final table and the fast-vs-slow lines).
 """
@@ -49,7 +49,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from merr1_jax import emotion, evaluation, mme as mmelib, report_plots
+from merr1_jax import emotion
+from merr1_jax.evaluation import core as evaluation
+from merr1_jax.evaluation import plots as report_plots
+from merr1_jax.evaluation import mme as mmelib
 
 
 def json_safe(x: Any) -> Any:
@@ -349,7 +352,7 @@ def write_reports(results: Mapping[str, evaluation.DatasetResult], out_dir: str 
       (tmp / name).write_text(text, encoding="utf-8")
       files[name] = out / name
 
-    put(MARKER, json.dumps({"written_by": "merr1_jax.reports.write_reports"}) + "\n")
+    put(MARKER, json.dumps({"written_by": "merr1_jax.evaluation.reports.write_reports"}) + "\n")
     csvs = {}
     for name, r in results.items():
       texts, info = prediction_csvs(r)

@@ -70,7 +70,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
-from merr1_jax import artifacts
+from merr1_jax.infra import artifacts
 from merr1_jax.models import base
 
 _log = logging.getLogger(__name__)

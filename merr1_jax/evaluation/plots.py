@@ -13,7 +13,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from merr1_jax import eval_stats, evaluation
+from merr1_jax.evaluation import core as evaluation
+from merr1_jax.evaluation import stats as eval_stats
 
 _COLORS = {"fast": "tab:orange", "slow": "tab:blue"}
 

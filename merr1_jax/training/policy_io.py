@@ -28,12 +28,15 @@ import pathlib
 
 import jax
 
-from merr1_jax import checkpoint as ckptlib
 from merr1_jax import config as cfglib
-from merr1_jax import prompts, run_setup, settings, sharding
 from merr1_jax.data import synth
 from merr1_jax.data import tokenizer as toklib
+from merr1_jax.infra import checkpoint as ckptlib
+from merr1_jax.infra import sharding
 from merr1_jax.models import hf_io
+from merr1_jax.task import prompts
+from merr1_jax.training import settings
+from merr1_jax.training import setup as run_setup
 
 _log = logging.getLogger("merr1_jax.evaluate")
 

@@ -18,7 +18,7 @@ The pieces, in the order one item flows through them:
                                   writes the judge JSONL that mme_report(path) reads back.
 
 The judges themselves (the offline default RuleJudge, and OpenAICompatibleJudge, the example of plugging in a
-served judge model through an injected `send`) live in merr1_jax/mme_judges.py. The evaluate CLI's
+served judge model through an injected `send`) live in merr1_jax/evaluation/mme_judges.py. The evaluate CLI's
 `--mme_items` goes through read_items + items_from_samples + evaluate_samples here. Nothing in this module
 opens a network connection.
 
@@ -37,8 +37,9 @@ import re
 import warnings
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
-from merr1_jax import artifacts, metrics, prompts, rewards
 from merr1_jax.data import labels
+from merr1_jax.infra import artifacts
+from merr1_jax.task import metrics, prompts, rewards
 
 TASKS = ("ER-Lab", "ER-Wild", "Noise-ER", "FG-ER", "ML-ER", "SA", "FG-SA", "IR")
 DEFAULT_TASK = "all"  # an item without a `task` field (metrics.mme_emotion_scores' name for untagged items)

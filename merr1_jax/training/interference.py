@@ -32,8 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import assembly, experience, grouped, optim, prompts, rl
-from merr1_jax import train_step as ts
+from merr1_jax import rl
+from merr1_jax.training import batch_loss
+from merr1_jax.rollout import passes as grouped
+from merr1_jax.task import prompts
+from merr1_jax.training import assembly, experience
+from merr1_jax.training import optimizer as optim
+from merr1_jax.training import step as ts
 
 _REC, _PREC = experience.OBJECTIVES.index("recall"), experience.OBJECTIVES.index("precision")
 
@@ -92,7 +97,7 @@ def gradient_cosine(model, params, batch: grouped.GroupedRLBatch, c_rec: np.ndar
                     ) -> dict[str, float]:
   """cos(g_rec, g_prec) and the norms of the policy gradients with each part as the advantage (ratio 1, no KL),
   over the trainable leaves; the parts are per row in the batch's rollout order (GroupedRLBatch.advantages)."""
-  loss_fn = grouped.make_grouped_loss(model, ts.StepConfig(loss=rl.LossConfig(), beta=0.0))
+  loss_fn = batch_loss.make_grouped_loss(model, ts.StepConfig(loss=rl.LossConfig(), beta=0.0))
   trainable, frozen = optim.split_trainable(params, tuple(freeze))
   base = batch.replace(segments=tuple(s.replace(old_logp=None, ref_logp=None, behaviour_logp=None)
                                       for s in batch.segments))

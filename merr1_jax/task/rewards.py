@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import emotion, prompts
+from merr1_jax import emotion
+from merr1_jax.task import prompts
 
 Array = jax.Array
 

@@ -34,9 +34,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from merr1_jax import grouped, optim, rl
+from merr1_jax import rl
+from merr1_jax.training import batch_loss
 from merr1_jax.models import base, lora
 from merr1_jax.rl import loss as rl_loss
+from merr1_jax.rollout import passes as grouped
+from merr1_jax.training import optimizer as optim
 
 Array = jax.Array
 
@@ -284,11 +287,11 @@ def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformatio
   The batch is a ``grouped.GroupedRLBatch`` (each prompt once, its completions as per-mode suffixes); micro- and
   mini-batches split prompts, each with its whole group.
   """
-  loss_fn = grouped.make_grouped_loss(model, cfg)
+  loss_fn = batch_loss.make_grouped_loss(model, cfg)
   updates = cfg.ppo_epochs * cfg.mini_batches
 
   def one_update(state: TrainState, batch: grouped.GroupedRLBatch, beta, key):
-    num_tokens, num_seqs = grouped.token_counts(batch)
+    num_tokens, num_seqs = batch_loss.token_counts(batch)
     fn = lambda p, mb, k: loss_fn(p, mb, beta, num_tokens, num_seqs, k)  # noqa: E731
     trainable, frozen = optim.split_trainable(state.params, state.freeze)
     loss, grads, stats = _accumulate(fn, trainable, frozen, batch, cfg.micro_batches, key)
@@ -301,7 +304,7 @@ def make_rl_step(model: base.PolicyModel, optimizer: optax.GradientTransformatio
     if updates == 1:
       state, m = one_update(state, batch, beta, base.fold_key(key, 0))
       return state, {**{k: m[k] for k in _UPDATE_KEYS}, **rl.finalize_stats(_loss_stats(m)), **extra}
-    with_old, gap = grouped.old_logprobs(model, cfg, state.params, batch)
+    with_old, gap = batch_loss.old_logprobs(model, cfg, state.params, batch)
     parts = _micro_split(with_old, cfg.mini_batches)
     start_step = state.step
 

@@ -22,8 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merr1_jax import assembly, grouped, prompts, rewards, rl, rollout, sharding
+from merr1_jax import rl, rollout
+from merr1_jax.infra import sharding
 from merr1_jax.models import base
+from merr1_jax.rollout import passes as grouped
+from merr1_jax.task import prompts, rewards
+from merr1_jax.training import assembly
 
 OBJECTIVES = ("recall", "precision", "f1", "format", "calibration")
 TASK_OBJECTIVES = ("recall", "precision", "f1")  # what calibration in reward space is folded into
@@ -256,7 +260,7 @@ def from_rollouts(ctx: Context, settings: ExperienceSettings, params, ref_params
   prompt_ids = np.concatenate([ro.prompt_index for ro in ros.values()])
   gts = [tuple(batch["openset"][p]) for p in prompt_ids]
   scored = rewards.score_completions(list(texts), modes, gts, ctx.space)
-  prompt = assembly.slow_prompt(ros, inputs, vocab_size=ctx.model.config.vocab_size, pad_id=ctx.ids.pad,
+  prompt = grouped.slow_prompt(ros, inputs, vocab_size=ctx.model.config.vocab_size, pad_id=ctx.ids.pad,
                                 buckets=settings.prompt_buckets)
   segs = assembly.segments(list(ros.values()), prompt, fast_prefix_ids=ctx.ids.fast_prefix, valid_B=scored.valid_B)
   ref = _reference(ctx, ref_params, prompt, segs) if settings.with_reference else None

@@ -1,0 +1,1 @@
+"""Infrastructure: checkpoints, sharding, logging, atomic artifacts, preemption, memory arithmetic."""
