@@ -28,10 +28,6 @@ SLOW_TEXTS = [GOOD[0], BAD[0], GOOD[1], BAD[1]]  # prompt p owns rows 2p (well f
 FAST_TEXTS = ["happy</answer>", "sad, angry</answer>"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return synth.build_tokenizer()
-
 
 @pytest.fixture(scope="module")
 def batch(tok):

@@ -32,11 +32,12 @@ from merr1_jax.data import pipeline, synth
 from merr1_jax.evaluation import core as evaluation
 from merr1_jax.evaluation import reports
 from merr1_jax.infra import checkpoint
-from merr1_jax.models import base, hf_io
+from merr1_jax.models import hf_io
 from merr1_jax.task import metrics
 from merr1_jax.training import settings
 from merr1_jax.training import setup as run_setup
 from tests.helpers import shared
+from tests.helpers.trees import flat_params as _flat
 from tests.helpers.xla import COMPILE_FAST
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -70,8 +71,6 @@ def _model_and_params(config, workdir, seed=0):
   return model, model.init_params(jax.random.key(seed))
 
 
-def _flat(params):
-  return {base.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 @pytest.mark.parametrize("arg, want", [(":model=gpt5", "unknown model preset 'gpt5'; known presets: tiny"),

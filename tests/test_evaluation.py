@@ -21,18 +21,13 @@ import pytest
 from merr1_jax import metrics as metrics_cli
 from merr1_jax.data import pipeline, synth
 from merr1_jax.evaluation import core as evaluation
-from merr1_jax.evaluation import reports
+from merr1_jax.evaluation import mme, mme_judges, reports
 from merr1_jax.evaluation import stats as eval_stats
 from merr1_jax.models import base, mllm
-from merr1_jax.evaluation import mme, mme_judges
 from merr1_jax.task import metrics, prompts, rewards
 
 N_TEST = 6  # with batch 4: two batches, the second with two padding rows
 
-
-@pytest.fixture(scope="module")
-def tok():
-  return synth.build_tokenizer()
 
 
 class Grammar:

@@ -31,10 +31,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 P, N_SLOW, N_FAST = 2, 2, 2
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return synth.build_tokenizer()
-
 
 @pytest.fixture(scope="module")
 def config():

@@ -13,6 +13,7 @@ from merr1_jax import rollout
 from merr1_jax.models import base, hf_io, mllm, safetensors_io
 from merr1_jax.rollout import sampling
 from tests.helpers.torch_init import randomise
+from tests.helpers.trees import flat_params as _flat
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -22,8 +23,6 @@ transformers = pytest.importorskip("transformers")
 OMNI_VOCAB = 151_700
 
 
-def _flat(params):
-  return {base.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _tensors(ckpt_dir):

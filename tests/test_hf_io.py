@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from merr1_jax.models import base, hf_io, mllm, safetensors_io
+from tests.helpers.trees import flat_params as _flat
 
 V = 96
 
@@ -39,8 +40,6 @@ def _logits(model, params, tokens):
   return np.asarray(jax.jit(model.forward)(params, model.embed(params, inputs))[0])
 
 
-def _flat(params):
-  return {base.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _rewrite(src, dst, edit):

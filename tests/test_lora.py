@@ -22,9 +22,16 @@ from merr1_jax.models import base, hf_io, lora, mllm, presets
 from merr1_jax.training import optimizer as optim
 from merr1_jax.training import step as ts
 from tests.helpers import shared
+from tests.helpers.batches import V
+from tests.helpers.batches import row_batch as _batch
+from tests.helpers.batches import step_cfg as _step_cfg
+from tests.helpers.runs import BASE, SMOKE
+from tests.helpers.runs import ckpt_meta as _ckpt_meta
+from tests.helpers.runs import ckpt_state as _ckpt_state
+from tests.helpers.runs import rows as _rows
+from tests.helpers.runs import train as _train
+from tests.helpers.trees import flat_params as _flat
 from tests.oracles import ungrouped
-from tests.test_train import BASE, SMOKE, _ckpt_meta, _ckpt_state, _rows, _train
-from tests.test_train_step import V, _batch, _step_cfg
 
 RANK = 4
 
@@ -34,8 +41,6 @@ def _model(rank=RANK, **kw):
                     num_kv_heads=2, head_dim=16, lora_rank=rank, **kw)
 
 
-def _flat(params):
-  return {base.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _with_random_b(params, seed=1, scale=0.05):
@@ -194,9 +199,9 @@ def test_dropout_in_the_train_steps_is_seeded_and_keeps_the_first_ratio_at_one()
 
 def test_dropout_in_the_rl_step():
   """The RL step with dropout: seeded, active (another update than without), ratio 1."""
-  from tests import test_grouped as tg  # noqa: PLC0415
+  from tests.helpers import grouped_batches as tg  # noqa: PLC0415
 
-  _, _, _, group, _, _ = tg._batches("mm", p=2)
+  _, _, _, group, _, _ = tg.batches("mm", p=2)
   m = mllm.build("tiny", vocab_size=tg.V, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                  init_std=0.08, video_dim=12, audio_dim=10, video_token_id=tg.VIDEO, audio_token_id=tg.AUDIO,
                  lora_rank=RANK, lora_dropout=0.3)

@@ -24,10 +24,6 @@ REF_LEN = 64
 STD = 0.3  # a wider init than the default so a random model's greedy path varies (0.02 repeats one token)
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return synth.build_tokenizer()
-
 
 @pytest.fixture(scope="module")
 def ids(tok):

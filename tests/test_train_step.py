@@ -13,19 +13,15 @@ import optax
 import pytest
 
 from merr1_jax import rl
-from merr1_jax.training import batch_loss
 from merr1_jax.infra import sharding
 from merr1_jax.models import base, mllm
+from merr1_jax.training import batch_loss
 from merr1_jax.training import optimizer as optim
 from merr1_jax.training import step as ts
+from tests.helpers.batches import V
+from tests.helpers.batches import row_batch as _batch
+from tests.helpers.batches import step_cfg as _step_cfg
 from tests.oracles import ungrouped
-
-V = 64
-
-
-def _step_cfg(**kw) -> ts.StepConfig:
-  """A StepConfig with the method.md E4 loss and beta = 0.04 unless overridden (the library holds no defaults)."""
-  return ts.StepConfig(**{"loss": rl.LossConfig(), "beta": 0.04, **kw})
 
 
 def _model(**kw):
@@ -43,22 +39,6 @@ def _rl_step(model, tx, cfg):
   """The library's jitted RL step on a row batch (its grouped form)."""
   step = ts.make_rl_step(model, tx, cfg)
   return lambda state, batch: step(state, ungrouped.as_grouped(batch))
-
-
-def _batch(b=8, l=12, prompt=6, seed=0, ref=True, old=False):
-  rng = np.random.default_rng(seed)
-  tok = jnp.asarray(rng.integers(0, V - 2, (b, l)), jnp.int32)
-  mask = jnp.ones((b, l), bool).at[0, :2].set(False)  # one left-padded row
-  pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-  cm = jnp.zeros((b, l), bool).at[:, prompt:].set(True).at[1, l - 2:].set(False)  # a shorter completion
-  logp = lambda: jnp.asarray(np.log(rng.uniform(0.01, 0.2, (b, l))), jnp.float32)
-  return ungrouped.RLBatch(
-      inputs=base.ModelInputs(tokens=tok, positions=pos, mask=mask),
-      completion_mask=cm,
-      advantages=jnp.asarray(rng.normal(size=b), jnp.float32),
-      old_logp=logp() if old else None,
-      ref_logp=logp() if ref else None,
-  )
 
 
 def _copy(tree):
