@@ -12,8 +12,7 @@ PKG = ROOT / "merr1_jax"
 LAYERS = ["_versions", "models", "emotion", "rl", "infra", "task", "data", "config", "cli", "rollout", "evaluation",
           "training", "train", "evaluate", "metrics", "__init__"]
 # Modules already over 400 lines, at most their current length: they may shrink, not grow (issue 25 splits them).
-OVERSIZE = {"data/labels.py": 403, "evaluation/reports.py": 451, "data/tfds_builders.py": 503,
-            "infra/checkpoint.py": 631}
+OVERSIZE = {"data/labels.py": 403, "evaluation/reports.py": 451, "data/tfds_builders.py": 503}
 
 
 def _layer(module: str) -> str:
@@ -68,6 +67,15 @@ def test_the_root_is_small_and_no_module_grows_past_400_lines():
   over = {k: n for k, n in long.items() if n > 400}
   assert set(over) <= set(OVERSIZE), f"new modules over 400 lines: {set(over) - set(OVERSIZE)}"
   assert all(n <= OVERSIZE[k] for k, n in over.items()), over
+
+
+def test_no_function_runs_past_80_lines():
+  long = []
+  for p in PKG.rglob("*.py"):
+    for node in ast.walk(ast.parse(p.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+        long.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name}")
+  assert not long, long
 
 
 def test_the_readmes_layout_table_names_every_folder():
