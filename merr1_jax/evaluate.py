@@ -63,9 +63,8 @@ import numpy as np
 
 from merr1_jax import config as cfglib
 from merr1_jax.evaluation import core as evaluation
-from merr1_jax.evaluation import reports
+from merr1_jax.evaluation import mme, mme_judges, reports
 from merr1_jax.infra import sharding
-from merr1_jax.evaluation import mme, mme_judges
 from merr1_jax.task import rewards
 from merr1_jax.training import settings as settingslib
 from merr1_jax.training import setup as run_setup

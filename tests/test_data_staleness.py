@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from merr1_jax import config as cfglib
-from merr1_jax.data import pipeline, schema, synth
+from merr1_jax.data import fingerprint, pipeline, schema, synth
 from merr1_jax.data import tfds_builders as tb
 from merr1_jax.training import setup as run_setup
 
@@ -136,7 +136,7 @@ def _age_fingerprint(b):
   """Moves the recorded fingerprint time past the files' times, as if they had been written long before."""
   meta_path = b.data_path / "metadata.json"
   meta = json.loads(meta_path.read_text())
-  meta["fingerprint"]["taken_ns"] += 10 * tb._RACY_NS
+  meta["fingerprint"]["taken_ns"] += 10 * fingerprint.RACY_NS
   meta_path.write_text(json.dumps(meta))
 
 
@@ -147,8 +147,8 @@ def test_unchanged_records_are_reused_unread_and_a_same_size_rewrite_is_caught_b
   _age_fingerprint(b)
   before = _copy_files(b)
   hashed = []
-  real = tb._sha256
-  monkeypatch.setattr(tb, "_sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
+  real = fingerprint.sha256
+  monkeypatch.setattr(fingerprint, "sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
   b = _builder(tmp_path)
   tb.prepare(b)
   assert hashed == [] and _copy_files(b) == before  # same size and times: not read, not rebuilt

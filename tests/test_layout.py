@@ -12,7 +12,7 @@ PKG = ROOT / "merr1_jax"
 LAYERS = ["_versions", "models", "emotion", "rl", "infra", "task", "data", "config", "cli", "rollout", "evaluation",
           "training", "train", "evaluate", "metrics", "__init__"]
 # Modules already over 400 lines, at most their current length: they may shrink, not grow (issue 25 splits them).
-OVERSIZE = {"data/labels.py": 403, "evaluation/reports.py": 451, "data/tfds_builders.py": 503}
+OVERSIZE: dict[str, int] = {}
 
 
 def _layer(module: str) -> str:

@@ -10,21 +10,17 @@ Safe layouts read here:
   onehot npz     (MER2023/2024 `label-6way.npz`, MELD / IEMOCAP `label.npz`): arrays `name` [N] str and
                  either `emo` [N] (str words, or int class indices) or `label` [N] int, ints in the class order
                  of `ONEHOT_CLASSES` (or the file's own `classes` array); optional `val` [N] float. Several
-                 corpora in one file are prefixed: `{corpus}_name`, `{corpus}_emo`, ... (e.g.
-                 `test1_corpus_name`). Asked for a corpus, a reader takes the prefixed arrays, or the plain ones
-                 when the file holds no prefixed `name` (a file converted for that one corpus); asked for none,
-                 it takes the plain arrays, or the only corpus in the file.
+                 corpora in one file are prefixed (`test1_corpus_name`, ...); a reader takes the asked corpus's
+                 arrays (the plain ones in a file converted for one corpus), or the only corpus in the file.
   valence        (CMU-MOSI, CMU-MOSEI, CH-SIMS, SIMS v2): CSV `name,valence` or npz `name`, `val`.
   openset CSV    (OV-MERD+, MER2025 track 2 `track2_train_*.csv`): columns `name,openset`, where openset is a
                  list string like "[happy, relieved]", parsed exactly as metrics.md §1 step 1.
   subtitles CSV  (`subtitle_chieng.csv`): `name` plus one text column per language (`english`, `chinese`).
   MME-Emotion    JSON list of items with `video_id`, `label` (a word or list string) and `label_set`.
 
-Bad rows follow the `on_bad_record` policy of schema.py: "raise" raises `BadRecordError` naming the file,
-the row and the field; "skip" counts the row in a `BadRecordLog` (which logs it) and leaves it out. A clip id
-seen twice in one file is a bad row (the second one; the message names the first). Text files must be UTF-8
-(a BOM is allowed): other bytes raise a `BadRecordError` with the byte offset and line, under either policy.
-A file that is missing raises `FileNotFoundError` naming the path, under either policy.
+Bad rows (a clip id seen twice among them) follow schema.py's `on_bad_record` ("raise": BadRecordError naming the
+file, row and field; "skip": counted in a BadRecordLog and left out). Under either policy a file that is not UTF-8
+names the byte offset and line, and a missing one raises FileNotFoundError naming the path.
 """
 
 from __future__ import annotations

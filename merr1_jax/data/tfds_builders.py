@@ -1,43 +1,19 @@
 """TFDS builders that write clip records to ArrayRecord files, read back with no TensorFlow installed.
 
   mer_synth     MER-Synth (synth.py), splits train/validation/test; the builder config carries the SynthConfig.
-  mer_features  a directory of records written by preprocessing: `{records_dir}/{split}/*.rec`, one
-                `schema.to_bytes` record per file.
-  mer_manual    the field's label files, placed by hand in `manual_dir` (labels.py reads them). One builder
-                config per dataset (MER2023, MELD, CMU-MOSI, OV-MERD+, ...), naming the file and, for the
-                MERTools npz files, the corpus of the test split (MER2023/2024: `test1_corpus`, MELD:
-                `test_corpus`; docs/data.md lists the layouts and how to convert the pickled originals).
-                Optional extras in manual_dir: `subtitle_chieng.csv` (subtitles, English column) and
-                `features/{name}.npz` (arrays `video` [Tv, Dv], `audio` [Ta, Da]); without features a record is
-                label-only (zero feature rows).
+  mer_features  a directory of records written by preprocessing: `{records_dir}/{split}/*.rec`.
+  mer_manual    the field's label files placed by hand in `manual_dir` (labels.py reads them), one builder config
+                per dataset; optional subtitles and `features/{name}.npz` beside them (docs/data.md).
 
-Each TFDS example is `{"id": str, "record": bytes}`: the record is the schema's portable msgpack, so TFDS only
-stores and indexes it and there is one record format in the project. Read back with
-`builder.as_data_source(split)` (random access over ArrayRecord, no TensorFlow), wrapped by `TfdsSource`, the
-pipeline's record source, which names the ArrayRecord file and record on every failed read.
-
-Bad input at build time follows `on_bad_record`: "raise" fails naming the file; "skip" leaves the item out,
-counts it in `builder.bad` (a schema.BadRecordLog, which logs it) and stores the count and the first messages
-in the dataset's metadata (`builder.info.metadata["bad_records"]`), so skips stay visible after the build.
-A clip id seen twice in one split (within a label file, across the files of a glob, or across `.rec` files) is
-such a bad item, named with both places; the second one is the one left out. (TFDS itself would fail on the
-duplicate key with an unrelated error.)
-
-Derived data follows its sources (`prepare`). A prepared dataset records what it was built from in its metadata
-(`metadata.json`, written with the dataset): mer_features and mer_manual a fingerprint of their source files
-(path relative to records_dir / manual_dir, size, mtime, ctime and SHA-256), MER-Synth its generator settings
-(`synth_config`). Preparing again compares: a file whose size and times are those recorded is taken as unchanged
-unread (unless it changed within `_RACY_NS` of the recording, as mtimes are coarse); any other is hashed and its
-SHA-256 decides. Changed sources rebuild the dataset beside the old one and swap it in only once the build has
-succeeded (one log line names the files changed, added and removed); other MER-Synth settings are refused with a
-message naming the fields. Data prepared before fingerprints were recorded is rebuilt once, to record them.
-The metadata also maps every clip id to its source file (`sources`), so that an error about a record read back
-from the copy names the file to fix (`TfdsSource.origin`), not only the ArrayRecord file in the data_dir.
+Each TFDS example is `{"id": str, "record": bytes}` (the schema's msgpack: one record format in the project),
+read back with `builder.as_data_source(split)` through `TfdsSource`, which names the ArrayRecord file and record
+on every failed read. Bad items follow `on_bad_record` (a duplicate clip id is one; skips are counted in the
+dataset's metadata). `prepare` rebuilds a dataset whose sources changed (data/fingerprint.py), beside the old one,
+swapped in once the build succeeded (docs/reliability.md "Prepared data follows its sources").
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import glob
 import hashlib
@@ -46,61 +22,16 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from merr1_jax.data import labels, schema, synth
+from merr1_jax.data import fingerprint, labels, schema, synth
+from merr1_jax.data.tfds_source import TfdsSource
 
 _VERSION = tfds.core.Version("1.0.0")
 _log = logging.getLogger(__name__)
-# A source file whose mtime or ctime is this close to (or after) the moment its fingerprint was taken is hashed
-# again on every check: file times are coarse (a clock tick), so a rewrite within it can keep the same times.
-_RACY_NS = 2_000_000_000
-
-
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()  # reads in chunks: record files may be large
-
-
-def _entry(st: os.stat_result, sha256: str) -> dict:
-  return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "sha256": sha256}
-
-
-def _fingerprint(kind: str) -> dict:
-  """An empty fingerprint, timed now (before any source file is read), to be filled with `_entry`s."""
-  return {"kind": kind, "taken_ns": time.time_ns(), "files": {}}
-
-
-def _changes(fp: dict, files: dict[str, str]) -> dict[str, list[str]]:
-  """The source files (relative name -> path) that differ from the fingerprint: changed, added, removed."""
-  old = fp.get("files") or {}
-  out = {"changed": [], "added": sorted(set(files) - set(old)), "removed": sorted(set(old) - set(files))}
-  for rel in sorted(set(files) & set(old)):
-    st, was = os.stat(files[rel]), old[rel]
-    if st.st_size != was["size"]:
-      out["changed"].append(rel)
-      continue
-    same_times = (st.st_mtime_ns, st.st_ctime_ns) == (was["mtime_ns"], was["ctime_ns"])
-    if same_times and max(st.st_mtime_ns, st.st_ctime_ns) < fp["taken_ns"] - _RACY_NS:
-      continue  # untouched since well before the fingerprint: not read again
-    if _sha256(files[rel]) != was["sha256"]:
-      out["changed"].append(rel)
-  return out
-
-
-def _describe(changes: dict[str, list[str]], shown: int = 5) -> str:
-  parts = []
-  for what, names in changes.items():
-    if names:
-      more = f", +{len(names) - shown} more" if len(names) > shown else ""
-      parts.append(f"{len(names)} {what} ({', '.join(names[:shown])}{more})")
-  return "; ".join(parts)
-
-
 def _features() -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({"id": tfds.features.Text(),
                                      "record": tfds.features.Tensor(shape=(), dtype=np.object_)})
@@ -144,9 +75,9 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     fp = meta.get("fingerprint")
     if fp is None:
       return "it was prepared before datasets recorded what they were built from (rebuilt once to record it)"
-    changes = _changes(fp, files)
+    changes = fingerprint.changes(fp, files)
     if any(changes.values()):
-      return f"{self.source_root(manual_dir)} changed since it was built: {_describe(changes)}"
+      return f"{self.source_root(manual_dir)} changed since it was built: {fingerprint.describe(changes)}"
     skipped = (meta.get("bad_records") or {}).get("count", 0)
     if skipped and self.on_bad_record == "raise":
       return (f"it was built with on_bad_record='skip' and left out {skipped} bad records; now "
@@ -155,7 +86,7 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _sources(self, root: str, splits) -> tuple[dict, dict]:
     """Starts this build's record of its sources in the metadata: (fingerprint files, {split: {id: file}})."""
-    fp = self.info.metadata["fingerprint"] = _fingerprint(self.name)
+    fp = self.info.metadata["fingerprint"] = fingerprint.new_fingerprint(self.name)
     ids = {s: {} for s in splits}
     self.info.metadata["sources"] = {"root": os.path.abspath(root), "splits": ids}
     return fp["files"], ids
@@ -275,7 +206,7 @@ class MerFeatures(_RecordBuilder):
       with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         data = f.read()
-      files[rel] = _entry(st, hashlib.sha256(data).hexdigest())  # the bytes built, skipped ones too
+      files[rel] = fingerprint.entry(st, hashlib.sha256(data).hexdigest())  # the bytes built, skipped ones too
       try:
         rec = schema.from_bytes(data, source=path, index=0)  # one record per file: record 0 until its id is read
       except schema.BadRecordError as err:
@@ -343,9 +274,9 @@ class MerManual(_RecordBuilder):
     manual_dir = os.fspath(dl_manager.manual_dir)
     files, ids = self._sources(manual_dir, self.builder_config.files)
     # The readers open the files themselves, so they are hashed first; a file that changes after this reads
-    # as changed at the next check (its times fall within _RACY_NS of the fingerprint, or after it).
+    # as changed at the next check (its times fall within fingerprint.RACY_NS of the fingerprint, or after it).
     for rel, path in (self.source_files(manual_dir) or {}).items():
-      files[rel] = _entry(os.stat(path), _sha256(path))
+      files[rel] = fingerprint.entry(os.stat(path), fingerprint.sha256(path))
     out = {}
     for split, (pattern, corpus) in self.builder_config.files.items():
       paths = sorted(glob.glob(os.path.join(manual_dir, pattern)))
@@ -445,54 +376,6 @@ def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | os.PathLike | N
     _rebuild(builder, manual_dir)
     return
   _download_and_prepare(builder, manual_dir)
-
-
-class TfdsSource:
-  """The pipeline's RecordSource over `builder.as_data_source(split)`. Picklable (Grain workers).
-
-  `where(index)` names the ArrayRecord file and record of the copy; `origin(index, rec_id)` the source file the
-  record was built from (the one to fix), with the copy's place, when the dataset recorded its sources."""
-
-  def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
-    if isinstance(builder, MerSynth):
-      builder.check_config()
-    self.data = builder.as_data_source(split)
-    self.split = split
-    instructions = builder.info.splits[split].file_instructions
-    self.files = [os.path.basename(fi.filename) for fi in instructions]
-    self.dir = os.path.dirname(instructions[0].filename) if instructions else ""
-    self.starts = list(np.cumsum([0] + [fi.take for fi in instructions])[:-1])
-    sources = builder.info.metadata.get("sources") or {}
-    # records_dir as configured now (the fingerprint vouches that its files are those built), else as recorded.
-    self.source_root = getattr(builder, "records_dir", None) or sources.get("root", "")
-    self.source_files = dict((sources.get("splits") or {}).get(split) or {})  # clip id -> file under the root
-
-  def __len__(self) -> int:
-    return len(self.data)
-
-  def where(self, index: int) -> str:
-    k = bisect.bisect_right(self.starts, index) - 1
-    return f"{os.path.join(self.dir, self.files[k])} record {index - self.starts[k]} (split {self.split!r} #{index})"
-
-  def origin(self, index: int, rec_id: str) -> str:
-    """The record's source file (and its place in the copy), or the copy alone when it has no recorded source."""
-    rel = self.source_files.get(rec_id)
-    if rel is None:
-      return self.where(index)
-    return f"{os.path.join(self.source_root, rel)} (prepared copy: {self.where(index)})"
-
-  def read(self, index: int) -> bytes:
-    try:
-      ex = self.data[index]
-    except RuntimeError as e:  # array_record/riegeli: corrupt chunk, short file, bad header
-      raise schema.BadRecordError(f"unreadable ArrayRecord data ({e}); delete {self.dir} to prepare it again",
-                                  source=self.where(index), record=index, field="<array_record>") from e
-    data = ex.get("record") if isinstance(ex, dict) else None
-    if not data:  # a truncated ArrayRecord file reads back as empty records instead of failing
-      raise schema.BadRecordError(f"empty record: the ArrayRecord file is truncated or was not written by these "
-                                  f"builders; delete {self.dir} to prepare it again", source=self.where(index),
-                                  record=index, field="record")
-    return data
 
 
 def load_source(name_or_builder, split: str, *, data_dir: str | os.PathLike | None = None, **kwargs) -> TfdsSource:

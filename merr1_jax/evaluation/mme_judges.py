@@ -21,8 +21,8 @@ import re
 from typing import Callable
 
 from merr1_jax import emotion
-from merr1_jax.task import metrics
 from merr1_jax.evaluation.mme import JudgeItem, JudgeScore
+from merr1_jax.task import metrics
 
 _WORD = re.compile(r"[a-z']+")
 _MAX_PHRASE = 5  # the longest format-table surface form has 5 words ("at a loss for words")

@@ -1,38 +1,11 @@
-"""Evaluation reports: JSON, markdown, JSONL and PNG files from `evaluation.DatasetResult`s.
+"""Evaluation reports: JSON, markdown, JSONL, CSV and PNG files from `evaluation.DatasetResult`s.
 
-`write_reports(results, out_dir, meta=...)` writes, into `out_dir` (the CLI uses WORKDIR/eval/):
-
-  report.json     every summary number per dataset and mode, the MER-UniBench-style mean, and `meta` (checkpoint,
-                  extractor, sentiment mapper, settings);
-  report.md       the headline table in the MER-UniBench layout (one column per dataset plus Mean, one row per
-                  mode), a per-mode statistics table and the fast-vs-slow table (paired precision/recall
-                  differences with 95% interval and d_z, headline gap); it names the extractor and the mapper;
-  samples.jsonl   one line per sample (dataset, id, mode, sample, completion, words, P/R, confidence, ...);
-  labels_<dataset>.csv, predictions_<dataset>_<mode>.csv (OV and HIT sets; `_sample<k>` added when N > 1):
-                  the field's `name,openset` format, so `python -m merr1_jax.metrics ov|hit --gt labels_... --pred
-                  predictions_...` and the official tools score exactly the words the report scored;
-  pr_<dataset>.png       per-sample precision vs recall, fast and slow side by side;
-  set_sizes.png          distribution of the number of predicted emotions per mode;
-  calibration_<mode>.png binned confidence vs correctness (the reliability diagram) per mode.
-
-With `mme` (a run_mme result: evaluate --mme_items), report.json's `mme`, mme.json (the scores), mme_judge.jsonl
-(the judge's per-step scores, which mme.mme_report reads back) and a report.md section hold the MME-Emotion scores.
-
-With a `baseline` (evaluate --baseline: an earlier report.json or the trainer's eval_<stage>.json), report.json's
-`gap_change` and a report.md section state per dataset whether the slow-minus-fast headline gap closed since the
-baseline, computed from the two sets of numbers (`gap_change`, `gap_verdict`).
-
-The directory is written atomically: everything goes into a sibling temp directory that replaces `out_dir` at
-the end, so an interrupted run leaves the previous report (or none), never a half-written one that looks done.
-Only a report folder may be replaced: every report holds a marker file (`MARKER`), and `check_report_dir` refuses
-an `out_dir` that is the workdir, contains it, lies inside its checkpoints, is not a folder, or is a non-empty
-folder without the marker; an earlier report of ours is replaced whole (other files in it go with it).
-
-Conventions: scores are fractions in report.json and points (x 100) in report.md (MME-Emotion's are 0-100 in
-both, as the benchmark reports them); a gap is slow minus fast.
-The plots are drawn by merr1_jax/evaluation/plots.py.
-
-`results_markdown` renders the trainer's WORKDIR/results.md (the final table and the fast-vs-slow lines).
+`write_reports(results, out_dir, meta=..., mme=..., baseline=...)` writes report.json (every number),
+report.md (the MER-UniBench-style table, per-mode statistics, fast vs slow), samples.jsonl, the field's
+labels/predictions CSVs and the plots (evaluation/plots.py) into `out_dir`, atomically and only over an earlier
+report of ours (`MARKER`, `check_report_dir`); docs/evaluation.md lists the files. With a `baseline` report,
+`gap_change` states per dataset whether the slow-minus-fast gap closed. Scores are fractions in report.json and
+points (x 100) in report.md; a gap is slow minus fast.
 """
 
 from __future__ import annotations
@@ -51,8 +24,8 @@ import numpy as np
 
 from merr1_jax import emotion
 from merr1_jax.evaluation import core as evaluation
-from merr1_jax.evaluation import plots as report_plots
 from merr1_jax.evaluation import mme as mmelib
+from merr1_jax.evaluation import plots as report_plots
 
 
 def json_safe(x: Any) -> Any:
@@ -399,53 +372,3 @@ def _swap(tmp: pathlib.Path, out: pathlib.Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
   else:
     os.replace(tmp, out)
-
-
-# ----------------------------------------------------------------------------------------- the trainer's results
-
-
-def results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-  """The markdown table of results.json ({stage: {mode: {precision, recall, f}}}), in points."""
-  lines = ["| checkpoint | mode | precision | recall | F |", "|---|---|---|---|---|"]
-  for stage in ("sft", "rl"):
-    for mode in ("fast", "slow"):
-      r = results.get(stage, {}).get(mode)
-      if r:
-        lines.append(f"| {stage} | {mode} | {100 * r['precision']:.2f} | {100 * r['recall']:.2f} | "
-                     f"{100 * r['f']:.2f} |")
-  return "\n".join(lines)
-
-
-def training_gap_lines(evals: Mapping[str, Mapping], data: str) -> str:
-  """The fast-vs-slow analysis per stage: slow minus fast, paired per clip, with 95% intervals."""
-  lines = []
-  for stage, ev in evals.items():
-    g = ev.get("analysis", {}).get(data, {}).get("fast_vs_slow")
-    if not g or g["precision"]["slow_minus_fast"] is None:
-      continue
-    cell = lambda d: f"{100 * d['slow_minus_fast']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
-    lines.append(f"- {stage}: slow - fast precision {cell(g['precision'])}, recall {cell(g['recall'])} "
-                 f"(points, n = {g['precision']['n']} clips)")
-  return "\n".join(lines)
-
-
-def training_results(evals: Mapping[str, Mapping], data: str) -> dict:
-  """results.json's content from the trainer's per-stage evaluations (eval_<stage>.json): per stage, each mode's
-  numbers and `skipped`, the records of each evaluated split skipped as bad ({split: {'count', 'ids'}}; absent
-  for an eval_<stage>.json written before it was recorded)."""
-  out = {}
-  for stage, ev in evals.items():
-    out[stage] = {mode: {k: float(v[k]) for k in ("precision", "recall", "f")}
-                  for mode, v in ev["summary"][data].items()}
-    if data in ev.get("skipped", {}):
-      out[stage]["skipped"] = ev["skipped"][data]
-  return out
-
-
-def results_markdown(evals: Mapping[str, Mapping], data: str, split: str) -> str:
-  """WORKDIR/results.md: the final table, the fast-vs-slow lines and the records skipped as bad, if any."""
-  skips = [f"- {stage}: {line}" for stage, ev in evals.items()
-           for line in skipped_lines({data: ev.get("skipped", {}).get(data, {})})]
-  return (f"# MER-R1 results ({data}, {split} split, OV emotion-wheel level 1, fractions x 100)\n\n"
-          f"{results_table(training_results(evals, data))}\n\nFast vs slow:\n{training_gap_lines(evals, data)}\n"
-          + ("\nSkipped as bad records:\n" + "\n".join(skips) + "\n" if skips else ""))

@@ -33,10 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from merr1_jax import rl
-from merr1_jax.training import batch_loss
 from merr1_jax.rollout import passes as grouped
 from merr1_jax.task import prompts
-from merr1_jax.training import assembly, experience
+from merr1_jax.training import assembly, batch_loss, experience
 from merr1_jax.training import optimizer as optim
 from merr1_jax.training import step as ts
 

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import optax
 
 from merr1_jax import rl
-from merr1_jax.training import batch_loss
 from merr1_jax.models import base, lora
 from merr1_jax.rl import loss as rl_loss
 from merr1_jax.rollout import passes as grouped
+from merr1_jax.training import batch_loss
 from merr1_jax.training import optimizer as optim
 
 Array = jax.Array

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -212,13 +213,63 @@ def run_rl(run: Run, stage: ts.Stage, params, guard):
 
 def _write_results(run: Run, evals: dict[str, dict]) -> dict:
   data = run.config.data.name
-  results = reports.training_results(evals, data)
+  results = _training_results(evals, data)
   if jax.process_index() == 0:
     artifacts.write_text_atomic(run.workdir / "results.json", json.dumps(results, indent=1))
-    md = reports.results_markdown(evals, data, run.config.data.eval_split)
+    md = _results_markdown(evals, data, run.config.data.eval_split)
     artifacts.write_text_atomic(run.workdir / "results.md", md)
     print("\n" + md)
   return results
+
+
+# ----------------------------------------------------------------------------------------- results.json / .md
+
+
+def _results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+  """The markdown table of results.json ({stage: {mode: {precision, recall, f}}}), in points."""
+  lines = ["| checkpoint | mode | precision | recall | F |", "|---|---|---|---|---|"]
+  for stage in ("sft", "rl"):
+    for mode in ("fast", "slow"):
+      r = results.get(stage, {}).get(mode)
+      if r:
+        lines.append(f"| {stage} | {mode} | {100 * r['precision']:.2f} | {100 * r['recall']:.2f} | "
+                     f"{100 * r['f']:.2f} |")
+  return "\n".join(lines)
+
+
+def _training_gap_lines(evals: Mapping[str, Mapping], data: str) -> str:
+  """The fast-vs-slow analysis per stage: slow minus fast, paired per clip, with 95% intervals."""
+  lines = []
+  for stage, ev in evals.items():
+    g = ev.get("analysis", {}).get(data, {}).get("fast_vs_slow")
+    if not g or g["precision"]["slow_minus_fast"] is None:
+      continue
+    cell = lambda d: f"{100 * d['slow_minus_fast']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
+    lines.append(f"- {stage}: slow - fast precision {cell(g['precision'])}, recall {cell(g['recall'])} "
+                 f"(points, n = {g['precision']['n']} clips)")
+  return "\n".join(lines)
+
+
+def _training_results(evals: Mapping[str, Mapping], data: str) -> dict:
+  """results.json's content from the trainer's per-stage evaluations (eval_<stage>.json): per stage, each mode's
+  numbers and `skipped`, the records of each evaluated split skipped as bad ({split: {'count', 'ids'}}; absent
+  for an eval_<stage>.json written before it was recorded)."""
+  out = {}
+  for stage, ev in evals.items():
+    out[stage] = {mode: {k: float(v[k]) for k in ("precision", "recall", "f")}
+                  for mode, v in ev["summary"][data].items()}
+    if data in ev.get("skipped", {}):
+      out[stage]["skipped"] = ev["skipped"][data]
+  return out
+
+
+def _results_markdown(evals: Mapping[str, Mapping], data: str, split: str) -> str:
+  """WORKDIR/results.md: the final table, the fast-vs-slow lines and the records skipped as bad, if any."""
+  skips = [f"- {stage}: {line}" for stage, ev in evals.items()
+           for line in reports.skipped_lines({data: ev.get("skipped", {}).get(data, {})})]
+  return (f"# MER-R1 results ({data}, {split} split, OV emotion-wheel level 1, fractions x 100)\n\n"
+          f"{_results_table(_training_results(evals, data))}\n\nFast vs slow:\n{_training_gap_lines(evals, data)}\n"
+          + ("\nSkipped as bad records:\n" + "\n".join(skips) + "\n" if skips else ""))
 
 
 def train(config, workdir: str) -> dict:
