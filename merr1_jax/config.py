@@ -1,10 +1,7 @@
-"""Loading and validating the run config (configs/base.py).
-
-`validate(config, num_devices, device_memory_gb)` runs before anything is built and raises `ConfigError` with a
-message that names the field: every field has a rule (type, range or choices; `_FIELD_RULES`), then the checks
-that tie fields together (batch divisibility, the mesh against the devices, whether the train state fits, from
-merr1_jax/infra/memory.py). `model_config` resolves the model section into a ModelConfig (validate needs it); every
-other typed setting is built in merr1_jax/training/settings.py, the one seam between the ConfigDict and the library.
+"""Loading and validating the run config (configs/base.py): `load`, `to_json`, and `validate`, which runs before
+anything is built and raises `ConfigError` naming the field: every field has a rule (type, range or choices;
+`_FIELD_RULES`), then the checks that tie fields together (batch divisibility, the mesh against the devices). The
+typed settings, and the checks that need them, are merr1_jax/training/settings.py's.
 """
 
 from __future__ import annotations
@@ -21,9 +18,7 @@ import ml_collections
 
 from merr1_jax import rl
 from merr1_jax.data import synth
-from merr1_jax.infra import memory
 from merr1_jax.models import presets
-from merr1_jax.models.config import ModelConfig
 
 # Presets small enough to run on CPU with the tokenizer built from MER-Synth; every other preset is a real model
 # that needs a HF tokenizer (data.tokenizer_dir, or the checkpoint at model.hf_path).
@@ -50,36 +45,6 @@ def load(spec: str) -> ml_collections.ConfigDict:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), sort_keys=True, default=str)
-
-
-def is_embedded(config: ml_collections.ConfigDict) -> bool:
-  return config.model.preset in EMBEDDED_PRESETS
-
-
-def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
-  """The HF tokenizer directory of the run: data.tokenizer_dir, else model.hf_path for a real model (a HF
-  checkpoint ships its tokenizer); "" = build the MER-Synth tokenizer (embedded models)."""
-  if config.data.tokenizer_dir:
-    return config.data.tokenizer_dir
-  return "" if is_embedded(config) else config.model.hf_path
-
-
-def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
-                 video_token_id: int | None = None, audio_token_id: int | None = None) -> ModelConfig:
-  """The ModelConfig of `config.model`, with the tokenizer-derived fields (-1 in the config) filled in."""
-  m = config.model
-  fields = {k: v for k, v in m.to_dict().items() if k not in ("preset", "hf_path")}
-  fields["mrope_section"] = tuple(fields["mrope_section"]) or None
-  for key, value in (("vocab_size", vocab_size), ("video_token_id", video_token_id),
-                     ("audio_token_id", audio_token_id)):
-    if fields[key] == -1:
-      if value is None:
-        raise ConfigError(f"model.{key} is -1 (from the tokenizer) but no tokenizer value was given")
-      fields[key] = value
-  try:
-    return presets.get(m.preset, **fields)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.model: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -253,12 +218,10 @@ def _get(config, dotted: str):
   return node
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
-             device_memory_gb: float | None = None) -> None:
-  """Checks the whole config; raises ConfigError naming the first bad field. Builds nothing.
-
-  `num_devices` enables the checks against the mesh; `device_memory_gb` (or config.mesh.device_memory_gb, which
-  wins when set) the check that the train state fits on a device."""
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks every field and the fields that must agree; raises ConfigError naming the first bad field. Builds
+  nothing. `num_devices` enables the checks against the mesh. training/settings.validate runs this, then the
+  checks that need the typed settings (the model, the stages, the memory plan)."""
 
   def need(cond: bool, field: str, msg: str):
     if not cond:
@@ -276,10 +239,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if config.data.name == "mer_features":
     need(bool(config.data.records_dir) and pathlib.Path(config.data.records_dir).is_dir(), "data.records_dir",
          f"{config.data.records_dir!r} is not a directory of preprocessed records")
-  if not is_embedded(config) or config.data.name == "mer_features":
-    need(bool(tokenizer_dir(config)), "data.tokenizer_dir",
-         f"model {config.model.preset!r} on data {config.data.name!r} needs a HF tokenizer: set "
-         "data.tokenizer_dir, or model.hf_path to the HF checkpoint that holds it")
   need(config.data.label_space == "wheels" or config.data.name == "mer_synth", "data.label_space",
        f"'identity' needs a dataset with a closed label list (mer_synth); {config.data.name!r} records carry "
        "open-vocabulary sets: use 'wheels'")
@@ -309,11 +268,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   need(config.sft.batch_size % config.sft.micro_batches == 0, "sft.micro_batches",
        f"sft.batch_size {config.sft.batch_size} is not divisible by {config.sft.micro_batches} micro-batches")
 
-  mc = model_config(config, vocab_size=1024, video_token_id=1, audio_token_id=2)
-  if config.lora.train_full and mc.lora_rank:  # like rl.freeze: a regex that matches nothing is a typo
-    need(memory.train_full_count(mc, config.lora.train_full) > 0, "lora.train_full",
-         f"{config.lora.train_full!r} matches no parameter of the model (paths look like 'decoder/embed/embedding', "
-         "'decoder/layers/q_kernel', 'video_proj/in_kernel')")
   if num_devices is not None:
     from merr1_jax.infra import sharding  # noqa: PLC0415 - keeps jax device queries out of import time
     try:
@@ -330,31 +284,3 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
       need(False, "rl.micro_batches", f"grouped updates split whole groups: {r.prompts_per_step} prompts in "
            f"{parts} mini x micro-batches leave {r.prompts_per_step // parts} per part, which do not divide over the "
            f"mesh's {shards} batch shards; lower rl.micro_batches (docs/scaling.md)")
-    device_gb = config.mesh.device_memory_gb or device_memory_gb
-    if device_gb:
-      _check_memory(config, mc, shape, device_gb)
-
-
-def _check_memory(config: ml_collections.ConfigDict, mc: ModelConfig, shape, device_gb: float) -> None:
-  """Refuses a mesh whose per-device share of the largest stage's train state exceeds the state's share of a
-  device (memory.STATE_MEMORY_FRACTION)."""
-  r = config.rl
-  model_shards = shape[1] * shape[2]
-  full = memory.train_full_count(mc, config.lora.train_full) if mc.lora_rank else 0
-  gb = {s: memory.state_gb_per_device(
-      mc, with_reference=s == "rl" and r.beta > 0, micro_batches=getattr(config, s).micro_batches,
-      model_shards=model_shards, lora_stage=bool(mc.lora_rank) and s in tuple(config.lora.stages),
-      train_full_params=full) for s in config.stages}
-  stage = max(gb, key=gb.get)
-  need_gb, with_ref, micro = gb[stage], stage == "rl" and r.beta > 0, getattr(config, stage).micro_batches
-  if need_gb > memory.STATE_MEMORY_FRACTION * device_gb:
-    raise ConfigError(
-        f"config.mesh.shape: mesh {tuple(shape)} splits the parameters {model_shards} way(s): the {stage} train "
-        f"state of {config.model.preset} ({memory.param_count(mc) / 1e9:.2f} B parameters in {mc.param_dtype}: "
-        f"weights, AdamW moments, gradients{' with float32 accumulators' if micro > 1 else ''}"
-        f"{', the KL reference' if with_ref else ''}"
-        f"{', LoRA: adapters trained, base frozen' if mc.lora_rank and stage in tuple(config.lora.stages) else ''})"
-        f" needs {need_gb:.1f} GB per device, more than "
-        f"{memory.STATE_MEMORY_FRACTION:.0%} of the {device_gb:g} GB a device has (mesh.device_memory_gb); shard it "
-        "with a mesh preset (configs/base.py:...,mesh=gpu8|v5p8|v4_32) or --config.mesh.shape='(1,N,1)', or train "
-        "LoRA adapters (--config.model.lora_rank=8, lora.stages; docs/lora.md)")

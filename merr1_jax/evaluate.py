@@ -311,7 +311,7 @@ def run(args, overrides: Sequence[str]) -> dict:
   workdir, out = check_paths(args)
   config = build_config(args.config, overrides)
   try:
-    cfglib.validate(config, jax.device_count())
+    settingslib.validate(config, jax.device_count())
   except ValueError as e:  # config.ConfigError included
     raise EvalError(f"config: {e}") from None
   shards = _mesh(config).shape["data"] * _mesh(config).shape["fsdp"]

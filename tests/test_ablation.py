@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from merr1_jax import config as cfglib
+from merr1_jax.training import settings
 from merr1_jax.data import synth
 from merr1_jax.task import metrics
 
@@ -54,7 +55,7 @@ def test_rows_differ_only_in_what_their_names_say(row, other, keys):
   a, b = _row(row), _row(other)
   assert a.keys() == b.keys()
   assert {k for k in a if a[k] != b[k]} == keys
-  cfglib.validate(cfglib.load(f"{BASE}:ablation={row}"))
+  settings.validate(cfglib.load(f"{BASE}:ablation={row}"))
   assert (a["rl.n_slow"], a["rl.n_fast"]) == (4, 0)  # the reported 4 responses per prompt, all slow
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from merr1_jax import rl
+from merr1_jax.training import settings
 
 # One wheel, categories [sad, angry, worried, happy]; ground truth {sad, angry}. Probabilities of each category's
 from merr1_jax.training import experience
@@ -344,6 +345,6 @@ def test_a_reading_for_another_kind_is_refused_by_the_config_check():
   config = cfglib.load(str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "base.py"))
   config.rl.calibration, config.rl.cal_reading = "contrastive_gain", "max"
   with pytest.raises(cfglib.ConfigError, match=r"rl\.cal_reading: 'max' is read by rl\.calibration='one_sided' only"):
-    cfglib.validate(config)
+    settings.validate(config)
   config.rl.calibration = "one_sided"
-  cfglib.validate(config)
+  settings.validate(config)

@@ -273,7 +273,7 @@ def test_the_label_space_switch_reaches_rewards_token_sets_and_evaluation(config
   for (kind, level), (name, wheels, metric) in cases.items():
     c = config.copy_and_resolve_references()
     c.data.label_space, c.data.wheel_level = kind, level
-    cfglib.validate(c)
+    settings.validate(c)
     ctx = run_setup.experience_context(c, tok, model, None)
     assert ctx.space.name == name and ctx.space.num_wheels == wheels
     assert ctx.token_sets.shape == (wheels, ctx.space.num_clusters, tok.vocab_size)
@@ -284,7 +284,7 @@ def test_the_label_space_switch_reaches_rewards_token_sets_and_evaluation(config
   assert settings.label_space(c).cluster_names == (tuple(sorted(synth.EMOTIONS)),)
   c.data.name, c.data.records_dir, c.data.tokenizer_dir = "mer_features", str(tmp_path), str(tmp_path)
   with pytest.raises(cfglib.ConfigError, match="config.data.label_space: 'identity' needs a dataset"):
-    cfglib.validate(c)
+    settings.validate(c)
 
 
 # ------------------------------------------------------------------------------ calibration's advantage space

@@ -20,6 +20,7 @@ from merr1_jax import config as cfglib
 from merr1_jax.infra import memory, sharding
 from merr1_jax.models import base, hf_io, lora, mllm, presets
 from merr1_jax.training import optimizer as optim
+from merr1_jax.training import settings
 from merr1_jax.training import step as ts
 from tests.helpers import shared
 from tests.helpers.batches import V
@@ -435,15 +436,15 @@ def test_config_checks_for_lora():
   c = cfglib.load(BASE)
   c.lora.train_full = "embed"
   with pytest.raises(cfglib.ConfigError, match="lora.train_full: is set but model.lora_rank is 0"):
-    cfglib.validate(c)
+    settings.validate(c)
   c.model.lora_rank, c.lora.train_full = 8, "embeddings"  # a typo: the path is decoder/embed/embedding
   with pytest.raises(cfglib.ConfigError, match=r"lora.train_full: 'embeddings' matches no parameter"):
-    cfglib.validate(c)
+    settings.validate(c)
   c.lora.train_full = "embed/embedding"
-  cfglib.validate(c)
+  settings.validate(c)
   c.lora.stages, c.stages = ("sft",), ("rl",)
   with pytest.raises(cfglib.ConfigError, match=r"lora.stages: model.lora_rank = 8 but none of lora.stages.*add one"):
-    cfglib.validate(c)
+    settings.validate(c)
 
 
 def test_memory_plan_with_lora_on_one_gpu(tmp_path):
@@ -459,9 +460,9 @@ def test_memory_plan_with_lora_on_one_gpu(tmp_path):
   c.model.hf_path = c.data.records_dir = str(tmp_path)
   assert tuple(c.mesh.shape) == (1, 1, 1) and c.mesh.device_memory_gb == 80.0
   with pytest.raises(cfglib.ConfigError, match=r"mesh.shape: .*train LoRA adapters"):
-    cfglib.validate(c, 1)
+    settings.validate(c, 1)
   c.model.lora_rank, c.lora.stages = 8, ("sft", "rl")
-  cfglib.validate(c, 1)
+  settings.validate(c, 1)
 
 
 # ------------------------------------------------------------------------------------------- trainer

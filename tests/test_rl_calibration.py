@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from merr1_jax import rl
+from merr1_jax.training import settings
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -331,12 +332,12 @@ def test_calibration_registry_is_a_plain_mapping_with_one_signature():
     rl.CALIBRATIONS["slow_gt_mass"] = lambda s, f, m, g, cm, c: (s * g[:, None]).sum((1, 2, 3))
     for kind in ("none", "contrastive_gain", "fast_prior_kl", "one_sided", "slow_gt_mass"):
       config.rl.calibration = kind
-      cfglib.validate(config)
+      settings.validate(config)
   finally:
     del rl.CALIBRATIONS["slow_gt_mass"]
   config.rl.calibration = "slow_gt_mass"
   with pytest.raises(cfglib.ConfigError, match="rl.calibration"):
-    cfglib.validate(config)
+    settings.validate(config)
   config.rl.calibration, config.rl.cal_alpha = "fast_prior_kl", -1.0
   with pytest.raises(cfglib.ConfigError, match="rl.cal_alpha"):
-    cfglib.validate(config)
+    settings.validate(config)

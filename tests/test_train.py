@@ -435,7 +435,7 @@ def test_bad_configs_fail_before_anything_is_built(field, value, message):
   else:
     _set(c, field, value)
   with pytest.raises(cfglib.ConfigError) as e:
-    cfglib.validate(c, num_devices=2)
+    settings.validate(c, num_devices=2)
   assert message in str(e.value), str(e.value)
 
 
@@ -465,15 +465,15 @@ def test_cross_field_checks():
   c = _smoke()
   c.rl.n_slow, c.rl.n_fast = 1, 0
   with pytest.raises(cfglib.ConfigError, match=r"config\.rl\.n_slow: need n_slow \+ n_fast >= 2"):
-    cfglib.validate(c)
+    settings.validate(c)
   c = _smoke()
   c.rl.prompts_per_step, c.mesh.shape = 3, (2, 1, 1)
   with pytest.raises(cfglib.ConfigError, match=r"config\.rl\.prompts_per_step: 3 rows do not divide"):
-    cfglib.validate(c, num_devices=2)
+    settings.validate(c, num_devices=2)
   c = _smoke()
   c.rl.n_slow, c.rl.calibration = 0, "contrastive_gain"
   with pytest.raises(cfglib.ConfigError, match=r"config\.rl\.calibration: contrastive_gain needs slow rollouts"):
-    cfglib.validate(c)
+    settings.validate(c)
 
 
 def _leaves(d, prefix=""):
@@ -507,7 +507,7 @@ def test_every_field_refuses_a_typo_class_value(field):
       type(default)]
   _set(c, field, bad)
   with pytest.raises(cfglib.ConfigError, match=f"^config\\.{field.replace('.', '[.]')}: "):
-    cfglib.validate(c, num_devices=1)
+    settings.validate(c, num_devices=1)
 
 
 @pytest.mark.parametrize("field", sorted(cfglib._FIELD_RULES))
@@ -516,7 +516,7 @@ def test_every_field_refuses_none(field):
   c = _smoke()
   _set(c, field, None)
   with pytest.raises(cfglib.ConfigError, match=f"^config\\.{field.replace('.', '[.]')}: "):
-    cfglib.validate(c, num_devices=1)
+    settings.validate(c, num_devices=1)
 
 
 def test_unknown_preset_in_config_arg():
@@ -537,12 +537,12 @@ def test_config_typos_fail_loudly(tmp_path):
 
 
 def test_default_config_validates(tmp_path):
-  cfglib.validate(cfglib.load(BASE), num_devices=1, device_memory_gb=16.0)
+  settings.validate(cfglib.load(BASE), num_devices=1, device_memory_gb=16.0)
   real = cfglib.load(BASE + ":model=qwen2_5_omni_7b_thinker")
   real.model.hf_path = str(tmp_path)
   assert tuple(real.mesh.shape) == (1, -1, 1)  # a real model shards its parameters by default
-  assert cfglib.tokenizer_dir(real) == str(tmp_path)  # and reads its tokenizer from the checkpoint
-  cfglib.validate(real, 8, 80.0)
+  assert settings.tokenizer_dir(real) == str(tmp_path)  # and reads its tokenizer from the checkpoint
+  settings.validate(real, 8, 80.0)
 
 
 # ------------------------------------------------------------------------------------ recipes and memory
@@ -575,10 +575,10 @@ def test_mesh_presets_fit_the_7b_thinker(tmp_path, mesh, devices, shape, memory)
   c = cfglib.load(f"{BASE}:model=qwen2_5_omni_7b_thinker,data=mer_features,mesh={mesh}")
   c.model.hf_path = c.data.records_dir = str(tmp_path)
   assert tuple(c.mesh.shape) == shape and c.mesh.device_memory_gb == memory
-  cfglib.validate(c, devices)
+  settings.validate(c, devices)
   with pytest.raises(cfglib.ConfigError, match=rf"config\.mesh\.shape: mesh shape {re.escape(str(shape))} needs "
                                                rf"{devices} devices but {devices * 2}"):
-    cfglib.validate(c, devices * 2)
+    settings.validate(c, devices * 2)
 
 
 def test_replicating_a_real_model_that_cannot_fit_is_refused(tmp_path):
@@ -589,24 +589,24 @@ def test_replicating_a_real_model_that_cannot_fit_is_refused(tmp_path):
   c.rl.micro_batches, c.rl.prompts_per_step = 8, 64  # each micro-batch's 8 prompts over the 8 batch shards
   with pytest.raises(cfglib.ConfigError, match=r"config\.mesh\.shape: mesh \(8, 1, 1\) splits the parameters 1 "
                                                r"way\(s\): the rl train state .*needs 106\.6 GB per device.*80 GB"):
-    cfglib.validate(c, 8, 80.0)
+    settings.validate(c, 8, 80.0)
   c.rl.micro_batches = 1  # the recipe's own (a whole group per device): no accumulators, 7.62e9 x 10 B
   with pytest.raises(cfglib.ConfigError, match=r"needs 76\.2 GB per device, more than 75% of the 80 GB"):
-    cfglib.validate(c, 8, 80.0)
+    settings.validate(c, 8, 80.0)
   c.mesh.device_memory_gb = 141.0  # an H200 holds that (76 GB <= 75% of 141 GB)
-  cfglib.validate(c, 8, 80.0)
+  settings.validate(c, 8, 80.0)
   c.mesh.device_memory_gb = 0.0  # unknown memory (CPU): not checked
-  cfglib.validate(c, 8)
+  settings.validate(c, 8)
 
 
 def test_a_real_model_needs_a_tokenizer(tmp_path):
   c = cfglib.load(f"{BASE}:model=qwen2_5_omni_3b_thinker")
   with pytest.raises(cfglib.ConfigError, match=r"config\.data\.tokenizer_dir: model 'qwen2_5_omni_3b_thinker'.*"
                                                r"needs a HF tokenizer"):
-    cfglib.validate(c)
+    settings.validate(c)
   c.data.tokenizer_dir = str(tmp_path)
-  cfglib.validate(c)
-  assert cfglib.tokenizer_dir(cfglib.load(BASE)) == ""  # the embedded model builds the MER-Synth one
+  settings.validate(c)
+  assert settings.tokenizer_dir(cfglib.load(BASE)) == ""  # the embedded model builds the MER-Synth one
 
 
 def test_evaluate_cli_reproduces_the_trainers_final_table(reference_run, tmp_path):

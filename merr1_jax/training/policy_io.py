@@ -58,7 +58,7 @@ def tokenizer_signature(tok) -> dict:
 
 def _run_tokenizer(config, workdir) -> tuple[object | None, str]:
   """The run's tokenizer on disk, chosen as the trainer chooses it (run_setup), or None when there is none."""
-  directory = cfglib.tokenizer_dir(config)  # data.tokenizer_dir, or a real model's hf_path
+  directory = settings.tokenizer_dir(config)  # data.tokenizer_dir, or a real model's hf_path
   if directory:
     try:
       return toklib.load_hf(directory), f"tokenizer directory {directory}"

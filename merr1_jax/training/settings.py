@@ -1,12 +1,10 @@
 """The one seam between the run config (a ConfigDict, configs/base.py) and the library's typed settings.
 
-Every frozen settings object the library takes is built here from a validated config, and nowhere else:
-`model_config` (ModelConfig), `stage` (a train_step.Stage: steps, freezing, LoRA, reference, step and optimizer
-settings; its `init_state` builds the stage's train state for the trainer, the evaluate CLI and the benchmarks),
-`experience_settings` (what one RL step's rollouts, rewards and advantages need), `evaluation_settings`
-(EvalSettings), `synth_config` (the MER-Synth generator) and `pipeline_config` (a Grain pipeline). The library
-dataclasses hold no copy of the config's defaults: configs/base.py is the single place that sets them. Nothing
-below the trainer reads the ConfigDict.
+Every frozen settings object the library takes is built here from a config, and nowhere else: `model_config`,
+`stage` / `stages` (training.step.Stage: steps, freezing, LoRA, reference, step and optimizer settings),
+`experience_settings`, `evaluation_settings`, `synth_config`, `pipeline_config`; `validate` is the whole check of
+a config (config.validate's field rules, then what needs these objects). The library dataclasses hold no copy of
+the config's defaults (configs/base.py sets them); nothing below the trainer reads the ConfigDict.
 """
 
 from __future__ import annotations
@@ -20,7 +18,8 @@ from merr1_jax import rl
 from merr1_jax.data import pipeline as pipelib
 from merr1_jax.data import synth as synthlib
 from merr1_jax.evaluation import core as evaluation
-from merr1_jax.models import lora
+from merr1_jax.infra import memory
+from merr1_jax.models import lora, presets
 from merr1_jax.models.config import ModelConfig
 from merr1_jax.rollout import sampling
 from merr1_jax.task import prompts, rewards
@@ -29,7 +28,85 @@ from merr1_jax.training import optimizer as optimlib
 from merr1_jax.training import step as ts
 
 Config = ml_collections.ConfigDict
-model_config = cfglib.model_config  # ModelConfig of config.model (config.validate needs it, so it lives there)
+def is_embedded(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model is one of the small presets that run on the MER-Synth tokenizer (no HF checkpoint)."""
+  return config.model.preset in cfglib.EMBEDDED_PRESETS
+
+
+def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
+  """The HF tokenizer directory of the run: data.tokenizer_dir, else model.hf_path for a real model (a HF
+  checkpoint ships its tokenizer); "" = build the MER-Synth tokenizer (embedded models)."""
+  if config.data.tokenizer_dir:
+    return config.data.tokenizer_dir
+  return "" if is_embedded(config) else config.model.hf_path
+
+
+def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
+                 video_token_id: int | None = None, audio_token_id: int | None = None) -> ModelConfig:
+  """The ModelConfig of `config.model`, with the tokenizer-derived fields (-1 in the config) filled in."""
+  m = config.model
+  fields = {k: v for k, v in m.to_dict().items() if k not in ("preset", "hf_path")}
+  fields["mrope_section"] = tuple(fields["mrope_section"]) or None
+  for key, value in (("vocab_size", vocab_size), ("video_token_id", video_token_id),
+                     ("audio_token_id", audio_token_id)):
+    if fields[key] == -1:
+      if value is None:
+        raise cfglib.ConfigError(f"model.{key} is -1 (from the tokenizer) but no tokenizer value was given")
+      fields[key] = value
+  try:
+    return presets.get(m.preset, **fields)
+  except (TypeError, ValueError) as e:
+    raise cfglib.ConfigError(f"config.model: {e}") from e
+
+
+def validate(config: Config, num_devices: int | None = None, device_memory_gb: float | None = None) -> None:
+  """The whole check of a run's config before anything is built (ConfigError naming the first bad field): every
+  field and the fields that agree (config.validate), then what needs the typed settings: a tokenizer for a real
+  model, the model section itself, lora.train_full's regex, and, with `num_devices` and a device size
+  (`device_memory_gb`, or config.mesh.device_memory_gb, which wins), that the largest stage's train state fits."""
+  cfglib.validate(config, num_devices)
+
+  def need(cond: bool, field: str, msg: str):
+    if not cond:
+      raise cfglib.ConfigError(f"config.{field}: {msg}")
+
+  if not is_embedded(config) or config.data.name == "mer_features":
+    need(bool(tokenizer_dir(config)), "data.tokenizer_dir",
+         f"model {config.model.preset!r} on data {config.data.name!r} needs a HF tokenizer: set "
+         "data.tokenizer_dir, or model.hf_path to the HF checkpoint that holds it")
+  mc = model_config(config, vocab_size=1024, video_token_id=1, audio_token_id=2)
+  if config.lora.train_full and mc.lora_rank:  # like rl.freeze: a regex that matches nothing is a typo
+    need(memory.train_full_count(mc, config.lora.train_full) > 0, "lora.train_full",
+         f"{config.lora.train_full!r} matches no parameter of the model (paths look like 'decoder/embed/embedding', "
+         "'decoder/layers/q_kernel', 'video_proj/in_kernel')")
+  device_gb = config.mesh.device_memory_gb or device_memory_gb
+  if num_devices is not None and device_gb:
+    from merr1_jax.infra import sharding  # noqa: PLC0415 - keeps jax device queries out of import time
+    _check_memory(config, mc, sharding.mesh_shape_for(config.mesh.shape, num_devices), device_gb)
+
+
+def _check_memory(config: Config, mc: ModelConfig, shape, device_gb: float) -> None:
+  """Refuses a mesh whose per-device share of the largest stage's train state exceeds the state's share of a
+  device (memory.STATE_MEMORY_FRACTION)."""
+  model_shards = shape[1] * shape[2]
+  full = memory.train_full_count(mc, config.lora.train_full) if mc.lora_rank else 0
+  by_name = {s.name: s for s in stages(config)}
+  gb = {name: memory.state_gb_per_device(
+      mc, with_reference=s.with_reference, micro_batches=s.step.micro_batches, model_shards=model_shards,
+      lora_stage=s.lora, train_full_params=full) for name, s in by_name.items()}
+  stage = max(gb, key=gb.get)
+  need_gb, with_ref, micro = gb[stage], by_name[stage].with_reference, by_name[stage].step.micro_batches
+  if need_gb > memory.STATE_MEMORY_FRACTION * device_gb:
+    raise cfglib.ConfigError(
+        f"config.mesh.shape: mesh {tuple(shape)} splits the parameters {model_shards} way(s): the {stage} train "
+        f"state of {config.model.preset} ({memory.param_count(mc) / 1e9:.2f} B parameters in {mc.param_dtype}: "
+        f"weights, AdamW moments, gradients{' with float32 accumulators' if micro > 1 else ''}"
+        f"{', the KL reference' if with_ref else ''}"
+        f"{', LoRA: adapters trained, base frozen' if by_name[stage].lora else ''})"
+        f" needs {need_gb:.1f} GB per device, more than "
+        f"{memory.STATE_MEMORY_FRACTION:.0%} of the {device_gb:g} GB a device has (mesh.device_memory_gb); shard it "
+        "with a mesh preset (configs/base.py:...,mesh=gpu8|v5p8|v4_32) or --config.mesh.shape='(1,N,1)', or train "
+        "LoRA adapters (--config.model.lora_rank=8, lora.stages; docs/lora.md)")
 
 
 def stage(config: Config, name: str) -> ts.Stage:

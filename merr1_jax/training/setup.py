@@ -237,8 +237,8 @@ def check_resume(config, workdir: pathlib.Path) -> None:
 
 
 def _tokenizer(config, workdir: pathlib.Path):
-  if cfglib.tokenizer_dir(config):
-    return toklib.load_hf(cfglib.tokenizer_dir(config))
+  if settings.tokenizer_dir(config):
+    return toklib.load_hf(settings.tokenizer_dir(config))
   path = workdir / "tokenizer.json"
   if path.exists():
     return toklib.load(path)
@@ -309,7 +309,7 @@ def eval_token_sets(config, tok, model, ctx: experience.Context):
 def setup(config, workdir) -> Run:
   """Validates and checks the workdir, then builds the run. Raises ConfigError before anything is compiled."""
   sharding.init_distributed(config.mesh.coordinator or None)
-  cfglib.validate(config, jax.device_count(), memory.local_device_memory_gb())
+  settings.validate(config, jax.device_count(), memory.local_device_memory_gb())
   workdir = pathlib.Path(workdir)
   check_resume(config, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
