@@ -1,7 +1,7 @@
 """The paper's ablation on the embedded default: a grid of ablation rows x seeds, one SFT per seed shared by every row.
 
     python benchmarks/ablation.py --presets grpo_f1,rd,rd_ad,mer_r1 --seeds 0,1,2 [--out /tmp/merr1_ablation]
-        [--probe_every 20] [--write docs/benchmarks.md] [--config configs/base.py] [extra --config.x=y ...]
+        [--probe_every 20] [--write docs/benchmarks/ablation.md] [--config configs/base.py] [extra --config.x=y ...]
 
 For each seed, one cold-start SFT (`--config.stages=('sft',)`) in OUT/seed<S>/sft; then for each row
 (configs/base.py:ablation=ROW) the RL stage in OUT/seed<S>/<ROW>, which starts from that SFT checkpoint (copied

@@ -20,7 +20,7 @@ moves both sides alike; every round's own ratio is listed too), and each process
 
 With docs on, the table, the machine (CPU, cores, load average at the start and at the end of the run), the
 date, the peer environments (each venv's pip freeze checked against benchmarks/peers/requirements-*.txt) and the
-exact commands replace the workload's section of docs/benchmarks.md ('## Peers', '## Peers: MER workload';
+exact commands replace the workload's section of docs/benchmarks/peers.md ('## Peers', '## Peers: MER workload';
 appended if absent); --note adds a line about the run's conditions, printed as given. Everything in the section
 comes from this script, so the next run replaces all of it. A peer that fails is reported with the tail of its
 log; the others still run.
@@ -262,7 +262,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--steps", type=int, default=2, help="timed steps per run")
   ap.add_argument("--impls", default="ours,trl,tunix")
   ap.add_argument("--timeout_s", type=float, default=3600)
-  ap.add_argument("--docs", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+  ap.add_argument("--docs", default=os.path.join(ROOT, "docs", "benchmarks", "peers.md"))
   ap.add_argument("--no_docs", action="store_true")
   ap.add_argument("--skip_prepare", action="store_true", help="reuse benchmarks/peers/.work")
   ap.add_argument("--json", default=None, help="also write every run's result here")

@@ -11,7 +11,7 @@ What is counted, independently of each other, over the timed batches:
   records   the clips those rows come from: SFT makes one example per record and mode (slow, fast), so an SFT
             record is 2 examples; RL and eval make one example per record (an RL example holds both prompts).
 
-For scale: docs/benchmarks.md ("Default run") measures an RL step of the default run at about 0.3-1 s for 8
+For scale: docs/benchmarks/default_run.md ("Default run") measures an RL step of the default run at about 0.3-1 s for 8
 prompts, i.e. a demand of 8-27 records/s. The pipeline is not the bottleneck while its RL records/s stays far
 above that; the last line prints the ratio against the fast end (0.3 s per step).
 """
@@ -28,7 +28,7 @@ from absl import flags
 from merr1_jax.data import pipeline, schema, synth
 from merr1_jax.data import tfds_builders as tb
 
-RL_STEP_S = 0.3  # the fast end of the default run's RL step (docs/benchmarks.md, "Default run")
+RL_STEP_S = 0.3  # the fast end of the default run's RL step (docs/benchmarks/default_run.md, "Default run")
 RL_PROMPTS_PER_STEP = 8  # configs/base.py rl.prompts_per_step
 
 

@@ -1,12 +1,12 @@
 """The default run's acceptance figure: SFT vs MER-R1 RL slow-mode F on MER-Synth, over several seeds.
 
-    python benchmarks/default_run.py --seeds 0,1,2 [--root /tmp/merr1_default] [--write docs/benchmarks.md]
+    python benchmarks/default_run.py --seeds 0,1,2 [--root /tmp/merr1_default] [--write docs/benchmarks/default_run.md]
         [--section "## Default run: LoRA"] [-- --config.model.lora_rank=8 ...]
 
 Each seed runs the README's main command (`python -m merr1_jax.train --config configs/base.py`) in a fresh
 workdir, timed from process start to exit (compilation included). The script prints one row per seed and the
 mean and spread of the slow-mode F gain (RL minus SFT, percentage points), and with --write replaces the
-"## Default run" section (or --section) of docs/benchmarks.md with the table, the machine and the command.
+"## Default run" section (or --section) of docs/benchmarks/default_run.md with the table, the machine and the command.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Prefix grouping, pass by pass: each teacher-forced pass of an RL step in the grouped and the ungrouped layout.
 
     python benchmarks/prefix_grouping.py [--preset small_20m] [--ratios 1,4,16] [--group 8] [--new_tokens 32]
-        [--prompts 2] [--repeats 5] [--warmup 2] [--json out.json] [--write docs/benchmarks.md]
+        [--prompts 2] [--repeats 5] [--warmup 2] [--json out.json] [--write docs/benchmarks/prefix_grouping.md]
 
 For r = L / T in --ratios (prompt length L = r x T), on random weights and random tokens (the cost of a pass does
 not depend on the values), with P prompts x G completions of T tokens:

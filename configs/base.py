@@ -125,7 +125,7 @@ def _model(preset: str) -> ml_collections.ConfigDict:
   if embedded:
     # The embedded tokenizer is built from MER-Synth: vocab size and placeholder ids come from it (-1 = auto).
     m.vocab_size, m.video_token_id, m.audio_token_id = -1, -1, -1
-    # Small enough that SFT + 400 RL steps fit the 10-minute budget on 2 CPU cores (docs/benchmarks.md).
+    # Small enough that SFT + 400 RL steps fit the 10-minute budget on 2 CPU cores (docs/benchmarks/default_run.md).
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 96, 2, 4, 2, 24, 256
     m.video_dim = m.audio_dim = 32  # MER-Synth feature widths
     m.max_seq_len = 256  # MER-Synth prompt (<= 96) + the longest completion (40)
@@ -201,7 +201,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.dual_clip = 0.0  # c > 1 enables dual-clip PPO; 0 = off
   c.rl.aggregation = "token_mean"  # 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum_norm'
   c.rl.entropy_coef = 0.0  # c_ent, entropy bonus; 0 as in the precursor (temperature 1 keeps exploring)
-  c.rl.learning_rate = 3e-4  # tiny model; 1e-3 made the KL spike past 2 (docs/benchmarks.md, tuning)
+  c.rl.learning_rate = 3e-4  # tiny model; 1e-3 made the KL spike past 2 (docs/benchmarks/default_run.md, tuning)
   c.rl.warmup_steps = 0  # the policy is warm after SFT; the first RL steps need no ramp
   c.rl.micro_batches = 1  # gradient accumulation splits of each update; must divide a mini-batch's prompts
   # PPO iterations (method.md E4, mu): passes over each step's rollouts, and optimizer updates per pass (verl's
@@ -224,7 +224,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.w_cal = 0.5  # w_cal (slow rows only)
   # 'one_sided' | 'contrastive_gain' | 'fast_prior_kl' | 'none' (method.md E3). one_sided is the form the paper's
   # body is reported to describe; contrastive_gain (the precursor's, the default until wave 3) pays for short
-  # answers (docs/benchmarks.md "Ablation on MER-Synth v2: the one-sided calibration, 8 seeds").
+  # answers (docs/benchmarks/ablation.md "Ablation on MER-Synth v2: the one-sided calibration, 8 seeds").
   c.rl.calibration = "one_sided"
   # one_sided's confidence: 'first' (the first answer position) | 'max' (over the anchors) | 'emitted' (each said
   # word's own probability; word level as the paper may mean it)

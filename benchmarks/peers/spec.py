@@ -70,7 +70,7 @@ class Workload:
   modes: tuple[tuple[str, int, int], ...]
   video_rows: int = 0  # of the prompt_len positions, video feature rows on our side (the peers get text there)
   audio_rows: int = 0
-  section: str = "## Peers"  # the docs/benchmarks.md section compare.py writes
+  section: str = "## Peers"  # the docs/benchmarks/peers.md section compare.py writes
 
   def __post_init__(self):
     if not self.modes or self.modes[0][0] != "slow" or any(m not in ("slow", "fast") for m, _, _ in self.modes):

@@ -47,7 +47,7 @@ def token_logprobs(
 
   A vocabulary that fits one chunk takes the direct log-softmax path: the same math without the streaming
   bookkeeping, which XLA's CPU backend otherwise materialises at [B, T, V] in the backward pass
-  (docs/benchmarks.md, RL step).
+  (docs/benchmarks/rl_step.md, RL step).
 
   Returns:
     logp_BxT float32, and entropy_BxT float32 when ``with_entropy``.
