@@ -2,10 +2,8 @@
 base with adapters off, merged and PEFT exports against transformers + peft, sharding, the memory plan, and the
 trainer's adapter-only checkpoints (resume after SIGKILL, refusal of another base or rank)."""
 
-import json
 import re
 import shutil
-import signal
 import sys
 import zlib
 
@@ -22,14 +20,11 @@ from merr1_jax.models import base, hf_io, lora, mllm, presets
 from merr1_jax.training import optimizer as optim
 from merr1_jax.training import settings
 from merr1_jax.training import step as ts
-from tests.helpers import shared
+from tests.helpers import runs
 from tests.helpers.batches import V
 from tests.helpers.batches import row_batch as _batch
 from tests.helpers.batches import step_cfg as _step_cfg
 from tests.helpers.runs import BASE, SMOKE
-from tests.helpers.runs import ckpt_meta as _ckpt_meta
-from tests.helpers.runs import ckpt_state as _ckpt_state
-from tests.helpers.runs import rows as _rows
 from tests.helpers.runs import train as _train
 from tests.helpers.trees import flat_params as _flat
 from tests.oracles import ungrouped
@@ -466,46 +461,14 @@ def test_memory_plan_with_lora_on_one_gpu(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- trainer
-# With dropout, so that resuming is shown to draw the same masks.
-_LORA_RUN = ("--config.model.lora_rank=4", "--config.model.lora_dropout=0.1", "--config.stages=('rl',)",
-             "--config.rl.steps=2")
+_LORA_RUN = runs.LORA_RUN
 
 
 @pytest.fixture(scope="module")
 def lora_reference(tmp_path_factory):
-  """One uninterrupted LoRA run (RL only, from the random init), built once per session across xdist workers."""
-
-  def build(tmp):
-    rc, out, _ = _train(tmp / "w", tmp, *_LORA_RUN)
-    assert rc == 0, out[-4000:]
-
-  return shared.build_once(tmp_path_factory, "lora_reference_run", build) / "w"
-
-
-def test_lora_resume_after_sigkill_is_bit_identical(lora_reference, tmp_path):
-  ref, w = lora_reference, tmp_path / "w"
-  rc, out, _ = _train(w, tmp_path, *_LORA_RUN, env_extra={"MERR1_SIGKILL_AT": "rl:1"})
-  assert rc == -signal.SIGKILL, out[-3000:]
-  rc, out, _ = _train(w, tmp_path, *_LORA_RUN)
-  assert rc == 0, out[-4000:]
-  assert "rl: resumed from step 1" in out
-  assert _rows(w)[1:] == _rows(ref)[1:]
-  got, want = _ckpt_state(w / "checkpoints" / "rl", 2), _ckpt_state(ref / "checkpoints" / "rl", 2)
-  assert got.keys() == want.keys()
-  params = [k for k in got if "params" in k]
-  assert params and all("lora_" in k for k in params)  # adapter-only: no base weight in the checkpoint
-  for k in want:
-    assert np.array_equal(got[k], want[k]), k
-  meta = _ckpt_meta(w / "checkpoints" / "rl", 2)["extra"]["lora_base"]
-  assert meta == _ckpt_meta(ref / "checkpoints" / "rl", 2)["extra"]["lora_base"]
-  assert meta["source"] == "random init, seed 0" and len(meta["fingerprint"]) == 64
-  for d in ("export", "export_base", "export_peft"):
-    files = sorted(p.name for p in (ref / d).glob("*.safetensors"))
-    assert files, d
-    for name in files:
-      assert (w / d / name).read_bytes() == (ref / d / name).read_bytes(), (d, name)
-  cfg = json.loads((ref / "export_peft" / "adapter_config.json").read_text())
-  assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(ref / "export_base")
+  """One uninterrupted LoRA run (tests/helpers/runs.py); its SIGKILL resume is tests/test_train.py's, with the full
+  run's."""
+  return runs.lora_reference(tmp_path_factory)
 
 
 def test_a_lora_checkpoint_refuses_another_rank_or_base(lora_reference, tmp_path):

@@ -22,7 +22,7 @@ from merr1_jax.infra import memory
 from merr1_jax.models import lora, mllm, presets
 from merr1_jax.training import settings
 from merr1_jax.training import setup as run_setup
-from tests.helpers import shared
+from tests.helpers import runs, shared
 from tests.helpers.runs import BASE, ROOT, SMOKE
 from tests.helpers.runs import ckpt_meta as _ckpt_meta
 from tests.helpers.runs import ckpt_state as _ckpt_state
@@ -139,33 +139,51 @@ def test_jsonl_and_tensorboard_hold_the_issue_scalars(reference_run):
   assert any(tag.startswith("eval_rl/") for tag in tb)
 
 
-def test_resume_after_sigkill_is_bit_identical(reference_run, tmp_path):
-  ref = reference_run[0] / "w"
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_resume_after_sigkill_is_bit_identical(kind, reference_run, tmp_path_factory, tmp_path):
+  """SIGKILL right after RL step 1's checkpoint, then the same command: the run resumes from step 1 and its rows,
+  train states (a LoRA stage: adapters only, and its base's fingerprint), rng keys and exports equal those of an
+  uninterrupted run to the bit. The LoRA run has dropout on, so resuming draws the same masks too."""
+  lora = kind == "lora"
+  over = runs.LORA_RUN if lora else ()
+  ref = runs.lora_reference(tmp_path_factory) if lora else reference_run[0] / "w"
+  last = 2 if lora else 3
   w = tmp_path / "w"
-  rc, out, _ = _train(w, tmp_path, env_extra={"MERR1_SIGKILL_AT": "rl:1"})
+  rc, out, _ = _train(w, tmp_path, *over, env_extra={"MERR1_SIGKILL_AT": "rl:1"})
   assert rc == -signal.SIGKILL, out[-3000:]
   assert [r["step"] for r in _rows(w)] == [1]
   # The checkpoint carries the stage's rng key (seed 0: RL's key is key(seed + 1)), exactly.
   rng = _ckpt_meta(w / "checkpoints" / "rl", 1)["rng"]
   assert rng is not None and rng["data"] == np.asarray(jax.random.key_data(jax.random.key(1))).tolist()
-  rc, out, _ = _train(w, tmp_path)
+  rc, out, _ = _train(w, tmp_path, *over)
   assert rc == 0, out[-4000:]
   assert "rl: resumed from step 1" in out
   rows, ref_rows = _rows(w), _rows(ref)
-  assert [r["step"] for r in rows] == [1, 2, 3]  # one row per step: the resumed run dropped nothing, added none
+  assert [r["step"] for r in rows] == list(range(1, last + 1))  # the resumed run dropped nothing, added none
   assert rows[1:] == ref_rows[1:]
-  # The final train state, read back from both runs' checkpoints: parameters, AdamW state, step, reference.
-  for step in (2, 3):
+  # The train states, read back from both runs' checkpoints: parameters, AdamW state, step, reference.
+  for step in range(2, last + 1):
     got, want = _ckpt_state(w / "checkpoints" / "rl", step), _ckpt_state(ref / "checkpoints" / "rl", step)
     assert got.keys() == want.keys()
-    assert any("params" in k for k in got) and any("opt_state" in k and "mu" in k for k in got)
     for k in want:
       assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), (step, k)
     assert _ckpt_meta(w / "checkpoints" / "rl", step)["rng"] == _ckpt_meta(ref / "checkpoints" / "rl", step)["rng"]
-  files = sorted(p.name for p in (ref / "export").glob("*.safetensors"))
-  assert files
-  for name in files:  # float32 export of the final policy: bit-identical
-    assert (w / "export" / name).read_bytes() == (ref / "export" / name).read_bytes()
+  params = [k for k in got if "params" in k]
+  assert params and any("opt_state" in k and "mu" in k for k in got)
+  exports = ("export",)
+  if lora:
+    assert all("lora_" in k for k in params)  # adapter-only: no base weight in the checkpoint
+    meta = _ckpt_meta(w / "checkpoints" / "rl", last)["extra"]["lora_base"]
+    assert meta == _ckpt_meta(ref / "checkpoints" / "rl", last)["extra"]["lora_base"]
+    assert meta["source"] == "random init, seed 0" and len(meta["fingerprint"]) == 64
+    exports += ("export_base", "export_peft")
+    cfg = json.loads((ref / "export_peft" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(ref / "export_base")
+  for d in exports:  # float32 exports of the final policy (and the LoRA base and adapter): bit-identical
+    files = sorted(p.name for p in (ref / d).glob("*.safetensors"))
+    assert files, d
+    for name in files:
+      assert (w / d / name).read_bytes() == (ref / d / name).read_bytes(), (d, name)
 
 
 def test_a_crash_before_the_first_checkpoint_leaves_no_duplicate_rows(tmp_path):

@@ -90,3 +90,19 @@ def ckpt_state(stage_dir: pathlib.Path, step: int) -> dict:
 
 def ckpt_meta(stage_dir: pathlib.Path, step: int) -> dict:
   return json.loads((stage_dir / str(step) / "meta" / "metadata").read_text())
+
+
+# A LoRA run (RL only, from the random init) with dropout, so that resuming is shown to draw the same masks.
+LORA_RUN = ("--config.model.lora_rank=4", "--config.model.lora_dropout=0.1", "--config.stages=('rl',)",
+            "--config.rl.steps=2")
+
+
+def lora_reference(tmp_path_factory) -> pathlib.Path:
+  """The workdir of one uninterrupted LoRA_RUN, built once per session across xdist workers."""
+  from tests.helpers import shared  # noqa: PLC0415
+
+  def build(tmp):
+    rc, out, _ = train(tmp / "w", tmp, *LORA_RUN)
+    assert rc == 0, out[-4000:]
+
+  return shared.build_once(tmp_path_factory, "lora_reference_run", build) / "w"
