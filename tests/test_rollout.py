@@ -454,3 +454,22 @@ def test_decode_donates_the_prefill_cache(tok, text_model):
   assert all(b.is_deleted() for b in buffers)
   assert not logits.is_deleted() and not next_pos.is_deleted()
   assert not any(b.is_deleted() for b in jax.tree.leaves(out.cache))
+
+
+def test_score_pass_refuses_ids_outside_the_vocabulary_before_compiling(tok, ids, text_model, monkeypatch):
+  model, params = text_model
+
+  def boom(*a, **k):
+    raise AssertionError("compiled")
+
+  monkeypatch.setattr(grouped, "_score_jit", boom)
+  prompt = rollout.prepare_prompts(_left_pad(_rows(tok, [5, 7]), 7), mode="slow", vocab_size=tok.vocab_size)
+  vocab = tok.vocab_size
+  for bad, shown in ((vocab, vocab), (-1, -1)):
+    seg = grouped.token_segment([[5, 6, bad], [8]], prompt, num_samples=1, prefix_ids=(), mode_id=0)
+    with pytest.raises(ValueError, match=rf"segment 0 holds token ids outside the vocabulary \[0, {vocab}\): "
+                                         rf"\[{shown}\] in suffix rows \[\[0, 0\]\]"):
+      grouped.score_pass(model, params, prompt, [seg])
+  good = grouped.token_segment([[5, 6, 7], [8]], prompt, num_samples=1, prefix_ids=(), mode_id=0)
+  with pytest.raises(AssertionError, match="compiled"):  # a valid segment passes the check
+    grouped.score_pass(model, params, prompt, [good])

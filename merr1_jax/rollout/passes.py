@@ -103,14 +103,14 @@ def grouped_logprobs(model, params, prompt: base.ModelInputs, segments: Sequence
 # --------------------------------------------------------------------------------------------- assembling
 
 
-def segment(ro, prompt: base.ModelInputs, *, fast_prefix_ids: Sequence[int], mode_id: int, ref_logp=None,
+def segment(ro, prompt: base.ModelInputs, *, fast_prefix_ids: Sequence[int], mode_id: int,
             valid_B=None) -> Segment:
   """A host Segment of one mode's rollout against the (slow-rendered) `prompt` of its P prompts: the suffix is
   FAST_PREFIX + completion for a fast rollout, the completion for a slow one; positions continue the prompt
   (text on all three M-RoPE axes), 0 on padding; rows with `valid_B` False carry no loss."""
   pre = fast_prefix_ids if ro.mode == "fast" else ()
   return _segment(np.asarray(ro.completion), np.asarray(ro.completion_mask), ro.num_samples, pre, prompt, mode_id,
-                  valid_B, ref_logp, np.asarray(ro.logp))
+                  valid_B, np.asarray(ro.logp))
 
 
 def token_segment(completions: Sequence[Sequence[int]], prompt: base.ModelInputs, *, num_samples: int,
@@ -122,10 +122,10 @@ def token_segment(completions: Sequence[Sequence[int]], prompt: base.ModelInputs
   cmask = np.zeros((len(completions), t), bool)
   for i, c in enumerate(completions):
     comp[i, :len(c)], cmask[i, :len(c)] = c, True
-  return _segment(comp, cmask, num_samples, prefix_ids, prompt, mode_id, None, None, None)
+  return _segment(comp, cmask, num_samples, prefix_ids, prompt, mode_id, None, None)
 
 
-def _segment(comp, cmask, g, prefix_ids, prompt, mode_id, valid_B, ref_logp, behaviour) -> Segment:
+def _segment(comp, cmask, g, prefix_ids, prompt, mode_id, valid_B, behaviour) -> Segment:
   p = prompt.tokens.shape[0]
   pre = np.asarray(prefix_ids, np.int32)
   b, n = comp.shape[0], len(pre)
@@ -144,7 +144,7 @@ def _segment(comp, cmask, g, prefix_ids, prompt, mode_id, valid_B, ref_logp, beh
 
   return Segment(tokens=groups(tokens), positions=groups(positions), mask=groups(mask),
                  loss_mask=groups(np.concatenate([np.zeros((b, n), bool), cmask & valid[:, None]], 1)),
-                 advantages=np.zeros((p, g), np.float32), ref_logp=per_token(ref_logp),
+                 advantages=np.zeros((p, g), np.float32),
                  behaviour_logp=per_token(behaviour), mode_id=mode_id)
 
 
@@ -158,6 +158,7 @@ def score_pass(model, params, prompt: base.ModelInputs, segments: Sequence[Segme
   if (token_sets is None) != (anchors is None):
     raise ValueError("category log-mass needs both token_sets and anchors")
   segments = tuple(segments)
+  _check_token_ids(model.config.vocab_size, segments)
   if mesh is not None:  # the prompts (and with them their whole groups) over the batch axes
     layout = sharding.BatchLayout.make(mesh, axis_rules)
     layout.check_rows(prompt.tokens.shape[0])
@@ -182,6 +183,20 @@ def _score(model, spec, params, prompt, segments, token_sets):
       out.update(logmass=logmass.reshape(p, g, *logmass.shape[1:]), anchor_mask=amask.reshape(p, g, -1))
     outs.append(out)
   return outs
+
+
+def _check_token_ids(vocab: int, segments: Sequence[Segment]) -> None:
+  """Host-side, before anything compiles: every suffix id (padding included: it is embedded too) inside the
+  vocabulary, which a jitted embedding lookup would otherwise clamp without a word. Arrays spread over several
+  processes come from the sampler, which produced in-vocabulary ids itself."""
+  for i, seg in enumerate(segments):
+    if isinstance(seg.tokens, jax.Array) and not seg.tokens.is_fully_addressable:
+      continue
+    toks = np.asarray(seg.tokens)
+    bad = (toks < 0) | (toks >= vocab)
+    if bad.any():
+      raise ValueError(f"segment {i} holds token ids outside the vocabulary [0, {vocab}): "
+                       f"{np.unique(toks[bad])[:8].tolist()} in suffix rows {np.argwhere(bad.any(-1))[:8].tolist()}")
 
 
 _score_jit = jax.jit(_score, static_argnames=("model", "spec"))
