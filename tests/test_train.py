@@ -161,6 +161,8 @@ def test_resume_after_sigkill_is_bit_identical(kind, reference_run, tmp_path_fac
   rows, ref_rows = _rows(w), _rows(ref)
   assert [r["step"] for r in rows] == list(range(1, last + 1))  # the resumed run dropped nothing, added none
   assert rows[1:] == ref_rows[1:]
+  if lora:  # the probe ran after every step, on both runs (and rows[1:] compared its values)
+    assert all(math.isfinite(r["probe/grad_cos"]) for r in rows + ref_rows)
   # The train states, read back from both runs' checkpoints: parameters, AdamW state, step, reference.
   for step in range(2, last + 1):
     got, want = _ckpt_state(w / "checkpoints" / "rl", step), _ckpt_state(ref / "checkpoints" / "rl", step)

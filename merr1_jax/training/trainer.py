@@ -36,7 +36,7 @@ from merr1_jax.evaluation import core as evaluation
 from merr1_jax.evaluation import reports
 from merr1_jax.infra import artifacts, observe, preemption
 from merr1_jax.infra import checkpoint as ckptlib
-from merr1_jax.models import hf_io, lora
+from merr1_jax.models import hf_io, lora_export
 from merr1_jax.training import experience, interference
 from merr1_jax.training import step as ts
 from merr1_jax.training.setup import Run, setup
@@ -200,7 +200,9 @@ def run_rl(run: Run, stage: ts.Stage, params, guard):
     metrics.update({"time/update": t2 - t1,
                     "time/tokens_per_s": tokens / max(t2 - t0, 1e-9)})
     if probe_batch is not None and (i == 1 or i % cfg.rl.probe_every == 0):
-      # Before this step's update is applied to the probe (state is the updated one): a fixed key per step.
+      # On the updated policy, with a fixed key per step. The reference is read from the new state: the step
+      # donated the old one, whose buffers `ref` shares (frozen leaves, state.ref).
+      ref = ts.reference_params(state) if stage.with_reference else None
       metrics.update(interference.probe(run.ctx, exp, state.params, ref, probe_batch,
                                         jax.random.fold_in(base_key, 1_000_000 + i), freeze=stage.freeze))
     return state, metrics
@@ -315,7 +317,7 @@ def _export_adapters(run: Run, params) -> None:
                  "Qwen2.5-Omni checkpoint; use the merged export in %s", run.workdir / "export")
     return
   if not (tuple(config.stages) == ("rl",) and base_path and not config.lora.train_full):
-    base_params, base_cfg = lora.base_only(params, run.model.config)
+    base_params, base_cfg = lora_export.base_only(params, run.model.config)
     base_path = str(run.workdir / "export_base")
     artifacts.export_hf(base_params, base_cfg, base_path, overwrite=True, dtype=config.checkpoint.export_dtype,
                         **hf_io.export_kwargs(config.model.hf_path))

@@ -92,9 +92,10 @@ def ckpt_meta(stage_dir: pathlib.Path, step: int) -> dict:
   return json.loads((stage_dir / str(step) / "meta" / "metadata").read_text())
 
 
-# A LoRA run (RL only, from the random init) with dropout, so that resuming is shown to draw the same masks.
+# A LoRA run (RL only, from the random init) with dropout, so that resuming is shown to draw the same masks, and
+# the interference probe after every step (it reads the reference after the step has donated the old state).
 LORA_RUN = ("--config.model.lora_rank=4", "--config.model.lora_dropout=0.1", "--config.stages=('rl',)",
-            "--config.rl.steps=2")
+            "--config.rl.steps=2", "--config.rl.probe_every=1")
 
 
 def lora_reference(tmp_path_factory) -> pathlib.Path:
