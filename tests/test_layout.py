@@ -84,3 +84,36 @@ def test_the_readmes_layout_table_names_every_folder():
   named = set(re.findall(r"`(?:merr1_jax/)?([a-z_]+)/`", "\n".join(rows)))
   folders = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
   assert folders <= named, folders - named
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """Each import circle of `graph` (module -> modules it imports), found by depth-first search: a path that
+  reaches a module still on the stack closes a circle."""
+  found, state = [], {}
+
+  def visit(m, stack):
+    state[m] = "open"
+    for t in sorted(graph.get(m, ())):
+      if state.get(t) == "open":
+        found.append(stack[stack.index(t):] + [t])
+      elif t not in state:
+        visit(t, stack + [t])
+    state[m] = "done"
+
+  for m in sorted(graph):
+    if m not in state:
+      visit(m, [m])
+  return found
+
+
+def test_no_module_imports_one_that_imports_it_back():
+  """No import circle between the package's modules, lazy (in-function) and annotation-only imports included:
+  a circle means neither module can be read or tested without the other."""
+  mods = {_module(f): f for f in PKG.rglob("*.py")}
+  graph = {m: {t for t in _imports(f) if t in mods and t != m} for m, f in mods.items()}
+  assert not _cycles(graph), _cycles(graph)
+
+
+def test_the_circle_finder_sees_circles():
+  assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+  assert _cycles({"a": {"b"}, "b": set(), "c": {"b"}}) == []

@@ -16,7 +16,7 @@ from flax import nnx
 
 from merr1_jax import config as cfglib
 from merr1_jax.infra import memory, sharding
-from merr1_jax.models import base, hf_io, lora, mllm, presets
+from merr1_jax.models import base, hf_io, lora, lora_export, mllm, presets
 from merr1_jax.training import optimizer as optim
 from merr1_jax.training import settings
 from merr1_jax.training import step as ts
@@ -77,7 +77,7 @@ def test_at_initialisation_the_lora_model_is_exactly_its_base():
 
 def test_the_adapter_forward_is_the_low_rank_update_of_every_kernel():
   """Independent reference: W + (alpha / r) A B formed here in numpy for each adapted kernel, run by the base
-  model; and `lora.merged` equals it."""
+  model; and `lora_export.merged` equals it."""
   m, mb = _model(lora_alpha=8.0), _model(rank=0)
   p = _with_random_b(m.init_params(jax.random.key(0)))
   flat = _flat(p)
@@ -99,7 +99,7 @@ def test_the_adapter_forward_is_the_low_rank_update_of_every_kernel():
   got = _logits(m, p, inputs)
   assert np.abs(got - _logits(mb, mb.init_params(jax.random.key(0)), inputs)).max() > 1e-2  # adapters act
   np.testing.assert_allclose(got, _logits(mb, pb, inputs), rtol=1e-5, atol=1e-5)
-  merged, cfg = lora.merged(p, m.config)
+  merged, cfg = lora_export.merged(p, m.config)
   assert cfg.lora_rank == 0
   np.testing.assert_allclose(_logits(mb, merged, inputs), got, rtol=1e-5, atol=1e-5)
 
@@ -280,7 +280,7 @@ def test_the_reference_is_the_base_with_the_adapters_off():
   flat_ref, flat_pol = _flat(ref), _flat(state.params)
   assert all(not flat_ref[n].any() for n in flat_ref if n.endswith("_lora_b"))
   assert state.ref == {}  # nothing trainable but the adapters: the reference copies nothing
-  base_params, base_cfg = lora.base_only(state.params, m.config)
+  base_params, base_cfg = lora_export.base_only(state.params, m.config)
   assert base_cfg.lora_rank == 0
   inputs, _ = _inputs()
   policy = _logits(m, state.params, inputs)
@@ -309,7 +309,7 @@ def test_merged_export_and_peft_adapter_match_the_jax_policy(tmp_path):
   assert report.clean
   np.testing.assert_allclose(_logits(mb, merged, inputs), want, rtol=1e-5, atol=1e-5)
 
-  base_params, base_cfg = lora.base_only(p, m.config)
+  base_params, base_cfg = lora_export.base_only(p, m.config)
   hf_io.save_hf(base_params, base_cfg, str(tmp_path / "base"), dtype="float32")
   files = hf_io.save_peft(p, m.config, str(tmp_path / "adapter"), base_model_name_or_path=str(tmp_path / "base"))
   assert sorted(files) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -492,7 +492,7 @@ def test_the_evaluate_cli_loads_a_lora_checkpoint_onto_its_rebuilt_base(lora_ref
   c = cfglib.load(SMOKE)
   c.model.lora_rank, c.model.lora_dropout, c.stages, c.rl.steps = 4, 0.1, ("rl",), 2
   model, params, _ = policy_io.load_policy(c, lora_reference, None)
-  merged, base_cfg = lora.merged(params, model.config)
+  merged, base_cfg = lora_export.merged(params, model.config)
   exported, report = hf_io.load_hf(str(lora_reference / "export"), mllm.MultimodalPolicy(base_cfg),
                                    projectors="require")
   assert report.clean

@@ -50,15 +50,13 @@ process agrees); precomputed `position_ids` no longer than the prompt; lengths w
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from merr1_jax.data import schema
+from merr1_jax.data.spec import PipelineConfig, RecordSource
 from merr1_jax.task import prompts
-
-if TYPE_CHECKING:  # annotations only: pipeline.py imports this module
-  from merr1_jax.data.pipeline import PipelineConfig, RecordSource
 
 PAD_INDEX = -1  # eval padding row: keeps every shard the same length without dropping records
 

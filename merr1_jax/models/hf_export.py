@@ -31,7 +31,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from merr1_jax.models import base, lora, safetensors_io
+from merr1_jax.models import base, lora, lora_export, safetensors_io
 from merr1_jax.models.config import ModelConfig
 from merr1_jax.models.hf_config import check_config, hf_config_dict, read_json
 from merr1_jax.models.hf_import import _PICKLE_SUFFIXES, PROJECTOR_FILE, _log, _resolve_files
@@ -67,7 +67,7 @@ def save_hf(params: Any, cfg: ModelConfig, out_dir: str, *, dtype: str = "bfloat
   """
   _check_export_args(out_dir, dtype, layout, hf_config, copy_from)
   if cfg.lora_rank:  # a LoRA policy exports merged (W + (alpha / r) A B): a plain checkpoint any loader reads
-    params, cfg = lora.merged(params, cfg)
+    params, cfg = lora_export.merged(params, cfg)
   np_dtype = np.dtype(safetensors_io.DTYPES[_EXPORT_DTYPES[dtype]])
   source = _CopySource.open(copy_from, cfg) if copy_from is not None else None
   prefix = "model." if layout == "qwen2" else (source.prefix + "model." if source else "thinker.model.")
@@ -250,7 +250,7 @@ _PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_at
 def save_peft(params: Any, cfg: ModelConfig, out_dir: str, *, base_model_name_or_path: str = "") -> list[str]:
   """Writes the LoRA adapters as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that
   `peft.PeftModel.from_pretrained` loads onto the transformers Qwen2ForCausalLM of the base (`save_hf` of
-  `lora.base_only(params, cfg)`, or the checkpoint the run started from).
+  `lora_export.base_only(params, cfg)`, or the checkpoint the run started from).
 
   PEFT's layout per adapted Linear of `in` -> `out` features: lora_A.weight [r, in] and lora_B.weight [out, r],
   keys `base_model.model.model.layers.<i>.<module>.lora_(A|B).weight`, scale lora_alpha / r (use_rslora off);

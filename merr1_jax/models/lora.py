@@ -48,7 +48,7 @@ def freeze_rule(train_full: str = "") -> str:
   return _NOT_ADAPTER + f"(?!.*(?:{train_full})).*"
 
 
-def _flat(params) -> dict[str, Any]:
+def flat_leaves(params) -> dict[str, Any]:
   return {base.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
@@ -91,15 +91,12 @@ def delta(a, b, n_in: int, scale: float):
   return (scale * prod).reshape(*a.shape[:-1], *b.shape[2:])
 
 
-def merged(params, cfg: ModelConfig) -> tuple[Any, ModelConfig]:
-  """(parameters of the base model with W + (alpha / r) A B in each adapted kernel, the base's ModelConfig).
+def merged_leaves(params, cfg: ModelConfig) -> dict[str, Any]:
+  """{path: leaf} of the base model with W + (alpha / r) A B in each adapted kernel, adapters left out.
 
-  The sum is formed in float32 and cast to the kernel's dtype; the result has the tree of `cfg` without adapters
-  (lora_rank 0), so it exports, loads and runs like any base policy."""
-  from merr1_jax.models import mllm  # noqa: PLC0415 - mllm builds Blocks, which import this package's config
-
-  base_cfg = cfg.replace(lora_rank=0, lora_dropout=0.0)
-  flat = _flat(params)
+  The sum is formed in float32 and cast to the kernel's dtype. models/lora_base.py puts the leaves back into the
+  base model's tree (`merged`); `folded` puts them back into this one."""
+  flat = flat_leaves(params)
   out = {}
   for name, x in flat.items():
     if is_adapter(name):
@@ -111,18 +108,7 @@ def merged(params, cfg: ModelConfig) -> tuple[Any, ModelConfig]:
                 cfg.lora_alpha / cfg.lora_rank)
       x = (x.astype(jnp.float32) + d).astype(x.dtype)
     out[name] = x
-  abstract = mllm.MultimodalPolicy(base_cfg).abstract_params()
-  return jax.tree_util.tree_map_with_path(lambda p, _: out[base.path_str(p)], abstract), base_cfg
-
-
-def base_only(params, cfg: ModelConfig) -> tuple[Any, ModelConfig]:
-  """(the parameters without their adapters, the base's ModelConfig): the base model, as it was loaded."""
-  from merr1_jax.models import mllm  # noqa: PLC0415
-
-  base_cfg = cfg.replace(lora_rank=0, lora_dropout=0.0)
-  flat = _flat(params)
-  abstract = mllm.MultimodalPolicy(base_cfg).abstract_params()
-  return jax.tree_util.tree_map_with_path(lambda p, _: flat[base.path_str(p)], abstract), base_cfg
+  return out
 
 
 @jax.jit
@@ -151,7 +137,7 @@ def fingerprint(params, skip=is_adapter) -> str:
 
   The values enter through per-leaf 64-bit device-side sums of their bits (`_leaf_hashes`), so hashing a sharded
   7B base reads each weight once on its own device and moves only 8 bytes per leaf to the host."""
-  flat = sorted((n, x) for n, x in _flat(params).items() if not skip(n))
+  flat = sorted((n, x) for n, x in flat_leaves(params).items() if not skip(n))
   sums = jax.device_get(_leaf_hashes([x for _, x in flat]))
   h = hashlib.sha256()
   for (name, x), s in zip(flat, sums):
@@ -168,11 +154,11 @@ def count(cfg: ModelConfig) -> int:
 
 
 def folded(params, cfg: ModelConfig, rng: jax.Array):
-  """`params` with the adapters merged into their kernels (`merged`) and fresh adapters (`init_adapters`, B = 0):
+  """`params` with the adapters merged into their kernels (`merged_leaves`) and fresh adapters (`init_adapters`, B = 0):
   the same policy, whose base is now the whole of it. A LoRA stage starts here, so its base (and its reference)
   is the policy the previous stage ended with. When every B is zero the base's values are unchanged (W + 0, up
   to the sign of a zero). The sum is rounded to the kernel's dtype: with a bfloat16 base, updates below half a
   bfloat16 ulp of their weight are lost in the fold (docs/lora.md, "Stages")."""
-  flat = _flat(merged(params, cfg)[0])
+  flat = merged_leaves(params, cfg)
   out = jax.tree_util.tree_map_with_path(lambda p, x: flat.get(base.path_str(p), x), params)
   return init_adapters(out, cfg, rng)
