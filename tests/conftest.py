@@ -4,6 +4,7 @@
   before jax is imported anywhere; unsharded code still runs on device 0 only, so other tests are unaffected.
 * The persistent compilation cache (ecosystem.md pitfall 10): repeated CI runs and xdist workers reuse
   compiled programs instead of paying XLA compile time again.
+* Rank promotion raises (nanodo does the same): a broadcast the code did not write out is a bug to find.
 * XLA's CPU backend at optimisation level 0 without its expensive LLVM passes (tests/helpers/xla.py says why);
   the child processes that tests start get the same flags. Set XLA_FLAGS yourself to override.
 """
@@ -15,6 +16,9 @@ from tests.helpers.xla import COMPILE_FAST  # noqa: E402 (no jax import: the fla
 
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COMPILE_FAST}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# An implicit broadcast across ranks ([B, L, D] + [D]) is an error, here and in every child process a test starts
+# (they inherit the environment): the library writes its broadcasts out (models.layers.lead).
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 # Tests never touch the network: make any accidental hub access fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

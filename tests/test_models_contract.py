@@ -23,7 +23,7 @@ class _LinenConfig:
 
 def _sinusoid(pos_BxL, d):
   freq = 1.0 / (10000.0 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  ang = pos_BxL.astype(jnp.float32)[..., None] * freq
+  ang = pos_BxL.astype(jnp.float32)[..., None] * freq[None, None, :]
   return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
 
 

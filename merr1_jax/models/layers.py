@@ -42,10 +42,16 @@ def make_param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str |
   return nnx.Param(value.astype(dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
+def lead(w: jax.Array, ndim: int) -> jax.Array:
+  """`w` with leading unit axes up to `ndim`: a broadcast written out, so that implicit rank promotion can be
+  an error (the tests set jax_numpy_rank_promotion="raise")."""
+  return w.reshape((1,) * (ndim - w.ndim) + w.shape)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+  return (y * lead(scale.astype(jnp.float32), y.ndim)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -74,13 +80,13 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
   if mrope_section is None:
     if positions.ndim != 2:
       raise ValueError(f"1-D RoPE model got positions of shape {positions.shape}; expected [B, L]")
-    ang_BxLxR = positions.astype(jnp.float32)[..., None] * inv_freq
+    ang_BxLxR = positions.astype(jnp.float32)[..., None] * lead(inv_freq, 3)
   else:
     if positions.ndim == 2:
       positions = jnp.broadcast_to(positions[..., None], (*positions.shape, 3))
     if positions.ndim != 3 or positions.shape[-1] != 3:
       raise ValueError(f"M-RoPE model got positions of shape {positions.shape}; expected [B, L, 3]")
-    ang_BxLx3xR = positions.astype(jnp.float32)[..., None] * inv_freq
+    ang_BxLx3xR = positions.astype(jnp.float32)[..., None] * lead(inv_freq, 4)
     # One-hot choice of the position axis per frequency: exact in float32 (x*1 + y*0 + z*0).
     axis_of_freq = np.repeat(np.arange(3), np.asarray(mrope_section))
     onehot_3xR = jnp.asarray(axis_of_freq[None, :] == np.arange(3)[:, None], jnp.float32)
@@ -217,7 +223,8 @@ class Block(nnx.Module):
     h = self.input_norm(x_BxLxD)
     q, k, v = (self._proj(n, h, dropout_key) for n in ("q", "k", "v"))
     if self.qkv_bias:
-      q, k, v = q + self._w(self.q_bias), k + self._w(self.k_bias), v + self._w(self.v_bias)
+      q, k, v = (q + lead(self._w(self.q_bias), q.ndim), k + lead(self._w(self.k_bias), k.ndim),
+                 v + lead(self._w(self.v_bias), v.ndim))
     return apply_rope(q, cos_BxLxDh, sin_BxLxDh), apply_rope(k, cos_BxLxDh, sin_BxLxDh), v
 
   def finish(self, x_BxLxD, attn_BxLxHxDh, dropout_key=None):

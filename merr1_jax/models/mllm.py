@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from merr1_jax.models import base, lora, qwen2
+from merr1_jax.models import base, layers, lora, qwen2
 from merr1_jax.models.config import ModelConfig
 from merr1_jax.models.layers import make_param
 
@@ -41,8 +41,8 @@ class Projector(nnx.Module):
 
   def __call__(self, f_BxTxF: jax.Array) -> jax.Array:
     w = lambda p: p[...].astype(self.cdt)
-    h = jax.nn.gelu(f_BxTxF.astype(self.cdt) @ w(self.in_kernel) + w(self.in_bias))
-    return h @ w(self.out_kernel) + w(self.out_bias)
+    h = jax.nn.gelu(f_BxTxF.astype(self.cdt) @ w(self.in_kernel) + layers.lead(w(self.in_bias), 3))
+    return h @ w(self.out_kernel) + layers.lead(w(self.out_bias), 3)
 
 
 class MultimodalLM(nnx.Module):

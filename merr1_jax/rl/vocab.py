@@ -60,8 +60,9 @@ def hidden_chunks(h_xD: Array, w_DxV: Array, chunk_size: int) -> tuple[Callable[
 
   def chunk_logits(i):
     w_DxN = jax.lax.dynamic_slice_in_dim(w_pad, i * chunk, chunk, axis=-1).astype(jnp.float32)
-    col_N = i * chunk + jnp.arange(chunk)
-    return jnp.where(col_N < v, h32 @ w_DxN, -jnp.inf)
+    logits = h32 @ w_DxN
+    col_N = (i * chunk + jnp.arange(chunk)).reshape((1,) * (logits.ndim - 1) + (chunk,))
+    return jnp.where(col_N < v, logits, -jnp.inf)
 
   return chunk_logits, n, chunk
 
@@ -103,7 +104,7 @@ def vocab_stream(chunk_logits: Callable[[Array], Array], n: int, chunk: int, lea
     if with_entropy:  # -inf columns hold p = 0: count them as 0, not 0 * -inf = NaN (nor a NaN gradient)
       e = e * decay + (p_xN * jnp.where(jnp.isfinite(l_xN), l_xN, 0.0)).sum(-1)
     if targets is not None:
-      hit = (i * chunk + jnp.arange(chunk)) == targets[..., None]
+      hit = (i * chunk + jnp.arange(chunk)).reshape((1,) * targets.ndim + (chunk,)) == targets[..., None]
       tgt = tgt + jnp.where(hit, l_xN, 0.0).sum(-1)
     if kc:
       mass = mass * decay[..., None] + p_xN @ sets_nxNxKC[i]
