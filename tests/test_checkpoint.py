@@ -248,7 +248,7 @@ def test_incompatible_config_names_the_field(tmp_path):
 _CRASH = r"""
 import os, sys
 import jax.numpy as jnp
-from orbax.checkpoint._src.path import atomicity
+from orbax.checkpoint.path import atomicity  # public: orbax.checkpoint.path re-exports it
 from merr1_jax.infra import checkpoint
 ck = checkpoint.Checkpointer(sys.argv[1], save_every=1, keep=5)
 ck.save(1, {"w": jnp.full((4,), 1.0)})

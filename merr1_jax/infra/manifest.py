@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from orbax.checkpoint._src.path import atomicity
+from orbax.checkpoint.path import atomicity  # public: orbax.checkpoint.path re-exports it
 
 from merr1_jax.infra import artifacts
 
