@@ -148,9 +148,16 @@ def test_lora_dropout_in_the_model_is_seeded_and_invisible_at_b_zero():
 
 
 def test_dropout_in_the_train_steps_is_seeded_and_keeps_the_first_ratio_at_one():
-  """The RL step with dropout: the same seed gives the same update, another seed another; one update has ratio
-  exactly 1 (the old log-probs are the update's own, dropout and all); no seed = the dropout-free step."""
-  m = _model(lora_dropout=0.3)
+  """The RL step with dropout, on a multimodal batch of grouped suffixes: the same seed gives the same update,
+  another seed another; one update has ratio exactly 1 (the old log-probs are the update's own, dropout and
+  all); no seed = the dropout-free step; micro-batches draw their own masks but stay deterministic. The SFT step
+  (a LoRA SFT stage) the same way."""
+  from tests.helpers import grouped_batches as tg  # noqa: PLC0415
+
+  _, _, _, group, _, _ = tg.batches("mm", p=2)
+  m = mllm.build("tiny", vocab_size=tg.V, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                 init_std=0.08, video_dim=12, audio_dim=10, video_token_id=tg.VIDEO, audio_token_id=tg.AUDIO,
+                 lora_rank=RANK, lora_dropout=0.3)
   p = _with_random_b(m.init_params(jax.random.key(0)))
   freeze = (lora.freeze_rule(""),)
 
@@ -162,7 +169,7 @@ def test_dropout_in_the_train_steps_is_seeded_and_keeps_the_first_ratio_at_one()
     if key not in steps:
       steps[key] = ts.make_rl_step(m, tx, _step_cfg(dropout_seed=seed, **kw))
     state = ts.init_state(jax.tree.map(jnp.copy, p), tx, with_reference=True, freeze=freeze)
-    new, metrics = steps[key](state, ungrouped.as_grouped(_batch(seed=0)))
+    new, metrics = steps[key](state, group)
     return _flat(new.params), metrics
 
   a, ma = run(3)
@@ -174,48 +181,24 @@ def test_dropout_in_the_train_steps_is_seeded_and_keeps_the_first_ratio_at_one()
   assert any(not np.array_equal(a[n], off[n]) for n in a if lora.is_adapter(n))
   assert float(ma["ratio_mean"]) == 1.0 and float(ma["ratio_min"]) == 1.0
   assert int(ma["skipped"]) == 0
-  # Micro-batches draw their own masks but the step stays deterministic.
   d, _ = run(3, micro_batches=2)
   e, _ = run(3, micro_batches=2)
   assert all(np.array_equal(d[n], e[n]) for n in d)
-  # The SFT step (a LoRA SFT stage) the same way.
+
+  ms = _model(lora_dropout=0.3)
+  ps = _with_random_b(ms.init_params(jax.random.key(0)))
+  txs = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), ps, freeze=freeze)
   b0 = _batch(seed=0)
   sft = ts.SFTBatch(inputs=b0.inputs, loss_mask=b0.completion_mask)
-
-  sft_steps = {seed: ts.make_sft_step(m, tx, _step_cfg(beta=0.0, dropout_seed=seed)) for seed in (3, None)}
+  sft_steps = {seed: ts.make_sft_step(ms, txs, _step_cfg(beta=0.0, dropout_seed=seed)) for seed in (3, None)}
 
   def run_sft(seed):
-    state = ts.init_state(jax.tree.map(jnp.copy, p), tx, with_reference=False, freeze=freeze)
+    state = ts.init_state(jax.tree.map(jnp.copy, ps), txs, with_reference=False, freeze=freeze)
     return _flat(sft_steps[seed](state, sft)[0].params)
 
   s3, s3b, s_off = run_sft(3), run_sft(3), run_sft(None)
   assert all(np.array_equal(s3[n], s3b[n]) for n in s3)
   assert any(not np.array_equal(s3[n], s_off[n]) for n in s3 if lora.is_adapter(n))
-
-
-def test_dropout_in_the_rl_step():
-  """The RL step with dropout: seeded, active (another update than without), ratio 1."""
-  from tests.helpers import grouped_batches as tg  # noqa: PLC0415
-
-  _, _, _, group, _, _ = tg.batches("mm", p=2)
-  m = mllm.build("tiny", vocab_size=tg.V, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
-                 init_std=0.08, video_dim=12, audio_dim=10, video_token_id=tg.VIDEO, audio_token_id=tg.AUDIO,
-                 lora_rank=RANK, lora_dropout=0.3)
-  p = _with_random_b(m.init_params(jax.random.key(0)))
-  freeze = (lora.freeze_rule(""),)
-
-  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2), p, freeze=freeze)
-  steps = {seed: ts.make_rl_step(m, tx, _step_cfg(dropout_seed=seed)) for seed in (3, None)}
-
-  def run(seed):
-    state = ts.init_state(jax.tree.map(jnp.copy, p), tx, with_reference=True, freeze=freeze)
-    new, metrics = steps[seed](state, group)
-    return _flat(new.params), metrics
-
-  (a, ma), (b, _), (off, _) = run(3), run(3), run(None)
-  assert all(np.array_equal(a[n], b[n]) for n in a)
-  assert any(not np.array_equal(a[n], off[n]) for n in a if lora.is_adapter(n))
-  assert float(ma["ratio_mean"]) == 1.0 and int(ma["skipped"]) == 0
 
 
 def test_the_trainer_turns_dropout_on_only_in_lora_stages():
@@ -334,11 +317,11 @@ def test_peft_export_needs_adapters(tmp_path):
     hf_io.save_peft(m.init_params(jax.random.key(0)), m.config, str(tmp_path))
 
 
-@pytest.mark.parametrize("opt", ["adamw", "sgd"])
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize("mesh_shape,opt", [((8, 1, 1), "sgd"), ((2, 2, 2), "sgd"), ((2, 2, 2), "adamw")])
 def test_sharded_lora_step_equals_unsharded(mesh_shape, opt):
   """(8, 1, 1) replicates the parameters; (2, 2, 2) shards A and B by their partition rules (fsdp and tensor).
-  The training optimizer (AdamW) and SGD with momentum, which unlike Adam sees a constant gradient-scale error."""
+  SGD with momentum, which unlike Adam sees a constant gradient-scale error, on both; the training optimizer
+  (AdamW, its moments sharded like the adapters) where there is something to shard."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them")
   m = _model()
