@@ -196,7 +196,8 @@ def test_a_crash_before_the_first_checkpoint_leaves_no_duplicate_rows(tmp_path):
   w = tmp_path / "w"
   w.mkdir()
   (w / "metrics.jsonl").write_text(json.dumps({"stage": "sft", "step": 1, "loss": 123.0}) + "\n")
-  over = ("--config.checkpoint.every=1000",)  # no checkpoint before a stage's last step
+  # No checkpoint before a stage's last step; the SFT stage alone (the crash and the rows are SFT's).
+  over = ("--config.checkpoint.every=1000", "--config.stages=('sft',)")
   rc, out, _ = _train(w, tmp_path, *over, env_extra={"MERR1_SIGKILL_AFTER_LOG": "sft:1"})
   assert rc == -signal.SIGKILL, out[-3000:]
   assert not (w / "checkpoints" / "sft").exists() or not any((w / "checkpoints" / "sft").iterdir())
@@ -207,7 +208,7 @@ def test_a_crash_before_the_first_checkpoint_leaves_no_duplicate_rows(tmp_path):
   rows = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
   keys = [(r["stage"], r["step"]) for r in rows]
   assert len(keys) == len(set(keys)), keys
-  assert [s for st, s in keys if st == "sft"] == [1, 2] and [s for st, s in keys if st == "rl"] == [1, 2, 3]
+  assert [s for st, s in keys if st == "sft"] == [1, 2] and not [s for st, s in keys if st == "rl"]
   assert all(r["loss"] != 123.0 for r in rows if r["stage"] == "sft")
 
 
@@ -294,8 +295,8 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
 def test_sigterm_checkpoints_and_exits_zero_then_continues(tmp_path):
   w = tmp_path / "w"
   # No cadence saves before the last step (12): a checkpoint below it can only come from the SIGTERM, which
-  # lands at the first step boundary after the first RL row.
-  over = ("--config.rl.steps=12", "--config.checkpoint.every=1000")
+  # lands at the first step boundary after the first RL row. RL alone, from the random init.
+  over = ("--config.rl.steps=12", "--config.checkpoint.every=1000", "--config.stages=('rl',)")
   proc = _train(w, tmp_path, *over, wait=False)
   deadline = time.time() + 400
   while time.time() < deadline and proc.poll() is None:
