@@ -4,47 +4,12 @@
         [--modes fast,slow] [--datasets mer_synth,ovmerd] [--num_samples N] [--baseline W/eval_sft.json]
         [--mme_items ITEMS.json [--judge rule|module:Class] [--judge_cache PATH]] [--config.eval.batch_size=8 ...]
 
-The policy comes from ONE place, `load_policy(config, workdir, checkpoint)`:
-  * no --checkpoint: the latest step of the last stage in config.stages that has one (WORKDIR/checkpoints/<stage>),
-    else the HF export WORKDIR/export;
-  * STEP or STAGE:STEP: that training checkpoint (STEP alone: the last stage that holds it);
-  * PATH: an exported HF policy directory (config.json + *.safetensors; models.hf_io.load_hf, which also restores
-    the video/audio projectors that `save_hf` writes next to the HF weights), or a checkpoint step directory
-    WORKDIR/checkpoints/<stage>/<step>.
-The model is built from the config (models: config.model), and a checkpoint written under another model config
-(another preset or size) is refused with the differing fields named.
-
-One tokenizer, the one that goes with the policy, tokenizes the datasets, builds the model and decodes
-(`load_tokenizer`): a tokenizer.json in the HF policy directory, else the run's, chosen as the trainer chooses it
-(config.data.tokenizer_dir or a real model's hf_path, else WORKDIR/tokenizer.json, else the MER-Synth one rebuilt
-from the config). When an HF directory and the run both have
-one, they must agree on the vocabulary size and the special/tag token ids; otherwise it is an error naming both.
-
-Datasets: the config's own (config.data.name, e.g. mer_synth: OV) is read by the trainer's own code
-(run_setup: the same TFDS source, order and batching as the trainer's eval), so the CLI's numbers for a checkpoint
-equal the trainer's by construction; and the prepared MER-UniBench sets of data/tfds_builders.MerManual (mer2023,
-mer2024, meld, iemocap4: HIT; mosi, mosei, sims, simsv2: WAF; ovmerd, mme_emotion: OV), batched with the same
-settings.
-
-Reports go to WORKDIR/eval/ or --out (reports.write_reports), including predictions CSVs for
-`python -m merr1_jax.metrics` and the official tools, and the records each split skipped as bad (count and ids).
-`--baseline` (an earlier report.json, or the trainer's WORKDIR/eval_<stage>.json) adds a computed statement of
-whether the slow-minus-fast gap closed since then (reports.gap_change).
-
-Nothing is lost (`check_paths`, before anything is built): the workdir must exist (a mistyped one is refused,
-never created), and --out must be a folder that a report may replace whole: not the workdir, a folder around it
-or inside its checkpoints, nor a non-empty folder that is not an earlier report (reports.check_report_dir).
-
-MME-Emotion: `--mme_items` (the benchmark's items JSON, data/labels.read_mme_json: ids, GT and an optional task
-per item) has the slow-mode completion of every item's id judged (evaluation/mme.py) by `--judge` (default `rule`,
-the offline mme_judges.RuleJudge, NOT the benchmark's LLM judge; `module:Class` plugs in another one), through
-a cache (`--judge_cache`, default WORKDIR/mme_judge_cache.jsonl, outside the report directory that each run
-replaces) so that a rerun never asks again; the scores go to mme.json, mme_judge.jsonl and a report.md section.
-
-Bad input (a missing workdir, an --out that is not a report folder, a config that cannot be built, a bad
---config override, a missing checkpoint, an unknown dataset, an empty split, a checkpoint of another model,
-disagreeing tokenizers, an unreadable baseline, a missing or bad MME items file, items that match no sample, a
-bad --judge spec, a bad judge cache line) prints one `error: ...` line and exits with status 2.
+The policy and its one tokenizer come from `load_policy` (training/policy_io.py). The config's own dataset is read
+by the trainer's own code, so a checkpoint's numbers equal the trainer's eval of it; the prepared MER-UniBench sets
+and MME-Emotion (`--mme_items`, judged by evaluation/mme.py) are optional. Reports go to WORKDIR/eval/ or --out
+(reports.write_reports), a folder each run replaces whole; `--baseline` adds whether the slow-minus-fast gap
+closed. Bad input prints one `error: ...` line and exits with status 2. Details: docs/evaluation.md, "Running it",
+"Reports" and "MME-Emotion".
 """
 
 from __future__ import annotations

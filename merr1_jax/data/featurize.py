@@ -1,22 +1,12 @@
 """One clip -> one feature record: the per-clip work of offline preprocessing (preprocess.py runs it over a
 shard of clips, resumably).
 
-Steps (`process_clip` = `decode_clip` then `encode_clip`): check the clip's name and subtitle, decode its media
-(media.py: sampled, resized frames; 16 kHz audio from a wav or the video's track) -> encode (encoders.py:
-tower features in the LM space, the placeholder layout) -> render the slow-mode prompt with that layout and
-tokenise it -> check one placeholder id per feature row (the model's merge contract) -> the encoder's 3-D
-position ids for exactly those tokens -> one `schema.ClipRecord` (feature_space 'lm_embed', position_ids
-[3, L], and for 'interleaved' the placeholder runs in media_layout) plus the layout dict that preprocess.py
-writes beside it as `{name}.layout.json` (the runs, e.g. "V8A50V8A50", and the prompt ids).
-
-Prompt: `prompts.render_prompt`'s chat turn, the one implementation of both layouts. 'interleaved' (Omni's
-use_audio_in_video layout, the default) passes the runs as `media_runs` and stores them in
-`ClipRecord.media_layout`; 'separate' is render_prompt's default block and leaves media_layout None. Either
-way the training pipeline re-renders exactly these tokens from the record, so the recorded position ids line up.
-
-Bad input: every problem of one clip (unreadable/corrupt media, no audio track, zero-length clip, missing
-subtitle, missing video file, a record that fails the schema check) is a `ClipError` naming the clip, the
-field and the file; what to do with it (skip or stop) is the job's on_error policy, in preprocess.py.
+`process_clip` is `decode_clip` (check the clip's name and subtitle, decode its media: media.py) then `encode_clip`
+(tower features in the LM space: encoders.py; the slow-mode prompt rendered by `prompts.render_prompt` in the
+clip's layout and tokenised; one placeholder id per feature row checked; the encoder's 3-D position ids). The
+result is one `schema.ClipRecord` and the layout dict that preprocess.py writes beside it as `{name}.layout.json`.
+Every problem of one clip is a `ClipError` naming the clip, the field and the file; whether to skip or stop is the
+job's on_error policy, in preprocess.py. Details: docs/preprocessing.md, "Per clip" and "Layouts".
 
 Shape legend: Nv/Na video/audio feature rows, D the LM width, L prompt tokens.
 """

@@ -1,26 +1,11 @@
 """Readers for the field's label and annotation files (metrics.md §7), into the clip record schema.
 
-Every reader returns a list of `Annotation`s (one per clip, in file order) and never loads a pickle. Several
-official files are pickles in disguise: MERTools saves `label-6way.npz` as a dict inside an object array, which
-`np.load` can only open by unpickling. Those are refused with an error that says how to convert them once,
-offline, into the safe layouts below (metrics.md §7: "convert once, offline").
-
-Safe layouts read here:
-
-  onehot npz     (MER2023/2024 `label-6way.npz`, MELD / IEMOCAP `label.npz`): arrays `name` [N] str and
-                 either `emo` [N] (str words, or int class indices) or `label` [N] int, ints in the class order
-                 of `ONEHOT_CLASSES` (or the file's own `classes` array); optional `val` [N] float. Several
-                 corpora in one file are prefixed (`test1_corpus_name`, ...); a reader takes the asked corpus's
-                 arrays (the plain ones in a file converted for one corpus), or the only corpus in the file.
-  valence        (CMU-MOSI, CMU-MOSEI, CH-SIMS, SIMS v2): CSV `name,valence` or npz `name`, `val`.
-  openset CSV    (OV-MERD+, MER2025 track 2 `track2_train_*.csv`): columns `name,openset`, where openset is a
-                 list string like "[happy, relieved]", parsed exactly as metrics.md §1 step 1.
-  subtitles CSV  (`subtitle_chieng.csv`): `name` plus one text column per language (`english`, `chinese`).
-  MME-Emotion    JSON list of items with `video_id`, `label` (a word or list string) and `label_set`.
-
-Bad rows (a clip id seen twice among them) follow schema.py's `on_bad_record` ("raise": BadRecordError naming the
-file, row and field; "skip": counted in a BadRecordLog and left out). Under either policy a file that is not UTF-8
-names the byte offset and line, and a missing one raises FileNotFoundError naming the path.
+Every reader returns a list of `Annotation`s (one per clip, in file order) and never loads a pickle: official files
+that are pickles in disguise (MERTools' `label-6way.npz`) are refused with an error that says how to convert them
+once, offline. Safe layouts read here: one-hot npz, valence CSV or npz, open-set CSV, subtitles CSV and the
+MME-Emotion JSON. Bad rows follow schema.py's `on_bad_record`; under either policy a file that is not UTF-8 names
+the byte offset and line, and a missing one raises FileNotFoundError naming the path. Details: docs/data.md,
+"5. Datasets and label files".
 """
 
 from __future__ import annotations

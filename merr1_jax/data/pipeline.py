@@ -1,31 +1,13 @@
 """Grain input pipelines for SFT, RL and evaluation: which examples, in what order, on which process, batched how.
 numpy only (no jax), so worker processes start fast.
 
-Steps, in order: a random-access record source -> reference feature widths (when the config gives none) ->
-(skip policy: one validating scan) -> per-process shard of the RECORD indices -> expansion into examples (SFT:
-one per record and mode) -> seeded shuffle and repeat -> per-example transform (decode, check, render the chat
-prompt, tokenise) -> batching with padding to length buckets -> `to_iter_dataset` -> optional multiprocess
-prefetch. The two transforms, the batch keys (a shape legend) and the record checks are in data/transforms.py
-(`MakeExample`, `Collate`), the config and the record sources in data/spec.py (re-exported here); this module
-holds the assembly.
-Everything before the iterator is a `grain.MapDataset`, so the iterator state is a small position: save it with
-`it.get_state()` (or `grain.checkpoint.CheckpointSave(it)` inside an orbax composite) and `it.set_state(s)` on
-a fresh iterator resumes with exactly the batches that would have followed, with or without workers.
-
-Bad records: `on_bad_record="raise"` fails on the first bad record with a `BadRecordError` naming the file and
-record. `"skip"` validates every record once, up front, in this process (the same decode/check/render/tokenise
-that the workers run), leaves the bad ones out of the index list and counts them in `Pipeline.bad` (a
-`schema.BadRecordLog`, which also logs each one). Skips are thus decided before sharding and identical on all
-processes, so the shards stay disjoint and equal in size.
-
-Sharding (`shard_records`): records are dealt round-robin to `shard_count` processes, then expanded into
-examples, so a record's SFT slow and fast demos land on the same process and every process gets both modes.
-When the record count does not divide, no record is dropped: eval (`drop_remainder=False`) pads the short shards
-with masked rows (`example_mask` False), so every record is seen exactly once over all processes; training
-(`drop_remainder=True`) tops the short shards up with records from the start of the list, so each epoch sees
-every record at least once, with fewer than `shard_count` extra rows in all. Both counts are logged and kept in
-`Pipeline.n_padding` / `Pipeline.n_repeated`. With a finite `num_epochs` and `drop_remainder=True`, the last
-partial batch is dropped: that count is logged and kept in `Pipeline.n_dropped`.
+This module holds the assembly: record source -> (skip policy: one validating scan) -> per-process shard of the
+record indices (`shard_records`) -> examples -> seeded shuffle and repeat -> `MakeExample` -> batches padded to
+length buckets (`Collate`) -> iterator. The transforms, the batch keys (a shape legend) and the record checks are
+in data/transforms.py, the config and the record sources in data/spec.py (re-exported here). `it.get_state()` and
+`it.set_state(s)` on a fresh iterator resume exactly, with or without workers. `on_bad_record` is "raise" (a
+`BadRecordError` naming the file and record) or "skip" (decided up front, the same on every process); sharding
+drops no record. Details: docs/data.md, "6. Input pipelines".
 """
 
 from __future__ import annotations

@@ -3,24 +3,11 @@
     python -m merr1_jax.data.preprocess --config configs/preprocess.py --config.checkpoint_dir=... \
         --config.label_csv=... --config.video_dir=... --config.output_dir=... --num_shards=4 --shard_index=0
 
-This module reads the label and subtitle files, deals the clips to shards, runs featurize.py on each clip of
-its shard (decode the media, encode with the towers, render and tokenise the prompt, position ids -> one
-`schema.ClipRecord` and its layout dict), writes the results atomically (the `{name}.layout.json` first, the
-record last, so a record on disk always has its layout beside it), counts the failures, and builds the TFDS
-dataset once every shard is done. A newcomer reading for what is IN a record starts at featurize.py.
-
-Scaling and resume: clips (sorted by name) are dealt round-robin to `num_shards` processes. A clip whose
-record exists is skipped; a shard whose summary file exists is skipped whole (resume=True), unless
-retry_failed=True, which reruns it so that only its clips without a record (the failed ones) are tried again.
-Bad input: any per-clip problem (featurize.py's `ClipError`s, and an exception from the decoder or the
-encoder, named by its type) fails that clip only. on_error='skip' counts it, appends it to
-`_failures.shard-*.jsonl` and goes on; 'raise' stops the job with it (an unexpected exception is re-raised as
-it is, after the failures file is written). Label rows that fail to parse are not clips of any shard: shard 0
-alone reports them (field `openset` or `name`), so summing the shards' counts counts each once; under 'raise'
-every shard stops on them. Each shard writes `_summary.shard-*.json` with the counts.
-TFDS: `build_tfds` runs under an O_EXCL lock file, so two shards finishing at once cannot build it together,
-and rebuilds (beside the old copy, swapped in once built) only when the records changed since the last build
-(`tfds_builders.prepare`); the CLI's --finalize runs it on its own.
+This module reads the label and subtitle files, deals the clips round-robin to shards, runs featurize.py on each
+clip of its shard, writes the results atomically (the `{name}.layout.json` first, the record last), counts the
+failures (`on_error`: skip or raise), and builds the TFDS dataset once every shard is done. A rerun resumes: written
+records and finished shards are skipped. A newcomer reading for what is IN a record starts at featurize.py.
+Details: docs/preprocessing.md, "Scaling, resume, errors" and "Building the TFDS dataset".
 """
 
 from __future__ import annotations

@@ -1,23 +1,17 @@
 """One record per clip: the compact feature record that training reads.
 
-Video decoding and the frame/audio encoders run once, offline; what they leave behind is a `ClipRecord`.
-Records are serialised with msgpack. Arrays travel as (dtype name, shape, raw little-endian bytes) with a
-whitelist of dtypes, so reading a record never runs code (no pickle) and works on any platform.
+Video decoding and the frame/audio encoders run once, offline; what they leave behind is a `ClipRecord`,
+serialised with msgpack so that reading a record never runs code (no pickle) and works on any platform.
+`media_layout` (optional) is the placeholder runs string of an interleaved media block, e.g. "V8A50V8A50"; None
+means the separate block (all video rows, then all audio rows). Bad input never vanishes silently: `from_bytes`
+and `check` raise `BadRecordError` naming the source file, the record and the field, and `read_record` applies the
+`on_bad_record` policy ("raise", or "skip": counted in a `BadRecordLog`). Details: docs/data.md, "1. The clip
+record".
 
 Shape legend:
   Tv: video feature rows (frames or frame groups; may be 0)   Dv: video feature width
   Ta: audio feature rows                                       Da: audio feature width
   L:  prompt length in tokens (only for precomputed M-RoPE position ids, `[3, L]`)
-
-`media_layout` (optional) is the placeholder runs string of an interleaved media block (Qwen2.5-Omni's
-`use_audio_in_video` layout), e.g. "V8A50V8A50": the prompt's VIDEO/AUDIO placeholders in that order, written
-by preprocess.py and rendered by `prompts.render_prompt(media_runs=...)`. None means the separate block
-(all video rows, then all audio rows). It is written only when set, so records without it keep their bytes
-and readers that predate it still load them.
-
-Bad input never vanishes silently. `from_bytes` and `check` raise `BadRecordError`, whose message names the
-source file, the record (id or index) and the field. `read_record` applies the `on_bad_record` policy:
-"raise" re-raises, "skip" returns None and counts the skip in a `BadRecordLog`, which also logs it.
 """
 
 from __future__ import annotations

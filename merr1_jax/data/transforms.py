@@ -1,12 +1,9 @@
 """The per-example and per-batch transforms of the Grain input pipelines (pipeline.py): `MakeExample` turns an
 example index into one unpadded example (decode the record, check it, render the chat prompt, tokenise) and
 `Collate` pads a list of examples into one batch dict. numpy only (no jax), importable and picklable, because
-Grain worker processes run them; which indices come, in what order and on which process, is pipeline.py's
-business.
-
-Example indices: record r in mode m is r * n_modes + m (SFT: one example per record and mode; RL and eval: one
-per record). `PAD_INDEX` (-1) is an eval padding row: `MakeExample` returns {"pad": True} for it and `Collate`
-puts it at the end of the batch as a masked row (`example_mask` False).
+Grain worker processes run them. Example index r * n_modes + m is record r in mode m; `PAD_INDEX` (-1) is an eval
+padding row, collated at the end of the batch as a masked row. Details (example indices, prompts, the record
+checks): docs/data.md, "6. Input pipelines".
 
 Batch keys (numpy; B = batch_size; Lp, L, Tv, Ta are bucket lengths; C = len(label_vocab)):
 
@@ -31,20 +28,6 @@ Batch keys (numpy; B = batch_size; Lp, L, Tv, Ta are bucket lengths; C = len(lab
               prompt_len [B] int32   mode [B] str ('slow' | 'fast'): each record gives one example per mode.
 Every length is padded up to the smallest configured bucket that holds the batch's longest row (`bucket`), so
 the model compiles one program per bucket, not per batch.
-
-Prompts: `prompts.render_prompt` with the record's `media_layout` (None: video block then audio block; a runs
-string such as "V8A50V8A50": Omni's interleaved block). Either way the k-th VIDEO/AUDIO placeholder of a row
-takes its k-th feature row in the model's merge, so `video`/`audio` are never reordered.
-
-Record checks (all in `MakeExample.record` / `__call__`, so both bad-record policies see them, and each error
-names the source file and record; for a prepared TFDS copy that is the `.rec` file it was built from:
-`record_where`): the schema checks (`schema.check`); labels: with a closed `label_vocab` every open-set word
-must be in it, otherwise (`check_label_wheels`) a record scored on its open set alone (no
-one-hot label, no valence) must have a word that maps through the emotion wheels, so "[qwertyuiop]" is a bad
-record, not an empty ground truth; feature widths: the configured `video_dim`/`audio_dim`, or else the width
-of the first decodable record with rows of that modality (`reference_dims`, read before sharding, so every
-process agrees); precomputed `position_ids` no longer than the prompt; lengths within the largest bucket.
-`Collate` repeats the width and label checks as guards for direct callers.
 """
 
 from __future__ import annotations

@@ -1,28 +1,10 @@
 """Evaluation core: generate answers per mode, parse them, score them with metrics.py (the trainer calls this too).
 
-`evaluate_dataset` runs, for every eval batch (data/pipeline.py, kind='eval', slow-mode prompts) and every mode
-in `EvalSettings.modes`: rollout.sample (greedy for num_samples=1, else temperature sampling) -> text ->
-answer words (the extractor) -> the dataset metric, plus per-mode statistics and per-sample records:
-
-  metric 'ov'   open-vocabulary sets (MER-Synth, OV-MERD+): metrics.ov_score, level 1 -> f, precision, recall
-  metric 'hit'  basic-emotion sets (MER2023/2024, MELD, IEMOCAP): metrics.hit_rate on the one-hot label
-  metric 'waf'  sentiment sets (MOSI, MOSEI, SIMS): metrics.waf on the valence -> waf, acc
-
-Dataset numbers are computed by metrics.py on the parsed words, never re-implemented here, so they equal
-`python -m merr1_jax.metrics` on the same predictions. Per sample, precision/recall are the level-1 set scores
-averaged over the wheels whose GT maps somewhere (metrics.md §2 per sample; None when no wheel does).
-
-Confidence (needs `token_sets`, rewards.category_token_sets over LabelSpace.emotion_wheel(format_version)):
-grouped.score_pass reads the category log-mass S(c) at the first answer anchor (the state that predicts the first
-answer word). Per wheel with a non-empty GT: mass on the predicted clusters sum_{c in P} exp S(c); `confidence`
-is its mean over those wheels and `correct` is the per-sample precision on the same wheels, so a calibrated model
-has mean confidence ~ mean correctness in every confidence bin. `gt_mass` is the same mass on the GT clusters.
-
-Records that the data pipeline skipped as bad (data.on_bad_record='skip') are part of the result:
-DatasetResult.skipped holds their count and ids per split (`skipped_records`), and the reports carry them.
-
-With num_samples N > 1, every record keeps its sample index and the summary adds `best_of_n`: the dataset metric
-on the per-prompt best sample (the highest per-sample F1 / hit / sentiment match), a pass@N-style upper bound.
+`evaluate_dataset` runs every eval batch in every mode of `EvalSettings.modes`: rollout.sample -> text -> answer
+words (the extractor) -> the dataset metric ('ov', 'hit' or 'waf', computed by metrics.py, so the numbers equal
+`python -m merr1_jax.metrics` on the same predictions). It adds per-mode statistics, a confidence read from the
+category log-mass (needs `token_sets`), per-sample records, the records the pipeline skipped as bad and, with
+num_samples N > 1, `best_of_n`. Details: docs/evaluation.md, "What is measured".
 
 Shape legend: B = P*N rows (P prompts, N samples), T completion tokens, K wheels, C clusters, V vocabulary.
 """

@@ -1,29 +1,11 @@
 """MME-Emotion: judge the policy's reasoning and answers, and turn the judge's step scores into Rec-S / Rea-S / CoT-S.
 
-MME-Emotion (../shared/docs/metrics.md §6, docs/evaluation.md) has 8 tasks (TASKS). A judge scores every
-reasoning step of a completion 0 or 1, and then the answer 0 or 1; the scores give
-
-  Rec-S = 100 * mean(answer score)      Rea-S = 100 * mean(mean of the step scores, 0 when there are none)
-  CoT-S = (Rec-S + Rea-S) / 2           (metrics.mme_emotion_scores)
-
-The pieces, in the order one item flows through them:
-
-  JudgeItem.from_completion(...)  what the judge sees: GT words, the completion, its steps and answer
-                                  (extract_steps: the rule that splits the reasoning into steps);
-  Judge                           the protocol: a `name` (judge + version: part of the cache key) and
-                                  `__call__(item) -> JudgeScore` (one 0/1 per step, then the answer's);
-  CachedJudge(judge, path)        a JSONL cache in front of any judge: a rerun never asks again for an item
-                                  it already scored (a crash loses at most the line being written);
-  run_mme(items, judge, path)     scores every item, returns the scores plus the per-item step scores, and
-                                  writes the judge JSONL that mme_report(path) reads back.
-
-The judges themselves (the offline default RuleJudge, and OpenAICompatibleJudge, the example of plugging in a
-served judge model through an injected `send`) live in merr1_jax/evaluation/mme_judges.py. The evaluate CLI's
-`--mme_items` goes through read_items + items_from_samples + evaluate_samples here. Nothing in this module
-opens a network connection.
-
-Conventions: scores are 0-100 (as the benchmark reports them); an item id is a string, unique per run; only the
-slow mode's first sample is judged (the mode that reasons; with N samples, sample 0).
+MME-Emotion (../shared/docs/metrics.md §6) has 8 tasks (TASKS). A judge scores every reasoning step of a completion
+0 or 1, then the answer; metrics.mme_emotion_scores turns those into the scores (0-100, as the benchmark reports
+them). An item goes through `JudgeItem.from_completion` (`extract_steps` splits the reasoning into steps), a
+`Judge` (the protocol), `CachedJudge` (a JSONL cache: a rerun never asks again) and `run_mme`, which writes the
+judge JSONL that `mme_report` reads back. Only the slow mode's first sample is judged. The judges live in
+mme_judges.py; nothing in this module opens a network connection. Details: docs/evaluation.md, "MME-Emotion".
 """
 
 from __future__ import annotations

@@ -1,22 +1,13 @@
 """Training checkpoints (orbax): exact resume of the train state, the data position and the rng, and the check
-that a resumed run's config still gives the saved state its meaning (docs/reliability.md "Checkpoints" says how:
-the three items of a step, asynchronous saves, the checksum manifest, falling back past a damaged step).
+that a resumed run's config still gives the saved state its meaning (docs/reliability.md "Checkpoints and exact
+resume" says how: the three items of a step, asynchronous saves, the checksum manifest, falling back past a
+damaged step).
 
-API:
-  Checkpointer(directory, *, save_every, keep, async_save=True, config_json=None, force=False,
-               ignore_keys=DEFAULT_IGNORE_KEYS, force_hint="force=True")
-    .latest_step() -> int | None          .all_steps() -> list[int]
-    .should_save(step) -> bool            (step % save_every == 0)
-    .save(step, state, *, data_iter=None, rng=None, extra=None, force=False) -> bool  (False: not saved)
-    .restore(step, abstract_state, *, data_iter=None) -> (state, rng | None, extra dict)
-    .restore_newest(restore_fn) -> (step, restore_fn(step)) | None   (falls back past damaged steps)
-    .check(step)                          (raises DamagedCheckpointError)
-    .stored_config(step=None) -> dict | None
-    .wait()   .close()   (also a context manager)
-  IncompatibleCheckpointError(ValueError): .differences = [(dotted key, stored, now), ...]
-  DamagedCheckpointError(Exception): .path, .step, .problem;  NoUsableCheckpointError(DamagedCheckpointError)
-  abstract_with_shardings(state, shardings) -> ShapeDtypeStruct pytree carrying the shardings (restore's target)
-  The manifest (infra/manifest.py) and the config comparison (infra/config_diff.py) are re-exported here.
+`Checkpointer(directory, *, save_every, keep, ...)` saves, checks and restores steps (`restore_newest` falls back
+past damaged ones); the errors are `IncompatibleCheckpointError`, `DamagedCheckpointError` and
+`NoUsableCheckpointError`; `abstract_with_shardings` builds restore's target. The manifest (infra/manifest.py) and
+the config comparison (infra/config_diff.py) are re-exported here. The API in full: docs/reliability.md, "The
+checkpoint API".
 """
 
 from __future__ import annotations

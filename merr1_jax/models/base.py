@@ -2,23 +2,10 @@
 
 The RL code (rollout sampler, train step) holds `params` as a pytree and calls pure methods of a
 `PolicyModel`, so `jax.jit`, `jax.grad`, buffer donation and shardings apply to params directly. It never
-touches a model class. To port another model, implement this protocol (docs/porting.md) and pass
-`merr1_jax.models.contract.check_policy_contract`.
-
-Contract (what every adapter guarantees):
-  * `forward(p, x, c) == (hidden(p, x, c)[0] @ unembed_weight(p)` in float32, `hidden(...)[1])`.
-  * Positions are explicit and batch-major: `[B, L]` int32 (1-D RoPE) or `[B, L, 3]` (M-RoPE t/h/w ids), so
-    every batch array has its rows on axis 0 and splits, shards and repeats alike. Left-padded rows
-    start at position 0 at their first real token. `mask[b, l]` is False on padding.
-  * Causal attention by sequence (cache-slot) order, restricted to unmasked keys.
-  * The KV cache is a pytree whose every leaf has the batch on axis 0, so
-    `jax.tree.map(lambda a: jnp.repeat(a, G, axis=0), cache)` (== `cache.repeat(G)`) broadcasts a prefilled
-    prompt cache to G rows. A call with a cache writes its L new keys at slots [index, index + L) for all
-    rows (one shared write index), marks them valid per `x.mask`, attends to valid slots <= its own and
-    advances the index by L. The caller keeps index + L <= max_len (this cannot be checked under jit).
-  * Creating params needs no mesh; sharding is applied by the caller from `partition_rules()`.
-  * `validate_inputs(inputs)` checks a concrete batch on the host before it is jitted, because inside jit a
-    wrong placeholder/feature count cannot raise.
+touches a model class. To port another model, implement this protocol and pass
+`merr1_jax.models.contract.check_policy_contract`. The contract every adapter guarantees (forward == hidden @
+unembed_weight, explicit batch-major positions, causal masked attention, a batch-major KV cache, no mesh to create
+params, host-side `validate_inputs`) is in docs/porting.md, "What to implement".
 
 Shape legend: B batch, L new tokens, S cache slots, D d_model, V vocab, N layers, K kv heads,
 H query heads, Dh head dim, T feature rows (Tv video, Ta audio), F feature width.

@@ -1,31 +1,12 @@
 """Hugging Face safetensors checkpoints -> the policy's parameter tree (Qwen2, Qwen2.5, Qwen2.5-Omni thinker).
 
-`load_hf` reads a checkpoint in four steps, each a helper below:
-  1. Files (`_resolve_files`): a .safetensors file, a directory with model.safetensors, or a sharded directory
-     with model.safetensors.index.json. Pickled formats (.bin/.pt/.pth/.ckpt) are refused, never opened.
-     config.json beside the weights is checked against the model config (hf_config.check_config).
-  2. Plan (`_scan_headers`, `_plan_projectors`): headers only, no tensor data. Each key is classified
-     (`_classify`): a decoder weight and its target parameter slot, a skipped group (the towers and talker:
-     audio_tower, visual, talker, token2wav; counted, their bytes never read) or unexpected. Missing /
-     unexpected / shape-mismatched keys raise one ValueError listing them under the checkpoint's own prefix
-     (strict) or go into the returned LoadReport (strict=False; missing ones keep a fresh init). Non-float
-     tensors, a truncated shard and a config.json that disagrees with the model are always errors.
-  3. Place (`_place_hf`, `_place_projectors`): shard by shard, tensor by tensor, memmap view -> transpose /
-     reshape -> cast to the param dtype -> straight onto its target sharding (per-device slices via
-     make_array_from_callback). Per-layer tensors go into their stacked parameter with a donated in-place
-     update, so host memory holds one tensor at a time, whatever the model size.
-  4. Fill (`_fill_from_init`): parameters no file provides come from `model.init_params(rng)`.
-Key prefixes: Qwen2 causal LMs and Omni thinker checkpoints use `model.` / `lm_head.`, a full Qwen2.5-Omni
-checkpoint `thinker.model.` / `thinker.lm_head.`, a bare text model none.
-Parameters with no HF counterpart (the video/audio 'mlp' projectors, which RL trains) come from PROJECTOR_FILE
-next to the weights when it is there (an export written by hf_export.save_hf), else from a fresh init (a base HF
-checkpoint; logged as a warning). `projectors='require'` makes its absence an error: use it to load an exported
-policy for evaluation.
-
-What each HF key becomes (param path, layer, transform) is hf_keys' mapping, which hf_export writes by too;
-config.json is read by hf_config. PROJECTOR_FILE and `_resolve_files` are here and hf_export uses them as well.
-Tensors are in HF layout in the files ([out, in] Linear weights, one tensor per layer) and in ours in the tree
-([in, ..., out], stacked over a leading layers axis L); hf_keys' docstring has every shape.
+`load_hf` resolves the files (pickled formats are refused, never opened), plans from the headers alone (missing,
+unexpected or wrong-shape keys are one error under strict=True, or go into the returned LoadReport), places the
+tensors one at a time straight onto their target shardings, and fills what no file provides from
+`model.init_params`. The video/audio projectors come from PROJECTOR_FILE when it is there; `projectors='require'`
+makes its absence an error: use it to load an exported policy for evaluation. What each HF key becomes is hf_keys'
+mapping (its docstring has every shape); config.json is read by hf_config. Details: docs/porting.md, "How
+`load_hf` reads a checkpoint".
 """
 
 from __future__ import annotations

@@ -1,22 +1,14 @@
 """Group-relative advantages (method.md E2): dual-objective disentanglement (DOD) and the coupled baseline.
 
 docs/method.md, "Dual-objective disentanglement (E2)". One advantage per completion, later broadcast to its tokens.
+A row's group is an integer id (``group_ids_B``), not a position, so rows need no reordering. Statistics are taken
+over the group's valid rows: z_g(x)_i = (x_i - mean_g x) / (std_g x + eps), std with ``ddof`` (default 1); a group
+whose valid values are all equal, or that has too few valid rows, contributes exactly 0, and invalid rows get 0.
 
 Shape legend:
   B: completions in the step, in any order
   P: groups (e.g. prompts, or prompt x mode), ids 0 .. P-1
   O: reward objectives (columns; e.g. recall, precision, format, calibration)
-
-Conventions:
-  * A row's group is an integer id (``group_ids_B``), not a position: statistics are taken per id (rows are
-    scattered into a dense [P, G] table and gathered back), so rows need no reordering and per-mode groups are
-    just other ids (``contiguous_groups`` gives the ids of contiguous blocks).
-  * z_g(x)_i = (x_i - mean_g x) / (std_g x + eps), statistics over the *valid* rows of the group only.
-  * std uses ``ddof`` (default 1, the unbiased estimator, as R1-Omni and TRL do).
-  * A group whose valid values are all equal (std = 0), or that has fewer than ddof + 1 valid rows, contributes
-    exactly 0: such a group carries no preference between its completions. We test equality (max == min) instead
-    of std == 0 because the float mean of equal numbers can be off by one ulp.
-  * Invalid rows get 0 for that objective's term.
 """
 
 from __future__ import annotations

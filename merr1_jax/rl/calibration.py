@@ -3,21 +3,14 @@
 docs/method.md, "Slow-fast confidence calibration (E3)". All functions are pure and jit-able. The calibration
 kinds ``rl.calibration`` can select live in ``CALIBRATIONS``, a plain mapping of pure functions with one signature
 (name -> reward function). ``none`` is not an entry: it skips the calibration passes altogether.
+``token_sets_KxCxV`` is a 0/1 mask: token v is a first token of some word of cluster c in wheel k (built host-side
+by ``merr1_jax.task.rewards.category_token_sets``). Log-masses are float32 and floored at ``LOGMASS_FLOOR``
+instead of -inf, so differences of log-masses stay finite.
 
 Shape legend:
   B: completions          T: sequence positions        A: answer anchors per completion
   V: vocabulary           D: model width               K: label wheels        C: clusters per wheel (padded)
   N: vocabulary chunk size
-
-Conventions:
-  * ``token_sets_KxCxV`` is a 0/1 mask: token v is a first token of some word of cluster c in wheel k
-    (built host-side by ``merr1_jax.task.rewards.category_token_sets``).
-  * Log-mass is computed in float32 by the one streaming pass over the vocabulary (``rl.vocab.vocab_stream``,
-    shared with the RL log-probs), so at most one [B, T, N] float32 chunk exists at a time.
-  * A category whose probability mass underflows float32 (or whose token set is empty) gets ``LOGMASS_FLOOR``
-    instead of -inf, so differences of log-masses stay finite. So does every category of a position whose
-    logits are all -inf (no distribution at all).
-  * Static settings (``CalibrationConfig``, chunk sizes) are Python numbers, checked when they are built.
 """
 
 from __future__ import annotations

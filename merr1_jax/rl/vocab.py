@@ -3,21 +3,12 @@
 Both the RL log-probs (method.md E4, "Token log-probs") and the calibration log-mass (E3 step 1) need statistics
 of softmax(h @ w) over a vocabulary that can be 152k wide. ``vocab_stream`` computes them all in one online
 log-sum-exp over vocabulary chunks, so at most one float32 [..., N] chunk of logits exists at a time, never a
-float32 [..., V] tensor (architecture.md pitfalls). ``rl.token_logprobs`` and ``rl.category_logmass*`` are thin
-views of it.
+float32 [..., V] tensor; ``rl.token_logprobs`` and ``rl.category_logmass*`` are thin views of it. Everything is
+float32, and the result does not depend on the chunk size. Details: docs/method.md, "The streaming vocabulary pass".
 
 Shape legend:
   ...: leading positions (e.g. B x T)    D: model width    V: vocabulary    N: vocabulary chunk    n: chunks
   KC: categories (K wheels x C clusters, flattened)
-
-Conventions:
-  * Everything is float32 whatever the input dtype.
-  * Padded vocabulary columns (V rounded up to n x N) are -inf logits: they count nowhere.
-  * The running max is used as a shift only where it is finite, so a chunk whose logits are all -inf (a masked
-    or padded stretch of the vocabulary) never produces exp(-inf - -inf) = NaN, and the result does not depend on
-    the chunk size.
-  * The chunk body is rematerialised (``jax.checkpoint``) in a backward pass: the gradient does not keep every
-    chunk's logits either.
 """
 
 from __future__ import annotations

@@ -1,22 +1,12 @@
 """Dataset-level emotion-recognition scores that agree with the MER-UniBench / OV-MER / MME-Emotion code.
 
-Pure numpy/python (no jax). Definitions: docs/metrics.md; upstream: ../shared/docs/metrics.md §1-§4, §6.
-
-* :func:`ov_score`  open-vocabulary EW score (OV-MERD+, MER2025 track 2): per wheel the F of the averaged P, R.
-* :func:`set_score` the same arithmetic under any word -> cluster mappings (e.g. a closed label list).
-* :func:`m_avg`     the OV-MER paper's M-avg over 12 mappings (case1, case2, 5 wheels x 2 levels).
-* :func:`hit_rate`  basic-emotion hit rate (MER2023/2024, MELD, IEMOCAP).
-* :func:`waf`       sentiment weighted F1 (MOSI, MOSEI, SIMS, SIMS v2), with a pluggable words -> sentiment map.
-* :func:`mme_emotion_scores`  MME-Emotion Rec-S / Rea-S / CoT-S from judge step scores.
-
-Ground truth and predictions are sequences aligned by index. Each item is a word list or a label string
-(parsed with :func:`merr1_jax.emotion.parse_label_list`, so ``"[happy, sad]"`` works). Scores are fractions in
-[0, 1] (MME-Emotion: 0-100, as its paper reports). A score over zero scored samples is NaN, as upstream
-(``np.mean([])``); the CLI prints it as null.
-
-CLI: ``python -m merr1_jax.metrics {ov,hit,map} ...`` (see ``--help``; bad input -> ``error: ...``, exit 2). It
-lives in metrics_cli.py with the strict CSV readers it needs; this module stays the arithmetic alone, so that the
-trainer, the evaluator and the tests import the scores without the command line.
+Pure numpy/python (no jax): `ov_score` (OV-MERD+, MER2025 track 2; per wheel the F of the averaged P, R),
+`set_score` (the same arithmetic under any word -> cluster mappings), `m_avg` (the OV-MER paper's M-avg over 12
+mappings), `hit_rate` (MER2023/2024, MELD, IEMOCAP), `waf` (MOSI, MOSEI, SIMS, SIMS v2; a pluggable words ->
+sentiment map) and `mme_emotion_scores` (Rec-S / Rea-S / CoT-S). Ground truth and predictions are sequences
+aligned by index, each item a word list or a label string (``"[happy, sad]"``). Scores are fractions in [0, 1]
+(MME-Emotion: 0-100); a score over zero scored samples is NaN, as upstream. The command line is merr1_jax/metrics.py.
+Definitions: docs/metrics.md; upstream: ../shared/docs/metrics.md §1-§4, §6.
 """
 
 from __future__ import annotations

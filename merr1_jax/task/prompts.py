@@ -1,26 +1,16 @@
 """The chat template and the slow/fast mode prefixes: the one place rollout, SFT and evaluation take them from.
 
-A prompt is one Qwen-style chat turn (method.md "Output format and the two modes"):
+A prompt is one Qwen-style chat turn (method.md "Output format and modes (reconstructed)"):
 
   <|im_start|>system\\n{system}<|im_end|>\\n
   <|im_start|>user\\n<|vision_bos|>{<|VIDEO|> x n_video}<|vision_eos|><|audio_bos|>{<|AUDIO|> x n_audio}<|audio_eos|>\\n
   Subtitle: {subtitle}\\n{question}<|im_end|>\\n
   <|im_start|>assistant\\n                       (+ FAST_PREFIX in fast mode)
 
-With `media_runs` (an interleaved record's placeholder runs, e.g. "V8A50V8A50": Qwen2.5-Omni's
-`use_audio_in_video` layout, 2 s chunks of video rows then audio rows) the media block is instead
-
-  <|vision_bos|><|audio_bos|>{<|VIDEO|> x 8}{<|AUDIO|> x 50}{<|VIDEO|> x 8}{<|AUDIO|> x 50}<|audio_eos|><|vision_eos|>
-
-Placeholder convention, shared with the model's feature merge: the prompt holds exactly n_video `<|VIDEO|>` and
-n_audio `<|AUDIO|>` tokens, one per feature row, and a tokenizer must map each to a single id. The k-th
-`<|VIDEO|>` takes the k-th video row whatever the layout, so an interleaved block needs no reordering of the
-features. The free text
-(subtitle, question, reasoning, answer words) may not contain any template marker: a subtitle holding
-"<|VIDEO|>" would silently shift every feature row, so it is rejected instead.
-
-The completion is what the model writes after the prompt. The EOS (`<|im_end|>`) that closes the assistant turn is
-a token the pipeline appends, not part of these strings.
+With `media_runs` (e.g. "V8A50V8A50") the media block is Qwen2.5-Omni's interleaved one instead. Either way there
+is one placeholder token per feature row, and the k-th `<|VIDEO|>` takes the k-th video row. Free text holding a
+template marker is rejected. The EOS (`<|im_end|>`) closing the assistant turn is appended by the pipeline, not
+part of these strings. Details: docs/data.md, "2. The chat template".
 """
 
 from __future__ import annotations

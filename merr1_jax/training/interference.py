@@ -1,25 +1,12 @@
 """The variance-interference probe: does normalising recall and precision together drown one of them?
 
-docs/method.md, "Variance-induced interference: the check we ship". Within a group, take the recall and precision
-rewards with in-group standard deviations s_R, s_P and correlation rho. The coupled advantage z(w_R r_R + w_P r_P)
-correlates with the recall reward at (s_R + rho s_P) / sqrt(s_R^2 + s_P^2 + 2 rho s_R s_P) (equal weights): when
-s_P >> s_R that tends to rho, and the low-variance objective is drowned; the disentangled advantage
-z(r_R) + z(r_P) correlates with each at sqrt((1 + rho) / 2) whatever the spreads. This module measures those
-quantities on real rollouts during training (`rl.probe_every`), so the claim is shown or refuted on our data:
-
-  probe/s_rec, probe/s_prec       mean in-group std of the recall and precision rewards
-  probe/rho                       mean in-group correlation of the two (groups where both spread)
-  probe/var_adv_rec, _prec        variance of each objective's contribution to the advantage
-  probe/corr_adv_rec, _prec       correlation of the advantage with each (in-group centred) reward
-  probe/pred_corr_rec, _prec      the same, predicted by the formulas above from s_rec, s_prec, rho
-  probe/grad_cos                  cosine of the policy gradients of the recall-only and precision-only parts
-  probe/grad_norm_rec, _prec      their norms
-
-Each objective's contribution to the advantage: disentangled, c_o = w_o z_g(r_o); coupled, the advantage
-z_g(R) = sum_o w_o (r_o - mean_g r_o) / (std_g R + eps) splits linearly into c_o = w_o (r_o - mean_g r_o) /
-(std_g R + eps). The gradient of a part is the RL loss's gradient with that part as the advantage (ratio 1, no KL).
-A run without recall and precision objectives (the GRPO baseline's one F1 reward) logs the reward statistics
-only: it has no parts to take variances or gradients of.
+docs/method.md, "Why disentangle: variance-induced interference": as the precision reward's in-group spread grows
+past the recall reward's, the coupled advantage's correlation with the recall reward tends to their correlation
+rho, while the disentangled advantage keeps sqrt((1 + rho) / 2) with each. This module measures those quantities
+on real rollouts during training (`rl.probe_every`) and logs them as `probe/*` (the keys are listed there), so the
+claim is shown or refuted on our data. Each objective's part of the advantage: disentangled, c_o = w_o z_g(r_o);
+coupled, z_g(R) splits linearly into c_o = w_o (r_o - mean_g r_o) / (std_g R + eps). The gradient of a part is the
+RL loss's gradient with that part as the advantage (ratio 1, no KL).
 
 Shape legend: B rows (prompt-major groups), P groups, O objectives.
 """

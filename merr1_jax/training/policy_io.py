@@ -1,22 +1,12 @@
 """Loading a trained policy for evaluation: a training checkpoint or an HF export, with the one tokenizer that
 goes with it.
 
-`load_policy(config, workdir, checkpoint)` is the one place the evaluate CLI gets (model, params, tokenizer)
-from (docs/evaluation.md):
-  * no checkpoint: the latest step of the last stage in config.stages that has one (WORKDIR/checkpoints/<stage>),
-    else the HF export WORKDIR/export;
-  * STEP or STAGE:STEP: that training checkpoint (STEP alone: the last stage that holds it);
-  * PATH: an exported HF policy directory (config.json + *.safetensors, its video/audio projectors restored), or a
-    checkpoint step directory WORKDIR/checkpoints/<stage>/<step>.
-The model is built from the config, and a checkpoint written under another model config is refused with the
-differing fields named. The tokenizer is the HF directory's when it has one, else the run's, chosen as the trainer
-chooses it; when both exist they must agree on the vocabulary and the special/tag token ids.
-
-Every failure is an `EvalError` whose message names the file, checkpoint or field (the CLI prints it as one
-`error:` line, exit status 2). A damaged training checkpoint (it fails its checksum manifest or cannot be read,
-checkpoint.DamagedCheckpointError) is named with what is wrong, followed by the run's checkpoints that pass
-their check (`good checkpoints: rl:2, sft:2`), so the user can pick one with --checkpoint; nothing is evaluated
-in its place.
+`load_policy(config, workdir, checkpoint)` is the one place the evaluate CLI gets (model, params, tokenizer) from:
+no checkpoint (the latest one, else the HF export), STEP, STAGE:STEP, or a PATH (an HF policy directory or a
+checkpoint step directory). A checkpoint of another model config is refused, and an HF directory's tokenizer must
+agree with the run's. Every failure is an `EvalError` naming the file, checkpoint or field; a damaged checkpoint is
+named together with the run's good ones, and nothing is evaluated in its place. Details: docs/evaluation.md,
+"Running it".
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """The train state and the jitted RL and SFT steps: the only place where gradients meet optax.
 
 ``make_rl_step`` and ``make_sft_step`` return ``step(state, batch) -> (state, metrics)``, jit-compiled with the
-state donated and, when shardings are given, explicit in/out shardings. Both share one machinery:
-  * only the trainable leaves are differentiated: the parameters are split by the freeze regexes
-    (``TrainState.freeze``, ``optim.split_trainable``) and merged again inside the loss, so frozen leaves have no
-    gradient, accumulator or optimizer state and are not part of ``grad_norm`` or the clipping norm;
-  * each update's batch is split into ``micro_batches`` inside the step (a lax.scan accumulating float32
-    gradients of the trainable leaves);
-  * the loss is normalised by the update's token / sequence counts, so the update does not depend on the
-    micro-batch split (docs/method.md, Policy loss (E4), "Aggregation");
-  * a non-finite loss or gradient skips the update and is counted in ``state.nonfinite``; the trainer stops
-    after ``rl.max_nonfinite_steps`` such steps (``check_nonfinite``).
-The RL step runs ``ppo_epochs x mini_batches`` updates over its batch (PPO's mu inner iterations, verl's
-ppo_epochs / ppo_mini_batch_size, TRL's num_iterations); see ``make_rl_step`` for when clipping can act.
-
-Metrics of the RL step: loss and grad_norm (means over the updates), skipped, nonfinite_total, beta, the
-``rl.finalize_stats`` statistics (overall and per thinking mode: ``kl/slow``, ...) and the advantage statistics.
+state donated and, when shardings are given, explicit in/out shardings. Only the trainable leaves are
+differentiated; each update's batch is split into ``micro_batches`` inside the step, and the loss is normalised so
+that the update does not depend on that split; a non-finite loss or gradient skips the update. The RL step runs
+``ppo_epochs x mini_batches`` updates over its batch. Details: docs/method.md, "The train step".
 
 Shape legend: P prompts (groups) in the step, M micro-batches, K mini-batches, L positions, D width. The RL batch
 is a ``grouped.GroupedRLBatch``; the SFT batch's per-token arrays are aligned with ``tokens`` and shifted by one
