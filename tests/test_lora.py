@@ -457,8 +457,9 @@ def lora_reference(tmp_path_factory):
 def test_a_lora_checkpoint_refuses_another_rank_or_base(lora_reference, tmp_path):
   w = tmp_path / "w"
   shutil.copytree(lora_reference, w)
-  rc, out, _ = _train(w, tmp_path, "--config.model.lora_rank=8", "--config.model.lora_dropout=0.1",
-                      "--config.stages=('rl',)", "--config.rl.steps=2")
+  other_rank = [a.replace("lora_rank=4", "lora_rank=8") for a in _LORA_RUN]  # only the rank differs
+  assert other_rank != list(_LORA_RUN)
+  rc, out, _ = _train(w, tmp_path, *other_rank)
   assert rc == 2 and re.search(r"model\.lora_rank: stored 4, now 8", out), out[-2000:]
   rc, out, _ = _train(w, tmp_path, *_LORA_RUN, "--config.seed=1", "--config.resume=force")
   assert rc == 2, out[-3000:]

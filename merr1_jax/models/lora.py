@@ -94,7 +94,7 @@ def delta(a, b, n_in: int, scale: float):
 def merged_leaves(params, cfg: ModelConfig) -> dict[str, Any]:
   """{path: leaf} of the base model with W + (alpha / r) A B in each adapted kernel, adapters left out.
 
-  The sum is formed in float32 and cast to the kernel's dtype. models/lora_base.py puts the leaves back into the
+  The sum is formed in float32 and cast to the kernel's dtype. models/lora_export.py puts the leaves back into the
   base model's tree (`merged`); `folded` puts them back into this one."""
   flat = flat_leaves(params)
   out = {}
