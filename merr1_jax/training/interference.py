@@ -103,7 +103,8 @@ def gradient_cosine(model, params, batch: grouped.GroupedRLBatch, c_rec: np.ndar
 def probe(ctx: experience.Context, settings: experience.ExperienceSettings, params, ref_params, batch, rng,
           freeze=()) -> dict[str, float]:
   """The probe's statistics (module docstring) on one fresh experience step over `batch` (a fixed probe batch of
-  prompts, new rollouts from the current policy): {'probe/<name>': value}."""
+  prompts, new rollouts from the current policy): {'probe/<name>': value}. Pass `params` and `ref_params` of the
+  same, live state: after a step, the reference read from the state before it points at donated buffers."""
   rl_batch, _, rows = experience.collect(ctx, settings, params, ref_params, batch, rng)
   # Rows prompt-major, as `rows` holds them: `order` takes the batch's rollout order there.
   segs = rl_batch.segments
