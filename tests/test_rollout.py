@@ -155,6 +155,10 @@ class Scripted:
     return base.logits_from_hidden(h, self.unembed_weight(params)), cache
 
 
+class NoSharedDecode(Scripted):
+  shared_prefix_decode = False  # a port whose `hidden` only takes the plain KVCache
+
+
 # --------------------------------------------------------------------------------------------- tests
 
 
@@ -438,6 +442,153 @@ def test_sharded_equals_unsharded(tok, text_model):
   assert spec(cache.k) == (("data", "fsdp"), None, None, "tensor", None) and spec(logits)[0] == ("data", "fsdp")
   s_ref, s_got = _score(model, params, ref), _score(model, sharded, got, mesh=mesh, axis_rules=rules)
   np.testing.assert_allclose(s_got, s_ref, atol=1e-4)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "g", "cache_len", "layout", "shared"))
+def _teacher_forced_decode(model, params, prompt, tokens_BxT, *, g, cache_len, layout, shared):
+  """[T+1, B, V] next-token logits: the prefill's, then one per decode step fed `tokens_BxT` (the sampler's step
+  without the sampling), through either decode cache."""
+  cache, logits, next_pos = rollout.prefill(model, g, cache_len, layout, params, prompt, shared)
+
+  def step(cache, xs):
+    t, tok_B = xs
+    pos = (next_pos + t)[:, None]
+    pos = jnp.broadcast_to(pos[..., None], (*pos.shape, 3)) if prompt.positions.ndim == 3 else pos
+    x = model.embed(params, base.ModelInputs(tokens=tok_B[:, None], positions=pos,
+                                             mask=jnp.ones_like(tok_B[:, None], bool)))
+    out, cache = model.forward(params, x, cache)
+    return cache, out[:, 0]
+
+  t = tokens_BxT.shape[1]
+  _, rest = jax.lax.scan(step, cache, (jnp.arange(t), tokens_BxT.T))
+  return jnp.concatenate([logits[None], rest], 0)
+
+
+@pytest.mark.parametrize("kind,mesh_shape", [("text_1d", (8, 1, 1)), ("text_1d", (2, 2, 2)),
+                                             ("video_mrope", (8, 1, 1)), ("video_mrope", (2, 2, 2))])
+def test_shared_prefix_decode_equals_the_repeated_cache(tok, text_model, mrope_model, kind, mesh_shape):
+  """Decoding against the prompt's cache stored once per prompt (base.SharedPrefixCache: prefix and suffix parts
+  merged in one softmax) gives the next-token logits of decoding against the prompt's cache repeated per row, at
+  every step, on a mesh that splits the batch 8 ways and on one that also splits the KV heads."""
+  devices = np.asarray(jax.devices()[:8])
+  if devices.size < 8:
+    pytest.skip("needs the 8 fake CPU devices from conftest.py")
+  g, t = 3, 5
+  lens = [9, 3, 14, 7, 12, 5, 10, 2]
+  if kind == "text_1d":
+    (model, params), inputs = text_model, _left_pad(_rows(tok, lens, seed=3), 14)
+  else:
+    n_video = [4, 1, 5, 3, 2, 1, 6, 1]
+    model, params = mrope_model
+    inputs = _with_video(_left_pad(_rows(tok, lens, seed=3, video=n_video), 14, mrope=True), n_video,
+                         model.config.video_dim)
+  mesh = jax.sharding.Mesh(devices.reshape(mesh_shape), ("data", "fsdp", "tensor"))
+  rules = {"embed": "fsdp", "mlp": "tensor", "q_heads": "tensor", "kv_heads": "tensor", "vocab": "tensor"}
+  specs = base.param_partition_specs(params, model.partition_rules(), rules)
+  sharded = jax.device_put(params, jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs))
+  prompt = rollout.prepare_prompts(inputs, mode="slow", vocab_size=tok.vocab_size)
+  prompt, layout = rollout.shared_prefix.place_prompt(model, prompt, mesh, rules)
+  length = prompt.tokens.shape[1]
+  fed = jax.random.randint(jax.random.key(1), (len(lens) * g, t), 40, tok.vocab_size - 2)
+  kw = dict(g=g, cache_len=length + t, layout=layout)
+  got = np.asarray(_teacher_forced_decode(model, sharded, prompt, fed, shared=True, **kw))
+  want = np.asarray(_teacher_forced_decode(model, sharded, prompt, fed, shared=False, **kw))
+  assert got.shape == (t + 1, len(lens) * g, tok.vocab_size)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  assert np.abs(got[1:] - got[1:].mean()).max() > 0.1  # the logits vary: a constant output would pass trivially
+  # The cache it decodes against: the prompt's slots once per prompt, sharded like the repeated cache.
+  cache = jax.eval_shape(lambda: rollout.prefill(model, g, length + t, layout, sharded, prompt, True)[0])
+  assert cache.prefix.k.shape[0] == len(lens) and cache.prefix.k.shape[2] == length
+  assert cache.suffix.k.shape[0] == len(lens) * g and cache.suffix.k.shape[2] == t and cache.group == g
+
+
+def test_shared_decode_needs_a_model_that_accepts_it(tok, text_model):
+  model, params = text_model
+  inputs = _left_pad(_rows(tok, [4, 6]), 6)
+  with pytest.raises(ValueError, match="shared_prefix_decode"):
+    _sample(NoSharedDecode(model, {}), params, inputs, shared_decode=True)
+  # Without the capability, the default (None) decodes against the repeated cache: the same greedy tokens.
+  np.testing.assert_array_equal(_sample(NoSharedDecode(model, {}), params, inputs).completion,
+                                _sample(model, params, inputs).completion)
+  a = _sample(model, params, inputs, num_samples=2, shared_decode=True)
+  b = _sample(model, params, inputs, num_samples=2, shared_decode=False)
+  np.testing.assert_array_equal(a.completion, b.completion)
+  np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
+
+
+def _rollouts_equal(got, ref):
+  for f in ("completion", "completion_mask", "stop_reason", "length", "prompt_length"):
+    np.testing.assert_array_equal(getattr(got, f), getattr(ref, f), err_msg=f)
+  for f in ("tokens", "positions", "mask"):
+    np.testing.assert_array_equal(getattr(got.prompt, f), getattr(ref.prompt, f), err_msg=f"prompt.{f}")
+  np.testing.assert_allclose(got.logp, ref.logp, atol=2e-5)
+  np.testing.assert_allclose(got.logp_sampled, ref.logp_sampled, atol=2e-5)
+  assert (got.num_samples, got.mode) == (ref.num_samples, ref.mode)
+
+
+def test_both_modes_in_one_loop_equal_sampling_each_mode(tok, ids, mrope_model):
+  """sample_modes (one prefill, the fast prefix fed into the fast rows' own caches, one decode loop) draws what
+  `sample` draws per mode with the same keys: video features, M-RoPE, temperature sampling, and a fast prompt
+  whose bucket (64) differs from the slow one (32)."""
+  model, params = mrope_model
+  n_video = [3, 1, 2, 4]
+  inputs = _with_video(_left_pad(_rows(tok, [28, 4, 31, 15], video=n_video, seed=5), 31, mrope=True), n_video,
+                       model.config.video_dim)
+  modes = {"slow": dict(num_samples=3, max_new_tokens=9, rng=jax.random.key(1), **ids.sample_kwargs("slow")),
+           "fast": dict(num_samples=2, max_new_tokens=4, rng=jax.random.key(2), **ids.sample_kwargs("fast"))}
+  method = sampling.Temperature(1.0)
+  joint = rollout.sample_modes(model, params, inputs, modes=modes, method=method)
+  assert list(joint) == ["slow", "fast"]
+  for m, kw in modes.items():
+    ref = rollout.sample(model, params, inputs, mode=m, method=method, **kw)
+    _rollouts_equal(joint[m], ref)
+  assert joint["slow"].prompt.tokens.shape[1] == 32 and joint["fast"].prompt.tokens.shape[1] == 64
+  assert int(joint["slow"].steps) == int(joint["fast"].steps) == 9  # one loop, as long as the longest budget
+
+
+def test_both_modes_in_one_loop_keep_each_modes_stop_ban_and_budget(tok, ids, text_model):
+  """Per-row rules in the joint loop: at the same step a fast row may not open a think block and stops at
+  </answer>, while a slow row writes both and runs on to EOS; each mode's budget is its own."""
+  model, params = text_model
+  n, k = 8, len(ids.fast_prefix)
+  inputs = _left_pad(_rows(tok, [n, n], seed=6), n)
+  # Generated token i is predicted at position n - 1 + i in a slow row and n - 1 + k + i in a fast row.
+  assert k + 2 < 8
+  script = {n - 1 + k: ids.think[0], n - 1 + k + 2: ids.answer_close, n - 1 + 8: ids.eos}
+  scripted = Scripted(model, script)
+  modes = {"slow": dict(num_samples=2, max_new_tokens=12, rng=jax.random.key(3), **ids.sample_kwargs("slow")),
+           "fast": dict(num_samples=3, max_new_tokens=6, rng=jax.random.key(4), **ids.sample_kwargs("fast"))}
+  joint = rollout.sample_modes(scripted, params, inputs, modes=modes, method=sampling.Greedy())
+  slow, fast = (np.asarray(joint[m].completion) for m in ("slow", "fast"))
+  assert (slow[:, k] == ids.think[0]).all() and (slow[:, k + 2] == ids.answer_close).all()
+  assert (slow[:, 8] == ids.eos).all()
+  np.testing.assert_array_equal(joint["slow"].stop_reason, rollout.StopReason.EOS)
+  np.testing.assert_array_equal(joint["slow"].length, 9)
+  assert (fast[:, 0] != ids.think[0]).all() and (fast[:, 2] == ids.answer_close).all()
+  np.testing.assert_array_equal(joint["fast"].stop_reason, rollout.StopReason.STOP)
+  np.testing.assert_array_equal(joint["fast"].length, 3)
+  assert slow.shape == (4, 12) and fast.shape == (6, 6)
+  for m, kw in modes.items():
+    _rollouts_equal(joint[m], rollout.sample(scripted, params, inputs, mode=m, method=sampling.Greedy(), **kw))
+  # A budget ends a row: fast rows without a stop run to their own 6 tokens while slow rows go on.
+  joint = rollout.sample_modes(model, params, inputs, method=sampling.Greedy(),
+                               modes={"slow": dict(modes["slow"], stop_ids=()) | {"eos_id": None},
+                                      "fast": dict(modes["fast"], stop_ids=()) | {"eos_id": None}})
+  np.testing.assert_array_equal(joint["fast"].length, 6)
+  np.testing.assert_array_equal(joint["slow"].length, 12)
+  np.testing.assert_array_equal(joint["fast"].stop_reason, rollout.StopReason.LENGTH)
+
+
+def test_both_modes_refuse_mismatched_shared_arguments(tok, ids, text_model):
+  model, params = text_model
+  inputs = _left_pad(_rows(tok, [5]), 5)
+  kw = dict(num_samples=1, max_new_tokens=2, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="pad_id differs"):
+    rollout.sample_modes(model, params, inputs, method=sampling.Greedy(),
+                         modes={"slow": kw | ids.sample_kwargs("slow"),
+                                "fast": kw | ids.sample_kwargs("fast") | {"pad_id": ids.pad + 1}})
+  with pytest.raises(ValueError, match="'slow' and/or 'fast'"):
+    rollout.sample_modes(model, params, inputs, method=sampling.Greedy(), modes={"medium": kw})
 
 
 def test_decode_donates_the_prefill_cache(tok, text_model):

@@ -78,6 +78,25 @@ class KVCache:
     return jax.tree.map(lambda a: jnp.repeat(a, group, axis=0), self)
 
 
+@flax.struct.dataclass
+class SharedPrefixCache:
+  """The decode cache of G rows per prompt (shared-prefix decoding, docs/architecture.md "Rollouts").
+
+  prefix: a KVCache of the P prompts (P rows, the prompt's slots; read, never written, while decoding).
+  suffix: a KVCache of the B = P*G rows (row r = p*G + g belongs to prompt p) holding only the generated tokens.
+  A decode step attends to both and merges them exactly (models/layers.attend_grouped): the prompt's K/V is
+  read once per prompt instead of once per row, and stored once (the cache shrinks by about G on long prompts).
+  A model that accepts it in `hidden` says so with a class attribute `shared_prefix_decode = True`.
+  """
+
+  prefix: KVCache
+  suffix: KVCache
+
+  @property
+  def group(self) -> int:
+    return self.suffix.k.shape[0] // self.prefix.k.shape[0]
+
+
 def empty_cache(batch: int, num_layers: int, max_len: int, num_kv_heads: int, head_dim: int,
                 dtype: Any) -> KVCache:
   shape = (batch, num_layers, max_len, num_kv_heads, head_dim)

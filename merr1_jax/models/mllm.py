@@ -110,6 +110,8 @@ def _concrete(tree: Any) -> bool:
 class MultimodalPolicy:
   """`PolicyModel` for the Qwen2-family decoder with video/audio projectors. Params are an nnx.State."""
 
+  shared_prefix_decode = True  # `hidden` accepts a base.SharedPrefixCache (the sampler's default decode cache)
+
   def __init__(self, config: ModelConfig):
     self.config = config
     abstract = nnx.eval_shape(lambda: MultimodalLM(config, rngs=nnx.Rngs(0)))

@@ -7,7 +7,8 @@ Parameter tree (N = num_layers, every block parameter stacked on a leading 'laye
   final_norm/scale [D]            lm_head [D, V] (untied only)
 
 Attention: causal by sequence order (cache-slot order with a cache) and restricted to keys whose mask /
-validity is True, so left or right padding never leaks into real tokens.
+validity is True, so left or right padding never leaks into real tokens. With a base.SharedPrefixCache the new
+tokens attend to their prompt's shared slots and to their own (shared-prefix decoding).
 
 Shape legend: B batch, L new tokens, S cache slots, D d_model, V vocab, N layers, K kv heads, Dh head dim.
 """
@@ -67,6 +68,8 @@ class Decoder(nnx.Module):
     x = x_BxLxD.astype(cfg.jnp_compute_dtype)
     mask_BxL = mask_BxL.astype(bool)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    if isinstance(cache, base.SharedPrefixCache):
+      return self._hidden_shared(x, cos, sin, mask_BxL, cache, dropout_key)
 
     if cache is None:
       causal_LxL = jnp.tril(jnp.ones((l, l), bool))
@@ -103,6 +106,36 @@ class Decoder(nnx.Module):
       return h, None
     return h, base.KVCache(k=k_all, v=v_all, valid=valid, index=cache.index + l)
 
+
+  def _hidden_shared(self, x_BxLxD, cos, sin, mask_BxL, cache: base.SharedPrefixCache, dropout_key):
+    """`hidden` with a SharedPrefixCache: the L new tokens of each row go into its suffix cache; they attend to
+    their prompt's prefix slots (P rows, shared by the G rows of a prompt) and, causally, to their own suffix."""
+    pre, suf = cache.prefix, cache.suffix
+    b, l, _ = x_BxLxD.shape
+    p = pre.k.shape[0]
+    g = b // p
+    idx = suf.index[0]  # one shared write slot for all rows, as in `hidden`
+    valid = jax.lax.dynamic_update_slice(suf.valid, mask_BxL, (0, idx))
+    slot_S = jnp.arange(suf.max_len)
+    self_mask = valid[:, None, :] & (slot_S[None, None, :] <= (idx + jnp.arange(l))[None, :, None])
+    self_mask_PxGxLxS = self_mask.reshape(p, g, l, suf.max_len)
+    split = lambda a: a.reshape(p, g, *a.shape[1:])  # noqa: E731 (rows p*G + g -> [P, G, ...])
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def layer(i, layer_params, x, k_all, v_all):
+      blk = nnx.merge(graphdef, layer_params)
+      key = base.fold_key(dropout_key, i)
+      q, k, v = blk.qkv(x, cos, sin, key)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[:, None].astype(k_all.dtype), (0, i, idx, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(v_all, v[:, None].astype(v_all.dtype), (0, i, idx, 0, 0))
+      layer_of = lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False).astype(q.dtype)  # noqa: E731
+      o = attend_grouped(split(q), layer_of(pre.k), layer_of(pre.v), pre.valid, split(layer_of(k_all)),
+                         split(layer_of(v_all)), self_mask_PxGxLxS)
+      return blk.finish(x, o.reshape(q.shape), key), k_all, v_all
+
+    x, k_all, v_all = self._run_layers(layer, layer_state, (x_BxLxD, suf.k, suf.v))
+    suffix = base.KVCache(k=k_all, v=v_all, valid=valid, index=suf.index + l)
+    return self.final_norm(x), cache.replace(suffix=suffix)
 
   def _run_layers(self, layer, layer_state, carry):
     """carry -> layer(i, params_i, *carry) for i = 0 .. N-1: one lax.scan over the stacked blocks, or unrolled;

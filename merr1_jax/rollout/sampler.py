@@ -1,8 +1,9 @@
 """The sampler: a KV-cache decode loop over a prompt batch that is prefilled once per prompt.
 
 `sample` runs two compiled programs per shape bucket (architecture.md, data flow):
-  1. prefill (rollout/shared_prefix.py): the P prompts into a fresh cache, the next-token logits of the last column,
-     then the cache and logits repeated G times (prompt p -> rows p*G..p*G+G-1);
+  1. prefill (rollout/shared_prefix.py): the P prompts into a fresh cache, the next-token logits of the last column
+     repeated G times (prompt p -> rows p*G..p*G+G-1); the prompt cache kept once per prompt beside an empty
+     cache per row for the new tokens (base.SharedPrefixCache, when the model accepts one), else repeated G times;
   2. decode: one `lax.while_loop` (cache donated) that samples a token per row, feeds it back and stops as soon as
      every row has hit a stop token or the length budget.
 Row r draws its token at step t with key fold_in(fold_in(rng, r), t), so a batch of P prompts x G samples draws
@@ -40,15 +41,25 @@ class StopReason(enum.IntEnum):
   STOP = 2  # wrote another stop id (a stop string, e.g. </answer> in fast mode)
 
 
-def _prefill(model, num_samples: int, cache_len: int, layout, params, prompt: base.ModelInputs):
-  """Prompt batch -> (cache, next-token logits_BxV, next position_B), each repeated G times."""
-  cache, h_last_Px1xD, next_pos_P = shared_prefix.prefill_prompts(model, params, prompt, cache_len, layout)
+def _prefill(model, num_samples: int, cache_len: int, layout, params, prompt: base.ModelInputs,
+             shared: bool = False):
+  """Prompt batch -> (cache, next-token logits_BxV, next position_B) for the B = P*G rows.
+
+  `cache_len` slots per row in all: with `shared`, a base.SharedPrefixCache (the prompt's L slots once per prompt,
+  cache_len - L slots per row); otherwise the prompt's cache of cache_len slots repeated G times."""
+  length = prompt.tokens.shape[1]
+  cache, h_last_Px1xD, next_pos_P = shared_prefix.prefill_prompts(model, params, prompt,
+                                                                  length if shared else cache_len, layout)
   # Only the last column predicts the first new token: unembed one position, not L (V can be 152k).
   logits_PxV = base.logits_from_hidden(h_last_Px1xD, model.unembed_weight(params))[:, 0]
-  return shared_prefix.repeat_rows((cache, logits_PxV, next_pos_P), num_samples, layout)
+  if not shared:
+    return shared_prefix.repeat_rows((cache, logits_PxV, next_pos_P), num_samples, layout)
+  logits_BxV, next_pos_B = shared_prefix.repeat_rows((logits_PxV, next_pos_P), num_samples, layout)
+  return (shared_prefix.shared_decode_cache(model, cache, num_samples, cache_len - length, layout), logits_BxV,
+          next_pos_B)
 
 
-prefill = jax.jit(_prefill, static_argnames=("model", "num_samples", "cache_len", "layout"))
+prefill = jax.jit(_prefill, static_argnames=("model", "num_samples", "cache_len", "layout", "shared"))
 
 
 # ----------------------------------------------------------------------------------------------- decode
@@ -66,6 +77,10 @@ class DecodeSpec:
   pad_id: int
   mrope: bool  # positions are [B, 1, 3]
   layout: sharding.BatchLayout | None = None
+  # Several row kinds in one loop (rollout/modes.py): rule m = (stop_ids, ban_ids, max_new_tokens) applies to the
+  # rows with DecodeState.kind == m, and the fields above are then unused but for max_new_tokens (the buffers'
+  # width, the largest budget). Empty: one rule for every row, the fields above.
+  rules: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...] = ()
 
 
 @flax.struct.dataclass
@@ -80,32 +95,49 @@ class DecodeState:
   reason: jax.Array  # [B] int32 StopReason
   next_pos: jax.Array  # [B] int32, position of completion token 0
   row_keys: jax.Array  # [B] keys
+  kind: jax.Array | None = None  # [B] int32: which of spec.rules a row follows (None: no rules)
 
 
-def init_decode_state(spec: DecodeSpec, cache, logits_BxV, next_pos_B, rng) -> DecodeState:
-  """State after sampling the first token from the prefill logits."""
+def init_decode_state(spec: DecodeSpec, cache, logits_BxV, next_pos_B, rng, row_keys=None,
+                      kind_B=None) -> DecodeState:
+  """State after sampling the first token from the prefill logits. Row r draws with fold_in(rng, r), or with
+  `row_keys[r]` when given."""
   b, t = logits_BxV.shape[0], spec.max_new_tokens
   zeros = jnp.zeros((b, t), jnp.float32)
+  if row_keys is None:
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b))
   state = DecodeState(
       t=jnp.zeros((), jnp.int32), cache=cache, tokens=jnp.full((b, t), spec.pad_id, jnp.int32), logp=zeros,
       logp_sampled=zeros, done=jnp.zeros((b,), bool), length=jnp.zeros((b,), jnp.int32),
-      reason=jnp.full((b,), StopReason.LENGTH, jnp.int32), next_pos=next_pos_B,
-      row_keys=jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b)))
+      reason=jnp.full((b,), StopReason.LENGTH, jnp.int32), next_pos=next_pos_B, row_keys=row_keys,
+      kind=None if kind_B is None else jnp.asarray(kind_B, jnp.int32))
   return _emit(spec, state, logits_BxV)
+
+
+def _id_table(vocab: int, id_sets) -> jax.Array:
+  """[M, V] bool: row m is True at the ids of id_sets[m]."""
+  table = np.zeros((len(id_sets), vocab), bool)
+  for m, ids in enumerate(id_sets):
+    table[m, list(ids)] = True
+  return jnp.asarray(table)
 
 
 def _emit(spec: DecodeSpec, s: DecodeState, logits_BxV) -> DecodeState:
   """Samples column t for the live rows and records stops."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   chosen_BxV = logits_BxV
-  if spec.ban_ids:  # a banned token is outside the sampler's support, like a top-k cut (sampling.py)
+  banned = any(r[1] for r in spec.rules) if spec.rules else bool(spec.ban_ids)
+  if spec.rules and banned:  # each row its own kind's banned ids
+    ban_BxV = _id_table(logits_BxV.shape[-1], [r[1] for r in spec.rules])[s.kind]
+    chosen_BxV = jnp.where(ban_BxV, -jnp.inf, logits_BxV)
+  elif spec.ban_ids:  # a banned token is outside the sampler's support, like a top-k cut (sampling.py)
     chosen_BxV = logits_BxV.at[:, jnp.asarray(spec.ban_ids)].set(-jnp.inf)
   keys_B = jax.vmap(jax.random.fold_in, (0, None))(s.row_keys, s.t)
   smp = jax.vmap(lambda l_V, k: spec.method(l_V[None], k))(chosen_BxV, keys_B)
   tok_B, logp_sampled_B = smp.token_B[:, 0], smp.logp_sampled_B[:, 0]
   # Behaviour log-prob under the plain softmax of the raw logits: what the policy being trained assigns. The
   # method already computed it from the logits it was given, unless those had banned tokens.
-  if spec.ban_ids:
+  if banned:
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, -1), tok_B[:, None], -1)[:, 0]
   else:
     logp_B = smp.logp_B[:, 0]
@@ -113,12 +145,20 @@ def _emit(spec: DecodeSpec, s: DecodeState, logits_BxV) -> DecodeState:
   tok_B = jnp.where(live, tok_B, spec.pad_id)
   put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None].astype(buf.dtype), s.t, axis=1)
   is_eos = live & (tok_B == spec.eos_id) if spec.eos_id is not None else jnp.zeros_like(live)
-  is_stop = live & jnp.isin(tok_B, jnp.asarray(spec.stop_ids, jnp.int32)) if spec.stop_ids else jnp.zeros_like(live)
+  if spec.rules:
+    stop_BxV = _id_table(logits_BxV.shape[-1], [r[0] for r in spec.rules])[s.kind]
+    is_stop = live & jnp.take_along_axis(stop_BxV, tok_B[:, None], -1)[:, 0]
+    # A row that has written its kind's budget is done (StopReason.LENGTH, the default reason).
+    full = (s.length + 1) >= jnp.asarray([r[2] for r in spec.rules], jnp.int32)[s.kind]
+  else:
+    is_stop = live & jnp.isin(tok_B, jnp.asarray(spec.stop_ids, jnp.int32)) if spec.stop_ids else jnp.zeros_like(live)
+    full = jnp.zeros_like(live)
   reason = jnp.where(is_eos, StopReason.EOS, jnp.where(is_stop, StopReason.STOP, s.reason))
   return s.replace(
       t=s.t + 1, tokens=put(s.tokens, tok_B), logp=put(s.logp, jnp.where(live, logp_B, 0.0)),
-      logp_sampled=put(s.logp_sampled, jnp.where(live, logp_sampled_B, 0.0)), done=s.done | is_eos | is_stop,
-      length=s.length + live.astype(jnp.int32), reason=reason.astype(jnp.int32))
+      logp_sampled=put(s.logp_sampled, jnp.where(live, logp_sampled_B, 0.0)),
+      done=s.done | is_eos | is_stop | (live & full), length=s.length + live.astype(jnp.int32),
+      reason=reason.astype(jnp.int32))
 
 
 def decode_step(model, spec: DecodeSpec, params, w_DxV, s: DecodeState) -> DecodeState:
@@ -132,9 +172,10 @@ def decode_step(model, spec: DecodeSpec, params, w_DxV, s: DecodeState) -> Decod
   return sharding.constrain(spec.layout, s)
 
 
-def _decode(model, spec: DecodeSpec, params, cache, logits_BxV, next_pos_B, rng) -> DecodeState:
+def _decode(model, spec: DecodeSpec, params, cache, logits_BxV, next_pos_B, rng, row_keys=None,
+            kind_B=None) -> DecodeState:
   w_DxV = model.unembed_weight(params)  # hoisted out of the loop
-  state = init_decode_state(spec, cache, logits_BxV, next_pos_B, rng)
+  state = init_decode_state(spec, cache, logits_BxV, next_pos_B, rng, row_keys, kind_B)
   return jax.lax.while_loop(lambda s: (s.t < spec.max_new_tokens) & ~jnp.all(s.done),
                             lambda s: decode_step(model, spec, params, w_DxV, s), state)
 
@@ -197,7 +238,8 @@ def sample(model, params, inputs: base.ModelInputs, *, mode: str, num_samples: i
            method, stop_ids: Sequence[int], rng: jax.Array, eos_id: int | None = None,
            ban_ids: Sequence[int] = (), fast_prefix_ids: Sequence[int] | None = None, pad_id: int = 0,
            buckets: Sequence[int] = PROMPT_BUCKETS, max_cache_len: int | None = None,
-           mesh: jax.sharding.Mesh | None = None, axis_rules: Mapping[str, Any] | None = None) -> Rollout:
+           mesh: jax.sharding.Mesh | None = None, axis_rules: Mapping[str, Any] | None = None,
+           shared_decode: bool | None = None) -> Rollout:
   """Draws `num_samples` completions per prompt; see the module docstring.
 
   Args:
@@ -214,6 +256,9 @@ def sample(model, params, inputs: base.ModelInputs, *, mode: str, num_samples: i
     mesh, axis_rules: run with the batch over axis_rules['batch'] (default the mesh's data/fsdp axes) and the
       KV cache heads over axis_rules['kv_heads']. On a mesh over several processes, every process passes the
       same (global) `inputs`; the outputs are global arrays (sharding.to_host gathers them).
+    shared_decode: decode with the prompt's KV cache stored once per prompt (base.SharedPrefixCache) rather than
+      repeated per row. None: whenever the model accepts it (`shared_prefix_decode = True`). The same samples
+      either way, up to float summation order (tests/test_rollout.py).
   """
   vocab = model.config.vocab_size
   stop_ids, eos_id, ban_ids, pad_id = _check_sample_args(vocab, num_samples, max_new_tokens, method, stop_ids,
@@ -224,7 +269,8 @@ def sample(model, params, inputs: base.ModelInputs, *, mode: str, num_samples: i
   cache_len = prompt_batch.check_cache_length(model, length, max_new_tokens, max_cache_len, "max_new_tokens")
   real_len = prompt.mask.sum(1).astype(np.int32)
   prompt, layout = shared_prefix.place_prompt(model, prompt, mesh, axis_rules)
-  cache, logits, next_pos = prefill(model, num_samples, cache_len, layout, params, prompt)
+  shared = shared_prefix.supports_shared_decode(model, shared_decode)
+  cache, logits, next_pos = prefill(model, num_samples, cache_len, layout, params, prompt, shared)
   spec = DecodeSpec(method, max_new_tokens, stop_ids, eos_id, ban_ids, pad_id, prompt.positions.ndim == 3, layout)
   s = decode(model, spec, params, cache, logits, next_pos, rng)
   return Rollout(prompt=prompt, completion=s.tokens,

@@ -5,6 +5,9 @@ into a fresh KV cache once; `repeat_rows` then broadcasts the cache and the prom
 rows of each prompt (prompt p -> rows p*G .. p*G+G-1, base.KVCache's contract). The prompt, often long because
 of the video/audio rows, is processed once per prompt, not G times.
 
+`shared_decode_cache` is the alternative to repeating the cache: the prompts' slots kept once per prompt and
+an empty suffix cache per row (base.SharedPrefixCache), which the decode step attends to in two parts.
+
 `place_prompt` is the host side both callers share: the model's own input check (`PolicyModel.validate_inputs`,
 what the traced `embed` cannot check), the split over the mesh's batch axes, and device placement.
 
@@ -41,6 +44,23 @@ def prefill_prompts(model: base.PolicyModel, params: Any, prompt: base.ModelInpu
   cache = sharding.constrain(layout, model.init_cache(prompt.tokens.shape[0], cache_len))
   h_PxLxD, cache = model.hidden(params, model.embed(params, prompt), cache)
   return cache, h_PxLxD[:, -1:], prompt_batch.next_positions(prompt.positions, prompt.mask)
+
+
+def shared_decode_cache(model: base.PolicyModel, prefix: Any, g: int, suffix_len: int,
+                        layout: sharding.BatchLayout | None) -> base.SharedPrefixCache:
+  """The prompts' cache (P rows, as prefilled) kept once, and an empty cache of `suffix_len` slots for each of
+  the P*G rows' own tokens (base.SharedPrefixCache), constrained to the batch layout."""
+  suffix = model.init_cache(prefix.k.shape[0] * g, suffix_len, prefix.k.dtype)
+  return sharding.constrain(layout, base.SharedPrefixCache(prefix=prefix, suffix=suffix))
+
+
+def supports_shared_decode(model: base.PolicyModel, requested: bool | None) -> bool:
+  """Whether to decode with a base.SharedPrefixCache: `requested`, or (None) whenever the model accepts one."""
+  able = bool(getattr(model, "shared_prefix_decode", False))
+  if requested and not able:
+    raise ValueError(f"shared_decode=True, but {type(model).__name__} does not accept a base.SharedPrefixCache "
+                     "(no `shared_prefix_decode = True`); pass shared_decode=None or False")
+  return able if requested is None else bool(requested)
 
 
 def repeat_rows(tree: Any, g: int, layout: sharding.BatchLayout | None) -> Any:

@@ -204,16 +204,15 @@ def _group_mean(x_B: jax.Array, valid_B: jax.Array, group_ids_B: jax.Array, num_
 
 def _sample_all(ctx: Context, settings: ExperienceSettings, params, inputs, rng) -> dict[str, rollout.Rollout]:
   max_new = dict(settings.max_new_tokens)
-  out = {}
-  for i, mode in enumerate(settings.modes):
-    ro = rollout.sample(ctx.model, params, inputs, mode=mode, num_samples=settings.n(mode),
-                        max_new_tokens=max_new[mode], method=settings.method, rng=jax.random.fold_in(rng, i),
-                        mesh=ctx.mesh, axis_rules=ctx.axis_rules, buckets=settings.prompt_buckets,
-                        **ctx.ids.sample_kwargs(mode))
-    # The whole global batch on every process: the host work below (texts, rewards, advantages, the batch)
-    # is deterministic, so every process computes the same values without further communication.
-    out[mode] = sharding.to_host(ro)
-  return out
+  # Both modes from one prefill and one decode loop (rollout/modes.py); mode i draws with fold_in(rng, i).
+  ros = rollout.sample_modes(
+      ctx.model, params, inputs, method=settings.method, mesh=ctx.mesh, axis_rules=ctx.axis_rules,
+      buckets=settings.prompt_buckets,
+      modes={mode: dict(num_samples=settings.n(mode), max_new_tokens=max_new[mode], rng=jax.random.fold_in(rng, i),
+                        **ctx.ids.sample_kwargs(mode)) for i, mode in enumerate(settings.modes)})
+  # The whole global batch on every process: the host work below (texts, rewards, advantages, the batch) is
+  # deterministic, so every process computes the same values without further communication.
+  return {mode: sharding.to_host(ro) for mode, ro in ros.items()}
 
 
 def collect(ctx: Context, settings: ExperienceSettings, params, ref_params, batch: Mapping[str, Any],
