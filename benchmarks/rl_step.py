@@ -58,22 +58,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from merr1_jax import rl, rollout
-from merr1_jax.infra import sharding
+from merr1_jax.infra import sharding, throughput
 from merr1_jax.models import base, mllm, presets, qwen2
 from merr1_jax.rollout import passes as grouped
 from merr1_jax.rollout import sampling
 from merr1_jax.training import assembly, batch_loss
 from merr1_jax.training import optimizer as optim
 from merr1_jax.training import step as ts
-
-# Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) by device_kind substring: vendor datasheet figures (SXM
-# parts where a card has several forms; the PCIe H100 is listed separately because it is much lower).
-CARDS = (
-    ("H100 PCIe", 756e12, 2.0e12), ("H100", 989.4e12, 3.35e12), ("H200", 989.4e12, 4.8e12),
-    ("H20", 148e12, 4.0e12), ("A100", 312e12, 2.04e12), ("L40S", 362e12, 0.864e12), ("L4", 121e12, 0.3e12),
-    ("A10", 125e12, 0.6e12), ("B200", 2250e12, 8.0e12),
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Work:
@@ -177,25 +168,21 @@ class Runner:
     w, g = self.work, self.work.group
     if w.fast_group and not w.shared_prefix:
       raise ValueError("fast_group > 0 needs shared_prefix=True (each mode's rollout prefills its prompts once)")
-    if w.fast_group and self.split_decode:
-      raise ValueError("split_decode times one rollout's prefill: not with fast_group > 0")
     t0 = time.perf_counter()
     if w.shared_prefix:
       src, n = inputs, g
     else:
       src, n = repeat_prompts(inputs, g), 1
     length = inputs.tokens.shape[1]
-    ros = []
-    for i, (mode, n_mode, t_mode) in enumerate(w.modes):
-      fast = mode == "fast"
-      # No stop id: every row decodes exactly its mode's tokens (same work as the peers' forced length). The
-      # first rollout takes the step's key itself, so a slow-only step draws what it always drew.
-      ro = rollout.sample(self.model, self.state.params, src, mode=mode, num_samples=n_mode if fast else n,
-                          max_new_tokens=t_mode, method=self.method, stop_ids=(),
-                          rng=jax.random.fold_in(rng, i) if i else rng, pad_id=w.pad_id,
-                          ban_ids=w.fast_ban_ids if fast else (), fast_prefix_ids=w.fast_prefix_ids if fast else None,
-                          buckets=(length, length + len(w.fast_prefix_ids)) if fast else (length,))
-      ros.append(ro)
+    # No stop id: every row decodes exactly its mode's tokens (same work as the peers' forced length). The first
+    # mode takes the step's key itself, so a slow-only step draws what it always drew. Both modes: one prefill and
+    # one decode loop (rollout.sample_modes), as the trainer samples them.
+    kw = {mode: dict(num_samples=n_mode if mode == "fast" else n, max_new_tokens=t_mode, stop_ids=(),
+                     rng=jax.random.fold_in(rng, i) if i else rng, pad_id=w.pad_id,
+                     ban_ids=w.fast_ban_ids if mode == "fast" else (), fast_prefix_ids=w.fast_prefix_ids)
+          for i, (mode, n_mode, t_mode) in enumerate(w.modes)}
+    ros = list(rollout.sample_modes(self.model, self.state.params, src, modes=kw, method=self.method,
+                                    buckets=(length, length + len(w.fast_prefix_ids))).values())
     jax.block_until_ready([ro.completion for ro in ros])
     t1 = time.perf_counter()
     ros = [sharding.to_host(ro) for ro in ros]
@@ -220,20 +207,40 @@ class Runner:
     t4 = time.perf_counter()
     rows = sum(ro.completion.shape[0] for ro in ros)
     s = max(ro.prompt.tokens.shape[1] + ro.completion.shape[1] for ro in ros)
+    cfg, (p_rows, length) = self.model.config, prompt.tokens.shape
+    shared = rollout.shared_prefix.supports_shared_decode(self.model, None)
+    k = len(w.fast_prefix_ids) if w.fast_group else 0
+    suffix = k + max(t for _, _, t in w.modes)  # the joint loop's per-row cache (rollout/modes.py)
+    # One decode step reads the weights and the KV cache: the prompts once plus every row's suffix slots (shared
+    # decoding), or every row's whole L + T slots (a repeated cache).
+    key_slots = length + suffix
+    read_slots = p_rows * length + rows * suffix if shared else rows * key_slots
+    step_flops, step_bytes = throughput.decode_step_cost(cfg, tree_bytes(self.state.params), rows, key_slots,
+                                                         read_slots, jnp.dtype(cfg.compute_dtype).itemsize)
     out = dict(step_s=t4 - t0, gen_s=t1 - t0, ref_s=t2 - t1, reward_s=t3 - t2, score_s=t3 - t1, update_s=t4 - t3,
                gen_tokens=float(sum(np.asarray(ro.length).sum() for ro in ros)), loss=float(metrics["loss"]),
                reward_mean=float(r_B.mean()), seq_len=float(s), rows=float(rows),
                loss_positions=float(max(ro.completion.shape[1] for ro in ros)),
-               decode_steps=float(sum(np.asarray(ro.steps) for ro in ros)))
+               decode_steps=float(max(np.asarray(ro.steps) for ro in ros)),  # one loop for both modes
+               update_flops_grouped=throughput.grouped_update_flops(
+                   cfg, batch.prompt.tokens.shape[0], batch.prompt.tokens.shape[1],
+                   [(int(np.prod(sg.tokens.shape[:2])), sg.tokens.shape[2]) for sg in batch.segments]),
+               decode_step_flops=step_flops, decode_step_bytes=step_bytes)
     if self.split_decode:
-      # The same compiled prefill as inside rollout.sample (same statics, same bucketed prompt), timed alone.
+      # The same compiled prefill as inside the sampler (same statics, same bucketed prompt), timed alone.
       t5 = time.perf_counter()
-      jax.block_until_ready(rollout.prefill(self.model, n, prompt.tokens.shape[1] + w.new_tokens, None,
-                                            self.state.params, prompt))
+      if w.fast_group:
+        counts = tuple(g_m for _, g_m, _ in w.modes)
+        jax.block_until_ready(rollout.modes.prefill_modes(
+            self.model, counts, tuple(m == "fast" for m, _, _ in w.modes), tuple(w.fast_prefix_ids), suffix,
+            w.pad_id, None, self.state.params, jax.tree.map(jnp.asarray, prompt)))
+      else:
+        jax.block_until_ready(rollout.prefill(self.model, n, length + w.new_tokens, None, self.state.params,
+                                              jax.tree.map(jnp.asarray, prompt), shared))
       prefill_s = time.perf_counter() - t5
-      # The decode loop samples token 0 from the prefill logits, then runs decode_steps - 1 one-token forwards.
+      # The decode loop samples token 0 from the prefill logits, then runs one-token forwards.
       out.update(prefill_s=prefill_s, decode_s=max(out["gen_s"] - prefill_s, 1e-9),
-                 decode_tokens=float(rows * (out["decode_steps"] - 1)))
+                 decode_tokens=out["gen_tokens"] - rows)
     return out
 
 
@@ -241,49 +248,19 @@ class Runner:
 
 
 def card(device) -> tuple[str, float | None, float | None]:
-  """(device kind, peak bf16 FLOP/s, HBM bytes/s); None where unknown (the CPU)."""
-  kind = getattr(device, "device_kind", str(device))
-  if device.platform != "gpu" and device.platform != "cuda":
-    return kind, None, None
-  for name, flops, bw in CARDS:
-    if name.lower() in kind.lower():
-      return kind, flops, bw
-  return kind, None, None
+  """(device kind, peak bf16 FLOP/s, HBM bytes/s); None where unknown (the CPU): infra/throughput.py's table."""
+  return throughput.device_peaks(device)
 
 
-def update_flops(cfg, b: int, s: int, loss_positions: int | None = None) -> float:
-  """Model FLOPs of one forward+backward of the RL update on B sequences of S tokens, as train_step computes it:
-
-    decoder   6 x (matmul params per layer x layers) per token, on all B x S tokens (q, k, v, o, gate, up,
-              down; the embedding lookup is no matmul);
-    attention 6 x layers x H x Dh x S per token: causal QK^T and AV, forward 2 x 2 x (S / 2) x H x Dh, the
-              backward twice that (the causal half only, although the kernel computes the full S x S);
-    LM head   6 x D x V per *loss position* only: train_step._shifted_logp unembeds positions loss_start ..
-              S - 2, so loss_positions = S - 1 - loss_start (= T, the new tokens, when the prompt columns are
-              skipped as the trainer and this script do; S - 1 when loss_start = 0).
-
-  Not counted: rematerialisation (this is MFU, not hardware FLOPs), norms, softmax and other elementwise work,
-  the projectors of multimodal features, and the optimizer. tests/test_benchmarks.py checks the count against
-  XLA's own cost analysis of the compiled loss gradient."""
-  d, h, kh, dh, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  n = s - 1 if loss_positions is None else loss_positions
-  if not 0 <= n <= s - 1:
-    raise ValueError(f"loss_positions={n} must be in [0, S - 1 = {s - 1}]")
-  per_layer = d * h * dh * 2 + d * kh * dh * 2 + 3 * d * f
-  decoder = 6 * cfg.num_layers * per_layer * s
-  attn = 6 * cfg.num_layers * h * dh * s * s
-  head = 6 * d * cfg.vocab_size * n
-  return float(b * (decoder + attn + head))
+update_flops = throughput.update_flops  # the ungrouped count (tests/test_benchmarks.py checks it against XLA)
 
 
 def decode_bound_tok_s(cfg, params, b: int, cache_len: int, bw: float) -> float:
   """Decode tokens/s if every decode step (one token for each of the B rows) only streamed all weights and the
-  KV cache of `cache_len` slots per row from HBM once. Our decode step reads the whole preallocated cache
-  (S = L + T slots, masked), so the script passes S; pass L + T/2 for a kernel that reads only filled slots."""
-  w_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
-  kv_bytes = (2 * cfg.num_layers * b * cache_len * cfg.num_kv_heads * cfg.head_dim *
-              jnp.dtype(cfg.compute_dtype).itemsize)
-  return b * bw / (w_bytes + kv_bytes)
+  KV cache of `cache_len` slots per row from HBM once. A repeated cache reads its whole preallocated S = L + T
+  slots per row (masked), so the script passes S; pass L + T/2 for a kernel that reads only filled slots."""
+  kv = throughput.kv_bytes(cfg, b * cache_len, jnp.dtype(cfg.compute_dtype).itemsize)
+  return b * bw / (tree_bytes(params) + kv)
 
 
 def peak_device_bytes(device) -> float | None:
@@ -317,7 +294,7 @@ VARIANTS = ("shared", "repeated", "mm")
 _VARIANTS_ALIVE = [0]  # train states built in this process so far (the scope of the peak memory figure)
 
 
-def run_preset(name: str, variants: list[str], work: Work, args) -> list[dict]:
+def run_preset(name: str, variants: list[str], work: Work, args, bounds: dict | None = None) -> list[dict]:
   runners, inputs = {}, {}
   for v in variants:
     if v not in VARIANTS:
@@ -351,6 +328,15 @@ def run_preset(name: str, variants: list[str], work: Work, args) -> list[dict]:
                gen_tok_s=med["gen_tokens"] / med["gen_s"], decode_tok_s=med["decode_tokens"] / med["decode_s"],
                update_flops=update_flops(cfg, b, s, int(med["loss_positions"])),
                state_gib=tree_bytes(runners[v].state) / 2**30)
+    if bounds is not None:  # this machine's own bounds, measured in this run (benchmarks/bounds.py)
+      rate, bw_m = bounds["matmul_flops_s"], bounds["bandwidth_bytes_s"]
+      step_bound = max(med["decode_step_flops"] / rate, med["decode_step_bytes"] / bw_m)
+      row.update(update_flops_s=med["update_flops_grouped"] / med["update_s"],
+                 update_vs_matmul_rate=med["update_flops_grouped"] / med["update_s"] / rate,
+                 decode_step_s=med["decode_s"] / max(med["decode_steps"] - 1, 1), decode_step_bound_s=step_bound,
+                 decode_binding="memory" if med["decode_step_bytes"] / bw_m >= med["decode_step_flops"] / rate
+                 else "compute")
+      row["decode_vs_machine_bound"] = row["decode_step_s"] / step_bound
     if peak:
       row["update_mfu"] = row["update_flops"] / med["update_s"] / peak
     if bw:
@@ -369,6 +355,10 @@ def _fmt(row: dict) -> str:
   extra = ""
   if "update_mfu" in row:
     extra += f"  MFU {100 * row['update_mfu']:.1f}%"
+  if "update_vs_matmul_rate" in row:
+    extra += (f"  update {row['update_flops_s'] / 1e9:.0f} GFLOP/s = {100 * row['update_vs_matmul_rate']:.0f}% of "
+              f"the matmul rate; decode step {row['decode_step_s'] * 1e3:.1f} ms = "
+              f"{row['decode_vs_machine_bound']:.1f}x its {row['decode_binding']} bound")
   if "decode_vs_bound" in row:
     extra += f"  decode {row['decode_tok_s']:.0f} tok/s = {100 * row['decode_vs_bound']:.1f}% of bound"
   if row.get("peak_device_gib") is not None:
@@ -493,19 +483,30 @@ def main(argv=None) -> list[dict]:
                   help="time the update's parts in isolation (no generation) instead of whole steps")
   ap.add_argument("--breakdown_parts", default=",".join(BREAKDOWN_PARTS),
                   help=f"with --breakdown: some of {','.join(BREAKDOWN_PARTS)}")
+  ap.add_argument("--fast_group", type=int, default=0, help="fast completions per prompt as well (the MER step)")
+  ap.add_argument("--fast_new_tokens", type=int, default=16)
+  ap.add_argument("--bounds", action="store_true",
+                  help="measure this machine's matmul rate and bandwidth first (benchmarks/bounds.py) and state the "
+                       "update and the decode step against them")
   ap.add_argument("--json", default=None, help="also write the rows here")
   args = ap.parse_args(argv)
   mm = not args.breakdown and "mm" in args.variants.split(",")
   if mm and args.mm_frames + args.mm_audio >= args.prompt_len:
     raise ValueError(f"--mm_frames + --mm_audio ({args.mm_frames + args.mm_audio}) must leave text in a "
                      f"--prompt_len {args.prompt_len} prompt")
-  work = Work(prompts=args.prompts, prompt_len=args.prompt_len, group=args.group, new_tokens=args.new_tokens)
+  work = Work(prompts=args.prompts, prompt_len=args.prompt_len, group=args.group, new_tokens=args.new_tokens,
+              fast_group=args.fast_group, fast_new_tokens=args.fast_new_tokens)
   dev = jax.devices()[0]
   print(f"# {card(dev)[0]} ({dev.platform}), {os.cpu_count()} host cores, load {os.getloadavg()[0]:.1f}, "
         f"jax {jax.__version__}, {platform.python_version()}, {time.strftime('%Y-%m-%d')}; P={args.prompts} "
         f"L={args.prompt_len} G={args.group} T={args.new_tokens} {args.dtype}; median of {args.repeats} after "
         f"{args.warmup} warm-up", flush=True)
   rows = []
+  bounds = None
+  if args.bounds and not args.breakdown:
+    import bounds as bounds_mod  # noqa: PLC0415 - benchmarks/ is on sys.path when run as a script
+    bounds = bounds_mod.measure()
+    print(f"# bounds: {bounds_mod.describe(bounds)}", flush=True)
   if args.breakdown:
     for name in args.presets.split(","):
       row = breakdown(name, work, args)
@@ -514,7 +515,7 @@ def main(argv=None) -> list[dict]:
   else:
     print(HEADER, flush=True)
   for name in [] if args.breakdown else args.presets.split(","):
-    for row in run_preset(name, args.variants.split(","), work, args):
+    for row in run_preset(name, args.variants.split(","), work, args, bounds):
       print(_fmt(row), flush=True)
       rows.append(row)
   if args.json:

@@ -19,18 +19,21 @@ Decode runs with no stop id, so every row generates exactly --new_tokens tokens 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
 
+import bounds as bounds_mod
 import jax
 import jax.numpy as jnp
 import numpy as np
 import report_util
 
 from merr1_jax import rollout
+from merr1_jax.infra import throughput
 from merr1_jax.models import base, mllm
-from merr1_jax.rollout import sampling
+from merr1_jax.rollout import sampler, sampling
 
 
 def _prompts(vocab: int, p: int, length: int, seed: int) -> base.ModelInputs:
@@ -113,6 +116,93 @@ def bench_decode(model, params, *, p: int, group: int, length: int, new_tokens: 
               whole_tok_s=tok_s["whole"], loop_tok_s=tok_s["loop"], sync_tok_s=tok_s["sync"])
 
 
+def bench_decode_cache(model, params, *, p: int, group: int, length: int, new_tokens: int, repeats: int,
+                       bounds: dict | None) -> dict:
+  """(c) The decode loop against the shared prefix (base.SharedPrefixCache) and against the repeated cache, and
+  where a step's time goes: the loop, the decoder alone (a loop of `hidden` steps feeding the cache), the LM head
+  and the sampling alone (a loop of unembedding + `_emit` on a fixed hidden state)."""
+  prompt = _prompts(model.config.vocab_size, p, length, seed=2)
+  spec = rollout.DecodeSpec(sampling.Temperature(1.0), new_tokens, stop_ids=(), eos_id=None, ban_ids=(), pad_id=0,
+                            mrope=False)
+  rng, b = jax.random.key(0), p * group
+
+  def fresh(shared):
+    return lambda: rollout.prefill(model, group, length + new_tokens, None, params, prompt, shared)
+
+  def loop(c, logits, next_pos):
+    return rollout.decode(model, spec, params, c, logits, next_pos, rng).tokens
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def decoder_only(c, logits, next_pos):
+    def body(i, c):
+      tok = jnp.full((b, 1), 20, jnp.int32) + i
+      x = model.embed(params, base.ModelInputs(tokens=tok, positions=(next_pos + i)[:, None],
+                                               mask=jnp.ones_like(tok, bool)))
+      return model.hidden(params, x, c)[1]
+    return jax.lax.fori_loop(0, new_tokens - 1, body, c)
+
+  @jax.jit
+  def head_and_sampling(c, logits, next_pos):
+    w = model.unembed_weight(params)
+    h = jnp.full((b, 1, model.config.d_model), 0.01, jnp.float32)
+    s = sampler.init_decode_state(spec, None, logits, next_pos, rng)
+    body = lambda i, s: sampler._emit(spec, s, base.logits_from_hidden(h * (1 + i), w)[:, 0])  # noqa: E731
+    return jax.lax.fori_loop(0, new_tokens - 1, body, s).tokens
+
+  out = {}
+  for name, shared in (("shared", True), ("repeated", False)):
+    t = {k: _paired_times({k: fn}, repeats, fresh(shared))[k]["s"]
+         for k, fn in (("loop", loop), ("decoder", decoder_only), ("head_sampling", head_and_sampling))}
+    out[name] = {k: v / (new_tokens - 1) for k, v in t.items()}  # per decode step
+  same = bool(jnp.all(loop(*fresh(True)()) == loop(*fresh(False)())))
+  cfg = model.config
+  param_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+  s_slots = length + new_tokens
+  costs = {"shared": throughput.decode_step_cost(cfg, param_bytes, b, s_slots, p * length + b * new_tokens, 4),
+           "repeated": throughput.decode_step_cost(cfg, param_bytes, b, s_slots, b * s_slots, 4)}
+  row = dict(rows=b, same_tokens=same, speedup=out["repeated"]["loop"] / out["shared"]["loop"], steps=out,
+             flops=costs["shared"][0], bytes={k: v[1] for k, v in costs.items()})
+  if bounds is not None:
+    rate_at = bounds_mod.matmul_flops_per_s(b, cfg.d_model, cfg.mlp_dim, 5)  # the step's own matmul shape
+    row.update(matmul_rate=bounds["matmul_flops_s"], matmul_rate_at_shape=rate_at,
+               bandwidth=bounds["bandwidth_bytes_s"])
+    for k in ("shared", "repeated"):
+      flops, nbytes = costs[k]
+      row[f"{k}_bound_s"] = {"compute (peak rate)": flops / bounds["matmul_flops_s"],
+                             "compute (rate at the step's shape)": flops / rate_at,
+                             "memory": nbytes / bounds["bandwidth_bytes_s"]}
+  return row
+
+
+def bench_modes(model, params, *, p: int, length: int, slow: tuple[int, int], fast: tuple[int, int],
+                repeats: int) -> dict:
+  """(d) Generation of both modes (no stop id: fixed lengths), as the RL step samples them: one prefill and one
+  decode loop (rollout.sample_modes) against a sample() call per mode, with the shared-prefix decode cache and
+  with the repeated one (the path before both)."""
+  prompt = _prompts(model.config.vocab_size, p, length, seed=3)
+  k = (7, 8, 9)  # any three ids stand for FAST_PREFIX on random prompts
+  kw = {"slow": dict(num_samples=slow[0], max_new_tokens=slow[1], rng=jax.random.key(1), stop_ids=(),
+                     fast_prefix_ids=k),
+        "fast": dict(num_samples=fast[0], max_new_tokens=fast[1], rng=jax.random.key(2), stop_ids=(),
+                     fast_prefix_ids=k)}
+  method, buckets = sampling.Temperature(1.0), (length, length + len(k))
+
+  def joint():
+    return [r.completion for r in rollout.sample_modes(model, params, prompt, modes=kw, method=method,
+                                                       buckets=buckets).values()]
+
+  def per_mode(shared):
+    return lambda: [rollout.sample(model, params, prompt, mode=m, method=method, buckets=buckets,
+                                   shared_decode=shared, **kw[m]).completion for m in kw]
+
+  t = _paired_times({"joint": joint, "per_mode_shared": per_mode(True), "per_mode_repeated": per_mode(False)},
+                    repeats)
+  a, b = joint(), per_mode(False)()
+  same = all(bool(jnp.all(x == y)) for x, y in zip(a, b))
+  return dict(same_tokens=same, **{f"{k}_s": v["s"] for k, v in t.items()},
+              speedup_vs_repeated=t["per_mode_repeated"]["ratio"], speedup_vs_shared=t["per_mode_shared"]["ratio"])
+
+
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--presets", default="tiny,small_20m")
@@ -123,20 +213,62 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--decode_prompt_len", type=int, default=64)
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--parts", default="prefill,decode,cache,modes",
+                  help="which comparisons: prefill (a), decode (b), cache (c), modes (d)")
+  ap.add_argument("--cache_prompts", type=int, default=4)
+  ap.add_argument("--cache_prompt_len", type=int, default=1024)
+  ap.add_argument("--cache_new_tokens", type=int, default=32)
+  ap.add_argument("--modes_prompt_len", type=int, default=1024)
+  ap.add_argument("--slow", default="4,128", help="slow completions per prompt, new tokens (part d)")
+  ap.add_argument("--fast", default="4,16", help="fast completions per prompt, new tokens (part d)")
+  ap.add_argument("--bounds", action="store_true", help="measure the machine's bounds first (benchmarks/bounds.py)")
   args = ap.parse_args(argv)
+  parts = set(args.parts.split(","))
+  if parts - {"prefill", "decode", "cache", "modes"}:
+    raise ValueError(f"unknown --parts {sorted(parts - {'prefill', 'decode', 'cache', 'modes'})}")
   print(f"# {report_util.cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
         f"{jax.device_count()} {jax.default_backend()} device(s), jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+  bounds = bounds_mod.measure() if args.bounds else None
+  if bounds is not None:
+    print(f"# bounds: {bounds_mod.describe(bounds)}")
   rows = []
   for name in args.presets.split(","):
     model = mllm.build(name)
     params = model.init_params(jax.random.key(0))
     n_params = sum(a.size for a in jax.tree.leaves(params))
+    row = dict(preset=name, params=n_params)
+    rows.append(row)
+    print(f"\n## {name} ({n_params / 1e6:.1f}M params)")
+    if "cache" in parts:
+      c = row["cache"] = bench_decode_cache(model, params, p=args.cache_prompts, group=args.group,
+                                            length=args.cache_prompt_len, new_tokens=args.cache_new_tokens,
+                                            repeats=args.repeats, bounds=bounds)
+      print(f"decode cache, {c['rows']} rows ({args.cache_prompts} prompts x G={args.group}), prompt "
+            f"{args.cache_prompt_len}, {args.cache_new_tokens} new tokens; ms per decode step:")
+      for k in ("shared", "repeated"):
+        st = c["steps"][k]
+        print(f"  {k:9s} loop {st['loop'] * 1e3:7.1f}   decoder alone {st['decoder'] * 1e3:7.1f}   LM head + "
+              f"sampling alone {st['head_sampling'] * 1e3:6.1f}   reads {c['bytes'][k] / 1e6:.0f} MB/step")
+        for bk, bv in c.get(f"{k}_bound_s", {}).items():
+          print(f"    bound, {bk}: {bv * 1e3:.1f} ms -> the loop is {st['loop'] / bv:.1f}x it")
+      print(f"  shared-prefix decode {c['speedup']:.2f}x faster (same tokens: {c['same_tokens']}); "
+            f"{c['flops'] / 1e9:.2f} GFLOP per step")
+    if "modes" in parts:
+      slow, fast = (tuple(int(x) for x in a.split(",")) for a in (args.slow, args.fast))
+      m = row["modes"] = bench_modes(model, params, p=args.cache_prompts, length=args.modes_prompt_len, slow=slow,
+                                     fast=fast, repeats=args.repeats)
+      print(f"generation of both modes ({args.cache_prompts} prompts of {args.modes_prompt_len}, slow {slow}, "
+            f"fast {fast}):\n  one prefill + one loop {m['joint_s'] * 1e3:.0f} ms; per mode, shared cache "
+            f"{m['per_mode_shared_s'] * 1e3:.0f} ms; per mode, repeated cache {m['per_mode_repeated_s'] * 1e3:.0f} ms"
+            f"\n  speedup {m['speedup_vs_repeated']:.2f}x over the repeated per-mode path, "
+            f"{m['speedup_vs_shared']:.2f}x over per-mode shared (same tokens: {m['same_tokens']})")
+    if not parts & {"prefill", "decode"}:
+      continue
     pre = bench_prefill(model, params, p=args.prompts, length=args.prompt_len, group=args.group,
                         new_tokens=args.new_tokens, repeats=args.repeats)
     dec = bench_decode(model, params, p=args.decode_prompts, group=args.group, length=args.decode_prompt_len,
                        new_tokens=args.new_tokens, repeats=args.repeats)
-    rows.append(dict(preset=name, params=n_params, prefill=pre, decode=dec))
-    print(f"\n## {name} ({n_params / 1e6:.1f}M params)")
+    row.update(prefill=pre, decode=dec)
     print(f"prefill {args.prompts} prompts x {args.prompt_len} tokens, G={args.group}:")
     print(f"  shared prefix   {pre['shared_s'] * 1e3:9.1f} ms   {pre['shared_tok_s']:10.0f} prompt tok/s")
     print(f"  repeated G x    {pre['repeated_s'] * 1e3:9.1f} ms   {pre['repeated_tok_s']:10.0f} prompt tok/s")

@@ -293,6 +293,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log.tensorboard = True  # event files in WORKDIR/tb (tensorboardX; no TensorFlow needed)
   c.log.progress = True  # tqdm bar with ETA
   c.log.plots = True  # PNG training curves at the end
+  # Per-device peaks for throughput/update_mfu and throughput/rollout_roofline_frac (merr1_jax/infra/throughput.py):
+  # 0 = the device's datasheet figures where known (GPUs, TPUs); a CPU has none (benchmarks/bounds.py measures them).
+  c.log.peak_flops = 0.0  # FLOP/s
+  c.log.peak_bandwidth = 0.0  # bytes/s
 
   # ---------------------------------------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()

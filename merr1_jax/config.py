@@ -206,6 +206,7 @@ _FIELD_RULES: dict[str, Rule] = {
     "checkpoint.every": _int(1), "checkpoint.keep": _int(1), "checkpoint.async_save": _bool,
     "checkpoint.export_hf": _bool, "checkpoint.export_dtype": _one_of(*EXPORT_DTYPES),
     "log.every": _int(1), "log.tensorboard": _bool, "log.progress": _bool, "log.plots": _bool,
+    "log.peak_flops": _real(0.0), "log.peak_bandwidth": _real(0.0),
     "eval.every": _int(0), "eval.batch_size": _int(1), "eval.max_new_tokens_slow": _int(1),
     "eval.max_new_tokens_fast": _int(1), "eval.format_version": _one_of("2025", "2026"),
 }

@@ -111,6 +111,9 @@ _RL_FAMILIES = {
     "lengths": ["length/slow/mean", "length/fast/mean"],
     "time split": ["time/rollout", "time/scoring", "time/update", "time/data"],
     "tokens/s": ["time/tokens_per_s"],
+    "throughput": ["throughput/rollout_tokens_per_s_per_device", "throughput/train_tokens_per_s_per_device",
+                   "throughput/tokens_per_s_per_device", "throughput/update_tflops_per_device",
+                   "rollout/decode_steps"],
 }
 
 
@@ -127,6 +130,11 @@ def test_jsonl_and_tensorboard_hold_the_issue_scalars(reference_run):
   for row in rl_rows:
     assert all(row[k] >= 0 for k in ("time/rollout", "time/scoring", "time/update", "time/data"))
     assert row["time/tokens_per_s"] > 0 and 0 <= row["clip_frac_low"] <= 1 and row["kl"] >= -1e-6
+    assert min(row[k] for k in _RL_FAMILIES["throughput"]) > 0
+    # One loop for both modes: as many decode steps as the longer budget at most (smoke: 16 slow, 6 fast).
+    assert row["rollout/decode_steps"] <= 16
+    # The CPU has no peak figures unless the config gives them: no MFU, no roofline fraction (not guessed).
+    assert "throughput/update_mfu" not in row and "throughput/rollout_roofline_frac" not in row
   assert {r["step"] for r in rows if r["stage"] == "sft"} == {1, 2} and all("loss" in r for r in rows
                                                                            if r["stage"] == "sft")
   # TensorBoard: the same scalars, under "<stage>/<key>", one point per logged step, equal to the JSONL's.

@@ -231,6 +231,11 @@ def collect(ctx: Context, settings: ExperienceSettings, params, ref_params, batc
   t_rollout = time.perf_counter() - t0
   rl_batch, metrics, rows = from_rollouts(ctx, settings, params, ref_params, batch, ros, texts)
   metrics["time/rollout"] = t_rollout
+  # Sequential decode steps: one loop for both modes where the model decodes against a shared prefix
+  # (rollout.sample_modes), else one loop per mode.
+  steps = [int(ro.steps) for ro in ros.values()]
+  joint = len(steps) > 1 and rollout.shared_prefix.supports_shared_decode(ctx.model, None)
+  metrics["rollout/decode_steps"] = float(max(steps) if joint else sum(steps))
   return rl_batch, metrics, rows
 
 

@@ -34,7 +34,7 @@ from merr1_jax import cli
 from merr1_jax import config as cfglib
 from merr1_jax.evaluation import core as evaluation
 from merr1_jax.evaluation import reports
-from merr1_jax.infra import artifacts, observe, preemption
+from merr1_jax.infra import artifacts, observe, preemption, throughput
 from merr1_jax.infra import checkpoint as ckptlib
 from merr1_jax.models import hf_io, lora_export
 from merr1_jax.training import experience, interference
@@ -79,6 +79,12 @@ def _fault_injection(ckpt, stage: str, step: int, *, logged_only: bool = False) 
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+# What the progress bar shows after each step: (metric, label, format).
+_BAR_FIELDS = (("loss", "loss", "{:.3f}"), ("reward/slow/f1", "reward/slow/f1", "{:.3f}"),
+               ("throughput/tokens_per_s_per_device", "tok/s/dev", "{:.0f}"),
+               ("throughput/update_mfu", "mfu", "{:.1%}"))
+
+
 def _stage_loop(run: Run, stage: ts.Stage, state, step_fn, batches, ckpt, guard,
                 rng=None, lora_base=None) -> tuple[object, bool]:
   """Runs `step_fn(state, batch, step) -> (state, metrics)` until the stage's steps; returns (state, preempted). Each
@@ -100,7 +106,7 @@ def _stage_loop(run: Run, stage: ts.Stage, state, step_fn, batches, ckpt, guard,
       run.writer.write(name, step, metrics)
     _fault_injection(ckpt, name, step, logged_only=True)
     bar.update(1)
-    bar.set_postfix({k: f"{float(metrics[k]):.3f}" for k in ("loss", "reward/slow/f1") if k in metrics})
+    bar.set_postfix({name: fmt.format(float(metrics[k])) for k, name, fmt in _BAR_FIELDS if k in metrics})
     # Agreed over all processes: a signal may reach them at different steps, and saving is collective.
     stop = guard.any_process_requested()
     if ckpt.should_save(step) or step == steps or stop:
@@ -185,6 +191,13 @@ def run_rl(run: Run, stage: ts.Stage, params, guard):
   # every checkpoint), so resuming never depends on re-deriving it.
   base_key = jax.random.key(cfg.seed + 1) if saved_key is None else saved_key
 
+  # Throughput accounting (infra/throughput.py): the peaks of the config or the device's datasheet, if any.
+  devices = run.mesh.size if run.mesh is not None else 1
+  _, peak_flops, peak_bw = throughput.peaks_from_config(cfg.log, jax.devices()[0])
+  cfg_model = run.ctx.model.config
+  param_bytes = int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state.params)))
+  kv_itemsize = np.dtype(cfg_model.jnp_compute_dtype).itemsize
+
   def rl_step(state, batch, i):
     t0 = time.perf_counter()
     ref = ts.reference_params(state) if stage.with_reference else None
@@ -199,6 +212,11 @@ def run_rl(run: Run, stage: ts.Stage, params, guard):
     metrics.update(update)
     metrics.update({"time/update": t2 - t1,
                     "time/tokens_per_s": tokens / max(t2 - t0, 1e-9)})
+    metrics.update(throughput.rl_step_metrics(
+        cfg_model, prompt_mask=rl_batch.prompt.mask, segments=[(s.mask, s.loss_mask) for s in rl_batch.segments],
+        t_rollout=metrics["time/rollout"], t_update=t2 - t1, t_step=t2 - t0, devices=devices,
+        param_bytes=param_bytes, decode_steps=int(metrics.get("rollout/decode_steps", 0)), peak_flops=peak_flops,
+        peak_bandwidth=peak_bw, kv_itemsize=kv_itemsize))
     if probe_batch is not None and (i == 1 or i % cfg.rl.probe_every == 0):
       # On the updated policy, with a fixed key per step. The reference is read from the new state: the step
       # donated the old one, whose buffers `ref` shares (frozen leaves, state.ref).

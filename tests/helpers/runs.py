@@ -78,9 +78,10 @@ def train(workdir, tmp, *overrides, env_extra=None, wait=True, config=SMOKE):
 
 
 def rows(workdir, stage="rl"):
-  """The stage's JSONL rows in file order, without the wall-clock `time/*` keys."""
+  """The stage's JSONL rows in file order, without the wall-clock keys (`time/*` and the `throughput/*` rates)."""
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows if r["stage"] == stage]
+  return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows
+          if r["stage"] == stage]
 
 
 def ckpt_state(stage_dir: pathlib.Path, step: int) -> dict:
