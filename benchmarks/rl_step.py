@@ -22,7 +22,7 @@ jitted call, median over --repeats after --warmup:
                   positions, log-softmax, entropy without gradient);
   loss            the whole RL loss's value and gradient (batch_loss.make_grouped_loss: + PPO-clip and the k3 KL);
   update          the whole make_rl_step update (+ gradient clipping and AdamW, state donated);
-  hidden/noattn, update/noattn  the same with attention replaced by the identity (qwen2.attend returns q), so
+  hidden/noattn, update/noattn  the same with attention replaced by the identity (qwen2.attention returns q), so
                   the difference is what attention costs (the numbers mean nothing else: the model is broken).
 
 On a GPU (benchmarks/gpu.sh) it also reports, with the card's name: update-step MFU = update_flops / (update
@@ -380,13 +380,15 @@ BREAKDOWN_PARTS = ("hidden", "hidden+logp", "loss", "update", "hidden/noattn", "
 
 @contextlib.contextmanager
 def attention_as_identity():
-  """qwen2.attend -> q while active (trace inside it): the decoder without attention, for timing only."""
-  real = qwen2.attend
-  qwen2.attend = lambda q, k, v, mask: q
+  """The decoder's attention functions (qwen2.attention for the prompt, qwen2.attention_grouped for the suffixes)
+  -> q while active (trace inside it): the decoder without attention, for timing only."""
+  real = qwen2.attention, qwen2.attention_grouped
+  qwen2.attention = lambda kind, q, *_: q
+  qwen2.attention_grouped = lambda kind, q, *_: q
   try:
     yield
   finally:
-    qwen2.attend = real
+    qwen2.attention, qwen2.attention_grouped = real
 
 
 def _median_s(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float, float]:

@@ -70,7 +70,8 @@ def test_rl_step_breakdown_reports_every_part(tmp_path):
   assert all(v > 0 for v in row["parts"].values())
   assert (row["rows"], row["seq_len"], row["loss_positions"]) == (4, 20, 4)
   from merr1_jax.models import layers
-  assert rl_step.qwen2.attend is layers.attend  # the identity patch is undone
+  assert rl_step.qwen2.attention is layers.attention  # the identity patch is undone
+  assert rl_step.qwen2.attention_grouped is layers.attention_grouped
   with pytest.raises(ValueError, match="unknown"):
     rl_step.main(["--breakdown", "--breakdown_parts", "hidden,nope", "--presets", "tiny"])
 

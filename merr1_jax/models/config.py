@@ -58,6 +58,9 @@ class ModelConfig:
     lora_targets: regex searched in each decoder kernel's parameter path ('decoder/layers/q_kernel', ...,
       'decoder/layers/down_kernel'); the matching kernels get adapters (default: every attention and MLP
       projection, PEFT's 'all-linear').
+    attention: the attention kernel (models/layers.py): 'reference' (einsums, float32 scores; the default),
+      'xla' or 'cudnn' (jax.nn.dot_product_attention's implementations; cuDNN needs a GPU). The same numbers up
+      to float summation order (tests/test_models_qwen2.py).
     lora_dropout: probability p of zeroing each input element of an adapter (PEFT's lora_dropout: the adapter
       computes (alpha / r) (dropout(x) A) B, the base path x W sees x), in the training passes that pass a
       `dropout_key` only (SFT and RL loss; never sampling or scoring). Survivors are scaled by 1 / (1 - p).
@@ -90,6 +93,7 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_targets: str = r"layers/(q|k|v|o|gate|up|down)_kernel$"
   lora_dropout: float = 0.0
+  attention: str = "reference"
 
   def __post_init__(self):
     # Lists from config files/CLI overrides would make the dataclass unhashable; normalise to tuples.
@@ -130,6 +134,8 @@ def validate(cfg: ModelConfig) -> None:
       fail(f, f"must be one of {sorted(_DTYPES)}, got {getattr(cfg, f)!r}")
   if cfg.remat not in ("none", "full", "dots", "dots_no_batch"):
     fail("remat", f"must be 'none'|'full'|'dots'|'dots_no_batch', got {cfg.remat!r}")
+  if cfg.attention not in ("reference", "xla", "cudnn"):
+    fail("attention", f"must be 'reference', 'xla' or 'cudnn', got {cfg.attention!r}")
   if cfg.projector not in ("mlp", "identity"):
     fail("projector", f"must be 'mlp' or 'identity', got {cfg.projector!r}")
   for f in ("video_dim", "audio_dim"):

@@ -147,6 +147,71 @@ def attend_grouped(q_PxGxTxHxDh: jax.Array, k_PxLxKxDh: jax.Array, v_PxLxKxDh: j
   return o.reshape(p, g, t, h, dh).astype(q_PxGxTxHxDh.dtype)
 
 
+# ------------------------------------------------------------------------------------ attention kernels
+#
+# ModelConfig.attention picks how the three attention functions above run. 'reference' is the einsum code above
+# (the default, what every parity test pins); 'xla' and 'cudnn' are jax.nn.dot_product_attention's
+# implementations (cuDNN's fused flash attention needs a GPU and bf16/fp16 inputs). A TPU Pallas kernel is not
+# wired in: on a TPU use 'reference' or 'xla'. See docs/architecture.md, "Attention kernels".
+
+ATTENTION_KINDS = ("reference", "xla", "cudnn")
+
+
+def _fused(kind: str, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, residual: bool = False):
+  if kind == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"ModelConfig.attention='cudnn' needs a GPU (this backend is {jax.default_backend()!r}); "
+                     "use 'reference' or 'xla'")
+  return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxLxS[:, None],
+                                      implementation=kind, return_residual=residual)
+
+
+def attention(kind: str, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS):
+  """`attend` through the chosen kernel."""
+  if kind == "reference":
+    return attend(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS)
+  return _fused(kind, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS)
+
+
+def attention_grouped(kind: str, q_PxGxTxHxDh, k_PxLxKxDh, v_PxLxKxDh, mask_PxL, ks_PxGxSxKxDh, vs_PxGxSxKxDh,
+                      mask_PxGxTxS):
+  """`attend_grouped` through the chosen kernel, differentiable: each suffix attends to its prefix's keys and
+  its own as one sequence (the prefix K/V broadcast over G: a fused kernel takes one key set per row)."""
+  if kind == "reference":
+    return attend_grouped(q_PxGxTxHxDh, k_PxLxKxDh, v_PxLxKxDh, mask_PxL, ks_PxGxSxKxDh, vs_PxGxSxKxDh, mask_PxGxTxS)
+  p, g, t, h, dh = q_PxGxTxHxDh.shape
+  l, s = k_PxLxKxDh.shape[1], ks_PxGxSxKxDh.shape[2]
+  both = lambda pre, own: jnp.concatenate(  # noqa: E731 ([P, L, ...], [P, G, S, ...] -> [P*G, L + S, ...])
+      [jnp.broadcast_to(pre[:, None], (p, g, *pre.shape[1:])), own], axis=2).reshape(p * g, l + s, *own.shape[3:])
+  mask = jnp.concatenate([jnp.broadcast_to(mask_PxL[:, None, None, :], (p, g, t, l)), mask_PxGxTxS], axis=-1)
+  o = _fused(kind, q_PxGxTxHxDh.reshape(p * g, t, h, dh), both(k_PxLxKxDh, ks_PxGxSxKxDh),
+             both(v_PxLxKxDh, vs_PxGxSxKxDh), mask.reshape(p * g, t, l + s))
+  return o.reshape(p, g, t, h, dh)
+
+
+def attention_shared_prefix(kind: str, q_PxGxTxHxDh, k_PxLxKxDh, v_PxLxKxDh, mask_PxL, ks_PxGxSxKxDh,
+                            vs_PxGxSxKxDh, mask_PxGxTxS):
+  """Decode attention against a shared prefix (no gradient: the kernels' log-sum-exp is a constant to autodiff).
+
+  The cascade form: the G rows' queries of a prompt attend to its prefix keys as one query sequence of G x T
+  (one kernel call reads the prefix once per prompt), each row's queries to its own suffix keys, and the two
+  partial softmaxes are merged by their log-sum-exp: out = (e^{m1} o1 + e^{m2} o2) / (e^{m1} + e^{m2})."""
+  if kind == "reference":
+    return attend_grouped(q_PxGxTxHxDh, k_PxLxKxDh, v_PxLxKxDh, mask_PxL, ks_PxGxSxKxDh, vs_PxGxSxKxDh, mask_PxGxTxS)
+  p, g, t, h, dh = q_PxGxTxHxDh.shape
+  l = k_PxLxKxDh.shape[1]
+  o1, lse1 = _fused(kind, q_PxGxTxHxDh.reshape(p, g * t, h, dh), k_PxLxKxDh, v_PxLxKxDh,
+                    jnp.broadcast_to(mask_PxL[:, None, :], (p, g * t, l)), residual=True)
+  flat = lambda a: a.reshape(p * g, *a.shape[2:])  # noqa: E731
+  o2, lse2 = _fused(kind, flat(q_PxGxTxHxDh), flat(ks_PxGxSxKxDh), flat(vs_PxGxSxKxDh), flat(mask_PxGxTxS),
+                    residual=True)
+  lse1 = lse1.reshape(p * g, t, h).astype(jnp.float32)
+  lse2 = lse2.astype(jnp.float32)
+  m = jnp.maximum(lse1, lse2)
+  w1, w2 = jnp.exp(lse1 - m)[..., None], jnp.exp(lse2 - m)[..., None]
+  o = (o1.reshape(p * g, t, h, dh).astype(jnp.float32) * w1 + o2.astype(jnp.float32) * w2) / (w1 + w2)
+  return o.reshape(p, g, t, h, dh).astype(q_PxGxTxHxDh.dtype)
+
+
 # The base projections, written as before LoRA existed (the same XLA dots, so runs without adapters are unchanged).
 _PROJ_EINSUM = {"q": "bld,dhk->blhk", "k": "bld,dhk->blhk", "v": "bld,dhk->blhk", "o": "blhk,hkd->bld",
                 "gate": "bld,df->blf", "up": "bld,df->blf", "down": "blf,fd->bld"}

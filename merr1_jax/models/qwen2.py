@@ -23,7 +23,8 @@ from flax import nnx
 
 from merr1_jax.models import base
 from merr1_jax.models.config import ModelConfig
-from merr1_jax.models.layers import Block, RMSNorm, attend, attend_grouped, make_param, rope_cos_sin
+from merr1_jax.models.layers import (Block, RMSNorm, attention, attention_grouped, attention_shared_prefix, make_param,
+                                     rope_cos_sin)
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -96,7 +97,7 @@ class Decoder(nnx.Module):
         v_all = jax.lax.dynamic_update_slice(v_all, v[:, None].astype(v_all.dtype), (0, i, idx, 0, 0))
         keys = jax.lax.dynamic_index_in_dim(k_all, i, axis=1, keepdims=False).astype(q.dtype)
         vals = jax.lax.dynamic_index_in_dim(v_all, i, axis=1, keepdims=False).astype(q.dtype)
-      return blk.finish(x, attend(q, keys, vals, attn_mask), key), k_all, v_all
+      return blk.finish(x, attention(cfg.attention, q, keys, vals, attn_mask), key), k_all, v_all
 
     k_all = None if cache is None else cache.k
     v_all = None if cache is None else cache.v
@@ -129,8 +130,8 @@ class Decoder(nnx.Module):
       k_all = jax.lax.dynamic_update_slice(k_all, k[:, None].astype(k_all.dtype), (0, i, idx, 0, 0))
       v_all = jax.lax.dynamic_update_slice(v_all, v[:, None].astype(v_all.dtype), (0, i, idx, 0, 0))
       layer_of = lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False).astype(q.dtype)  # noqa: E731
-      o = attend_grouped(split(q), layer_of(pre.k), layer_of(pre.v), pre.valid, split(layer_of(k_all)),
-                         split(layer_of(v_all)), self_mask_PxGxLxS)
+      o = attention_shared_prefix(self.cfg.attention, split(q), layer_of(pre.k), layer_of(pre.v), pre.valid,
+                                  split(layer_of(k_all)), split(layer_of(v_all)), self_mask_PxGxLxS)
       return blk.finish(x, o.reshape(q.shape), key), k_all, v_all
 
     x, k_all, v_all = self._run_layers(layer, layer_state, (x_BxLxD, suf.k, suf.v))
@@ -192,9 +193,9 @@ class Decoder(nnx.Module):
         sk = base.fold_key(key, 1 + j)
         qs, ks, vs = blk.qkv(x_s.reshape(p * g, t, d), cos, sin, sk)
         split = lambda a: a.reshape(p, g, t, *a.shape[2:])  # noqa: E731
-        o = attend_grouped(split(qs), k, v, mask_PxL, split(ks), split(vs), self_mask)
+        o = attention_grouped(cfg.attention, split(qs), k, v, mask_PxL, split(ks), split(vs), self_mask)
         out.append(blk.finish(x_s.reshape(p * g, t, d), o.reshape(p * g, t, *o.shape[3:]), sk).reshape(p, g, t, d))
-      return blk.finish(x_p, attend(q, k, v, pref_mask), pk), tuple(out)
+      return blk.finish(x_p, attention(cfg.attention, q, k, v, pref_mask), pk), tuple(out)
 
     x_p, xs = self._run_layers(layer, layer_state, (x_PxLxD.astype(dt), tuple(x.astype(dt) for x, _, _ in suffixes)))
     return self.final_norm(x_p), tuple(self.final_norm(x) for x in xs)

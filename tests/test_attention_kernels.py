@@ -1,0 +1,121 @@
+"""The attention switch (ModelConfig.attention): the kernels this CPU can run ('xla', jax.nn.dot_product_attention)
+give the reference einsums' numbers on every path: the padded forward pass (1-D RoPE) and a video prompt (M-RoPE),
+the grouped teacher-forced pass with its gradient, and shared-prefix decoding. 'cudnn' needs a GPU: here it is
+refused with a clear error, which is all this machine can show of it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from merr1_jax import rollout
+from merr1_jax.models import base, config, mllm
+
+V = 256
+
+
+def _pair(**kw):
+  ref = mllm.build("tiny", vocab_size=V, video_token_id=V - 2, audio_token_id=V - 1, init_std=0.3, **kw)
+  fused = mllm.build("tiny", vocab_size=V, video_token_id=V - 2, audio_token_id=V - 1, init_std=0.3,
+                     attention="xla", **kw)
+  return ref, fused, jax.jit(ref.init_params)(jax.random.key(0))  # the same parameter tree for both
+
+
+def _left_padded(lens, length, seed=0, mrope=False, video=None):
+  rs = np.random.RandomState(seed)
+  toks, mask = np.zeros((len(lens), length), np.int32), np.zeros((len(lens), length), bool)
+  for i, n in enumerate(lens):
+    toks[i, length - n:] = rs.randint(4, V - 4, n)
+    mask[i, length - n:] = True
+    if video is not None:
+      toks[i, length - n + 1:length - n + 1 + video[i]] = V - 2
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+  if mrope:
+    pos = np.stack([pos, pos // 2, pos % 3], -1).astype(np.int32)
+  inputs = base.ModelInputs(tokens=toks, positions=pos, mask=mask)
+  if video is not None:
+    t = max(video)
+    vmask = np.arange(t)[None] < np.asarray(video)[:, None]
+    inputs = inputs.replace(video=rs.randn(len(lens), t, 32).astype(np.float32) * vmask[..., None],
+                            video_mask=vmask)
+  return jax.tree.map(jnp.asarray, inputs)
+
+
+@pytest.mark.parametrize("kind", ["text_1d", "video_mrope"])
+def test_xla_kernel_forward_equals_the_reference(kind):
+  if kind == "text_1d":
+    ref, fused, params = _pair()
+    inputs = _left_padded([7, 3, 10], 10)
+  else:
+    ref, fused, params = _pair(mrope_section=(4, 6, 6))
+    inputs = _left_padded([9, 5, 12], 12, mrope=True, video=[3, 1, 4])
+  real = np.asarray(inputs.mask)
+  want = np.asarray(jax.jit(lambda p: ref.forward(p, ref.embed(p, inputs))[0])(params))
+  got = np.asarray(jax.jit(lambda p: fused.forward(p, fused.embed(p, inputs))[0])(params))
+  np.testing.assert_allclose(got[real], want[real], atol=2e-5, rtol=1e-5)  # padding rows carry nothing
+  assert np.abs(want[real]).max() > 1.0
+
+
+def test_xla_kernel_grouped_pass_and_its_gradient_equal_the_reference():
+  ref, fused, params = _pair()
+  p, g, t = 2, 3, 4
+  prefix = _left_padded([6, 9], 9, seed=1)
+  rs = np.random.RandomState(2)
+  nxt = np.asarray(prefix.positions).max(1) + 1
+  s_pos = nxt[:, None, None] + np.arange(t)[None, None, :] + np.zeros((p, g, 1), np.int32)
+  s_mask = np.ones((p, g, t), bool)
+  s_mask[0, 1, 3] = False  # a shorter suffix
+  s_tok = rs.randint(4, V - 4, (p, g, t)).astype(np.int32)
+
+  def loss(model, q):
+    pre = model.embed(q, prefix)
+    x = jnp.take(q["decoder"]["embed"]["embedding"][...], jnp.asarray(s_tok), axis=0)
+    suf = base.Embedded(x=x, positions=jnp.asarray(s_pos, jnp.int32), mask=jnp.asarray(s_mask))
+    h_p, (h_s,) = base.hidden_grouped(model, q, pre, [suf])
+    return jnp.sum(h_s * jnp.asarray(s_mask)[..., None] * 0.1) + jnp.sum(h_p * prefix.mask[..., None] * 0.1), h_s
+
+  (lw, hw), gw = jax.jit(jax.value_and_grad(lambda q: loss(ref, q), has_aux=True))(params)
+  (lg, hg), gg = jax.jit(jax.value_and_grad(lambda q: loss(fused, q), has_aux=True))(params)
+  np.testing.assert_allclose(np.asarray(hg)[s_mask], np.asarray(hw)[s_mask], atol=2e-5)
+  assert abs(float(lg) - float(lw)) <= 1e-4 * max(1.0, abs(float(lw)))
+  for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gw)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mrope", [False, True])
+def test_xla_kernel_shared_prefix_decode_equals_the_reference(mrope):
+  """The cascade decode (prefix and suffix through two kernel calls, merged by log-sum-exp) gives the reference's
+  next-token logits at every step."""
+  ref, fused, params = _pair(**({"mrope_section": (4, 6, 6)} if mrope else {}))
+  prompt = _left_padded([5, 12, 8], 12, seed=3, mrope=mrope)
+  g, t = 3, 4
+  fed = jax.random.randint(jax.random.key(4), (3 * g, t), 4, V - 4)
+
+  def run(model):
+    cache, logits, next_pos = rollout.prefill(model, g, 12 + t, None, params, prompt, True)
+    out = [logits]
+    for i in range(t):
+      pos = (next_pos + i)[:, None]
+      pos = jnp.broadcast_to(pos[..., None], (*pos.shape, 3)) if mrope else pos
+      x = model.embed(params, base.ModelInputs(tokens=fed[:, i:i + 1], positions=pos,
+                                               mask=jnp.ones((3 * g, 1), bool)))
+      step, cache = model.forward(params, x, cache)
+      out.append(step[:, 0])
+    return np.stack([np.asarray(o) for o in out])
+
+  want, got = run(ref), run(fused)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  assert np.abs(want[1:] - want[1:].mean()).max() > 0.1
+
+
+def test_cudnn_is_refused_off_a_gpu_and_unknown_kinds_by_the_config():
+  if jax.default_backend() == "gpu":
+    pytest.skip("on a GPU the cuDNN kernel runs: benchmarks/gpu.sh compares it with the reference")
+  model = mllm.build("tiny", vocab_size=V, attention="cudnn")
+  params = jax.jit(model.init_params)(jax.random.key(0))
+  inputs = _left_padded([4], 4)
+  with pytest.raises(ValueError, match="attention='cudnn' needs a GPU"):
+    model.forward(params, model.embed(params, inputs))
+  with pytest.raises(ValueError, match="ModelConfig.attention"):
+    config.ModelConfig(vocab_size=8, d_model=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, mlp_dim=8,
+                       attention="splash")
