@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU check: our RL step breakdown (benchmarks/rl_step.py) for qwen2_0p5b and the 3B-size
 # Qwen2.5-Omni thinker preset, bf16, one GPU, random init. Reports per phase times (generation split into
-# prefill and decode), update-step MFU (rl_step.update_flops / the card's peak dense bf16 FLOP/s), decode-only
+# prefill and decode), update-step MFU (the grouped update's FLOPs / the card's peak dense bf16 FLOP/s), decode-only
 # tokens/s against the HBM-bandwidth bound, and peak device memory; every row carries the card's name (jax
-# device_kind), and nvidia-smi's line is printed first.
+# device_kind), and nvidia-smi's line is printed first. The shared variant runs once more with cuDNN's fused
+# attention (--attention cudnn) beside the reference einsums; its loss must match the reference row's.
 #
 # Each (preset, variant) runs in its own process, so that "peak device memory" (jax memory_stats'
 # peak_bytes_in_use, a process-wide high-water mark that is never reset) is that variant's own, with no other
@@ -80,6 +81,10 @@ for preset in $presets; do
       --json "$out/rl_step_gpu.$preset.$variant.json" 2>&1 | tee -a "$out/rl_step_gpu.txt" \
       || echo "rl_step.py --presets $preset --variants $variant FAILED" | tee -a "$out/rl_step_gpu.txt"
   done
+  python3 benchmarks/rl_step.py --presets "$preset" --variants shared --attention cudnn \
+    --dtype bfloat16 --prompts 8 --prompt_len 256 --group 8 --new_tokens 128 --warmup 1 --repeats 3 \
+    --json "$out/rl_step_gpu.$preset.cudnn.json" 2>&1 | tee -a "$out/rl_step_gpu.txt" \
+    || echo "rl_step.py --presets $preset --attention cudnn FAILED" | tee -a "$out/rl_step_gpu.txt"
 done
 python3 - "$out" <<'EOF'
 import glob, json, os, sys

@@ -25,17 +25,21 @@ jitted call, median over --repeats after --warmup:
   hidden/noattn, update/noattn  the same with attention replaced by the identity (qwen2.attention returns q), so
                   the difference is what attention costs (the numbers mean nothing else: the model is broken).
 
-On a GPU (benchmarks/gpu.sh) it also reports, with the card's name: update-step MFU = update_flops / (update
-time x peak bf16 FLOP/s of the card); decode tokens/s (decode-only time and tokens, the prefill excluded)
-against the memory-bandwidth bound (every decode step streams all weights and the whole preallocated KV cache
-of S = L + T slots once: our decode step reads the full cache, masked; a kernel reading only the filled part
-would have a higher bound, with a mean cache length of L + T/2); and peak device memory (memory_stats'
-high-water mark, a process-wide figure: its scope says how many variants' states were alive, and gpu.sh runs
-one preset and variant per process so that it is that variant's own). On the CPU those read n/a.
+On a GPU (benchmarks/gpu.sh) it also reports, with the card's name: update-step MFU = the grouped update's model
+FLOPs (infra/throughput.grouped_update_flops) / (update time x peak bf16 FLOP/s of the card); decode tokens/s
+(decode-only time and tokens, the prefill excluded) against the memory-bandwidth bound (every decode step streams
+all weights and the KV cache it attends to once: the prompts' slots once per prompt plus every row's suffix
+slots with shared-prefix decoding, every row's L + T slots with a repeated cache; masked slots are read too);
+and peak device memory (memory_stats' high-water mark, a process-wide figure: its scope says how many variants'
+states were alive, and gpu.sh runs one preset and variant per process so that it is that variant's own). On the
+CPU those read n/a; --bounds states the update and the decode step against this machine's own measured matmul
+rate and bandwidth instead (benchmarks/bounds.py). --fast_group adds the fast mode as the MER step samples it
+(both modes in one loop), --attention picks the attention kernel (ModelConfig.attention).
 
   python benchmarks/rl_step.py [--presets tiny,small_20m] [--variants shared,repeated,mm] [--prompts 4]
       [--prompt_len 128] [--group 8] [--new_tokens 64] [--warmup 1] [--repeats 3] [--dtype float32|bfloat16]
-      [--breakdown] [--json out.json]
+      [--fast_group 0] [--fast_new_tokens 16] [--attention reference|xla|cudnn] [--bounds] [--breakdown]
+      [--json out.json]
 
 Shape legend: P prompts, G samples per prompt, B = P*G, L prompt length, T new tokens, S = L + T, V vocab,
 D d_model, F video/audio feature width.
@@ -255,12 +259,10 @@ def card(device) -> tuple[str, float | None, float | None]:
 update_flops = throughput.update_flops  # the ungrouped count (tests/test_benchmarks.py checks it against XLA)
 
 
-def decode_bound_tok_s(cfg, params, b: int, cache_len: int, bw: float) -> float:
-  """Decode tokens/s if every decode step (one token for each of the B rows) only streamed all weights and the
-  KV cache of `cache_len` slots per row from HBM once. A repeated cache reads its whole preallocated S = L + T
-  slots per row (masked), so the script passes S; pass L + T/2 for a kernel that reads only filled slots."""
-  kv = throughput.kv_bytes(cfg, b * cache_len, jnp.dtype(cfg.compute_dtype).itemsize)
-  return b * bw / (tree_bytes(params) + kv)
+def decode_bound_tok_s(rows: int, step_bytes: float, bw: float) -> float:
+  """Decode tokens/s if every decode step (one token for each of the rows) only streamed the `step_bytes` it
+  reads (all weights and the KV cache it attends to: Runner.step's decode_step_bytes) from HBM once."""
+  return rows * bw / step_bytes
 
 
 def peak_device_bytes(device) -> float | None:
@@ -279,9 +281,9 @@ def tree_bytes(tree) -> int:
 # ------------------------------------------------------------------------------------------------- main
 
 
-def build(name: str, dtype: str, mm: bool):
+def build(name: str, dtype: str, mm: bool, attention: str = "reference"):
   """The preset as the benchmark runs it: text-only presets get no projectors unless mm is asked for."""
-  over: dict[str, Any] = dict(param_dtype=dtype, compute_dtype=dtype)
+  over: dict[str, Any] = dict(param_dtype=dtype, compute_dtype=dtype, attention=attention)
   cfg = presets.get(name, **over)
   if not mm and (cfg.video_dim or cfg.audio_dim) and cfg.projector == "mlp":
     cfg = cfg.replace(video_dim=0, audio_dim=0)
@@ -300,7 +302,7 @@ def run_preset(name: str, variants: list[str], work: Work, args, bounds: dict | 
     if v not in VARIANTS:
       raise ValueError(f"unknown variant {v!r}: expected one of {', '.join(VARIANTS)}")
     mm = v.startswith("mm")
-    model = build(name, args.dtype, mm)
+    model = build(name, args.dtype, mm, args.attention)
     params = model.init_params(jax.random.key(0))
     runners[v] = Runner(model, params, dataclasses.replace(work, shared_prefix=v != "repeated"), split_decode=True)
     inputs[v] = random_inputs(model.config, work, seed=1, frames=args.mm_frames if mm else 0,
@@ -326,7 +328,8 @@ def run_preset(name: str, variants: list[str], work: Work, args, bounds: dict | 
                params=int(sum(a.size for a in jax.tree.leaves(runners[v].state.params))),
                median=med, min_step_s=min(t["step_s"] for t in timed), max_step_s=max(t["step_s"] for t in timed),
                gen_tok_s=med["gen_tokens"] / med["gen_s"], decode_tok_s=med["decode_tokens"] / med["decode_s"],
-               update_flops=update_flops(cfg, b, s, int(med["loss_positions"])),
+               update_flops=med["update_flops_grouped"],  # the grouped update's own work (prompt once)
+               update_flops_ungrouped=update_flops(cfg, b, s, int(med["loss_positions"])),
                state_gib=tree_bytes(runners[v].state) / 2**30)
     if bounds is not None:  # this machine's own bounds, measured in this run (benchmarks/bounds.py)
       rate, bw_m = bounds["matmul_flops_s"], bounds["bandwidth_bytes_s"]
@@ -340,10 +343,8 @@ def run_preset(name: str, variants: list[str], work: Work, args, bounds: dict | 
     if peak:
       row["update_mfu"] = row["update_flops"] / med["update_s"] / peak
     if bw:
-      bound = decode_bound_tok_s(cfg, runners[v].state.params, b, s, bw)
-      row.update(decode_bound_tok_s=bound, decode_vs_bound=row["decode_tok_s"] / bound,
-                 decode_bound_mean_cache_tok_s=decode_bound_tok_s(cfg, runners[v].state.params, b,
-                                                                  s - work.new_tokens // 2, bw))
+      bound = decode_bound_tok_s(b, med["decode_step_bytes"], bw)
+      row.update(decode_bound_tok_s=bound, decode_vs_bound=row["decode_tok_s"] / bound)
     row["peak_device_gib"] = None if pk is None else pk / 2**30
     row["peak_device_scope"] = scope
     rows.append(row)
@@ -485,6 +486,8 @@ def main(argv=None) -> list[dict]:
                   help="time the update's parts in isolation (no generation) instead of whole steps")
   ap.add_argument("--breakdown_parts", default=",".join(BREAKDOWN_PARTS),
                   help=f"with --breakdown: some of {','.join(BREAKDOWN_PARTS)}")
+  ap.add_argument("--attention", default="reference", choices=("reference", "xla", "cudnn"),
+                  help="ModelConfig.attention: the attention kernel (cudnn: GPU only)")
   ap.add_argument("--fast_group", type=int, default=0, help="fast completions per prompt as well (the MER step)")
   ap.add_argument("--fast_new_tokens", type=int, default=16)
   ap.add_argument("--bounds", action="store_true",

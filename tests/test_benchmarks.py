@@ -55,11 +55,29 @@ def test_rl_step_one_tiny_round_all_variants(tmp_path):
     for k in ("gen_s", "ref_s", "reward_s", "update_s", "prefill_s", "decode_s"):
       assert m[k] > 0, k
     assert m["step_s"] >= m["gen_s"] + m["ref_s"] + m["update_s"]
-    assert r["update_flops"] == rl_step.update_flops(rl_step.build("tiny", "float32", r["variant"] == "mm").config,
-                                                     4, 40, 8)
+    assert r["update_flops_ungrouped"] == rl_step.update_flops(
+        rl_step.build("tiny", "float32", r["variant"] == "mm").config, 4, 40, 8)
+    # The grouped update computes each prompt once; the repeated variant has one row per prompt: no saving.
+    grouped_less = r["update_flops"] < r["update_flops_ungrouped"]
+    assert r["update_flops"] == r["median"]["update_flops_grouped"] and grouped_less == (r["variant"] != "repeated")
     assert "update_mfu" not in r and "decode_vs_bound" not in r  # CPU: no peak FLOP/s or HBM figure
     assert "train states built in this process" in r["peak_device_scope"]  # several variants alive: said so
   assert json.loads(out.read_text())[0]["variant"] == "shared"
+
+
+def test_rl_step_mer_shape_one_loop_against_the_measured_bounds(monkeypatch):
+  import bounds
+  real = bounds.measure
+  monkeypatch.setattr(bounds, "measure", lambda: real(repeats=1, mib=16))  # small and quick: the plumbing only
+  (r,) = rl_step.main(["--presets", "tiny", "--variants", "shared", "--prompts", "2", "--prompt_len", "32",
+                       "--group", "2", "--new_tokens", "6", "--fast_group", "2", "--fast_new_tokens", "3",
+                       "--bounds", "--warmup", "0", "--repeats", "1"])
+  m = r["median"]
+  assert m["rows"] == 8 and m["gen_tokens"] == 2 * 2 * 6 + 2 * 2 * 3
+  assert m["decode_steps"] == 6  # both modes in one loop: the longer budget, not 6 + 3
+  assert m["decode_tokens"] == m["gen_tokens"] - 8 and m["prefill_s"] > 0
+  assert r["update_flops_s"] > 0 and 0 < r["update_vs_matmul_rate"] and r["decode_binding"] in ("memory", "compute")
+  assert r["decode_vs_machine_bound"] == pytest.approx(r["decode_step_s"] / r["decode_step_bound_s"])
 
 
 def test_rl_step_breakdown_reports_every_part(tmp_path):
@@ -132,11 +150,8 @@ def test_update_flops_by_hand():
 
 
 def test_decode_bound_by_hand():
-  import numpy as np
-  cfg = rl_step.presets.get("tiny", vocab_size=100, compute_dtype="bfloat16")
-  params = {"w": np.zeros((1000,), np.float32)}  # 4000 bytes of weights
-  # KV: 2 (k, v) x 2 layers x B 4 x 10 slots x 2 KV heads x 32 x 2 bytes = 20480 bytes per decode step.
-  assert rl_step.decode_bound_tok_s(cfg, params, 4, 10, 1e9) == pytest.approx(4 * 1e9 / (4000 + 20480))
+  # 4 rows, each step reading 4000 bytes of weights + 20480 of KV: 4 tokens per 24480 bytes at 1 GB/s.
+  assert rl_step.decode_bound_tok_s(4, 4000 + 20480, 1e9) == pytest.approx(4 * 1e9 / (4000 + 20480))
 
 
 def _run(step, gen, score, update, tokens=64.0, rss=100.0):
