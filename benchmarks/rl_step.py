@@ -324,7 +324,7 @@ def run_preset(name: str, variants: list[str], work: Work, args, bounds: dict | 
     med = {k: statistics.median(t[k] for t in timed) for k in timed[0]}
     cfg = runners[v].model.config
     b, s = int(med["rows"]), int(med["seq_len"])
-    row = dict(preset=name, variant=v, device=kind, dtype=args.dtype,
+    row = dict(preset=name, variant=v, device=kind, dtype=args.dtype, attention=args.attention,
                params=int(sum(a.size for a in jax.tree.leaves(runners[v].state.params))),
                median=med, min_step_s=min(t["step_s"] for t in timed), max_step_s=max(t["step_s"] for t in timed),
                gen_tok_s=med["gen_tokens"] / med["gen_s"], decode_tok_s=med["decode_tokens"] / med["decode_s"],
@@ -364,7 +364,8 @@ def _fmt(row: dict) -> str:
     extra += f"  decode {row['decode_tok_s']:.0f} tok/s = {100 * row['decode_vs_bound']:.1f}% of bound"
   if row.get("peak_device_gib") is not None:
     extra += f"  peak {row['peak_device_gib']:.1f} GiB ({row['peak_device_scope']})"
-  return (f"| {row['preset']} | {row['variant']} | {row['params'] / 1e6:.1f}M | {m['step_s'] * 1e3:.0f} "
+  variant = row["variant"] + ("" if row.get("attention", "reference") == "reference" else f" ({row['attention']})")
+  return (f"| {row['preset']} | {variant} | {row['params'] / 1e6:.1f}M | {m['step_s'] * 1e3:.0f} "
           f"| {m['gen_s'] * 1e3:.0f} | {m['prefill_s'] * 1e3:.0f} | {m['decode_s'] * 1e3:.0f} "
           f"| {m['ref_s'] * 1e3:.0f} | {m['reward_s'] * 1e3:.0f} | {m['update_s'] * 1e3:.0f} "
           f"| {row['gen_tok_s']:.0f} | {row['decode_tok_s']:.0f} | {row['device']}{extra} |")

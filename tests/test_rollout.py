@@ -589,6 +589,17 @@ def test_both_modes_refuse_mismatched_shared_arguments(tok, ids, text_model):
                                 "fast": kw | ids.sample_kwargs("fast") | {"pad_id": ids.pad + 1}})
   with pytest.raises(ValueError, match="'slow' and/or 'fast'"):
     rollout.sample_modes(model, params, inputs, method=sampling.Greedy(), modes={"medium": kw})
+  with pytest.raises(ValueError, match="eos_id differs"):  # an absent eos_id means no EOS: not the same
+    rollout.sample_modes(model, params, inputs, method=sampling.Greedy(),
+                         modes={"slow": kw | {"eos_id": ids.eos}, "fast": kw | {"fast_prefix_ids": ids.fast_prefix}})
+  with pytest.raises(TypeError, match="unknown arguments"):
+    rollout.sample_modes(model, params, inputs, method=sampling.Greedy(),
+                         modes={"slow": kw | {"temperature": 0.7}, "fast": kw | ids.sample_kwargs("fast")})
+  # A fast prompt beyond the largest bucket is refused before anything compiles, as `sample` refuses it.
+  long = _left_pad(_rows(tok, [30]), 30)
+  with pytest.raises(ValueError, match="longer than the largest bucket"):
+    rollout.sample_modes(model, params, long, method=sampling.Greedy(), buckets=(32,),
+                         modes={"slow": kw | ids.sample_kwargs("slow"), "fast": kw | ids.sample_kwargs("fast")})
 
 
 def test_decode_donates_the_prefill_cache(tok, text_model):

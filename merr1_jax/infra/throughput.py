@@ -108,11 +108,18 @@ def decode_step_cost(cfg, param_bytes: int, rows: int, key_slots: int, read_slot
 def rl_step_metrics(cfg, *, prompt_mask: np.ndarray, segments: Sequence[tuple[np.ndarray, np.ndarray]],
                     t_rollout: float, t_update: float, t_step: float, devices: int, param_bytes: int,
                     decode_steps: int | None = None, peak_flops: float | None = None,
-                    peak_bandwidth: float | None = None, kv_itemsize: int = 4) -> dict[str, float]:
+                    peak_bandwidth: float | None = None, kv_itemsize: int = 4,
+                    shared_decode: bool = True) -> dict[str, float]:
   """The `throughput/*` scalars of one RL step.
 
   prompt_mask: [P, L] the prompts as the update sees them; segments: per segment (mask [P, G, T] of real suffix
-  tokens, loss_mask [P, G, T] of generated ones). Times in seconds; `devices` the number the step ran on."""
+  tokens, loss_mask [P, G, T] of generated ones). Times in seconds; `devices` the number the step ran on.
+  FLOPs are those of the padded shapes the step computes (bucketed prompts and completions).
+
+  The roofline is the ideal split: every FLOP and every byte (weights and KV cache) divided evenly over the
+  devices, as FSDP shards the weights; under pure data parallelism each device streams all the weights, so the
+  true bound is higher and the fraction understates how close the rollout is to it. `shared_decode`: the decode
+  cache holds the prompts once (else every row holds its prompt)."""
   mask = np.asarray(prompt_mask, bool)
   p, length = mask.shape
   prompt_real = mask.sum(1)
@@ -130,8 +137,8 @@ def rl_step_metrics(cfg, *, prompt_mask: np.ndarray, segments: Sequence[tuple[np
   if peak_flops and peak_bandwidth and decode_steps:
     rows = sum(r for r, _ in shapes)
     suffix = max(t for _, t in shapes)
-    step_flops, step_bytes = decode_step_cost(cfg, param_bytes, rows, length + suffix, p * length + rows * suffix,
-                                              kv_itemsize)
+    read = p * length + rows * suffix if shared_decode else rows * (length + suffix)
+    step_flops, step_bytes = decode_step_cost(cfg, param_bytes, rows, length + suffix, read, kv_itemsize)
     step_bound = max(step_flops / peak_flops, step_bytes / peak_bandwidth) / devices
     bound_s = prefill_flops(cfg, p, length) / peak_flops / devices + decode_steps * step_bound
     out["throughput/rollout_roofline_frac"] = bound_s / max(t_rollout, 1e-9)

@@ -58,9 +58,11 @@ class ModelConfig:
     lora_targets: regex searched in each decoder kernel's parameter path ('decoder/layers/q_kernel', ...,
       'decoder/layers/down_kernel'); the matching kernels get adapters (default: every attention and MLP
       projection, PEFT's 'all-linear').
-    attention: the attention kernel (models/layers.py): 'reference' (einsums, float32 scores; the default),
-      'xla' or 'cudnn' (jax.nn.dot_product_attention's implementations; cuDNN needs a GPU). The same numbers up
-      to float summation order (tests/test_models_qwen2.py).
+    attention: the attention kernel of the prompt-length passes (prefill, scoring, the update; models/layers.py):
+      'reference' (einsums, float32 scores; the default), 'xla' or 'cudnn' (jax.nn.dot_product_attention's
+      implementations; cuDNN needs a GPU). The same numbers up to float summation order
+      (tests/test_attention_kernels.py). A fused kernel broadcasts the prompt's K/V over a group's suffixes in
+      the grouped passes (G copies per layer); decode steps always use the einsum form.
     lora_dropout: probability p of zeroing each input element of an adapter (PEFT's lora_dropout: the adapter
       computes (alpha / r) (dropout(x) A) B, the base path x W sees x), in the training passes that pass a
       `dropout_key` only (SFT and RL loss; never sampling or scoring). Survivors are scaled by 1 / (1 - p).

@@ -149,20 +149,21 @@ def attend_grouped(q_PxGxTxHxDh: jax.Array, k_PxLxKxDh: jax.Array, v_PxLxKxDh: j
 
 # ------------------------------------------------------------------------------------ attention kernels
 #
-# ModelConfig.attention picks how the three attention functions above run. 'reference' is the einsum code above
-# (the default, what every parity test pins); 'xla' and 'cudnn' are jax.nn.dot_product_attention's
-# implementations (cuDNN's fused flash attention needs a GPU and bf16/fp16 inputs). A TPU Pallas kernel is not
-# wired in: on a TPU use 'reference' or 'xla'. See docs/architecture.md, "Attention kernels".
+# ModelConfig.attention picks how the prompt-length passes attend: 'reference' is the einsum code above (the
+# default, what every parity test pins); 'xla' and 'cudnn' are jax.nn.dot_product_attention's implementations
+# (cuDNN's fused flash attention needs a GPU and bf16/fp16 inputs). Decode steps always use attend_grouped: one
+# query per row against the prompt read once per prompt, exact, where a fused kernel's bf16 log-sum-exp would
+# make the two-part merge inexact. A TPU Pallas kernel is not wired in. docs/architecture.md, "Attention kernels".
 
 ATTENTION_KINDS = ("reference", "xla", "cudnn")
 
 
-def _fused(kind: str, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS, residual: bool = False):
+def _fused(kind: str, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS):
   if kind == "cudnn" and jax.default_backend() != "gpu":
     raise ValueError(f"ModelConfig.attention='cudnn' needs a GPU (this backend is {jax.default_backend()!r}); "
                      "use 'reference' or 'xla'")
   return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_BxLxS[:, None],
-                                      implementation=kind, return_residual=residual)
+                                      implementation=kind)
 
 
 def attention(kind: str, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS):
@@ -175,7 +176,8 @@ def attention(kind: str, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS):
 def attention_grouped(kind: str, q_PxGxTxHxDh, k_PxLxKxDh, v_PxLxKxDh, mask_PxL, ks_PxGxSxKxDh, vs_PxGxSxKxDh,
                       mask_PxGxTxS):
   """`attend_grouped` through the chosen kernel, differentiable: each suffix attends to its prefix's keys and
-  its own as one sequence (the prefix K/V broadcast over G: a fused kernel takes one key set per row)."""
+  its own as one sequence. A fused kernel takes one key set per row, so the prefix K/V is broadcast over the G
+  suffixes: G copies of a layer's prompt K/V (forward and backward), which the reference avoids."""
   if kind == "reference":
     return attend_grouped(q_PxGxTxHxDh, k_PxLxKxDh, v_PxLxKxDh, mask_PxL, ks_PxGxSxKxDh, vs_PxGxSxKxDh, mask_PxGxTxS)
   p, g, t, h, dh = q_PxGxTxHxDh.shape
@@ -186,30 +188,6 @@ def attention_grouped(kind: str, q_PxGxTxHxDh, k_PxLxKxDh, v_PxLxKxDh, mask_PxL,
   o = _fused(kind, q_PxGxTxHxDh.reshape(p * g, t, h, dh), both(k_PxLxKxDh, ks_PxGxSxKxDh),
              both(v_PxLxKxDh, vs_PxGxSxKxDh), mask.reshape(p * g, t, l + s))
   return o.reshape(p, g, t, h, dh)
-
-
-def attention_shared_prefix(kind: str, q_PxGxTxHxDh, k_PxLxKxDh, v_PxLxKxDh, mask_PxL, ks_PxGxSxKxDh,
-                            vs_PxGxSxKxDh, mask_PxGxTxS):
-  """Decode attention against a shared prefix (no gradient: the kernels' log-sum-exp is a constant to autodiff).
-
-  The cascade form: the G rows' queries of a prompt attend to its prefix keys as one query sequence of G x T
-  (one kernel call reads the prefix once per prompt), each row's queries to its own suffix keys, and the two
-  partial softmaxes are merged by their log-sum-exp: out = (e^{m1} o1 + e^{m2} o2) / (e^{m1} + e^{m2})."""
-  if kind == "reference":
-    return attend_grouped(q_PxGxTxHxDh, k_PxLxKxDh, v_PxLxKxDh, mask_PxL, ks_PxGxSxKxDh, vs_PxGxSxKxDh, mask_PxGxTxS)
-  p, g, t, h, dh = q_PxGxTxHxDh.shape
-  l = k_PxLxKxDh.shape[1]
-  o1, lse1 = _fused(kind, q_PxGxTxHxDh.reshape(p, g * t, h, dh), k_PxLxKxDh, v_PxLxKxDh,
-                    jnp.broadcast_to(mask_PxL[:, None, :], (p, g * t, l)), residual=True)
-  flat = lambda a: a.reshape(p * g, *a.shape[2:])  # noqa: E731
-  o2, lse2 = _fused(kind, flat(q_PxGxTxHxDh), flat(ks_PxGxSxKxDh), flat(vs_PxGxSxKxDh), flat(mask_PxGxTxS),
-                    residual=True)
-  lse1 = lse1.reshape(p * g, t, h).astype(jnp.float32)
-  lse2 = lse2.astype(jnp.float32)
-  m = jnp.maximum(lse1, lse2)
-  w1, w2 = jnp.exp(lse1 - m)[..., None], jnp.exp(lse2 - m)[..., None]
-  o = (o1.reshape(p * g, t, h, dh).astype(jnp.float32) * w1 + o2.astype(jnp.float32) * w2) / (w1 + w2)
-  return o.reshape(p, g, t, h, dh).astype(q_PxGxTxHxDh.dtype)
 
 
 # The base projections, written as before LoRA existed (the same XLA dots, so runs without adapters are unchanged).

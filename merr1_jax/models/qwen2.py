@@ -23,7 +23,7 @@ from flax import nnx
 
 from merr1_jax.models import base
 from merr1_jax.models.config import ModelConfig
-from merr1_jax.models.layers import (Block, RMSNorm, attention, attention_grouped, attention_shared_prefix, make_param,
+from merr1_jax.models.layers import (Block, RMSNorm, attend_grouped, attention, attention_grouped, make_param,
                                      rope_cos_sin)
 
 _REMAT_POLICIES = {
@@ -130,8 +130,9 @@ class Decoder(nnx.Module):
       k_all = jax.lax.dynamic_update_slice(k_all, k[:, None].astype(k_all.dtype), (0, i, idx, 0, 0))
       v_all = jax.lax.dynamic_update_slice(v_all, v[:, None].astype(v_all.dtype), (0, i, idx, 0, 0))
       layer_of = lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False).astype(q.dtype)  # noqa: E731
-      o = attention_shared_prefix(self.cfg.attention, split(q), layer_of(pre.k), layer_of(pre.v), pre.valid,
-                                  split(layer_of(k_all)), split(layer_of(v_all)), self_mask_PxGxLxS)
+      # Always the einsum form, whatever cfg.attention says (layers.py, "attention kernels").
+      o = attend_grouped(split(q), layer_of(pre.k), layer_of(pre.v), pre.valid, split(layer_of(k_all)),
+                         split(layer_of(v_all)), self_mask_PxGxLxS)
       return blk.finish(x, o.reshape(q.shape), key), k_all, v_all
 
     x, k_all, v_all = self._run_layers(layer, layer_state, (x_BxLxD, suf.k, suf.v))

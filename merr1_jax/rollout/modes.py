@@ -9,8 +9,12 @@ when every row is done. Each mode's rows draw with the keys `sample` would give 
 row of that mode's own batch: fold_in(fold_in(rng_m, r), t)), so given the same keys the tokens are those of
 `sample` called per mode, up to float summation order (tests/test_rollout.py).
 
-Shape legend: P prompts, G_m samples per prompt in mode m, G = sum of G_m, B = P*G rows (row p*G + j: the slow
-rows of prompt p first, then its fast rows), k = len(FAST_PREFIX) ids, T_m mode m's budget, T = max T_m, V vocab.
+The joint Rollouts' `steps` is the shared loop's count (the longest budget at most), not each mode's own.
+A model opts in with `shared_prefix_decode = True` (docs/porting.md); its `hidden` then also sees the extend call,
+k tokens per row with the slow rows' mask all False.
+
+Shape legend: P prompts, G_m samples per prompt in mode m, G = sum of G_m, B = P*G rows (row p*G + j: prompt p's
+rows of each mode in the order `modes` lists them), k = len(FAST_PREFIX) ids, T_m mode m's budget, T = max T_m.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from merr1_jax.rollout import prompt_batch, sampler, shared_prefix
 from merr1_jax.rollout.prompt_batch import PROMPT_BUCKETS
 
 _SHARED_ARGS = ("eos_id", "pad_id", "fast_prefix_ids")  # must agree between the modes
+_MODE_ARGS = {"num_samples", "max_new_tokens", "rng", "stop_ids", "eos_id", "ban_ids", "fast_prefix_ids", "pad_id"}
 
 
 def _prefill_modes(model, counts: tuple[int, ...], fast: tuple[bool, ...], prefix_ids: tuple[int, ...],
@@ -89,16 +94,23 @@ def sample_modes(model, params, inputs: base.ModelInputs, *, modes: Mapping[str,
     return {m: sampler.sample(model, params, inputs, mode=m, method=method, shared_decode=shared_decode,
                               **common, **modes[m]) for m in names}
   kws = [dict(modes[m]) for m in names]
-  for key in _SHARED_ARGS:
-    vals = {m: tuple(kw.get(key) or ()) if key == "fast_prefix_ids" else kw.get(key) for m, kw in zip(names, kws)}
+  for m, kw in zip(names, kws):
+    unknown = set(kw) - _MODE_ARGS
+    if unknown:
+      raise TypeError(f"sample_modes: mode {m!r} got unknown arguments {sorted(unknown)}; `sample` takes "
+                      f"{sorted(_MODE_ARGS)}")
+  for key in _SHARED_ARGS:  # must agree: eos_id always (absent = no EOS), the others where given
+    vals = {m: tuple(kw[key] or ()) if key == "fast_prefix_ids" else kw.get(key) for m, kw in zip(names, kws)
+            if key in kw or key == "eos_id"}
     if len(set(vals.values())) > 1:
       raise ValueError(f"sample_modes: {key} differs between the modes ({vals}); it must be the same")
   vocab = model.config.vocab_size
   checked = [sampler._check_sample_args(vocab, kw.get("num_samples"), kw.get("max_new_tokens"), method,
                                         kw.get("stop_ids", ()), kw.get("eos_id"), kw.get("ban_ids", ()),
                                         kw.get("pad_id", 0)) for kw in kws]
-  eos_id, pad_id = checked[0][1], checked[0][3]
-  prefix_ids = prompt_batch.check_ids(kws[0].get("fast_prefix_ids") or (), vocab, "fast_prefix_ids")
+  given = lambda key, default: next((kw[key] for kw in kws if key in kw), default)  # noqa: E731
+  eos_id, pad_id = kws[0].get("eos_id"), given("pad_id", 0)
+  prefix_ids = prompt_batch.check_ids(given("fast_prefix_ids", None) or (), vocab, "fast_prefix_ids")
   if "fast" in names and not prefix_ids:
     raise ValueError("mode 'fast' needs fast_prefix_ids (SpecialIds.sample_kwargs gives them)")
   counts = tuple(int(kw["num_samples"]) for kw in kws)
@@ -106,7 +118,10 @@ def sample_modes(model, params, inputs: base.ModelInputs, *, modes: Mapping[str,
   fast = tuple(m == "fast" for m in names)
   prep = lambda m: prompt_batch.prepare_prompts(inputs, mode=m, vocab_size=vocab, fast_prefix_ids=prefix_ids,  # noqa: E731
                                                 pad_id=pad_id, buckets=buckets)
-  prompt = prep("slow")
+  # Every mode's prompt is prepared (and refused if bad) on the host before anything compiles: the slow one is
+  # prefilled, the fast one is what the fast Rollout reports (the slow one + FAST_PREFIX, bucketed on its own).
+  host = {m: prep(m) for m in names}
+  prompt = host["slow"] if "slow" in host else prep("slow")
   length, t_max = prompt.tokens.shape[1], max(budgets)
   k = len(prefix_ids) if any(fast) else 0
   prompt_batch.check_cache_length(model, length, k + t_max, max_cache_len, "fast prefix + max_new_tokens")
@@ -122,8 +137,8 @@ def sample_modes(model, params, inputs: base.ModelInputs, *, modes: Mapping[str,
   for m_i, (m, t_m) in enumerate(zip(names, budgets)):
     rows = np.nonzero(kind_B == m_i)[0]  # prompt-major: prompt p's rows of mode m, in order
     take = lambda a: jnp.take(a, jnp.asarray(rows), axis=0)  # noqa: E731
-    own = placed if m == "slow" else shared_prefix.place_prompt(model, prep(m), mesh, axis_rules)[0]
-    real_len = np.asarray(own.mask).sum(1).astype(np.int32)
+    own = placed if m == "slow" else shared_prefix.place_prompt(model, host[m], mesh, axis_rules)[0]
+    real_len = host[m].mask.sum(1).astype(np.int32)  # from the host copy: a global array may span processes
     length_B = take(s.length)
     out[m] = sampler.Rollout(
         prompt=own, completion=take(s.tokens)[:, :t_m],

@@ -78,8 +78,8 @@ class DecodeSpec:
   mrope: bool  # positions are [B, 1, 3]
   layout: sharding.BatchLayout | None = None
   # Several row kinds in one loop (rollout/modes.py): rule m = (stop_ids, ban_ids, max_new_tokens) applies to the
-  # rows with DecodeState.kind == m, and the fields above are then unused but for max_new_tokens (the buffers'
-  # width, the largest budget). Empty: one rule for every row, the fields above.
+  # rows with DecodeState.kind == m; stop_ids and ban_ids above are then unused and max_new_tokens is the buffers'
+  # width (the largest budget). Empty: one rule for every row, the fields above.
   rules: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...] = ()
 
 
@@ -146,8 +146,7 @@ def _emit(spec: DecodeSpec, s: DecodeState, logits_BxV) -> DecodeState:
   put = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None].astype(buf.dtype), s.t, axis=1)
   is_eos = live & (tok_B == spec.eos_id) if spec.eos_id is not None else jnp.zeros_like(live)
   if spec.rules:
-    stop_BxV = _id_table(logits_BxV.shape[-1], [r[0] for r in spec.rules])[s.kind]
-    is_stop = live & jnp.take_along_axis(stop_BxV, tok_B[:, None], -1)[:, 0]
+    is_stop = live & _id_table(logits_BxV.shape[-1], [r[0] for r in spec.rules])[s.kind, tok_B]
     # A row that has written its kind's budget is done (StopReason.LENGTH, the default reason).
     full = (s.length + 1) >= jnp.asarray([r[2] for r in spec.rules], jnp.int32)[s.kind]
   else:
@@ -199,7 +198,8 @@ class Rollout:
   stop_reason: jax.Array  # [B] int32 StopReason
   length: jax.Array  # [B] int32 completion lengths
   prompt_length: jax.Array  # [B] int32 real prompt tokens (prefix included)
-  steps: jax.Array  # [] int32 decode iterations run (< max_new_tokens when every row stopped early)
+  steps: jax.Array  # [] int32 decode iterations run (< max_new_tokens when every row stopped early; from
+  #                   sample_modes, the joint loop's count, up to the longest mode's budget)
   num_samples: int = flax.struct.field(pytree_node=False, default=1)
   mode: str = flax.struct.field(pytree_node=False, default="slow")
 

@@ -30,7 +30,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from merr1_jax import cli
+from merr1_jax import cli, rollout
 from merr1_jax import config as cfglib
 from merr1_jax.evaluation import core as evaluation
 from merr1_jax.evaluation import reports
@@ -197,6 +197,7 @@ def run_rl(run: Run, stage: ts.Stage, params, guard):
   cfg_model = run.ctx.model.config
   param_bytes = int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state.params)))
   kv_itemsize = np.dtype(cfg_model.jnp_compute_dtype).itemsize
+  shared_decode = rollout.shared_prefix.supports_shared_decode(run.ctx.model, None)
 
   def rl_step(state, batch, i):
     t0 = time.perf_counter()
@@ -216,7 +217,7 @@ def run_rl(run: Run, stage: ts.Stage, params, guard):
         cfg_model, prompt_mask=rl_batch.prompt.mask, segments=[(s.mask, s.loss_mask) for s in rl_batch.segments],
         t_rollout=metrics["time/rollout"], t_update=t2 - t1, t_step=t2 - t0, devices=devices,
         param_bytes=param_bytes, decode_steps=int(metrics.get("rollout/decode_steps", 0)), peak_flops=peak_flops,
-        peak_bandwidth=peak_bw, kv_itemsize=kv_itemsize))
+        peak_bandwidth=peak_bw, kv_itemsize=kv_itemsize, shared_decode=shared_decode))
     if probe_batch is not None and (i == 1 or i % cfg.rl.probe_every == 0):
       # On the updated policy, with a fixed key per step. The reference is read from the new state: the step
       # donated the old one, whose buffers `ref` shares (frozen leaves, state.ref).
