@@ -245,6 +245,28 @@ def test_incompatible_config_names_the_field(tmp_path):
     checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config_json="{beta: 1")
 
 
+def test_a_field_added_since_a_checkpoint_is_no_difference_at_its_old_value():
+  """model.attention did not exist in checkpoints made before it: absent there means the reference kernel, so a
+  run resuming with that value resumes, and any other value is reported as usual."""
+  stored = {"model": {"d_model": 64}}
+  assert checkpoint.config_differences(stored, {"model": {"d_model": 64, "attention": "reference"}}) == []
+  assert checkpoint.config_differences(stored, {"model": {"d_model": 64, "attention": "xla"}}) == [
+      ("model.attention", "<absent>", "xla")]
+  # Evaluation's check of a training checkpoint's model section reads it the same way.
+  from merr1_jax import config as cfglib  # noqa: PLC0415
+  from merr1_jax.training import policy_io  # noqa: PLC0415
+  config = cfglib.load("configs/base.py")
+  model = json.loads(cfglib.to_json(config))["model"]
+  older = {k: v for k, v in model.items() if k != "attention"}
+  assert policy_io._model_differences({"model": older}, config) == []
+  config.model.attention = "xla"
+  assert policy_io._model_differences({"model": older}, config) == [
+      "model.attention: checkpoint 'reference', config 'xla'"]
+  # Only for the registered fields: another new key is still a difference.
+  assert checkpoint.config_differences(stored, {"model": {"d_model": 64, "heads": 4}}) == [
+      ("model.heads", "<absent>", 4)]
+
+
 _CRASH = r"""
 import os, sys
 import jax.numpy as jnp

@@ -16,6 +16,13 @@ DEFAULT_IGNORE_KEYS = frozenset({
 
 _ABSENT = "<absent>"
 
+# Fields added to the config after checkpoints of earlier versions existed, with the value that reproduces the
+# earlier behaviour: a checkpoint without the field was made with that value, so it is no difference (a workdir
+# from before the field resumes as it is; any other value is reported as usual).
+ADDED_FIELDS: dict[str, Any] = {
+    "model.attention": "reference",  # 2026-12-06: the attention kernel switch (ModelConfig.attention)
+}
+
 
 def _flatten_json(tree: Any, prefix: str = "") -> dict[str, Any]:
   """Nested JSON dicts -> {dotted key: leaf}; lists are leaves (compared whole)."""
@@ -43,6 +50,8 @@ def config_differences(stored: Mapping[str, Any], now: Mapping[str, Any],
     if _ignored(key, ignore_keys):
       continue
     va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+    if va == _ABSENT and key in ADDED_FIELDS and vb == ADDED_FIELDS[key]:
+      continue
     if va != vb:
       diffs.append((key, va, vb))
   return diffs

@@ -22,6 +22,7 @@ from merr1_jax import config as cfglib
 from merr1_jax.data import synth
 from merr1_jax.data import tokenizer as toklib
 from merr1_jax.infra import checkpoint as ckptlib
+from merr1_jax.infra import config_diff
 from merr1_jax.infra import sharding
 from merr1_jax.models import hf_io
 from merr1_jax.task import prompts
@@ -144,6 +145,8 @@ def _model_differences(stored: dict | None, config) -> list[str]:
   now = json.loads(cfglib.to_json(config))["model"]
   old = stored["model"]
   norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON turns tuples into lists)
+  # A field added since the checkpoint was made (config_diff.ADDED_FIELDS) is absent there: it had the old value.
+  old = {**{k.split(".", 1)[1]: v for k, v in config_diff.ADDED_FIELDS.items() if k.startswith("model.")}, **old}
   return [f"model.{k}: checkpoint {old.get(k, '<absent>')!r}, config {now.get(k, '<absent>')!r}"
           for k in sorted(set(old) | set(now)) if k != "hf_path" and norm(old.get(k)) != norm(now.get(k))]
 
