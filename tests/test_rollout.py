@@ -198,8 +198,10 @@ def test_shared_prefix_equals_repeated_prompts(tok, mrope_model):
                                      mask=rep(inputs.mask), video=rep(inputs.video), video_mask=rep(inputs.video_mask))
   repeated = _sample(model, params, repeated_inputs, num_samples=1, method=method, max_new_tokens=10)
   np.testing.assert_array_equal(shared.completion, repeated.completion)
-  np.testing.assert_allclose(shared.logp, repeated.logp, atol=1e-5)
-  np.testing.assert_allclose(shared.logp_sampled, repeated.logp_sampled, atol=1e-5)
+  # The two decode against differently shaped caches (2 prompts x 3 rows, 6 prompts x 1), so their sums run in
+  # another order: 1.5e-5 apart on the newest XLA.
+  np.testing.assert_allclose(shared.logp, repeated.logp, atol=5e-5)
+  np.testing.assert_allclose(shared.logp_sampled, repeated.logp_sampled, atol=5e-5)
   assert shared.prompt.tokens.shape[0] == 2 and shared.completion.shape[0] == 2 * g
   # The G samples of a prompt differ (different row keys): they are real samples, not copies.
   c = np.asarray(shared.completion)
@@ -494,7 +496,7 @@ def test_shared_prefix_decode_equals_the_repeated_cache(tok, text_model, mrope_m
   got = np.asarray(_teacher_forced_decode(model, sharded, prompt, fed, shared=True, **kw))
   want = np.asarray(_teacher_forced_decode(model, sharded, prompt, fed, shared=False, **kw))
   assert got.shape == (t + 1, len(lens) * g, tok.vocab_size)
-  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)  # sharded sums in another order (as above)
   assert np.abs(got[1:] - got[1:].mean()).max() > 0.1  # the logits vary: a constant output would pass trivially
   # The cache it decodes against: the prompt's slots once per prompt, sharded like the repeated cache.
   cache = jax.eval_shape(lambda: rollout.prefill(model, g, length + t, layout, sharded, prompt, True)[0])
