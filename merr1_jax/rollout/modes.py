@@ -105,7 +105,7 @@ def sample_modes(model, params, inputs: base.ModelInputs, *, modes: Mapping[str,
     if len(set(vals.values())) > 1:
       raise ValueError(f"sample_modes: {key} differs between the modes ({vals}); it must be the same")
   vocab = model.config.vocab_size
-  checked = [sampler._check_sample_args(vocab, kw.get("num_samples"), kw.get("max_new_tokens"), method,
+  checked = [sampler.check_sample_args(vocab, kw.get("num_samples"), kw.get("max_new_tokens"), method,
                                         kw.get("stop_ids", ()), kw.get("eos_id"), kw.get("ban_ids", ()),
                                         kw.get("pad_id", 0)) for kw in kws]
   given = lambda key, default: next((kw[key] for kw in kws if key in kw), default)  # noqa: E731

@@ -213,7 +213,7 @@ class Rollout:
     return jnp.repeat(self.prompt.tokens, self.num_samples, axis=0)
 
 
-def _check_sample_args(vocab: int, num_samples, max_new_tokens, method, stop_ids, eos_id, ban_ids, pad_id):
+def check_sample_args(vocab: int, num_samples, max_new_tokens, method, stop_ids, eos_id, ban_ids, pad_id):
   """(stop_ids, eos_id, ban_ids, pad_id) checked against the vocabulary and each other."""
   for name, v in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
@@ -261,7 +261,7 @@ def sample(model, params, inputs: base.ModelInputs, *, mode: str, num_samples: i
       either way, up to float summation order (tests/test_rollout.py).
   """
   vocab = model.config.vocab_size
-  stop_ids, eos_id, ban_ids, pad_id = _check_sample_args(vocab, num_samples, max_new_tokens, method, stop_ids,
+  stop_ids, eos_id, ban_ids, pad_id = check_sample_args(vocab, num_samples, max_new_tokens, method, stop_ids,
                                                          eos_id, ban_ids, pad_id)
   prompt = prompt_batch.prepare_prompts(inputs, mode=mode, vocab_size=vocab, fast_prefix_ids=fast_prefix_ids,
                                         pad_id=pad_id, buckets=buckets)
