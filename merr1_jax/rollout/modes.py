@@ -39,11 +39,8 @@ def _prefill_modes(model, counts: tuple[int, ...], fast: tuple[bool, ...], prefi
   prefix ids and their logits and positions continue after it."""
   p, length = prompt.tokens.shape
   g = sum(counts)
-  cache, h_last_Px1xD, next_pos_P = shared_prefix.prefill_prompts(model, params, prompt, length, layout)
-  w_DxV = model.unembed_weight(params)
-  logits_PxV = base.logits_from_hidden(h_last_Px1xD, w_DxV)[:, 0]
-  logits_BxV, next_pos_B = shared_prefix.repeat_rows((logits_PxV, next_pos_P), g, layout)
-  dcache = shared_prefix.shared_decode_cache(model, cache, g, suffix_len, layout)
+  # The sampler's own shared-prefix prefill, then the fast rows' extend call.
+  dcache, logits_BxV, next_pos_B = sampler._prefill(model, g, length + suffix_len, layout, params, prompt, True)
   fast_G = np.repeat(np.asarray(fast), counts)
   if not (prefix_ids and fast_G.any()):
     return dcache, logits_BxV, next_pos_B
@@ -54,7 +51,7 @@ def _prefill_modes(model, counts: tuple[int, ...], fast: tuple[bool, ...], prefi
   pos = prompt_batch.text_positions(next_pos_B, k, prompt.positions)
   x = model.embed(params, base.ModelInputs(tokens=tokens, positions=pos, mask=mask_Bxk))
   h_BxkxD, dcache = model.hidden(params, x, dcache)  # the slow rows' k slots stay invalid
-  ext_BxV = base.logits_from_hidden(h_BxkxD[:, -1:], w_DxV)[:, 0]
+  ext_BxV = base.logits_from_hidden(h_BxkxD[:, -1:], model.unembed_weight(params))[:, 0]
   return (dcache, jnp.where(fast_B[:, None], ext_BxV, logits_BxV),
           next_pos_B + k * fast_B.astype(next_pos_B.dtype))
 
