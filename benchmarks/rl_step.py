@@ -38,7 +38,7 @@ rate and bandwidth instead (benchmarks/bounds.py). --fast_group adds the fast mo
 
   python benchmarks/rl_step.py [--presets tiny,small_20m] [--variants shared,repeated,mm] [--prompts 4]
       [--prompt_len 128] [--group 8] [--new_tokens 64] [--warmup 1] [--repeats 3] [--dtype float32|bfloat16]
-      [--fast_group 0] [--fast_new_tokens 16] [--attention reference|xla|cudnn] [--bounds] [--breakdown]
+      [--fast_group 0] [--fast_new_tokens 16] [--attention reference|blocked|xla|cudnn] [--bounds] [--breakdown]
       [--json out.json]
 
 Shape legend: P prompts, G samples per prompt, B = P*G, L prompt length, T new tokens, S = L + T, V vocab,
@@ -63,7 +63,7 @@ import numpy as np
 
 from merr1_jax import rl, rollout
 from merr1_jax.infra import sharding, throughput
-from merr1_jax.models import base, mllm, presets, qwen2
+from merr1_jax.models import base, layers, mllm, presets, qwen2
 from merr1_jax.rollout import passes as grouped
 from merr1_jax.rollout import sampling
 from merr1_jax.training import assembly, batch_loss
@@ -385,7 +385,7 @@ def attention_as_identity():
   """The decoder's attention functions (qwen2.attention for the prompt, qwen2.attention_grouped for the suffixes)
   -> q while active (trace inside it): the decoder without attention, for timing only."""
   real = qwen2.attention, qwen2.attention_grouped
-  qwen2.attention = lambda kind, q, *_: q
+  qwen2.attention = lambda kind, q, *_, **__: q
   qwen2.attention_grouped = lambda kind, q, *_: q
   try:
     yield
@@ -407,7 +407,7 @@ def _median_s(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, 
 def breakdown(name: str, work: Work, args) -> dict:
   """The update's parts timed in isolation on the work shape (BREAKDOWN_PARTS; random completions: the cost of
   an update does not depend on the token values)."""
-  model = build(name, args.dtype, False)
+  model = build(name, args.dtype, False, args.attention)
   cfg = model.config
   params = model.init_params(jax.random.key(0))
   b, t = work.prompts * work.group, work.new_tokens
@@ -487,7 +487,7 @@ def main(argv=None) -> list[dict]:
                   help="time the update's parts in isolation (no generation) instead of whole steps")
   ap.add_argument("--breakdown_parts", default=",".join(BREAKDOWN_PARTS),
                   help=f"with --breakdown: some of {','.join(BREAKDOWN_PARTS)}")
-  ap.add_argument("--attention", default="reference", choices=("reference", "xla", "cudnn"),
+  ap.add_argument("--attention", default="reference", choices=layers.ATTENTION_KINDS,
                   help="ModelConfig.attention: the attention kernel (cudnn: GPU only)")
   ap.add_argument("--fast_group", type=int, default=0, help="fast completions per prompt as well (the MER step)")
   ap.add_argument("--fast_new_tokens", type=int, default=16)

@@ -1,7 +1,9 @@
-"""The attention switch (ModelConfig.attention): the kernel this CPU can run ('xla', jax.nn.dot_product_attention)
-gives the reference einsums' numbers on the prompt-length paths it serves: the padded forward pass (1-D RoPE),
-a video prompt (M-RoPE), the grouped teacher-forced pass and its gradient; and it is the kernel that runs there.
-'cudnn' needs a GPU: here it is refused with a clear error, which is all this machine can show of it."""
+"""The attention switch (ModelConfig.attention): the kernels this CPU can run ('blocked', the reference einsums per
+causal query block; 'xla', jax.nn.dot_product_attention) give the reference einsums' numbers on the prompt-length
+paths they serve: the padded forward pass (1-D RoPE), a video prompt (M-RoPE), the grouped teacher-forced pass and
+its gradient; and each is the kernel that runs there. 'blocked' is also checked on its own against a float64
+softmax written here. 'cudnn' needs a GPU: here it is refused with a clear error, which is all this machine can
+show of it."""
 
 import jax
 import jax.numpy as jnp
@@ -9,15 +11,22 @@ import numpy as np
 import pytest
 
 from merr1_jax import rollout
-from merr1_jax.models import base, config, mllm
+from merr1_jax.models import base, config, layers, mllm
 
 V = 256
 
 
-def _pair(**kw):
+@pytest.fixture(params=["xla", "blocked"])
+def kernel(request, monkeypatch):
+  # Blocks of 4 positions, so that the tiny prompts below span several blocks, the last one ragged.
+  monkeypatch.setattr(layers, "CAUSAL_BLOCK", 4)
+  return request.param
+
+
+def _pair(kernel="xla", **kw):
   ref = mllm.build("tiny", vocab_size=V, video_token_id=V - 2, audio_token_id=V - 1, init_std=0.3, **kw)
   fused = mllm.build("tiny", vocab_size=V, video_token_id=V - 2, audio_token_id=V - 1, init_std=0.3,
-                     attention="xla", **kw)
+                     attention=kernel, **kw)
   return ref, fused, jax.jit(ref.init_params)(jax.random.key(0))  # the same parameter tree for both
 
 
@@ -42,22 +51,30 @@ def _left_padded(lens, length, seed=0, mrope=False, video=None):
 
 
 @pytest.mark.parametrize("kind", ["text_1d", "video_mrope"])
-def test_xla_kernel_forward_equals_the_reference(kind):
+def test_kernel_forward_equals_the_reference(kind, kernel):
   if kind == "text_1d":
-    ref, fused, params = _pair()
+    ref, fused, params = _pair(kernel)
     inputs = _left_padded([7, 3, 10], 10)
   else:
-    ref, fused, params = _pair(mrope_section=(4, 6, 6))
+    ref, fused, params = _pair(kernel, mrope_section=(4, 6, 6))
     inputs = _left_padded([9, 5, 12], 12, mrope=True, video=[3, 1, 4])
   real = np.asarray(inputs.mask)
   want = np.asarray(jax.jit(lambda p: ref.forward(p, ref.embed(p, inputs))[0])(params))
   got = np.asarray(jax.jit(lambda p: fused.forward(p, fused.embed(p, inputs))[0])(params))
   np.testing.assert_allclose(got[real], want[real], atol=2e-5, rtol=1e-5)  # padding rows carry nothing
   assert np.abs(want[real]).max() > 1.0
+  # The shared-prefix prefill (the prompt in a cache of its own length): the first token's logits and the
+  # prompt's K/V where they are real.
+  length = real.shape[1]
+  (c_w, l_w, _), (c_g, l_g, _) = (rollout.prefill(m, 2, length + 3, None, params, inputs, True) for m in (ref, fused))
+  np.testing.assert_allclose(np.asarray(l_g), np.asarray(l_w), atol=5e-5, rtol=1e-5)
+  slots = lambda a: np.asarray(a).transpose(0, 2, 1, 3, 4)[real]  # noqa: E731 ([B, N, S, K, Dh] -> real slots)
+  for a, b in ((c_g.prefix.k, c_w.prefix.k), (c_g.prefix.v, c_w.prefix.v)):
+    np.testing.assert_allclose(slots(a), slots(b), atol=2e-5, rtol=1e-5)
 
 
-def test_xla_kernel_grouped_pass_and_its_gradient_equal_the_reference():
-  ref, fused, params = _pair()
+def test_kernel_grouped_pass_and_its_gradient_equal_the_reference(kernel):
+  ref, fused, params = _pair(kernel)
   p, g, t = 2, 3, 4
   prefix = _left_padded([6, 9], 9, seed=1)
   rs = np.random.RandomState(2)
@@ -107,6 +124,66 @@ def test_the_switch_reaches_the_kernel_on_every_prompt_length_path(monkeypatch):
                                            mask=jnp.ones((4, 1), bool)))
   fused.forward(params, x, cache)
   assert calls == []
+
+
+def test_blocked_runs_on_the_causal_passes_only(monkeypatch):
+  """'blocked' skips key blocks on the passes whose mask is causal: the forward pass, the grouped prompt pass and
+  the shared-prefix prefill (a fresh cache of exactly L slots); a prefill into a longer cache, the grouped
+  suffixes and the decode steps take the full einsums."""
+  calls = []
+  real = layers.attend_causal_blocks
+  monkeypatch.setattr(layers, "attend_causal_blocks", lambda *a, **kw: calls.append(a[0].shape[1]) or real(*a, **kw))
+  monkeypatch.setattr(layers, "CAUSAL_BLOCK", 4)
+  _, blocked, params = _pair("blocked")
+  inputs = _left_padded([5, 7], 7, seed=5)
+  blocked.forward(params, blocked.embed(params, inputs))
+  assert calls == [7] * blocked.config.num_layers
+  calls.clear()
+  suf = base.Embedded(x=jnp.zeros((2, 2, 3, blocked.config.d_model)), positions=jnp.full((2, 2, 3), 7, jnp.int32),
+                      mask=jnp.ones((2, 2, 3), bool))
+  base.hidden_grouped(blocked, params, blocked.embed(params, inputs), [suf, suf])
+  assert calls == [7] * blocked.config.num_layers  # the prompt only
+  calls.clear()
+  rollout.prefill(blocked, 2, 7 + 2, None, params, inputs, True)
+  assert calls == [7] * blocked.config.num_layers
+  calls.clear()
+  rollout.prefill(blocked, 2, 7 + 2, None, params, inputs, False)
+  assert calls == []
+
+
+def _attention_float64(q, k, v, mask):
+  """Softmax attention in float64 numpy, grouped-query heads (head h reads KV head h // (H / K))."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  rep = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+  s = np.einsum("blhd,bshd->bhls", q, k) / np.sqrt(q.shape[-1])
+  s = np.where(np.asarray(mask)[:, None], s, -np.inf)
+  s = s - s.max(-1, keepdims=True)
+  w = np.exp(s) / np.exp(s).sum(-1, keepdims=True)
+  return np.einsum("bhls,bshd->blhd", w, v)
+
+
+@pytest.mark.parametrize("length,block", [(10, 4), (12, 4), (9, 3), (5, 8)])
+def test_causal_blocks_equal_a_float64_softmax_and_attend_gradient(length, block):
+  """Each block of queries sees the keys up to its end and no further: the softmax equals a float64 one over the
+  whole row (a block that read one key too few or too many, or a ragged last block cut short, would not), and the
+  gradient equals `attend`'s. Left padding: rows without a key are left out (nothing reads them)."""
+  rs = np.random.RandomState(length + block)
+  b, h, kh, dh = 3, 4, 2, 8
+  q, k, v = (jnp.asarray(rs.randn(b, length, n, dh), jnp.float32) for n in (h, kh, kh))
+  starts = np.array([0, 2, length - 3])
+  valid = np.arange(length)[None] >= starts[:, None]
+  mask = jnp.asarray(np.tril(np.ones((length, length), bool))[None] & valid[:, None, :])
+  got = np.asarray(layers.attend_causal_blocks(q, k, v, mask, block))
+  want = _attention_float64(q, k, v, np.asarray(mask) | ~valid[:, :, None])  # padded query rows: any finite row
+  np.testing.assert_allclose(got[valid], want[valid], atol=2e-6, rtol=1e-5)
+  w = jnp.asarray(rs.randn(b, length, h, dh), jnp.float32) * jnp.asarray(valid)[..., None, None]
+  g_blocked = jax.grad(lambda *a: jnp.sum(layers.attend_causal_blocks(*a, mask, block) * w), (0, 1, 2))(q, k, v)
+  g_full = jax.grad(lambda *a: jnp.sum(layers.attend(*a, mask) * w), (0, 1, 2))(q, k, v)
+  for a, c in zip(g_blocked, g_full):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="needs a self-attention pass"):
+    layers.attend_causal_blocks(q[:, :2], k, v, mask[:, :2], block)
 
 
 def test_cudnn_is_refused_off_a_gpu_and_unknown_kinds_by_the_config():

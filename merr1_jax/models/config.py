@@ -59,8 +59,10 @@ class ModelConfig:
       'decoder/layers/down_kernel'); the matching kernels get adapters (default: every attention and MLP
       projection, PEFT's 'all-linear').
     attention: the attention kernel of the prompt-length passes (prefill, scoring, the update; models/layers.py):
-      'reference' (einsums, float32 scores; the default), 'xla' or 'cudnn' (jax.nn.dot_product_attention's
-      implementations; cuDNN needs a GPU). The same numbers up to float summation order
+      'reference' (einsums, float32 scores; the default), 'blocked' (the same einsums per block of 128 queries,
+      skipping the keys the causal mask hides: about half the work at long prompts, the CPU's fastest), 'xla' or
+      'cudnn' (jax.nn.dot_product_attention's implementations; cuDNN needs a GPU). The same numbers up to float
+      summation order
       (tests/test_attention_kernels.py). A fused kernel broadcasts the prompt's K/V over a group's suffixes in
       the grouped passes (G copies per layer); decode steps always use the einsum form.
     lora_dropout: probability p of zeroing each input element of an adapter (PEFT's lora_dropout: the adapter
@@ -136,8 +138,8 @@ def validate(cfg: ModelConfig) -> None:
       fail(f, f"must be one of {sorted(_DTYPES)}, got {getattr(cfg, f)!r}")
   if cfg.remat not in ("none", "full", "dots", "dots_no_batch"):
     fail("remat", f"must be 'none'|'full'|'dots'|'dots_no_batch', got {cfg.remat!r}")
-  if cfg.attention not in ("reference", "xla", "cudnn"):
-    fail("attention", f"must be 'reference', 'xla' or 'cudnn', got {cfg.attention!r}")
+  if cfg.attention not in ("reference", "blocked", "xla", "cudnn"):
+    fail("attention", f"must be 'reference', 'blocked', 'xla' or 'cudnn', got {cfg.attention!r}")
   if cfg.projector not in ("mlp", "identity"):
     fail("projector", f"must be 'mlp' or 'identity', got {cfg.projector!r}")
   for f in ("video_dim", "audio_dim"):

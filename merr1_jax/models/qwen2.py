@@ -72,6 +72,9 @@ class Decoder(nnx.Module):
     if isinstance(cache, base.SharedPrefixCache):
       return self._hidden_shared(x, cos, sin, mask_BxL, cache, dropout_key)
 
+    # A self-attention pass (key slot j is query j's position): no cache, or a fresh cache of exactly L slots (the
+    # shared-prefix prefill; a write of L tokens into L slots starts at 0). layers.attention's 'blocked' needs it.
+    causal = cache is None or cache.max_len == l
     if cache is None:
       causal_LxL = jnp.tril(jnp.ones((l, l), bool))
       attn_mask = mask_BxL[:, None, :] & causal_LxL[None]
@@ -97,7 +100,8 @@ class Decoder(nnx.Module):
         v_all = jax.lax.dynamic_update_slice(v_all, v[:, None].astype(v_all.dtype), (0, i, idx, 0, 0))
         keys = jax.lax.dynamic_index_in_dim(k_all, i, axis=1, keepdims=False).astype(q.dtype)
         vals = jax.lax.dynamic_index_in_dim(v_all, i, axis=1, keepdims=False).astype(q.dtype)
-      return blk.finish(x, attention(cfg.attention, q, keys, vals, attn_mask), key), k_all, v_all
+      return (blk.finish(x, attention(cfg.attention, q, keys, vals, attn_mask, causal=causal), key),
+              k_all, v_all)
 
     k_all = None if cache is None else cache.k
     v_all = None if cache is None else cache.v
@@ -196,7 +200,7 @@ class Decoder(nnx.Module):
         split = lambda a: a.reshape(p, g, t, *a.shape[2:])  # noqa: E731
         o = attention_grouped(cfg.attention, split(qs), k, v, mask_PxL, split(ks), split(vs), self_mask)
         out.append(blk.finish(x_s.reshape(p * g, t, d), o.reshape(p * g, t, *o.shape[3:]), sk).reshape(p, g, t, d))
-      return blk.finish(x_p, attention(cfg.attention, q, k, v, pref_mask), pk), tuple(out)
+      return blk.finish(x_p, attention(cfg.attention, q, k, v, pref_mask, causal=True), pk), tuple(out)
 
     x_p, xs = self._run_layers(layer, layer_state, (x_PxLxD.astype(dt), tuple(x.astype(dt) for x, _, _ in suffixes)))
     return self.final_norm(x_p), tuple(self.final_norm(x) for x in xs)
