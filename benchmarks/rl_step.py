@@ -34,11 +34,12 @@ and peak device memory (memory_stats' high-water mark, a process-wide figure: it
 states were alive, and gpu.sh runs one preset and variant per process so that it is that variant's own). On the
 CPU those read n/a; --bounds states the update and the decode step against this machine's own measured matmul
 rate and bandwidth instead (benchmarks/bounds.py). --fast_group adds the fast mode as the MER step samples it
-(both modes in one loop), --attention picks the attention kernel (ModelConfig.attention).
+(both modes in one loop), --attention picks the attention kernels (ModelConfig.attention; a comma list runs
+each, interleaved with the variants).
 
   python benchmarks/rl_step.py [--presets tiny,small_20m] [--variants shared,repeated,mm] [--prompts 4]
       [--prompt_len 128] [--group 8] [--new_tokens 64] [--warmup 1] [--repeats 3] [--dtype float32|bfloat16]
-      [--fast_group 0] [--fast_new_tokens 16] [--attention reference|blocked|xla|cudnn] [--bounds] [--breakdown]
+      [--fast_group 0] [--fast_new_tokens 16] [--attention reference,blocked,xla,cudnn] [--bounds] [--breakdown]
       [--json out.json]
 
 Shape legend: P prompts, G samples per prompt, B = P*G, L prompt length, T new tokens, S = L + T, V vocab,
@@ -296,22 +297,33 @@ VARIANTS = ("shared", "repeated", "mm")
 _VARIANTS_ALIVE = [0]  # train states built in this process so far (the scope of the peak memory figure)
 
 
+def attention_kinds(spec: str) -> list[str]:
+  """--attention's comma list, checked."""
+  kinds = [k for k in spec.split(",") if k]
+  bad = [k for k in kinds if k not in layers.ATTENTION_KINDS]
+  if bad or not kinds:
+    raise ValueError(f"--attention: unknown {bad or spec!r}; expected some of {','.join(layers.ATTENTION_KINDS)}")
+  return kinds
+
+
 def run_preset(name: str, variants: list[str], work: Work, args, bounds: dict | None = None) -> list[dict]:
   runners, inputs = {}, {}
-  for v in variants:
+  keys = [(v, a) for v in variants for a in attention_kinds(args.attention)]
+  for v, a in keys:
     if v not in VARIANTS:
       raise ValueError(f"unknown variant {v!r}: expected one of {', '.join(VARIANTS)}")
     mm = v.startswith("mm")
-    model = build(name, args.dtype, mm, args.attention)
+    model = build(name, args.dtype, mm, a)
     params = model.init_params(jax.random.key(0))
-    runners[v] = Runner(model, params, dataclasses.replace(work, shared_prefix=v != "repeated"), split_decode=True)
-    inputs[v] = random_inputs(model.config, work, seed=1, frames=args.mm_frames if mm else 0,
-                              audio=args.mm_audio if mm else 0)
+    runners[v, a] = Runner(model, params, dataclasses.replace(work, shared_prefix=v != "repeated"),
+                           split_decode=True)
+    inputs[v, a] = random_inputs(model.config, work, seed=1, frames=args.mm_frames if mm else 0,
+                                 audio=args.mm_audio if mm else 0)
     _VARIANTS_ALIVE[0] += 1
-  times = {v: [] for v in variants}
+  times = {k: [] for k in keys}
   for i in range(args.warmup + args.repeats):
-    for v in variants:  # interleaved: a load change on a shared machine hits every variant alike
-      times[v].append(runners[v].step(inputs[v], jax.random.key(100 + i)))
+    for k in keys:  # interleaved: a load change on a shared machine hits every variant and kernel alike
+      times[k].append(runners[k].step(inputs[k], jax.random.key(100 + i)))
   dev = jax.devices()[0]
   kind, peak, bw = card(dev)
   pk = peak_device_bytes(dev)
@@ -319,18 +331,18 @@ def run_preset(name: str, variants: list[str], work: Work, args, bounds: dict | 
            f"process-wide: {_VARIANTS_ALIVE[0]} train states built in this process (run one preset and variant "
            "per process for a per-variant figure, as gpu.sh does)")
   rows = []
-  for v in variants:
-    timed = times[v][args.warmup:]
+  for v, a in keys:
+    timed = times[v, a][args.warmup:]
     med = {k: statistics.median(t[k] for t in timed) for k in timed[0]}
-    cfg = runners[v].model.config
+    cfg = runners[v, a].model.config
     b, s = int(med["rows"]), int(med["seq_len"])
-    row = dict(preset=name, variant=v, device=kind, dtype=args.dtype, attention=args.attention,
-               params=int(sum(a.size for a in jax.tree.leaves(runners[v].state.params))),
+    row = dict(preset=name, variant=v, device=kind, dtype=args.dtype, attention=a,
+               params=int(sum(x.size for x in jax.tree.leaves(runners[v, a].state.params))),
                median=med, min_step_s=min(t["step_s"] for t in timed), max_step_s=max(t["step_s"] for t in timed),
                gen_tok_s=med["gen_tokens"] / med["gen_s"], decode_tok_s=med["decode_tokens"] / med["decode_s"],
                update_flops=med["update_flops_grouped"],  # the grouped update's own work (prompt once)
                update_flops_ungrouped=update_flops(cfg, b, s, int(med["loss_positions"])),
-               state_gib=tree_bytes(runners[v].state) / 2**30)
+               state_gib=tree_bytes(runners[v, a].state) / 2**30)
     if bounds is not None:  # this machine's own bounds, measured in this run (benchmarks/bounds.py)
       rate, bw_m = bounds["matmul_flops_s"], bounds["bandwidth_bytes_s"]
       step_bound = max(med["decode_step_flops"] / rate, med["decode_step_bytes"] / bw_m)
@@ -404,10 +416,10 @@ def _median_s(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, 
   return statistics.median(times), min(times), max(times)
 
 
-def breakdown(name: str, work: Work, args) -> dict:
+def breakdown(name: str, work: Work, args, attention: str = "reference") -> dict:
   """The update's parts timed in isolation on the work shape (BREAKDOWN_PARTS; random completions: the cost of
   an update does not depend on the token values)."""
-  model = build(name, args.dtype, False, args.attention)
+  model = build(name, args.dtype, False, attention)
   cfg = model.config
   params = model.init_params(jax.random.key(0))
   b, t = work.prompts * work.group, work.new_tokens
@@ -454,7 +466,7 @@ def breakdown(name: str, work: Work, args) -> dict:
       else:
         fn = jax.jit(jax.value_and_grad(grads[base_part]))
         out[part] = _median_s(lambda fn=fn: fn(params), args.warmup, args.repeats)
-  return dict(preset=name, dtype=args.dtype, rows=b, seq_len=s, loss_positions=t,
+  return dict(preset=name, dtype=args.dtype, attention=attention, rows=b, seq_len=s, loss_positions=t,
               vocab=cfg.vocab_size, params=int(sum(a.size for a in jax.tree.leaves(params))),
               device=card(jax.devices()[0])[0], parts={k: v[0] for k, v in out.items()},
               parts_min_max={k: [v[1], v[2]] for k, v in out.items()})
@@ -462,7 +474,8 @@ def breakdown(name: str, work: Work, args) -> dict:
 
 def _fmt_breakdown(row: dict) -> list[str]:
   lines = [f"{row['preset']} ({row['params'] / 1e6:.1f}M params, {row['rows']} rows x {row['seq_len']} tokens, "
-           f"{row['loss_positions']} loss positions, vocab {row['vocab']}, {row['dtype']}, {row['device']}):", "",
+           f"{row['loss_positions']} loss positions, vocab {row['vocab']}, {row['dtype']}, "
+           f"attention {row.get('attention', 'reference')}, {row['device']}):", "",
            "| part | median s | min-max s |", "|---|---|---|"]
   for k, v in row["parts"].items():
     lo, hi = row["parts_min_max"][k]
@@ -487,8 +500,9 @@ def main(argv=None) -> list[dict]:
                   help="time the update's parts in isolation (no generation) instead of whole steps")
   ap.add_argument("--breakdown_parts", default=",".join(BREAKDOWN_PARTS),
                   help=f"with --breakdown: some of {','.join(BREAKDOWN_PARTS)}")
-  ap.add_argument("--attention", default="reference", choices=layers.ATTENTION_KINDS,
-                  help="ModelConfig.attention: the attention kernel (cudnn: GPU only)")
+  ap.add_argument("--attention", default="reference",
+                  help="ModelConfig.attention, a comma list: each kernel runs every variant, interleaved "
+                       f"(some of {','.join(layers.ATTENTION_KINDS)}; cudnn: GPU only)")
   ap.add_argument("--fast_group", type=int, default=0, help="fast completions per prompt as well (the MER step)")
   ap.add_argument("--fast_new_tokens", type=int, default=16)
   ap.add_argument("--bounds", action="store_true",
@@ -513,11 +527,13 @@ def main(argv=None) -> list[dict]:
     import bounds as bounds_mod  # noqa: PLC0415 - benchmarks/ is on sys.path when run as a script
     bounds = bounds_mod.measure()
     print(f"# bounds: {bounds_mod.describe(bounds)}", flush=True)
+  kinds = attention_kinds(args.attention)
   if args.breakdown:
     for name in args.presets.split(","):
-      row = breakdown(name, work, args)
-      print("\n".join(_fmt_breakdown(row)) + "\n", flush=True)
-      rows.append(row)
+      for kind in kinds:
+        row = breakdown(name, work, args, kind)
+        print("\n".join(_fmt_breakdown(row)) + "\n", flush=True)
+        rows.append(row)
   else:
     print(HEADER, flush=True)
   for name in [] if args.breakdown else args.presets.split(","):

@@ -69,15 +69,21 @@ def test_rl_step_mer_shape_one_loop_against_the_measured_bounds(monkeypatch):
   import bounds
   real = bounds.measure
   monkeypatch.setattr(bounds, "measure", lambda: real(repeats=1, mib=16))  # small and quick: the plumbing only
-  (r,) = rl_step.main(["--presets", "tiny", "--variants", "shared", "--prompts", "2", "--prompt_len", "32",
-                       "--group", "2", "--new_tokens", "6", "--fast_group", "2", "--fast_new_tokens", "3",
-                       "--bounds", "--warmup", "0", "--repeats", "1"])
-  m = r["median"]
-  assert m["rows"] == 8 and m["gen_tokens"] == 2 * 2 * 6 + 2 * 2 * 3
-  assert m["decode_steps"] == 6  # both modes in one loop: the longer budget, not 6 + 3
-  assert m["decode_tokens"] == m["gen_tokens"] - 8 and m["prefill_s"] > 0
-  assert r["update_flops_s"] > 0 and 0 < r["update_vs_matmul_rate"] and r["decode_binding"] in ("memory", "compute")
-  assert r["decode_vs_machine_bound"] == pytest.approx(r["decode_step_s"] / r["decode_step_bound_s"])
+  rows = rl_step.main(["--presets", "tiny", "--variants", "shared", "--prompts", "2", "--prompt_len", "32",
+                        "--group", "2", "--new_tokens", "6", "--fast_group", "2", "--fast_new_tokens", "3",
+                        "--bounds", "--warmup", "0", "--repeats", "1", "--attention", "reference,blocked"])
+  assert [r["attention"] for r in rows] == ["reference", "blocked"]  # each kernel its own row, same work
+  assert rows[0]["update_flops"] == rows[1]["update_flops"]
+  for r in rows:
+    m = r["median"]
+    assert m["rows"] == 8 and m["gen_tokens"] == 2 * 2 * 6 + 2 * 2 * 3
+    assert m["decode_steps"] == 6  # both modes in one loop: the longer budget, not 6 + 3
+    assert m["decode_tokens"] == m["gen_tokens"] - 8 and m["prefill_s"] > 0
+    assert r["update_flops_s"] > 0 and 0 < r["update_vs_matmul_rate"]
+    assert r["decode_binding"] in ("memory", "compute")
+    assert r["decode_vs_machine_bound"] == pytest.approx(r["decode_step_s"] / r["decode_step_bound_s"])
+  with pytest.raises(ValueError, match="--attention: unknown"):
+    rl_step.attention_kinds("reference,splash")
 
 
 def test_rl_step_breakdown_reports_every_part(tmp_path):
