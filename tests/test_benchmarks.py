@@ -419,6 +419,7 @@ def test_ours_builds_the_mer_step_from_the_workload():
   assert ours_grpo.make_work(spec.WORKLOADS["peer"], pad_id=0).modes == (("slow", 8, 64),)
   cfg = ours_grpo.model_config(mer)
   assert (cfg.video_dim, cfg.audio_dim) == (64, 64) and cfg.max_seq_len == spec.MODEL["max_seq_len"]
+  assert cfg.attention == "blocked"  # our fastest exact CPU kernel (TRL runs SDPA)
   assert ours_grpo.model_config(spec.WORKLOADS["peer"]).video_dim == 0  # text only: the checkpoint's own model
   ids = np.random.RandomState(0).randint(16, 1000, (mer.num_prompts, mer.prompt_len))
   inputs = ours_grpo.prompt_inputs(mer, ids, cfg)

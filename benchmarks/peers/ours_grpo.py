@@ -4,7 +4,8 @@ Loads the checkpoint prepare.py exported (hf_io.load_hf: the same weights the pe
 and the same prompt ids, then runs benchmarks/rl_step.Runner steps: shared-prefix sampling with no stop id (every
 row decodes exactly its length), reference log-probs and the update prefix-grouped (the library's one layout:
 each prompt computed once per pass), spec.reward on the decoded texts, group z-score
-advantages, one make_rl_step update (PPO-clip + 0.04 x k3 KL, AdamW, grad-norm clip 1.0), float32 on the CPU.
+advantages, one make_rl_step update (PPO-clip + 0.04 x k3 KL, AdamW, grad-norm clip 1.0), float32 on the CPU,
+attention per causal block of 128 queries (model.attention='blocked').
 The step time is spec.StepClock's wall clock from step end to step end; the phases are Runner.step's own timers.
 
   --workload peer (default)  text only: 4 prompts x 8 slow completions of 64 tokens.
@@ -34,9 +35,10 @@ FEATURE_DIM = 64  # the small_20m preset's video_dim / audio_dim
 
 
 def model_config(workload: spec.Workload):
-  """The checkpoint's decoder, with the small_20m projectors when the workload has feature rows."""
+  """The checkpoint's decoder, with the small_20m projectors when the workload has feature rows, attending with
+  the causal-block kernel (model.attention='blocked': exact, our fastest on a CPU; TRL runs torch's SDPA)."""
   import prepare
-  cfg = prepare.model_config()
+  cfg = prepare.model_config().replace(attention="blocked")
   if workload.video_rows or workload.audio_rows:
     cfg = cfg.replace(video_dim=FEATURE_DIM, audio_dim=FEATURE_DIM)
   return cfg
