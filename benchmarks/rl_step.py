@@ -298,8 +298,8 @@ _VARIANTS_ALIVE = [0]  # train states built in this process so far (the scope of
 
 
 def attention_kinds(spec: str) -> list[str]:
-  """--attention's comma list, checked."""
-  kinds = [k for k in spec.split(",") if k]
+  """--attention's comma list, checked, each kind once."""
+  kinds = list(dict.fromkeys(k for k in spec.split(",") if k))
   bad = [k for k in kinds if k not in layers.ATTENTION_KINDS]
   if bad or not kinds:
     raise ValueError(f"--attention: unknown {bad or spec!r}; expected some of {','.join(layers.ATTENTION_KINDS)}")

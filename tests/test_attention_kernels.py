@@ -166,8 +166,9 @@ def _attention_float64(q, k, v, mask):
 @pytest.mark.parametrize("length,block", [(10, 4), (12, 4), (9, 3), (5, 8)])
 def test_causal_blocks_equal_a_float64_softmax_and_attend_gradient(length, block):
   """Each block of queries sees the keys up to its end and no further: the softmax equals a float64 one over the
-  whole row (a block that read one key too few or too many, or a ragged last block cut short, would not), and the
-  gradient equals `attend`'s. Left padding: rows without a key are left out (nothing reads them)."""
+  whole row (a block that read one key too few, or a ragged last block cut short, would not), the gradient equals
+  `attend`'s, and each block reads exactly the keys up to its end (reading more would still be exact, and lose
+  what the kernel is for). Left padding: rows without a key are left out (nothing reads them)."""
   rs = np.random.RandomState(length + block)
   b, h, kh, dh = 3, 4, 2, 8
   q, k, v = (jnp.asarray(rs.randn(b, length, n, dh), jnp.float32) for n in (h, kh, kh))
@@ -184,6 +185,17 @@ def test_causal_blocks_equal_a_float64_softmax_and_attend_gradient(length, block
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="needs a self-attention pass"):
     layers.attend_causal_blocks(q[:, :2], k, v, mask[:, :2], block)
+
+
+@pytest.mark.parametrize("length,block,keys", [(10, 4, [4, 8, 10]), (12, 4, [4, 8, 12]), (5, 8, [5])])
+def test_causal_blocks_read_only_the_keys_up_to_each_block_end(monkeypatch, length, block, keys):
+  seen = []
+  real = layers.attend
+  monkeypatch.setattr(layers, "attend", lambda q, k, *a: seen.append((q.shape[1], k.shape[1])) or real(q, k, *a))
+  x = jnp.ones((1, length, 2, 4), jnp.float32)
+  layers.attend_causal_blocks(x, x[:, :, :1], x[:, :, :1], jnp.tril(jnp.ones((1, length, length), bool)), block)
+  assert [k for _, k in seen] == keys
+  assert [q for q, _ in seen] == [min(block, length - i) for i in range(0, length, block)]
 
 
 def test_cudnn_is_refused_off_a_gpu_and_unknown_kinds_by_the_config():

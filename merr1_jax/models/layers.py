@@ -159,8 +159,9 @@ def attend_grouped(q_PxGxTxHxDh: jax.Array, k_PxLxKxDh: jax.Array, v_PxLxKxDh: j
 
 ATTENTION_KINDS = ("reference", "blocked", "xla", "cudnn")
 # Query positions per block of the 'blocked' kind. At L = 1024 it computes 36 of the 64 score tiles a full pass
-# computes; forward + backward of one layer's prompt attention (4 x 1,024 positions, 6 heads) took 234 ms against
-# 637 for 'reference' on the 2-core AMD EPYC box (64: 243, 256: 245, 512: 384; /tmp bench, 2026-12-06).
+# computes. 128 was picked on the 2-core AMD EPYC box by timing one layer's prompt attention, forward + backward
+# (64 and 256 within 5% of it, 512 about 1.6x slower; a one-off check, not a benchmark figure: the measured effect
+# on the RL step is in docs/benchmarks/rl_step.md, "RL step: the MER step with causal-block attention").
 CAUSAL_BLOCK = 128
 
 

@@ -72,8 +72,9 @@ class Decoder(nnx.Module):
     if isinstance(cache, base.SharedPrefixCache):
       return self._hidden_shared(x, cos, sin, mask_BxL, cache, dropout_key)
 
-    # A self-attention pass (key slot j is query j's position): no cache, or a fresh cache of exactly L slots (the
-    # shared-prefix prefill; a write of L tokens into L slots starts at 0). layers.attention's 'blocked' needs it.
+    # A self-attention pass (key slot j is query j's position): no cache, or a cache of exactly L slots (the
+    # shared-prefix prefill into a fresh cache: writing L tokens into L slots can only start at slot 0; any other
+    # index would overflow the cache, wrong under every kernel). layers.attention's 'blocked' needs it.
     causal = cache is None or cache.max_len == l
     if cache is None:
       causal_LxL = jnp.tril(jnp.ones((l, l), bool))
