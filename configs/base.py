@@ -50,7 +50,8 @@ _MODEL_FIELDS = {
     "lora_alpha": "LoRA scale numerator: the adapters add (lora_alpha / r) (x A) B (PEFT's lora_alpha)",
     "lora_targets": "regex over the decoder kernels ('layers/q_kernel' ...) that get adapters; default all seven",
     "lora_dropout": "p of PEFT's lora_dropout: the adapters' inputs are dropped in a LoRA stage's loss passes",
-    "attention": "attention kernel: 'reference' (einsums) | 'xla' | 'cudnn' (jax.nn.dot_product_attention; GPU)",
+    "attention": "attention kernel: 'reference' (einsums) | 'blocked' (the same per causal block of 128 queries; the "
+                 "CPU's fastest at long prompts) | 'xla' | 'cudnn' (jax.nn.dot_product_attention; GPU)",
 }
 
 # Mesh presets, (data, fsdp, tensor) and the GB of memory one device has (0 = ask the runtime; CPU reports none),
