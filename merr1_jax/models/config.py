@@ -62,9 +62,8 @@ class ModelConfig:
       'reference' (einsums, float32 scores; the default), 'blocked' (the same einsums per block of 128 queries,
       skipping the keys the causal mask hides: about half the work at long prompts, the CPU's fastest), 'xla' or
       'cudnn' (jax.nn.dot_product_attention's implementations; cuDNN needs a GPU). The same numbers up to float
-      summation order
-      (tests/test_attention_kernels.py). A fused kernel broadcasts the prompt's K/V over a group's suffixes in
-      the grouped passes (G copies per layer); decode steps always use the einsum form.
+      summation order (tests/test_attention_kernels.py). A fused kernel broadcasts the prompt's K/V over a group's
+      suffixes in the grouped passes (G copies per layer); decode steps always use the einsum form.
     lora_dropout: probability p of zeroing each input element of an adapter (PEFT's lora_dropout: the adapter
       computes (alpha / r) (dropout(x) A) B, the base path x W sees x), in the training passes that pass a
       `dropout_key` only (SFT and RL loss; never sampling or scoring). Survivors are scaled by 1 / (1 - p).
@@ -138,8 +137,8 @@ def validate(cfg: ModelConfig) -> None:
       fail(f, f"must be one of {sorted(_DTYPES)}, got {getattr(cfg, f)!r}")
   if cfg.remat not in ("none", "full", "dots", "dots_no_batch"):
     fail("remat", f"must be 'none'|'full'|'dots'|'dots_no_batch', got {cfg.remat!r}")
-  if cfg.attention not in ("reference", "blocked", "xla", "cudnn"):
-    fail("attention", f"must be 'reference', 'blocked', 'xla' or 'cudnn', got {cfg.attention!r}")
+  if cfg.attention not in ATTENTION_KINDS:
+    fail("attention", f"must be one of {', '.join(map(repr, ATTENTION_KINDS))}, got {cfg.attention!r}")
   if cfg.projector not in ("mlp", "identity"):
     fail("projector", f"must be 'mlp' or 'identity', got {cfg.projector!r}")
   for f in ("video_dim", "audio_dim"):
@@ -170,6 +169,9 @@ def validate(cfg: ModelConfig) -> None:
       fail("lora_targets", f"{cfg.lora_targets!r} matches none of the decoder kernels "
            f"{[LORA_PATH.format(n) for n in LORA_KERNELS]}")
 
+
+# ModelConfig.attention's values (models/layers.py, "attention kernels", says what each runs).
+ATTENTION_KINDS = ("reference", "blocked", "xla", "cudnn")
 
 # The decoder projections LoRA can adapt ('layers/<name>_kernel') and how many leading axes of each (unstacked)
 # kernel are its input: q/k/v [D, H|K, Dh], gate/up [D, F], down [F, D] take 1, o [H, Dh, D] takes 2.

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from merr1_jax.models.config import LORA_KERNELS, ModelConfig, lora_targets
+# ATTENTION_KINDS is re-exported: what the kernels below accept.
+from merr1_jax.models.config import ATTENTION_KINDS, LORA_KERNELS, ModelConfig, lora_targets  # noqa: F401
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "minus infinity": a fully masked row stays NaN-free
 
@@ -157,7 +158,6 @@ def attend_grouped(q_PxGxTxHxDh: jax.Array, k_PxLxKxDh: jax.Array, v_PxLxKxDh: j
 # a fused kernel's bf16 log-sum-exp would make the two-part merge inexact. A TPU Pallas kernel is not wired in.
 # docs/architecture.md, "Attention kernels".
 
-ATTENTION_KINDS = ("reference", "blocked", "xla", "cudnn")
 # Query positions per block of the 'blocked' kind. At L = 1024 it computes 36 of the 64 score tiles a full pass
 # computes. 128 was picked on the 2-core AMD EPYC box by timing one layer's prompt attention, forward + backward
 # (64 and 256 within 5% of it, 512 about 1.6x slower; a one-off check, not a benchmark figure: the measured effect
