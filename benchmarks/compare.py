@@ -193,7 +193,19 @@ def _work_text(wl: spec.Workload, model: dict) -> str:
           f"batch: both decode every row to {wl.peer_new_tokens} new tokens, the mean, so the generated tokens are "
           f"the same ({wl.gen_tokens}) in fewer sequential decode steps ({wl.peer_new_tokens} where ours runs "
           f"{' + '.join(str(t) for _, _, t in wl.modes)}) and with shorter update sequences than padding every row "
-          f"to {max(t for _, _, t in wl.modes)} would give.")
+          f"to {max(t for _, _, t in wl.modes)} would give.{tunix_micro_text(wl)}")
+
+
+def tunix_micro_text(wl) -> str:
+  """How Tunix's update is split, where the workload splits it (spec.Workload.tunix_micro_prompts)."""
+  m = wl.tunix_micro_prompts
+  if m is None or m == wl.num_prompts:
+    return ""
+  why = f" ({wl.tunix_micro_why})" if wl.tunix_micro_why else ""
+  return (f" Tunix trains each step's {wl.rows} rows in micro-batches of {m} prompt{'s' * (m > 1)} "
+          f"({m * wl.group} rows) with its gradient accumulation (train_micro_batch_size): the same rows and the "
+          f"same single optimizer update, so the same work in less memory{why}; its generation and reference pass "
+          "still take all rows at once.")
 
 
 def markdown(agg: dict, sp: dict, sp_parts: dict, errors: dict, meta: dict) -> str:

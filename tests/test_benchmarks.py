@@ -270,6 +270,50 @@ def test_step_clock_is_wall_clock_from_step_end_to_step_end(monkeypatch):
   assert clock.steps == [{"gen_s": 2.0, "step_s": 5.0, "gen_tokens": 8}, {"gen_s": 1.5, "step_s": 3.0}]
 
 
+def test_tunix_steps_end_at_the_optimizer_update_and_add_up_micro_batches(monkeypatch):
+  import tunix_grpo
+  now = [0.0]
+  monkeypatch.setattr(spec.time, "perf_counter", lambda: now[0])
+  clock = spec.StepClock()
+  clock.begin()
+  for step in range(2):  # Tunix's order per step: one scoring call (generation inside), then 2 micro-batches
+    now[0] += 5.0 * (step == 0)  # time outside the phases (the loop's setup before step 0) stays in step_s
+    for k, v in (("score_total_s", 5.0), ("score_calls", 1.0), ("gen_s", 3.0), ("gen_calls", 1.0),
+                 ("ref_calls", 1.0), ("gen_tokens", 64.0)):
+      clock.add(k, v)
+    for micro, made in enumerate((0, 1)):  # only the last micro-batch makes the optimizer update
+      now[0] += 2.0 + micro
+      clock.add("update_s", 2.0 + micro)
+      clock.add("update_calls", 1.0)
+      tunix_grpo.end_update_call(clock, made)
+  assert clock.pending() == {}  # nothing after the last update
+  steps = [dict(s) for s in clock.steps]
+  assert [s["step_s"] for s in steps] == [5.0 + 5.0, 5.0]  # updates 2 + 3 s, and the setup in step 0
+  tunix_grpo.finish_steps(steps, calls_per_step=2)
+  assert steps[1] == {"gen_s": 3.0, "gen_tokens": 64.0, "update_s": 5.0, "update_calls": 2.0, "step_s": 5.0,
+                      "score_s": 2.0, "phases_s": 10.0, "score_calls": 1.0, "gen_calls": 1.0, "ref_calls": 1.0}
+  with pytest.raises(RuntimeError, match="expected 0 or 1"):
+    tunix_grpo.end_update_call(clock, 2)
+  with pytest.raises(RuntimeError, match="step 0 made calls .*'update': 2.0}, expected .*'update': 4}"):
+    tunix_grpo.finish_steps([dict(s) for s in clock.steps], calls_per_step=4)
+  # Scoring split into micro-batches (one call per prompt): the counts differ though the times still add up.
+  bad = [dict(s) for s in clock.steps]
+  bad[1]["score_calls"] = bad[1]["gen_calls"] = 2.0
+  with pytest.raises(RuntimeError, match="step 1 made calls {'score': 2.0, 'gen': 2.0"):
+    tunix_grpo.finish_steps(bad, calls_per_step=2)
+  bad = [dict(s) for s in clock.steps]
+  del bad[1]["score_calls"]  # a step with updates but no scoring call
+  with pytest.raises(RuntimeError, match="step 1 made calls {'score': 0.0"):
+    tunix_grpo.finish_steps(bad, calls_per_step=2)
+  # Generation and the reference pass take the step's rows in one batch, or the run stops.
+  tunix_grpo.check_whole_batch("generate", 32, 32, 32)
+  tunix_grpo.check_whole_batch("generate", 32, None, 32)
+  with pytest.raises(RuntimeError, match="generate got 32 rows in micro-batches of 8; expected all 32"):
+    tunix_grpo.check_whole_batch("generate", 32, 8, 32)
+  with pytest.raises(RuntimeError, match="the reference pass got 8 rows"):
+    tunix_grpo.check_whole_batch("the reference pass", 8, 8, 32)
+
+
 def test_peer_pins_are_exact_and_torch_is_the_cpu_build():
   pins = {}
   for impl in ("trl", "tunix"):
@@ -378,6 +422,10 @@ def test_workload_table():
   assert (mer.video_rows, mer.audio_rows) == (512, 256)  # 768 of the 1024 prompt positions are feature rows
   assert mer.section == "## Peers: MER workload" and mer.prompts_file.endswith("prompts_mer.json")
   assert spec.MODEL["max_seq_len"] >= mer.prompt_len + max(t for _, _, t in mer.modes) + 3  # + FAST_PREFIX
+  # Tunix trains the mer batch one prompt per micro-batch (one update per step either way); peer all at once.
+  assert (peer.tunix_micro_prompts, mer.tunix_micro_prompts) == (None, 1)
+  with pytest.raises(ValueError, match="tunix_micro_prompts 3 must divide num_prompts 4"):
+    spec.Workload("m", num_prompts=4, prompt_len=8, modes=(("slow", 2, 4),), tunix_micro_prompts=3)
   with pytest.raises(ValueError, match="split evenly"):
     spec.Workload("odd", num_prompts=1, prompt_len=8, modes=(("slow", 2, 3), ("fast", 1, 2)))
   with pytest.raises(ValueError, match="start with 'slow'"):
@@ -393,8 +441,8 @@ def test_every_script_parses_workload_before_importing_its_library(monkeypatch):
 
   real = spec.parse
 
-  def fake(description, argv=None):
-    args, wl = real(description, argv)
+  def fake(description, argv=None, extra=None):
+    args, wl = real(description, argv, extra)
     raise Parsed(args, wl)
 
   monkeypatch.setattr(spec, "parse", fake)
@@ -407,6 +455,15 @@ def test_every_script_parses_workload_before_importing_its_library(monkeypatch):
       assert wl is spec.WORKLOADS[want] and args.prompts is None, name
     with pytest.raises(SystemExit):
       mod.main(["--workload", "nope"])
+  with pytest.raises(Parsed) as e:
+    importlib.import_module("tunix_grpo").main(["--workload", "mer", "--micro_prompts", "2"])
+  assert e.value.args[0].micro_prompts == 2
+
+
+def test_tunix_refuses_micro_batches_that_do_not_divide_the_prompts():
+  import tunix_grpo  # the check runs before tunix or jax is imported
+  with pytest.raises(ValueError, match="tunix_micro_prompts 3 must divide num_prompts 4"):
+    tunix_grpo.main(["--workload", "mer", "--micro_prompts", "3"])
 
 
 def test_ours_builds_the_mer_step_from_the_workload():
@@ -461,6 +518,7 @@ def test_compare_runs_every_impl_on_the_chosen_workload(tmp_path, monkeypatch):
   md = out["markdown"]
   assert md.startswith("## Peers: MER workload\n") and "`--workload mer`" in md
   assert "every row to 72 new tokens" in md and "768 of each prompt's 1024 positions" in md
+  assert "Tunix trains each step's 32 rows in micro-batches of 1 prompt (8 rows)" in md
   assert "against TRL: **6.00x**" in md and "Goal >= 5.0x: met." in md
   assert "against Tunix: **1.50x**" in md and "Goal >= 2.0x: **missed**, by a factor of 1.33." in md
   assert any("--workload mer" in c for c in out["markdown"].splitlines())  # the commands name the workload
@@ -471,3 +529,21 @@ def test_compare_runs_every_impl_on_the_chosen_workload(tmp_path, monkeypatch):
   out = compare.main(["--rounds", "1", "--warmup", "0", "--steps", "1", "--skip_prepare", "--no_docs"])
   assert all(c[c.index("--workload") + 1] == "peer" for c in seen)
   assert out["markdown"].startswith("## Peers\n\nOne GRPO step on the same work") and "Goal >= 1.5x" in out["markdown"]
+  assert "micro-batches" not in out["markdown"]  # the peer workload trains all rows at once on every side
+
+
+def test_rollout_benchmark_parts_run_and_sample_the_same_tokens_on_every_path():
+  # benchmarks/rollout.py's (c) and (d) on a tiny model: every part runs, and the paths the docs compare (shared
+  # and repeated cache; split and stacked layer weights; joint and per-mode generation) draw the same tokens.
+  import jax
+
+  from merr1_jax.models import mllm
+  bench = importlib.import_module("rollout")
+  model = mllm.build("tiny")
+  params = model.init_params(jax.random.key(0))
+  c = bench.bench_decode_cache(model, params, p=2, group=2, length=8, new_tokens=3, repeats=1, bounds=None)
+  assert c["same_tokens"] and c["rows"] == 4
+  for k in ("shared", "repeated"):
+    assert set(c["steps"][k]) == {"loop", "loop_stacked", "decoder", "head_sampling", "stacked_ratio"}
+  m = bench.bench_modes(model, params, p=2, length=8, slow=(2, 3), fast=(2, 2), repeats=1)
+  assert m["same_tokens"] and {"joint_s", "joint_stacked_s", "speedup_vs_stacked"} <= set(m)

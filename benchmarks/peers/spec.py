@@ -71,12 +71,20 @@ class Workload:
   video_rows: int = 0  # of the prompt_len positions, video feature rows on our side (the peers get text there)
   audio_rows: int = 0
   section: str = "## Peers"  # the docs/benchmarks/peers.md section compare.py writes
+  # Tunix's update in prompts per micro-batch (gradient accumulation to one optimizer update per step, so the
+  # same rows and the same single update: equal work in less memory). None: all prompts at once.
+  tunix_micro_prompts: int | None = None
+  tunix_micro_why: str = ""  # why, for the docs section compare.py writes
 
   def __post_init__(self):
     if not self.modes or self.modes[0][0] != "slow" or any(m not in ("slow", "fast") for m, _, _ in self.modes):
       raise ValueError(f"{self.name}: modes must start with 'slow' and be 'slow'/'fast', got {self.modes}")
     if self.video_rows + self.audio_rows >= self.prompt_len:
       raise ValueError(f"{self.name}: feature rows must leave text in a {self.prompt_len}-token prompt")
+    if self.tunix_micro_prompts is not None and (
+        self.tunix_micro_prompts < 1 or self.num_prompts % self.tunix_micro_prompts):
+      raise ValueError(f"{self.name}: tunix_micro_prompts {self.tunix_micro_prompts} must divide "
+                       f"num_prompts {self.num_prompts}")
     if self.gen_tokens % self.rows:
       raise ValueError(f"{self.name}: {self.gen_tokens} generated tokens do not split evenly over {self.rows} rows")
 
@@ -112,7 +120,10 @@ class Workload:
 WORKLOADS = {
     "peer": Workload("peer", num_prompts=4, prompt_len=128, modes=(("slow", 8, 64),)),
     "mer": Workload("mer", num_prompts=4, prompt_len=1024, modes=(("slow", 4, 128), ("fast", 4, 16)),
-                    video_rows=512, audio_rows=256, section="## Peers: MER workload"),
+                    video_rows=512, audio_rows=256, section="## Peers: MER workload",
+                    tunix_micro_prompts=1,
+                    tunix_micro_why="all rows at once asked XLA for a 44 GB buffer, more than the 23 GB of the "
+                                    "2-core boxes measured here; one prompt at a time peaked at 12.9 GiB"),
 }
 DEFAULT_WORKLOAD = "peer"
 PROMPTS_FILE = WORKLOADS[DEFAULT_WORKLOAD].prompts_file
@@ -175,6 +186,10 @@ class StepClock:
   def add(self, name: str, seconds: float):
     self._cur[name] = self._cur.get(name, 0.0) + seconds
 
+  def pending(self) -> dict:
+    """What was added since the last lap (empty once the last step has ended)."""
+    return dict(self._cur)
+
   def lap(self, **extra):
     if self._last is None:
       raise RuntimeError("StepClock.lap before begin()")
@@ -219,7 +234,10 @@ def arg_parser(description: str):
   return ap
 
 
-def parse(description: str, argv=None):
-  """(args, Workload) of a peer script's command line."""
-  args = arg_parser(description).parse_args(argv)
+def parse(description: str, argv=None, extra=None):
+  """(args, Workload) of a peer script's command line; `extra(parser)` adds a script's own arguments."""
+  ap = arg_parser(description)
+  if extra is not None:
+    extra(ap)
+  args = ap.parse_args(argv)
   return args, WORKLOADS[args.workload]
