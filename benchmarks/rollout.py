@@ -19,6 +19,7 @@ Decode runs with no stop id, so every row generates exactly --new_tokens tokens 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import statistics
@@ -119,8 +120,11 @@ def bench_decode(model, params, *, p: int, group: int, length: int, new_tokens: 
 def bench_decode_cache(model, params, *, p: int, group: int, length: int, new_tokens: int, repeats: int,
                        bounds: dict | None) -> dict:
   """(c) The decode loop against the shared prefix (base.SharedPrefixCache) and against the repeated cache, and
-  where a step's time goes: the loop, the decoder alone (a loop of `hidden` steps feeding the cache), the LM head
-  and the sampling alone (a loop of unembedding + `_emit` on a fixed hidden state)."""
+  where a step's time goes: the loop, the loop reading the stacked layer weights (`DecodeSpec.layer_slices=False`,
+  the loop before the weights were split outside it), the decoder alone (a loop of `hidden` steps feeding the
+  cache), the LM head and the sampling alone (a loop of unembedding + `_emit` on a fixed hidden state). The parts
+  take the weights as arguments, as the loop does, and keep every output live: XLA would otherwise fold constant
+  weights into the program and delete the work whose result is unused (the last layer, the log-prob buffers)."""
   prompt = _prompts(model.config.vocab_size, p, length, seed=2)
   spec = rollout.DecodeSpec(sampling.Temperature(1.0), new_tokens, stop_ids=(), eos_id=None, ban_ids=(), pad_id=0,
                             mrope=False)
@@ -129,32 +133,43 @@ def bench_decode_cache(model, params, *, p: int, group: int, length: int, new_to
   def fresh(shared):
     return lambda: rollout.prefill(model, group, length + new_tokens, None, params, prompt, shared)
 
-  def loop(c, logits, next_pos):
+  stacked = dataclasses.replace(spec, layer_slices=False)
+
+  def loop(c, logits, next_pos, spec=spec):
     return rollout.decode(model, spec, params, c, logits, next_pos, rng).tokens
 
-  @functools.partial(jax.jit, donate_argnums=0)
-  def decoder_only(c, logits, next_pos):
-    def body(i, c):
+  @functools.partial(jax.jit, donate_argnums=1)
+  def decoder_only(params, c, logits, next_pos):
+    pieces, rebuild = sampler.loop_weights(model, spec, params)  # as the loop takes them
+
+    def body(i, carry):
+      c, acc = carry
       tok = jnp.full((b, 1), 20, jnp.int32) + i
-      x = model.embed(params, base.ModelInputs(tokens=tok, positions=(next_pos + i)[:, None],
-                                               mask=jnp.ones_like(tok, bool)))
-      return model.hidden(params, x, c)[1]
-    return jax.lax.fori_loop(0, new_tokens - 1, body, c)
+      p = rebuild(pieces)
+      x = model.embed(p, base.ModelInputs(tokens=tok, positions=(next_pos + i)[:, None],
+                                          mask=jnp.ones_like(tok, bool)))
+      h, c = model.hidden(p, x, c)
+      return c, acc + h  # h is used: the last layer and the final norm stay in the program
+    return jax.lax.fori_loop(0, new_tokens - 1, body, (c, jnp.zeros((b, 1, model.config.d_model), jnp.float32)))
 
   @jax.jit
-  def head_and_sampling(c, logits, next_pos):
-    w = model.unembed_weight(params)
+  def head_and_sampling(w, logits, next_pos):
     h = jnp.full((b, 1, model.config.d_model), 0.01, jnp.float32)
     s = sampler.init_decode_state(spec, None, logits, next_pos, rng)
     body = lambda i, s: sampler._emit(spec, s, base.logits_from_hidden(h * (1 + i), w)[:, 0])  # noqa: E731
-    return jax.lax.fori_loop(0, new_tokens - 1, body, s).tokens
+    return jax.lax.fori_loop(0, new_tokens - 1, body, s)  # the whole state: log-prob buffers included
 
+  w = jax.jit(model.unembed_weight)(params)
+  parts = (("loop", loop), ("loop_stacked", functools.partial(loop, spec=stacked)),
+           ("decoder", lambda c, logits, next_pos: decoder_only(params, c, logits, next_pos)),
+           ("head_sampling", lambda c, logits, next_pos: head_and_sampling(w, logits, next_pos)))
   out = {}
   for name, shared in (("shared", True), ("repeated", False)):
-    t = {k: _paired_times({k: fn}, repeats, fresh(shared))[k]["s"]
-         for k, fn in (("loop", loop), ("decoder", decoder_only), ("head_sampling", head_and_sampling))}
-    out[name] = {k: v / (new_tokens - 1) for k, v in t.items()}  # per decode step
-  same = bool(jnp.all(loop(*fresh(True)()) == loop(*fresh(False)())))
+    t = _paired_times(dict(parts), repeats, fresh(shared))
+    out[name] = {k: v["s"] / (new_tokens - 1) for k, v in t.items()}  # per decode step
+    out[name]["stacked_ratio"] = t["loop_stacked"]["ratio"]  # median per-repeat ratio to the loop, same run
+  ref = loop(*fresh(True)())
+  same = bool(jnp.all(ref == loop(*fresh(False)()))) and bool(jnp.all(ref == loop(*fresh(True)(), spec=stacked)))
   cfg = model.config
   param_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
   s_slots = length + new_tokens
@@ -187,20 +202,21 @@ def bench_modes(model, params, *, p: int, length: int, slow: tuple[int, int], fa
                      fast_prefix_ids=k)}
   method, buckets = sampling.Temperature(1.0), (length, length + len(k))
 
-  def joint():
+  def joint(layer_slices=None):
     return [r.completion for r in rollout.sample_modes(model, params, prompt, modes=kw, method=method,
-                                                       buckets=buckets).values()]
+                                                       buckets=buckets, layer_slices=layer_slices).values()]
 
   def per_mode(shared):
     return lambda: [rollout.sample(model, params, prompt, mode=m, method=method, buckets=buckets,
                                    shared_decode=shared, **kw[m]).completion for m in kw]
 
-  t = _paired_times({"joint": joint, "per_mode_shared": per_mode(True), "per_mode_repeated": per_mode(False)},
-                    repeats)
-  a, b = joint(), per_mode(False)()
-  same = all(bool(jnp.all(x == y)) for x, y in zip(a, b))
+  t = _paired_times({"joint": joint, "joint_stacked": functools.partial(joint, layer_slices=False),
+                     "per_mode_shared": per_mode(True), "per_mode_repeated": per_mode(False)}, repeats)
+  paths = (joint(), per_mode(False)(), per_mode(True)(), joint(layer_slices=False))
+  same = all(bool(jnp.all(x == y)) for other in paths[1:] for x, y in zip(paths[0], other))
   return dict(same_tokens=same, **{f"{k}_s": v["s"] for k, v in t.items()},
-              speedup_vs_repeated=t["per_mode_repeated"]["ratio"], speedup_vs_shared=t["per_mode_shared"]["ratio"])
+              speedup_vs_repeated=t["per_mode_repeated"]["ratio"], speedup_vs_shared=t["per_mode_shared"]["ratio"],
+              speedup_vs_stacked=t["joint_stacked"]["ratio"])
 
 
 def main(argv=None) -> list[dict]:
@@ -247,8 +263,13 @@ def main(argv=None) -> list[dict]:
             f"{args.cache_prompt_len}, {args.cache_new_tokens} new tokens; ms per decode step:")
       for k in ("shared", "repeated"):
         st = c["steps"][k]
-        print(f"  {k:9s} loop {st['loop'] * 1e3:7.1f}   decoder alone {st['decoder'] * 1e3:7.1f}   LM head + "
-              f"sampling alone {st['head_sampling'] * 1e3:6.1f}   reads {c['bytes'][k] / 1e6:.0f} MB/step")
+        print(f"  {k:9s} loop {st['loop'] * 1e3:7.1f}   (stacked weights {st['loop_stacked'] * 1e3:7.1f})   "
+              f"decoder alone {st['decoder'] * 1e3:7.1f}   LM head + sampling alone {st['head_sampling'] * 1e3:6.1f}"
+              f"   reads {c['bytes'][k] / 1e6:.0f} MB/step\n  {'':9s} the loop is {st['stacked_ratio']:.2f}x faster "
+              "with the layer weights split before it (median of per-repeat ratios)")
+        if k == "shared" and "matmul_rate_at_shape" in c:
+          print(f"    matmul rate at the step's shape ({c['rows']} x d_model x mlp_dim): "
+                f"{c['matmul_rate_at_shape'] / 1e9:.0f} GFLOP/s")
         for bk, bv in c.get(f"{k}_bound_s", {}).items():
           print(f"    bound, {bk}: {bv * 1e3:.1f} ms -> the loop is {st['loop'] / bv:.1f}x it")
       print(f"  shared-prefix decode {c['speedup']:.2f}x faster (same tokens: {c['same_tokens']}); "
@@ -261,7 +282,9 @@ def main(argv=None) -> list[dict]:
             f"fast {fast}):\n  one prefill + one loop {m['joint_s'] * 1e3:.0f} ms; per mode, shared cache "
             f"{m['per_mode_shared_s'] * 1e3:.0f} ms; per mode, repeated cache {m['per_mode_repeated_s'] * 1e3:.0f} ms"
             f"\n  speedup {m['speedup_vs_repeated']:.2f}x over the repeated per-mode path, "
-            f"{m['speedup_vs_shared']:.2f}x over per-mode shared (same tokens: {m['same_tokens']})")
+            f"{m['speedup_vs_shared']:.2f}x over per-mode shared (same tokens: {m['same_tokens']})\n  one loop "
+            f"reading the stacked layer weights (layer_slices=False) {m['joint_stacked_s'] * 1e3:.0f} ms: the split "
+            f"is {m['speedup_vs_stacked']:.2f}x faster")
     if not parts & {"prefill", "decode"}:
       continue
     pre = bench_prefill(model, params, p=args.prompts, length=args.prompt_len, group=args.group,

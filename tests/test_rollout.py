@@ -546,6 +546,11 @@ def test_both_modes_in_one_loop_equal_sampling_each_mode(tok, ids, mrope_model):
     _rollouts_equal(joint[m], ref)
   assert joint["slow"].prompt.tokens.shape[1] == 32 and joint["fast"].prompt.tokens.shape[1] == 64
   assert int(joint["slow"].steps) == int(joint["fast"].steps) == 9  # one loop, as long as the longest budget
+  # The loop over the stacked layer weights (no split before it) draws the same, bit for bit.
+  stacked = rollout.sample_modes(model, params, inputs, modes=modes, method=method, layer_slices=False)
+  for m in modes:
+    for f in ("completion", "logp", "logp_sampled", "length"):
+      np.testing.assert_array_equal(getattr(stacked[m], f), getattr(joint[m], f), err_msg=f"{m} {f}")
 
 
 def test_both_modes_in_one_loop_keep_each_modes_stop_ban_and_budget(tok, ids, text_model):
@@ -618,6 +623,69 @@ def test_decode_donates_the_prefill_cache(tok, text_model):
   assert all(b.is_deleted() for b in buffers)
   assert not logits.is_deleted() and not next_pos.is_deleted()
   assert not any(b.is_deleted() for b in jax.tree.leaves(out.cache))
+
+
+def test_layer_weights_split_before_the_decode_loop_draw_the_same_samples(tok, text_model):
+  """sampler.hoist_layer_slices: each stacked layer leaf split into its layers, rebuilt unchanged; the loop that
+  reads the pieces samples what the loop over the stacked weights samples (same keys), bit for bit."""
+  model, params = text_model
+  n = model.config.num_layers
+  pieces, rebuild = rollout.sampler.hoist_layer_slices(model, params)
+  flat = jax.tree.leaves(params)
+  split = [p for p in pieces if isinstance(p, tuple)]
+  assert split and all(len(p) == n for p in split) and len(pieces) == len(flat)
+  assert all(a.shape == x.shape[1:] for x, p in zip(flat, pieces) if isinstance(p, tuple) for a in p)
+  rebuilt = rebuild(pieces)
+  assert jax.tree.structure(rebuilt) == jax.tree.structure(params)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(rebuilt), flat))
+  prompt = rollout.prepare_prompts(_left_pad(_rows(tok, [5, 7]), 7), mode="slow", vocab_size=tok.vocab_size)
+  prompt = jax.tree.map(jnp.asarray, prompt)
+  outs = {}
+  for split_layers in (False, True):
+    cache, logits, next_pos = rollout.prefill(model, 3, prompt.tokens.shape[1] + 8, None, params, prompt)
+    spec = rollout.DecodeSpec(sampling.Temperature(1.0), 8, (), None, (), 0, False, layer_slices=split_layers)
+    outs[split_layers] = rollout.decode(model, spec, params, cache, logits, next_pos, jax.random.key(3))
+  np.testing.assert_array_equal(outs[True].tokens, outs[False].tokens)
+  np.testing.assert_array_equal(outs[True].logp, outs[False].logp)
+  assert len(set(np.asarray(outs[True].tokens).ravel().tolist())) > 3  # a sampled, varied path
+  # What the loop is given: with the split, no stacked weight enters the while loop, only its layers' pieces.
+  stacked_shapes = {x.shape for x, p in zip(flat, pieces) if isinstance(p, tuple)}
+  for split_layers in (False, True):
+    cache, logits, next_pos = rollout.prefill(model, 3, prompt.tokens.shape[1] + 8, None, params, prompt)
+    spec = rollout.DecodeSpec(sampling.Temperature(1.0), 8, (), None, (), 0, False, layer_slices=split_layers)
+    jaxpr = jax.make_jaxpr(rollout.sampler._decode, static_argnums=(0, 1))(
+        model, spec, params, cache, logits, next_pos, jax.random.key(3))
+    (loop,) = [e for e in jaxpr.eqns if e.primitive.name == "while"]
+    shapes = [v.aval.shape for v in loop.invars]
+    assert (stacked_shapes <= set(shapes)) == (not split_layers), split_layers
+    assert (sum(s in stacked_shapes for s in shapes) == 0) == split_layers
+  # The default (None): split on the CPU for unrolled layers; a scanned model keeps its stack.
+  pays = rollout.sampler.layer_slices_pay
+  auto = rollout.DecodeSpec(sampling.Greedy(), 4, (), None, (), 0, False)
+  scanned, _ = _build(tok, scan_layers=True)
+  assert pays(model, auto) == (jax.default_backend() == "cpu") and not pays(scanned, auto)
+  assert not pays(model, rollout.DecodeSpec(sampling.Greedy(), 4, (), None, (), 0, False, layer_slices=False))
+  assert pays(scanned, rollout.DecodeSpec(sampling.Greedy(), 4, (), None, (), 0, False, layer_slices=True))
+
+
+def test_sample_and_sample_modes_pass_layer_slices_to_the_loop(tok, ids, text_model, monkeypatch):
+  model, params = text_model
+  seen, real = [], rollout.sampler.decode
+  monkeypatch.setattr(rollout.sampler, "decode", lambda m, spec, *a, **k: seen.append(spec.layer_slices) or real(
+      m, spec, *a, **k))
+  inputs = _left_pad(_rows(tok, [5, 7]), 7)
+  kw = dict(num_samples=2, max_new_tokens=3, rng=jax.random.key(0))
+  for flag in (None, False, True):
+    rollout.sample(model, params, inputs, mode="slow", method=sampling.Greedy(), layer_slices=flag, **kw,
+                   **ids.sample_kwargs("slow"))
+    rollout.sample_modes(model, params, inputs, method=sampling.Greedy(), layer_slices=flag,
+                         modes={m: kw | ids.sample_kwargs(m) for m in ("slow", "fast")})
+  assert seen == [None, None, False, False, True, True]
+  # Anything else is refused by name before a loop is traced (a truthy string would otherwise mean True).
+  for bad in ("no", 1, 0.0):
+    with pytest.raises(ValueError, match=f"layer_slices must be None, True or False, got {bad!r}"):
+      rollout.sample(model, params, inputs, mode="slow", method=sampling.Greedy(), layer_slices=bad, **kw,
+                     **ids.sample_kwargs("slow"))
 
 
 def test_score_pass_refuses_ids_outside_the_vocabulary_before_compiling(tok, ids, text_model, monkeypatch):

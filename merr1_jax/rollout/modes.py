@@ -74,7 +74,7 @@ def _row_keys(rngs: Sequence[jax.Array], counts: Sequence[int], p: int) -> tuple
 def sample_modes(model, params, inputs: base.ModelInputs, *, modes: Mapping[str, Mapping[str, Any]], method,
                  buckets: Sequence[int] = PROMPT_BUCKETS, max_cache_len: int | None = None,
                  mesh: jax.sharding.Mesh | None = None, axis_rules: Mapping[str, Any] | None = None,
-                 shared_decode: bool | None = None) -> dict[str, sampler.Rollout]:
+                 shared_decode: bool | None = None, layer_slices: bool | None = None) -> dict[str, sampler.Rollout]:
   """{mode: Rollout} as `{m: sampler.sample(model, params, inputs, mode=m, method=method, **modes[m])}` would
   give, from one prefill and one decode loop (module docstring).
 
@@ -82,6 +82,7 @@ def sample_modes(model, params, inputs: base.ModelInputs, *, modes: Mapping[str,
   own keyword arguments (num_samples, max_new_tokens, rng, stop_ids, and those of SpecialIds.sample_kwargs);
   eos_id, pad_id and fast_prefix_ids must agree between the modes. A model that does not accept a
   base.SharedPrefixCache (or shared_decode=False, or a single mode) falls back to `sample` per mode.
+  layer_slices: sampler.DecodeSpec.layer_slices (None: where it pays).
   """
   names = list(modes)
   if not names or len(set(names)) != len(names) or set(names) - {"slow", "fast"}:
@@ -89,7 +90,7 @@ def sample_modes(model, params, inputs: base.ModelInputs, *, modes: Mapping[str,
   common = dict(buckets=buckets, max_cache_len=max_cache_len, mesh=mesh, axis_rules=axis_rules)
   if len(names) == 1 or not shared_prefix.supports_shared_decode(model, shared_decode):
     return {m: sampler.sample(model, params, inputs, mode=m, method=method, shared_decode=shared_decode,
-                              **common, **modes[m]) for m in names}
+                              layer_slices=layer_slices, **common, **modes[m]) for m in names}
   kws = [dict(modes[m]) for m in names]
   for m, kw in zip(names, kws):
     unknown = set(kw) - _MODE_ARGS
@@ -127,7 +128,8 @@ def sample_modes(model, params, inputs: base.ModelInputs, *, modes: Mapping[str,
   cache, logits, next_pos = prefill_modes(model, counts, fast, prefix_ids if k else (), k + t_max, pad_id, layout,
                                           params, placed)
   rules = tuple((stop, ban, budget) for (stop, _, ban, _), budget in zip(checked, budgets))
-  spec = sampler.DecodeSpec(method, t_max, (), eos_id, (), pad_id, placed.positions.ndim == 3, layout, rules)
+  spec = sampler.DecodeSpec(method, t_max, (), eos_id, (), pad_id, placed.positions.ndim == 3, layout, rules,
+                            layer_slices)
   row_keys, kind_B = _row_keys([kw["rng"] for kw in kws], counts, p)
   s = sampler.decode(model, spec, params, cache, logits, next_pos, None, row_keys, jnp.asarray(kind_B))
   out = {}

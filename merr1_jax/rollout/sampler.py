@@ -81,6 +81,13 @@ class DecodeSpec:
   # rows with DecodeState.kind == m; stop_ids and ban_ids above are then unused and max_new_tokens is the buffers'
   # width (the largest budget). Empty: one rule for every row, the fields above.
   rules: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...] = ()
+  # Give the loop each layer's weights as its own array, split once before it (`hoist_layer_slices`). None: where
+  # that is measured to pay, on the CPU with unrolled layers (docs/benchmarks/rollout.md).
+  layer_slices: bool | None = None
+
+  def __post_init__(self):
+    if not (self.layer_slices is None or isinstance(self.layer_slices, bool)):
+      raise ValueError(f"layer_slices must be None, True or False, got {self.layer_slices!r}")
 
 
 @flax.struct.dataclass
@@ -171,12 +178,42 @@ def decode_step(model, spec: DecodeSpec, params, w_DxV, s: DecodeState) -> Decod
   return sharding.constrain(spec.layout, s)
 
 
+def hoist_layer_slices(model, params):
+  """(pieces, rebuild): each leaf whose first logical axis is 'layers' split into its per-layer arrays, and
+  rebuild(pieces) -> a params tree of the same leaves (the pieces stacked again).
+
+  Why: a model that runs its stacked layers unrolled reads layer i as `w[i]`, and inside a while loop XLA's CPU
+  backend copies every such slice out of the stack on every step (all the layer weights, about 63 MB per step for
+  small_20m). Split outside the loop and stacked again inside it, `w[i]` folds to piece i: no copy. The cost is a
+  second copy of the layer weights while the loop runs."""
+  leaves, treedef = jax.tree.flatten(params)
+  axes = treedef.flatten_up_to(base.logical_axes(params, model.partition_rules()))  # one axes tuple per leaf
+  stacked = [bool(a) and a[0] == "layers" for a in axes]
+  pieces = [tuple(x[i] for i in range(x.shape[0])) if st else x for x, st in zip(leaves, stacked)]
+  return pieces, lambda p: jax.tree.unflatten(treedef, [jnp.stack(x) if st else x for x, st in zip(p, stacked)])
+
+
+def layer_slices_pay(model, spec: DecodeSpec) -> bool:
+  if spec.layer_slices is not None:
+    return spec.layer_slices
+  # A scanned model dynamic-slices its stack (nothing to fold; a rebuilt stack would be copied every step); on
+  # GPU/TPU the copies and the memory trade are unmeasured.
+  return jax.default_backend() == "cpu" and not getattr(model.config, "scan_layers", False)
+
+
+def loop_weights(model, spec: DecodeSpec, params):
+  """(carried, rebuild) for a loop over decode steps: the loop carries `carried` and calls `rebuild(carried)` for
+  the params tree inside its body; the layer pieces where `layer_slices_pay`, else the params themselves."""
+  return hoist_layer_slices(model, params) if layer_slices_pay(model, spec) else (params, lambda p: p)
+
+
 def _decode(model, spec: DecodeSpec, params, cache, logits_BxV, next_pos_B, rng, row_keys=None,
             kind_B=None) -> DecodeState:
   w_DxV = model.unembed_weight(params)  # hoisted out of the loop
   state = init_decode_state(spec, cache, logits_BxV, next_pos_B, rng, row_keys, kind_B)
+  pieces, rebuild = loop_weights(model, spec, params)
   return jax.lax.while_loop(lambda s: (s.t < spec.max_new_tokens) & ~jnp.all(s.done),
-                            lambda s: decode_step(model, spec, params, w_DxV, s), state)
+                            lambda s: decode_step(model, spec, rebuild(pieces), w_DxV, s), state)
 
 
 # The final state carries the cache out, so the donated prefill cache is updated in place.
@@ -239,7 +276,7 @@ def sample(model, params, inputs: base.ModelInputs, *, mode: str, num_samples: i
            ban_ids: Sequence[int] = (), fast_prefix_ids: Sequence[int] | None = None, pad_id: int = 0,
            buckets: Sequence[int] = PROMPT_BUCKETS, max_cache_len: int | None = None,
            mesh: jax.sharding.Mesh | None = None, axis_rules: Mapping[str, Any] | None = None,
-           shared_decode: bool | None = None) -> Rollout:
+           shared_decode: bool | None = None, layer_slices: bool | None = None) -> Rollout:
   """Draws `num_samples` completions per prompt; see the module docstring.
 
   Args:
@@ -259,6 +296,7 @@ def sample(model, params, inputs: base.ModelInputs, *, mode: str, num_samples: i
     shared_decode: decode with the prompt's KV cache stored once per prompt (base.SharedPrefixCache) rather than
       repeated per row. None: whenever the model accepts it (`shared_prefix_decode = True`). The same samples
       either way, up to float summation order (tests/test_rollout.py).
+    layer_slices: DecodeSpec.layer_slices (None: where it pays); the same samples either way.
   """
   vocab = model.config.vocab_size
   stop_ids, eos_id, ban_ids, pad_id = check_sample_args(vocab, num_samples, max_new_tokens, method, stop_ids,
@@ -271,7 +309,8 @@ def sample(model, params, inputs: base.ModelInputs, *, mode: str, num_samples: i
   prompt, layout = shared_prefix.place_prompt(model, prompt, mesh, axis_rules)
   shared = shared_prefix.supports_shared_decode(model, shared_decode)
   cache, logits, next_pos = prefill(model, num_samples, cache_len, layout, params, prompt, shared)
-  spec = DecodeSpec(method, max_new_tokens, stop_ids, eos_id, ban_ids, pad_id, prompt.positions.ndim == 3, layout)
+  spec = DecodeSpec(method, max_new_tokens, stop_ids, eos_id, ban_ids, pad_id, prompt.positions.ndim == 3, layout,
+                    layer_slices=layer_slices)
   s = decode(model, spec, params, cache, logits, next_pos, rng)
   return Rollout(prompt=prompt, completion=s.tokens,
                  completion_mask=jnp.arange(max_new_tokens)[None] < s.length[:, None],
