@@ -165,9 +165,14 @@ def bench_decode_cache(model, params, *, p: int, group: int, length: int, new_to
            ("head_sampling", lambda c, logits, next_pos: head_and_sampling(w, logits, next_pos)))
   out = {}
   for name, shared in (("shared", True), ("repeated", False)):
-    t = _paired_times(dict(parts), repeats, fresh(shared))
+    # The step's own dots and nothing else, as one program of as many steps as the loop (bounds.dots_alone).
+    dots_fn, operands = bounds_mod.dots_alone(step_dots(model, spec, params, w, fresh(shared)(), rng),
+                                              new_tokens - 1)
+    t = _paired_times(dict(parts) | {"dots": lambda c, logits, next_pos: dots_fn(operands)}, repeats,
+                      fresh(shared))
     out[name] = {k: v["s"] / (new_tokens - 1) for k, v in t.items()}  # per decode step
     out[name]["stacked_ratio"] = t["loop_stacked"]["ratio"]  # median per-repeat ratio to the loop, same run
+    out[name]["loop_over_dots"] = 1 / t["dots"]["ratio"]  # the loop against its dots alone, paired per repeat
   ref = loop(*fresh(True)())
   same = bool(jnp.all(ref == loop(*fresh(False)()))) and bool(jnp.all(ref == loop(*fresh(True)(), spec=stacked)))
   cfg = model.config
@@ -178,15 +183,36 @@ def bench_decode_cache(model, params, *, p: int, group: int, length: int, new_to
   row = dict(rows=b, same_tokens=same, speedup=out["repeated"]["loop"] / out["shared"]["loop"], steps=out,
              flops=costs["shared"][0], bytes={k: v[1] for k, v in costs.items()})
   if bounds is not None:
-    rate_at = bounds_mod.matmul_flops_per_s(b, cfg.d_model, cfg.mlp_dim, 5)  # the step's own matmul shape
-    row.update(matmul_rate=bounds["matmul_flops_s"], matmul_rate_at_shape=rate_at,
-               bandwidth=bounds["bandwidth_bytes_s"])
-    for k in ("shared", "repeated"):
+    row.update(matmul_rate=bounds["matmul_flops_s"], bandwidth=bounds["bandwidth_bytes_s"])
+    for k, shared in (("shared", True), ("repeated", False)):
       flops, nbytes = costs[k]
+      dots = step_dot_bound(model, spec, params, w, fresh(shared)(), rng)
+      if abs(dots["flops"] - flops) > 1e-6 * flops:  # the cost model and the traced step must agree
+        raise AssertionError(f"{k}: the step's dots do {dots['flops']:.4g} FLOPs, the cost model {flops:.4g}")
+      row[f"{k}_dots"] = dots["dots"]
       row[f"{k}_bound_s"] = {"compute (peak rate)": flops / bounds["matmul_flops_s"],
-                             "compute (rate at the step's shape)": flops / rate_at,
+                             "compute (each of the step's dots timed alone, summed)": dots["seconds"],
+                             "compute (the step's dots as one program, timed beside the loop)": out[k]["dots"],
                              "memory": nbytes / bounds["bandwidth_bytes_s"]}
   return row
+
+
+def _step_fn(model, spec, prefilled, rng):
+  s = rollout.init_decode_state(spec, *prefilled, rng)
+  return (lambda params, w, s: rollout.decode_step(model, spec, params, w, s)), s
+
+
+def step_dots(model, spec, params, w, prefilled, rng) -> dict:
+  """bounds.dot_inventory of one decode step (rollout.decode_step) from this prefilled cache."""
+  fn, s = _step_fn(model, spec, prefilled, rng)
+  return bounds_mod.dot_inventory(fn, params, w, s)
+
+
+def step_dot_bound(model, spec, params, w, prefilled, rng, *, iters: int = 20, repeats: int = 7) -> dict:
+  """bounds.dot_bound of one decode step from this prefilled cache: the step's matmuls, read from its jaxpr,
+  each timed alone at its own shapes."""
+  fn, s = _step_fn(model, spec, prefilled, rng)
+  return bounds_mod.dot_bound(fn, params, w, s, iters=iters, repeats=repeats)
 
 
 def bench_modes(model, params, *, p: int, length: int, slow: tuple[int, int], fast: tuple[int, int],
@@ -267,11 +293,13 @@ def main(argv=None) -> list[dict]:
               f"decoder alone {st['decoder'] * 1e3:7.1f}   LM head + sampling alone {st['head_sampling'] * 1e3:6.1f}"
               f"   reads {c['bytes'][k] / 1e6:.0f} MB/step\n  {'':9s} the loop is {st['stacked_ratio']:.2f}x faster "
               "with the layer weights split before it (median of per-repeat ratios)")
-        if k == "shared" and "matmul_rate_at_shape" in c:
-          print(f"    matmul rate at the step's shape ({c['rows']} x d_model x mlp_dim): "
-                f"{c['matmul_rate_at_shape'] / 1e9:.0f} GFLOP/s")
+        for d in sorted(c.get(f"{k}_dots", []), key=lambda d: -d["seconds"]):
+          print(f"    dot {d['lhs']} x {d['rhs']} x{d['count']}: {d['rate'] / 1e9:.0f} GFLOP/s, "
+                f"{d['seconds'] * 1e3:.2f} ms per step")
         for bk, bv in c.get(f"{k}_bound_s", {}).items():
           print(f"    bound, {bk}: {bv * 1e3:.1f} ms -> the loop is {st['loop'] / bv:.1f}x it")
+        print(f"    the loop against its dots as one program, median of the per-repeat ratios: "
+              f"{st['loop_over_dots']:.2f}x")
       print(f"  shared-prefix decode {c['speedup']:.2f}x faster (same tokens: {c['same_tokens']}); "
             f"{c['flops'] / 1e9:.2f} GFLOP per step")
     if "modes" in parts:

@@ -544,6 +544,72 @@ def test_rollout_benchmark_parts_run_and_sample_the_same_tokens_on_every_path():
   c = bench.bench_decode_cache(model, params, p=2, group=2, length=8, new_tokens=3, repeats=1, bounds=None)
   assert c["same_tokens"] and c["rows"] == 4
   for k in ("shared", "repeated"):
-    assert set(c["steps"][k]) == {"loop", "loop_stacked", "decoder", "head_sampling", "stacked_ratio"}
+    assert set(c["steps"][k]) == {"loop", "loop_stacked", "decoder", "head_sampling", "dots", "stacked_ratio",
+                                  "loop_over_dots"}
   m = bench.bench_modes(model, params, p=2, length=8, slow=(2, 3), fast=(2, 2), repeats=1)
   assert m["same_tokens"] and {"joint_s", "joint_stacked_s", "speedup_vs_stacked"} <= set(m)
+
+
+def test_dot_inventory_counts_every_matmul_with_its_multiplicity():
+  # bounds.dot_inventory on a hand-built function: a scan of length 3 runs its matmul 3 times, a cond counts
+  # its costlier branch, an einsum with a batch axis is one dot_general with 2 b m k n FLOPs.
+  import jax
+  import jax.numpy as jnp
+
+  import bounds
+  x, w, v = jnp.ones((4, 5)), jnp.ones((5, 6)), jnp.ones((6, 7))
+  bat, bat2 = jnp.ones((2, 3, 5)), jnp.ones((2, 5, 4))
+
+  def fn(x, w, v, bat, bat2):
+    h = x @ w
+    h, _ = jax.lax.scan(lambda c, _: (c @ jnp.eye(6), None), h, None, length=3)
+    y = jax.lax.cond(h[0, 0] > 0, lambda h: (h @ v) @ jnp.ones((7, 2)), lambda h: h @ jnp.ones((6, 2)), h)
+    return y, jnp.einsum("bmk,bkn->bmn", bat, bat2)
+
+  inv = bounds.dot_inventory(fn, x, w, v, bat, bat2)
+  by_shape = {(k[0], k[1]): c for k, c in inv.items()}
+  assert by_shape == {((4, 5), (5, 6)): 1, ((4, 6), (6, 6)): 3, ((4, 6), (6, 7)): 1, ((4, 7), (7, 2)): 1,
+                      ((2, 3, 5), (2, 5, 4)): 1}
+  batched = next(k for k in inv if k[0] == (2, 3, 5))
+  assert bounds.dot_flops(*batched[:3]) == 2 * 2 * 3 * 5 * 4
+  assert bounds.dot_flops((4, 5), (5, 6), (((1,), (0,)), ((), ()))) == 2 * 4 * 5 * 6
+  with pytest.raises(ValueError, match="while loop"):
+    bounds.dot_inventory(lambda y: jax.lax.while_loop(lambda c: c[0, 0] < 9, lambda c: c @ jnp.eye(5), y),
+                         jnp.ones((5, 5)))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_decode_steps_dots_do_the_flops_the_cost_model_counts(shared):
+  # The decode bound the rollout benchmark states rests on throughput.decode_step_cost; the dots the traced
+  # decode step really runs (every projection, both attention parts, the LM head) must add up to it exactly.
+  import jax
+
+  import bounds
+  from merr1_jax import rollout as rollout_lib
+  from merr1_jax.infra import throughput
+  from merr1_jax.models import mllm
+  from merr1_jax.rollout import sampling
+  bench = importlib.import_module("rollout")
+  model = mllm.build("tiny")
+  params = model.init_params(jax.random.key(0))
+  p, group, length, new = 2, 3, 8, 4
+  spec_ = rollout_lib.DecodeSpec(sampling.Temperature(1.0), new, stop_ids=(), eos_id=None, ban_ids=(), pad_id=0,
+                                 mrope=False)
+  prefilled = rollout_lib.prefill(model, group, length + new, None, params, bench._prompts(
+      model.config.vocab_size, p, length, seed=0), shared)
+  s = rollout_lib.init_decode_state(spec_, *prefilled, jax.random.key(0))
+  w = model.unembed_weight(params)
+  inv = bounds.dot_inventory(lambda params, w, s: rollout_lib.decode_step(model, spec_, params, w, s), params, w, s)
+  flops = sum(bounds.dot_flops(*k[:3]) * c for k, c in inv.items())
+  assert flops == throughput.decode_step_cost(model.config, 0, p * group, length + new, 0, 4)[0]
+  # The timing sums count x seconds per dot (plumbing only: no speed is asserted).
+  b = bench.step_dot_bound(model, spec_, params, w, prefilled, jax.random.key(0), iters=2, repeats=1)
+  assert b["flops"] == flops and len(b["dots"]) == len(inv)
+  assert b["seconds"] == pytest.approx(sum(d["seconds"] for d in b["dots"])) and b["seconds"] > 0
+  # The dots as one program: every occurrence with its own operands, `steps` times over, each output summed.
+  fn, operands = bounds.dots_alone(inv, 2)
+  assert len(operands) == sum(inv.values())
+  expect = sum(float(jax.numpy.sum(jax.lax.dot_general(a + i, b, k[2]) if a.size <= b.size else
+                                   jax.lax.dot_general(a, b + i, k[2])))
+               for (a, b), k in zip(operands, [k for k, c in inv.items() for _ in range(c)]) for i in range(2))
+  assert float(fn(operands)) == pytest.approx(expect, rel=1e-4, abs=1e-2)
