@@ -6,12 +6,13 @@ rl_step.py call `measure`), because a datasheet says little about a shared 2-cor
                 of a decode step (few rows against a weight matrix), median over --repeats;
   bandwidth     a jitted sum over a float32 array far larger than the caches (bytes read / time), the most a
                 step that streams its weights and KV cache once can get;
-  step's dots   `dot_bound`: every matmul a jitted function runs (read from its jaxpr, scans counted by length),
-                each timed alone at its own shapes inside a compiled loop (no dispatch in the time): the least
-                time the function's matmuls take on this machine when XLA runs them one at a time. Small-row
-                matmuls (a decode step's) run far below the large-square rate, so this is the bound a decode step
-                can be held to; the peak-rate bound says how far the shapes themselves are from the hardware.
-                `dots_alone` is the same as one program, to time beside the step itself.
+  step's dots   `dot_bound` of a `dot_inventory`: every matmul a jitted function runs (read from its jaxpr,
+                scans counted by length), each timed alone at its own shapes inside a compiled loop (no
+                dispatch in the time): the least time the function's matmuls take on this machine when XLA
+                runs them one at a time. Small-row matmuls (a decode step's) run far below the large-square
+                rate, so this is the bound a decode step can be held to; the peak-rate bound says how far the
+                shapes themselves are from the hardware. `dots_alone` is the same as one program, to time
+                beside the step itself.
 
   python benchmarks/bounds.py [--repeats 5] [--mib 512]
 """
@@ -108,24 +109,9 @@ def _dims(dimension_numbers) -> tuple:
 
 def dot_seconds(lhs_shape, rhs_shape, dimension_numbers, dtype="float32", *, iters: int = 20,
                 repeats: int = 5) -> float:
-  """Median seconds of one dot_general at these shapes: `iters` of them in one compiled loop (each with its
-  smaller operand changed, so none can be hoisted, their outputs summed so none is dropped), per dot."""
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, lhs_shape, dtype)
-  b = jax.random.normal(kb, rhs_shape, dtype)
-  dn = _dims(dimension_numbers)
-  out_shape = jax.eval_shape(lambda a, b: jax.lax.dot_general(a, b, dn), a, b).shape
-
-  small_lhs = a.size <= b.size
-
-  @jax.jit
-  def loop(a, b):
-    def body(i, acc):
-      step = i.astype(a.dtype)
-      return acc + jax.lax.dot_general(a + step, b, dn) if small_lhs else acc + jax.lax.dot_general(a, b + step, dn)
-    return jax.lax.fori_loop(0, iters, body, jnp.zeros(out_shape, a.dtype))
-
-  return _median_s(loop, a, b, repeats=repeats) / iters
+  """Median seconds of one dot_general at these shapes: `dots_alone` of this one dot, `iters` steps, per dot."""
+  fn, operands = dots_alone({(tuple(lhs_shape), tuple(rhs_shape), dimension_numbers, dtype): 1}, iters)
+  return _median_s(fn, operands, repeats=repeats) / iters
 
 
 def dots_alone(inventory: dict[tuple, int], steps: int):
@@ -157,11 +143,11 @@ def dots_alone(inventory: dict[tuple, int], steps: int):
   return fn, operands
 
 
-def dot_bound(fn, *args, iters: int = 20, repeats: int = 5) -> dict:
-  """fn(*args)'s matmuls at their own measured speed: {'flops', 'seconds' (the sum over dots of count x time),
-  'dots': [{'lhs', 'rhs', 'count', 'flops', 'seconds', 'rate'} ...]} (see the module docstring)."""
+def dot_bound(inventory: dict[tuple, int], iters: int = 20, repeats: int = 5) -> dict:
+  """A dot_inventory's matmuls at their own measured speed: {'flops', 'seconds' (the sum over dots of count x
+  time), 'dots': [{'lhs', 'rhs', 'count', 'flops', 'seconds', 'rate'} ...]} (see the module docstring)."""
   dots = []
-  for (lhs, rhs, dn, dtype), count in dot_inventory(fn, *args).items():
+  for (lhs, rhs, dn, dtype), count in inventory.items():
     t = dot_seconds(lhs, rhs, dn, dtype, iters=iters, repeats=repeats)
     f = dot_flops(lhs, rhs, dn)
     dots.append(dict(lhs=lhs, rhs=rhs, count=count, flops=f * count, seconds=t * count, rate=f / t))

@@ -163,11 +163,11 @@ def bench_decode_cache(model, params, *, p: int, group: int, length: int, new_to
   parts = (("loop", loop), ("loop_stacked", functools.partial(loop, spec=stacked)),
            ("decoder", lambda c, logits, next_pos: decoder_only(params, c, logits, next_pos)),
            ("head_sampling", lambda c, logits, next_pos: head_and_sampling(w, logits, next_pos)))
-  out = {}
+  out, inventory = {}, {}
   for name, shared in (("shared", True), ("repeated", False)):
     # The step's own dots and nothing else, as one program of as many steps as the loop (bounds.dots_alone).
-    dots_fn, operands = bounds_mod.dots_alone(step_dots(model, spec, params, w, fresh(shared)(), rng),
-                                              new_tokens - 1)
+    inventory[name] = step_dots(model, spec, params, w, fresh(shared)(), rng)
+    dots_fn, operands = bounds_mod.dots_alone(inventory[name], new_tokens - 1)
     t = _paired_times(dict(parts) | {"dots": lambda c, logits, next_pos: dots_fn(operands)}, repeats,
                       fresh(shared))
     out[name] = {k: v["s"] / (new_tokens - 1) for k, v in t.items()}  # per decode step
@@ -184,9 +184,9 @@ def bench_decode_cache(model, params, *, p: int, group: int, length: int, new_to
              flops=costs["shared"][0], bytes={k: v[1] for k, v in costs.items()})
   if bounds is not None:
     row.update(matmul_rate=bounds["matmul_flops_s"], bandwidth=bounds["bandwidth_bytes_s"])
-    for k, shared in (("shared", True), ("repeated", False)):
+    for k in ("shared", "repeated"):
       flops, nbytes = costs[k]
-      dots = step_dot_bound(model, spec, params, w, fresh(shared)(), rng)
+      dots = bounds_mod.dot_bound(inventory[k], repeats=7)
       if abs(dots["flops"] - flops) > 1e-6 * flops:  # the cost model and the traced step must agree
         raise AssertionError(f"{k}: the step's dots do {dots['flops']:.4g} FLOPs, the cost model {flops:.4g}")
       row[f"{k}_dots"] = dots["dots"]
@@ -197,22 +197,16 @@ def bench_decode_cache(model, params, *, p: int, group: int, length: int, new_to
   return row
 
 
-def _step_fn(model, spec, prefilled, rng):
-  s = rollout.init_decode_state(spec, *prefilled, rng)
-  return (lambda params, w, s: rollout.decode_step(model, spec, params, w, s)), s
-
-
 def step_dots(model, spec, params, w, prefilled, rng) -> dict:
   """bounds.dot_inventory of one decode step (rollout.decode_step) from this prefilled cache."""
-  fn, s = _step_fn(model, spec, prefilled, rng)
-  return bounds_mod.dot_inventory(fn, params, w, s)
+  s = rollout.init_decode_state(spec, *prefilled, rng)
+  return bounds_mod.dot_inventory(lambda params, w, s: rollout.decode_step(model, spec, params, w, s), params, w, s)
 
 
 def step_dot_bound(model, spec, params, w, prefilled, rng, *, iters: int = 20, repeats: int = 7) -> dict:
   """bounds.dot_bound of one decode step from this prefilled cache: the step's matmuls, read from its jaxpr,
   each timed alone at its own shapes."""
-  fn, s = _step_fn(model, spec, prefilled, rng)
-  return bounds_mod.dot_bound(fn, params, w, s, iters=iters, repeats=repeats)
+  return bounds_mod.dot_bound(step_dots(model, spec, params, w, prefilled, rng), iters=iters, repeats=repeats)
 
 
 def bench_modes(model, params, *, p: int, length: int, slow: tuple[int, int], fast: tuple[int, int],
