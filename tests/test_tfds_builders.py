@@ -4,6 +4,7 @@ import csv
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -45,6 +46,17 @@ def test_mer_synth_round_trip_without_tensorflow(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.splitlines()[-1] == "OK 24"
   assert list((tmp_path / "mer_synth" / "tiny" / "1.0.0").glob("*.array_record-*"))
+
+
+def test_building_and_reading_leave_no_temporary_directories(tmp_path, monkeypatch):
+  # TFDS's bucket lookup at construction made an empty tmp*tfds directory per builder and left it behind.
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  b = _synth_builder(tmp_path / "data")
+  again = tb.MerSynth(config=tb.MerSynthConfig(name="tiny", synth=SYNTH), data_dir=str(tmp_path / "data"))
+  assert len(tb.TfdsSource(again, "train")) == len(tb.TfdsSource(b, "train")) == 24
+  assert sorted(p.name for p in scratch.iterdir()) == []
 
 
 def test_stale_synth_config_is_refused(tmp_path):

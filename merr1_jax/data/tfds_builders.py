@@ -37,6 +37,17 @@ def _features() -> tfds.features.FeaturesDict:
                                      "record": tfds.features.Tensor(shape=(), dtype=np.object_)})
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo for datasets built on this machine: never looked up on TFDS's public bucket.
+
+  TFDS's own lookup, made whenever a builder is constructed before its data exists, creates a temporary directory
+  before it checks whether the bucket may be read, and never removes it: one empty /tmp/tmp*tfds per builder, a
+  thousand after a day of tests and grids. Ours are local builds, so there is nothing to look up."""
+
+  def initialize_from_bucket(self) -> None:
+    return None
+
+
 class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared parts: the example layout, ArrayRecord as the default format, the bad-record policy."""
 
@@ -92,8 +103,8 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return fp["files"], ids
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_features(),
-                                 metadata=tfds.core.MetadataDict())
+    return _LocalDatasetInfo(builder=self, description=self.__doc__, features=_features(),
+                             metadata=tfds.core.MetadataDict())
 
   def _bad(self, err: schema.BadRecordError) -> None:
     if self.on_bad_record == "raise":
