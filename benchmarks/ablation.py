@@ -22,7 +22,7 @@ over one seed). The tables:
     rd_ad, each SFCC variant vs mer_r1; the row above when that one is not in the grid), the difference of the OV
     F with a 95% interval from a bootstrap that resamples seeds, then clips within a seed, the same clips for both
     rows (a paired, two-level bootstrap);
-  * the interference probe (method.md "Variance-induced interference") averaged over training, per row;
+  * the interference probe (method.md "Why disentangle") averaged over training, per row;
   * the reasoning check (docs/data.md): on each seed's SFT policy, the mean teacher-forced log-likelihood of the
     ground-truth answer after the clip's own reasoning, after another clip's reasoning, and after an empty one.
 
@@ -447,7 +447,7 @@ def markdown(summary: dict, reasoning: dict, meta: dict) -> str:
   if probed:
     keys = ("s_rec", "s_prec", "rho", "corr_adv_rec", "corr_adv_prec", "pred_corr_coupled_rec",
             "pred_corr_disentangled", "grad_cos", "var_adv_rec", "var_adv_prec")
-    out += ["", "Interference probe (method.md \"Variance-induced interference\"), averaged over training and seeds:",
+    out += ["", "Interference probe (method.md \"Why disentangle\"), averaged over training and seeds:",
             "", "| row | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     # A row without recall and precision objectives (grpo_f1: one F1 reward) has no per-objective parts.
     fmt = lambda p, k: f"{p['probe/' + k]:.3f}" if "probe/" + k in p else "-"  # noqa: E731

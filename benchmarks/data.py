@@ -52,7 +52,7 @@ def _time(p: pipeline.Pipeline, n: int, warmup: int) -> tuple[int, int, float]:
   t = time.perf_counter()
   batches, examples = consume(it, n)
   dt = time.perf_counter() - t
-  del it  # multiprocess iterators must be released before exit (ecosystem.md pitfall 5)
+  del it  # multiprocess iterators must be released before exit
   return batches, examples, dt
 
 

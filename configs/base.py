@@ -244,7 +244,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.cal_precision_side = True
   c.rl.cal_space = "advantage"
   c.rl.cal_mix = 0.5  # mixed: the share of w_cal in reward space
-  # The variance-interference probe (method.md "Variance-induced interference"): every probe_every RL steps,
+  # The variance-interference probe (method.md "Why disentangle"): every probe_every RL steps,
   # per-objective advantage and gradient statistics on a fixed probe batch (probe/* metrics); 0 = off.
   c.rl.probe_every = 0
   c.rl.num_anchors = 6  # answer anchors read per completion

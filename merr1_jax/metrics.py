@@ -4,10 +4,9 @@
     python -m merr1_jax.metrics hit --gt GT.csv --pred PRED.csv [--format-version ...] [--json]
     python -m merr1_jax.metrics map --words "happy,let down" [--format-version ...] [--json]
 
-The scores themselves are metrics.py's (`ov_score`, `hit_rate`); this module turns two ``name,openset`` CSVs
-(the form upstream and `reports.write_reports` write) into aligned GT / prediction lists, joined by name in GT
-order, and prints a per-wheel table or one JSON object (NaN -> null). metrics.py's ``__main__`` hands over to
-`main` here, so the command keeps the name docs and reports give it.
+The scores themselves live in `merr1_jax.task.metrics` (`ov_score`, `hit_rate`); this module turns two
+``name,openset`` CSVs (the form upstream and `reports.write_reports` write) into aligned GT / prediction lists,
+joined by name in GT order, and prints a per-wheel table or one JSON object (NaN -> null).
 
 Input is read strictly, because a lenient reader scores a broken file instead of refusing it: strict CSV
 quoting, exactly one label column, no duplicate or empty names, and every GT name predicted. Any problem is a

@@ -2,7 +2,7 @@
 
 * Eight fake CPU devices, so that sharding tests can build real meshes in-process. The flag must be set
   before jax is imported anywhere; unsharded code still runs on device 0 only, so other tests are unaffected.
-* The persistent compilation cache (ecosystem.md pitfall 10): repeated CI runs and xdist workers reuse
+* The persistent compilation cache: repeated CI runs and xdist workers reuse
   compiled programs instead of paying XLA compile time again.
 * Rank promotion raises (nanodo does the same): a broadcast the code did not write out is a bug to find.
 * XLA's CPU backend at optimisation level 0 without its expensive LLVM passes (tests/helpers/xla.py says why);

@@ -18,8 +18,8 @@ from tests.helpers.trees import flat_params as _flat
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-# transformers builds the Omni thinker's special tokens into its config: the vocabulary must hold them
-# (ecosystem.md pitfall 9), so the tiny thinker has a real-sized vocabulary and a tiny everything else.
+# transformers builds the Omni thinker's special tokens into its config: the vocabulary must hold them,
+# so the tiny thinker has a real-sized vocabulary and a tiny everything else.
 OMNI_VOCAB = 151_700
 
 

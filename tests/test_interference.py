@@ -47,7 +47,7 @@ def test_the_parts_add_up_to_the_advantage(disentangle):
 @pytest.mark.parametrize("s_r,s_p,rho", [(0.02, 0.3, 0.0), (0.2, 0.2, -0.9), (0.1, 0.1, 0.5)])
 def test_measured_correlations_follow_the_formulas(s_r, s_p, rho):
   """On simulated groups the probe's measured corr(A, r_rec) is the coupled formula for the coupled advantage and
-  sqrt((1 + rho) / 2) for the disentangled one (method.md "Variance-induced interference"); its estimates of s_R,
+  sqrt((1 + rho) / 2) for the disentangled one (method.md "Why disentangle"); its estimates of s_R,
   s_P and rho recover the simulation's."""
   g, groups = 32, 200
   r = _rewards(s_r, s_p, rho, groups, g, seed=1)

@@ -25,7 +25,7 @@ from merr1_jax.models import base, hf_io, mllm  # noqa: E402
 from tests.helpers.omni import write_omni_tokenizer, write_random_clip  # noqa: E402
 from tests.helpers.torch_init import randomise  # noqa: E402
 
-D, VOCAB = 64, 151_680  # the vocabulary must reach past the Omni marker ids (ecosystem.md pitfall 9)
+D, VOCAB = 64, 151_680  # the vocabulary must reach past the Omni marker ids
 # name -> (frames, video fps, audio seconds, audio sample rate). "long" spans three 2 s chunks.
 CLIPS = {"short": (6, 4, 1.3, 22050), "long": (40, 8, 5.0, 44100)}
 
@@ -45,7 +45,7 @@ def omni(tmp_path_factory):
       text_config=dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}))
-  cfg.vision_start_token_id = 151652  # ecosystem.md pitfall 9
+  cfg.vision_start_token_id = 151652  # transformers needs it set before a multimodal forward
   thinker = randomise(mo.Qwen2_5OmniThinkerForConditionalGeneration(cfg))
   thinker.save_pretrained(ckpt)
   write_omni_tokenizer(ckpt)

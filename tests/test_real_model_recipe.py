@@ -44,7 +44,7 @@ from tests.helpers.xla import COMPILE_FAST  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, H, K, DH, F, LAYERS = 32, 2, 1, 16, 64, 2
-VOCAB = 151_680  # past every Omni marker id (ecosystem.md pitfall 9)
+VOCAB = 151_680  # past every Omni marker id
 # The answer tags as single tokens after the Omni added tokens, where data/tokenizer.build_qwen2_5 puts them.
 TAG_IDS = {tag: 151665 + i for i, tag in enumerate(prompts.TAG_TOKENS)}
 # name -> (frames, fps, audio seconds, sample rate, open-set label)
@@ -119,7 +119,7 @@ def build_checkpoint(ckpt) -> None:
                        num_attention_heads=H, num_key_value_heads=K, rms_norm_eps=1e-6, tie_word_embeddings=False,
                        max_position_embeddings=4096,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}))
-  cfg.vision_start_token_id = 151652  # ecosystem.md pitfall 9
+  cfg.vision_start_token_id = 151652  # transformers needs it set before a multimodal forward
   thinker = randomise(mo.Qwen2_5OmniThinkerForConditionalGeneration(cfg))
   thinker.save_pretrained(ckpt)
   write_omni_tokenizer(ckpt, TAG_IDS)

@@ -181,7 +181,7 @@ def _corr_with_deviation(adv, x, g):
 
 @pytest.mark.parametrize("s_r,s_p,rho", [(0.02, 0.3, 0.0), (0.02, 0.3, 0.5), (0.2, 0.2, -0.9), (0.1, 0.1, 0.3)])
 def test_variance_interference_simulation(s_r, s_p, rho):
-  """method.md, "Variance-induced interference": disentangled keeps sqrt((1+rho)/2); coupled collapses."""
+  """method.md, "Why disentangle": disentangled keeps sqrt((1+rho)/2); coupled collapses."""
   g = 64
   r = _simulate(s_r, s_p, rho, g=g)
   ones = jnp.ones(r.shape, bool)

@@ -34,7 +34,7 @@ from merr1_jax.data import media
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN / STD: the Qwen2-VL/Omni normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LAYOUTS = ("separate", "interleaved")
-VISION_START_TOKEN_ID = 151652  # ecosystem.md pitfall 9: some thinker configs lack it
+VISION_START_TOKEN_ID = 151652  # some thinker configs lack it; transformers needs it for a multimodal forward
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,7 +109,7 @@ def build(source: RecordSource, tokenizer, cfg: PipelineConfig) -> Pipeline:
                                                prefetch_buffer_size=cfg.prefetch_buffer))
   if cfg.worker_count > 0:
     from absl import flags
-    if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (ecosystem.md pitfall 5).
+    if not flags.FLAGS.is_parsed():  # Grain with workers needs absl flags parsed (outside app.run).
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                            per_worker_buffer_size=cfg.worker_buffer_size))

@@ -67,7 +67,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None =
   """A ('data', 'fsdp', 'tensor') mesh.
 
   Built with ``jax.sharding.Mesh`` rather than ``jax.make_mesh``: in jax 0.10 the latter defaults to Explicit
-  axis types, under which gathers fail with ShardingTypeError (ecosystem.md pitfall 1).
+  axis types, under which gathers fail with ShardingTypeError.
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape_for(shape, len(devices))

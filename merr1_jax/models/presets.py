@@ -27,7 +27,7 @@ def _tiny(vocab_size: int = 8192, **kw: Any) -> ModelConfig:
 
 
 def _small_20m(vocab_size: int = 8192, **kw: Any) -> ModelConfig:
-  # ~20M parameters (embedding 3.1M + 10 blocks of 1.57M): the CPU benchmark size in ecosystem.md.
+  # ~20M parameters (embedding 3.1M + 10 blocks of 1.57M): the size the project's CPU benchmarks use.
   base = dict(
       vocab_size=vocab_size, d_model=384, num_layers=10, num_heads=6, num_kv_heads=2, head_dim=64,
       mlp_dim=1024, rope_theta=10_000.0, tie_embeddings=True, video_dim=64, audio_dim=64,

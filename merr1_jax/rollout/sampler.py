@@ -9,7 +9,7 @@
 Row r draws its token at step t with key fold_in(fold_in(rng, r), t), so a batch of P prompts x G samples draws
 exactly what the same prompts repeated G times (G = 1) draw: the shared prefix changes the cost, not the sample.
 
-Modes (method.md, "Output format and the two modes"): in fast mode the prompt ends with FAST_PREFIX
+Modes (method.md, "Output format and modes"): in fast mode the prompt ends with FAST_PREFIX
 (`<think></think><answer>`); `sample` appends it to slow prompts itself (prompt_batch.prepare_prompts), bans the
 think tags so a fast rollout never writes a think block, and stops at `</answer>` or EOS
 (`SpecialIds.sample_kwargs`). All bad input is refused on the host before anything compiles.

@@ -31,7 +31,7 @@ from merr1_jax.task import prompts
 Array = jax.Array
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parsing and format (method.md, "Output format and the two modes")
+# Parsing and format (method.md, "Output format and modes")
 
 _SPLIT = re.compile("[,;\n\uff0c\uff1b]")  # comma, semicolon, newline, full-width comma and semicolon
 _BRACKETS = "[](){}\"'"  # stripped from both ends of the answer and of each item, with any Unicode whitespace

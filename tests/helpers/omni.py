@@ -9,8 +9,7 @@ import os
 
 import numpy as np
 
-# The Omni marker ids of a real Qwen2.5-Omni tokenizer (the vocabulary must reach past them: ecosystem.md
-# pitfall 9).
+# The Omni marker ids of a real Qwen2.5-Omni tokenizer (the vocabulary must reach past them).
 OMNI_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|AUDIO|>": 151646,
             "<|audio_bos|>": 151647, "<|audio_eos|>": 151648, "<|vision_bos|>": 151652,
             "<|vision_eos|>": 151653, "<|IMAGE|>": 151655, "<|VIDEO|>": 151656}
