@@ -175,12 +175,14 @@ def test_causal_blocks_equal_a_float64_softmax_and_attend_gradient(length, block
   starts = np.array([0, 2, length - 3])
   valid = np.arange(length)[None] >= starts[:, None]
   mask = jnp.asarray(np.tril(np.ones((length, length), bool))[None] & valid[:, None, :])
-  got = np.asarray(layers.attend_causal_blocks(q, k, v, mask, block))
+  # Jitted: one program per pass rather than an eager compile per operation of every block.
+  got = np.asarray(jax.jit(lambda *a: layers.attend_causal_blocks(*a, mask, block))(q, k, v))
   want = _attention_float64(q, k, v, np.asarray(mask) | ~valid[:, :, None])  # padded query rows: any finite row
   np.testing.assert_allclose(got[valid], want[valid], atol=2e-6, rtol=1e-5)
   w = jnp.asarray(rs.randn(b, length, h, dh), jnp.float32) * jnp.asarray(valid)[..., None, None]
-  g_blocked = jax.grad(lambda *a: jnp.sum(layers.attend_causal_blocks(*a, mask, block) * w), (0, 1, 2))(q, k, v)
-  g_full = jax.grad(lambda *a: jnp.sum(layers.attend(*a, mask) * w), (0, 1, 2))(q, k, v)
+  grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), (0, 1, 2)))(q, k, v)  # noqa: E731
+  g_blocked = grad(lambda *a: layers.attend_causal_blocks(*a, mask, block))
+  g_full = grad(lambda *a: layers.attend(*a, mask))
   for a, c in zip(g_blocked, g_full):
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="needs a self-attention pass"):

@@ -53,8 +53,10 @@ def test_loss_gradients_and_logprobs_equal_the_oracle(kind, kw):
   _assert_trees_close(gg, gf)
   assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(gg))
   # Per-token log-probs: ungrouped column L_m + t of a row is suffix token n_prefix + t of its segment.
-  logp_f = np.asarray(ts.shifted_logprobs(model, params, flat.inputs, 8192, False))
-  outs = grouped.grouped_logprobs(model, params, group.prompt, group.segments, chunk_size=8192, with_entropy=False)
+  # Each pass jitted whole: one program instead of an eager dispatch (and a compile) per operation.
+  logp_f = np.asarray(jax.jit(lambda p, x: ts.shifted_logprobs(model, p, x, 8192, False))(params, flat.inputs))
+  outs = jax.jit(lambda p, prompt, segments: grouped.grouped_logprobs(
+      model, p, prompt, segments, chunk_size=8192, with_entropy=False))(params, group.prompt, group.segments)
   order = assembly.prompt_major_order(np.concatenate([r.prompt_index for r in ros.values()]))
   start = 0
   for (mode, ro), seg, (logp_g, _) in zip(ros.items(), group.segments, outs):
@@ -99,16 +101,15 @@ def test_update_steps_equal_the_oracle(micro, minis, epochs):
 def test_reference_old_policy_and_calibration_passes_equal_the_oracle(kind):
   model, params, flat, group, ros, inputs = _batches(kind, ref=False)
   cfg = _cfg(ppo_epochs=2)
-  old_g, gap_g = batch_loss.old_logprobs(model, cfg, params, group)
-  old_f, gap_f = ungrouped.old_logprobs(model, cfg, params, flat)
+  # Jitted as the step runs them (one program each, not an eager compile per operation).
+  old_g, gap_g = jax.jit(lambda p, b: batch_loss.old_logprobs(model, cfg, p, b))(params, group)
+  old_f, gap_f = jax.jit(lambda p, b: ungrouped.old_logprobs(model, cfg, p, b))(params, flat)
   np.testing.assert_allclose(gap_g["behaviour_logp_gap"], gap_f["behaviour_logp_gap"], rtol=1e-5)
-  for seg, g_seg in zip(group.segments, old_g.segments):  # the same log-probs as score() gives, position by position
-    m = np.asarray(seg.loss_mask)
-    np.testing.assert_allclose(np.asarray(g_seg.old_logp)[m],
-                               np.asarray(grouped.score_pass(model, params, group.prompt, [seg])[0]["logp"])[m],
-                               rtol=1e-5, atol=1e-6)
-  assert np.asarray(old_f)[np.asarray(flat.completion_mask)].size == sum(int(s.loss_mask.sum()) for s in group.segments)
   outs = grouped.score_pass(model, params, group.prompt, group.segments)
+  for seg, g_seg, out in zip(group.segments, old_g.segments, outs):  # the scoring pass's log-probs, token by token
+    m = np.asarray(seg.loss_mask)
+    np.testing.assert_allclose(np.asarray(g_seg.old_logp)[m], np.asarray(out["logp"])[m], rtol=1e-5, atol=1e-6)
+  assert np.asarray(old_f)[np.asarray(flat.completion_mask)].size == sum(int(s.loss_mask.sum()) for s in group.segments)
   for (mode, ro), out in zip(ros.items(), outs):
     n = len(PREFIX) if mode == "fast" else 0
     want = np.asarray(ungrouped.score(model, params, ro).logp)
