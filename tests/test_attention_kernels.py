@@ -109,20 +109,19 @@ def test_the_switch_reaches_the_kernel_on_every_prompt_length_path(monkeypatch):
                       real(*a, **kw))
   _, fused, params = _pair()
   inputs = _left_padded([5, 7], 7, seed=5)
-  fused.forward(params, fused.embed(params, inputs))
+  # Each pass jitted (the calls are recorded while it traces): one program, not an eager compile per operation.
+  jax.jit(lambda p, i: fused.forward(p, fused.embed(p, i)))(params, inputs)
   assert calls == ["xla"] * fused.config.num_layers
   calls.clear()
-  pre = fused.embed(params, inputs)
   suf = base.Embedded(x=jnp.zeros((2, 2, 3, fused.config.d_model)), positions=jnp.full((2, 2, 3), 7, jnp.int32),
                       mask=jnp.ones((2, 2, 3), bool))
-  base.hidden_grouped(fused, params, pre, [suf, suf])
+  jax.jit(lambda p, i, s: base.hidden_grouped(fused, p, fused.embed(p, i), [s, s]))(params, inputs, suf)
   assert calls == ["xla"] * fused.config.num_layers * 3  # the prompt and two segments, per layer
   calls.clear()
   cache, logits, next_pos = rollout.prefill(fused, 2, 7 + 2, None, params, inputs, True)
   calls.clear()  # the prefill's own calls
-  x = fused.embed(params, base.ModelInputs(tokens=jnp.ones((4, 1), jnp.int32), positions=next_pos[:, None],
-                                           mask=jnp.ones((4, 1), bool)))
-  fused.forward(params, x, cache)
+  step = base.ModelInputs(tokens=jnp.ones((4, 1), jnp.int32), positions=next_pos[:, None], mask=jnp.ones((4, 1), bool))
+  jax.jit(lambda p, i, c: fused.forward(p, fused.embed(p, i), c))(params, step, cache)
   assert calls == []
 
 
@@ -136,12 +135,12 @@ def test_blocked_runs_on_the_causal_passes_only(monkeypatch):
   monkeypatch.setattr(layers, "CAUSAL_BLOCK", 4)
   _, blocked, params = _pair("blocked")
   inputs = _left_padded([5, 7], 7, seed=5)
-  blocked.forward(params, blocked.embed(params, inputs))
+  jax.jit(lambda p, i: blocked.forward(p, blocked.embed(p, i)))(params, inputs)  # jitted: see the test above
   assert calls == [7] * blocked.config.num_layers
   calls.clear()
   suf = base.Embedded(x=jnp.zeros((2, 2, 3, blocked.config.d_model)), positions=jnp.full((2, 2, 3), 7, jnp.int32),
                       mask=jnp.ones((2, 2, 3), bool))
-  base.hidden_grouped(blocked, params, blocked.embed(params, inputs), [suf, suf])
+  jax.jit(lambda p, i, s: base.hidden_grouped(blocked, p, blocked.embed(p, i), [s, s]))(params, inputs, suf)
   assert calls == [7] * blocked.config.num_layers  # the prompt only
   calls.clear()
   rollout.prefill(blocked, 2, 7 + 2, None, params, inputs, True)

@@ -110,8 +110,10 @@ def test_gradient_cosine_equals_one_over_every_leaf_computed_here():
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(tok[:, 1:, None]), -1)[..., 0]
     return -(adv[:, None] * logp * target_mask).sum() / target_mask.sum()
 
+  grad = jax.jit(jax.grad(surrogate))  # one program for both advantages, not an eager compile per operation
+
   def flat_grad(adv):
-    g = jax.grad(surrogate)(params, jnp.asarray(adv, jnp.float32))
+    g = grad(params, jnp.asarray(adv, jnp.float32))
     leaves = jax.tree.leaves(g)
     assert len(leaves) == len(jax.tree.leaves(params)) > 1
     return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
