@@ -372,10 +372,10 @@ def test_skipped_records_are_in_the_report(tmp_path, capsys, monkeypatch):
 # configs/smoke.py, trained long enough that both modes give answers that score: with its 2 SFT steps every
 # answer is empty, and equal zeros would show nothing. The evaluate CLI gets the same overrides, so it evaluates
 # with the trainer's eval settings.
-TRAIN = ["--config.sft.steps=300", "--config.data.synth_train=64", "--config.data.synth_test=12",
-         "--config.checkpoint.every=100", "--config.eval.max_new_tokens_slow=40",
+TRAIN = ["--config.sft.steps=150", "--config.data.synth_train=64", "--config.data.synth_test=12",
+         "--config.checkpoint.every=75", "--config.eval.max_new_tokens_slow=40",
          "--config.eval.max_new_tokens_fast=10"]
-SFT_STEPS = 300
+SFT_STEPS = 150
 
 
 def _run(*cmd, timeout=900):
