@@ -1,8 +1,9 @@
-"""The jitted RL/SFT steps: gradients, step-0 REINFORCE, micro-batch invariance, metrics (totals and per mode),
-sharding and the reference copy, NaN/Inf skipping, freezing and clipping, the beta schedule, and a bandit training
-signal. Expected values come from independent computations in the test (full-vocabulary float64 log-softmax,
-hand-written Adam, hand-computed schedules). Batches are written as rows of whole sequences (the oracle's RLBatch)
-and handed to the library as its grouped batch with one suffix per row (`ungrouped.as_grouped`)."""
+"""The jitted RL/SFT steps: gradients, step-0 REINFORCE, micro-batch invariance (and one trace of the model with
+micro-batches), metrics (totals and per mode), sharding and the reference copy, NaN/Inf skipping, freezing and
+clipping, the beta schedule, and a bandit training signal. Expected values come from independent computations in
+the test (full-vocabulary float64 log-softmax, hand-written Adam, hand-computed schedules). Batches are written as
+rows of whole sequences (the oracle's RLBatch) and handed to the library as its grouped batch with one suffix per
+row (`ungrouped.as_grouped`)."""
 
 import re
 
@@ -133,6 +134,32 @@ def test_micro_batch_invariance(agg):
       scale = float(jnp.abs(b).max()) + 1e-12
       ulp = float(np.spacing(np.float32(jnp.abs(p + b).max())))
       assert float(jnp.abs(a - b).max()) <= 1e-6 * scale + 2 * ulp
+
+
+class _CountingModel:
+  """The tiny model, counting how often its grouped forward pass is traced."""
+
+  def __init__(self, inner):
+    self.inner, self.config, self.traces = inner, inner.config, 0
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def hidden_grouped(self, params, prefix, suffixes):
+    self.traces += 1
+    return self.inner.hidden_grouped(params, prefix, suffixes)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_the_step_traces_the_model_once_whatever_the_micro_batches(micro):
+  """The accumulation scan needs the statistics' structure before its body exists: taking it with eval_shape
+  traced the whole forward and backward pass a second time (seconds on a real model). Lowered only."""
+  model = _CountingModel(_model())
+  params = model.init_params(jax.random.key(0))
+  tx = optax.sgd(0.1)
+  state = ts.init_state(_copy(params), tx, with_reference=False)
+  ts.make_rl_step(model, tx, _step_cfg(micro_batches=micro)).lower(state, ungrouped.as_grouped(_batch()))
+  assert model.traces == 1
 
 
 def _assert_same_params(a, b):
