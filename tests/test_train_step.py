@@ -153,7 +153,7 @@ class _CountingModel:
 @pytest.mark.parametrize("micro", [1, 2])
 def test_the_step_traces_the_model_once_whatever_the_micro_batches(micro):
   """The accumulation scan needs the statistics' structure before its body exists: taking it with eval_shape
-  traced the whole forward and backward pass a second time (seconds on a real model). Lowered only."""
+  traced the whole forward and backward pass a second time. Lowered only, not compiled."""
   model = _CountingModel(_model())
   params = model.init_params(jax.random.key(0))
   tx = optax.sgd(0.1)
