@@ -89,8 +89,9 @@ def test_step_zero_is_reinforce():
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch(ref=False)
-  # Reference log-probs of the current policy, computed through the unchunked logits path.
-  logits, _ = model.forward(params, model.embed(params, batch.inputs))
+  # Reference log-probs of the current policy, computed through the unchunked logits path (one jitted pass:
+  # eagerly, each operation would compile on its own).
+  logits, _ = jax.jit(lambda p, x: model.forward(p, model.embed(p, x)))(params, batch.inputs)
   ref = rl.logprobs_from_logits(logits[:, :-1], batch.inputs.tokens[:, 1:])
   batch = batch.replace(ref_logp=jnp.pad(ref, ((0, 0), (1, 0))))
   loss_fn = _rl_loss(model, _step_cfg(beta=0.04))
@@ -120,7 +121,7 @@ def test_micro_batch_invariance(agg):
   tx = optax.sgd(1000.0)
   batch = _batch(old=True)
   deltas = []
-  for m in (1, 2, 4):
+  for m in (1, 4):  # 4 micro-batches accumulate across several, as 2 would (each m is a step compiled)
     cfg = _step_cfg(micro_batches=m, loss=rl.LossConfig(aggregation=agg))
     state = ts.init_state(_copy(params), tx, with_reference=False)
     new, metrics = _rl_step(model, tx, cfg)(state, batch)
@@ -417,12 +418,12 @@ def test_freeze_and_clip_cover_trainable_leaves_only():
 
 
 def test_metrics_over_micro_batches_and_per_mode_match_independent_values():
-  """The step's statistics (totals and per mode) for 1, 2 and 4 micro-batches equal each other, and the
+  """The step's statistics (totals and per mode) for 1 and 4 micro-batches equal each other, and the
   1-micro-batch values equal a float64 numpy computation from the full-vocabulary logits."""
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch()
-  logits, _ = model.forward(params, model.embed(params, batch.inputs))
+  logits, _ = jax.jit(lambda p, x: model.forward(p, model.embed(p, x)))(params, batch.inputs)
   lg = np.asarray(logits, np.float64)[:, :-1]
   lsm = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
   tok = np.asarray(batch.inputs.tokens)[:, 1:]
@@ -438,7 +439,7 @@ def test_metrics_over_micro_batches_and_per_mode_match_independent_values():
   eps = 0.1
   tx = optax.sgd(1e-3)
   runs = []
-  for m in (1, 2, 4):
+  for m in (1, 4):
     cfg = _step_cfg(micro_batches=m, loss=rl.LossConfig(eps_low=eps, eps_high=eps))
     _, metrics = _rl_step(model, tx, cfg)(ts.init_state(_copy(params), tx, with_reference=False), batch)
     runs.append({k: float(v) for k, v in metrics.items()})
