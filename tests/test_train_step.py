@@ -46,6 +46,21 @@ def _copy(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
+def _logits(model, params, inputs):
+  """The uncached forward's logits, one jitted pass (eagerly, each operation would compile on its own)."""
+  return jax.jit(lambda p, x: model.forward(p, model.embed(p, x)))(params, inputs)[0]
+
+
+class _Wrapped:
+  """A model that answers as `inner` except where a subclass says otherwise."""
+
+  def __init__(self, inner):
+    self.inner, self.config = inner, inner.config
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+
 def test_gradient_matches_finite_differences():
   """Central differences along one direction per parameter leaf and one over all leaves.
 
@@ -89,9 +104,8 @@ def test_step_zero_is_reinforce():
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch(ref=False)
-  # Reference log-probs of the current policy, computed through the unchunked logits path (one jitted pass:
-  # eagerly, each operation would compile on its own).
-  logits, _ = jax.jit(lambda p, x: model.forward(p, model.embed(p, x)))(params, batch.inputs)
+  # Reference log-probs of the current policy, computed through the unchunked logits path.
+  logits = _logits(model, params, batch.inputs)
   ref = rl.logprobs_from_logits(logits[:, :-1], batch.inputs.tokens[:, 1:])
   batch = batch.replace(ref_logp=jnp.pad(ref, ((0, 0), (1, 0))))
   loss_fn = _rl_loss(model, _step_cfg(beta=0.04))
@@ -137,14 +151,10 @@ def test_micro_batch_invariance(agg):
       assert float(jnp.abs(a - b).max()) <= 1e-6 * scale + 2 * ulp
 
 
-class _CountingModel:
+class _CountingModel(_Wrapped):
   """The tiny model, counting how often its grouped forward pass is traced."""
 
-  def __init__(self, inner):
-    self.inner, self.config, self.traces = inner, inner.config, 0
-
-  def __getattr__(self, name):
-    return getattr(self.inner, name)
+  traces = 0
 
   def hidden_grouped(self, params, prefix, suffixes):
     self.traces += 1
@@ -168,15 +178,9 @@ def _assert_same_params(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-class _NaNGradient:
+class _NaNGradient(_Wrapped):
   """The tiny model plus sqrt(0 * sum|final_norm scale|) on the hidden states: the forward pass adds exactly 0,
   but d sqrt(u)/du = inf at u = 0 times du/dscale = 0 makes that parameter's gradient NaN."""
-
-  def __init__(self, inner):
-    self.inner, self.config = inner, inner.config
-
-  def __getattr__(self, name):
-    return getattr(self.inner, name)
 
   @staticmethod
   def _zero(params):
@@ -423,7 +427,7 @@ def test_metrics_over_micro_batches_and_per_mode_match_independent_values():
   model = _model()
   params = model.init_params(jax.random.key(0))
   batch = _batch()
-  logits, _ = jax.jit(lambda p, x: model.forward(p, model.embed(p, x)))(params, batch.inputs)
+  logits = _logits(model, params, batch.inputs)
   lg = np.asarray(logits, np.float64)[:, :-1]
   lsm = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
   tok = np.asarray(batch.inputs.tokens)[:, 1:]
@@ -534,7 +538,7 @@ def test_reference_copy_dtype_and_sharding_on_a_mesh():
 def _full_logp(model, params, batch):
   """Independent of the loss code: log-softmax of the uncached forward, float64, aligned with the tokens [B, L]
   (column t holds log p(token_t | tokens_<t); column 0 is 0)."""
-  logits, _ = jax.jit(lambda p, x: model.forward(p, model.embed(p, x)))(params, batch.inputs)
+  logits = _logits(model, params, batch.inputs)
   lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1), np.float64)
   tok = np.asarray(batch.inputs.tokens)
   out = np.zeros(tok.shape)

@@ -228,13 +228,12 @@ def _accumulate(loss_fn: Callable, trainable: Any, frozen: Any, batch: Any, m: i
   ``rl.loss.combine_stats`` (sums add, ``*_max`` / ``*_min`` take the max / min).
   """
   grad_fn = jax.value_and_grad(lambda t, f, mb, k: loss_fn(optim.merge(t, f), mb, k), has_aux=True)
-  if m > 1:
-    # A nested jit: the eval_shape below and the scan body then share one trace of the forward and backward pass
-    # (jit caches it by argument shapes), where two plain calls would trace the model twice. XLA inlines it.
-    grad_fn = jax.jit(grad_fn)
   if m == 1:
     (loss, stats), grads = grad_fn(trainable, frozen, batch, base.fold_key(key, 0))
     return loss, grads, stats
+  # A nested jit: the eval_shape below and the scan body then share one trace of the forward and backward pass
+  # (jit caches it by argument shapes), where two plain calls would trace the model twice. XLA inlines it.
+  grad_fn = jax.jit(grad_fn)
   micro = _micro_split(batch, m)
   first = jax.tree.map(lambda x: x[0], micro)
   (_, stats0), _ = jax.eval_shape(grad_fn, trainable, frozen, first, base.fold_key(key, 0))
